@@ -1,0 +1,3 @@
+from .lora import FastLoraLinear
+
+__all__ = ["FastLoraLinear"]

@@ -1,0 +1,323 @@
+"""``FastLoraLinear``: a drop-in LoRA linear layer laid out exactly as peft's.
+
+Parameters and buffers carry peft's names and shapes (``base_layer.weight``,
+``lora_A.<adapter>.weight`` (r, in), ``lora_B.<adapter>.weight`` (out, r)), so
+state dicts move between the two unchanged. The forward of the first active
+adapter is one fused op (``fastpeft.ops.lora_linear``); further active
+adapters, rare in training, are added with plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..ops import lora_linear
+
+_INIT_CHOICES = (True, False, "gaussian")
+
+
+class Conv1DBase(nn.Module):
+    """A frozen base with GPT-2 ``Conv1D`` layout: weight (in, out), ``y = x W + b``.
+
+    Used when ``FastLoraLinear(..., fan_in_fan_out=True)`` builds its own base.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(in_features, out_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weight
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return isinstance(module, Conv1DBase) or (
+        type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+    )
+
+
+def _base_shape(base: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, fan_in_fan_out) of a supported base layer."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features, False
+    if _is_conv1d(base):
+        w = base.weight
+        return w.shape[0], w.shape[1], True
+    raise TypeError(f"FastLoraLinear wraps nn.Linear or transformers' Conv1D, got {type(base).__name__}")
+
+
+class FastLoraLinear(nn.Module):
+    """LoRA on a frozen linear layer: ``y = base(x) + scale · B(A(dropout(x))))``, fused.
+
+    Args mirror peft's ``LoraConfig``: ``r`` (rank, ≥ 1), ``lora_alpha``,
+    ``lora_dropout`` (probability in [0, 1)), ``use_rslora`` (scale
+    ``alpha/√r`` instead of ``alpha/r``), ``fan_in_fan_out`` (base stores its
+    weight as (in, out), as GPT-2's Conv1D), ``init_lora_weights`` (True:
+    A kaiming-uniform(a=√5), B zeros; "gaussian": A ~ N(0, 1/r), B zeros;
+    False: both keep nn.Linear's default init, so B ≠ 0).
+    Adapter weights are fp32 on a half-precision base unless
+    ``autocast_adapter_dtype=False``. Output dtype is the input's.
+
+    Example::
+
+        layer = FastLoraLinear(4096, 4096, r=16, lora_alpha=32, lora_dropout=0.1, dtype=torch.bfloat16)
+        layer = FastLoraLinear.from_linear(model.q_proj, r=16, lora_alpha=32)  # wraps, no weight copy
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int = 8,
+                 lora_alpha: float = 8, lora_dropout: float = 0.0, use_rslora: bool = False,
+                 fan_in_fan_out: bool = False, init_lora_weights: bool | str = True,
+                 adapter_name: str = "default", autocast_adapter_dtype: bool = True, device=None, dtype=None):
+        super().__init__()
+        base_cls = Conv1DBase if fan_in_fan_out else nn.Linear
+        base = base_cls(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._wrap(base, adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                   use_rslora=use_rslora, init_lora_weights=init_lora_weights,
+                   autocast_adapter_dtype=autocast_adapter_dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, *, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, fan_in_fan_out: bool | None = None,
+                    init_lora_weights: bool | str = True, adapter_name: str = "default",
+                    autocast_adapter_dtype: bool = True) -> FastLoraLinear:
+        """Wrap an existing ``nn.Linear`` (or transformers ``Conv1D``) without copying its weight.
+
+        ``fan_in_fan_out`` is detected from the module type when not given.
+        """
+        _, _, detected = _base_shape(linear)
+        if fan_in_fan_out is not None and bool(fan_in_fan_out) != detected:
+            raise ValueError(f"fan_in_fan_out={fan_in_fan_out} does not match the base layer "
+                             f"{type(linear).__name__} (which needs fan_in_fan_out={detected})")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._wrap(linear, adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                   use_rslora=use_rslora, init_lora_weights=init_lora_weights,
+                   autocast_adapter_dtype=autocast_adapter_dtype)
+        return self
+
+    # ------------------------------------------------------------------ setup
+    def _wrap(self, base: nn.Module, adapter_name: str, **adapter_kwargs) -> None:
+        self.in_features, self.out_features, self.fan_in_fan_out = _base_shape(base)
+        self.base_layer = base
+        base.weight.requires_grad_(False)
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self._active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self._disable_adapters = False
+        self.update_layer(adapter_name, **adapter_kwargs)
+
+    def update_layer(self, adapter_name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                     init_lora_weights: bool | str = True, use_rslora: bool = False,
+                     autocast_adapter_dtype: bool = True) -> None:
+        """Add (or replace) adapter ``adapter_name`` and make it the active one (peft's name)."""
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {r!r}")
+        if not 0.0 <= float(lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        if init_lora_weights not in _INIT_CHOICES:
+            raise ValueError(f"init_lora_weights must be one of {_INIT_CHOICES} in FastLoraLinear, "
+                             f"got {init_lora_weights!r}")
+        weight = self.base_layer.weight
+        dtype = weight.dtype
+        if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
+            dtype = torch.float32
+        if not dtype.is_floating_point:
+            dtype = torch.float32
+        kw = dict(device=weight.device, dtype=dtype)
+        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **kw)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **kw)
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.use_rslora[adapter_name] = bool(use_rslora)
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.reset_lora_parameters(adapter_name, init_lora_weights)
+        self.set_adapter(adapter_name)
+
+    add_adapter = update_layer
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str = True) -> None:
+        """Initialize an adapter as peft does (see the class docstring)."""
+        if init_lora_weights is False:
+            return
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(A, std=1.0 / self.r[adapter_name])
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        nn.init.zeros_(B)
+
+    # ------------------------------------------------------------ adapters
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapters)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapters[0] if len(self._active_adapters) == 1 else list(self._active_adapters)
+
+    def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
+        """Activate one adapter or several (summed); only active adapters are trainable, as in peft."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.lora_A]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; this layer has {list(self.lora_A.keys())}")
+        for name in self.lora_A:
+            train = name in names
+            self.lora_A[name].weight.requires_grad_(train)
+            self.lora_B[name].weight.requires_grad_(train)
+        self._active_adapters = names
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter (unmerging it first if merged)."""
+        if adapter_name not in self.lora_A:
+            raise ValueError(f"unknown adapter {adapter_name!r}; this layer has {list(self.lora_A.keys())}")
+        if adapter_name in self.merged_adapters:
+            self._unmerge_one(adapter_name)
+        for d in (self.lora_A, self.lora_B, self.lora_dropout):
+            del d[adapter_name]
+        for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora):
+            del d[adapter_name]
+        self._active_adapters = [n for n in self._active_adapters if n != adapter_name]
+        if not self._active_adapters and len(self.lora_A):
+            self.set_adapter(next(iter(self.lora_A.keys())))
+
+    @property
+    def disable_adapters(self) -> bool:
+        """True while the adapters are switched off (forward = base layer only)."""
+        return self._disable_adapters
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Switch the adapters on or off (peft's method); disabling unmerges merged adapters."""
+        if not enabled and self.merged:
+            self.unmerge()
+        self._disable_adapters = not enabled
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Context manager: run the base layer alone inside the block."""
+        before = self._disable_adapters
+        self.enable_adapters(False)
+        try:
+            yield self
+        finally:
+            self.enable_adapters(not before)
+
+    # --------------------------------------------------------------- merge
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``scale · B A`` in fp32, laid out like the base weight ((in, out) with fan_in_fan_out)."""
+        A = self.lora_A[adapter_name].weight.float()
+        B = self.lora_B[adapter_name].weight.float()
+        delta = (B @ A) * self.scaling[adapter_name]
+        return delta.t() if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the active (or the named) adapters into the base weight; forward becomes the base alone.
+
+        ``safe_merge`` checks the merged weight for NaN/inf before writing it.
+        """
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        already = [n for n in names if n in self.merged_adapters]
+        if already:
+            warnings.warn(f"Already merged adapters {already}; merging them again is skipped.", stacklevel=2)
+        weight = self.base_layer.weight
+        for name in names:
+            if name in self.merged_adapters:
+                continue
+            if name not in self.lora_A:
+                raise ValueError(f"unknown adapter {name!r}; this layer has {list(self.lora_A.keys())}")
+            merged = weight.float() + self.get_delta_weight(name)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs or infs detected in the merged weight of adapter {name!r}; "
+                                 "the adapter seems to be broken")
+            weight.data.copy_(merged.to(weight.dtype))
+            self.merged_adapters.append(name)
+
+    def _unmerge_one(self, name: str) -> None:
+        weight = self.base_layer.weight
+        weight.data.copy_((weight.float() - self.get_delta_weight(name)).to(weight.dtype))
+        self.merged_adapters.remove(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract every merged adapter from the base weight again."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        for name in reversed(list(self.merged_adapters)):
+            self._unmerge_one(name)
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` (new tensors) holding the base weight with the active adapters merged."""
+        weight = self.base_layer.weight.float()
+        for name in self.active_adapters:
+            if name not in self.merged_adapters and not self._disable_adapters:
+                weight = weight + self.get_delta_weight(name)
+        if self.fan_in_fan_out:
+            weight = weight.t()
+        bias = self.base_layer.bias
+        dtype = self.base_layer.weight.dtype
+        lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=weight.device, dtype=dtype)
+        lin.weight.copy_(weight.to(dtype))
+        if bias is not None:
+            lin.bias.copy_(bias)
+        return lin
+
+    # ------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self._disable_adapters or self.merged or not self._active_adapters:
+            return self.base_layer(x, *args, **kwargs)
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"FastLoraLinear expected input of shape (..., {self.in_features}), "
+                             f"got {tuple(x.shape)}")
+        weight = self.base_layer.weight
+        if weight.requires_grad:
+            raise RuntimeError("FastLoraLinear keeps its base weight frozen, but base_layer.weight.requires_grad "
+                               "is True; call base_layer.weight.requires_grad_(False)")
+        first, *rest = self._active_adapters
+        y = lora_linear(x, weight, self.base_layer.bias, self.lora_A[first].weight, self.lora_B[first].weight,
+                        scale=self.scaling[first], dropout_p=self._dropout_p(first), training=self.training,
+                        fan_in_fan_out=self.fan_in_fan_out)
+        for name in rest:
+            A = self.lora_A[name]
+            xd = self.lora_dropout[name](x.to(A.weight.dtype))
+            y = y + (self.lora_B[name](A(xd)) * self.scaling[name]).to(y.dtype)
+        return y
+
+    def _dropout_p(self, adapter_name: str) -> float:
+        drop = self.lora_dropout[adapter_name]
+        return float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
+
+    def extra_repr(self) -> str:
+        parts = [f"{n}: r={self.r[n]}, lora_alpha={self.lora_alpha[n]}, scaling={self.scaling[n]:g}"
+                 + (", rslora" if self.use_rslora[n] else "") for n in self.lora_A]
+        return f"in_features={self.in_features}, out_features={self.out_features}, " + "; ".join(parts)
+
+    def __repr__(self) -> str:
+        return "fastpeft." + super().__repr__()

@@ -1,0 +1,198 @@
+"""The fused LoRA linear op: registered once with ``torch.library``, with its autograd.
+
+``fastpeft::lora_linear`` runs the Triton kernels (``fastpeft.kernels``) on CUDA
+tensors and the plain-PyTorch reference (``fastpeft.reference``) elsewhere;
+``FASTPEFT_BACKEND=auto|triton|torch`` overrides the choice (``triton`` with
+``TRITON_INTERPRET=1`` set before import runs the kernels on CPU tensors).
+
+Both ops are ``torch.library.custom_op`` with fake kernels, so ``torch.compile``
+traces through them without a graph break. The dropout seed is drawn from
+torch's generator *outside* the op (``lora_linear`` below) and passed in as a
+one-element int64 tensor, so the op is a pure function of its inputs:
+backward and checkpoint recomputation replay the same mask.
+
+Chain rule (``D`` = dropout with keep-mask ``m``, ``xa = D(x) Aᵀ``,
+``y = x W0ᵀ + b + scale · xa Bᵀ``, ``dS = scale · dy B``)::
+
+    ∂L/∂x = dy W0 + m ⊙ (dS A) / (1 − p)
+    ∂L/∂A = dSᵀ D(x)        ∂L/∂B = scale · dyᵀ xa        ∂L/∂b = Σ_rows dy
+
+Saved for backward: ``x`` (the caller's tensor, not a copy), ``xa`` (N×r fp32),
+the seed (8 bytes), and the parameters.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+try:  # Triton is optional off Linux; the PyTorch path needs nothing else.
+    from . import kernels as _kernels
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    _kernels = None
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def backend_for(t: Tensor) -> str:
+    """``"triton"`` or ``"torch"``: which implementation runs for a tensor on ``t``'s device."""
+    choice = os.environ.get("FASTPEFT_BACKEND", "auto").strip().lower() or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(f"FASTPEFT_BACKEND must be one of {BACKENDS}, got {choice!r}")
+    if choice == "torch":
+        return "torch"
+    if _kernels is None:
+        if choice == "triton":
+            raise RuntimeError("FASTPEFT_BACKEND=triton but triton could not be imported")
+        return "torch"
+    if t.device.type == "cuda":
+        if t.dtype == torch.bfloat16 and torch.cuda.get_device_capability(t.device) < (8, 0):
+            if choice == "triton":
+                raise RuntimeError("bf16 Triton kernels need compute capability ≥ 8.0; "
+                                   "use fp16 or FASTPEFT_BACKEND=torch on this GPU")
+            return "torch"
+        return "triton"
+    if choice == "triton":
+        if _kernels.interpreting():
+            return "triton"
+        raise RuntimeError(f"FASTPEFT_BACKEND=triton on a {t.device.type} tensor needs TRITON_INTERPRET=1 "
+                           "set before fastpeft is imported (Triton's CPU interpreter)")
+    return "torch"
+
+
+def _flat(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _out_features(weight: Tensor, fan_in_fan_out: bool) -> int:
+    return weight.shape[1] if fan_in_fan_out else weight.shape[0]
+
+
+@torch.library.custom_op("fastpeft::lora_linear", mutates_args=())
+def _lora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                    seed: Optional[Tensor], scale: float, dropout_p: float,
+                    fan_in_fan_out: bool) -> tuple[Tensor, Tensor]:
+    x2d = _flat(x)
+    if backend_for(x) == "triton":
+        thr = reference.dropout_threshold(dropout_p)
+        y, xa = _kernels.lora_linear_forward(x2d, weight, bias, lora_A, lora_B, seed, scale, dropout_p,
+                                             fan_in_fan_out, thr)
+    else:
+        y, xa = reference.lora_linear_forward(x2d, weight, bias, lora_A, lora_B, seed, scale, dropout_p,
+                                              fan_in_fan_out)
+    return y.reshape(*x.shape[:-1], y.shape[-1]), xa
+
+
+@_lora_linear_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, seed, scale, dropout_p, fan_in_fan_out):
+    torch._check(x.shape[-1] == lora_A.shape[1], lambda: "x and lora_A disagree on in_features")
+    n = 1
+    for s in x.shape[:-1]:
+        n = n * s
+    y = x.new_empty(*x.shape[:-1], _out_features(weight, fan_in_fan_out))
+    return y, x.new_empty(n, lora_A.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastpeft::lora_linear_backward", mutates_args=())
+def _lora_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
+                             seed: Optional[Tensor], scale: float, dropout_p: float, fan_in_fan_out: bool,
+                             need_dx: bool, need_dA: bool, need_dB: bool,
+                             need_dbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    x2d, dy2d = _flat(x), _flat(dy)
+    if backend_for(x) == "triton":
+        thr = reference.dropout_threshold(dropout_p)
+        grads = _kernels.lora_linear_backward(dy2d, x2d, weight, lora_A, lora_B, xa, seed, scale, dropout_p,
+                                              fan_in_fan_out, thr, need_dx, need_dA, need_dB, need_dbias)
+    else:
+        grads = reference.lora_linear_backward(dy2d, x2d, weight, lora_A, lora_B, xa, seed, scale, dropout_p,
+                                               fan_in_fan_out, need_dx, need_dA, need_dB, need_dbias)
+    dx, dA, dB, dbias = grads
+    empty = x.new_empty(0)  # custom ops cannot return None
+    return (empty if dx is None else dx.reshape(x.shape),
+            empty.clone() if dA is None else dA,
+            empty.clone() if dB is None else dB,
+            empty.clone() if dbias is None else dbias)
+
+
+@_lora_linear_backward_op.register_fake
+def _(dy, x, weight, lora_A, lora_B, xa, seed, scale, dropout_p, fan_in_fan_out,
+      need_dx, need_dA, need_dB, need_dbias):
+    out = _out_features(weight, fan_in_fan_out)
+    return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
+            lora_A.new_empty(lora_A.shape) if need_dA else x.new_empty(0),
+            lora_B.new_empty(lora_B.shape) if need_dB else x.new_empty(0),
+            x.new_empty(out, dtype=torch.float32) if need_dbias else x.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, seed, scale, dropout_p, fan_in_fan_out = inputs
+    _, xa = output
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+    ctx.scale, ctx.dropout_p, ctx.fan_in_fan_out = scale, dropout_p, fan_in_fan_out
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.mark_non_differentiable(xa)
+
+
+def _backward(ctx, dy, _dxa):
+    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if need[1]:
+        raise RuntimeError("fastpeft's LoRA op keeps the base weight frozen: it computes no gradient for it. "
+                           "Call base_layer.weight.requires_grad_(False), or train it without fastpeft.")
+    need_dx, need_dbias, need_dA, need_dB = need[0], need[2], need[3], need[4]
+    dx, dA, dB, dbias = _lora_linear_backward_op(
+        dy, x, weight, lora_A, lora_B, xa, seed, ctx.scale, ctx.dropout_p, ctx.fan_in_fan_out,
+        need_dx, need_dA, need_dB, need_dbias)
+    return (dx if need_dx else None, None,
+            dbias.to(ctx.bias_dtype) if need_dbias else None,
+            dA if need_dA else None, dB if need_dB else None,
+            None, None, None, None)
+
+
+_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def draw_seed(device: torch.device | str) -> Tensor:
+    """A dropout seed from torch's generator on ``device`` (so ``torch.manual_seed`` fixes it)."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, *,
+                scale: float, dropout_p: float = 0.0, training: bool = True, fan_in_fan_out: bool = False,
+                seed: Optional[Tensor] = None) -> Tensor:
+    """``x W0ᵀ + b + scale · (dropout(x) Aᵀ) Bᵀ`` as one fused op, differentiable in x, A, B, b.
+
+    ``weight`` is (out, in), or (in, out) with ``fan_in_fan_out``. Dropout acts
+    only when ``training`` and ``dropout_p > 0``; its seed is drawn here from
+    torch's generator unless given. Computes in ``x``'s dtype (or autocast's)
+    and returns that dtype.
+
+    Example::
+
+        y = lora_linear(x, lin.weight, lin.bias, A, B, scale=2.0, dropout_p=0.1)
+        y.sum().backward()
+    """
+    in_features = weight.shape[0] if fan_in_fan_out else weight.shape[1]
+    out_features = _out_features(weight, fan_in_fan_out)
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"expected input of shape (..., {in_features}), got {tuple(x.shape)}")
+    r = lora_A.shape[0]
+    if tuple(lora_A.shape) != (r, in_features) or tuple(lora_B.shape) != (out_features, r):
+        raise ValueError(f"lora_A must be ({r}, {in_features}) and lora_B ({out_features}, {r}); "
+                         f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {dropout_p}")
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    p = float(dropout_p) if training else 0.0
+    if p == 0.0:
+        seed = None
+    elif seed is None:
+        seed = draw_seed(x.device)
+    y, _ = _lora_linear_op(x, weight, bias, lora_A, lora_B, seed, float(scale), p, bool(fan_in_fan_out))
+    return y

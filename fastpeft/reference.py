@@ -1,0 +1,126 @@
+"""Plain-PyTorch reference of every fastpeft op: the CPU path and the test oracle.
+
+The LoRA linear layer computes (``D`` = dropout, ``m`` its keep-mask)::
+
+    xa = D(x) Aᵀ                      D(x) = m ⊙ x / (1 − p)        (N, r)
+    y  = x W0ᵀ + b + scale · xa Bᵀ                                    (N, out)
+
+and, with ``dS = scale · dy B`` (N, r)::
+
+    dx = dy W0 + m ⊙ (dS A) / (1 − p)
+    dA = dSᵀ D(x)          dB = scale · dyᵀ xa          db = Σ_rows dy
+
+The dropout mask is never stored: it is regenerated from ``(seed, element
+index)`` with the same Philox4x32-10 stream the Triton kernels use
+(``fastpeft.kernels.philox``), so this path and the kernels agree bit for bit
+on which elements are dropped. What autograd keeps is ``x`` (the caller's own
+tensor), ``xa`` and an 8-byte seed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_M32 = 0xFFFFFFFF
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+# Rows of the mask generated at once; bounds the int64 temporaries on CPU.
+_MASK_CHUNK_ELEMS = 1 << 22
+
+
+def _umulhi32(a: torch.Tensor, const: int) -> torch.Tensor:
+    """High 32 bits of ``a · const`` for uint32 values held in int64 (no overflow)."""
+    lo16 = a & 0xFFFF
+    hi16 = a >> 16
+    p_lo = lo16 * const  # < 2**48
+    p_hi = hi16 * const  # < 2**48
+    return (p_hi + (p_lo >> 16)) >> 16
+
+
+def philox_u32(seed: int | torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """First Philox4x32-10 output word for int64 ``offsets``, as int64 in [0, 2³²).
+
+    Bit-identical to ``fastpeft.kernels.philox.philox_u32`` (and to Triton's
+    ``tl.randint``): counter ``(offset_lo, offset_hi, 0, 0)``, key
+    ``(seed_lo, seed_hi)``, ten rounds.
+    """
+    seed = int(seed.item()) if isinstance(seed, torch.Tensor) else int(seed)
+    seed &= (1 << 64) - 1
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    offsets = offsets.to(torch.int64)
+    c0 = offsets & _M32
+    c1 = (offsets >> 32) & _M32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    for _ in range(10):
+        n0 = _umulhi32(c2, _ROUND_B) ^ c1 ^ k0
+        n2 = _umulhi32(c0, _ROUND_A) ^ c3 ^ k1
+        c1 = (c2 * _ROUND_B) & _M32  # int64 products wrap mod 2**64; low bits exact
+        c3 = (c0 * _ROUND_A) & _M32
+        c0, c2 = n0, n2
+        k0 = (k0 + _KEY_A) & _M32
+        k1 = (k1 + _KEY_B) & _M32
+    return c0
+
+
+def dropout_threshold(p: float) -> int:
+    """Integer threshold on 31 random bits: an element is kept when bits ≥ it."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    return min(int(round(p * 2.0**31)), 2**31 - 1)
+
+
+def dropout_keep_mask(seed: int | torch.Tensor, n_rows: int, n_cols: int, p: float, device=None) -> torch.Tensor:
+    """Boolean (n_rows, n_cols) keep-mask of element ``i·n_cols + j`` under ``seed``."""
+    thr = dropout_threshold(p)
+    out = torch.empty(n_rows, n_cols, dtype=torch.bool, device=device)
+    step = max(1, _MASK_CHUNK_ELEMS // max(n_cols, 1))
+    cols = torch.arange(n_cols, dtype=torch.int64, device=device)
+    for r0 in range(0, n_rows, step):
+        rows = torch.arange(r0, min(r0 + step, n_rows), dtype=torch.int64, device=device)
+        offs = rows[:, None] * n_cols + cols[None, :]
+        out[r0 : r0 + step] = (philox_u32(seed, offs) >> 1) >= thr
+    return out
+
+
+def apply_dropout(x2d: torch.Tensor, seed, p: float) -> torch.Tensor:
+    """``m ⊙ x / (1 − p)`` in x's dtype, with the mask regenerated from ``seed``."""
+    if p == 0.0:
+        return x2d
+    keep = dropout_keep_mask(seed, x2d.shape[0], x2d.shape[1], p, device=x2d.device)
+    return torch.where(keep, x2d * (1.0 / (1.0 - p)), torch.zeros((), dtype=x2d.dtype, device=x2d.device))
+
+
+def _base_weight(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    return weight.t() if fan_in_fan_out else weight
+
+
+def lora_linear_forward(x2d, weight, bias, lora_A, lora_B, seed, scale: float, p: float, fan_in_fan_out: bool):
+    """Reference forward on a 2-D input. Returns ``(y, xa)``; ``xa`` is fp32 (N, r)."""
+    w = _base_weight(weight, fan_in_fan_out).to(x2d.dtype)
+    y = torch.nn.functional.linear(x2d, w, None if bias is None else bias.to(x2d.dtype))
+    xa = apply_dropout(x2d.float(), seed, p) @ lora_A.float().t()
+    y = (y.float() + scale * (xa @ lora_B.float().t())).to(x2d.dtype)
+    return y, xa
+
+
+def lora_linear_backward(dy, x2d, weight, lora_A, lora_B, xa, seed, scale: float, p: float, fan_in_fan_out: bool,
+                         need_dx: bool = True, need_dA: bool = True, need_dB: bool = True, need_dbias: bool = False):
+    """Reference backward. Returns ``(dx, dA, dB, dbias)`` with ``None`` for what is not needed."""
+    w = _base_weight(weight, fan_in_fan_out).to(dy.dtype)
+    dyf = dy.float()
+    dS = scale * (dyf @ lora_B.float())  # (N, r)
+    dx = dA = dB = dbias = None
+    if need_dx:
+        lora_dx = dS @ lora_A.float()
+        if p > 0.0:
+            lora_dx = apply_dropout(lora_dx, seed, p)
+        dx = (dyf @ w.float() + lora_dx).to(x2d.dtype) if dy.dtype == torch.float32 else \
+            (dy @ w).float().add_(lora_dx).to(x2d.dtype)
+    if need_dA:
+        dA = (dS.t() @ apply_dropout(x2d.float(), seed, p)).to(lora_A.dtype)
+    if need_dB:
+        dB = (scale * (dyf.t() @ xa)).to(lora_B.dtype)
+    if need_dbias:
+        dbias = dyf.sum(0)
+    return dx, dA, dB, dbias

@@ -1,0 +1,71 @@
+"""Autotuning configurations, one named function per kernel.
+
+GPU lists cover Hopper (sm90) and Ampere (sm80) with the shapes the Triton
+matmul tutorial found good on both; ``keep()`` drops configs that cannot fit
+a tiny problem. Under ``TRITON_INTERPRET=1`` each kernel gets one small config
+(odd test shapes still span several tiles, so masking is exercised) because
+the interpreter is slow and has no timer worth tuning on.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _cfg(bm, bn, bk, group, stages, warps, **extra):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, **extra},
+                         num_stages=stages, num_warps=warps)
+
+
+def gemm_configs() -> list[triton.Config]:
+    """Main GEMM (y = x W0ᵀ + lora, and dx = dy W0 + lora): tiles over (M, N), loop over K."""
+    if interpreting():
+        return [_cfg(32, 32, 32, 4, 1, 4)]
+    return [
+        _cfg(128, 256, 64, 8, 3, 8),
+        _cfg(256, 128, 64, 8, 3, 8),
+        _cfg(128, 128, 64, 8, 4, 8),
+        _cfg(128, 128, 32, 8, 4, 4),
+        _cfg(64, 256, 32, 8, 4, 4),
+        _cfg(128, 64, 32, 8, 4, 4),
+        _cfg(64, 128, 32, 8, 4, 4),
+        _cfg(64, 64, 64, 8, 4, 4),
+        # small M (decode, N ≤ 16 tokens): a thin row tile, wide K steps.
+        _cfg(16, 64, 128, 1, 4, 4),
+        _cfg(16, 128, 128, 1, 4, 4),
+        _cfg(32, 64, 128, 1, 4, 4),
+    ]
+
+
+def down_configs() -> list[triton.Config]:
+    """Skinny projection (xa = D(x) Aᵀ, dS = dy B): tiles over rows, loop over K."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_stages=1, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_stages=s, num_warps=w)
+        for bm, bk, s, w in [(64, 128, 3, 4), (128, 64, 3, 4), (128, 128, 3, 8), (64, 64, 4, 4),
+                             (32, 128, 4, 4), (16, 256, 4, 4), (256, 64, 3, 8)]
+    ]
+
+
+def reduce_configs() -> list[triton.Config]:
+    """Reduction over rows (dA = dSᵀ D(x), dB = xaᵀ dy): tiles over columns, split over rows."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_stages=1, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_stages=s, num_warps=w)
+        for bm, bk, s, w in [(64, 128, 3, 4), (128, 64, 3, 4), (128, 128, 3, 8), (64, 64, 4, 4),
+                             (32, 256, 3, 8), (128, 256, 3, 8)]
+    ]
+
+
+# Rows handled by one program of the reduction kernel are a multiple of this;
+# every reduce config's BLOCK_M divides it.
+REDUCE_ROW_UNIT = 256

@@ -1,0 +1,394 @@
+"""Fused LoRA linear: Triton kernels and their launchers.
+
+Math (``D`` = dropout with keep-mask ``m``, ``dS = scale · dy B``)::
+
+    forward   xa = D(x) Aᵀ                       _lora_down_kernel      (reads x once)
+              y  = x W0ᵀ + b + xa (scale·B)ᵀ      _lora_gemm_kernel      (LoRA = one extra K step)
+    backward  dS = scale · dy B                   _lora_down_kernel      (reads dy once)
+              dx = dy W0 + m ⊙ (dS A)/(1−p)      _lora_gemm_kernel      (mask regenerated in epilogue)
+              dA = dSᵀ D(x)                       _lora_reduce_kernel    (reads x once, mask regenerated)
+              dB = scale · dyᵀ xa, db = Σ dy      _lora_reduce_kernel    (reads dy once)
+
+Nothing of size (N, out) or (N, in) besides y/dx is written, and no mask is
+stored: dropout decisions come from Philox keyed by ``(seed, row·in + col)``
+(``kernels/philox.py``), in the forward's down pass and again in both places
+the backward needs them.
+
+Byte floor (bf16 x/dy, 4096×4096, N=8192; see ../shared/TARGETS.md): the
+frozen layer moves ≈ x + y + dy + dx = 4·64 MiB; LoRA adds at least one more
+read of x (down pass), one of dy (dS/dB) and one of x (dA): ≈ 2N(2·in+out)
+bytes ≈ 192 MiB ≈ 67 µs at 3 TB/s on top of ≈ 0.69 ms, a floor near 1.1×.
+This layout pays three extra reads of dy (dS, dB, and the GEMM) — dS and dB
+read it separately — which a later fusion may remove; the GEMM itself is the
+pointer-based tutorial shape (Ampere and Hopper). The persistent TMA variant
+the targets call for (TARGETS.md measured it within 2–12 % of cuBLAS) is
+not here yet.
+
+All launchers take 2-D tensors of any strides, return fresh tensors, and
+never synchronize. Offsets are int64 throughout (tokens × features may
+exceed 2³¹).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import REDUCE_ROW_UNIT, down_configs, gemm_configs, interpreting, reduce_configs
+from .philox import dropout_keep
+
+# Number of launches per kernel name; tests use it to prove the kernels ran.
+LAUNCHES: Counter = Counter()
+
+
+@triton.jit
+def _mma_operand(t, UPCAST: tl.constexpr):
+    """Operand for ``tl.dot``. Triton's CPU interpreter multiplies bf16 wrongly,
+    so interpreter runs upcast to fp32 here (and only here); compiled GPU code
+    never takes this branch."""
+    if UPCAST:
+        return t.to(tl.float32)
+    else:
+        return t
+
+
+@triton.jit
+def _lora_gemm_kernel(
+    x_ptr, w_ptr, bias_ptr, l_ptr, r_ptr, out_ptr, seed_ptr,
+    M, N, K, R, M_KEY,
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    stride_lm, stride_lr, stride_rr, stride_rn,
+    stride_om, stride_on,
+    lora_scale, threshold, inv_keep,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, MASK_LORA: tl.constexpr,
+    UPCAST: tl.constexpr, F32_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """out[M, N] = x[M, K] · w[N, K]ᵀ (+ bias[N]) + lora_scale · l[M, R] · r[R, N],
+    the LoRA product masked by the dropout mask of element (m, n) when MASK_LORA."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Wrapped indices keep every load in bounds without a mask; stores are masked.
+    rm = (offs_m % M).to(tl.int64)
+    rn = (offs_n % N).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
+    w_ptrs = w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + rn[None, :] * stride_wn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        if a.dtype == tl.float32:
+            acc = tl.dot(a, b, acc, input_precision=F32_PRECISION)
+        else:
+            acc = tl.dot(_mma_operand(a, UPCAST), _mma_operand(b, UPCAST), acc)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    if HAS_LORA:
+        offs_r = tl.arange(0, BLOCK_R)
+        if MASK_LORA:
+            lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            r_ok = offs_r < R - r0
+            rr = (r0 + offs_r).to(tl.int64)
+            lt = tl.load(l_ptr + rm[:, None] * stride_lm + rr[None, :] * stride_lr, mask=r_ok[None, :], other=0.0)
+            rt = tl.load(r_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn, mask=r_ok[:, None], other=0.0)
+            lt = lt.to(tl.float32)
+            rt = rt.to(tl.float32) * lora_scale
+            if MASK_LORA:
+                lora = tl.dot(lt, rt, lora, input_precision=F32_PRECISION)
+            else:
+                # No dropout: the rank-r term is one more K step of the same accumulator.
+                acc = tl.dot(lt, rt, acc, input_precision=F32_PRECISION)
+        if MASK_LORA:
+            keep = dropout_keep(tl.load(seed_ptr), offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], threshold)
+            acc += tl.where(keep, lora * inv_keep, 0.0)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _lora_down_kernel(
+    x_ptr, w_ptr, out_ptr, seed_ptr,
+    M, K, R, M_KEY,
+    stride_xm, stride_xk, stride_wr, stride_wk, stride_om, stride_or,
+    out_scale, threshold,
+    DROPOUT: tl.constexpr, F32_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[M, R] = out_scale · (keep ⊙ x)[M, K] · w[R, K]ᵀ in fp32 (keep = dropout mask of (m, k))."""
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    rm = offs_m.to(tl.int64)
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
+    w_ptrs = w_ptr + offs_r.to(tl.int64)[None, :] * stride_wr + offs_k[:, None].to(tl.int64) * stride_wk
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        if DROPOUT:
+            keep = dropout_keep(seed, rm[:, None] * K + (k0 + offs_k)[None, :], threshold)
+            xt = tl.where(keep, xt, 0.0)
+        wt = tl.load(w_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(xt, wt, acc, input_precision=F32_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    out_ptrs = out_ptr + rm[:, None] * stride_om + offs_r.to(tl.int64)[None, :] * stride_or
+    tl.store(out_ptrs, acc * out_scale, mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _lora_reduce_kernel(
+    g_ptr, x_ptr, part_ptr, bias_part_ptr, seed_ptr,
+    M, K, R, ROWS_PER_SPLIT, M_KEY,
+    stride_gm, stride_gr, stride_xm, stride_xk,
+    stride_ps, stride_pr, stride_pk, stride_bs,
+    out_scale, threshold,
+    DROPOUT: tl.constexpr, DBIAS: tl.constexpr, F32_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """part[s, R, K] = out_scale · g[rows_s, R]ᵀ · (keep ⊙ x)[rows_s, K] over split s's rows;
+    with DBIAS also bias_part[s, K] = Σ_rows x (the bias gradient when x is dy)."""
+    pid_k = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    k_ok = offs_k < K
+    r_ok = offs_r < R
+    rk = offs_k.to(tl.int64)
+    m_start = pid_s * ROWS_PER_SPLIT
+    m_end = min(M, m_start + ROWS_PER_SPLIT)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    bacc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < m_end
+        rm = offs_m.to(tl.int64)
+        gt = tl.load(g_ptr + rm[None, :] * stride_gm + offs_r.to(tl.int64)[:, None] * stride_gr,
+                     mask=r_ok[:, None] & m_ok[None, :], other=0.0).to(tl.float32)
+        xt = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                     mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        if DBIAS:
+            bacc += tl.sum(xt, axis=0)
+        if DROPOUT:
+            keep = dropout_keep(seed, rm[:, None] * K + rk[None, :], threshold)
+            xt = tl.where(keep, xt, 0.0)
+        acc = tl.dot(gt, xt, acc, input_precision=F32_PRECISION)
+    p_ptrs = part_ptr + pid_s * stride_ps + offs_r.to(tl.int64)[:, None] * stride_pr + rk[None, :] * stride_pk
+    tl.store(p_ptrs, acc * out_scale, mask=r_ok[:, None] & k_ok[None, :])
+    if DBIAS:
+        if pid_r == 0:
+            tl.store(bias_part_ptr + pid_s * stride_bs + rk, bacc, mask=k_ok)
+
+
+_gemm_tuned = triton.autotune(configs=gemm_configs(), key=["M_KEY", "N", "K", "R"])(_lora_gemm_kernel)
+_down_tuned = triton.autotune(configs=down_configs(), key=["M_KEY", "K", "R"])(_lora_down_kernel)
+_reduce_tuned = triton.autotune(configs=reduce_configs(), key=["M_KEY", "K", "R"])(_lora_reduce_kernel)
+
+
+def _m_key(m: int) -> int:
+    """Autotuning bucket for the token count: varying sequence lengths do not retune."""
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def _launch(tuned, raw, grid, args, kwargs, config):
+    if config is None:
+        tuned[grid](*args, **kwargs)
+    else:
+        raw[grid](*args, **kwargs, **config.all_kwargs())
+
+
+def _f32_precision(dtype: torch.dtype) -> str:
+    """fp32 activations follow torch's TF32 switch, as nn.Linear does; half-precision
+    activations use TF32 for the fp32 LoRA operands (more mantissa than bf16)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return interpreting() and dtype == torch.bfloat16
+
+
+def _block_r(r: int, cap: int) -> int:
+    return min(max(16, triton.next_power_of_2(r)), cap)
+
+
+def _dummy(t: torch.Tensor) -> torch.Tensor:
+    """A pointer argument the kernel never reads (its constexpr flag is off)."""
+    return t
+
+
+def lora_gemm(x, w, bias=None, l=None, r=None, *, lora_scale=1.0, seed=None, threshold=0, inv_keep=1.0,
+              mask_lora=False, out_dtype=None, config=None):
+    """``x[M,K] · w[N,K]ᵀ (+ bias) + lora_scale · l[M,R] · r[R,N]`` (masked by dropout when ``mask_lora``).
+
+    ``w`` and ``r`` may be any strided views (pass ``W0.t()`` for the dgrad GEMM).
+    """
+    M, K = x.shape
+    N = w.shape[0]
+    out = torch.empty(M, N, device=x.device, dtype=out_dtype or x.dtype)
+    if M == 0 or N == 0:
+        return out
+    has_lora = l is not None
+    R = l.shape[1] if has_lora else 0
+    l_ = l if has_lora else x
+    r_ = r if has_lora else x
+    args = (x, w, _dummy(x) if bias is None else bias, l_, r_, out, _dummy(x) if seed is None else seed,
+            M, N, K, R, _m_key(M),
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+            l_.stride(0), l_.stride(1), r_.stride(0), r_.stride(1),
+            out.stride(0), out.stride(1),
+            float(lora_scale), int(threshold), float(inv_keep))
+    kwargs = dict(HAS_BIAS=bias is not None, HAS_LORA=has_lora and R > 0, MASK_LORA=bool(mask_lora),
+                  UPCAST=_upcast(x.dtype), F32_PRECISION=_f32_precision(x.dtype), BLOCK_R=_block_r(R, 32))
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    LAUNCHES["lora_gemm"] += 1
+    _launch(_gemm_tuned, _lora_gemm_kernel, grid, args, kwargs, config)
+    return out
+
+
+def lora_down(x, w, *, out_scale=1.0, seed=None, threshold=0, dropout=False, config=None):
+    """fp32 ``out_scale · (keep ⊙ x)[M,K] · w[R,K]ᵀ`` — the skinny (M, R) projection."""
+    M, K = x.shape
+    R = w.shape[0]
+    out = torch.empty(M, R, device=x.device, dtype=torch.float32)
+    if M == 0 or R == 0:
+        return out
+    block_r = _block_r(R, 128)
+    args = (x, w, out, _dummy(x) if seed is None else seed, M, K, R, _m_key(M),
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+            float(out_scale), int(threshold))
+    kwargs = dict(DROPOUT=bool(dropout), F32_PRECISION=_f32_precision(x.dtype), BLOCK_R=block_r)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))
+
+    LAUNCHES["lora_down"] += 1
+    _launch(_down_tuned, _lora_down_kernel, grid, args, kwargs, config)
+    return out
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+def lora_reduce(g, x, *, out_scale=1.0, seed=None, threshold=0, dropout=False, dbias=False,
+                transpose_out=False, config=None):
+    """fp32 ``out_scale · g[M,R]ᵀ · (keep ⊙ x)[M,K]`` as (R, K), or (K, R) with ``transpose_out``;
+    with ``dbias`` also returns ``Σ_rows x`` (K,). Rows are split across programs and the
+    fp32 partials summed in a fixed order, so results are deterministic (no atomics)."""
+    M, K = x.shape
+    R = g.shape[1]
+    out_shape = (K, R) if transpose_out else (R, K)
+    if M == 0:
+        zeros = torch.zeros(out_shape, device=x.device, dtype=torch.float32)
+        return zeros, (torch.zeros(K, device=x.device, dtype=torch.float32) if dbias else None)
+    block_r = _block_r(R, 64)
+    tiles = triton.cdiv(K, 64) * triton.cdiv(R, block_r)
+    row_blocks = triton.cdiv(M, REDUCE_ROW_UNIT)
+    splits = max(1, min(row_blocks, (4 * _num_sms(x.device)) // max(tiles, 1)))
+    rows_per_split = triton.cdiv(row_blocks, splits) * REDUCE_ROW_UNIT
+    splits = triton.cdiv(M, rows_per_split)
+    part = torch.empty((splits, *out_shape), device=x.device, dtype=torch.float32)
+    stride_pr, stride_pk = (part.stride(2), part.stride(1)) if transpose_out else (part.stride(1), part.stride(2))
+    bias_part = torch.empty(splits, K, device=x.device, dtype=torch.float32) if dbias else part
+    args = (g, x, part, bias_part, _dummy(x) if seed is None else seed,
+            M, K, R, rows_per_split, _m_key(M),
+            g.stride(0), g.stride(1), x.stride(0), x.stride(1),
+            part.stride(0), stride_pr, stride_pk, bias_part.stride(0),
+            float(out_scale), int(threshold))
+    kwargs = dict(DROPOUT=bool(dropout), DBIAS=bool(dbias), F32_PRECISION=_f32_precision(x.dtype), BLOCK_R=block_r)
+
+    def grid(meta):
+        return (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(R, block_r), splits)
+
+    LAUNCHES["lora_reduce"] += 1
+    _launch(_reduce_tuned, _lora_reduce_kernel, grid, args, kwargs, config)
+    return part.sum(0), (bias_part.sum(0) if dbias else None)
+
+
+def _base_view(weight, fan_in_fan_out):
+    """W0 as an (out, in) view: GPT-2's Conv1D stores (in, out)."""
+    return weight.t() if fan_in_fan_out else weight
+
+
+def lora_linear_forward(x2d, weight, bias, lora_A, lora_B, seed, scale, p, fan_in_fan_out, threshold):
+    """Fused forward on a 2-D input. Returns ``(y, xa)`` with ``xa = D(x) Aᵀ`` in fp32.
+
+    ``threshold`` is ``fastpeft.reference.dropout_threshold(p)``; ``seed`` an int64
+    tensor of one element on x's device (unused when ``p == 0``).
+    """
+    w = _base_view(weight, fan_in_fan_out)
+    if w.dtype != x2d.dtype:
+        w = w.to(x2d.dtype)
+    dropout = p > 0.0
+    # xa = D(x) Aᵀ  (the mask never leaves registers; 1/(1-p) applied to the (N, r) result)
+    xa = lora_down(x2d, lora_A, out_scale=1.0 / (1.0 - p), seed=seed, threshold=threshold, dropout=dropout)
+    # y = x W0ᵀ + b + xa · (scale·B)ᵀ
+    b = None if bias is None else (bias if bias.dtype == x2d.dtype else bias.to(x2d.dtype))
+    y = lora_gemm(x2d, w, b, xa, lora_B.t(), lora_scale=scale)
+    return y, xa
+
+
+def lora_linear_backward(dy, x2d, weight, lora_A, lora_B, xa, seed, scale, p, fan_in_fan_out, threshold,
+                         need_dx=True, need_dA=True, need_dB=True, need_dbias=False):
+    """Fused backward. Returns ``(dx, dA, dB, dbias)``; entries not needed are ``None``."""
+    dropout = p > 0.0
+    inv_keep = 1.0 / (1.0 - p)
+    dx = dA = dB = dbias = None
+    dS = None
+    if need_dx or need_dA:
+        # dS = scale · dy B   (N, r), fp32
+        dS = lora_down(dy, lora_B.t(), out_scale=scale)
+    if need_dx:
+        w = _base_view(weight, fan_in_fan_out)
+        if w.dtype != dy.dtype:
+            w = w.to(dy.dtype)
+        # dx = dy W0 + m ⊙ (dS A)/(1-p): W0 read through a transposed view, no copy.
+        dx = lora_gemm(dy, w.t(), None, dS, lora_A, lora_scale=1.0, seed=seed, threshold=threshold,
+                       inv_keep=inv_keep, mask_lora=dropout, out_dtype=x2d.dtype)
+    if need_dA:
+        # dA = dSᵀ D(x)
+        dA, _ = lora_reduce(dS, x2d, out_scale=inv_keep, seed=seed, threshold=threshold, dropout=dropout)
+        dA = dA.to(lora_A.dtype)
+    if need_dB or need_dbias:
+        # dB = scale · dyᵀ xa  (written transposed), db = Σ_rows dy — one pass over dy
+        dBf, dbias = lora_reduce(xa, dy, out_scale=scale, dbias=need_dbias, transpose_out=True)
+        dB = dBf.to(lora_B.dtype) if need_dB else None
+    return dx, dA, dB, dbias
