@@ -24,9 +24,9 @@ def _cfg(bm, bn, bk, group, stages, warps, **extra):
                          num_stages=stages, num_warps=warps)
 
 
-def gemm_configs() -> list[triton.Config]:
+def gemm_configs(interpret: bool | None = None) -> list[triton.Config]:
     """Main GEMM (y = x W0ᵀ + lora, and dx = dy W0 + lora): tiles over (M, N), loop over K."""
-    if interpreting():
+    if interpreting() if interpret is None else interpret:
         return [_cfg(32, 32, 32, 4, 1, 4)]
     return [
         _cfg(128, 256, 64, 8, 3, 8),
@@ -44,9 +44,9 @@ def gemm_configs() -> list[triton.Config]:
     ]
 
 
-def down_configs() -> list[triton.Config]:
+def down_configs(interpret: bool | None = None) -> list[triton.Config]:
     """Skinny projection (xa = D(x) Aᵀ, dS = dy B): tiles over rows, loop over K."""
-    if interpreting():
+    if interpreting() if interpret is None else interpret:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_stages=1, num_warps=4)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_stages=s, num_warps=w)
@@ -55,9 +55,9 @@ def down_configs() -> list[triton.Config]:
     ]
 
 
-def reduce_configs() -> list[triton.Config]:
+def reduce_configs(interpret: bool | None = None) -> list[triton.Config]:
     """Reduction over rows (dA = dSᵀ D(x), dB = xaᵀ dy): tiles over columns, split over rows."""
-    if interpreting():
+    if interpreting() if interpret is None else interpret:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_stages=1, num_warps=4)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_stages=s, num_warps=w)

@@ -1,0 +1,61 @@
+"""Shared test helpers: the fp64 reference and the tolerance rule of ../shared/TESTING.md."""
+
+from __future__ import annotations
+
+import torch
+
+from fastpeft.reference import dropout_keep_mask
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def lora_ref64(x2d, weight, bias, A, B, scale, p=0.0, seed=None, fan_in_fan_out=False):
+    """Independent fp64 LoRA forward; the dropout mask (if any) is replayed from ``seed``."""
+    xd = x2d.double()
+    w = weight.double().t() if fan_in_fan_out else weight.double()
+    if p > 0:
+        keep = dropout_keep_mask(seed, x2d.shape[0], x2d.shape[1], p)
+        xdrop = xd * keep.double() / (1.0 - p)
+    else:
+        xdrop = xd
+    y = xd @ w.t() + scale * (xdrop @ A.double().t()) @ B.double().t()
+    if bias is not None:
+        y = y + bias.double()
+    return y
+
+
+def lora_grads64(dy, x2d, weight, A, B, scale, p=0.0, seed=None, fan_in_fan_out=False, bias=True):
+    """fp64 gradients (dx, dA, dB, dbias) of ``(lora_ref64 · dy).sum()`` by autograd."""
+    x = x2d.detach().double().requires_grad_()
+    A64 = A.detach().double().requires_grad_()
+    B64 = B.detach().double().requires_grad_()
+    b64 = torch.zeros(dy.shape[1], dtype=torch.float64, requires_grad=True) if bias else None
+    y = lora_ref64(x, weight, b64, A64, B64, scale, p, seed, fan_in_fan_out)
+    y.backward(dy.double())
+    return x.grad, A64.grad, B64.grad, (b64.grad if bias else None)
+
+
+def assert_finite_like(ours, ref, name=""):
+    bad_ours, bad_ref = ~torch.isfinite(ours), ~torch.isfinite(ref)
+    assert torch.equal(bad_ours, bad_ref), f"{name}: non-finite values differ ({bad_ours.sum()} vs {bad_ref.sum()})"
+
+
+def rel_err(ours, ref) -> float:
+    ref = ref.double()
+    return ((ours.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def assert_rel(ours, ref, tol, name=""):
+    """Relative norm error below ``tol`` (DESIGN.md numerics); NaN never passes."""
+    assert_finite_like(ours, ref, name)
+    err = rel_err(ours, ref)
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+
+
+def assert_rule(ours, ref, lowp, factor=2.0, name=""):
+    """flash-attention's rule: max|ours − ref| ≤ factor · max|lowp − ref| + 1e-5."""
+    assert_finite_like(ours, ref, name)
+    ref = ref.double()
+    err = (ours.double() - ref).abs().max().item() if ours.numel() else 0.0
+    base = (lowp.double() - ref).abs().max().item() if lowp.numel() else 0.0
+    assert err <= factor * base + 1e-5, f"{name}: max error {err:.3e} > {factor}·{base:.3e} + 1e-5"

@@ -1,0 +1,208 @@
+"""The Triton kernels themselves (interpreted on CPU), against an independent fp64 reference."""
+
+import fastpeft.kernels as K
+import pytest
+import torch
+import triton
+import triton.language as tl
+from fastpeft.kernels import configs
+from fastpeft.kernels.philox import philox_u32
+from helpers import DEVICE, assert_rel, assert_rule, lora_grads64, lora_ref64
+
+from fastpeft import reference
+
+# (N, in, out, r, p, dtype, fan_in_fan_out, bias): odd sizes that straddle the blocks.
+CASES = [
+    (45, 77, 53, 8, 0.0, torch.float32, False, True),
+    (45, 77, 53, 8, 0.3, torch.float32, False, True),
+    (1, 33, 40, 1, 0.1, torch.float32, True, False),
+    (0, 31, 17, 4, 0.1, torch.float32, False, True),
+    (70, 50, 90, 40, 0.2, torch.float32, False, False),
+    (33, 47, 31, 3, 0.0, torch.float16, False, True),
+    (66, 45, 70, 16, 0.25, torch.float16, True, True),
+    (5, 123, 19, 64, 0.5, torch.float16, False, True),
+    (17, 20, 24, 256, 0.1, torch.float32, False, True),
+]
+
+
+def _make(N, fin, fout, r, dtype, fifo, bias, seed_value=1234):
+    g = torch.Generator().manual_seed(N * 1000 + fin * 7 + r)
+    x = torch.randn(N, fin, generator=g).to(dtype)
+    W = (torch.randn((fin, fout) if fifo else (fout, fin), generator=g) / fin**0.5).to(dtype)
+    b = torch.randn(fout, generator=g).to(dtype) if bias else None
+    A = torch.randn(r, fin, generator=g) / fin**0.5
+    B = torch.randn(fout, r, generator=g) / r**0.5
+    dy = torch.randn(N, fout, generator=g).to(dtype)
+    return x, W, b, A, B, dy, torch.tensor([seed_value], dtype=torch.int64)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "N{}_{}x{}_r{}_p{}_{}{}{}".format(
+    c[0], c[1], c[2], c[3], c[4], str(c[5])[6:], "_fifo" if c[6] else "", "_bias" if c[7] else ""))
+def test_forward_backward_vs_fp64(case):
+    N, fin, fout, r, p, dtype, fifo, bias = case
+    x, W, b, A, B, dy, seed = _make(N, fin, fout, r, dtype, fifo, bias)
+    scale, thr = 1.7, reference.dropout_threshold(p)
+    y, xa = K.lora_linear_forward(x, W, b, A, B, seed, scale, p, fifo, thr)
+    grads = K.lora_linear_backward(dy, x, W, A, B, xa, seed, scale, p, fifo, thr, need_dbias=bias)
+    assert y.dtype == dtype and y.shape == (N, fout) and xa.shape == (N, r) and xa.dtype == torch.float32
+
+    y64 = lora_ref64(x, W, b, A, B, scale, p, seed, fifo)
+    g64 = lora_grads64(dy, x, W, A, B, scale, p, seed, fifo, bias)
+    if N == 0:
+        assert y.numel() == 0 and grads[0].numel() == 0
+        assert torch.count_nonzero(grads[1]) == 0 and torch.count_nonzero(grads[2]) == 0
+        return
+    names = ("dx", "dA", "dB", "dbias")
+    if dtype == torch.float32:
+        assert_rel(y, y64, 1e-5, "y")
+        for name, ours, ref in zip(names, grads, g64):
+            if ref is not None:
+                assert_rel(ours, ref, 1e-5, name)
+    else:
+        # same-precision PyTorch as the yardstick (TESTING.md tolerance rule)
+        y_lp, xa_lp = reference.lora_linear_forward(x, W, b, A, B, seed, scale, p, fifo)
+        g_lp = reference.lora_linear_backward(dy, x, W, A, B, xa_lp, seed, scale, p, fifo, need_dbias=bias)
+        assert_rule(y, y64, y_lp, 2.0, "y")
+        for name, ours, ref, lp in zip(names, grads, g64, g_lp):
+            if ref is not None:
+                assert_rule(ours, ref, lp, 3.0, name)
+                assert_rel(ours, ref, 2e-3, name)
+
+
+def test_bf16_upcast_in_interpreter():
+    """bf16 runs in the interpreter through the upcast helper and lands within bf16 error."""
+    x, W, b, A, B, dy, seed = _make(37, 41, 29, 8, torch.bfloat16, False, True)
+    y, xa = K.lora_linear_forward(x, W, b, A, B, seed, 2.0, 0.1, False, reference.dropout_threshold(0.1))
+    assert y.dtype == torch.bfloat16
+    assert_rel(y, lora_ref64(x, W, b, A, B, 2.0, 0.1, seed), 1e-2, "y")
+
+
+@pytest.mark.parametrize("seed_value", [0, 123456789012345, 2**62 + 17])
+def test_philox_matches_reference_and_tl_randint(seed_value):
+    @triton.jit
+    def kern(out_ours, out_tl, seed_ptr, off0, BLOCK: tl.constexpr):
+        offs = off0 + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        seed = tl.load(seed_ptr)
+        tl.store(out_ours + idx, philox_u32(seed, offs).to(tl.int32, bitcast=True))
+        tl.store(out_tl + idx, tl.randint(seed, offs).to(tl.int32, bitcast=True))
+
+    for off0 in (0, 2**32 - 40, 2**40 + 3):  # crosses the 32-bit boundary of the counter
+        ours, theirs = torch.empty(128, dtype=torch.int32), torch.empty(128, dtype=torch.int32)
+        kern[(4,)](ours, theirs, torch.tensor([seed_value]), off0, BLOCK=32)
+        ref = reference.philox_u32(seed_value, off0 + torch.arange(128))
+        assert torch.equal(ours.to(torch.int64) & 0xFFFFFFFF, ref)
+        assert torch.equal(ours, theirs)
+
+
+def test_dropout_rate_in_kernel():
+    """Through the down kernel with x = 1, A = 1: kept count / elements ≈ 1 − p over 1M elements."""
+    p, M, Kd = 0.3, 1024, 1024
+    x = torch.ones(M, Kd)
+    ones = torch.ones(1, Kd)
+    seed = torch.tensor([42], dtype=torch.int64)
+    kept = K.lora_down(x, ones, seed=seed, threshold=reference.dropout_threshold(p), dropout=True)
+    frac_dropped = 1.0 - kept.sum().item() / (M * Kd)
+    assert abs(frac_dropped - p) < 0.01
+    # the same mask as the reference generator, row by row
+    ref_rows = reference.dropout_keep_mask(seed, M, Kd, p).sum(1).float()
+    assert torch.equal(kept[:, 0], ref_rows)
+
+
+def _forced(fn, cfgs, *args, **kwargs):
+    return [fn(*args, **kwargs, config=c) for c in cfgs]
+
+
+def test_every_gpu_config_within_tolerance():
+    """Each GPU autotune config, forced alone (interpreted), gives the reference result."""
+    x, W, b, A, B, dy, seed = _make(45, 70, 53, 20, torch.float32, False, True)
+    thr = reference.dropout_threshold(0.2)
+    want = lora_ref64(x, W, b, A, B, 1.0, 0.0)
+    for y in _forced(K.lora_gemm, configs.gemm_configs(interpret=False), x, W, b,
+                     K.lora_down(x, A), B.t(), lora_scale=1.0):
+        assert_rel(y, want, 1e-5, "gemm")
+    xa_ref = K.lora_down(x, A, seed=seed, threshold=thr, dropout=True)
+    for xa in _forced(K.lora_down, configs.down_configs(interpret=False), x, A, seed=seed, threshold=thr,
+                      dropout=True):
+        assert_rel(xa, xa_ref, 1e-5, "down")
+    dS = torch.randn(45, 20)
+    ref = dS.double().t() @ x.double()
+    for part, _ in _forced(K.lora_reduce, configs.reduce_configs(interpret=False), dS, x):
+        assert_rel(part, ref, 1e-5, "reduce")
+
+
+def test_repeat_runs_identical():
+    x, W, b, A, B, dy, seed = _make(45, 77, 53, 8, torch.float32, False, True)
+    thr = reference.dropout_threshold(0.1)
+    runs = []
+    for _ in range(2):
+        y, xa = K.lora_linear_forward(x, W, b, A, B, seed, 2.0, 0.1, False, thr)
+        runs.append((y, xa, *K.lora_linear_backward(dy, x, W, A, B, xa, seed, 2.0, 0.1, False, thr,
+                                                      need_dbias=True)))
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+
+
+def test_strided_inputs_bit_identical():
+    """Sliced x, transposed W view, non-contiguous A/B and dy: same bits as contiguous copies."""
+    x, W, b, A, B, dy, seed = _make(40, 60, 50, 8, torch.float32, False, True)
+    thr = reference.dropout_threshold(0.2)
+    x_nc = torch.randn(40, 120)[:, ::2]
+    x_nc.copy_(x)
+    A_nc = A.t().contiguous().t()
+    B_nc = B.t().contiguous().t()
+    dy_nc = dy.t().contiguous().t()
+    assert not (x_nc.is_contiguous() or A_nc.is_contiguous() or B_nc.is_contiguous() or dy_nc.is_contiguous())
+    y1, xa1 = K.lora_linear_forward(x, W, b, A, B, seed, 2.0, 0.2, False, thr)
+    y2, xa2 = K.lora_linear_forward(x_nc, W, b, A_nc, B_nc, seed, 2.0, 0.2, False, thr)
+    assert torch.equal(y1, y2) and torch.equal(xa1, xa2)
+    g1 = K.lora_linear_backward(dy, x, W, A, B, xa1, seed, 2.0, 0.2, False, thr, need_dbias=True)
+    g2 = K.lora_linear_backward(dy_nc, x_nc, W, A_nc, B_nc, xa2, seed, 2.0, 0.2, False, thr, need_dbias=True)
+    for a, c in zip(g1, g2):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.gpu
+def test_bf16_on_gpu_vs_fp64():
+    torch.manual_seed(0)
+    for N, fin, fout, r, p in [(4096, 1024, 1536, 16, 0.1), (1, 4096, 4096, 16, 0.0), (77, 45, 123, 64, 0.2)]:
+        x = torch.randn(N, fin, device=DEVICE, dtype=torch.bfloat16)
+        W = (torch.randn(fout, fin, device=DEVICE) / fin**0.5).to(torch.bfloat16)
+        b = torch.randn(fout, device=DEVICE, dtype=torch.bfloat16)
+        A = torch.randn(r, fin, device=DEVICE) / fin**0.5
+        B = torch.randn(fout, r, device=DEVICE) / r**0.5
+        dy = torch.randn(N, fout, device=DEVICE, dtype=torch.bfloat16)
+        seed = torch.tensor([7], dtype=torch.int64, device=DEVICE)
+        thr = reference.dropout_threshold(p)
+        y, xa = K.lora_linear_forward(x, W, b, A, B, seed, 2.0, p, False, thr)
+        grads = K.lora_linear_backward(dy, x, W, A, B, xa, seed, 2.0, p, False, thr, need_dbias=True)
+        cpu = [t.cpu() for t in (x, W, b, A, B, dy)]
+        y64 = lora_ref64(*cpu[:5], 2.0, p, seed.cpu())
+        g64 = lora_grads64(cpu[5], cpu[0], cpu[1], cpu[3], cpu[4], 2.0, p, seed.cpu())
+        y_lp, xa_lp = reference.lora_linear_forward(x, W, b, A, B, seed, 2.0, p, False)
+        g_lp = reference.lora_linear_backward(dy, x, W, A, B, xa_lp, seed, 2.0, p, False, need_dbias=True)
+        assert_rule(y.cpu(), y64, y_lp.cpu(), 2.0, "y")
+        for name, ours, ref, lp in zip(("dx", "dA", "dB", "db"), grads, g64, g_lp):
+            assert_rule(ours.cpu(), ref, lp.cpu(), 3.0, name)
+
+
+@pytest.mark.gpu
+def test_large_offsets_int64_on_gpu():
+    """tokens × features > 2³¹: int64 offsets in loads, stores and dropout counters (sampled rows)."""
+    N, fin, r = 70_000, 32_768, 16  # 2.29e9 elements, 4.6 GB in bf16
+    x = torch.randn(N, fin, device=DEVICE, dtype=torch.bfloat16)
+    A = torch.randn(r, fin, device=DEVICE) / fin**0.5
+    seed = torch.tensor([11], dtype=torch.int64, device=DEVICE)
+    thr = reference.dropout_threshold(0.1)
+    xa = K.lora_down(x, A, seed=seed, threshold=thr, dropout=True, out_scale=1 / 0.9)
+    rows = torch.tensor([0, 1, 65_535, 65_536, N - 1], device=DEVICE)
+    keep = (reference.philox_u32(seed, rows[:, None].cpu() * fin + torch.arange(fin)[None]) >> 1) >= thr
+    ref = (x[rows].float().cpu() * keep / 0.9) @ A.cpu().t()
+    assert_rel(xa[rows].cpu(), ref, 1e-3, "xa rows")
+    # dgrad-shaped GEMM whose output has > 2³¹ elements
+    dy = torch.randn(N, 64, device=DEVICE, dtype=torch.bfloat16)
+    W = torch.randn(64, fin, device=DEVICE, dtype=torch.bfloat16)
+    dx = K.lora_gemm(dy, W.t())
+    del x
+    ref = dy[rows].float() @ W.float()
+    assert_rel(dx[rows].float(), ref, 1e-2, "dx rows")
