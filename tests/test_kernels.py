@@ -1,15 +1,15 @@
 """The Triton kernels themselves (interpreted on CPU), against an independent fp64 reference."""
 
-import fastpeft.kernels as K
 import pytest
 import torch
 import triton
 import triton.language as tl
+
+import fastpeft.kernels as K
+from fastpeft import reference
 from fastpeft.kernels import configs
 from fastpeft.kernels.philox import philox_u32
 from helpers import DEVICE, assert_rel, assert_rule, lora_grads64, lora_ref64
-
-from fastpeft import reference
 
 # (N, in, out, r, p, dtype, fan_in_fan_out, bias): odd sizes that straddle the blocks.
 CASES = [

@@ -112,7 +112,9 @@ class FastLoraLinear(nn.Module):
     def _wrap(self, base: nn.Module, adapter_name: str, **adapter_kwargs) -> None:
         self.in_features, self.out_features, self.fan_in_fan_out = _base_shape(base)
         self.base_layer = base
-        base.weight.requires_grad_(False)
+        # Only the adapters train by default (peft's bias="none"); a caller may unfreeze the bias.
+        for param in base.parameters():
+            param.requires_grad_(False)
         self.lora_dropout = nn.ModuleDict()
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
