@@ -31,6 +31,7 @@ exceed 2³¹).
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 import torch
@@ -38,6 +39,7 @@ import triton
 import triton.language as tl
 
 from .configs import REDUCE_ROW_UNIT, down_configs, gemm_configs, interpreting, reduce_configs
+from .lora_gemm_tma import _lora_gemm_tma_kernel, make_descriptors, tma_configs, tma_supported
 from .philox import dropout_keep
 
 # Number of launches per kernel name; tests use it to prove the kernels ran.
@@ -211,7 +213,9 @@ def _lora_reduce_kernel(
             tl.store(bias_part_ptr + pid_s * stride_bs + rk, bacc, mask=k_ok)
 
 
-_gemm_tuned = triton.autotune(configs=gemm_configs(), key=["M_KEY", "N", "K", "R"])(_lora_gemm_kernel)
+_gemm_tuned = triton.autotune(configs=gemm_configs(), key=["M_KEY", "N", "K", "R", "MASK_LORA"])(_lora_gemm_kernel)
+_gemm_tma_tuned = triton.autotune(configs=tma_configs(), key=["M_KEY", "N", "K", "R", "MASK_LORA", "W_KN"])(
+    _lora_gemm_tma_kernel)
 _down_tuned = triton.autotune(configs=down_configs(), key=["M_KEY", "K", "R"])(_lora_down_kernel)
 _reduce_tuned = triton.autotune(configs=reduce_configs(), key=["M_KEY", "K", "R"])(_lora_reduce_kernel)
 
@@ -224,8 +228,10 @@ def _m_key(m: int) -> int:
 def _launch(tuned, raw, grid, args, kwargs, config):
     if config is None:
         tuned[grid](*args, **kwargs)
-    else:
-        raw[grid](*args, **kwargs, **config.all_kwargs())
+        return
+    if config.pre_hook is not None:
+        config.pre_hook({**dict(zip(raw.arg_names, args)), **kwargs, **config.kwargs})
+    raw[grid](*args, **kwargs, **config.all_kwargs())
 
 
 def _f32_precision(dtype: torch.dtype) -> str:
@@ -249,11 +255,28 @@ def _dummy(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def gemm_impl(x, w, out, impl: str | None = None) -> str:
+    """``"tma"`` (persistent TMA kernel, Hopper) or ``"pointer"`` (any GPU) for these operands.
+
+    ``impl`` (or ``FASTPEFT_GEMM``) may force ``"pointer"``, or ask for ``"tma"`` — which the
+    interpreter also runs; ``auto`` takes TMA only on a real sm90+ GPU with aligned operands.
+    """
+    impl = (impl or os.environ.get("FASTPEFT_GEMM", "auto")).lower()
+    if impl not in ("auto", "tma", "pointer"):
+        raise ValueError(f"FASTPEFT_GEMM must be auto, tma or pointer, got {impl!r}")
+    if impl == "pointer" or not tma_supported(x, w, out):
+        return "pointer"
+    if impl == "auto" and interpreting():
+        return "pointer"
+    return "tma"
+
+
 def lora_gemm(x, w, bias=None, l=None, r=None, *, lora_scale=1.0, seed=None, threshold=0, inv_keep=1.0,
-              mask_lora=False, out_dtype=None, config=None):
+              mask_lora=False, out_dtype=None, config=None, impl=None):
     """``x[M,K] · w[N,K]ᵀ (+ bias) + lora_scale · l[M,R] · r[R,N]`` (masked by dropout when ``mask_lora``).
 
-    ``w`` and ``r`` may be any strided views (pass ``W0.t()`` for the dgrad GEMM).
+    ``w`` and ``r`` may be any strided views (pass ``W0.t()`` for the dgrad GEMM). ``impl``
+    picks the kernel (see ``gemm_impl``); ``config`` forces one autotune config of it.
     """
     M, K = x.shape
     N = w.shape[0]
@@ -264,6 +287,10 @@ def lora_gemm(x, w, bias=None, l=None, r=None, *, lora_scale=1.0, seed=None, thr
     R = l.shape[1] if has_lora else 0
     l_ = l if has_lora else x
     r_ = r if has_lora else x
+    if gemm_impl(x, w, out, impl) == "tma":
+        _lora_gemm_tma(x, w, bias, l_, r_, out, seed, R, has_lora, lora_scale, threshold, inv_keep, mask_lora,
+                       config)
+        return out
     args = (x, w, _dummy(x) if bias is None else bias, l_, r_, out, _dummy(x) if seed is None else seed,
             M, N, K, R, _m_key(M),
             x.stride(0), x.stride(1), w.stride(0), w.stride(1),
@@ -279,6 +306,27 @@ def lora_gemm(x, w, bias=None, l=None, r=None, *, lora_scale=1.0, seed=None, thr
     LAUNCHES["lora_gemm"] += 1
     _launch(_gemm_tuned, _lora_gemm_kernel, grid, args, kwargs, config)
     return out
+
+
+def _lora_gemm_tma(x, w, bias, l_, r_, out, seed, R, has_lora, lora_scale, threshold, inv_keep, mask_lora,
+                   config):
+    M, K = x.shape
+    N = w.shape[0]
+    x_d, w_d, out_d, w_kn = make_descriptors(x, w, out)
+    num_sms = _num_sms(x.device)
+    args = (x_d, w_d, out_d, _dummy(x) if bias is None else bias, l_, r_, _dummy(x) if seed is None else seed,
+            M, N, K, R, _m_key(M),
+            l_.stride(0), l_.stride(1), r_.stride(0), r_.stride(1),
+            float(lora_scale), int(threshold), float(inv_keep))
+    kwargs = dict(W_KN=w_kn, HAS_BIAS=bias is not None, HAS_LORA=has_lora and R > 0, MASK_LORA=bool(mask_lora),
+                  UPCAST=_upcast(x.dtype), F32_PRECISION=_f32_precision(x.dtype), BLOCK_R=_block_r(R, 32),
+                  NUM_SMS=num_sms)
+
+    def grid(meta):
+        return (min(num_sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+
+    LAUNCHES["lora_gemm_tma"] += 1
+    _launch(_gemm_tma_tuned, _lora_gemm_tma_kernel, grid, args, kwargs, config)
 
 
 def lora_down(x, w, *, out_scale=1.0, seed=None, threshold=0, dropout=False, config=None):

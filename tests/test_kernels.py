@@ -206,3 +206,44 @@ def test_large_offsets_int64_on_gpu():
     del x
     ref = dy[rows].float() @ W.float()
     assert_rel(dx[rows].float(), ref, 1e-2, "dx rows")
+
+
+TMA_CASES = [  # aligned feature sizes (TMA needs 16-byte rows), odd token counts
+    (45, 72, 56, 8, 0.0, torch.float32, False, True),
+    (45, 72, 56, 8, 0.3, torch.float16, False, True),
+    (33, 64, 48, 3, 0.2, torch.float32, True, False),
+    (1, 40, 24, 16, 0.1, torch.float16, True, True),
+]
+
+
+@pytest.mark.parametrize("case", TMA_CASES, ids=lambda c: f"N{c[0]}_{c[1]}x{c[2]}_r{c[3]}_p{c[4]}")
+def test_tma_path_vs_fp64(monkeypatch, case):
+    """The Hopper kernel (persistent, TMA descriptors) in the interpreter, forward and backward."""
+    monkeypatch.setenv("FASTPEFT_GEMM", "tma")
+    before = K.LAUNCHES["lora_gemm_tma"]
+    test_forward_backward_vs_fp64(case)
+    assert K.LAUNCHES["lora_gemm_tma"] - before == 2  # forward GEMM and dgrad GEMM
+
+
+def test_every_tma_config_within_tolerance():
+    from fastpeft.kernels.lora_gemm_tma import tma_configs
+
+    x, W, b, A, B, dy, seed = _make(45, 64, 40, 20, torch.float32, False, True)
+    thr = reference.dropout_threshold(0.2)
+    dS = torch.randn(45, 20)
+    want = K.lora_gemm(dy, W.t(), None, dS, A, seed=seed, threshold=thr, inv_keep=1.25, mask_lora=True,
+                       impl="pointer")
+    for cfg in tma_configs(interpret=False):
+        got = K.lora_gemm(dy, W.t(), None, dS, A, seed=seed, threshold=thr, inv_keep=1.25, mask_lora=True,
+                          impl="tma", config=cfg)
+        assert_rel(got, want, 1e-5, str(cfg))
+
+
+def test_tma_falls_back_on_unaligned():
+    x = torch.randn(5, 45)  # 45 fp32 = 180-byte rows: not 16-byte aligned
+    W = torch.randn(24, 45)
+    before = K.LAUNCHES["lora_gemm_tma"]
+    K.lora_gemm(x, W, impl="tma")
+    assert K.LAUNCHES["lora_gemm_tma"] == before
+    with pytest.raises(ValueError, match="FASTPEFT_GEMM"):
+        K.lora_gemm(x, W, impl="cublas")
