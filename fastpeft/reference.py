@@ -37,49 +37,62 @@ def _umulhi32(a: torch.Tensor, const: int) -> torch.Tensor:
     return (p_hi + (p_lo >> 16)) >> 16
 
 
-def philox_u32(seed: int | torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """First Philox4x32-10 output word for int64 ``offsets``, as int64 in [0, 2³²).
+def philox4x32(seed: int | torch.Tensor, c0, c1, c2, c3) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 on uint32 counters held in int64 tensors: four words in [0, 2³²).
 
-    Bit-identical to ``fastpeft.kernels.philox.philox_u32`` (and to Triton's
-    ``tl.randint``): counter ``(offset_lo, offset_hi, 0, 0)``, key
-    ``(seed_lo, seed_hi)``, ten rounds.
+    Bit-identical to ``fastpeft.kernels.philox.philox4x32`` (and to Triton's
+    ``tl.randint4x`` for counter ``(offset_lo, offset_hi, 0, 0)``).
     """
     seed = int(seed.item()) if isinstance(seed, torch.Tensor) else int(seed)
     seed &= (1 << 64) - 1
     k0, k1 = seed & _M32, (seed >> 32) & _M32
-    offsets = offsets.to(torch.int64)
-    c0 = offsets & _M32
-    c1 = (offsets >> 32) & _M32
-    c2 = torch.zeros_like(c0)
-    c3 = torch.zeros_like(c0)
     for _ in range(10):
         n0 = _umulhi32(c2, _ROUND_B) ^ c1 ^ k0
         n2 = _umulhi32(c0, _ROUND_A) ^ c3 ^ k1
-        c1 = (c2 * _ROUND_B) & _M32  # int64 products wrap mod 2**64; low bits exact
+        c1 = (c2 * _ROUND_B) & _M32  # int64 products wrap mod 2**64; the low 32 bits are exact
         c3 = (c0 * _ROUND_A) & _M32
         c0, c2 = n0, n2
         k0 = (k0 + _KEY_A) & _M32
         k1 = (k1 + _KEY_B) & _M32
-    return c0
+    return c0, c1, c2, c3
 
 
 def dropout_threshold(p: float) -> int:
-    """Integer threshold on 31 random bits: an element is kept when bits ≥ it."""
+    """16-bit threshold: an element is kept when its 16 random bits are ≥ it (p quantized to 1/65536)."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    return min(int(round(p * 2.0**31)), 2**31 - 1)
+    return min(int(round(p * 65536.0)), 65535)
+
+
+def _interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``tl.interleave``: alternate a and b along the last axis."""
+    return torch.stack((a, b), dim=-1).flatten(-2)
+
+
+def _halves(w: torch.Tensor) -> torch.Tensor:
+    return _interleave(w & 0xFFFF, w >> 16)
+
+
+def dropout_keep_rows(seed: int | torch.Tensor, rows: torch.Tensor, n_cols: int, p: float) -> torch.Tensor:
+    """Keep-mask of the given rows (int64 indices), shape (len(rows), n_cols) — the kernels'
+    ``keep_tile`` replayed: element (m, n) takes 16 bits from Philox counter
+    ``(n // 8, m_lo, m_hi, 0)``, the four words split into halves and interleaved as there."""
+    thr = dropout_threshold(p)
+    rows = rows.to(torch.int64)[:, None]
+    c0 = torch.arange((n_cols + 7) // 8, dtype=torch.int64, device=rows.device)[None, :].expand(rows.shape[0], -1)
+    w0, w1, w2, w3 = philox4x32(seed, c0, (rows & _M32).expand_as(c0), (rows >> 32).expand_as(c0),
+                                torch.zeros_like(c0))
+    bits = _interleave(_interleave(_halves(w0), _halves(w1)), _interleave(_halves(w2), _halves(w3)))
+    return bits[:, :n_cols] >= thr
 
 
 def dropout_keep_mask(seed: int | torch.Tensor, n_rows: int, n_cols: int, p: float, device=None) -> torch.Tensor:
-    """Boolean (n_rows, n_cols) keep-mask of element ``i·n_cols + j`` under ``seed``."""
-    thr = dropout_threshold(p)
+    """Boolean (n_rows, n_cols) keep-mask under ``seed`` (rows generated in bounded chunks)."""
     out = torch.empty(n_rows, n_cols, dtype=torch.bool, device=device)
     step = max(1, _MASK_CHUNK_ELEMS // max(n_cols, 1))
-    cols = torch.arange(n_cols, dtype=torch.int64, device=device)
     for r0 in range(0, n_rows, step):
         rows = torch.arange(r0, min(r0 + step, n_rows), dtype=torch.int64, device=device)
-        offs = rows[:, None] * n_cols + cols[None, :]
-        out[r0 : r0 + step] = (philox_u32(seed, offs) >> 1) >= thr
+        out[r0 : r0 + step] = dropout_keep_rows(seed, rows, n_cols, p)
     return out
 
 

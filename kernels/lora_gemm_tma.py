@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .configs import interpreting
-from .philox import dropout_keep
+from .philox import keep_tile
 
 try:  # triton ≥ 3.3 (host-side descriptors)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -65,7 +65,7 @@ def _epilogue_slice(acc, out_desc, bias_ptr, l_ptr, r_ptr, seed, off_m, off_n,
             lt = tl.load(l_ptr + rm[:, None] * stride_lm + rr[None, :] * stride_lr, mask=r_ok[None, :], other=0.0)
             rt = tl.load(r_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn, mask=r_ok[:, None], other=0.0)
             lora = tl.dot(lt.to(tl.float32), rt.to(tl.float32) * lora_scale, lora, input_precision=F32_PRECISION)
-        keep = dropout_keep(seed, offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], threshold)
+        keep = keep_tile(seed, offs_m.to(tl.int64), off_n, SLICE_N, threshold)
         acc += tl.where(keep, lora * inv_keep, 0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from .configs import REDUCE_ROW_UNIT, down_configs, gemm_configs, interpreting, reduce_configs
 from .lora_gemm_tma import _lora_gemm_tma_kernel, make_descriptors, tma_configs, tma_supported
-from .philox import dropout_keep
+from .philox import keep_tile
 
 # Number of launches per kernel name; tests use it to prove the kernels ran.
 LAUNCHES: Counter = Counter()
@@ -119,7 +119,7 @@ def _lora_gemm_kernel(
                 # No dropout: the rank-r term is one more K step of the same accumulator.
                 acc = tl.dot(lt, rt, acc, input_precision=F32_PRECISION)
         if MASK_LORA:
-            keep = dropout_keep(tl.load(seed_ptr), offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], threshold)
+            keep = keep_tile(tl.load(seed_ptr), offs_m.to(tl.int64), pid_n * BLOCK_N, BLOCK_N, threshold)
             acc += tl.where(keep, lora * inv_keep, 0.0)
 
     if HAS_BIAS:
@@ -156,7 +156,7 @@ def _lora_down_kernel(
         k_ok = offs_k < K - k0
         xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         if DROPOUT:
-            keep = dropout_keep(seed, rm[:, None] * K + (k0 + offs_k)[None, :], threshold)
+            keep = keep_tile(seed, rm, k0, BLOCK_K, threshold)
             xt = tl.where(keep, xt, 0.0)
         wt = tl.load(w_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
         acc = tl.dot(xt, wt, acc, input_precision=F32_PRECISION)
@@ -203,7 +203,7 @@ def _lora_reduce_kernel(
         if DBIAS:
             bacc += tl.sum(xt, axis=0)
         if DROPOUT:
-            keep = dropout_keep(seed, rm[:, None] * K + rk[None, :], threshold)
+            keep = keep_tile(seed, rm, pid_k * BLOCK_K, BLOCK_K, threshold)
             xt = tl.where(keep, xt, 0.0)
         acc = tl.dot(gt, xt, acc, input_precision=F32_PRECISION)
     p_ptrs = part_ptr + pid_s * stride_ps + offs_r.to(tl.int64)[:, None] * stride_pr + rk[None, :] * stride_pk

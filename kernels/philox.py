@@ -1,16 +1,22 @@
 """Philox4x32-10 counter-based random numbers for in-kernel dropout.
 
-Why our own rounds instead of ``tl.randint``: the exact bit stream is part of
-fastpeft's contract (``fastpeft.reference.philox_keep`` replays it in plain
-PyTorch so the two backends agree bit for bit with dropout on), and Triton's
-``randint4x`` has changed how it feeds 64-bit offsets between releases. These
-rounds are the textbook Philox4x32 (Salmon et al., SC'11): counter
-``(offset_lo, offset_hi, 0, 0)``, key ``(seed_lo, seed_hi)``; the first output
-word is used.
+Cost is what shapes this file. One Philox4x32-10 call is ~120 integer ops;
+spent on a single dropout decision, that is ~100 ops per element, which on an
+H100 (~17 int32 TOPS) makes a 4096×8192 mask cost ~0.2 ms — more than the
+bytes it saves, three times per step (forward down pass, dgrad epilogue, dA).
+So each call feeds **eight** decisions: its four 32-bit words, split into
+16-bit halves, each compared with ``threshold = round(p · 2¹⁶)`` (p is thus
+quantized to 1/65536).
 
-A dropout decision for element ``e`` (its flat index in the (N, in) input) is
-``keep = (philox(seed, e) >> 1) >= threshold`` with ``threshold = round(p·2³¹)``:
-an integer compare, so both backends decide identically.
+Element (row m, column n) of an (N, in) input uses counter
+``(n // 8, m_lo, m_hi, 0)`` with key ``(seed_lo, seed_hi)``, and inside the
+group slot ``n % 8`` of the interleaved 16-bit values (see ``keep_tile``).
+``fastpeft.reference.dropout_keep_mask`` replays exactly this in PyTorch, so
+both backends drop the same elements.
+
+The rounds are the textbook Philox4x32 (Salmon et al., SC'11), written here
+rather than taken from ``tl.randint4x`` so the stream is fixed by this file,
+not by a Triton release; a test checks they equal ``tl.randint4x``.
 """
 
 import triton
@@ -21,19 +27,16 @@ PHILOX_KEY_B = 0xBB67AE85
 PHILOX_ROUND_A = 0xD2511F53
 PHILOX_ROUND_B = 0xCD9E8D57
 N_ROUNDS = 10
+# Columns sharing one Philox call (4 words × 2 halves).
+COLS_PER_CALL = 8
 
 
 @triton.jit
-def philox_u32(seed, offsets):
-    """First Philox4x32-10 output word for an int64 block of ``offsets``."""
+def philox4x32(seed, c0, c1, c2, c3):
+    """Philox4x32-10 of uint32 counter blocks (c0..c3) under a 64-bit ``seed``: four uint32 blocks."""
     seed = seed.to(tl.uint64)
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    offsets = offsets.to(tl.int64)
-    c0 = (offsets & 0xFFFFFFFF).to(tl.uint32)
-    c1 = ((offsets >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    c2 = c0 * 0
-    c3 = c0 * 0
     ra = tl.full(c0.shape, PHILOX_ROUND_A, tl.uint32)
     rb = tl.full(c0.shape, PHILOX_ROUND_B, tl.uint32)
     for _ in tl.static_range(N_ROUNDS):
@@ -45,11 +48,28 @@ def philox_u32(seed, offsets):
         c3 = ra * _c0
         k0 = k0 + PHILOX_KEY_A
         k1 = k1 + PHILOX_KEY_B
-    return c0
+    return c0, c1, c2, c3
 
 
 @triton.jit
-def dropout_keep(seed, offsets, threshold):
-    """Boolean keep-mask: ``(philox(seed, offsets) >> 1) >= threshold``."""
-    bits = (philox_u32(seed, offsets) >> 1).to(tl.int32)
-    return bits >= threshold
+def _halves(w):
+    """Interleave a word block's low and high 16 bits along the last axis: (.., G) → (.., 2G)."""
+    return tl.interleave(w & 0xFFFF, w >> 16)
+
+
+@triton.jit
+def keep_tile(seed, rows, col0, BLOCK_N: tl.constexpr, threshold):
+    """Dropout keep-mask of shape (len(rows), BLOCK_N) for columns ``col0 + [0, BLOCK_N)``.
+
+    ``rows`` is an int64 block of row indices; ``col0`` must be a multiple of 8.
+    """
+    G: tl.constexpr = BLOCK_N // COLS_PER_CALL
+    BM: tl.constexpr = rows.shape[0]
+    rows = rows.to(tl.int64)
+    groups = (col0 // COLS_PER_CALL + tl.arange(0, G)).to(tl.uint32)
+    c0 = tl.broadcast_to(groups[None, :], (BM, G))
+    c1 = tl.broadcast_to((rows & 0xFFFFFFFF).to(tl.uint32)[:, None], (BM, G))
+    c2 = tl.broadcast_to(((rows >> 32) & 0xFFFFFFFF).to(tl.uint32)[:, None], (BM, G))
+    w0, w1, w2, w3 = philox4x32(seed, c0, c1, c2, c0 * 0)
+    bits = tl.interleave(tl.interleave(_halves(w0), _halves(w1)), tl.interleave(_halves(w2), _halves(w3)))
+    return bits.to(tl.int32) >= threshold

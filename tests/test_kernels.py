@@ -8,7 +8,7 @@ import triton.language as tl
 import fastpeft.kernels as K
 from fastpeft import reference
 from fastpeft.kernels import configs
-from fastpeft.kernels.philox import philox_u32
+from fastpeft.kernels.philox import keep_tile, philox4x32
 from helpers import DEVICE, assert_rel, assert_rule, lora_grads64, lora_ref64
 
 # (N, in, out, r, p, dtype, fan_in_fan_out, bias): odd sizes that straddle the blocks.
@@ -78,21 +78,45 @@ def test_bf16_upcast_in_interpreter():
 
 
 @pytest.mark.parametrize("seed_value", [0, 123456789012345, 2**62 + 17])
-def test_philox_matches_reference_and_tl_randint(seed_value):
+def test_philox_matches_reference_and_tl_randint4x(seed_value):
     @triton.jit
     def kern(out_ours, out_tl, seed_ptr, off0, BLOCK: tl.constexpr):
         offs = off0 + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         seed = tl.load(seed_ptr)
-        tl.store(out_ours + idx, philox_u32(seed, offs).to(tl.int32, bitcast=True))
-        tl.store(out_tl + idx, tl.randint(seed, offs).to(tl.int32, bitcast=True))
+        lo = (offs & 0xFFFFFFFF).to(tl.uint32)
+        hi = ((offs >> 32) & 0xFFFFFFFF).to(tl.uint32)
+        ours = philox4x32(seed, lo, hi, lo * 0, lo * 0)
+        theirs = tl.randint4x(seed, offs)
+        for i in tl.static_range(4):
+            tl.store(out_ours + i * 4 * BLOCK + idx, ours[i].to(tl.int32, bitcast=True))
+            tl.store(out_tl + i * 4 * BLOCK + idx, theirs[i].to(tl.int32, bitcast=True))
 
     for off0 in (0, 2**32 - 40, 2**40 + 3):  # crosses the 32-bit boundary of the counter
-        ours, theirs = torch.empty(128, dtype=torch.int32), torch.empty(128, dtype=torch.int32)
+        ours, theirs = torch.empty(4, 128, dtype=torch.int32), torch.empty(4, 128, dtype=torch.int32)
         kern[(4,)](ours, theirs, torch.tensor([seed_value]), off0, BLOCK=32)
-        ref = reference.philox_u32(seed_value, off0 + torch.arange(128))
-        assert torch.equal(ours.to(torch.int64) & 0xFFFFFFFF, ref)
+        offs = off0 + torch.arange(128)
+        ref = reference.philox4x32(seed_value, offs & 0xFFFFFFFF, offs >> 32, offs * 0, offs * 0)
+        assert torch.equal(ours.to(torch.int64) & 0xFFFFFFFF, torch.stack(ref))
         assert torch.equal(ours, theirs)
+
+
+def test_keep_tile_matches_reference_mask():
+    """The in-kernel tile mask equals the PyTorch replay for odd rows/columns and high row indices."""
+    @triton.jit
+    def kern(out, seed_ptr, row0, n_cols, stride, threshold, BM: tl.constexpr, BN: tl.constexpr):
+        rows = row0 + tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        keep = keep_tile(tl.load(seed_ptr), rows, tl.program_id(1) * BN, BN, threshold)
+        ptrs = out + (rows - row0)[:, None] * stride + cols[None, :]
+        tl.store(ptrs, keep.to(tl.int8), mask=cols[None, :] < n_cols)
+
+    thr = reference.dropout_threshold(0.37)
+    for row0 in (0, 2**32 - 5):
+        out = torch.zeros(48, 45, dtype=torch.int8)
+        kern[(3, 3)](out, torch.tensor([77]), row0, 45, out.stride(0), thr, BM=16, BN=16)
+        want = reference.dropout_keep_rows(77, row0 + torch.arange(48), 45, 0.37)
+        assert torch.equal(out.bool(), want)
 
 
 def test_dropout_rate_in_kernel():
@@ -196,7 +220,7 @@ def test_large_offsets_int64_on_gpu():
     thr = reference.dropout_threshold(0.1)
     xa = K.lora_down(x, A, seed=seed, threshold=thr, dropout=True, out_scale=1 / 0.9)
     rows = torch.tensor([0, 1, 65_535, 65_536, N - 1], device=DEVICE)
-    keep = (reference.philox_u32(seed, rows[:, None].cpu() * fin + torch.arange(fin)[None]) >> 1) >= thr
+    keep = reference.dropout_keep_rows(seed.cpu(), rows.cpu(), fin, 0.1)
     ref = (x[rows].float().cpu() * keep / 0.9) @ A.cpu().t()
     assert_rel(xa[rows].cpu(), ref, 1e-3, "xa rows")
     # dgrad-shaped GEMM whose output has > 2³¹ elements
