@@ -168,16 +168,19 @@ def _lora_down_kernel(
 
 @triton.jit
 def _lora_reduce_kernel(
-    g_ptr, x_ptr, part_ptr, bias_part_ptr, seed_ptr,
+    g_ptr, x_ptr, part_ptr, bias_part_ptr, seed_ptr, a_ptr, dx_ptr,
     M, K, R, ROWS_PER_SPLIT, M_KEY,
     stride_gm, stride_gr, stride_xm, stride_xk,
     stride_ps, stride_pr, stride_pk, stride_bs,
+    stride_ar, stride_ak, stride_dxm, stride_dxk,
     out_scale, threshold,
-    DROPOUT: tl.constexpr, DBIAS: tl.constexpr, F32_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    DROPOUT: tl.constexpr, DBIAS: tl.constexpr, ADD_DX: tl.constexpr, F32_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """part[s, R, K] = out_scale · g[rows_s, R]ᵀ · (keep ⊙ x)[rows_s, K] over split s's rows;
-    with DBIAS also bias_part[s, K] = Σ_rows x (the bias gradient when x is dy)."""
+    with DBIAS also bias_part[s, K] = Σ_rows x (the bias gradient when x is dy);
+    with ADD_DX (one R block covers all of R) also dx += out_scale · keep ⊙ (g · a[R, K]) in place —
+    the dropout-masked LoRA part of dx, added where the same mask is already at hand."""
     pid_k = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -192,6 +195,9 @@ def _lora_reduce_kernel(
         seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     bacc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    if ADD_DX:
+        at = tl.load(a_ptr + offs_r.to(tl.int64)[:, None] * stride_ar + rk[None, :] * stride_ak,
+                     mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32) * out_scale
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < m_end
@@ -206,6 +212,14 @@ def _lora_reduce_kernel(
             keep = keep_tile(seed, rm, pid_k * BLOCK_K, BLOCK_K, threshold)
             xt = tl.where(keep, xt, 0.0)
         acc = tl.dot(gt, xt, acc, input_precision=F32_PRECISION)
+        if ADD_DX:
+            lora = tl.dot(tl.trans(gt), at, input_precision=F32_PRECISION)
+            if DROPOUT:
+                lora = tl.where(keep, lora, 0.0)
+            dx_ptrs = dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk
+            io_mask = m_ok[:, None] & k_ok[None, :]
+            dxt = tl.load(dx_ptrs, mask=io_mask, other=0.0).to(tl.float32)
+            tl.store(dx_ptrs, (dxt + lora).to(dx_ptr.dtype.element_ty), mask=io_mask)
     p_ptrs = part_ptr + pid_s * stride_ps + offs_r.to(tl.int64)[:, None] * stride_pr + rk[None, :] * stride_pk
     tl.store(p_ptrs, acc * out_scale, mask=r_ok[:, None] & k_ok[None, :])
     if DBIAS:
@@ -218,6 +232,9 @@ _gemm_tma_tuned = triton.autotune(configs=tma_configs(), key=["M_KEY", "N", "K",
     _lora_gemm_tma_kernel)
 _down_tuned = triton.autotune(configs=down_configs(), key=["M_KEY", "K", "R"])(_lora_down_kernel)
 _reduce_tuned = triton.autotune(configs=reduce_configs(), key=["M_KEY", "K", "R"])(_lora_reduce_kernel)
+# dx is updated in place: tuning runs must start from the same dx each time.
+_reduce_dx_tuned = triton.autotune(configs=reduce_configs(), key=["M_KEY", "K", "R"], restore_value=["dx_ptr"])(
+    _lora_reduce_kernel)
 
 
 def _m_key(m: int) -> int:
@@ -255,15 +272,19 @@ def _dummy(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def gemm_impl(x, w, out, impl: str | None = None) -> str:
-    """``"tma"`` (persistent TMA kernel, Hopper) or ``"pointer"`` (any GPU) for these operands.
+def gemm_impl(x, w, out, impl: str | None = None, has_lora: bool = True) -> str:
+    """``"tma"`` (persistent TMA kernel, Hopper), ``"pointer"`` (any GPU) or ``"cublas"``.
 
-    ``impl`` (or ``FASTPEFT_GEMM``) may force ``"pointer"``, or ask for ``"tma"`` — which the
-    interpreter also runs; ``auto`` takes TMA only on a real sm90+ GPU with aligned operands.
+    ``impl`` (or ``FASTPEFT_GEMM``) may force ``"pointer"``, ask for ``"tma"`` (which the
+    interpreter also runs) or ``"cublas"`` (no rank-r term only). ``auto``: cuBLAS for a plain
+    GEMM on CUDA (TARGETS.md: our best Triton GEMM trails it by 2–12 %), TMA on sm90+ with
+    aligned operands, the pointer kernel otherwise.
     """
     impl = (impl or os.environ.get("FASTPEFT_GEMM", "auto")).lower()
-    if impl not in ("auto", "tma", "pointer"):
-        raise ValueError(f"FASTPEFT_GEMM must be auto, tma or pointer, got {impl!r}")
+    if impl not in ("auto", "tma", "pointer", "cublas"):
+        raise ValueError(f"FASTPEFT_GEMM must be auto, tma, pointer or cublas, got {impl!r}")
+    if not has_lora and (impl == "cublas" or (impl == "auto" and x.device.type == "cuda")):
+        return "cublas"
     if impl == "pointer" or not tma_supported(x, w, out):
         return "pointer"
     if impl == "auto" and interpreting():
@@ -287,7 +308,11 @@ def lora_gemm(x, w, bias=None, l=None, r=None, *, lora_scale=1.0, seed=None, thr
     R = l.shape[1] if has_lora else 0
     l_ = l if has_lora else x
     r_ = r if has_lora else x
-    if gemm_impl(x, w, out, impl) == "tma":
+    chosen = gemm_impl(x, w, out, impl, has_lora and R > 0)
+    if chosen == "cublas":
+        LAUNCHES["cublas"] += 1
+        return torch.nn.functional.linear(x, w, bias).to(out.dtype)
+    if chosen == "tma":
         _lora_gemm_tma(x, w, bias, l_, r_, out, seed, R, has_lora, lora_scale, threshold, inv_keep, mask_lora,
                        config)
         return out
@@ -356,13 +381,24 @@ def _num_sms(device: torch.device) -> int:
     return 2
 
 
+def reduce_can_add_dx(r: int) -> bool:
+    """Whether ``lora_reduce(add_dx=...)`` applies: one program must see all of the rank."""
+    return _block_r(r, 64) >= r
+
+
 def lora_reduce(g, x, *, out_scale=1.0, seed=None, threshold=0, dropout=False, dbias=False,
-                transpose_out=False, config=None):
+                transpose_out=False, add_dx=None, config=None):
     """fp32 ``out_scale · g[M,R]ᵀ · (keep ⊙ x)[M,K]`` as (R, K), or (K, R) with ``transpose_out``;
     with ``dbias`` also returns ``Σ_rows x`` (K,). Rows are split across programs and the
-    fp32 partials summed in a fixed order, so results are deterministic (no atomics)."""
+    fp32 partials summed in a fixed order, so results are deterministic (no atomics).
+
+    ``add_dx=(a, dx)`` also adds ``out_scale · keep ⊙ (g · a)`` into ``dx`` (M, K) in place
+    (needs ``reduce_can_add_dx(R)``): the masked LoRA part of the input gradient.
+    """
     M, K = x.shape
     R = g.shape[1]
+    if add_dx is not None and not reduce_can_add_dx(R):
+        raise ValueError(f"add_dx needs r ≤ 64, got r={R}")
     out_shape = (K, R) if transpose_out else (R, K)
     if M == 0:
         zeros = torch.zeros(out_shape, device=x.device, dtype=torch.float32)
@@ -376,19 +412,32 @@ def lora_reduce(g, x, *, out_scale=1.0, seed=None, threshold=0, dropout=False, d
     part = torch.empty((splits, *out_shape), device=x.device, dtype=torch.float32)
     stride_pr, stride_pk = (part.stride(2), part.stride(1)) if transpose_out else (part.stride(1), part.stride(2))
     bias_part = torch.empty(splits, K, device=x.device, dtype=torch.float32) if dbias else part
-    args = (g, x, part, bias_part, _dummy(x) if seed is None else seed,
+    a, dx = add_dx if add_dx is not None else (g, x)
+    args = (g, x, part, bias_part, _dummy(x) if seed is None else seed, a, dx,
             M, K, R, rows_per_split, _m_key(M),
             g.stride(0), g.stride(1), x.stride(0), x.stride(1),
             part.stride(0), stride_pr, stride_pk, bias_part.stride(0),
+            a.stride(0), a.stride(1), dx.stride(0), dx.stride(1),
             float(out_scale), int(threshold))
-    kwargs = dict(DROPOUT=bool(dropout), DBIAS=bool(dbias), F32_PRECISION=_f32_precision(x.dtype), BLOCK_R=block_r)
+    kwargs = dict(DROPOUT=bool(dropout), DBIAS=bool(dbias), ADD_DX=add_dx is not None,
+                  F32_PRECISION=_f32_precision(x.dtype), BLOCK_R=block_r)
 
     def grid(meta):
         return (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(R, block_r), splits)
 
     LAUNCHES["lora_reduce"] += 1
-    _launch(_reduce_tuned, _lora_reduce_kernel, grid, args, kwargs, config)
+    tuned = _reduce_dx_tuned if add_dx is not None else _reduce_tuned
+    _launch(tuned, _lora_reduce_kernel, grid, args, kwargs, config)
     return part.sum(0), (bias_part.sum(0) if dbias else None)
+
+
+def dx_dropout_mode() -> str:
+    """Where dx's dropout-masked LoRA term is added: ``"reduce"`` (default; in the dA pass) or
+    ``"epilogue"`` (in the dgrad GEMM's epilogue). ``FASTPEFT_DX_DROPOUT`` overrides."""
+    mode = os.environ.get("FASTPEFT_DX_DROPOUT", "reduce").lower()
+    if mode not in ("reduce", "epilogue"):
+        raise ValueError(f"FASTPEFT_DX_DROPOUT must be reduce or epilogue, got {mode!r}")
+    return mode
 
 
 def _base_view(weight, fan_in_fan_out):
@@ -424,17 +473,26 @@ def lora_linear_backward(dy, x2d, weight, lora_A, lora_B, xa, seed, scale, p, fa
     if need_dx or need_dA:
         # dS = scale · dy B   (N, r), fp32
         dS = lora_down(dy, lora_B.t(), out_scale=scale)
+    # With dropout, the masked term of dx is added by the dA pass, which regenerates the same
+    # mask anyway (TARGETS.md: a masked second tile in the GEMM epilogue cost 22–64 %, an
+    # in-place pass ≈ 12 %); the GEMM is then plain.
+    dx_in_reduce = need_dx and dropout and dx_dropout_mode() == "reduce" and reduce_can_add_dx(lora_A.shape[0])
     if need_dx:
         w = _base_view(weight, fan_in_fan_out)
         if w.dtype != dy.dtype:
             w = w.to(dy.dtype)
-        # dx = dy W0 + m ⊙ (dS A)/(1-p): W0 read through a transposed view, no copy.
-        dx = lora_gemm(dy, w.t(), None, dS, lora_A, lora_scale=1.0, seed=seed, threshold=threshold,
-                       inv_keep=inv_keep, mask_lora=dropout, out_dtype=x2d.dtype)
-    if need_dA:
+        if dx_in_reduce:
+            # dx = dy W0   (+ m ⊙ (dS A)/(1-p) below)
+            dx = lora_gemm(dy, w.t(), out_dtype=x2d.dtype)
+        else:
+            # dx = dy W0 + m ⊙ (dS A)/(1-p): W0 read through a transposed view, no copy.
+            dx = lora_gemm(dy, w.t(), None, dS, lora_A, lora_scale=1.0, seed=seed, threshold=threshold,
+                           inv_keep=inv_keep, mask_lora=dropout, out_dtype=x2d.dtype)
+    if need_dA or dx_in_reduce:
         # dA = dSᵀ D(x)
-        dA, _ = lora_reduce(dS, x2d, out_scale=inv_keep, seed=seed, threshold=threshold, dropout=dropout)
-        dA = dA.to(lora_A.dtype)
+        dA, _ = lora_reduce(dS, x2d, out_scale=inv_keep, seed=seed, threshold=threshold, dropout=dropout,
+                            add_dx=(lora_A, dx) if dx_in_reduce else None)
+        dA = dA.to(lora_A.dtype) if need_dA else None
     if need_dB or need_dbias:
         # dB = scale · dyᵀ xa  (written transposed), db = Σ_rows dy — one pass over dy
         dBf, dbias = lora_reduce(xa, dy, out_scale=scale, dbias=need_dbias, transpose_out=True)

@@ -153,6 +153,16 @@ def test_every_gpu_config_within_tolerance():
     ref = dS.double().t() @ x.double()
     for part, _ in _forced(K.lora_reduce, configs.reduce_configs(interpret=False), dS, x):
         assert_rel(part, ref, 1e-5, "reduce")
+    # the in-place dx variant: every config updates each dx element exactly once
+    keep = reference.dropout_keep_mask(seed, 45, 70, 0.2).double()
+    dx0 = torch.randn(45, 70)
+    want_dx = dx0.double() + keep * (dS.double() @ A.double()) * 1.25
+    for cfg in configs.reduce_configs(interpret=False):
+        dx = dx0.clone()
+        part, _ = K.lora_reduce(dS, x, out_scale=1.25, seed=seed, threshold=thr, dropout=True, add_dx=(A, dx),
+                                config=cfg)
+        assert_rel(dx, want_dx, 1e-5, f"dx {cfg}")
+        assert_rel(part, 1.25 * dS.double().t() @ (x.double() * keep), 1e-5, f"dA {cfg}")
 
 
 def test_repeat_runs_identical():
@@ -240,6 +250,28 @@ TMA_CASES = [  # aligned feature sizes (TMA needs 16-byte rows), odd token count
 ]
 
 
+@pytest.mark.parametrize("case", [c for c in CASES + TMA_CASES if c[4] > 0], ids=lambda c: f"N{c[0]}_r{c[3]}")
+def test_dx_dropout_in_gemm_epilogue(monkeypatch, case):
+    """The other placement of dx's masked term (GEMM epilogue) gives the same gradients."""
+    monkeypatch.setenv("FASTPEFT_DX_DROPOUT", "epilogue")
+    test_forward_backward_vs_fp64(case)
+
+
+def test_dx_dropout_placements_agree(monkeypatch):
+    x, W, b, A, B, dy, seed = _make(45, 72, 56, 8, torch.float32, False, True)
+    thr = reference.dropout_threshold(0.3)
+    y, xa = K.lora_linear_forward(x, W, b, A, B, seed, 2.0, 0.3, False, thr)
+    grads = {}
+    for mode in ("reduce", "epilogue"):
+        monkeypatch.setenv("FASTPEFT_DX_DROPOUT", mode)
+        before = K.LAUNCHES["lora_reduce"]
+        grads[mode] = K.lora_linear_backward(dy, x, W, A, B, xa, seed, 2.0, 0.3, False, thr, need_dA=False,
+                                             need_dB=False)
+        assert K.LAUNCHES["lora_reduce"] - before == (1 if mode == "reduce" else 0)
+    assert grads["reduce"][1] is None
+    assert_rel(grads["reduce"][0], grads["epilogue"][0], 1e-6, "dx")
+
+
 @pytest.mark.parametrize("case", TMA_CASES, ids=lambda c: f"N{c[0]}_{c[1]}x{c[2]}_r{c[3]}_p{c[4]}")
 def test_tma_path_vs_fp64(monkeypatch, case):
     """The Hopper kernel (persistent, TMA descriptors) in the interpreter, forward and backward."""
@@ -270,4 +302,4 @@ def test_tma_falls_back_on_unaligned():
     K.lora_gemm(x, W, impl="tma")
     assert K.LAUNCHES["lora_gemm_tma"] == before
     with pytest.raises(ValueError, match="FASTPEFT_GEMM"):
-        K.lora_gemm(x, W, impl="cublas")
+        K.lora_gemm(x, W, impl="magic")
