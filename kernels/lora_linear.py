@@ -32,6 +32,7 @@ exceed 2³¹).
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter
 
 import torch
@@ -44,6 +45,8 @@ from .philox import keep_tile
 
 # Number of launches per kernel name; tests use it to prove the kernels ran.
 LAUNCHES: Counter = Counter()
+# Set to the error text if the TMA kernel ever fails to compile/launch under FASTPEFT_GEMM=auto.
+_TMA_STATE: dict = {"disabled": None}
 
 
 @triton.jit
@@ -285,7 +288,7 @@ def gemm_impl(x, w, out, impl: str | None = None, has_lora: bool = True) -> str:
         raise ValueError(f"FASTPEFT_GEMM must be auto, tma, pointer or cublas, got {impl!r}")
     if not has_lora and (impl == "cublas" or (impl == "auto" and x.device.type == "cuda")):
         return "cublas"
-    if impl == "pointer" or not tma_supported(x, w, out):
+    if impl == "pointer" or not tma_supported(x, w, out) or (impl == "auto" and _TMA_STATE["disabled"]):
         return "pointer"
     if impl == "auto" and interpreting():
         return "pointer"
@@ -313,9 +316,17 @@ def lora_gemm(x, w, bias=None, l=None, r=None, *, lora_scale=1.0, seed=None, thr
         LAUNCHES["cublas"] += 1
         return torch.nn.functional.linear(x, w, bias).to(out.dtype)
     if chosen == "tma":
-        _lora_gemm_tma(x, w, bias, l_, r_, out, seed, R, has_lora, lora_scale, threshold, inv_keep, mask_lora,
-                       config)
-        return out
+        try:
+            _lora_gemm_tma(x, w, bias, l_, r_, out, seed, R, has_lora, lora_scale, threshold, inv_keep,
+                           mask_lora, config)
+            return out
+        except Exception as err:  # a Triton/GPU combination the TMA kernel was never compiled on
+            if (impl or os.environ.get("FASTPEFT_GEMM", "auto")).lower() == "tma":
+                raise
+            _TMA_STATE["disabled"] = f"{type(err).__name__}: {err}"
+            warnings.warn(f"fastpeft: the TMA GEMM failed ({_TMA_STATE['disabled'][:300]}); using the "
+                          "pointer-based kernel from now on (slower on Hopper). Please report this.",
+                          RuntimeWarning, stacklevel=2)
     args = (x, w, _dummy(x) if bias is None else bias, l_, r_, out, _dummy(x) if seed is None else seed,
             M, N, K, R, _m_key(M),
             x.stride(0), x.stride(1), w.stride(0), w.stride(1),

@@ -303,3 +303,28 @@ def test_tma_falls_back_on_unaligned():
     assert K.LAUNCHES["lora_gemm_tma"] == before
     with pytest.raises(ValueError, match="FASTPEFT_GEMM"):
         K.lora_gemm(x, W, impl="magic")
+
+
+def test_tma_failure_falls_back_with_warning(monkeypatch):
+    """Under auto, a TMA kernel that fails to build warns once and the pointer kernel takes over."""
+    from fastpeft.kernels import lora_linear as LL
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated compile failure")
+
+    monkeypatch.setattr(LL, "interpreting", lambda: False)  # let auto pick TMA in the interpreter
+    monkeypatch.setattr(LL, "_lora_gemm_tma", broken)
+    monkeypatch.setitem(LL._TMA_STATE, "disabled", None)
+    x, W = torch.randn(9, 64), torch.randn(32, 64)
+    l, r = torch.randn(9, 4), torch.randn(4, 32)
+    with pytest.warns(RuntimeWarning, match="simulated compile failure"):
+        y = K.lora_gemm(x, W, None, l, r)
+    assert_rel(y, x.double() @ W.double().t() + l.double() @ r.double(), 1e-5, "fallback")
+    assert LL._TMA_STATE["disabled"]
+    before = K.LAUNCHES["lora_gemm"]
+    K.lora_gemm(x, W, None, l, r)  # no second attempt
+    assert K.LAUNCHES["lora_gemm"] == before + 1
+    monkeypatch.setenv("FASTPEFT_GEMM", "tma")
+    monkeypatch.setitem(LL._TMA_STATE, "disabled", None)
+    with pytest.raises(RuntimeError, match="simulated"):
+        K.lora_gemm(x, W, None, l, r)
