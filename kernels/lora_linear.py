@@ -2,31 +2,37 @@
 
 Math (``D`` = dropout with keep-mask ``m``, ``dS = scale · dy B``)::
 
-    forward   xa = D(x) Aᵀ                       _lora_down_kernel      (reads x once)
-              y  = x W0ᵀ + b + xa (scale·B)ᵀ      _lora_gemm_kernel      (LoRA = one extra K step)
-    backward  dS = scale · dy B                   _lora_down_kernel      (reads dy once)
-              dx = dy W0 + m ⊙ (dS A)/(1−p)      _lora_gemm_kernel      (mask regenerated in epilogue)
-              dA = dSᵀ D(x)                       _lora_reduce_kernel    (reads x once, mask regenerated)
-              dB = scale · dyᵀ xa, db = Σ dy      _lora_reduce_kernel    (reads dy once)
+    forward   xa = D(x) Aᵀ                       _lora_down_kernel     reads x once
+              y  = x W0ᵀ + b + xa (scale·B)ᵀ      GEMM, rank-r term as one extra K step
+    backward  dS = scale · dy B                   _lora_down_kernel     reads dy once
+              dx = dy W0                           GEMM (cuBLAS on CUDA when p > 0)
+                 + m ⊙ (dS A)/(1−p)               added in place by the dA pass (p > 0),
+                                                   or folded as one K step (p = 0)
+              dA = dSᵀ D(x)                       _lora_reduce_kernel   reads x once
+              dB = scale · dyᵀ xa, db = Σ dy      _lora_reduce_kernel   reads dy once
 
-Nothing of size (N, out) or (N, in) besides y/dx is written, and no mask is
-stored: dropout decisions come from Philox keyed by ``(seed, row·in + col)``
-(``kernels/philox.py``), in the forward's down pass and again in both places
-the backward needs them.
+The GEMM is ``lora_gemm_tma`` (persistent, TMA, Hopper) where it applies and
+``_lora_gemm_kernel`` (pointer-based; Ampere, odd strides) elsewhere.
 
-Byte floor (bf16 x/dy, 4096×4096, N=8192; see ../shared/TARGETS.md): the
-frozen layer moves ≈ x + y + dy + dx = 4·64 MiB; LoRA adds at least one more
-read of x (down pass), one of dy (dS/dB) and one of x (dA): ≈ 2N(2·in+out)
-bytes ≈ 192 MiB ≈ 67 µs at 3 TB/s on top of ≈ 0.69 ms, a floor near 1.1×.
-This layout pays three extra reads of dy (dS, dB, and the GEMM) — dS and dB
-read it separately — which a later fusion may remove; the GEMM itself is the
-pointer-based tutorial shape (Ampere and Hopper). The persistent TMA variant
-the targets call for (TARGETS.md measured it within 2–12 % of cuBLAS) is
-not here yet.
+No mask is stored and nothing of size (N, out) or (N, in) is written besides
+y and dx. Dropout decisions come from Philox keyed by ``(seed, column group,
+row)`` (``kernels/philox.py``, eight 16-bit decisions per call): once in the
+forward's down pass, once in the backward's dA pass — which, holding the mask
+anyway, also adds dx's masked term. (TARGETS.md measured that term as a
+second accumulator tile in the dgrad epilogue at +22–64 %, an in-place pass
+at ≈ +12 %; ``FASTPEFT_DX_DROPOUT=epilogue`` keeps the epilogue variant,
+with sliced epilogues in the TMA kernel, for measurement.)
 
-All launchers take 2-D tensors of any strides, return fresh tensors, and
-never synchronize. Offsets are int64 throughout (tokens × features may
-exceed 2³¹).
+Byte floor (bf16 x/dy, 4096×4096, N=8192; ../shared/TARGETS.md): the frozen
+layer moves ≈ x + y + dy + dx; LoRA must add at least a read of x (down
+pass), one of dy (dS/dB) and one of x (dA): ≈ 2N(2·in+out) bytes ≈ 192 MiB ≈
+67 µs at 3 TB/s on ≈ 0.69 ms, a floor near 1.1×. This layout adds to that
+one more read of dy (dS and dB read it separately) and, with dropout, one
+read + write of dx in the dA pass.
+
+All launchers take 2-D tensors of any strides, return fresh tensors (or
+update ``dx`` in place where documented), and never synchronize. Offsets are
+int64 throughout (tokens × features may exceed 2³¹).
 """
 
 from __future__ import annotations
