@@ -233,13 +233,22 @@ def test_large_offsets_int64_on_gpu():
     keep = reference.dropout_keep_rows(seed.cpu(), rows.cpu(), fin, 0.1)
     ref = (x[rows].float().cpu() * keep / 0.9) @ A.cpu().t()
     assert_rel(xa[rows].cpu(), ref, 1e-3, "xa rows")
-    # dgrad-shaped GEMM whose output has > 2³¹ elements
+    # dA-shaped reduction over all 2.29e9 elements (p = 0; reference summed in row chunks)
+    g = torch.randn(N, r, device=DEVICE) / 100
+    dA, _ = K.lora_reduce(g, x)
+    ref = sum(g[i:i + 8192].t() @ x[i:i + 8192].float() for i in range(0, N, 8192))
+    assert_rel(dA, ref, 1e-3, "dA")
+    del x, g
+    # GEMMs whose output has > 2³¹ elements, with the rank-r term, on both Triton kernels
     dy = torch.randn(N, 64, device=DEVICE, dtype=torch.bfloat16)
     W = torch.randn(64, fin, device=DEVICE, dtype=torch.bfloat16)
-    dx = K.lora_gemm(dy, W.t())
-    del x
-    ref = dy[rows].float() @ W.float()
-    assert_rel(dx[rows].float(), ref, 1e-2, "dx rows")
+    l = torch.randn(N, r, device=DEVICE)
+    rr = torch.randn(r, fin, device=DEVICE)
+    ref = dy[rows].float() @ W.float() + l[rows] @ rr
+    for impl in ("pointer", "tma"):
+        dx = K.lora_gemm(dy, W.t(), None, l, rr, impl=impl)
+        assert_rel(dx[rows].float(), ref, 1e-2, f"dx rows ({impl})")
+        del dx
 
 
 TMA_CASES = [  # aligned feature sizes (TMA needs 16-byte rows), odd token counts

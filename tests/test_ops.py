@@ -180,3 +180,30 @@ def test_frozen_weight_is_enforced():
     y = lora_linear(x, W, b, A, B, scale=1.0)
     with pytest.raises(RuntimeError, match="base weight frozen"):
         y.sum().backward()
+
+
+def test_empty_batch(backend):
+    x, W, b, A, B = _inputs(N=(0, 3))
+    y = lora_linear(x, W, b, A, B, scale=1.0, dropout_p=0.2)
+    assert y.shape == (0, 3, 29)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.count_nonzero(A.grad) == 0 and torch.count_nonzero(B.grad) == 0
+    assert torch.count_nonzero(b.grad) == 0
+
+
+def test_expanded_and_transposed_grad_output(backend):
+    """A stride-0 dy (from expand) and a transposed x give the contiguous results."""
+    x, W, b, A, B = _inputs(N=(6,))
+    seed = torch.tensor([5], dtype=torch.int64)
+    g = torch.randn(1, 29)
+    res = []
+    for make_dy, make_x in ((lambda y: g.expand_as(y), lambda t: t),
+                            (lambda y: g.expand_as(y).contiguous(), lambda t: t.t().contiguous().t())):
+        xx = make_x(x.detach()).requires_grad_()
+        y = lora_linear(xx, W, b, A, B, scale=1.0, dropout_p=0.3, seed=seed)
+        A.grad = B.grad = None
+        y.backward(make_dy(y))
+        res.append((y.detach(), xx.grad, A.grad, B.grad))
+    for a, c in zip(*res):
+        assert torch.equal(a, c)
