@@ -66,6 +66,18 @@ def reduce_configs(interpret: bool | None = None) -> list[triton.Config]:
     ]
 
 
+def keep_for_rows(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Autotune prune: thin row tiles only for few tokens (decode), wide ones otherwise.
+
+    Cuts tuning time (each config is a compile) without losing the configs a shape can use.
+    """
+    m = named_args["M_KEY"]
+    small = [c for c in configs if c.kwargs["BLOCK_M"] <= 32]
+    large = [c for c in configs if c.kwargs["BLOCK_M"] >= 32]
+    chosen = small if m <= 32 else large
+    return chosen or configs
+
+
 # Rows handled by one program of the reduction kernel are a multiple of this;
 # every reduce config's BLOCK_M divides it.
 REDUCE_ROW_UNIT = 256

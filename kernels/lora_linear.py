@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import REDUCE_ROW_UNIT, down_configs, gemm_configs, interpreting, reduce_configs
+from .configs import REDUCE_ROW_UNIT, down_configs, gemm_configs, interpreting, keep_for_rows, reduce_configs
 from .lora_gemm_tma import _lora_gemm_tma_kernel, make_descriptors, tma_configs, tma_supported
 from .philox import keep_tile
 
@@ -236,10 +236,13 @@ def _lora_reduce_kernel(
             tl.store(bias_part_ptr + pid_s * stride_bs + rk, bacc, mask=k_ok)
 
 
-_gemm_tuned = triton.autotune(configs=gemm_configs(), key=["M_KEY", "N", "K", "R", "MASK_LORA"])(_lora_gemm_kernel)
+_PRUNE = {"early_config_prune": keep_for_rows}
+_gemm_tuned = triton.autotune(configs=gemm_configs(), key=["M_KEY", "N", "K", "R", "MASK_LORA"],
+                              prune_configs_by=_PRUNE)(_lora_gemm_kernel)
 _gemm_tma_tuned = triton.autotune(configs=tma_configs(), key=["M_KEY", "N", "K", "R", "MASK_LORA", "W_KN"])(
     _lora_gemm_tma_kernel)
-_down_tuned = triton.autotune(configs=down_configs(), key=["M_KEY", "K", "R"])(_lora_down_kernel)
+_down_tuned = triton.autotune(configs=down_configs(), key=["M_KEY", "K", "R"], prune_configs_by=_PRUNE)(
+    _lora_down_kernel)
 _reduce_tuned = triton.autotune(configs=reduce_configs(), key=["M_KEY", "K", "R"])(_lora_reduce_kernel)
 # dx is updated in place: tuning runs must start from the same dx each time.
 _reduce_dx_tuned = triton.autotune(configs=reduce_configs(), key=["M_KEY", "K", "R"], restore_value=["dx_ptr"])(
@@ -294,8 +297,10 @@ def gemm_impl(x, w, out, impl: str | None = None, has_lora: bool = True) -> str:
         raise ValueError(f"FASTPEFT_GEMM must be auto, tma, pointer or cublas, got {impl!r}")
     if not has_lora and (impl == "cublas" or (impl == "auto" and x.device.type == "cuda")):
         return "cublas"
-    if impl == "pointer" or not tma_supported(x, w, out) or (impl == "auto" and _TMA_STATE["disabled"]):
+    if impl == "pointer" or not tma_supported(x, w, out):
         return "pointer"
+    if impl == "auto" and (_TMA_STATE["disabled"] or x.shape[0] <= 32):
+        return "pointer"  # few tokens: the pointer kernel has thin row tiles, the TMA configs do not
     if impl == "auto" and interpreting():
         return "pointer"
     return "tma"

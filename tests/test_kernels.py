@@ -324,8 +324,8 @@ def test_tma_failure_falls_back_with_warning(monkeypatch):
     monkeypatch.setattr(LL, "interpreting", lambda: False)  # let auto pick TMA in the interpreter
     monkeypatch.setattr(LL, "_lora_gemm_tma", broken)
     monkeypatch.setitem(LL._TMA_STATE, "disabled", None)
-    x, W = torch.randn(9, 64), torch.randn(32, 64)
-    l, r = torch.randn(9, 4), torch.randn(4, 32)
+    x, W = torch.randn(40, 64), torch.randn(32, 64)  # > 32 tokens: auto would take TMA
+    l, r = torch.randn(40, 4), torch.randn(4, 32)
     with pytest.warns(RuntimeWarning, match="simulated compile failure"):
         y = K.lora_gemm(x, W, None, l, r)
     assert_rel(y, x.double() @ W.double().t() + l.double() @ r.double(), 1e-5, "fallback")
