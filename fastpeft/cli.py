@@ -1,0 +1,83 @@
+"""The ``fastpeft`` command line: ``fastpeft <command> ...`` (also ``python -m fastpeft``).
+
+Each command is one ``_add_<command>`` that builds its subparser and sets
+``func``; ``main`` dispatches. Today: ``bench``.
+
+Example::
+
+    fastpeft bench                       # tiny preset on CPU, TARGETS.md's canonical cells on CUDA
+    fastpeft bench --preset layer --shapes 4096x4096 --tokens 8192 --plot bench/results/h100.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import benchmarking
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark the LoRA layer against frozen nn.Linear, cuBLAS and peft",
+                       description="Time fwd and fwd+bwd, count saved bytes and peak memory, check gradients "
+                                   "against peft; print a table and write the rows as JSON.")
+    p.add_argument("--preset", choices=sorted(benchmarking.PRESETS),
+                   help="grid to run (default: layer on CUDA, tiny otherwise)")
+    p.add_argument("--shapes", nargs="+", metavar="INxOUT",
+                   help=f"replace the preset's shapes (named: {', '.join(benchmarking.SHAPES)})")
+    p.add_argument("--tokens", nargs="+", type=int, metavar="N", help="replace the preset's token counts")
+    p.add_argument("--dropout", nargs="+", type=float, metavar="P", help="dropouts of the fwd+bwd rows")
+    p.add_argument("--providers", nargs="+", choices=benchmarking.PROVIDERS, metavar="NAME",
+                   help=f"subset of {', '.join(benchmarking.PROVIDERS)}")
+    p.add_argument("--modes", nargs="+", choices=benchmarking.MODES, help="subset of fwd, fwdbwd")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="base weight and activation dtype")
+    p.add_argument("--r", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha (default 32)")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--warmup-ms", type=float, default=25, help="do_bench warm-up (default 25 ms)")
+    p.add_argument("--rep-ms", type=float, default=120, help="do_bench / wall-clock budget per row (default 120 ms)")
+    p.add_argument("--no-check", action="store_true", help="skip the gradient check against peft")
+    p.add_argument("--out", type=Path, help="results JSON (default: bench/results/<device>-<UTC time>.json)")
+    p.add_argument("--plot", type=Path, help="also write a PNG bar chart of time / frozen")
+    p.set_defaults(func=_bench)
+
+
+def _default_out(rows: list[dict]) -> Path:
+    device = re.sub(r"[^a-z0-9]+", "-", rows[0]["device"].lower()).strip("-") if rows else "none"
+    return Path("bench/results") / f"{device}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
+
+
+def _bench(args: argparse.Namespace) -> int:
+    device = benchmarking.resolve_device(args.device)
+    preset = args.preset or ("layer" if device.type == "cuda" else "tiny")
+    rows = benchmarking.run(preset, shapes=args.shapes, tokens=args.tokens, providers=args.providers,
+                            modes=args.modes, dropouts=args.dropout, dtype=args.dtype, device=device, r=args.r,
+                            lora_alpha=args.lora_alpha, check=not args.no_check, warmup_ms=args.warmup_ms,
+                            rep_ms=args.rep_ms)
+    print(benchmarking.format_table(rows))
+    out = benchmarking.write_json(rows, args.out or _default_out(rows))
+    print(f"\nwrote {out}")
+    if args.plot:
+        print(f"wrote {benchmarking.plot_rows(rows, args.plot)}")
+    failed = [r for r in rows if benchmarking.row_ok(r) is False]
+    for r in failed:
+        print(f"GRADIENT CHECK FAILED: {r['provider']} {r['shape']} N={r['tokens']} p={r['dropout']} "
+              f"{r.get('check_errors')} (tol {r.get('check_tol')})", file=sys.stderr)
+    return 1 if failed else 0  # a fast wrong kernel is not a result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastpeft", description="fused LoRA fine-tuning for PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_bench(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``fastpeft`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
