@@ -28,6 +28,7 @@ import triton.language as tl
 
 from .configs import interpreting
 from .philox import keep_tile
+from .tiles import rank_r_update
 
 try:  # triton ≥ 3.3 (host-side descriptors)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -55,16 +56,10 @@ def _epilogue_slice(acc, out_desc, bias_ptr, l_ptr, r_ptr, seed, off_m, off_n,
     offs_m = off_m + tl.arange(0, BLOCK_M)
     offs_n = off_n + tl.arange(0, SLICE_N)
     if MASK_LORA:
-        rm = (offs_m % M).to(tl.int64)
-        rn = (offs_n % N).to(tl.int64)
-        offs_r = tl.arange(0, BLOCK_R)
-        lora = tl.zeros((BLOCK_M, SLICE_N), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            r_ok = offs_r < R - r0
-            rr = (r0 + offs_r).to(tl.int64)
-            lt = tl.load(l_ptr + rm[:, None] * stride_lm + rr[None, :] * stride_lr, mask=r_ok[None, :], other=0.0)
-            rt = tl.load(r_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn, mask=r_ok[:, None], other=0.0)
-            lora = tl.dot(lt.to(tl.float32), rt.to(tl.float32) * lora_scale, lora, input_precision=F32_PRECISION)
+        lora = rank_r_update(tl.zeros((BLOCK_M, SLICE_N), dtype=tl.float32), l_ptr, r_ptr,
+                             (offs_m % M).to(tl.int64), (offs_n % N).to(tl.int64), R,
+                             stride_lm, stride_lr, stride_rr, stride_rn, lora_scale,
+                             BLOCK_R, F32_PRECISION, tl.float32)
         keep = keep_tile(seed, offs_m.to(tl.int64), off_n, SLICE_N, threshold)
         acc += tl.where(keep, lora * inv_keep, 0.0)
     if HAS_BIAS:
@@ -100,7 +95,6 @@ def _lora_gemm_tma_kernel(
     if MASK_LORA:
         seed = tl.load(seed_ptr)
     FOLD_LORA: tl.constexpr = HAS_LORA and not MASK_LORA
-    offs_r = tl.arange(0, BLOCK_R)
 
     for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=True, warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_n = _tile_pid(tile_id, num_pid_in_group, num_pid_m, GROUP_M)
@@ -125,17 +119,12 @@ def _lora_gemm_tma_kernel(
             # in the operands' dtype (B pre-scaled), as measured in TARGETS.md.
             rm = ((off_m + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
             rn = ((off_n + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
-            for r0 in range(0, R, BLOCK_R):
-                r_ok = offs_r < R - r0
-                rr = (r0 + offs_r).to(tl.int64)
-                lt = tl.load(l_ptr + rm[:, None] * stride_lm + rr[None, :] * stride_lr, mask=r_ok[None, :],
-                             other=0.0).to(tl.float32)
-                rt = tl.load(r_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn, mask=r_ok[:, None],
-                             other=0.0).to(tl.float32) * lora_scale
-                if UPCAST or x_desc.dtype == tl.float32:
-                    acc = tl.dot(lt, rt, acc, input_precision=F32_PRECISION)
-                else:
-                    acc = tl.dot(lt.to(x_desc.dtype), rt.to(x_desc.dtype), acc)
+            if UPCAST or x_desc.dtype == tl.float32:
+                acc = rank_r_update(acc, l_ptr, r_ptr, rm, rn, R, stride_lm, stride_lr, stride_rr, stride_rn,
+                                    lora_scale, BLOCK_R, F32_PRECISION, tl.float32)
+            else:
+                acc = rank_r_update(acc, l_ptr, r_ptr, rm, rn, R, stride_lm, stride_lr, stride_rr, stride_rn,
+                                    lora_scale, BLOCK_R, F32_PRECISION, x_desc.dtype)
 
         tile_id_c += NUM_SMS
         pid_m, pid_n = _tile_pid(tile_id_c, num_pid_in_group, num_pid_m, GROUP_M)

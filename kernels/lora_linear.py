@@ -48,6 +48,7 @@ import triton.language as tl
 from .configs import REDUCE_ROW_UNIT, down_configs, gemm_configs, interpreting, keep_for_rows, reduce_configs
 from .lora_gemm_tma import _lora_gemm_tma_kernel, make_descriptors, tma_configs, tma_supported
 from .philox import keep_tile
+from .tiles import rank_r_update
 
 # Number of launches per kernel name; tests use it to prove the kernels ran.
 LAUNCHES: Counter = Counter()
@@ -112,21 +113,14 @@ def _lora_gemm_kernel(
         w_ptrs += BLOCK_K * stride_wk
 
     if HAS_LORA:
-        offs_r = tl.arange(0, BLOCK_R)
         if MASK_LORA:
-            lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            r_ok = offs_r < R - r0
-            rr = (r0 + offs_r).to(tl.int64)
-            lt = tl.load(l_ptr + rm[:, None] * stride_lm + rr[None, :] * stride_lr, mask=r_ok[None, :], other=0.0)
-            rt = tl.load(r_ptr + rr[:, None] * stride_rr + rn[None, :] * stride_rn, mask=r_ok[:, None], other=0.0)
-            lt = lt.to(tl.float32)
-            rt = rt.to(tl.float32) * lora_scale
-            if MASK_LORA:
-                lora = tl.dot(lt, rt, lora, input_precision=F32_PRECISION)
-            else:
-                # No dropout: the rank-r term is one more K step of the same accumulator.
-                acc = tl.dot(lt, rt, acc, input_precision=F32_PRECISION)
+            lora = rank_r_update(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), l_ptr, r_ptr, rm, rn, R,
+                                 stride_lm, stride_lr, stride_rr, stride_rn, lora_scale,
+                                 BLOCK_R, F32_PRECISION, tl.float32)
+        else:
+            # No dropout: the rank-r term is one more K step of the same accumulator.
+            acc = rank_r_update(acc, l_ptr, r_ptr, rm, rn, R, stride_lm, stride_lr, stride_rr, stride_rn,
+                                lora_scale, BLOCK_R, F32_PRECISION, tl.float32)
         if MASK_LORA:
             keep = keep_tile(tl.load(seed_ptr), offs_m.to(tl.int64), pid_n * BLOCK_N, BLOCK_N, threshold)
             acc += tl.where(keep, lora * inv_keep, 0.0)
