@@ -28,30 +28,25 @@ _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 _MASK_CHUNK_ELEMS = 1 << 22
 
 
-def _umulhi32(a: torch.Tensor, const: int) -> torch.Tensor:
-    """High 32 bits of ``a · const`` for uint32 values held in int64 (no overflow)."""
-    lo16 = a & 0xFFFF
-    hi16 = a >> 16
-    p_lo = lo16 * const  # < 2**48
-    p_hi = hi16 * const  # < 2**48
-    return (p_hi + (p_lo >> 16)) >> 16
-
-
 def philox4x32(seed: int | torch.Tensor, c0, c1, c2, c3) -> tuple[torch.Tensor, ...]:
     """Philox4x32-10 on uint32 counters held in int64 tensors: four words in [0, 2³²).
 
     Bit-identical to ``fastpeft.kernels.philox.philox4x32`` (and to Triton's
-    ``tl.randint4x`` for counter ``(offset_lo, offset_hi, 0, 0)``).
+    ``tl.randint4x`` for counter ``(offset_lo, offset_hi, 0, 0)``). A uint32 × uint32
+    product wraps in int64 arithmetic, and both of its words survive the wrap:
+    ``p & M`` is the low word and ``(p >> 32) & M`` the high one (the arithmetic
+    shift is off by exactly 2³² for wrapped values, which the mask removes).
     """
     seed = int(seed.item()) if isinstance(seed, torch.Tensor) else int(seed)
     seed &= (1 << 64) - 1
     k0, k1 = seed & _M32, (seed >> 32) & _M32
     for _ in range(10):
-        n0 = _umulhi32(c2, _ROUND_B) ^ c1 ^ k0
-        n2 = _umulhi32(c0, _ROUND_A) ^ c3 ^ k1
-        c1 = (c2 * _ROUND_B) & _M32  # int64 products wrap mod 2**64; the low 32 bits are exact
-        c3 = (c0 * _ROUND_A) & _M32
-        c0, c2 = n0, n2
+        pb = c2 * _ROUND_B
+        pa = c0 * _ROUND_A
+        c0 = ((pb >> 32) & _M32) ^ c1 ^ k0
+        c2 = ((pa >> 32) & _M32) ^ c3 ^ k1
+        c1 = pb & _M32
+        c3 = pa & _M32
         k0 = (k0 + _KEY_A) & _M32
         k1 = (k1 + _KEY_B) & _M32
     return c0, c1, c2, c3
@@ -124,14 +119,20 @@ def lora_linear_backward(dy, x2d, weight, lora_A, lora_B, xa, seed, scale: float
     dyf = dy.float()
     dS = scale * (dyf @ lora_B.float())  # (N, r)
     dx = dA = dB = dbias = None
+    # The mask is regenerated once here and serves both dx and dA.
+    keep = dropout_keep_mask(seed, x2d.shape[0], x2d.shape[1], p, device=x2d.device) \
+        if p > 0.0 and (need_dx or need_dA) else None
+
+    def drop(t):
+        return t if keep is None else torch.where(keep, t * (1.0 / (1.0 - p)), torch.zeros((), dtype=t.dtype,
+                                                                                          device=t.device))
+
     if need_dx:
-        lora_dx = dS @ lora_A.float()
-        if p > 0.0:
-            lora_dx = apply_dropout(lora_dx, seed, p)
+        lora_dx = drop(dS @ lora_A.float())
         dx = (dyf @ w.float() + lora_dx).to(x2d.dtype) if dy.dtype == torch.float32 else \
             (dy @ w).float().add_(lora_dx).to(x2d.dtype)
     if need_dA:
-        dA = (dS.t() @ apply_dropout(x2d.float(), seed, p)).to(lora_A.dtype)
+        dA = (dS.t() @ drop(x2d.float())).to(lora_A.dtype)
     if need_dB:
         dB = (scale * (dyf.t() @ xa)).to(lora_B.dtype)
     if need_dbias:
