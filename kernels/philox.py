@@ -22,13 +22,14 @@ not by a Triton release; a test checks they equal ``tl.randint4x``.
 import triton
 import triton.language as tl
 
-PHILOX_KEY_A = 0x9E3779B9
-PHILOX_KEY_B = 0xBB67AE85
-PHILOX_ROUND_A = 0xD2511F53
-PHILOX_ROUND_B = 0xCD9E8D57
-N_ROUNDS = 10
+# Globals a @triton.jit function reads must be tl.constexpr (the interpreter does not check this).
+PHILOX_KEY_A = tl.constexpr(0x9E3779B9)
+PHILOX_KEY_B = tl.constexpr(0xBB67AE85)
+PHILOX_ROUND_A = tl.constexpr(0xD2511F53)
+PHILOX_ROUND_B = tl.constexpr(0xCD9E8D57)
+N_ROUNDS = tl.constexpr(10)
 # Columns sharing one Philox call (4 words × 2 halves).
-COLS_PER_CALL = 8
+COLS_PER_CALL = tl.constexpr(8)
 
 
 @triton.jit
