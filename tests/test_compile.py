@@ -1,0 +1,93 @@
+"""Compile every kernel for real GPUs (sm90 Hopper, sm80 Ampere) — no GPU needed.
+
+The interpreter runs Python semantics and forgives what the compiler refuses
+(a global read without ``tl.constexpr`` passed the interpreter and failed
+here). ``triton.compile`` lowers a kernel to a cubin with the ptxas shipped in
+the Triton wheel, so this runs on a CPU-only machine. One config per kernel
+variant by default; ``FASTPEFT_AOT_ALL=1`` compiles every autotune config
+(a few minutes). Whether a config fits in shared memory is only proven on the
+GPU (the autotuner skips those that do not).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ALL = os.environ.get("FASTPEFT_AOT_ALL", "0") == "1"
+
+# Run in a subprocess: the kernels must be decorated without TRITON_INTERPRET, which
+# conftest sets for this process.
+SCRIPT = r'''
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import fastpeft.kernels.lora_gemm_tma as TM
+import fastpeft.kernels.lora_linear as LL
+
+ALL = sys.argv[1] == "1"
+F32 = "*fp32"
+
+
+def compile_one(fn, types, constexprs, cc, cfg):
+    sig = {n: ("constexpr" if n in constexprs else types.get(n, "i32")) for n in fn.arg_names}
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", cc, 32),
+                   options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+
+def pick(configs):
+    return configs if ALL else configs[:1]
+
+
+n = 0
+for tdt in ("bf16", "fp16", "fp32"):
+    dt = "*" + tdt
+    for cc in (90, 80):
+        for cfg in pick(LL.gemm_configs(interpret=False)):
+            for mask in (False, True):
+                types = dict(x_ptr=dt, w_ptr=dt, bias_ptr=dt, l_ptr=F32, r_ptr=F32, out_ptr=dt, seed_ptr="*i64",
+                             lora_scale="fp32", inv_keep="fp32")
+                ce = dict(HAS_BIAS=True, HAS_LORA=True, MASK_LORA=mask, UPCAST=False, F32_PRECISION="tf32",
+                          BLOCK_R=16, **cfg.kwargs)
+                compile_one(LL._lora_gemm_kernel, types, ce, cc, cfg)
+                n += 1
+        for cfg in pick(LL.down_configs(interpret=False)):
+            for drop in (False, True):
+                types = dict(x_ptr=dt, w_ptr=F32, out_ptr=F32, seed_ptr="*i64", out_scale="fp32")
+                ce = dict(DROPOUT=drop, F32_PRECISION="tf32", BLOCK_R=16, **cfg.kwargs)
+                compile_one(LL._lora_down_kernel, types, ce, cc, cfg)
+                n += 1
+        for cfg in pick(LL.reduce_configs(interpret=False)):
+            for drop, dbias, add_dx in ((True, False, True), (False, True, False)):
+                types = dict(g_ptr=F32, x_ptr=dt, part_ptr=F32, bias_part_ptr=F32, seed_ptr="*i64", a_ptr=F32,
+                             dx_ptr=dt, out_scale="fp32")
+                ce = dict(DROPOUT=drop, DBIAS=dbias, ADD_DX=add_dx, F32_PRECISION="tf32", BLOCK_R=16, **cfg.kwargs)
+                compile_one(LL._lora_reduce_kernel, types, ce, cc, cfg)
+                n += 1
+    for cfg in pick(TM.tma_configs(interpret=False)):
+        kw = cfg.kwargs
+        bm, bn, bk, split = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["EPILOGUE_SPLIT"]
+        for mask, w_kn in ((False, False), (True, True)):
+            w_block = f"[{bk}, {bn}]" if w_kn else f"[{bn}, {bk}]"
+            types = dict(x_desc=f"tensordesc<{tdt}[{bm}, {bk}]>", w_desc=f"tensordesc<{tdt}{w_block}>",
+                         out_desc=f"tensordesc<{tdt}[{bm}, {bn // split}]>", bias_ptr=dt, l_ptr=F32, r_ptr=F32,
+                         seed_ptr="*i64", lora_scale="fp32", inv_keep="fp32")
+            ce = dict(W_KN=w_kn, HAS_BIAS=True, HAS_LORA=True, MASK_LORA=mask, UPCAST=False, F32_PRECISION="tf32",
+                      BLOCK_R=16, NUM_SMS=132, **kw)
+            compile_one(TM._lora_gemm_tma_kernel, types, ce, 90, cfg)
+            n += 1
+print("compiled", n)
+'''
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_for_sm90_and_sm80():
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, "1" if ALL else "0"], env=env, capture_output=True,
+                          text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    assert "compiled" in proc.stdout
