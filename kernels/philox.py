@@ -67,7 +67,7 @@ def keep_tile(seed, rows, col0, BLOCK_N: tl.constexpr, threshold):
     G: tl.constexpr = BLOCK_N // COLS_PER_CALL
     BM: tl.constexpr = rows.shape[0]
     rows = rows.to(tl.int64)
-    groups = (col0 // COLS_PER_CALL + tl.arange(0, G)).to(tl.uint32)
+    groups = (tl.arange(0, G) + col0 // COLS_PER_CALL).to(tl.uint32)  # tensor first: col0 may be a constexpr
     c0 = tl.broadcast_to(groups[None, :], (BM, G))
     c1 = tl.broadcast_to((rows & 0xFFFFFFFF).to(tl.uint32)[:, None], (BM, G))
     c2 = tl.broadcast_to(((rows >> 32) & 0xFFFFFFFF).to(tl.uint32)[:, None], (BM, G))
