@@ -373,8 +373,19 @@ def run(preset: str = "tiny", shapes: Sequence[str] | None = None, tokens: Seque
     return rows
 
 
+def _kernel_launches() -> dict[str, int]:
+    """fastpeft's per-kernel launch counters (empty without Triton)."""
+    try:
+        from fastpeft.kernels import LAUNCHES
+    except ImportError:
+        return {}
+    return dict(LAUNCHES)
+
+
 def _measure(provider: str, spec: LayerSpec, mode: str, base: nn.Linear, A: Tensor, B: Tensor, x: Tensor,
              dy: Tensor, device: torch.device, warmup_ms: float, rep_ms: float) -> dict:
+    """One row's numbers, plus which fastpeft kernels ran for one call of the timed step (so a
+    silent fallback — TMA GEMM to pointer, Triton to PyTorch — shows in the record)."""
     build = BUILDERS[provider]
     case = build(spec, base, A, B)
     out: dict = {"adapter_dtype": case.adapter_dtype}
@@ -389,6 +400,10 @@ def _measure(provider: str, spec: LayerSpec, mode: str, base: nn.Linear, A: Tens
         out["saved_bytes_qkv"] = saved.nbytes
         del ys, saved, layers
     step = _step(case, mode, x, dy)
+    before = _kernel_launches()
+    step()
+    after = _kernel_launches()
+    out["kernels_per_step"] = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
     out.update(time_step(step, device, warmup_ms, rep_ms))
     out["peak_bytes"] = _peak_bytes(step, device)
     return out

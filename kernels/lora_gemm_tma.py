@@ -184,10 +184,8 @@ def tma_configs(interpret: bool | None = None) -> list[triton.Config]:
         cfg(128, 256, 64, 3, 8, 1, True),
         cfg(128, 256, 64, 3, 8, 2, True),
         cfg(128, 256, 64, 3, 8, 4, True),
-        cfg(128, 256, 64, 3, 8, 2, False),
         cfg(128, 128, 64, 4, 8, 1, True),
         cfg(128, 128, 64, 4, 8, 2, True),
-        cfg(128, 128, 64, 4, 4, 2, False),
         cfg(128, 128, 128, 3, 8, 2, True),
         cfg(64, 128, 64, 4, 4, 1, False),
     ]

@@ -11,6 +11,9 @@ from fastpeft.kernels import configs
 from fastpeft.kernels.philox import keep_tile, philox4x32
 from helpers import DEVICE, assert_rel, assert_rule, lora_grads64, lora_ref64
 
+# Every test here but the gpu-marked ones launches kernels on CPU tensors (interpreter).
+pytestmark = pytest.mark.interp
+
 # (N, in, out, r, p, dtype, fan_in_fan_out, bias): odd sizes that straddle the blocks.
 CASES = [
     (45, 77, 53, 8, 0.0, torch.float32, False, True),

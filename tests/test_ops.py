@@ -29,6 +29,7 @@ def _run(x, W, b, A, B, p, seed, dy=None):
     return y.detach(), x.grad, A.grad, B.grad, (None if b is None else b.grad)
 
 
+@pytest.mark.interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("p", [0.0, 0.35])
 def test_backends_agree_with_dropout(monkeypatch, dtype, p):
