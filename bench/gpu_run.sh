@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# One GPU session: install, GPU tests, the canonical layer benchmark, the pytest-benchmark suite.
-# Every step runs even if an earlier one fails; exit codes go to exit-codes.txt. Results land in
-# bench/results/ (to commit) and are copied to $OUT (the only folder the device tool brings back).
+# One GPU session: install, GPU tests, the canonical layer benchmark, the design variants, the
+# pytest-benchmark suite — most important first, so a session cut short still brings back the
+# main results. Every step runs even if an earlier one fails; exit codes go to exit-codes.txt.
+# Results land in bench/results/ (to commit) and are copied to $OUT (the only folder the device
+# tool brings back).
 #   bash bench/gpu_run.sh                              # from the repository root, or anywhere
 #   BENCH_ARGS="--preset tiny" bash bench/gpu_run.sh   # other `fastpeft bench` arguments (a dry run on CPU)
+#   SKIP_VARIANTS=1 SKIP_PYTEST_BENCH=1 bash bench/gpu_run.sh
 set -u
 cd "$(dirname "$0")/.." || exit 1
 out="${OUT:-bench/results}"
@@ -11,24 +14,52 @@ mkdir -p "$out" bench/results
 device=$(python -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")' \
          | tr 'A-Z' 'a-z' | tr -cs 'a-z0-9' '-' | sed 's/-*$//')
 name="bench/results/${device}-$(date -u +%Y%m%dT%H%M%SZ)"
+bench_args=${BENCH_ARGS:---preset layer}
+copy_out() { [ "$(realpath "$out")" = "$(realpath bench/results)" ] || cp "$name"* "$out/" 2>/dev/null; }
+stamp() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$out/timeline.txt"; }
 
 # No internet on the GPU box: no build isolation, no dependency resolution.
+stamp install
 pip install --no-deps --no-build-isolation -e . >"$out/pip.log" 2>&1; rc_pip=$?
 for wheel in shared/wheels/bitsandbytes-*.whl; do
   [ -e "$wheel" ] && pip install --no-deps "$wheel" >>"$out/pip.log" 2>&1
 done
-
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1
-pytest -m gpu tests -x -q -p no:cacheprovider --junitxml="$out/junit-gpu.xml" 2>&1 | tee "$out/pytest-gpu.log"
+python -c 'import torch, triton; print(torch.__version__, triton.__version__)' >>"$out/pip.log" 2>&1
+
+stamp gpu-tests
+pytest -m gpu tests -q -p no:cacheprovider -rs --junitxml="$out/junit-gpu.xml" 2>&1 | tee "$out/pytest-gpu.log"
 rc_tests=${PIPESTATUS[0]}
 
-# shellcheck disable=SC2086  # BENCH_ARGS is a list of words
-fastpeft bench ${BENCH_ARGS:---preset layer} --out "$name.json" --plot "$name.png" 2>&1 | tee "$out/bench.log"
+# The canonical cells (TARGETS.md), with the autotuner's choices in the log.
+stamp bench
+# shellcheck disable=SC2086  # bench_args is a list of words
+TRITON_PRINT_AUTOTUNING=1 fastpeft bench $bench_args --out "$name.json" --plot "$name.png" 2>&1 | tee "$out/bench.log"
 rc_bench=${PIPESTATUS[0]}
+copy_out
 
-pytest bench -q -p no:cacheprovider --benchmark-json="$name-pytest-benchmark.json" 2>&1 | tee "$out/pytest-bench.log"
-rc_pybench=${PIPESTATUS[0]}
+# Design choices decided by measurement: where dx's dropout term goes, and which GEMM kernel.
+rc_var=0
+if [ "${SKIP_VARIANTS:-0}" != 1 ]; then
+  for variant in "FASTPEFT_DX_DROPOUT=epilogue" "FASTPEFT_GEMM=pointer"; do
+    stamp "variant $variant"
+    tag=$(echo "$variant" | tr 'A-Z=' 'a-z-')
+    # shellcheck disable=SC2086
+    env "$variant" TRITON_PRINT_AUTOTUNING=1 fastpeft bench $bench_args --providers frozen cublas fastpeft \
+        --dropout 0.1 --no-check --out "$name-$tag.json" 2>&1 | tee "$out/bench-$tag.log"
+    rc_var=$((rc_var || PIPESTATUS[0]))
+    copy_out
+  done
+fi
 
-echo "pip=$rc_pip gpu_tests=$rc_tests bench=$rc_bench pytest_bench=$rc_pybench" | tee "$out/exit-codes.txt"
-[ "$(realpath "$out")" = "$(realpath bench/results)" ] || cp "$name"* "$out/" 2>/dev/null
-exit $((rc_pip || rc_tests || rc_bench || rc_pybench))
+rc_pybench=0
+if [ "${SKIP_PYTEST_BENCH:-0}" != 1 ]; then
+  stamp pytest-benchmark
+  pytest bench -q -p no:cacheprovider --benchmark-json="$name-pytest-benchmark.json" 2>&1 | tee "$out/pytest-bench.log"
+  rc_pybench=${PIPESTATUS[0]}
+  copy_out
+fi
+
+stamp done
+echo "pip=$rc_pip gpu_tests=$rc_tests bench=$rc_bench variants=$rc_var pytest_bench=$rc_pybench" | tee "$out/exit-codes.txt"
+exit $((rc_pip || rc_tests || rc_bench || rc_var || rc_pybench))
