@@ -45,26 +45,27 @@ def pick(configs):
 n = 0
 for tdt in ("bf16", "fp16", "fp32"):
     dt = "*" + tdt
+    prec = "ieee" if tdt == "fp32" else "tf32"  # fp32 activations without TF32, as torch's default
     for cc in (90, 80):
         for cfg in pick(LL.gemm_configs(interpret=False)):
             for mask in (False, True):
                 types = dict(x_ptr=dt, w_ptr=dt, bias_ptr=dt, l_ptr=F32, r_ptr=F32, out_ptr=dt, seed_ptr="*i64",
                              lora_scale="fp32", inv_keep="fp32")
-                ce = dict(HAS_BIAS=True, HAS_LORA=True, MASK_LORA=mask, UPCAST=False, F32_PRECISION="tf32",
+                ce = dict(HAS_BIAS=True, HAS_LORA=True, MASK_LORA=mask, UPCAST=False, F32_PRECISION=prec,
                           BLOCK_R=16, **cfg.kwargs)
                 compile_one(LL._lora_gemm_kernel, types, ce, cc, cfg)
                 n += 1
         for cfg in pick(LL.down_configs(interpret=False)):
             for drop in (False, True):
                 types = dict(x_ptr=dt, w_ptr=F32, out_ptr=F32, seed_ptr="*i64", out_scale="fp32")
-                ce = dict(DROPOUT=drop, F32_PRECISION="tf32", BLOCK_R=16, **cfg.kwargs)
+                ce = dict(DROPOUT=drop, F32_PRECISION=prec, BLOCK_R=16, **cfg.kwargs)
                 compile_one(LL._lora_down_kernel, types, ce, cc, cfg)
                 n += 1
         for cfg in pick(LL.reduce_configs(interpret=False)):
             for drop, dbias, add_dx in ((True, False, True), (False, True, False)):
                 types = dict(g_ptr=F32, x_ptr=dt, part_ptr=F32, bias_part_ptr=F32, seed_ptr="*i64", a_ptr=F32,
                              dx_ptr=dt, out_scale="fp32")
-                ce = dict(DROPOUT=drop, DBIAS=dbias, ADD_DX=add_dx, F32_PRECISION="tf32", BLOCK_R=16, **cfg.kwargs)
+                ce = dict(DROPOUT=drop, DBIAS=dbias, ADD_DX=add_dx, F32_PRECISION=prec, BLOCK_R=16, **cfg.kwargs)
                 compile_one(LL._lora_reduce_kernel, types, ce, cc, cfg)
                 n += 1
     for cfg in pick(TM.tma_configs(interpret=False)):
@@ -75,7 +76,7 @@ for tdt in ("bf16", "fp16", "fp32"):
             types = dict(x_desc=f"tensordesc<{tdt}[{bm}, {bk}]>", w_desc=f"tensordesc<{tdt}{w_block}>",
                          out_desc=f"tensordesc<{tdt}[{bm}, {bn // split}]>", bias_ptr=dt, l_ptr=F32, r_ptr=F32,
                          seed_ptr="*i64", lora_scale="fp32", inv_keep="fp32")
-            ce = dict(W_KN=w_kn, HAS_BIAS=True, HAS_LORA=True, MASK_LORA=mask, UPCAST=False, F32_PRECISION="tf32",
+            ce = dict(W_KN=w_kn, HAS_BIAS=True, HAS_LORA=True, MASK_LORA=mask, UPCAST=False, F32_PRECISION=prec,
                       BLOCK_R=16, NUM_SMS=132, **kw)
             compile_one(TM._lora_gemm_tma_kernel, types, ce, 90, cfg)
             n += 1
