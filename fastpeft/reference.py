@@ -59,26 +59,23 @@ def dropout_threshold(p: float) -> int:
     return min(int(round(p * 65536.0)), 65535)
 
 
-def _interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``tl.interleave``: alternate a and b along the last axis."""
-    return torch.stack((a, b), dim=-1).flatten(-2)
-
-
-def _halves(w: torch.Tensor) -> torch.Tensor:
-    return _interleave(w & 0xFFFF, w >> 16)
-
-
 def dropout_keep_rows(seed: int | torch.Tensor, rows: torch.Tensor, n_cols: int, p: float) -> torch.Tensor:
     """Keep-mask of the given rows (int64 indices), shape (len(rows), n_cols) — the kernels'
     ``keep_tile`` replayed: element (m, n) takes 16 bits from Philox counter
-    ``(n // 8, m_lo, m_hi, 0)``, the four words split into halves and interleaved as there."""
+    ``(n // 8, m_lo, m_hi, 0)``.
+
+    The kernel interleaves the words' low/high halves three times (``tl.interleave``);
+    within a group of eight columns that gives the order lo0, lo2, lo1, lo3, hi0, hi2,
+    hi1, hi3 — built here by one ``stack`` of booleans.
+    """
     thr = dropout_threshold(p)
     rows = rows.to(torch.int64)[:, None]
     c0 = torch.arange((n_cols + 7) // 8, dtype=torch.int64, device=rows.device)[None, :].expand(rows.shape[0], -1)
     w0, w1, w2, w3 = philox4x32(seed, c0, (rows & _M32).expand_as(c0), (rows >> 32).expand_as(c0),
                                 torch.zeros_like(c0))
-    bits = _interleave(_interleave(_halves(w0), _halves(w1)), _interleave(_halves(w2), _halves(w3)))
-    return bits[:, :n_cols] >= thr
+    order = (w0, w2, w1, w3)
+    keep = torch.stack([(w & 0xFFFF) >= thr for w in order] + [(w >> 16) >= thr for w in order], dim=-1)
+    return keep.flatten(-2)[:, :n_cols]
 
 
 def dropout_keep_mask(seed: int | torch.Tensor, n_rows: int, n_cols: int, p: float, device=None) -> torch.Tensor:
