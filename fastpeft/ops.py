@@ -78,6 +78,13 @@ def _lora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: T
                     seed: Optional[Tensor], scale: float, dropout_p: float,
                     fan_in_fan_out: bool) -> tuple[Tensor, Tensor]:
     x2d = _flat(x)
+    # The dtypes are fixed by the caller (lora_linear applies autocast's cast to x); autocast
+    # must not recast the reference's fp32 LoRA matmuls inside the op.
+    with torch.autocast(x.device.type, enabled=False):
+        return _forward_impl(x, x2d, weight, bias, lora_A, lora_B, seed, scale, dropout_p, fan_in_fan_out)
+
+
+def _forward_impl(x, x2d, weight, bias, lora_A, lora_B, seed, scale, dropout_p, fan_in_fan_out):
     if backend_for(x) == "triton":
         thr = reference.dropout_threshold(dropout_p)
         y, xa = _kernels.lora_linear_forward(x2d, weight, bias, lora_A, lora_B, seed, scale, dropout_p,
@@ -103,6 +110,13 @@ def _lora_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tens
                              seed: Optional[Tensor], scale: float, dropout_p: float, fan_in_fan_out: bool,
                              need_dx: bool, need_dA: bool, need_dB: bool,
                              need_dbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    with torch.autocast(x.device.type, enabled=False):
+        return _backward_impl(dy, x, weight, lora_A, lora_B, xa, seed, scale, dropout_p, fan_in_fan_out,
+                              need_dx, need_dA, need_dB, need_dbias)
+
+
+def _backward_impl(dy, x, weight, lora_A, lora_B, xa, seed, scale, dropout_p, fan_in_fan_out,
+                   need_dx, need_dA, need_dB, need_dbias):
     x2d, dy2d = _flat(x), _flat(dy)
     if backend_for(x) == "triton":
         thr = reference.dropout_threshold(dropout_p)
@@ -194,5 +208,9 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
         seed = None
     elif seed is None:
         seed = draw_seed(x.device)
+    elif not (isinstance(seed, Tensor) and seed.dtype == torch.int64 and seed.numel() == 1
+              and seed.device == x.device):
+        got = f"{seed.dtype} of shape {tuple(seed.shape)} on {seed.device}" if isinstance(seed, Tensor) else repr(seed)
+        raise ValueError(f"seed must be a one-element int64 tensor on {x.device} (see draw_seed), got {got}")
     y, _ = _lora_linear_op(x, weight, bias, lora_A, lora_B, seed, float(scale), p, bool(fan_in_fan_out))
     return y

@@ -115,11 +115,13 @@ def _lora_gemm_tma_kernel(
             else:
                 acc = tl.dot(a, b, acc)
         if FOLD_LORA:
-            # No dropout on this side: the rank-r term is one more K step of the accumulator,
-            # in the operands' dtype (B pre-scaled), as measured in TARGETS.md.
+            # No dropout on this side: the rank-r term is one more K step of the accumulator
+            # (B pre-scaled), as measured in TARGETS.md.
             rm = ((off_m + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
             rn = ((off_n + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
-            if UPCAST or x_desc.dtype == tl.float32:
+            # bf16 operands for the fold (bf16 has fp32's range); fp16 would overflow for
+            # |xa| > 65504, so fp16 and fp32 activations keep fp32 (TF32) operands.
+            if UPCAST or x_desc.dtype != tl.bfloat16:
                 acc = rank_r_update(acc, l_ptr, r_ptr, rm, rn, R, stride_lm, stride_lr, stride_rr, stride_rn,
                                     lora_scale, BLOCK_R, F32_PRECISION, tl.float32)
             else:

@@ -99,6 +99,9 @@ def _lora_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rm[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
     w_ptrs = w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + rn[None, :] * stride_wn
+    # int64 pointer steps: BLOCK_K · stride overflows int32 for a column-major x of > 2³¹/BLOCK_K rows.
+    x_step = tl.full((), BLOCK_K, tl.int64) * stride_xk
+    w_step = tl.full((), BLOCK_K, tl.int64) * stride_wk
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -109,8 +112,8 @@ def _lora_gemm_kernel(
             acc = tl.dot(a, b, acc, input_precision=F32_PRECISION)
         else:
             acc = tl.dot(_mma_operand(a, UPCAST), _mma_operand(b, UPCAST), acc)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+        x_ptrs += x_step
+        w_ptrs += w_step
 
     if HAS_LORA:
         if MASK_LORA:
@@ -152,6 +155,8 @@ def _lora_down_kernel(
     rm = offs_m.to(tl.int64)
     x_ptrs = x_ptr + rm[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
     w_ptrs = w_ptr + offs_r.to(tl.int64)[None, :] * stride_wr + offs_k[:, None].to(tl.int64) * stride_wk
+    x_step = tl.full((), BLOCK_K, tl.int64) * stride_xk
+    w_step = tl.full((), BLOCK_K, tl.int64) * stride_wk
     if DROPOUT:
         seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -163,8 +168,8 @@ def _lora_down_kernel(
             xt = tl.where(keep, xt, 0.0)
         wt = tl.load(w_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
         acc = tl.dot(xt, wt, acc, input_precision=F32_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+        x_ptrs += x_step
+        w_ptrs += w_step
     out_ptrs = out_ptr + rm[:, None] * stride_om + offs_r.to(tl.int64)[None, :] * stride_or
     tl.store(out_ptrs, acc * out_scale, mask=m_ok[:, None] & r_ok[None, :])
 
@@ -278,6 +283,18 @@ def _dummy(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _gemm_choice(impl: str | None) -> str:
+    impl = (impl or os.environ.get("FASTPEFT_GEMM", "auto")).lower()
+    if impl not in ("auto", "tma", "pointer", "cublas"):
+        raise ValueError(f"FASTPEFT_GEMM must be auto, tma, pointer or cublas, got {impl!r}")
+    return impl
+
+
+def _use_cublas(x, impl: str | None, has_lora: bool) -> bool:
+    impl = _gemm_choice(impl)
+    return not has_lora and (impl == "cublas" or (impl == "auto" and x.device.type == "cuda"))
+
+
 def gemm_impl(x, w, out, impl: str | None = None, has_lora: bool = True) -> str:
     """``"tma"`` (persistent TMA kernel, Hopper), ``"pointer"`` (any GPU) or ``"cublas"``.
 
@@ -286,11 +303,9 @@ def gemm_impl(x, w, out, impl: str | None = None, has_lora: bool = True) -> str:
     GEMM on CUDA (TARGETS.md: our best Triton GEMM trails it by 2–12 %), TMA on sm90+ with
     aligned operands, the pointer kernel otherwise.
     """
-    impl = (impl or os.environ.get("FASTPEFT_GEMM", "auto")).lower()
-    if impl not in ("auto", "tma", "pointer", "cublas"):
-        raise ValueError(f"FASTPEFT_GEMM must be auto, tma, pointer or cublas, got {impl!r}")
-    if not has_lora and (impl == "cublas" or (impl == "auto" and x.device.type == "cuda")):
+    if _use_cublas(x, impl, has_lora):
         return "cublas"
+    impl = _gemm_choice(impl)
     if impl == "pointer" or not tma_supported(x, w, out):
         return "pointer"
     if impl == "auto" and (_TMA_STATE["disabled"] or x.shape[0] <= 32):
@@ -309,24 +324,26 @@ def lora_gemm(x, w, bias=None, l=None, r=None, *, lora_scale=1.0, seed=None, thr
     """
     M, K = x.shape
     N = w.shape[0]
+    has_lora = l is not None
+    R = l.shape[1] if has_lora else 0
+    if M > 0 and N > 0 and _use_cublas(x, impl, has_lora and R > 0):
+        LAUNCHES["cublas"] += 1
+        return torch.nn.functional.linear(x, w, bias).to(out_dtype or x.dtype)
     out = torch.empty(M, N, device=x.device, dtype=out_dtype or x.dtype)
     if M == 0 or N == 0:
         return out
-    has_lora = l is not None
-    R = l.shape[1] if has_lora else 0
     l_ = l if has_lora else x
     r_ = r if has_lora else x
     chosen = gemm_impl(x, w, out, impl, has_lora and R > 0)
-    if chosen == "cublas":
-        LAUNCHES["cublas"] += 1
-        return torch.nn.functional.linear(x, w, bias).to(out.dtype)
     if chosen == "tma":
         try:
             _lora_gemm_tma(x, w, bias, l_, r_, out, seed, R, has_lora, lora_scale, threshold, inv_keep,
                            mask_lora, config)
             return out
+        except torch.OutOfMemoryError:
+            raise
         except Exception as err:  # a Triton/GPU combination the TMA kernel was never compiled on
-            if (impl or os.environ.get("FASTPEFT_GEMM", "auto")).lower() == "tma":
+            if _gemm_choice(impl) == "tma":
                 raise
             _TMA_STATE["disabled"] = f"{type(err).__name__}: {err}"
             warnings.warn(f"fastpeft: the TMA GEMM failed ({_TMA_STATE['disabled'][:300]}); using the "

@@ -340,3 +340,19 @@ def test_tma_failure_falls_back_with_warning(monkeypatch):
     monkeypatch.setitem(LL._TMA_STATE, "disabled", None)
     with pytest.raises(RuntimeError, match="simulated"):
         K.lora_gemm(x, W, None, l, r)
+
+
+def test_tma_fold_keeps_fp16_in_range(monkeypatch):
+    """fp16 activations with a large xa (> 65504): the TMA kernel's rank-r fold must not cast it
+    to fp16 (bf16 is safe: fp32's range)."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(40, 64, generator=g) * 3000).half()
+    W = (torch.randn(32, 64, generator=g) / 8e3).half()
+    A = torch.randn(4, 64, generator=g)
+    B = torch.randn(32, 4, generator=g) * 1e-3
+    xa = K.lora_down(x, A)
+    assert xa.abs().max() > 65504
+    for impl in ("tma", "pointer"):
+        y = K.lora_gemm(x, W, None, xa, B.t(), lora_scale=1.0, impl=impl)
+        assert torch.isfinite(y).all(), impl
+        assert_rel(y, x.double() @ W.double().t() + xa.double() @ B.double().t(), 2e-3, impl)

@@ -208,3 +208,22 @@ def test_expanded_and_transposed_grad_output(backend):
         res.append((y.detach(), xx.grad, A.grad, B.grad))
     for a, c in zip(*res):
         assert torch.equal(a, c)
+
+
+def test_backward_under_autocast(backend):
+    """Under CPU autocast the op computes in bf16 like nn.Linear, and backward works (the op's
+    body must not let autocast recast its fp32 LoRA products)."""
+    x, W, b, A, B = _inputs(N=(5,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora_linear(x, W, b, A, B, scale=1.0, dropout_p=0.2)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and A.grad.dtype == torch.float32 and B.grad.dtype == torch.float32
+    assert torch.isfinite(A.grad).all() and torch.count_nonzero(B.grad) > 0
+
+
+def test_seed_is_validated():
+    x, W, b, A, B = _inputs()
+    for bad in (7, torch.tensor([7], dtype=torch.int32), torch.tensor([1, 2]), torch.tensor(3.0)):
+        with pytest.raises(ValueError, match="seed must be a one-element int64 tensor"):
+            lora_linear(x, W, b, A, B, scale=1.0, dropout_p=0.1, seed=bad)
