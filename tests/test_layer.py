@@ -233,3 +233,20 @@ def test_dropout_train_vs_eval(backend):
     state = torch.random.get_rng_state()
     assert torch.equal(layer(x), y_eval)
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_layer_compiles_without_graph_break(backend):
+    """torch.compile(fullgraph=True) over the whole layer, dropout on: same output as eager."""
+    torch.manual_seed(0)
+    layer = FastLoraLinear(32, 24, r=4, lora_dropout=0.1, init_lora_weights=False)
+    x = torch.randn(5, 32, requires_grad=True)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    torch.manual_seed(1)
+    y_c = compiled(x)
+    torch.manual_seed(1)
+    y_e = layer(x)
+    assert torch.equal(y_c, y_e)
+    y_c.sum().backward()
+    assert torch.count_nonzero(layer.lora_A["default"].weight.grad) > 0
+    layer.eval()
+    assert torch.equal(compiled(x), layer(x))
