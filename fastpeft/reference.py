@@ -91,12 +91,18 @@ def dropout_keep_mask(seed: int | torch.Tensor, n_rows: int, n_cols: int, p: flo
     return out
 
 
+def masked(t: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
+    """``keep ⊙ t / (1 − p)`` in t's dtype (``t`` itself when there is no mask)."""
+    if keep is None:
+        return t
+    return torch.where(keep, t * (1.0 / (1.0 - p)), torch.zeros((), dtype=t.dtype, device=t.device))
+
+
 def apply_dropout(x2d: torch.Tensor, seed, p: float) -> torch.Tensor:
     """``m ⊙ x / (1 − p)`` in x's dtype, with the mask regenerated from ``seed``."""
     if p == 0.0:
         return x2d
-    keep = dropout_keep_mask(seed, x2d.shape[0], x2d.shape[1], p, device=x2d.device)
-    return torch.where(keep, x2d * (1.0 / (1.0 - p)), torch.zeros((), dtype=x2d.dtype, device=x2d.device))
+    return masked(x2d, dropout_keep_mask(seed, x2d.shape[0], x2d.shape[1], p, device=x2d.device), p)
 
 
 def _base_weight(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
@@ -123,16 +129,12 @@ def lora_linear_backward(dy, x2d, weight, lora_A, lora_B, xa, seed, scale: float
     keep = dropout_keep_mask(seed, x2d.shape[0], x2d.shape[1], p, device=x2d.device) \
         if p > 0.0 and (need_dx or need_dA) else None
 
-    def drop(t):
-        return t if keep is None else torch.where(keep, t * (1.0 / (1.0 - p)), torch.zeros((), dtype=t.dtype,
-                                                                                          device=t.device))
-
     if need_dx:
-        lora_dx = drop(dS @ lora_A.float())
+        lora_dx = masked(dS @ lora_A.float(), keep, p)
         dx = (dyf @ w.float() + lora_dx).to(x2d.dtype) if dy.dtype == torch.float32 else \
             (dy @ w).float().add_(lora_dx).to(x2d.dtype)
     if need_dA:
-        dA = (dS.t() @ drop(x2d.float())).to(lora_A.dtype)
+        dA = (dS.t() @ masked(x2d.float(), keep, p)).to(lora_A.dtype)
     if need_dB:
         dB = (scale * (dyf.t() @ xa)).to(lora_B.dtype)
     if need_dbias:

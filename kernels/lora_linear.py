@@ -278,9 +278,10 @@ def _block_r(r: int, cap: int) -> int:
     return min(max(16, triton.next_power_of_2(r)), cap)
 
 
-def _dummy(t: torch.Tensor) -> torch.Tensor:
-    """A pointer argument the kernel never reads (its constexpr flag is off)."""
-    return t
+def _or(t: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
+    """``t``, or for an absent optional operand a stand-in pointer the kernel never reads
+    (its constexpr flag is off)."""
+    return stand_in if t is None else t
 
 
 def _gemm_choice(impl: str | None) -> str:
@@ -349,7 +350,7 @@ def lora_gemm(x, w, bias=None, l=None, r=None, *, lora_scale=1.0, seed=None, thr
             warnings.warn(f"fastpeft: the TMA GEMM failed ({_TMA_STATE['disabled'][:300]}); using the "
                           "pointer-based kernel from now on (slower on Hopper). Please report this.",
                           RuntimeWarning, stacklevel=2)
-    args = (x, w, _dummy(x) if bias is None else bias, l_, r_, out, _dummy(x) if seed is None else seed,
+    args = (x, w, _or(bias, x), l_, r_, out, _or(seed, x),
             M, N, K, R, _m_key(M),
             x.stride(0), x.stride(1), w.stride(0), w.stride(1),
             l_.stride(0), l_.stride(1), r_.stride(0), r_.stride(1),
@@ -372,7 +373,7 @@ def _lora_gemm_tma(x, w, bias, l_, r_, out, seed, R, has_lora, lora_scale, thres
     N = w.shape[0]
     x_d, w_d, out_d, w_kn = make_descriptors(x, w, out)
     num_sms = _num_sms(x.device)
-    args = (x_d, w_d, out_d, _dummy(x) if bias is None else bias, l_, r_, _dummy(x) if seed is None else seed,
+    args = (x_d, w_d, out_d, _or(bias, x), l_, r_, _or(seed, x),
             M, N, K, R, _m_key(M),
             l_.stride(0), l_.stride(1), r_.stride(0), r_.stride(1),
             float(lora_scale), int(threshold), float(inv_keep))
@@ -395,7 +396,7 @@ def lora_down(x, w, *, out_scale=1.0, seed=None, threshold=0, dropout=False, con
     if M == 0 or R == 0:
         return out
     block_r = _block_r(R, 128)
-    args = (x, w, out, _dummy(x) if seed is None else seed, M, K, R, _m_key(M),
+    args = (x, w, out, _or(seed, x), M, K, R, _m_key(M),
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
             float(out_scale), int(threshold))
     kwargs = dict(DROPOUT=bool(dropout), F32_PRECISION=_f32_precision(x.dtype), BLOCK_R=block_r)
@@ -446,7 +447,7 @@ def lora_reduce(g, x, *, out_scale=1.0, seed=None, threshold=0, dropout=False, d
     stride_pr, stride_pk = (part.stride(2), part.stride(1)) if transpose_out else (part.stride(1), part.stride(2))
     bias_part = torch.empty(splits, K, device=x.device, dtype=torch.float32) if dbias else part
     a, dx = add_dx if add_dx is not None else (g, x)
-    args = (g, x, part, bias_part, _dummy(x) if seed is None else seed, a, dx,
+    args = (g, x, part, bias_part, _or(seed, x), a, dx,
             M, K, R, rows_per_split, _m_key(M),
             g.stride(0), g.stride(1), x.stride(0), x.stride(1),
             part.stride(0), stride_pr, stride_pk, bias_part.stride(0),
