@@ -4,27 +4,29 @@ Tensors in, tensors out: no ``nn.Module``, no autograd. See ``lora_linear.py``.
 """
 
 if __name__ != "fastpeft.kernels":
-    # Run from the repository root, this folder shadows the unrelated Hugging Face ``kernels``
-    # package that transformers and bitsandbytes try to import; fail as "not installed" instead.
-    raise ImportError(f"{__file__} is fastpeft's kernel folder (import it as fastpeft.kernels), "
-                      "not the Hugging Face `kernels` package")
+    # Run from the repository root (``python -m ...``, ``python -c``), this folder shadows the unrelated
+    # Hugging Face ``kernels`` package, which transformers probes on import. Present an empty module
+    # without ``__file__`` or ``__version__``: transformers reads that as a namespace-package shadow,
+    # i.e. "not installed", and ``from kernels import get_kernel`` fails with an ordinary ImportError.
+    del globals()["__file__"]
+    __all__ = []
+else:
+    from .configs import interpreting
+    from .lora_linear import (
+        LAUNCHES,
+        lora_down,
+        lora_gemm,
+        lora_linear_backward,
+        lora_linear_forward,
+        lora_reduce,
+    )
 
-from .configs import interpreting
-from .lora_linear import (
-    LAUNCHES,
-    lora_down,
-    lora_gemm,
-    lora_linear_backward,
-    lora_linear_forward,
-    lora_reduce,
-)
-
-__all__ = [
-    "LAUNCHES",
-    "interpreting",
-    "lora_down",
-    "lora_gemm",
-    "lora_linear_backward",
-    "lora_linear_forward",
-    "lora_reduce",
-]
+    __all__ = [
+        "LAUNCHES",
+        "interpreting",
+        "lora_down",
+        "lora_gemm",
+        "lora_linear_backward",
+        "lora_linear_forward",
+        "lora_reduce",
+    ]
