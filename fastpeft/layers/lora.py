@@ -19,7 +19,7 @@ from torch import nn
 
 from ..ops import lora_linear
 
-_INIT_CHOICES = (True, False, "gaussian")
+_INIT_CHOICES = (True, False, "gaussian", "pissa")
 
 
 class Conv1DBase(nn.Module):
@@ -67,7 +67,8 @@ class FastLoraLinear(nn.Module):
     ``alpha/√r`` instead of ``alpha/r``), ``fan_in_fan_out`` (base stores its
     weight as (in, out), as GPT-2's Conv1D), ``init_lora_weights`` (True:
     A kaiming-uniform(a=√5), B zeros; "gaussian": A ~ N(0, 1/r), B zeros;
-    False: both keep nn.Linear's default init, so B ≠ 0).
+    False: both keep nn.Linear's default init, so B ≠ 0; "pissa": A, B from the
+    base weight's top-r singular triplets, the base keeps the residual, as peft).
     Adapter weights are fp32 on a half-precision base unless
     ``autocast_adapter_dtype=False``. Output dtype is the input's.
 
@@ -76,6 +77,10 @@ class FastLoraLinear(nn.Module):
         layer = FastLoraLinear(4096, 4096, r=16, lora_alpha=32, lora_dropout=0.1, dtype=torch.bfloat16)
         layer = FastLoraLinear.from_linear(model.q_proj, r=16, lora_alpha=32)  # wraps, no weight copy
     """
+
+    # peft's BaseTunerLayer bookkeeping: which attributes hold per-adapter modules and values.
+    adapter_layer_names = ("lora_A", "lora_B")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int = 8,
                  lora_alpha: float = 8, lora_dropout: float = 0.0, use_rslora: bool = False,
@@ -163,13 +168,51 @@ class FastLoraLinear(nn.Module):
         if init_lora_weights is False:
             return
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        if init_lora_weights == "pissa":
+            self._pissa_init(adapter_name)
+            return
         if init_lora_weights == "gaussian":
             nn.init.normal_(A, std=1.0 / self.r[adapter_name])
         else:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         nn.init.zeros_(B)
 
+    @torch.no_grad()
+    def _pissa_init(self, adapter_name: str) -> None:
+        # PiSSA (Meng et al. 2024): W = U S Vᵀ; B = U_r √S_r', A = √S_r' V_rᵀ with S' = S/scale, and the
+        # base keeps W − scale·B A, so the layer's output is unchanged at init.
+        base = self.base_layer.weight
+        if base.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError("PiSSA initialization needs a float32/float16/bfloat16 base weight, "
+                            f"got {base.dtype}; initialize before quantizing")
+        w = base.float()
+        if self.fan_in_fan_out:
+            w = w.t()
+        r, scale = self.r[adapter_name], self.scaling[adapter_name]
+        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        sr = (S[:r] / scale).sqrt()
+        A = sr[:, None] * Vh[:r]
+        B = U[:, :r] * sr[None, :]
+        self.lora_A[adapter_name].weight.copy_(A)
+        self.lora_B[adapter_name].weight.copy_(B)
+        residual = w - scale * (B @ A)
+        base.copy_((residual.t() if self.fan_in_fan_out else residual).to(base.dtype))
+
     # ------------------------------------------------------------ adapters
+    def get_base_layer(self) -> nn.Module:
+        """The wrapped base layer (peft's method)."""
+        return self.base_layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (as peft's LoRA layers expose it)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias."""
+        return self.base_layer.bias
+
     @property
     def active_adapters(self) -> list[str]:
         return list(self._active_adapters)
@@ -178,17 +221,50 @@ class FastLoraLinear(nn.Module):
     def active_adapter(self) -> str | list[str]:
         return self._active_adapters[0] if len(self._active_adapters) == 1 else list(self._active_adapters)
 
-    def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
-        """Activate one adapter or several (summed); only active adapters are trainable, as in peft."""
+    def set_adapter(self, adapter_names: str | Iterable[str], inference_mode: bool = False) -> None:
+        """Activate one adapter or several (summed); only active adapters train, as in peft.
+
+        Names this layer does not hold are kept in the active list and ignored by the forward (peft's
+        behaviour, so one model-wide call works when adapters target different layers).
+        """
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        unknown = [n for n in names if n not in self.lora_A]
-        if unknown:
-            raise ValueError(f"unknown adapter(s) {unknown}; this layer has {list(self.lora_A.keys())}")
         for name in self.lora_A:
-            train = name in names
+            train = name in names and not inference_mode
             self.lora_A[name].weight.requires_grad_(train)
             self.lora_B[name].weight.requires_grad_(train)
         self._active_adapters = names
+
+    def set_requires_grad(self, adapter_names: str | Iterable[str], requires_grad: bool = True) -> None:
+        """Switch training on or off for the named adapters of this layer (peft's method)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            if name in self.lora_A:
+                self.lora_A[name].weight.requires_grad_(requires_grad)
+                self.lora_B[name].weight.requires_grad_(requires_grad)
+
+    def _get_available_adapters(self) -> set[str]:
+        return set(self.lora_A.keys())
+
+    def _all_available_adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    # peft's LoRA-layer fields for features fastpeft does not have, always off (read by peft's model code
+    # when a converted layer sits inside a peft model).
+    @property
+    def use_dora(self) -> dict[str, bool]:
+        return dict.fromkeys(self.lora_A, False)
+
+    @property
+    def lora_bias(self) -> dict[str, bool]:
+        return dict.fromkeys(self.lora_A, False)
+
+    @property
+    def lora_variant(self) -> dict:
+        return {}
+
+    def get_base_weight(self) -> torch.Tensor:
+        """The base layer's weight (peft's method)."""
+        return self.base_layer.weight
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter (unmerging it first if merged)."""
@@ -293,7 +369,7 @@ class FastLoraLinear(nn.Module):
 
     # ------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self._disable_adapters or self.merged or not self._active_adapters:
+        if self._disable_adapters or self.merged:
             return self.base_layer(x, *args, **kwargs)
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"FastLoraLinear expected input of shape (..., {self.in_features}), "
@@ -302,7 +378,10 @@ class FastLoraLinear(nn.Module):
         if weight.requires_grad:
             raise RuntimeError("FastLoraLinear keeps its base weight frozen, but base_layer.weight.requires_grad "
                                "is True; call base_layer.weight.requires_grad_(False)")
-        first, *rest = self._active_adapters
+        active = [n for n in self._active_adapters if n in self.lora_A]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        first, *rest = active
         y = lora_linear(x, weight, self.base_layer.bias, self.lora_A[first].weight, self.lora_B[first].weight,
                         scale=self.scaling[first], dropout_p=self._dropout_p(first), training=self.training,
                         fan_in_fan_out=self.fan_in_fan_out)

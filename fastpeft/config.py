@@ -1,0 +1,210 @@
+"""``LoraConfig``: peft's LoRA configuration, field for field, read from and written to ``adapter_config.json``.
+
+A peft user keeps their configs: the fields fastpeft implements carry peft's names,
+defaults and meanings; the peft fields fastpeft does not implement are accepted
+only at their neutral value (e.g. ``use_dora=False``) and refused with a clear
+error otherwise; peft fields unknown to this version are kept verbatim and
+written back, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_NAME = "adapter_config.json"
+
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+INIT_CHOICES = (True, False, "gaussian", "pissa")
+BIAS_CHOICES = ("none", "all", "lora_only")
+
+# peft LoraConfig fields fastpeft does not implement, with the values under which they change nothing.
+_NEUTRAL: dict[str, tuple] = {
+    "use_dora": (False, None),
+    "lora_bias": (False, None),
+    "target_parameters": (None, []),
+    "trainable_token_indices": (None, [], {}),
+    "loftq_config": ({}, None),
+    "eva_config": (None,),
+    "corda_config": (None,),
+    "lora_ga_config": (None,),
+    "velora_config": (None,),
+    "monteclora_config": (None,),
+    "arrow_config": (None,),
+    "kasa_config": (None,),
+    "megatron_config": (None,),
+    "layer_replication": (None, []),
+    "alora_invocation_tokens": (None,),
+    "use_qalora": (False, None),
+    "use_bdlora": (None, False),
+    "ensure_weight_tying": (False, None),
+}
+
+# peft's defaults for the attention projections of common architectures (the same facts peft ships in
+# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING), used when ``target_modules`` is None.
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    **{t: ["q_proj", "v_proj"] for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "gemma",
+                                           "gemma2", "gemma3_text", "phi", "phi3", "opt", "bart", "mbart", "gptj",
+                                           "olmo", "olmo2", "granite", "stablelm", "starcoder2", "cohere", "smollm3")},
+    **{t: ["query_key_value"] for t in ("bloom", "gpt_neox", "falcon", "chatglm")},
+    **{t: ["c_attn"] for t in ("gpt2", "gpt_bigcode")},
+    **{t: ["query", "value"] for t in ("bert", "roberta", "xlm-roberta", "electra", "deberta", "camembert")},
+    **{t: ["q", "v"] for t in ("t5", "mt5", "umt5")},
+    "deberta-v2": ["query_proj", "value_proj"],
+    "distilbert": ["q_lin", "v_lin"],
+}
+
+
+@dataclass
+class LoraConfig:
+    """LoRA configuration with peft's field names, defaults and meanings.
+
+    Args:
+        r: LoRA rank (≥ 1).
+        lora_alpha: scaling numerator: scale = ``lora_alpha / r`` (``/ √r`` with ``use_rslora``).
+        lora_dropout: dropout probability on the LoRA branch input, in [0, 1).
+        target_modules: module names to adapt: a list matched on the name's last dot-separated
+            parts (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``), a regex string matched with
+            ``re.fullmatch`` against the whole name, or ``"all-linear"`` (every linear layer except the
+            output head). ``None`` picks peft's default for the model type.
+        exclude_modules: names (list, suffix match) or regex (string) never adapted.
+        modules_to_save: modules trained in full and saved with the adapter (e.g. a classifier head);
+            for ``task_type="SEQ_CLS"``/``"TOKEN_CLS"`` the head (``classifier``/``score``) is added as peft does.
+        bias: ``"none"``, ``"all"`` (every bias trains and is saved) or ``"lora_only"`` (biases of adapted layers).
+        fan_in_fan_out: base stores its weight as (in, out) (GPT-2 ``Conv1D``); detected per layer anyway.
+        use_rslora: rank-stabilized scaling ``lora_alpha / √r``.
+        init_lora_weights: ``True`` (A Kaiming-uniform, B zero), ``False`` (random B: not an identity),
+            ``"gaussian"`` (A ~ N(0, 1/r)), or ``"pissa"`` (principal singular vectors; the base keeps the residual).
+        rank_pattern / alpha_pattern: per-module overrides, ``{regex: value}`` matched against the name's tail.
+        layers_to_transform / layers_pattern: restrict adaptation to these layer indices.
+        task_type: ``"CAUSAL_LM"``, ``"SEQ_CLS"``, ``"SEQ_2_SEQ_LM"``, ``"TOKEN_CLS"``, … (or None).
+        inference_mode: adapters load frozen.
+        base_model_name_or_path, revision: recorded in ``adapter_config.json`` on save.
+
+    Example::
+
+        config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                            task_type="CAUSAL_LM")
+        model = fastpeft.get_peft_model(model, config)
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    bias: str = "none"
+    fan_in_fan_out: bool = False
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    task_type: str | None = None
+    inference_mode: bool = False
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    peft_type: str = "LORA"
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.peft_type != "LORA":
+            raise ValueError(f"LoraConfig has peft_type 'LORA', got {self.peft_type!r}")
+        if isinstance(self.task_type, str) is False and self.task_type is not None:
+            self.task_type = str(getattr(self.task_type, "value", self.task_type))
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ValueError(f"task_type must be one of {TASK_TYPES} or None, got {self.task_type!r}")
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r!r}")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.bias not in BIAS_CHOICES:
+            raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
+        if self.init_lora_weights not in INIT_CHOICES:
+            raise ValueError(f"init_lora_weights={self.init_lora_weights!r} is not supported by fastpeft; "
+                             f"choose one of {INIT_CHOICES}")
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+            value = getattr(self, name)
+            if isinstance(value, (set, tuple)):
+                setattr(self, name, sorted(value))
+        if isinstance(self.layers_to_transform, (set, tuple)):
+            self.layers_to_transform = list(self.layers_to_transform)
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str):
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+        for key, r in self.rank_pattern.items():
+            if not isinstance(r, int) or r <= 0:
+                raise ValueError(f"rank_pattern[{key!r}] must be a positive integer, got {r!r}")
+        for key, value in self.extra.items():
+            _check_neutral(key, value)
+
+    # ----------------------------------------------------------------- dict / json
+    @property
+    def is_prompt_learning(self) -> bool:
+        """Always False (peft's attribute)."""
+        return False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``adapter_config.json`` contents: fastpeft's fields plus the peft fields it kept."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        out.update(self.extra)
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+            if isinstance(out.get(name), (set, tuple)):
+                out[name] = sorted(out[name])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
+        """Build from a peft-style dict; unsupported peft features raise ``ValueError``."""
+        data = dict(data)
+        peft_type = data.pop("peft_type", "LORA") or "LORA"
+        if peft_type != "LORA":
+            raise ValueError(f"this adapter config has peft_type {peft_type!r}; fastpeft.LoraConfig reads LORA "
+                             "adapters only")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "peft_type"}
+        known = {k: v for k, v in data.items() if k in names}
+        extra = {k: v for k, v in data.items() if k not in names}
+        return cls(**known, extra=extra)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``adapter_config.json`` into ``save_directory`` (created if needed)."""
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True, default=_json_default)
+            f.write("\n")
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> LoraConfig:
+        """Read ``adapter_config.json`` from a folder (or the file itself)."""
+        path = os.fspath(path)
+        file = path if path.endswith(".json") else os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"no {CONFIG_NAME} at {path!r} (fastpeft reads local adapter folders)")
+        with open(file, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{file} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{file} must hold a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+
+def _check_neutral(key: str, value: Any) -> None:
+    if key in _NEUTRAL and value not in _NEUTRAL[key]:
+        raise ValueError(f"peft option {key}={value!r} is not supported by fastpeft (supported only at "
+                         f"{_NEUTRAL[key][0]!r}); use peft for this adapter")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (set, tuple)):
+        return sorted(obj)
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.asdict(obj)
+    return getattr(obj, "value", str(obj))

@@ -1,0 +1,170 @@
+"""Conversion between Hugging Face peft models and fastpeft layers.
+
+``from_peft`` swaps, in place, every peft LoRA layer of a ``peft.PeftModel`` for a
+``FastLoraLinear`` that adopts the same parameter objects (nothing copied), the
+adapter names and the active adapter; the peft model keeps working (save,
+set_adapter, disable_adapter, merge_and_unload) with fused layers inside.
+``to_peft`` goes back: peft layers on a converted peft model, or a fresh
+``peft.PeftModel`` built from a fastpeft ``PeftModel``.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+from torch import nn
+
+from .layers.lora import FastLoraLinear, _base_shape
+from .model import ModulesToSaveWrapper, PeftModel, _is_linear4bit, _parent
+
+
+def _register_with_peft() -> None:
+    """Let peft's model-level code (set_adapter, disable_adapter, merge_and_unload) see fastpeft layers."""
+    from peft.tuners.lora import LoraLayer
+
+    if not issubclass(FastLoraLinear, LoraLayer):
+        LoraLayer.register(FastLoraLinear)  # LoraLayer is an ABC (via BaseTunerLayer): a virtual subclass
+
+
+def _adopt(layer: nn.Module, path: str) -> FastLoraLinear:
+    for flag in ("use_dora", "lora_bias"):
+        on = [n for n, v in getattr(layer, flag, {}).items() if v]
+        if on:
+            raise ValueError(f"{path}: peft option {flag} is on for adapter(s) {on}; fastpeft does not support it")
+    variants = getattr(layer, "lora_variant", {}) or {}
+    if any(v is not None for v in variants.values()):
+        raise ValueError(f"{path}: peft LoRA variant {variants} is not supported by fastpeft")
+    base = layer.get_base_layer()
+    if _is_linear4bit(base):
+        from .layers.lora4bit import FastLoraLinear4bit
+
+        cls = FastLoraLinear4bit
+    else:
+        cls = FastLoraLinear
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    if cls is FastLoraLinear:
+        new.in_features, new.out_features, new.fan_in_fan_out = _base_shape(base)
+    else:
+        new._adopt_base(base)
+    new.base_layer = base
+    new.lora_A, new.lora_B, new.lora_dropout = layer.lora_A, layer.lora_B, layer.lora_dropout
+    names = list(layer.lora_A.keys())
+    new.r = {n: int(layer.r[n]) for n in names}
+    new.lora_alpha = {n: layer.lora_alpha[n] for n in names}
+    new.scaling = {n: float(layer.scaling[n]) for n in names}
+    new.use_rslora = {n: bool(getattr(layer, "use_rslora", {}).get(n, False)) for n in names}
+    new._active_adapters = [n for n in layer.active_adapters if n in layer.lora_A]
+    new.merged_adapters = list(layer.merged_adapters)
+    new._disable_adapters = bool(layer.disable_adapters)
+    return new
+
+
+def from_peft(peft_model: nn.Module) -> nn.Module:
+    """Swap every peft LoRA ``Linear`` (nn.Linear, Conv1D and bitsandbytes Linear4bit bases) for fastpeft's, in place.
+
+    Parameters are adopted, not copied; adapter names, ranks, scalings, dropout, merged state and the
+    active adapter are kept. Embedding/conv LoRA layers stay peft's (with a warning). Returns ``peft_model``.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    _register_with_peft()
+    converted, skipped = 0, []
+    for name, module in list(peft_model.named_modules()):
+        if not isinstance(module, LoraLayer) or isinstance(module, FastLoraLinear):
+            continue
+        base = module.get_base_layer()
+        if not (isinstance(base, nn.Linear) or type(base).__name__ == "Conv1D" or _is_linear4bit(base)):
+            skipped.append(f"{name} ({type(base).__name__})")
+            continue
+        parent, child = _parent(peft_model, name)
+        setattr(parent, child, _adopt(module, name))
+        converted += 1
+    if skipped:
+        warnings.warn(f"from_peft kept peft's layers for {skipped}: fastpeft fuses Linear/Conv1D/Linear4bit only",
+                      stacklevel=2)
+    if converted == 0:
+        raise ValueError("from_peft found no peft LoRA Linear layer to convert")
+    return peft_model
+
+
+def _to_peft_layer(layer: FastLoraLinear) -> nn.Module:
+    import peft.tuners.lora as plora
+
+    names = list(layer.lora_A.keys())
+    base = layer.base_layer
+    if _is_linear4bit(base):
+        from peft.tuners.lora.bnb import Linear4bit as cls
+    else:
+        cls = plora.Linear
+
+    def config(n):
+        drop = layer.lora_dropout[n]
+        return plora.LoraConfig(r=layer.r[n], lora_alpha=layer.lora_alpha[n],
+                                lora_dropout=float(getattr(drop, "p", 0.0)), use_rslora=layer.use_rslora[n],
+                                init_lora_weights=False, fan_in_fan_out=layer.fan_in_fan_out)
+
+    first = names[0]
+    new = cls(base, first, config=config(first), r=layer.r[first], lora_alpha=layer.lora_alpha[first])
+    for n in names[1:]:
+        new.update_layer(n, r=layer.r[n], lora_alpha=layer.lora_alpha[n], config=config(n))
+    for n in names:
+        new.lora_A[n] = layer.lora_A[n]
+        new.lora_B[n] = layer.lora_B[n]
+        new.lora_dropout[n] = layer.lora_dropout[n]
+        new.scaling[n] = layer.scaling[n]
+    new.set_adapter(layer.active_adapters or names[:1])
+    new.merged_adapters = list(layer.merged_adapters)
+    new._disable_adapters = layer.disable_adapters
+    return new
+
+
+def to_peft(model: nn.Module) -> nn.Module:
+    """A plain peft model back.
+
+    - On a peft ``PeftModel`` converted with :func:`from_peft`: swaps the fastpeft layers back to peft's, in
+      place (same parameter objects), and returns it.
+    - On a fastpeft :class:`PeftModel`: builds ``peft.PeftModel`` over the same transformers model with the
+      same configs and adapter weights. The fastpeft wrapper is consumed (its layers are unloaded).
+    """
+    if isinstance(model, PeftModel):
+        return _fastpeft_to_peft(model)
+    count = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FastLoraLinear):
+            parent, child = _parent(model, name)
+            setattr(parent, child, _to_peft_layer(module))
+            count += 1
+    if count == 0:
+        raise ValueError("to_peft found no fastpeft layer in this model")
+    return model
+
+
+def _fastpeft_to_peft(model: PeftModel) -> nn.Module:
+    import peft
+    from peft.utils import set_peft_model_state_dict
+
+    from .save import adapter_state_dict
+
+    configs = {n: copy.deepcopy(c) for n, c in model.peft_config.items()}
+    states = {n: adapter_state_dict(model, n) for n in configs}
+    active = model.active_adapters
+    base = model.unload()
+    for wrapper_parent in [n for n, m in base.named_modules() if isinstance(m, ModulesToSaveWrapper)]:
+        raise RuntimeError(f"unexpected modules_to_save wrapper left at {wrapper_parent}")
+    out = None
+    for name, cfg in configs.items():
+        d = cfg.to_dict()
+        d["init_lora_weights"] = True if d["init_lora_weights"] == "pissa" else d["init_lora_weights"]
+        pcfg = peft.LoraConfig(**{k: v for k, v in d.items() if k not in ("peft_type",)})
+        if out is None:
+            out = peft.get_peft_model(base, pcfg, adapter_name=name)
+        else:
+            out.add_adapter(name, pcfg)
+        result = set_peft_model_state_dict(out, states[name], adapter_name=name)
+        bad = [k for k in getattr(result, "unexpected_keys", []) if name in k or "lora_" in k]
+        if bad:
+            raise RuntimeError(f"peft did not accept adapter {name!r} keys {bad[:3]}")
+    out.set_adapter(active if len(active) > 1 else active[0])
+    return out

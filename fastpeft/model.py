@@ -1,0 +1,597 @@
+"""Model level: ``get_peft_model``, ``PeftModel`` and the LoRA injection behind them.
+
+The wrapper mirrors peft's object layout — ``PeftModel.base_model`` is a
+``LoraModel`` whose ``.model`` is the transformers model — so parameter names
+(``base_model.model.<path>.lora_A.<adapter>.weight``) and saved keys are
+exactly peft's, and adapters move between the two libraries unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import re
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import DEFAULT_TARGET_MODULES, LoraConfig
+from .layers.lora import FastLoraLinear, _is_conv1d
+
+SAFETENSORS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+INCLUDE_LINEAR_LAYERS_SHORTHAND = "all-linear"
+_CLASSIFIER_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
+                     "QUESTION_ANS": ["qa_outputs"]}
+
+
+# --------------------------------------------------------------------------- modules_to_save
+class ModulesToSaveWrapper(nn.Module):
+    """A module trained in full beside the adapters (peft's class of the same name and layout).
+
+    ``original_module`` stays frozen; ``modules_to_save[adapter]`` is the trainable copy used while that
+    adapter is active and adapters are enabled.
+    """
+
+    def __init__(self, module_to_save: nn.Module, adapter_name: str):
+        super().__init__()
+        self.original_module = module_to_save
+        self.modules_to_save = nn.ModuleDict()
+        self._active_adapter = adapter_name
+        self._disable_adapters = False
+        self.update(adapter_name)
+
+    def update(self, adapter_name: str) -> None:
+        """Add a trainable copy of the original module for ``adapter_name``."""
+        copy_ = copy.deepcopy(self.original_module)
+        copy_.requires_grad_(True)
+        self.modules_to_save[adapter_name] = copy_
+        self.original_module.requires_grad_(False)
+
+    @property
+    def active_adapter(self) -> str:
+        return self._active_adapter
+
+    def set_adapter(self, adapter_name: str | list[str], train: bool = True) -> None:
+        """Use ``adapter_name``'s copy (the original module if this wrapper has none for it)."""
+        if isinstance(adapter_name, (list, tuple)):
+            if len(adapter_name) > 1:
+                raise ValueError(f"modules_to_save cannot be active for several adapters: {adapter_name}")
+            adapter_name = adapter_name[0] if adapter_name else ""
+        for name, module in self.modules_to_save.items():
+            module.requires_grad_(train and name == adapter_name)
+        self._active_adapter = adapter_name
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._disable_adapters = not enabled
+
+    def _current(self) -> nn.Module:
+        if self._disable_adapters or self._active_adapter not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[self._active_adapter]
+
+    def forward(self, *args, **kwargs):
+        return self._current()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original_module", "modules_to_save"):
+                raise
+            return getattr(self.original_module, name)
+
+
+# --------------------------------------------------------------------------- matching
+def _supported_base(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module) or _is_linear4bit(module)
+
+
+def _is_linear4bit(module: nn.Module) -> bool:
+    return type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4") and hasattr(module, "weight")
+
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    return isinstance(module, FastLoraLinear) or hasattr(module, "lora_A") and hasattr(module, "base_layer")
+
+
+def _pattern_key(pattern_keys: Iterable[str], key: str) -> str | None:
+    for pattern in pattern_keys:
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return pattern
+    return None
+
+
+def _layer_index_ok(config: LoraConfig, key: str) -> bool:
+    indexes = config.layers_to_transform
+    if indexes is None or (isinstance(indexes, list) and not indexes):
+        return True
+    patterns = config.layers_pattern
+    match = None
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if match:
+                break
+    if match is None:
+        return False
+    idx = int(match.group("idx"))
+    return idx == indexes if isinstance(indexes, int) else idx in indexes
+
+
+def _excluded(config: LoraConfig, key: str) -> bool:
+    ex = config.exclude_modules
+    if ex:
+        if isinstance(ex, str):
+            if re.fullmatch(ex, key):
+                return True
+        elif key in ex or any(key.endswith(f".{e}") for e in ex):
+            return True
+    return False
+
+
+def _targeted(config: LoraConfig, targets: list[str] | str, key: str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, key) is not None
+    found = key in targets or any(key.endswith(f".{t}") for t in targets)
+    return found and _layer_index_ok(config, key)
+
+
+def _in_modules_to_save(names: list[str], key: str) -> bool:
+    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", key) for m in names)
+
+
+def _resolve_targets(model: nn.Module, config: LoraConfig) -> list[str] | str:
+    targets = config.target_modules
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGET_MODULES:
+            raise ValueError(f"target_modules is None and fastpeft has no default for model type {model_type!r}; "
+                             "pass target_modules (a list of names, a regex, or 'all-linear')")
+        return list(DEFAULT_TARGET_MODULES[model_type])
+    if isinstance(targets, str) and targets == INCLUDE_LINEAR_LAYERS_SHORTHAND:
+        head = None
+        get_out = getattr(model, "get_output_embeddings", None)
+        if callable(get_out):
+            with contextlib.suppress(Exception):
+                head = get_out()
+        names = set()
+        for name, module in model.named_modules():
+            if _supported_base(module) and module is not head and not _is_inside_lora(model, name):
+                names.add(name.split(".")[-1])
+        if head is not None:
+            for name, module in model.named_modules():
+                if module is head:
+                    names.discard(name.split(".")[-1])
+        return sorted(names)
+    return targets
+
+
+def _is_inside_lora(model: nn.Module, name: str) -> bool:
+    parts = name.split(".")
+    return any(p in ("base_layer", "lora_A", "lora_B", "original_module", "modules_to_save") for p in parts)
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    if "." in name:
+        parent_name, child = name.rsplit(".", 1)
+        return model.get_submodule(parent_name), child
+    return model, name
+
+
+# --------------------------------------------------------------------------- the tuner
+class LoraModel(nn.Module):
+    """Holds the transformers model (``.model``) with fastpeft layers injected; peft's ``LoraModel`` layout."""
+
+    prefix = "lora_"
+
+    def __init__(self, model: nn.Module, config: LoraConfig | dict[str, LoraConfig], adapter_name: str = "default"):
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.active_adapter: str | list[str] = adapter_name
+        configs = config if isinstance(config, dict) else {adapter_name: config}
+        for name, cfg in configs.items():
+            self.inject_adapter(cfg, name)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        a = self.active_adapter
+        return [a] if isinstance(a, str) else list(a)
+
+    # ----------------------------------------------------------------- injection
+    def lora_layers(self) -> Iterator[tuple[str, FastLoraLinear]]:
+        """(name, layer) for every fastpeft LoRA layer in the model."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, FastLoraLinear):
+                yield name, module
+
+    def modules_to_save_wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                yield name, module
+
+    def inject_adapter(self, config: LoraConfig, adapter_name: str, activate: bool = True) -> None:
+        """Wrap every module ``config`` targets with adapter ``adapter_name`` (frozen base, peft's init)."""
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"fastpeft injects LoraConfig adapters, got {type(config).__name__}")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; pick another name or delete it first")
+        if not adapter_name or "." in adapter_name or adapter_name == "__base__":
+            raise ValueError(f"invalid adapter name {adapter_name!r}")
+        config = copy.deepcopy(config)
+        model = self.model
+        previous_active = [a for a in self.active_adapters if a in self.peft_config]
+        targets = _resolve_targets(model, config)
+        extra_save = _CLASSIFIER_HEADS.get(config.task_type or "", [])
+        if extra_save:
+            present = {n.split(".")[-1] for n, _ in model.named_modules()}
+            extra_save = [m for m in extra_save if m in present]
+        modules_to_save = list(dict.fromkeys([*(config.modules_to_save or []), *extra_save]))
+        if modules_to_save != (config.modules_to_save or []) and modules_to_save:
+            config.modules_to_save = modules_to_save
+
+        matched: list[str] = []
+        names = [n for n, _ in model.named_modules() if n]
+        for key in names:
+            if _is_inside_lora(model, key):
+                continue
+            if _excluded(config, key) or _in_modules_to_save(modules_to_save, key):
+                continue
+            if not _targeted(config, targets, key):
+                continue
+            module = model.get_submodule(key)
+            r_key = _pattern_key(config.rank_pattern, key)
+            a_key = _pattern_key(config.alpha_pattern, key)
+            kw = dict(r=config.rank_pattern[r_key] if r_key else config.r,
+                      lora_alpha=config.alpha_pattern[a_key] if a_key else config.lora_alpha,
+                      lora_dropout=config.lora_dropout, init_lora_weights=config.init_lora_weights,
+                      use_rslora=config.use_rslora)
+            if isinstance(module, FastLoraLinear):
+                module.update_layer(adapter_name, **kw)
+            elif _is_linear4bit(module):
+                new = _wrap_4bit(module, adapter_name, kw)
+                parent, child = _parent(model, key)
+                setattr(parent, child, new)
+            elif isinstance(module, nn.Linear) or _is_conv1d(module):
+                is_conv = _is_conv1d(module)
+                if config.fan_in_fan_out != is_conv:
+                    warnings.warn(f"fan_in_fan_out is set to {config.fan_in_fan_out} but the target module "
+                                  f"{key!r} is {type(module).__name__}; using fan_in_fan_out={is_conv}.",
+                                  stacklevel=3)
+                new = FastLoraLinear.from_linear(module, adapter_name=adapter_name, **kw)
+                parent, child = _parent(model, key)
+                setattr(parent, child, new)
+            else:
+                raise ValueError(f"Target module {key!r} ({type(module).__name__}) is not supported by fastpeft: "
+                                 "it adapts torch.nn.Linear, transformers' Conv1D and bitsandbytes' Linear4bit")
+            matched.append(key)
+        if not matched:
+            existing = sorted({n.split(".")[-1] for n in names if _supported_base(model.get_submodule(n))})
+            raise ValueError(f"Target modules {targets} not found in the base model. Please check the target "
+                             f"modules and try again. Linear modules in this model: {existing}")
+        self.peft_config[adapter_name] = config
+        for key in [n for n, _ in model.named_modules() if n] if modules_to_save else []:
+            if _is_inside_lora(model, key) or not any(key == m or key.endswith(f".{m}") for m in modules_to_save):
+                continue
+            module = model.get_submodule(key)
+            if isinstance(module, ModulesToSaveWrapper):
+                module.update(adapter_name)
+            else:
+                parent, child = _parent(model, key)
+                setattr(parent, child, ModulesToSaveWrapper(module, adapter_name))
+        self._mark_only_adapters_as_trainable()
+        if activate and not previous_active:
+            self.set_adapter(adapter_name)
+        else:
+            self.set_adapter(previous_active or [adapter_name])
+        if config.inference_mode:
+            self._freeze_adapter(adapter_name)
+
+    def _mark_only_adapters_as_trainable(self) -> None:
+        for name, param in self.model.named_parameters():
+            if self.prefix not in name and ".modules_to_save." not in name:
+                param.requires_grad_(False)
+        for adapter in self.active_adapters:
+            cfg = self.peft_config.get(adapter)
+            if cfg is None or cfg.bias == "none":
+                continue
+            if cfg.bias == "all":
+                for name, param in self.model.named_parameters():
+                    if "bias" in name and ".original_module." not in name:
+                        param.requires_grad_(True)
+            else:  # lora_only
+                for _, layer in self.lora_layers():
+                    if layer.base_layer.bias is not None:
+                        layer.base_layer.bias.requires_grad_(True)
+
+    def _freeze_adapter(self, adapter_name: str) -> None:
+        for name, param in self.model.named_parameters():
+            if f".{adapter_name}." in name or name.endswith(f".{adapter_name}"):
+                param.requires_grad_(False)
+
+    # ----------------------------------------------------------------- adapters
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Activate one adapter (or several, summed); only active adapters train."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
+        for _, layer in self.lora_layers():
+            if layer.merged:
+                warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.",
+                              stacklevel=2)
+                layer.unmerge()
+            layer.set_adapter([n for n in names if n in layer.lora_A])
+        for _, wrapper in self.modules_to_save_wrappers():
+            wrapper.set_adapter([n for n in names if n in wrapper.modules_to_save][:1])
+        for n in names:
+            if self.peft_config[n].inference_mode:
+                self._freeze_adapter(n)
+        self.active_adapter = names[0] if len(names) == 1 else names
+
+    def enable_adapter_layers(self) -> None:
+        for _, layer in self.lora_layers():
+            layer.enable_adapters(True)
+        for _, wrapper in self.modules_to_save_wrappers():
+            wrapper.enable_adapters(True)
+
+    def disable_adapter_layers(self) -> None:
+        for _, layer in self.lora_layers():
+            layer.enable_adapters(False)
+        for _, wrapper in self.modules_to_save_wrappers():
+            wrapper.enable_adapters(False)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter from every layer; if it was active, the first remaining one becomes active."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name} does not exist; this model has {list(self.peft_config)}")
+        del self.peft_config[adapter_name]
+        for _, layer in self.lora_layers():
+            if adapter_name in layer.lora_A:
+                layer.delete_adapter(adapter_name)
+        for _, wrapper in self.modules_to_save_wrappers():
+            if adapter_name in wrapper.modules_to_save:
+                del wrapper.modules_to_save[adapter_name]
+        remaining = [a for a in self.active_adapters if a != adapter_name] or list(self.peft_config)[:1]
+        if remaining:
+            self.set_adapter(remaining)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        for _, layer in self.lora_layers():
+            names = [n for n in (adapter_names or layer.active_adapters) if n in layer.lora_A]
+            layer.merge(safe_merge=safe_merge, adapter_names=names)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.lora_layers():
+            if layer.merged:
+                layer.unmerge()
+
+    def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None,
+                progressbar: bool = False) -> nn.Module:
+        layers = list(self.lora_layers())
+        it = layers
+        if progressbar:
+            from tqdm.auto import tqdm
+            it = tqdm(layers, desc="Unloading " + ("and merging " if merge else "") + "model")
+        for key, layer in it:
+            if merge:
+                names = [n for n in (adapter_names or layer.active_adapters) if n in layer.lora_A]
+                if not layer.disable_adapters:
+                    layer.merge(safe_merge=safe_merge, adapter_names=names)
+            base = layer.base_layer
+            merged_4bit = getattr(layer, "unload_base", None)
+            if callable(merged_4bit):
+                base = merged_4bit()
+            parent, child = _parent(self.model, key)
+            setattr(parent, child, base)
+        for key, wrapper in list(self.modules_to_save_wrappers()):
+            parent, child = _parent(self.model, key)
+            setattr(parent, child, wrapper._current() if merge or not wrapper._disable_adapters
+                    else wrapper.original_module)
+        return self.model
+
+
+def _wrap_4bit(module: nn.Module, adapter_name: str, kw: dict[str, Any]) -> nn.Module:
+    try:
+        from .layers.lora4bit import FastLoraLinear4bit
+    except ImportError as exc:  # pragma: no cover - depends on the 4-bit layer being present
+        raise ValueError(f"bitsandbytes Linear4bit targets need fastpeft's 4-bit layer: {exc}") from exc
+    return FastLoraLinear4bit.from_linear(module, adapter_name=adapter_name, **kw)
+
+
+# --------------------------------------------------------------------------- the user-facing wrapper
+class PeftModel(nn.Module):
+    """A transformers model with fastpeft LoRA adapters, with peft's ``PeftModel`` API.
+
+    Build one with :func:`get_peft_model` or :meth:`PeftModel.from_pretrained`. Attributes not found here
+    (``config``, ``generate``'s helpers, ``gradient_checkpointing_enable``, …) come from the wrapped model.
+    """
+
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default"):
+        super().__init__()
+        self.base_model = LoraModel(model, peft_config, adapter_name)
+        name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
+        cfg = self.base_model.peft_config[adapter_name]
+        if cfg.base_model_name_or_path is None and name_or_path:
+            cfg.base_model_name_or_path = name_or_path
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ----------------------------------------------------------------- running
+    def forward(self, *args, **kwargs):
+        return self.base_model.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """``generate`` of the wrapped model, with the active adapters applied."""
+        return self.base_model.model.generate(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped transformers model (fastpeft layers inside)."""
+        return self.base_model.model
+
+    @property
+    def peft_config(self) -> dict[str, LoraConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.base_model.active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters
+
+    @property
+    def active_peft_config(self) -> LoraConfig:
+        return self.peft_config[self.active_adapters[0]]
+
+    # ----------------------------------------------------------------- parameters
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, counted as peft counts them (4-bit weights as their element count)."""
+        trainable, total = 0, 0
+        for _, param in self.named_parameters():
+            n = param.numel()
+            if n == 0 and hasattr(param, "ds_numel"):
+                n = param.ds_numel
+            if type(param).__name__ == "Params4bit":
+                n = n * 2 * (param.element_size() if hasattr(param, "element_size") else 1)
+                storage = getattr(param, "quant_storage", None)
+                if storage is not None:
+                    n = param.numel() * 2 * torch.empty(0, dtype=storage).element_size()
+            total += n
+            if param.requires_grad:
+                trainable += n
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print ``trainable params: … || all params: … || trainable%: …`` (peft's wording)."""
+        trainable, total = self.get_nb_trainable_parameters()
+        pct = 100 * trainable / total if total else 0.0
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}")
+
+    # ----------------------------------------------------------------- adapters
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Inject another adapter; the active adapter does not change (as in peft)."""
+        self.base_model.inject_adapter(peft_config, adapter_name, activate=False)
+        cfg = self.peft_config[adapter_name]
+        name_or_path = getattr(getattr(self.get_base_model(), "config", None), "_name_or_path", None)
+        if cfg.base_model_name_or_path is None and name_or_path:
+            cfg.base_model_name_or_path = name_or_path
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make ``adapter_name`` (or a list, summed) the active adapter(s)."""
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete an adapter from every layer."""
+        self.base_model.delete_adapter(adapter_name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Context manager: inside it the model runs without any adapter (and with original modules_to_save)."""
+        self.base_model.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.base_model.enable_adapter_layers()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge the active adapters into the base weights and return the plain transformers model."""
+        return self.base_model._unload(True, safe_merge, adapter_names, progressbar)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the plain transformers model."""
+        return self.base_model._unload(False)
+
+    # ----------------------------------------------------------------- save / load
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
+                        safe_serialization: bool = True, is_main_process: bool = True, **kwargs) -> None:
+        """Write each adapter in peft's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+        The ``"default"`` adapter goes to ``save_directory``, others to ``save_directory/<name>`` (peft's
+        layout). Only the adapter weights (and ``modules_to_save``, and biases per ``bias``) are written.
+        """
+        from .save import save_adapter
+
+        if os.path.isfile(save_directory):
+            raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"cannot save unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
+        if not is_main_process:
+            return
+        for name in names:
+            out = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
+            save_adapter(self, name, out, safe_serialization=safe_serialization)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, config: LoraConfig | None = None,
+                        allow_pickle: bool = False, **kwargs) -> PeftModel:
+        """Load a peft-format LoRA adapter folder onto ``model`` (safetensors; pickles only with ``allow_pickle``)."""
+        config = LoraConfig.from_pretrained(model_id) if config is None else copy.deepcopy(config)
+        config.inference_mode = not is_trainable
+        init = config.init_lora_weights
+        config.init_lora_weights = True if init == "pissa" else init  # the saved weights replace any init
+        peft_model = cls(model, config, adapter_name)
+        peft_model.peft_config[adapter_name].init_lora_weights = init
+        from .save import load_adapter_weights
+
+        load_adapter_weights(peft_model, model_id, adapter_name, allow_pickle=allow_pickle)
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     allow_pickle: bool = False, **kwargs) -> None:
+        """Load another peft-format adapter under ``adapter_name`` (not activated, as in peft)."""
+        from .save import load_adapter_weights
+
+        config = LoraConfig.from_pretrained(model_id)
+        config.inference_mode = not is_trainable
+        if config.init_lora_weights == "pissa":
+            config.init_lora_weights = True
+        self.add_adapter(adapter_name, config)
+        load_adapter_weights(self, model_id, adapter_name, allow_pickle=allow_pickle)
+
+
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> PeftModel:
+    """Wrap ``model`` with fastpeft LoRA layers as ``peft.get_peft_model`` does (peft's names, freezing, API).
+
+    Example::
+
+        from fastpeft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
+        model.print_trainable_parameters()
+    """
+    if isinstance(model, PeftModel):
+        raise ValueError("model is already a fastpeft PeftModel; use model.add_adapter(name, config)")
+    if type(model).__module__.startswith("peft."):
+        raise ValueError("model is a peft PeftModel; convert it with fastpeft.from_peft(model) instead")
+    return PeftModel(model, peft_config, adapter_name)

@@ -1,0 +1,148 @@
+"""Adapters on disk in peft's exact format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Saved keys are peft's: ``base_model.model.<path>.lora_A.weight`` (the adapter name dropped),
+``base_model.model.<path>.<param>`` for a ``modules_to_save`` module, and the biases
+``bias="all"|"lora_only"`` asks for. Loading never unpickles unless the caller opts in,
+and then only with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import TYPE_CHECKING
+
+import torch
+
+from .config import CONFIG_NAME
+
+if TYPE_CHECKING:
+    from .model import PeftModel
+
+SAFETENSORS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+_LORA_KEY = re.compile(r"\.(lora_A|lora_B)\.([^.]+)\.weight$")
+
+
+def _wrappers(peft_model: PeftModel) -> dict[str, object]:
+    from .model import ModulesToSaveWrapper
+
+    return {name: m for name, m in peft_model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+
+
+def adapter_state_dict(peft_model: PeftModel, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The tensors ``save_pretrained`` writes for one adapter, under peft's saved key names."""
+    if adapter_name not in peft_model.peft_config:
+        raise ValueError(f"unknown adapter {adapter_name!r}; this model has {list(peft_model.peft_config)}")
+    config = peft_model.peft_config[adapter_name]
+    state = peft_model.state_dict()
+    wrappers = _wrappers(peft_model)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        m = _LORA_KEY.search(key)
+        if m:
+            if m.group(2) == adapter_name:
+                out[key[: m.start()] + f".{m.group(1)}.weight"] = value
+            continue
+        owner = next((w for w in wrappers if key.startswith(w + ".")), None)
+        if owner is not None:
+            rest = key[len(owner) + 1:]
+            prefix = f"modules_to_save.{adapter_name}."
+            if rest.startswith(prefix):
+                out[f"{owner}.{rest[len(prefix):]}"] = value
+            continue
+        if key.endswith("bias") and ".lora_" not in key:
+            if config.bias == "all":
+                out[key] = value
+            elif config.bias == "lora_only" and key.endswith(".base_layer.bias"):
+                layer = peft_model.get_submodule(key[: -len(".base_layer.bias")])
+                if adapter_name in getattr(layer, "lora_A", {}):
+                    out[key] = value
+    return out
+
+
+def save_adapter(peft_model: PeftModel, adapter_name: str, save_directory: str | os.PathLike,
+                 safe_serialization: bool = True) -> None:
+    """Write one adapter's config and weights into ``save_directory``."""
+    os.makedirs(save_directory, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in
+               adapter_state_dict(peft_model, adapter_name).items()}
+    if safe_serialization:
+        from safetensors.torch import save_file
+
+        save_file(tensors, os.path.join(save_directory, SAFETENSORS_NAME), metadata={"format": "pt"})
+    else:
+        torch.save(tensors, os.path.join(save_directory, PICKLE_NAME))
+    config = peft_model.peft_config[adapter_name]
+    inference_mode = config.inference_mode
+    config.inference_mode = True  # peft writes adapters as loaded-for-inference
+    try:
+        config.save_pretrained(save_directory)
+    finally:
+        config.inference_mode = inference_mode
+
+
+def read_adapter_file(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Read ``adapter_model.safetensors`` from an adapter folder (a pickle only with ``allow_pickle``)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"adapter folder {path!r} does not exist (fastpeft loads local folders)")
+    st = os.path.join(path, SAFETENSORS_NAME)
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+
+        return load_file(st, device="cpu")
+    pkl = os.path.join(path, PICKLE_NAME)
+    if os.path.isfile(pkl):
+        if not allow_pickle:
+            raise ValueError(f"{pkl} is a pickle; fastpeft loads safetensors only. If you trust the file, pass "
+                             "allow_pickle=True (it is then read with torch.load(weights_only=True))")
+        return torch.load(pkl, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no {SAFETENSORS_NAME} in {path!r} (found: {sorted(os.listdir(path))})")
+
+
+def load_adapter_weights(peft_model: PeftModel, path: str | os.PathLike, adapter_name: str,
+                         allow_pickle: bool = False) -> None:
+    """Copy a saved adapter's tensors into ``peft_model``'s adapter ``adapter_name``, strictly.
+
+    A missing key, an unexpected key, or a shape (rank) mismatch raises ``ValueError`` naming the key.
+    """
+    saved = read_adapter_file(path, allow_pickle=allow_pickle)
+    if not os.path.isfile(os.path.join(os.fspath(path), CONFIG_NAME)):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {os.fspath(path)!r}")
+    state = peft_model.state_dict(keep_vars=True)
+    wrappers = _wrappers(peft_model)
+    mapped: dict[str, tuple[str, torch.Tensor]] = {}
+    for key, value in saved.items():
+        if key.endswith((".lora_A.weight", ".lora_B.weight")):
+            target = key[: -len(".weight")] + f".{adapter_name}.weight"
+        else:
+            owner = next((w for w in wrappers if key.startswith(w + ".")), None)
+            rest = key[len(owner) + 1:] if owner is not None else ""
+            if owner is not None and not rest.startswith(("modules_to_save.", "original_module.")):
+                target = f"{owner}.modules_to_save.{adapter_name}.{rest}"
+            else:
+                target = key
+        mapped[target] = (key, value)
+    expected = [k for k in state if _LORA_KEY.search(k) and _LORA_KEY.search(k).group(2) == adapter_name]
+    expected += [k for k in state if any(k.startswith(f"{w}.modules_to_save.{adapter_name}.") for w in wrappers)]
+    missing = [k for k in expected if k not in mapped]
+    if missing:
+        raise ValueError(f"adapter file in {os.fspath(path)!r} lacks {len(missing)} tensor(s) the model expects "
+                         f"for adapter {adapter_name!r}, e.g. {missing[:3]}")
+    unexpected = [saved_key for target, (saved_key, _) in mapped.items() if target not in state]
+    if unexpected:
+        raise ValueError(f"adapter file in {os.fspath(path)!r} has {len(unexpected)} key(s) this model does not "
+                         f"have, e.g. {unexpected[:3]} (was it saved for another model or other target_modules?)")
+    with torch.no_grad():
+        for target, (saved_key, value) in mapped.items():
+            dest = state[target]
+            if dest.shape != value.shape:
+                hint = ""
+                if ".lora_A." in target or ".lora_B." in target:
+                    saved_r = value.shape[0] if ".lora_A." in target else value.shape[-1]
+                    model_r = dest.shape[0] if ".lora_A." in target else dest.shape[-1]
+                    hint = f" (rank mismatch: the file has r={saved_r}, the model's config r={model_r})"
+                raise ValueError(f"shape mismatch for {saved_key!r}: file has {tuple(value.shape)}, model expects "
+                                 f"{tuple(dest.shape)}{hint}")
+            dest.copy_(value.to(device=dest.device, dtype=dest.dtype))
