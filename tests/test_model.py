@@ -1,0 +1,410 @@
+"""Model level against Hugging Face peft on tiny randomly initialized transformers models (no download).
+
+For each architecture: fastpeft and peft with the same config and the same adapter weights give the
+same logits and LoRA gradients; adapters saved by either load in the other with identical outputs;
+merge_and_unload equals the unmerged model; adapters switch like peft's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+
+import pytest
+import torch
+
+import fastpeft
+from helpers import assert_rel
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+V = 96  # vocab
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _qwen2():
+    cfg = transformers.Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.Qwen2ForCausalLM(cfg)
+
+
+def _gpt2():
+    cfg = transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _bloom():
+    cfg = transformers.BloomConfig(vocab_size=V, hidden_size=32, n_layer=2, n_head=4, hidden_dropout=0.0,
+                                   attention_dropout=0.0)
+    return transformers.BloomForCausalLM(cfg)
+
+
+def _bert():
+    cfg = transformers.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=48, max_position_embeddings=64, num_labels=3,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return transformers.BertForSequenceClassification(cfg)
+
+
+def _t5():
+    cfg = transformers.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
+                                num_heads=4, decoder_start_token_id=0, dropout_rate=0.0)
+    return transformers.T5ForConditionalGeneration(cfg)
+
+
+# name: (factory, LoraConfig kwargs, needs decoder ids)
+MODELS = {
+    "llama": (_llama, dict(target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM"), False),
+    "qwen2": (_qwen2, dict(target_modules="all-linear", task_type="CAUSAL_LM"), False),
+    "gpt2": (_gpt2, dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, task_type="CAUSAL_LM"), False),
+    "bloom": (_bloom, dict(target_modules=["query_key_value"], task_type="CAUSAL_LM"), False),
+    "bert": (_bert, dict(target_modules=["query", "value"], task_type="SEQ_CLS"), False),
+    "t5": (_t5, dict(target_modules=["q", "v", "wo"], task_type="SEQ_2_SEQ_LM"), True),
+}
+
+
+def _pair(name, **overrides):
+    """(fastpeft model, peft model, inputs) over identical base weights and identical adapter weights."""
+    factory, kwargs, seq2seq = MODELS[name]
+    torch.manual_seed(0)
+    base_a = factory().eval()
+    state = {k: v.clone() for k, v in base_a.state_dict().items()}
+    base_b = factory().eval()
+    base_b.load_state_dict(state)
+    kw = dict(r=4, lora_alpha=8, init_lora_weights=False, **kwargs)
+    kw.update(overrides)
+    torch.manual_seed(1)
+    ours = fastpeft.get_peft_model(base_a, fastpeft.LoraConfig(**kw))
+    theirs = peft.get_peft_model(base_b, peft.LoraConfig(**kw))
+    # same adapter (and modules_to_save) weights: copy ours into theirs
+    missing, unexpected = theirs.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected, unexpected
+    assert not [k for k in missing if "lora_" in k or "modules_to_save" in k], missing
+    g = torch.Generator().manual_seed(2)
+    inputs = {"input_ids": torch.randint(1, V, (2, 9), generator=g)}
+    if seq2seq:
+        inputs["decoder_input_ids"] = torch.randint(1, V, (2, 5), generator=g)
+    return ours, theirs, inputs, (factory, state)
+
+
+def _logits(model, inputs):
+    return model(**inputs).logits
+
+
+def _fresh(base):
+    factory, state = base
+    m = factory().eval()
+    m.load_state_dict(state)
+    return m
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_logits_and_grads_equal_peft(name):
+    ours, theirs, inputs, _ = _pair(name)
+    ours.train(), theirs.train()  # lora_dropout = 0: training mode is deterministic
+    names = {k for k, _ in theirs.named_parameters()}
+    assert {k for k, _ in ours.named_parameters()} == names, "parameter names differ from peft's"
+    ta = {k for k, p in ours.named_parameters() if p.requires_grad}
+    tb = {k for k, p in theirs.named_parameters() if p.requires_grad}
+    assert ta == tb and ta, f"trainable sets differ: {sorted(ta ^ tb)[:5]}"
+    la, lb = _logits(ours, inputs), _logits(theirs, inputs)
+    assert_rel(la, lb, 1e-5, f"{name} logits")
+    g = torch.randn_like(la)
+    (la * g).sum().backward()
+    (lb * g).sum().backward()
+    grads_b = dict(theirs.named_parameters())
+    for k, p in ours.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, k
+            assert_rel(p.grad, grads_b[k].grad, 1e-4, f"{name} grad {k}")
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_save_load_round_trips_with_peft(name, tmp_path):
+    ours, theirs, inputs, base = _pair(name)
+    ref = _logits(ours, inputs).detach()
+    ours.save_pretrained(tmp_path / "fp")
+    files = sorted(os.listdir(tmp_path / "fp"))
+    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    theirs.save_pretrained(tmp_path / "pf")
+    from safetensors.torch import load_file
+
+    ka = load_file(tmp_path / "fp" / "adapter_model.safetensors")
+    kb = load_file(tmp_path / "pf" / "adapter_model.safetensors")
+    assert sorted(ka) == sorted(kb), sorted(set(ka) ^ set(kb))
+    assert all(k.startswith("base_model.model.") for k in ka)
+    for k in ka:
+        assert torch.equal(ka[k], kb[k]), k
+    # fastpeft-saved → peft loads
+    loaded_peft = peft.PeftModel.from_pretrained(_fresh(base), tmp_path / "fp")
+    assert_rel(_logits(loaded_peft, inputs), ref, 1e-5, "peft loads fastpeft")
+    # peft-saved → fastpeft loads
+    loaded_ours = fastpeft.PeftModel.from_pretrained(_fresh(base), tmp_path / "pf")
+    assert_rel(_logits(loaded_ours, inputs), ref, 1e-5, "fastpeft loads peft")
+    assert not any(p.requires_grad for p in loaded_ours.parameters()), "inference load must be frozen"
+    trainable = fastpeft.PeftModel.from_pretrained(_fresh(base), tmp_path / "pf", is_trainable=True)
+    assert any(p.requires_grad for p in trainable.parameters())
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "t5"])
+def test_merge_and_unload_equals_unmerged(name):
+    ours, _, inputs, _ = _pair(name)
+    ref = _logits(ours, inputs).detach()
+    with ours.disable_adapter():
+        base_out = _logits(ours, inputs).detach()
+    assert (ref - base_out).abs().max() > 1e-4, "adapter has no effect; the test would prove nothing"
+    merged = ours.merge_and_unload()
+    assert not any(isinstance(m, fastpeft.FastLoraLinear) for m in merged.modules())
+    assert not any(isinstance(m, fastpeft.ModulesToSaveWrapper) for m in merged.modules())
+    assert_rel(_logits(merged, inputs), ref, 1e-5, "merged")
+
+
+def test_unload_gives_back_the_base():
+    ours, _, inputs, base = _pair("llama")
+    plain = ours.unload()
+    assert_rel(_logits(plain, inputs), _logits(_fresh(base), inputs), 1e-6, "unloaded")
+
+
+def test_several_adapters_switch_like_peft(tmp_path):
+    ours, theirs, inputs, _ = _pair("llama")
+    second = dict(r=2, lora_alpha=6, target_modules=["k_proj", "o_proj"], init_lora_weights=False)
+    torch.manual_seed(5)
+    ours.add_adapter("second", fastpeft.LoraConfig(**second))
+    theirs.add_adapter("second", peft.LoraConfig(**second))
+    theirs.load_state_dict(ours.state_dict(), strict=False)
+    assert ours.active_adapter == "default"
+    assert not any(p.requires_grad for n, p in ours.named_parameters() if ".second." in n)
+    for active in ("second", "default", "second"):
+        ours.set_adapter(active)
+        theirs.set_adapter(active)
+        assert_rel(_logits(ours, inputs), _logits(theirs, inputs), 1e-5, f"active={active}")
+        ta = {k for k, p in ours.named_parameters() if p.requires_grad}
+        assert ta == {k for k, p in theirs.named_parameters() if p.requires_grad}
+    ours.base_model.set_adapter(["default", "second"])
+    theirs.base_model.set_adapter(["default", "second"])
+    assert_rel(_logits(ours, inputs), _logits(theirs, inputs), 1e-5, "both active")
+    ours.set_adapter("default")
+    # peft's folder layout for several adapters: default at the root, others in sub-folders
+    ours.save_pretrained(tmp_path)
+    assert os.path.isfile(tmp_path / "adapter_model.safetensors")
+    assert os.path.isfile(tmp_path / "second" / "adapter_model.safetensors")
+    ours.delete_adapter("second")
+    assert list(ours.peft_config) == ["default"]
+    assert not any(".second." in n for n, _ in ours.named_parameters())
+    with pytest.raises(ValueError, match="does not exist"):
+        ours.delete_adapter("second")
+
+
+def test_load_adapter_adds_a_second_one(tmp_path):
+    ours, _, inputs, base = _pair("llama")
+    ours.save_pretrained(tmp_path)
+    ref = _logits(ours, inputs).detach()
+    other = fastpeft.get_peft_model(_fresh(base), fastpeft.LoraConfig(r=4, lora_alpha=8,
+                                                                      target_modules=["q_proj", "v_proj", "down_proj"]))
+    other.load_adapter(tmp_path, "loaded")
+    assert other.active_adapter == "default"
+    other.set_adapter("loaded")
+    assert_rel(_logits(other, inputs), ref, 1e-5, "loaded adapter")
+
+
+def test_print_trainable_parameters_matches_peft():
+    for name, bias in (("llama", "none"), ("bert", "all"), ("gpt2", "lora_only")):
+        ours, theirs, _, _ = _pair(name, bias=bias)
+        a, b = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(a):
+            ours.print_trainable_parameters()
+        with contextlib.redirect_stdout(b):
+            theirs.print_trainable_parameters()
+        assert a.getvalue() == b.getvalue(), (name, a.getvalue(), b.getvalue())
+        assert a.getvalue().startswith("trainable params: ")
+
+
+def test_targets_patterns_and_layer_selection_match_peft():
+    kw = dict(target_modules="all-linear", rank_pattern={"down_proj": 2, r"layers\.1\.self_attn\.q_proj": 6},
+              alpha_pattern={"o_proj": 3}, exclude_modules=["k_proj"], use_rslora=True)
+    ours, theirs, inputs, _ = _pair("llama", **kw)
+
+    def layout(model, cls):
+        return {n.removeprefix("base_model.model."): (m.r["default"], m.scaling["default"])
+                for n, m in model.named_modules() if isinstance(m, cls)}
+
+    la = layout(ours, fastpeft.FastLoraLinear)
+    lb = layout(theirs, peft.tuners.lora.LoraLayer)
+    assert la == lb and la
+    assert not any(n.endswith("lm_head") or n.endswith("k_proj") for n in la)
+    assert_rel(_logits(ours, inputs), _logits(theirs, inputs), 1e-5, "patterns")
+    ours, theirs, _, _ = _pair("llama", target_modules=["q_proj", "v_proj"], layers_to_transform=[1],
+                               layers_pattern="layers")
+    assert layout(ours, fastpeft.FastLoraLinear) == layout(theirs, peft.tuners.lora.LoraLayer)
+    assert all(".layers.1." in n for n in layout(ours, fastpeft.FastLoraLinear))
+    ours, theirs, _, _ = _pair("llama", target_modules=r".*\.(q|v)_proj")
+    assert layout(ours, fastpeft.FastLoraLinear) == layout(theirs, peft.tuners.lora.LoraLayer)
+
+
+def test_default_targets_and_seq_cls_head_like_peft():
+    ours, theirs, inputs, _ = _pair("bert", target_modules=None)
+    names = sorted(n for n, m in ours.named_modules() if isinstance(m, fastpeft.FastLoraLinear))
+    assert names and all(n.endswith(("query", "value")) for n in names)
+    assert isinstance(ours.base_model.model.classifier, fastpeft.ModulesToSaveWrapper)
+    assert ours.peft_config["default"].modules_to_save == ["classifier"]
+    assert_rel(_logits(ours, inputs), _logits(theirs, inputs), 1e-5, "bert default targets")
+
+
+def test_pissa_init_matches_peft():
+    ours, theirs, inputs, base = _pair("llama", init_lora_weights="pissa")
+    fresh_out = _logits(_fresh(base), inputs)
+    pa = dict(ours.named_parameters())
+    for k, p in theirs.named_parameters():
+        assert_rel(pa[k], p, 1e-5, f"pissa {k}")
+    # pissa keeps the model's function at init (the base holds the residual)
+    assert_rel(_logits(ours, inputs), fresh_out, 1e-4, "pissa identity")
+
+
+def test_generate_passes_through():
+    ours, theirs, inputs, _ = _pair("llama")
+    ids = inputs["input_ids"][:1]
+    out_a = ours.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+    out_b = theirs.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+    assert out_a.shape == (1, ids.shape[1] + 5)
+    assert torch.equal(out_a, out_b)
+
+
+def test_from_peft_and_to_peft_keep_everything(tmp_path):
+    _, theirs, inputs, base = _pair("gpt2")
+    theirs.add_adapter("two", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_proj"], init_lora_weights=False))
+    ref = _logits(theirs, inputs).detach()
+    params_before = {k: p for k, p in theirs.named_parameters()}
+    out = fastpeft.from_peft(theirs)
+    assert out is theirs
+    layers = [m for m in theirs.modules() if isinstance(m, fastpeft.FastLoraLinear)]
+    assert layers and all(m.fan_in_fan_out for m in layers)
+    params_after = dict(theirs.named_parameters())
+    assert params_after.keys() == params_before.keys()
+    assert all(params_after[k] is params_before[k] for k in params_before), "parameters must be adopted, not copied"
+    assert theirs.active_adapter == "default"
+    assert_rel(_logits(theirs, inputs), ref, 1e-5, "converted")
+    # peft's own model-level API keeps working on the converted model
+    with theirs.disable_adapter():
+        assert_rel(_logits(theirs, inputs), _logits(_fresh(base), inputs), 1e-6, "disabled")
+    theirs.set_adapter("two")
+    assert all(m.active_adapters == ["two"] for m in layers)
+    ref_two = _logits(theirs, inputs).detach()
+    theirs.set_adapter("default")
+    theirs.save_pretrained(tmp_path)
+    loaded = fastpeft.PeftModel.from_pretrained(_fresh(base), tmp_path)
+    assert_rel(_logits(loaded, inputs), ref, 1e-5, "saved after conversion")
+    fastpeft.to_peft(theirs)
+    assert not any(isinstance(m, fastpeft.FastLoraLinear) for m in theirs.modules())
+    assert_rel(_logits(theirs, inputs), ref, 1e-5, "back to peft")
+    theirs.set_adapter("two")
+    assert_rel(_logits(theirs, inputs), ref_two, 1e-5, "back to peft, second adapter")
+
+
+def test_to_peft_from_fastpeft_model():
+    ours, _, inputs, _ = _pair("bert")
+    ref = _logits(ours, inputs).detach()
+    back = fastpeft.to_peft(ours)
+    assert type(back).__module__.startswith("peft")
+    assert_rel(_logits(back, inputs), ref, 1e-5, "to_peft")
+
+
+def test_trains_and_lowers_the_loss():
+    ours, _, inputs, _ = _pair("llama")
+    ids = inputs["input_ids"]
+    opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=5e-2)
+    losses = []
+    for _ in range(25):
+        loss = ours(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3, [round(v, 3) for v in losses]
+
+
+# ----------------------------------------------------------------------------- configs and errors
+def test_config_json_round_trip_keeps_unknown_fields(tmp_path):
+    cfg = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    cfg.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    data["some_future_peft_field"] = {"x": 1}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(data))
+    ours = fastpeft.LoraConfig.from_pretrained(tmp_path)
+    assert (ours.r, ours.lora_alpha, ours.target_modules, ours.task_type) == (4, 16, ["q_proj"], "CAUSAL_LM")
+    ours.save_pretrained(tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert again["some_future_peft_field"] == {"x": 1}
+    for key, value in data.items():
+        if key not in ("target_modules",):
+            assert again[key] == value, key
+    assert peft.LoraConfig.from_pretrained(tmp_path / "again").r == 4
+
+
+@pytest.mark.parametrize("field,value", [("use_dora", True), ("lora_bias", True), ("layer_replication", [[0, 1]]),
+                                         ("init_lora_weights", "olora")])
+def test_unsupported_peft_options_are_refused(tmp_path, field, value):
+    data = fastpeft.LoraConfig(target_modules=["q_proj"]).to_dict()
+    data[field] = value
+    with pytest.raises(ValueError, match=field if field != "init_lora_weights" else "init_lora_weights"):
+        fastpeft.LoraConfig.from_dict(data)
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="positive integer"):
+        fastpeft.LoraConfig(r=0)
+    with pytest.raises(ValueError, match="bias"):
+        fastpeft.LoraConfig(bias="some")
+    with pytest.raises(ValueError, match="lora_dropout"):
+        fastpeft.LoraConfig(lora_dropout=1.0)
+    with pytest.raises(ValueError, match="peft_type"):
+        fastpeft.LoraConfig.from_dict({"peft_type": "IA3"})
+    with pytest.raises(ValueError, match=r"not found in the base model.*q_proj"):
+        fastpeft.get_peft_model(_llama(), fastpeft.LoraConfig(target_modules=["nonexistent"]))
+    with pytest.raises(ValueError, match="not supported"):
+        fastpeft.get_peft_model(_llama(), fastpeft.LoraConfig(target_modules=["embed_tokens"]))
+
+
+def test_bad_adapter_files(tmp_path):
+    ours, _, _, base = _pair("llama")
+    ours.save_pretrained(tmp_path / "good")
+    from safetensors.torch import load_file, save_file
+
+    good = load_file(tmp_path / "good" / "adapter_model.safetensors")
+    cfg = (tmp_path / "good" / "adapter_config.json").read_text()
+
+    def write(name, tensors, pickle=False):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "adapter_config.json").write_text(cfg)
+        if pickle:
+            torch.save(tensors, d / "adapter_model.bin")
+        else:
+            save_file(tensors, d / "adapter_model.safetensors")
+        return d
+
+    key = next(k for k in good if k.endswith("lora_A.weight"))
+    missing = write("missing", {k: v for k, v in good.items() if k != key})
+    with pytest.raises(ValueError, match="lacks"):
+        fastpeft.PeftModel.from_pretrained(_fresh(base), missing)
+    extra = write("extra", {**good, "base_model.model.model.nothing.lora_A.weight": torch.zeros(4, 32)})
+    with pytest.raises(ValueError, match="nothing"):
+        fastpeft.PeftModel.from_pretrained(_fresh(base), extra)
+    wrong = write("wrong", {**good, key: torch.zeros(3, good[key].shape[1])})
+    with pytest.raises(ValueError, match=r"rank mismatch.*r=3"):
+        fastpeft.PeftModel.from_pretrained(_fresh(base), wrong)
+    pickled = write("pickled", good, pickle=True)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        fastpeft.PeftModel.from_pretrained(_fresh(base), pickled)
+    loaded = fastpeft.PeftModel.from_pretrained(_fresh(base), pickled, allow_pickle=True)
+    assert torch.equal(loaded.state_dict()[key.replace("lora_A.weight", "lora_A.default.weight")], good[key])
+    with pytest.raises(FileNotFoundError):
+        fastpeft.PeftModel.from_pretrained(_fresh(base), tmp_path / "nowhere")
