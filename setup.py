@@ -5,7 +5,7 @@ The repository's ``kernels/`` folder installs as the subpackage
 belongs to a real package transformers and bitsandbytes import).
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="fastpeft",
@@ -14,7 +14,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastpeft", "fastpeft.layers", "fastpeft.kernels"],
+    packages=[*find_packages(include=["fastpeft", "fastpeft.*"]), "fastpeft.kernels"],
     package_dir={"fastpeft": "fastpeft", "fastpeft.kernels": "kernels"},
     install_requires=[
         "torch>=2.4,<2.15",
@@ -23,7 +23,10 @@ setup(
         "tqdm",
         "matplotlib",
         "safetensors",
+        "transformers>=4.45",
+        "pyyaml",
     ],
+    package_data={"fastpeft": ["assets/*", "assets/**/*"]},
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "peft", "bitsandbytes", "transformers", "accelerate", "ruff"],
     },

@@ -555,6 +555,13 @@ class PeftModel(nn.Module):
                         is_trainable: bool = False, config: LoraConfig | None = None,
                         allow_pickle: bool = False, **kwargs) -> PeftModel:
         """Load a peft-format LoRA adapter folder onto ``model`` (safetensors; pickles only with ``allow_pickle``)."""
+        if config is None:
+            peft_type = _saved_peft_type(model_id)
+            if peft_type != "LORA":
+                from . import methods
+
+                return methods.from_pretrained(model, model_id, peft_type, adapter_name=adapter_name,
+                                               is_trainable=is_trainable, **kwargs)
         config = LoraConfig.from_pretrained(model_id) if config is None else copy.deepcopy(config)
         config.inference_mode = not is_trainable
         init = config.init_lora_weights
@@ -581,6 +588,22 @@ class PeftModel(nn.Module):
         load_adapter_weights(self, model_id, adapter_name, allow_pickle=allow_pickle)
 
 
+def _saved_peft_type(model_id: str | os.PathLike) -> str:
+    import json
+
+    from .config import CONFIG_NAME
+
+    file = os.path.join(os.fspath(model_id), CONFIG_NAME)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no {CONFIG_NAME} at {os.fspath(model_id)!r} (fastpeft reads local adapter folders)")
+    with open(file, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{file} is not valid JSON: {exc}") from None
+    return str((data.get("peft_type") if isinstance(data, dict) else None) or "LORA")
+
+
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> PeftModel:
     """Wrap ``model`` with fastpeft LoRA layers as ``peft.get_peft_model`` does (peft's names, freezing, API).
 
@@ -590,6 +613,10 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
         model.print_trainable_parameters()
     """
+    if not isinstance(peft_config, LoraConfig):
+        from .methods import get_method_model
+
+        return get_method_model(model, peft_config, adapter_name)
     if isinstance(model, PeftModel):
         raise ValueError("model is already a fastpeft PeftModel; use model.add_adapter(name, config)")
     if type(model).__module__.startswith("peft."):
