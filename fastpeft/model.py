@@ -544,11 +544,10 @@ class PeftModel(nn.Module):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"cannot save unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
-        if not is_main_process:
-            return
         for name in names:
             out = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
-            save_adapter(self, name, out, safe_serialization=safe_serialization)
+            # Every rank gathers (FSDP2-sharded weights need all ranks, as in peft); only the main one writes.
+            save_adapter(self, name, out, safe_serialization=safe_serialization, write=is_main_process)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",

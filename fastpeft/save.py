@@ -58,15 +58,24 @@ def adapter_state_dict(peft_model: PeftModel, adapter_name: str = "default") -> 
                 layer = peft_model.get_submodule(key[: -len(".base_layer.bias")])
                 if adapter_name in getattr(layer, "lora_A", {}):
                     out[key] = value
-    return out
+    # FSDP2 (fully_shard) holds parameters as sharded DTensors: gather each kept one into a full tensor.
+    # full_tensor() is collective, so every rank must call this (save_pretrained does, whatever its
+    # is_main_process); the keys come in state-dict order, the same on every rank.
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in out.items()}
 
 
 def save_adapter(peft_model: PeftModel, adapter_name: str, save_directory: str | os.PathLike,
-                 safe_serialization: bool = True) -> None:
-    """Write one adapter's config and weights into ``save_directory``."""
+                 safe_serialization: bool = True, write: bool = True) -> None:
+    """Write one adapter's config and weights into ``save_directory``.
+
+    With ``write=False`` only the collective part runs (gathering FSDP2-sharded weights), for the
+    ranks that take part in a distributed save without writing.
+    """
+    state = adapter_state_dict(peft_model, adapter_name)
+    if not write:
+        return
     os.makedirs(save_directory, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in
-               adapter_state_dict(peft_model, adapter_name).items()}
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     if safe_serialization:
         from safetensors.torch import save_file
 

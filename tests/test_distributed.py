@@ -1,0 +1,167 @@
+"""Multi-process training with PyTorch's own engines: DDP and FSDP2 (``fully_shard``), 2 processes.
+
+``tests/dist_scripts/lora_worker.py`` runs under ``torchrun --nproc_per_node 2`` (gloo on CPU, NCCL
+where each rank has a GPU): a tiny Llama with fastpeft LoRA on every linear layer, each rank on its half
+of a fixed batch, two SGD steps. The same script runs here in-process on the whole batch; per-step
+losses, the full LoRA gradients and the final weights must agree (fp32 tolerance of DESIGN.md), and
+the adapter saved from the sharded model must be the same file as the one saved by one process.
+
+Dropout is off in these runs: a rank's half-batch mask cannot equal the rows of a whole-batch mask
+(the mask is a function of the seed and the row index), so p > 0 could never match the single run.
+Every launch is bounded by a hard timeout so that a hang fails instead of blocking CI.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import assert_rel
+
+pytest.importorskip("transformers")
+if not torch.distributed.is_available():  # pragma: no cover - torch builds without distributed
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+SCRIPT = Path(__file__).parent / "dist_scripts" / "lora_worker.py"
+TIMEOUT_S = 150
+NPROC = 2
+
+
+def _worker_module():
+    spec = importlib.util.spec_from_file_location("fastpeft_test_lora_worker", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _has_4bit() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+
+        import fastpeft.layers.lora4bit  # noqa: F401
+    except Exception:  # ImportError, or bitsandbytes failing to load its native library
+        return False
+    return True
+
+
+def run_torchrun(args: list[str], timeout: float = TIMEOUT_S, nproc: int = NPROC) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --standalone --nproc_per_node nproc SCRIPT args``, killed on timeout."""
+    env = {k: v for k, v in os.environ.items() if k != "FASTPEFT_BACKEND"}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(SCRIPT), *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers: a hang must not outlive the test
+        out, _ = proc.communicate()
+        pytest.fail(f"torchrun did not finish within {timeout} s (hang?):\n{out[-4000:]}")
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{out[-6000:]}"
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Records of the 2-process DDP / FSDP2 runs and of the single-process whole-batch runs."""
+    out = tmp_path_factory.mktemp("dist")
+    modes = ["ddp", "fsdp"] + (["fsdp4bit"] if _has_4bit() else [])
+    run_torchrun(["--modes", ",".join(modes), "--out", str(out / "multi"), "--save"])
+    single = ["single"] + (["single4bit"] if "fsdp4bit" in modes else [])
+    _worker_module().main(["--modes", ",".join(single), "--out", str(out / "one"), "--save"])
+    return out
+
+
+def _load(runs: Path, which: str, mode: str) -> dict:
+    return torch.load(runs / which / mode / "record.pt", weights_only=True)
+
+
+def _assert_same_training(multi: dict, one: dict) -> None:
+    assert len(multi["loss"]) == len(one["loss"]) >= 2
+    for step, (lm, lo) in enumerate(zip(multi["loss"], one["loss"])):
+        assert abs(lm - lo) <= 1e-5 * abs(lo), f"step {step}: loss {lm} vs {lo}"
+        gm, go = multi["grads"][step], one["grads"][step]
+        assert set(gm) == set(go) and len(go) > 0
+        for name, g in go.items():
+            assert g.norm() > 0, f"{name}: zero gradient (the comparison would be vacuous)"
+            assert_rel(gm[name], g, 1e-5, f"step {step} grad {name}")
+    for name, w in one["weights"].items():
+        assert_rel(multi["weights"][name], w, 1e-5, f"final {name}")
+
+
+def test_ddp_two_processes_match_one_process(runs):
+    """DDP (gloo on CPU): averaged LoRA gradients of two half batches = one process on the whole batch.
+
+    Two optimizer steps run without ``find_unused_parameters``: DDP raises on the second step when a
+    trainable parameter got no gradient, so passing also proves no parameter is "unused".
+    """
+    multi, one = _load(runs, "multi", "ddp"), _load(runs, "one", "single")
+    assert set(multi["grads"][0]) == set(one["grads"][0])
+    assert all(name.split(".")[-3] in ("lora_A", "lora_B") for name in one["grads"][0])
+    _assert_same_training(multi, one)
+
+
+def test_fsdp2_two_processes_match_one_process(runs):
+    """FSDP2 ``fully_shard`` per decoder layer and at the root: same losses, gradients, weights."""
+    multi, one = _load(runs, "multi", "fsdp"), _load(runs, "one", "single")
+    assert set(multi["sharded"].values()) == {"DTensor"}, "LoRA parameters were not sharded"
+    base = [n for n in multi["base_sharded"] if ".base_layer." in n]
+    assert len(base) == 14, f"frozen base weights of the LoRA layers were not all sharded: {base}"
+    _assert_same_training(multi, one)
+
+
+def _same_adapter_folder(a: Path, b: Path) -> None:
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs between {a} and {b}"
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_adapter_saved_from_multi_process_model_is_the_same_file(runs, mode):
+    """``save_pretrained`` called on every rank (is_main_process on rank 0) writes one process's file.
+
+    Before training the bytes are identical; after training the tensors agree within fp32 rounding
+    (two half-batch gradients are summed in another order).
+    """
+    from safetensors.torch import load_file
+
+    _same_adapter_folder(runs / "multi" / mode / "adapter_init", runs / "one" / "single" / "adapter_init")
+    trained = load_file(runs / "multi" / mode / "adapter_trained" / "adapter_model.safetensors")
+    ref = load_file(runs / "one" / "single" / "adapter_trained" / "adapter_model.safetensors")
+    assert set(trained) == set(ref) and len(ref) == 28
+    for key, value in ref.items():
+        assert_rel(trained[key], value, 1e-5, key)
+    init = load_file(runs / "one" / "single" / "adapter_init" / "adapter_model.safetensors")
+    assert any(not torch.equal(init[k], ref[k]) for k in ref), "training changed nothing"
+
+
+def test_fsdp2_4bit_base(runs):
+    """FSDP2 over a bitsandbytes NF4 base (fastpeft's 4-bit layer): same as one process."""
+    if not (runs / "multi" / "fsdp4bit").exists():
+        pytest.skip("fastpeft.layers.lora4bit or bitsandbytes is not available")
+    _assert_same_training(_load(runs, "multi", "fsdp4bit"), _load(runs, "one", "single4bit"))
+    _same_adapter_folder(runs / "multi" / "fsdp4bit" / "adapter_init", runs / "one" / "single4bit" / "adapter_init")
+
+
+@pytest.mark.gpu
+def test_nccl_ddp_and_fsdp2_on_gpus(tmp_path):
+    """The same runs with NCCL, one GPU per rank (the worker picks NCCL when every rank has a GPU)."""
+    if torch.cuda.device_count() < NPROC:
+        pytest.skip(f"needs {NPROC} GPUs (NCCL cannot run two ranks on one GPU)")
+    run_torchrun(["--modes", "ddp,fsdp", "--out", str(tmp_path / "multi"), "--save"])
+    _worker_module().main(["--modes", "single", "--out", str(tmp_path / "one"), "--save"])
+    one = _load(tmp_path, "one", "single")
+    for mode in ("ddp", "fsdp"):
+        multi = _load(tmp_path, "multi", mode)
+        # CPU reference vs GPU ranks: Triton kernels and cuBLAS sum in other orders (TF32 off by default).
+        for step, (lm, lo) in enumerate(zip(multi["loss"], one["loss"])):
+            assert abs(lm - lo) <= 1e-4 * abs(lo), f"{mode} step {step}: loss {lm} vs {lo}"
+        for name, g in one["grads"][0].items():
+            assert_rel(multi["grads"][0][name], g, 1e-3, f"{mode} grad {name}")
