@@ -12,6 +12,7 @@ if __name__ != "fastpeft.kernels":
     __all__ = []
 else:
     from .configs import interpreting
+    from .lora_gemv4bit import gemv4bit_configs, lora_gemv_4bit, lora_gemv_int4
     from .lora_linear import (
         LAUNCHES,
         lora_down,
@@ -23,6 +24,9 @@ else:
 
     __all__ = [
         "LAUNCHES",
+        "gemv4bit_configs",
+        "lora_gemv_4bit",
+        "lora_gemv_int4",
         "interpreting",
         "lora_down",
         "lora_gemm",

@@ -80,6 +80,25 @@ for tdt in ("bf16", "fp16", "fp32"):
                       BLOCK_R=16, NUM_SMS=132, **kw)
             compile_one(TM._lora_gemm_tma_kernel, types, ce, 90, cfg)
             n += 1
+# 4-bit decode GEMV (kernels/lora_gemv4bit.py): bnb NF4/FP4 (nested, one scale per row and step),
+# bnb with blocks straddling rows and rows starting mid-byte, int4 groups; N = 1, 4 and 16 rows.
+import fastpeft.kernels.lora_gemv4bit as GV  # noqa: E402
+
+for cc in (90, 80):
+    for cfg in pick(GV.gemv4bit_configs(interpret=False)):
+        for tdt, block_n, quant, nested, aligned, even_rows, even_k in (
+                ("bf16", 1, 0, True, True, True, True), ("fp16", 4, 1, False, True, True, False),
+                ("fp32", 16, 0, False, False, False, False), ("bf16", 16, 0, True, True, True, True)):
+            dt = "*" + tdt
+            types = dict(x_ptr=dt, q_ptr="*u8", code_ptr=F32, s_ptr="*u8" if nested else ("*fp16" if quant else F32),
+                         z_ptr="*u8", ncode_ptr=F32, nabs_ptr=F32, noff_ptr=F32, bias_ptr=dt, xa_ptr=F32, lb_ptr=F32,
+                         ws_ptr=F32, cnt_ptr="*i32", y_ptr=dt, nested_offset="fp32", lora_scale="fp32")
+            ce = dict(QUANT=quant, LOG_BS=6, LOG_NBS=8, NESTED=nested, OFFSET_PTR=nested, ROW_ALIGNED=aligned,
+                      EVEN_ROWS=even_rows, HAS_BIAS=True, HAS_LORA=True, UPCAST=False,
+                      F32_PRECISION="ieee" if tdt == "fp32" else "tf32", BLOCK_N=block_n, BLOCK_R=16,
+                      EVEN_K=even_k, **cfg.kwargs)
+            compile_one(GV._gemv4_kernel, types, ce, cc, cfg)
+            n += 1
 print("compiled", n)
 '''
 
