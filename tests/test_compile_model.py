@@ -1,0 +1,184 @@
+"""``torch.compile`` over a whole model with fastpeft layers: one graph, same outputs and gradients.
+
+A tiny Llama wrapped by ``fastpeft.get_peft_model`` (LoRA on every linear layer, dropout on) is compiled
+with ``fullgraph=True`` — any graph break is an error — and compared with eager on the same inputs and
+the same RNG state. ``aot_eager`` traces through the fake kernels and the registered autograd exactly
+as Inductor does but runs the ops eagerly, so compiled and eager agree bit for bit; Inductor itself
+(C++ codegen on CPU, skipped without a compiler) reorders sums, so it is held to the fp32 tolerance,
+with ``fallback_random`` so that its random numbers (the dropout seed) come from torch's generator.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import fastpeft
+from helpers import assert_rel
+
+transformers = pytest.importorskip("transformers")
+
+V = 96
+
+
+def _peft_llama(layers: int = 2, dropout: float = 0.1, dtype=torch.float32, device="cpu"):
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    config = fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=dropout,
+                                 init_lora_weights=False)  # B ≠ 0: the adapters change the output
+    return fastpeft.get_peft_model(model, config).train()
+
+
+def _step(module, model, ids, seed=1):
+    """Forward + backward from a fixed RNG state: (loss, logits, {name: grad of each LoRA parameter})."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = module(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.loss.detach(), out.logits.detach(), grads
+
+
+def _ids(device="cpu"):
+    return torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(5)).to(device)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _count_fastpeft_ops(model, ids) -> tuple[int, int]:
+    """(graph breaks, fastpeft::lora_linear calls in the captured graphs) from dynamo's view of a forward."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(model)(input_ids=ids)
+    torch._dynamo.reset()
+    torch.compile(model, backend=capture, fullgraph=True)(input_ids=ids)
+    calls = sum(1 for gm in graphs for node in gm.graph.nodes
+                if node.op == "call_function" and "fastpeft" in str(node.target) and "lora_linear" in str(node.target))
+    return explain.graph_break_count, calls
+
+
+def test_model_is_one_graph_with_the_fused_ops_inside():
+    """No graph break anywhere; each of the 14 LoRA layers appears as one fastpeft::lora_linear call."""
+    model = _peft_llama()
+    breaks, calls = _count_fastpeft_ops(model, _ids())
+    assert breaks == 0
+    assert calls == 14  # 2 layers × (q, k, v, o, gate, up, down)
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_compiled_model_equals_eager_with_dropout(backend_name, monkeypatch):
+    """fullgraph aot_eager over the whole model, p = 0.1: loss, logits and LoRA grads equal eager's exactly.
+
+    ``triton`` runs the kernels in Triton's interpreter (the op body calls the launchers), ``torch`` the
+    reference; on each, the dropout seed drawn inside the compiled graph is the one eager draws.
+    """
+    monkeypatch.setenv("FASTPEFT_BACKEND", backend_name)
+    model = _peft_llama(layers=1 if backend_name == "triton" else 2)
+    ids = _ids()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    loss_c, logits_c, grads_c = _step(compiled, model, ids)
+    loss_e, logits_e, grads_e = _step(model, model, ids)
+    assert torch.equal(loss_c, loss_e) and torch.equal(logits_c, logits_e)
+    assert grads_c.keys() == grads_e.keys() and len(grads_e) > 0
+    for name in grads_e:
+        assert torch.count_nonzero(grads_e[name]) > 0, name
+        assert torch.equal(grads_c[name], grads_e[name]), name
+    # Dropout really acts: another seed gives another loss (so the equalities above are not vacuous).
+    assert not torch.equal(_step(model, model, ids, seed=2)[0], loss_e)
+    # A second call with the same shapes reuses the graph (no recompilation).
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        loss_c2, _, _ = _step(compiled, model, ids)
+    assert torch.equal(loss_c2, loss_e)
+    # eval mode: dropout off, still one graph
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(compiled(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def _have_cxx() -> bool:
+    try:
+        from torch._inductor import config as inductor_config
+
+        cxx = inductor_config.cpp.cxx[0] if isinstance(inductor_config.cpp.cxx, tuple) else inductor_config.cpp.cxx
+    except Exception:
+        cxx = None
+    return shutil.which(cxx or "g++") is not None or shutil.which("g++") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _have_cxx(), reason="Inductor's CPU backend needs a C++ compiler")
+def test_inductor_model_matches_eager(monkeypatch):
+    """Inductor (C++ on CPU), fullgraph, dropout on with ``fallback_random``: fp32 tolerance vs eager."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", "torch")
+    model = _peft_llama(layers=1)
+    ids = _ids()
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled = torch.compile(model, backend="inductor", fullgraph=True)
+        loss_c, logits_c, grads_c = _step(compiled, model, ids)
+    loss_e, logits_e, grads_e = _step(model, model, ids)
+    assert_rel(loss_c, loss_e, 1e-5, "loss")
+    assert_rel(logits_c, logits_e, 1e-5, "logits")
+    for name in grads_e:
+        assert_rel(grads_c[name], grads_e[name], 1e-5, name)
+
+
+def test_qlora_model_compiles():
+    """A model with fastpeft's 4-bit LoRA layers (NF4 base) compiles with fullgraph and matches eager."""
+    bnb = pytest.importorskip("bitsandbytes")
+    lora4bit = pytest.importorskip("fastpeft.layers.lora4bit")
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    plain = transformers.LlamaForCausalLM(cfg)
+    for name, module in list(plain.model.layers.named_modules()):
+        if isinstance(module, torch.nn.Linear):
+            q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False,
+                                  compute_dtype=torch.float32, quant_type="nf4")
+            q.weight = bnb.nn.Params4bit(module.weight.data.clone(), requires_grad=False, quant_type="nf4")
+            parent, child = name.rsplit(".", 1)
+            setattr(plain.model.layers.get_submodule(parent), child, q.to("cpu"))
+    lora_cfg = fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    model = fastpeft.get_peft_model(plain, lora_cfg).train()
+    assert sum(isinstance(m, lora4bit.FastLoraLinear4bit) for m in model.modules()) == 7
+    ids = _ids()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    loss_c, logits_c, grads_c = _step(compiled, model, ids)
+    loss_e, logits_e, grads_e = _step(model, model, ids)
+    assert_rel(logits_c, logits_e, 1e-6, "logits")
+    for name in grads_e:
+        assert torch.count_nonzero(grads_e[name]) > 0, name
+        assert_rel(grads_c[name], grads_e[name], 1e-6, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inductor_triton_model_matches_eager_on_gpu(dtype, monkeypatch):
+    """On a GPU: Inductor over the model with the Triton kernels inside, dropout on (fallback_random)."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", "auto")
+    model = _peft_llama(layers=2, dtype=dtype, device="cuda")
+    ids = _ids("cuda")
+    assert fastpeft.backend_for(torch.empty(1, device="cuda", dtype=dtype)) == "triton"
+    breaks, calls = _count_fastpeft_ops(model, ids)
+    assert (breaks, calls) == (0, 14)
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled = torch.compile(model, backend="inductor", fullgraph=True)
+        loss_c, logits_c, grads_c = _step(compiled, model, ids)
+    loss_e, logits_e, grads_e = _step(model, model, ids)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert_rel(logits_c, logits_e, tol, "logits")
+    for name in grads_e:
+        assert_rel(grads_c[name], grads_e[name], tol if dtype == torch.float32 else 2e-2, name)
