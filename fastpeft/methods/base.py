@@ -1,0 +1,484 @@
+"""What the layer-injecting and parameter-selecting methods share (IA3, AdaLoRA, bottleneck, BitFit, Freeze).
+
+The object layout is peft's: ``PeftModel.base_model`` is a tuner module whose ``.model`` is the transformers
+model, so parameter names are ``base_model.model.<path>.<adapter param>.<adapter name>`` and saved keys drop the
+adapter name: ``base_model.model.<path>.<adapter param>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..model import ModulesToSaveWrapper
+from ..model import PeftModel as _LoraPeftModel
+from .configs import SUPPORTED_TASK_TYPES, MethodConfig
+
+SAFETENSORS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+CLASSIFIER_HEADS = ("classifier", "score")
+
+
+# --------------------------------------------------------------------------- matching
+def matches(targets: list[str] | str | None, key: str) -> bool:
+    """peft's target rule: a regex string must ``fullmatch`` the name; a list entry must equal the name or a
+    dot-separated tail of it."""
+    if targets is None:
+        return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, key) is not None
+    return any(key == t or key.endswith("." + t) for t in targets)
+
+
+def layer_index_ok(key: str, layers_to_transform: list[int] | int | None, layers_pattern: Any = None) -> bool:
+    """Whether ``key`` sits in one of ``layers_to_transform`` (peft's rule: the number after ``layers_pattern``,
+    or the first ``.<n>.`` in the name)."""
+    if layers_to_transform is None or layers_to_transform == []:
+        return True
+    idx = [layers_to_transform] if isinstance(layers_to_transform, int) else list(layers_to_transform)
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
+    match = None
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(\d+)\.", key)
+    for pattern in patterns:
+        match = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", key)
+        if match:
+            break
+    return match is not None and int(match.group(1)) in idx
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style ``Conv1D`` (weight stored as (in, out))."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an ``nn.Linear`` or a ``Conv1D``."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if is_conv1d(module):
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    raise TypeError(f"{type(module).__name__} is not a linear layer (fastpeft's methods adapt nn.Linear and "
+                    "transformers' Conv1D)")
+
+
+def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """(parent module, attribute name) of the submodule ``name``."""
+    if "." in name:
+        parent, child = name.rsplit(".", 1)
+        return model.get_submodule(parent), child
+    return model, name
+
+
+# --------------------------------------------------------------------------- task types
+def check_task_fit(model: nn.Module, config: MethodConfig, method: str) -> None:
+    """Raise ``ValueError`` when ``config.task_type`` does not fit ``model`` (or the method)."""
+    task = config.task_type
+    mcfg = getattr(model, "config", None)
+    is_enc_dec = bool(getattr(mcfg, "is_encoder_decoder", False))
+    if config.is_prompt_learning and task not in SUPPORTED_TASK_TYPES:
+        raise ValueError(f"{method} needs task_type, one of {SUPPORTED_TASK_TYPES} (it decides how the virtual "
+                         f"tokens, attention mask and labels are built); got {task!r}")
+    if task == "SEQ_2_SEQ_LM" and not is_enc_dec:
+        raise ValueError(f"task_type='SEQ_2_SEQ_LM' needs an encoder-decoder model; {type(model).__name__} is not "
+                         "one (use task_type='CAUSAL_LM' for decoder-only models)")
+    if task == "CAUSAL_LM":
+        if is_enc_dec:
+            raise ValueError(f"task_type='CAUSAL_LM' does not fit the encoder-decoder model {type(model).__name__}; "
+                             "use task_type='SEQ_2_SEQ_LM'")
+        head = None
+        with contextlib.suppress(Exception):
+            head = model.get_output_embeddings()
+        if head is None:
+            raise ValueError(f"task_type='CAUSAL_LM' needs a model with a language-model head; "
+                             f"{type(model).__name__} has none")
+    if task in ("SEQ_CLS", "TOKEN_CLS") and not head_names(model):
+        raise ValueError(f"task_type={task!r} needs a classification head named one of {CLASSIFIER_HEADS}; "
+                         f"{type(model).__name__} has none")
+
+
+def head_names(model: nn.Module) -> list[str]:
+    """The classifier heads (``classifier``/``score``) present in ``model``, by last name."""
+    present = {n.split(".")[-1] for n, _ in model.named_modules() if n}
+    return [h for h in CLASSIFIER_HEADS if h in present]
+
+
+def modules_to_save_for(model: nn.Module, config: MethodConfig) -> list[str]:
+    """``config.modules_to_save`` plus the classifier head for SEQ_CLS/TOKEN_CLS (as peft adds it)."""
+    names = list(getattr(config, "modules_to_save", None) or [])
+    if config.task_type in ("SEQ_CLS", "TOKEN_CLS"):
+        names += head_names(model)
+    return list(dict.fromkeys(names))
+
+
+def wrap_modules_to_save(model: nn.Module, names: list[str], adapter_name: str) -> list[str]:
+    """Wrap every module whose name is, or ends with, one of ``names`` in a ``ModulesToSaveWrapper``."""
+    if not names:
+        return []
+    wrapped = []
+    for key in [n for n, _ in model.named_modules() if n]:
+        if any(p in ("original_module", "modules_to_save", "base_layer") for p in key.split(".")):
+            continue
+        if not any(key == m or key.endswith("." + m) for m in names):
+            continue
+        module = model.get_submodule(key)
+        if isinstance(module, ModulesToSaveWrapper):
+            module.update(adapter_name)
+        else:
+            parent, child = parent_of(model, key)
+            setattr(parent, child, ModulesToSaveWrapper(module, adapter_name))
+        wrapped.append(key)
+    missing = [m for m in names
+               if m not in CLASSIFIER_HEADS and not any(k == m or k.endswith("." + m) for k in wrapped)]
+    if missing:
+        raise ValueError(f"modules_to_save {missing} not found in the model")
+    return wrapped
+
+
+# --------------------------------------------------------------------------- tuner layers
+class AdapterLayer(nn.Module):
+    """Base of fastpeft's method layers: a frozen ``base_layer`` plus per-adapter parameters.
+
+    Subclasses list their per-adapter containers (``ParameterDict``/``ModuleDict`` keyed by adapter name) in
+    ``adapter_param_names``; saved keys drop the adapter name.
+    """
+
+    adapter_param_names: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.disable_adapters = False
+        self.active_adapter = "default"
+        base_layer.requires_grad_(False)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Use ``adapter_name`` (its parameters train; others freeze)."""
+        self.active_adapter = adapter_name
+        for pname in self.adapter_param_names:
+            container = getattr(self, pname)
+            for name in container:
+                item = container[name]
+                if isinstance(item, nn.Parameter):
+                    item.requires_grad_(name == adapter_name)
+                else:
+                    item.requires_grad_(name == adapter_name)
+
+    def has_adapter(self, adapter_name: str) -> bool:
+        """Whether this layer holds ``adapter_name``."""
+        return adapter_name in getattr(self, self.adapter_param_names[0])
+
+    def merge(self) -> None:
+        """Fold the active adapter into ``base_layer``'s weights (methods that can override this)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged into its base layer; use unload()")
+
+    def _on(self) -> bool:
+        return not self.disable_adapters and self.has_adapter(self.active_adapter)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+
+# --------------------------------------------------------------------------- tuner model
+class MethodTuner(nn.Module):
+    """Holds the transformers model as ``.model`` (peft's tuner layout) with the method applied.
+
+    Subclasses implement ``_apply(config, adapter_name)`` and, when they save something other than their layers'
+    adapter parameters and ``modules_to_save``, ``_extra_saved_names(adapter_name)``.
+    """
+
+    def __init__(self, model: nn.Module, config: MethodConfig, adapter_name: str = "default"):
+        super().__init__()
+        check_task_fit(model, config, type(config).__name__)
+        self.model = model
+        self.peft_config: dict[str, MethodConfig] = {adapter_name: config}
+        self.active_adapter = adapter_name
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        mts = modules_to_save_for(model, config)
+        self.modules_to_save_names = mts
+        self._apply_method(config, adapter_name)
+        if mts:
+            config.modules_to_save = mts
+        wrap_modules_to_save(self.model, mts, adapter_name)
+        if config.inference_mode:
+            for p in self.parameters():
+                p.requires_grad_(False)
+
+    def _apply_method(self, config: MethodConfig, adapter_name: str) -> None:
+        raise NotImplementedError
+
+    def candidate_names(self) -> list[str]:
+        """Module names of ``.model`` a method may adapt (not inside ``modules_to_save`` or method layers)."""
+        out = []
+        for key, _ in self.model.named_modules():
+            if not key or any(p in ("base_layer", "original_module", "modules_to_save") for p in key.split(".")):
+                continue
+            if any(key == m or key.endswith("." + m) or key.startswith(m + ".") or f".{m}." in f".{key}."
+                   for m in self.modules_to_save_names):
+                continue
+            out.append(key)
+        return out
+
+    def replace_module(self, key: str, new: nn.Module) -> None:
+        """Put ``new`` where ``key`` was in ``.model``."""
+        parent, child = parent_of(self.model, key)
+        setattr(parent, child, new)
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge each layer into its base (where the method allows) and return the plain model."""
+        return self._unload(merge=True)
+
+    def unload(self) -> nn.Module:
+        """Return the plain model with the method's layers removed (not merged)."""
+        return self._unload(merge=False)
+
+    def _unload(self, merge: bool) -> nn.Module:
+        if not self.supports_disable:
+            raise NotImplementedError(f"{self.peft_config[self.active_adapter].peft_type} changes the base model's "
+                                      "own parameters; the model is already 'merged'")
+        for key, layer in list(self.adapter_layers()):
+            if merge:
+                layer.merge()
+            self.replace_module(key, layer.base_layer)
+        for key, wrapper in list(self.modules_to_save_wrappers()):
+            self.replace_module(key, wrapper._current() if merge else wrapper.original_module)
+        return self.model
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter]
+
+    def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
+        """(name, layer) for every method layer inside ``.model``."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, AdapterLayer):
+                yield name, module
+
+    def modules_to_save_wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                yield name, module
+
+    def enable_adapter_layers(self) -> None:
+        for _, layer in self.adapter_layers():
+            layer.disable_adapters = False
+        for _, wrapper in self.modules_to_save_wrappers():
+            wrapper.enable_adapters(True)
+
+    def disable_adapter_layers(self) -> None:
+        if not self.supports_disable:
+            raise NotImplementedError(f"{self.peft_config[self.active_adapter].peft_type} trains the base model's own "
+                                      "parameters in place; there is no adapter to disable")
+        for _, layer in self.adapter_layers():
+            layer.disable_adapters = True
+        for _, wrapper in self.modules_to_save_wrappers():
+            wrapper.enable_adapters(False)
+
+    supports_disable = True
+
+    def _extra_saved_names(self, adapter_name: str) -> list[str]:
+        """Full state-dict names (relative to this module's parent PeftModel) saved as they are."""
+        return []
+
+
+# --------------------------------------------------------------------------- the user-facing wrapper
+class MethodPeftModel(_LoraPeftModel):
+    """fastpeft's ``PeftModel`` for the non-LoRA layer methods (IA3, AdaLoRA, bottleneck, BitFit, Freeze).
+
+    Same API as :class:`fastpeft.PeftModel` (``print_trainable_parameters``, ``save_pretrained``,
+    ``from_pretrained``, ``disable_adapter``, ``generate``); one adapter per model.
+    """
+
+    tuner_class: type[MethodTuner] = MethodTuner
+
+    def __init__(self, model: nn.Module, peft_config: MethodConfig, adapter_name: str = "default"):
+        nn.Module.__init__(self)
+        self.base_model = self.tuner_class(model, peft_config, adapter_name)
+        name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
+        if peft_config.base_model_name_or_path is None and name_or_path:
+            peft_config.base_model_name_or_path = name_or_path
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """``generate`` of the wrapped model, with the method applied."""
+        return self.base_model.model.generate(*args, **kwargs)
+
+    def add_adapter(self, adapter_name: str, peft_config, low_cpu_mem_usage: bool = False) -> None:
+        """Not supported: fastpeft's non-LoRA methods hold one adapter per model."""
+        raise NotImplementedError(f"{type(self).__name__} holds one adapter; build another model for a second one")
+
+    def load_adapter(self, *args, **kwargs) -> None:
+        """Not supported: fastpeft's non-LoRA methods hold one adapter per model."""
+        raise NotImplementedError(f"{type(self).__name__} holds one adapter; use from_pretrained on a fresh model")
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Only the model's own adapter name is accepted."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if names != [self.base_model.active_adapter]:
+            raise ValueError(f"unknown adapter(s) {names}; this model has {list(self.peft_config)}")
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Not supported (use ``unload``-free: build the base model again)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot delete its only adapter")
+
+    def merge_and_unload(self, *args, **kwargs) -> nn.Module:
+        """Merge the method into the base weights where it can be (IA3, AdaLoRA) and return the plain model."""
+        return self.base_model.merge_and_unload()
+
+    def unload(self) -> nn.Module:
+        """Remove the method's layers without merging and return the plain transformers model."""
+        return self.base_model.unload()
+
+    # ----------------------------------------------------------------- save / load
+    def adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+        """The tensors ``save_pretrained`` writes, under peft-style saved names (adapter name dropped)."""
+        return tuner_state_dict(self, adapter_name)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
+                        safe_serialization: bool = True, is_main_process: bool = True, **kwargs) -> None:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's layout) into ``save_directory``."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+        if not is_main_process:
+            return
+        name = self.base_model.active_adapter
+        write_adapter(save_directory, self.adapter_state_dict(name), self.peft_config[name], safe_serialization)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, config: MethodConfig | None = None,
+                        allow_pickle: bool = False, **kwargs) -> MethodPeftModel:
+        """Build the method on ``model`` from a saved folder and load its weights strictly."""
+        from .configs import MethodConfig as _Base
+
+        config = _Base.from_pretrained(model_id) if config is None else config
+        config.inference_mode = not is_trainable
+        peft_model = cls._for_loading(model, config, adapter_name)
+        saved = read_adapter_file(model_id, allow_pickle=allow_pickle)
+        load_tuner_state(peft_model, saved, adapter_name, os.fspath(model_id))
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    @classmethod
+    def _for_loading(cls, model: nn.Module, config: MethodConfig, adapter_name: str) -> MethodPeftModel:
+        return cls(model, config, adapter_name)
+
+
+def _strip_adapter(key: str, adapter_name: str, param_names: set[str]) -> str | None:
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+        if parts[i] == adapter_name and parts[i - 1] in param_names:
+            return ".".join(parts[:i] + parts[i + 1:])
+    return None
+
+
+def tuner_state_dict(peft_model: MethodPeftModel, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Saved tensors of ``adapter_name``: method layer parameters, ``modules_to_save`` copies, extra names."""
+    tuner: MethodTuner = peft_model.base_model
+    state = peft_model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    layer_prefixes = {f"base_model.model.{n}.": layer for n, layer in tuner.adapter_layers()}
+    wrappers = [f"base_model.model.{n}" for n, _ in tuner.modules_to_save_wrappers()]
+    for key, value in state.items():
+        owner = next((p for p in layer_prefixes if key.startswith(p)), None)
+        if owner is not None:
+            stripped = _strip_adapter(key, adapter_name, set(layer_prefixes[owner].adapter_param_names))
+            if stripped is not None and not stripped.endswith(".ranknum"):
+                out[stripped] = value
+            continue
+        wrapper = next((w for w in wrappers if key.startswith(w + ".")), None)
+        if wrapper is not None:
+            prefix = f"{wrapper}.modules_to_save.{adapter_name}."
+            if key.startswith(prefix):
+                out[wrapper + "." + key[len(prefix):]] = value
+    for key in tuner._extra_saved_names(adapter_name):
+        out[key] = state[key]
+    return tuner.postprocess_saved(out, adapter_name) if hasattr(tuner, "postprocess_saved") else out
+
+
+def write_adapter(save_directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: MethodConfig,
+                  safe_serialization: bool = True) -> None:
+    """Write tensors + config as peft does (config saved with ``inference_mode=True``)."""
+    os.makedirs(save_directory, exist_ok=True)
+    if not tensors:
+        raise ValueError("nothing to save: the adapter has no tensors")
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    if safe_serialization:
+        from safetensors.torch import save_file
+
+        save_file(tensors, os.path.join(save_directory, SAFETENSORS_NAME), metadata={"format": "pt"})
+    else:
+        torch.save(tensors, os.path.join(save_directory, PICKLE_NAME))
+    inference_mode = config.inference_mode
+    config.inference_mode = True
+    try:
+        config.save_pretrained(save_directory)
+    finally:
+        config.inference_mode = inference_mode
+
+
+def read_adapter_file(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Read the adapter tensors of a folder: safetensors; a pickle only with ``allow_pickle`` (weights_only)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"adapter folder {path!r} does not exist (fastpeft loads local folders)")
+    st = os.path.join(path, SAFETENSORS_NAME)
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+
+        return load_file(st, device="cpu")
+    pkl = os.path.join(path, PICKLE_NAME)
+    if os.path.isfile(pkl):
+        if not allow_pickle:
+            raise ValueError(f"{pkl} is a pickle; fastpeft loads safetensors only. If you trust the file, pass "
+                             "allow_pickle=True (it is then read with torch.load(weights_only=True))")
+        return torch.load(pkl, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no {SAFETENSORS_NAME} in {path!r} (found: {sorted(os.listdir(path))})")
+
+
+def load_tuner_state(peft_model: MethodPeftModel, saved: dict[str, torch.Tensor], adapter_name: str,
+                     where: str) -> None:
+    """Copy saved tensors into the model, strictly: missing, unexpected or mis-shaped keys raise ``ValueError``."""
+    expected = tuner_state_dict(peft_model, adapter_name)
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    if missing:
+        raise ValueError(f"adapter file in {where!r} lacks {len(missing)} tensor(s) the model expects, "
+                         f"e.g. {missing[:3]}")
+    if unexpected:
+        raise ValueError(f"adapter file in {where!r} has {len(unexpected)} key(s) this model does not have, e.g. "
+                         f"{unexpected[:3]} (was it saved for another model or config?)")
+    for key, value in saved.items():
+        if expected[key].shape != value.shape:
+            raise ValueError(f"shape mismatch for {key!r}: file has {tuple(value.shape)}, model expects "
+                             f"{tuple(expected[key].shape)}")
+    # expected[] holds views of the live tensors (state_dict shares storage), so copy into them
+    with torch.no_grad():
+        for key, value in saved.items():
+            expected[key].copy_(value.to(device=expected[key].device, dtype=expected[key].dtype))

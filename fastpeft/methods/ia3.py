@@ -1,0 +1,125 @@
+"""(IA)³ (Liu et al. 2022): learned vectors that rescale k, v and the MLP's down-projection input (peft's layout).
+
+A targeted linear layer ``y = W x + b`` becomes ``y = l ⊙ (W x + b)`` (``ia3_l`` of shape (out, 1)), or, for a
+``feedforward_modules`` target, ``y = W (l ⊙ x) + b`` (``ia3_l`` of shape (1, in)). Parameters are named
+``<path>.ia3_l.<adapter>`` and saved as ``<path>.ia3_l``, exactly as peft.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import torch
+from torch import nn
+
+from .base import AdapterLayer, MethodPeftModel, MethodTuner, is_conv1d, linear_features, matches
+from .configs import IA3Config
+
+# peft's defaults (TRANSFORMERS_MODELS_TO_IA3_*_MAPPING) for the model types fastpeft is tested on and kin.
+IA3_TARGETS = {
+    "t5": ["k", "v", "wo"], "mt5": ["k", "v", "wi_1"], "gpt2": ["c_attn", "mlp.c_proj"],
+    "bloom": ["query_key_value", "mlp.dense_4h_to_h"], "roberta": ["key", "value", "output.dense"],
+    "opt": ["q_proj", "k_proj", "fc2"], "gptj": ["q_proj", "v_proj", "fc_out"],
+    "gpt_neox": ["query_key_value", "dense_4h_to_h"], "gpt_neo": ["q_proj", "v_proj", "c_proj"],
+    "bart": ["q_proj", "v_proj", "fc2"], "gpt_bigcode": ["c_attn", "mlp.c_proj"],
+    "llama": ["k_proj", "v_proj", "down_proj"], "mistral": ["k_proj", "v_proj", "down_proj"],
+    "mixtral": ["k_proj", "v_proj", "w2"], "bert": ["key", "value", "output.dense"],
+    "falcon": ["query_key_value", "dense_4h_to_h"], "phi": ["q_proj", "v_proj", "fc2"],
+    "gemma": ["q_proj", "v_proj", "down_proj"], "gemma2": ["q_proj", "v_proj", "down_proj"],
+    "qwen2": ["q_proj", "v_proj", "down_proj"], "qwen3": ["q_proj", "v_proj", "down_proj"],
+}
+IA3_FEEDFORWARD = {
+    "t5": ["wo"], "mt5": [], "gpt2": ["mlp.c_proj"], "bloom": ["mlp.dense_4h_to_h"], "roberta": ["output.dense"],
+    "opt": ["fc2"], "gptj": ["fc_out"], "gpt_neox": ["dense_4h_to_h"], "gpt_neo": ["c_proj"], "bart": ["fc2"],
+    "gpt_bigcode": ["mlp.c_proj"], "llama": ["down_proj"], "mistral": ["down_proj"], "mixtral": ["w2"],
+    "bert": ["output.dense"], "falcon": ["dense_4h_to_h"], "phi": ["fc2"], "gemma": ["down_proj"],
+    "gemma2": ["down_proj"], "qwen2": ["down_proj"], "qwen3": ["down_proj"],
+}
+
+
+class IA3Linear(AdapterLayer):
+    """An ``nn.Linear`` / ``Conv1D`` with an (IA)³ rescaling vector per adapter (``ia3_l``)."""
+
+    adapter_param_names = ("ia3_l",)
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, is_feedforward: bool, init_weights: bool = True):
+        super().__init__(base_layer)
+        self.in_features, self.out_features = linear_features(base_layer)
+        self.is_feedforward = is_feedforward
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        self.ia3_l = nn.ParameterDict()
+        self.merged = False
+        shape = (1, self.in_features) if is_feedforward else (self.out_features, 1)
+        weight = torch.ones(shape) if init_weights else torch.randn(shape)
+        dev = base_layer.weight.device
+        self.ia3_l[adapter_name] = nn.Parameter(weight.to(dev))
+        self.set_adapter(adapter_name)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not self._on() or self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        scale = self.ia3_l[self.active_adapter].flatten()
+        if self.is_feedforward:
+            return self.base_layer((x.to(scale.dtype) * scale).to(x.dtype), *args, **kwargs)
+        out = self.base_layer(x, *args, **kwargs)
+        return (out * scale).to(out.dtype)
+
+    def merge(self) -> None:
+        """Fold the scaling into the base weight (and, for output scaling, the bias)."""
+        if self.merged or not self.has_adapter(self.active_adapter):
+            return
+        scale = self.ia3_l[self.active_adapter].detach()
+        w = self.base_layer.weight
+        with torch.no_grad():
+            # nn.Linear weight is (out, in); Conv1D is (in, out)
+            if self.is_feedforward:
+                s = scale.reshape(-1, 1) if self.fan_in_fan_out else scale.reshape(1, -1)
+            else:
+                s = scale.reshape(1, -1) if self.fan_in_fan_out else scale.reshape(-1, 1)
+            w.mul_(s.to(w.dtype))
+            b = getattr(self.base_layer, "bias", None)
+            if b is not None and not self.is_feedforward:
+                b.mul_(scale.reshape(-1).to(b.dtype))
+        self.merged = True
+
+
+class IA3Tuner(MethodTuner):
+    """``base_model`` of an (IA)³ model: injects :class:`IA3Linear` into the targeted layers."""
+
+    def _apply_method(self, config: IA3Config, adapter_name: str) -> None:
+        model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+        if config.target_modules is None:
+            if model_type not in IA3_TARGETS:
+                raise ValueError(f"target_modules is None and fastpeft has no IA3 default for model type "
+                                 f"{model_type!r}; pass target_modules and feedforward_modules")
+            config.target_modules = sorted(IA3_TARGETS[model_type])
+        if config.feedforward_modules is None:
+            if model_type not in IA3_FEEDFORWARD:
+                raise ValueError(f"feedforward_modules is None and fastpeft has no IA3 default for model type "
+                                 f"{model_type!r}; pass feedforward_modules")
+            config.feedforward_modules = sorted(IA3_FEEDFORWARD[model_type])
+        matched = []
+        for key in self.candidate_names():
+            if not matches(config.target_modules, key) or matches(config.exclude_modules, key):
+                continue
+            module = self.model.get_submodule(key)
+            if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+                raise ValueError(f"Target module {key!r} ({type(module).__name__}) is not supported: fastpeft's IA3 "
+                                 "adapts nn.Linear and transformers' Conv1D")
+            if is_conv1d(module) != config.fan_in_fan_out:
+                warnings.warn(f"fan_in_fan_out={config.fan_in_fan_out} but {key!r} is {type(module).__name__}; "
+                              f"using fan_in_fan_out={is_conv1d(module)}", stacklevel=4)
+                config.fan_in_fan_out = is_conv1d(module)
+            ff = config.feedforward_modules
+            is_ff = bool(re.fullmatch(ff, key)) if isinstance(ff, str) else any(key.endswith(t) for t in ff)
+            self.replace_module(key, IA3Linear(module, adapter_name, is_ff, config.init_ia3_weights))
+            matched.append(key)
+        if not matched:
+            raise ValueError(f"Target modules {config.target_modules} not found in the base model")
+
+
+class IA3PeftModel(MethodPeftModel):
+    """A transformers model with (IA)³ vectors, peft's ``PeftModel`` layout and saved format."""
+
+    tuner_class = IA3Tuner

@@ -1,0 +1,71 @@
+"""IA3 against peft on tiny Llama / GPT-2 / T5 / BERT: parameter names and counts, logits, saved keys, loading both
+ways, training, merge, generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_methods_common import TASKS, batch, bert, fresh, gpt2, llama, saved, t5, train, trainable, twin
+
+import fastpeft
+from fastpeft.methods import IA3Config
+from helpers import assert_rel
+
+peft = pytest.importorskip("peft")
+
+
+def _pair(factory, **kw):
+    a, b, state = twin(factory)
+    ours = fastpeft.get_peft_model(a, IA3Config(task_type=TASKS[factory], init_ia3_weights=False, **kw))
+    theirs = peft.get_peft_model(b, peft.IA3Config(task_type=TASKS[factory], **kw))
+    res = theirs.load_state_dict(ours.state_dict(), strict=False)
+    assert not res.unexpected_keys
+    return ours, theirs, state
+
+
+@pytest.mark.parametrize("factory", [llama, gpt2, t5, bert], ids=lambda f: f.__name__)
+def test_ia3_equals_peft_and_round_trips(factory, tmp_path):
+    ours, theirs, state = _pair(factory)
+    assert {k for k, _ in ours.named_parameters()} == {k for k, _ in theirs.named_parameters()}
+    assert trainable(ours) == trainable(theirs)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    x = batch(factory, labels=False)
+    lo = ours(**x).logits
+    assert_rel(lo, theirs(**x).logits, 1e-6, "logits")
+    with ours.disable_adapter():
+        assert (ours(**x).logits - lo).abs().max() > 1e-4, "random IA3 vectors must change the output"
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    a, b = saved(tmp_path / "ours"), saved(tmp_path / "theirs")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for loader in (peft.PeftModel, fastpeft.PeftModel):
+        loaded = loader.from_pretrained(fresh(factory, state), tmp_path / "ours")
+        assert_rel(loaded(**x).logits, lo, 1e-6, f"{loader.__module__} load")
+    back = fastpeft.PeftModel.from_pretrained(fresh(factory, state), tmp_path / "theirs")
+    assert_rel(back(**x).logits, lo, 1e-6, "peft-saved adapter loaded by fastpeft")
+    assert not trainable(back)
+
+
+@pytest.mark.parametrize("factory", [llama, t5], ids=lambda f: f.__name__)
+def test_ia3_trains_and_merges(factory):
+    a, _, _ = twin(factory)
+    model = fastpeft.get_peft_model(a, IA3Config(task_type=TASKS[factory]))
+    x = batch(factory)
+    with torch.no_grad():
+        base = model(**x).logits
+    losses = train(model, x, steps=10, lr=0.2)
+    assert losses[-1] < losses[0] - 0.05, losses
+    with torch.no_grad():
+        tuned = model(**x).logits
+        merged = model.merge_and_unload()
+        assert not any("ia3" in n for n, _ in merged.named_parameters())
+        assert_rel(merged(**x).logits, tuned, 1e-5, "merged")
+    assert (tuned - base).abs().max() > 1e-3
+
+
+def test_ia3_generates():
+    a, _, _ = twin(gpt2)
+    model = fastpeft.get_peft_model(a, IA3Config(task_type="CAUSAL_LM", init_ia3_weights=False))
+    x = batch(gpt2, labels=False, mask=False)
+    out = model.generate(**x, max_new_tokens=4, do_sample=False)
+    assert out.shape == (2, 11) and torch.equal(out[:, :7], x["input_ids"])
