@@ -7,6 +7,7 @@
 #   bash bench/gpu_run.sh                              # from the repository root, or anywhere
 #   BENCH_ARGS="--preset tiny" bash bench/gpu_run.sh   # other `fastpeft bench` arguments (a dry run on CPU)
 #   SKIP_VARIANTS=1 SKIP_PYTEST_BENCH=1 bash bench/gpu_run.sh
+#   QUANT_PRESETS="decode-tiny qlora-tiny" ...       # the 4-bit grids at CPU sizes ("" skips them)
 set -u
 cd "$(dirname "$0")/.." || exit 1
 out="${OUT:-bench/results}"
@@ -38,6 +39,17 @@ TRITON_PRINT_AUTOTUNING=1 fastpeft bench $bench_args --out "$name.json" --plot "
 rc_bench=${PIPESTATUS[0]}
 copy_out
 
+# 4-bit: decode GEMV N=1/4/16 (TARGETS.md §3) and the QLoRA layer fwd+bwd (§2); the GEMV's
+# autotune pick per shape is in the log (and collected in autotune-picks.txt at the end).
+rc_quant=0
+for preset in ${QUANT_PRESETS-decode qlora}; do
+  stamp "bench $preset"
+  TRITON_PRINT_AUTOTUNING=1 fastpeft bench --preset "$preset" --out "$name-$preset.json" 2>&1 \
+    | tee "$out/bench-$preset.log"
+  rc_quant=$((rc_quant || PIPESTATUS[0]))
+  copy_out
+done
+
 # Design choices decided by measurement: where dx's dropout term goes, and which GEMM kernel.
 rc_var=0
 if [ "${SKIP_VARIANTS:-0}" != 1 ]; then
@@ -61,5 +73,7 @@ if [ "${SKIP_PYTEST_BENCH:-0}" != 1 ]; then
 fi
 
 stamp done
-echo "pip=$rc_pip gpu_tests=$rc_tests bench=$rc_bench variants=$rc_var pytest_bench=$rc_pybench" | tee "$out/exit-codes.txt"
-exit $((rc_pip || rc_tests || rc_bench || rc_var || rc_pybench))
+grep -h -B3 "best config" "$out"/bench*.log >"$out/autotune-picks.txt" 2>/dev/null  # function, key, pick
+echo "pip=$rc_pip gpu_tests=$rc_tests bench=$rc_bench quant=$rc_quant variants=$rc_var pytest_bench=$rc_pybench" \
+  | tee "$out/exit-codes.txt"
+exit $((rc_pip || rc_tests || rc_bench || rc_quant || rc_var || rc_pybench))

@@ -525,3 +525,304 @@ def plot_rows(rows: list[dict], path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# ------------------------------------------------------------ 4-bit: decode and QLoRA
+# Two more grids, with their own providers (TARGETS.md §2 and §3). Rows keep the layer rows'
+# keys (shape, tokens, mode, dropout, provider, ms, vs_frozen, ...) so the table, the JSON and
+# the plot treat them alike; "frozen" is the bf16 baseline of each: a plain ``nn.Linear``.
+
+@dataclass(frozen=True)
+class QuantPreset:
+    """A 4-bit grid: ``kind`` "decode" (eager inference, no grad) or "qlora" (fwd+bwd)."""
+
+    kind: str
+    cells: tuple[tuple[str, int], ...]
+    dropouts: tuple[float, ...] = (0.1,)
+    blocksize: int = 64
+
+
+QUANT_PRESETS: dict[str, QuantPreset] = {
+    # TARGETS.md §3: N = 1, 4, 16 on the two decode shapes.
+    "decode": QuantPreset("decode", tuple((s, n) for s in ("4096x4096", "4096x14336") for n in (1, 4, 16))),
+    "decode-tiny": QuantPreset("decode", (("64x96", 1), ("64x96", 3))),
+    # TARGETS.md §2: fwd+bwd at N = 8192, p = 0.1.
+    "qlora": QuantPreset("qlora", (("4096x4096", 8192), ("4096x14336", 8192))),
+    "qlora-tiny": QuantPreset("qlora", (("64x96", 48),)),
+}
+DECODE_PROVIDERS = ("frozen", "bnb_linear4bit", "bnb_gemv_4bit", "fastpeft_gemv", "fastpeft_gemv_lora",
+                    "fastpeft_4bit")
+QLORA_PROVIDERS = ("frozen", "bnb_frozen", "peft_bnb", "fastpeft_bf16", "fastpeft_4bit")
+
+
+def _linear4bit(base: nn.Linear, blocksize: int) -> nn.Module:
+    """bitsandbytes ``Linear4bit`` holding ``base``'s weight: NF4, double quantization, compute in base's dtype."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(base.in_features, base.out_features, bias=base.bias is not None,
+                              compute_dtype=base.weight.dtype, compress_statistics=True, quant_type="nf4",
+                              device="meta")
+    layer.weight = bnb.nn.Params4bit(base.weight.detach().cpu().clone(), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True, blocksize=blocksize)
+    if base.bias is not None:
+        layer.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=False)
+    return layer.to(base.weight.device)  # quantizes on the way
+
+
+def _fast4bit_class():
+    try:
+        from fastpeft.layers import FastLoraLinear4bit
+    except ImportError:
+        return None
+    return FastLoraLinear4bit
+
+
+def _fast4bit(spec: LayerSpec, lin4: nn.Module, A: Tensor, B: Tensor) -> Case:
+    cls = _fast4bit_class()
+    if cls is None:
+        raise ImportError("fastpeft.layers.FastLoraLinear4bit is not available")
+    layer = cls.from_linear(copy.deepcopy(lin4), r=spec.r, lora_alpha=spec.lora_alpha, lora_dropout=spec.dropout)
+    return Case(layer, _load_adapters(layer, A, B), _dtype_name(layer.lora_A["default"].weight.dtype))
+
+
+def _peft_bnb(spec: LayerSpec, lin4: nn.Module, A: Tensor, B: Tensor) -> Case:
+    import peft
+
+    config = peft.LoraConfig(r=spec.r, lora_alpha=spec.lora_alpha, lora_dropout=spec.dropout,
+                             target_modules=["0"], init_lora_weights=False)
+    model = peft.get_peft_model(nn.Sequential(copy.deepcopy(lin4)), config)
+    layer = model.base_model.model[0]
+    return Case(layer, _load_adapters(layer, A, B), _dtype_name(layer.lora_A["default"].weight.dtype))
+
+
+def weight_bytes(module_or_tensor) -> int:
+    """Bytes of a layer's frozen weight as stored: bf16 elements, or the 4-bit codes plus every
+    quantization statistic (absmax, and with double quantization its codes, scales and tables)."""
+    if isinstance(module_or_tensor, Tensor):
+        return module_or_tensor.numel() * module_or_tensor.element_size()
+    w = module_or_tensor.weight
+    total = w.numel() * w.element_size()
+    st = getattr(w, "quant_state", None)
+    while st is not None:
+        total += sum(t.numel() * t.element_size() for t in (st.absmax, st.code) if t is not None)
+        st = st.state2 if getattr(st, "nested", False) else None
+    return total
+
+
+def _decode_steps(spec: LayerSpec, base: nn.Linear, lin4: nn.Module, A: Tensor, B: Tensor, x: Tensor) -> dict:
+    """provider → (closure to time, weight bytes, module class) for one decode cell. Raises inside
+    a provider are recorded on its row, not fatal (bnb's bare GEMV takes one row only, say)."""
+    import bitsandbytes.functional as bnbf
+
+    from fastpeft.kernels import lora_gemv_4bit
+
+    st = lin4.weight.quant_state
+    q = lin4.weight.data
+    out_f, in_f = base.out_features, base.in_features
+    nested = dict(nested_code=st.state2.code, nested_absmax=st.state2.absmax, nested_blocksize=st.state2.blocksize,
+                  nested_offset=st.offset) if st.nested else {}
+    w = base.weight.detach()
+    xd = x.detach()
+    a_t = A.to(x.dtype)
+    scale = spec.lora_alpha / spec.r
+
+    def gemv(lora: bool):
+        def step():
+            xa = xd @ a_t.t() if lora else None  # the rank-r down projection: part of the timed call
+            return lora_gemv_4bit(xd, q, st.absmax, st.code, st.blocksize, out_f, in_f, xa=xa,
+                                  lora_B=B if lora else None, scale=scale, **nested)
+        return step
+
+    def bnb_gemv():
+        if xd.shape[0] != 1:
+            raise ValueError("bitsandbytes' gemv_4bit takes one row (N = 1)")
+        return bnbf.gemv_4bit(xd, q.t(), state=st)
+
+    steps = {
+        "frozen": (lambda: torch.nn.functional.linear(xd, w), weight_bytes(w), "torch.nn.functional.linear"),
+        "bnb_linear4bit": (lambda: lin4(xd), weight_bytes(lin4), type(lin4).__name__),
+        "bnb_gemv_4bit": (bnb_gemv, weight_bytes(lin4), "bitsandbytes.functional.gemv_4bit"),
+        "fastpeft_gemv": (gemv(False), weight_bytes(lin4), "fastpeft.kernels.lora_gemv_4bit"),
+        "fastpeft_gemv_lora": (gemv(True), weight_bytes(lin4), "fastpeft.kernels.lora_gemv_4bit + x·Aᵀ"),
+    }
+    if _fast4bit_class() is not None:
+        layer = _fast4bit(spec, lin4, A, B).module.eval()
+        steps["fastpeft_4bit"] = (lambda: layer(xd), weight_bytes(lin4), type(layer).__name__)
+    return steps
+
+
+def _decode_reference(lin4: nn.Module, A: Tensor, B: Tensor, x: Tensor, scale: float) -> dict[str, Tensor]:
+    """fp32 references for the outputs: bnb's own dequantization, then a plain product."""
+    import bitsandbytes.functional as bnbf
+
+    w = bnbf.dequantize_4bit(lin4.weight.data, lin4.weight.quant_state).float()
+    y = x.float() @ w.t()
+    return {"base": y, "lora": y + scale * (x.float() @ A.float().t()) @ B.float().t()}
+
+
+def _run_quant_cell(grid: QuantPreset, shape: str, n: int, providers: Sequence[str], dt: torch.dtype,
+                    dev: torch.device, env: dict, r: int, lora_alpha: float, check: bool, warmup_ms: float,
+                    rep_ms: float, seed: int, dropouts: Sequence[float]) -> list[dict]:
+    in_f, out_f = parse_shape(shape)
+    g = torch.Generator(dev).manual_seed(seed)
+    base = nn.Linear(in_f, out_f, bias=False, device=dev, dtype=dt).requires_grad_(False)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(out_f, in_f, generator=g, device=dev) * in_f**-0.5)
+    A = (torch.rand(r, in_f, generator=g, device=dev) * 2 - 1) * in_f**-0.5
+    B = (torch.rand(out_f, r, generator=g, device=dev) * 2 - 1) * r**-0.5
+    x = torch.randn(n, in_f, generator=g, device=dev).to(dt)
+    lin4 = _linear4bit(base, grid.blocksize)
+    cell = {"bench": grid.kind, "shape": shape, "in_features": in_f, "out_features": out_f, "tokens": n,
+            "dtype": _dtype_name(dt), "r": r, "lora_alpha": lora_alpha, "x_bytes": x.numel() * x.element_size(),
+            "blocksize": grid.blocksize, "quant": "nf4+double-quant"}
+    rows = []
+    if grid.kind == "decode":
+        spec = LayerSpec(r, lora_alpha, 0.0)
+        steps = _decode_steps(spec, base, lin4, A, B, x)
+        refs = _decode_reference(lin4, A, B, x, lora_alpha / r) if check else {}
+        for provider in providers:
+            row = {**env, **cell, "provider": provider, "mode": "fwd", "dropout": None, "adapter_dtype": None}
+            if provider not in steps:
+                rows.append({**row, "missing": "fastpeft.layers.FastLoraLinear4bit not importable"})
+                continue
+            step, row["weight_bytes"], row["module"] = steps[provider]
+            rows.append(_timed_row(row, step, dev, warmup_ms, rep_ms, refs.get(
+                "lora" if provider in ("fastpeft_gemv_lora", "fastpeft_4bit") else "base")
+                if provider.startswith("fastpeft") else None, dt))
+        return rows
+    builders = {
+        "frozen": lambda spec: Case(copy.deepcopy(base), [], None),
+        "bnb_frozen": lambda spec: Case(copy.deepcopy(lin4), [], None),
+        "peft_bnb": lambda spec: _peft_bnb(spec, lin4, A, B),
+        "fastpeft_bf16": lambda spec: _fastpeft(spec, base, A, B, fp32_adapters=True),
+        "fastpeft_4bit": lambda spec: _fast4bit(spec, lin4, A, B),
+    }
+    x.requires_grad_()
+    dy = torch.randn(n, out_f, generator=g, device=dev).to(dt)
+    checks: dict = {}
+    if check and "fastpeft_4bit" in providers and _fast4bit_class() is not None and "peft_bnb" in providers:
+        spec0 = LayerSpec(r, lora_alpha, 0.0)
+        _, ref = _forward_backward(builders["peft_bnb"](spec0), x, dy)
+        _, ours = _forward_backward(builders["fastpeft_4bit"](spec0), x, dy)
+        checks = {**compare_grads(ours, ref, CHECK_TOL[dt]), "check_against": "peft_bnb p=0"}
+    for p in dropouts:
+        for provider in providers:
+            if provider in ("frozen", "bnb_frozen") and p != dropouts[0]:
+                continue
+            row = {**env, **cell, "provider": provider, "mode": "fwdbwd",
+                   "dropout": None if provider in ("frozen", "bnb_frozen") else p}
+            try:
+                case = builders[provider](LayerSpec(r, lora_alpha, p))
+            except ImportError as err:
+                rows.append({**row, "adapter_dtype": None, "missing": str(err)})
+                continue
+            row["adapter_dtype"] = case.adapter_dtype
+            row["module"] = type(case.module).__name__
+            row["weight_bytes"] = weight_bytes(case.module.base_layer if hasattr(case.module, "base_layer")
+                                               else case.module)
+            row["saved_bytes"], grads = _forward_backward(case, x, dy)
+            row["grads_ok"] = grads_usable({k: v for k, v in grads.items() if k != "y"})
+            del grads
+            if provider == "fastpeft_4bit":
+                row.update(checks)
+            step = _step(case, "fwdbwd", x, dy)
+            rows.append(_timed_row(row, step, dev, warmup_ms, rep_ms, None, dt))
+    return rows
+
+
+def _timed_row(row: dict, step: Callable[[], object], dev: torch.device, warmup_ms: float, rep_ms: float,
+               ref: Tensor | None, dt: torch.dtype) -> dict:
+    """Run ``step`` once (checking its output against ``ref`` if given), then time it; an error in
+    the first call is recorded on the row (e.g. a provider that does not take this shape)."""
+    before = _kernel_launches()
+    try:
+        out = step()
+    except Exception as err:  # noqa: BLE001 - recorded, not fatal: other providers still run
+        return {**row, "error": f"{type(err).__name__}: {err}"[:500]}
+    after = _kernel_launches()
+    row["kernels_per_step"] = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+    if ref is not None:
+        row.update(compare_grads({"y": out.float()}, {"y": ref}, CHECK_TOL[dt]))
+        row["check_against"] = "bnb dequantize_4bit + fp32 matmul"
+    del out
+    row.update(time_step(step, dev, warmup_ms, rep_ms))
+    row["peak_bytes"] = _peak_bytes(step, dev)
+    return row
+
+
+def run_quant(preset: str = "decode-tiny", shapes: Sequence[str] | None = None, tokens: Sequence[int] | None = None,
+              providers: Sequence[str] | None = None, dropouts: Sequence[float] | None = None,
+              dtype: str | None = None, device: str | torch.device = "auto", r: int = 16, lora_alpha: float = 32,
+              check: bool = True, warmup_ms: float = 25, rep_ms: float = 120, seed: int = 0) -> list[dict]:
+    """Benchmark a 4-bit preset (``QUANT_PRESETS``): decode GEMV or QLoRA layer rows.
+
+    decode — eager forward, no grad: bf16 ``F.linear`` (cuBLAS; "frozen"), bitsandbytes
+    ``Linear4bit`` (NF4, double quant; its GEMV at N = 1), bnb's bare ``gemv_4bit`` (N = 1 only),
+    ``lora_gemv_4bit`` without and with the LoRA term (the latter including ``x Aᵀ``), and
+    ``FastLoraLinear4bit`` if present; each row has the weight bytes and, for fastpeft, a check
+    against bnb's dequantization. qlora — fwd+bwd: bf16 frozen ``nn.Linear``, bnb ``Linear4bit``
+    frozen, peft LoRA on it, ``FastLoraLinear`` (bf16 base), and ``FastLoraLinear4bit`` if present
+    (else a row with ``missing``). Example::
+
+        rows = run_quant("decode", tokens=[1])
+    """
+    grid = QUANT_PRESETS[preset]
+    known = DECODE_PROVIDERS if grid.kind == "decode" else QLORA_PROVIDERS
+    if providers is None:
+        has_peft = importlib.util.find_spec("peft") is not None
+        providers = [p for p in known if has_peft or not p.startswith("peft")]
+    if set(providers) - set(known):
+        raise ValueError(f"unknown {sorted(set(providers) - set(known))} for {preset}; choose from {known}")
+    dev, dt = resolve_device(device), _DTYPES[dtype or "bf16"]
+    env = environment(dev, dt)
+    cells = _cells(Preset(cells=grid.cells), shapes, tokens)
+    rows: list[dict] = []
+    for shape, n in cells:
+        rows += _run_quant_cell(grid, shape, n, tuple(providers), dt, dev, env, r, lora_alpha, check, warmup_ms,
+                                rep_ms, seed, tuple(grid.dropouts if dropouts is None else dropouts))
+    add_quant_ratios(rows)
+    return rows
+
+
+def add_quant_ratios(rows: list[dict]) -> None:
+    """``vs_frozen`` = time / the bf16 baseline's in the same cell; ``vs_peft`` (qlora) = time / peft+bnb's
+    at the same dropout; ``vs_bnb`` (decode) = time / bnb ``Linear4bit``'s."""
+    def key(r: dict, *extra: str) -> tuple:
+        return (r["shape"], r["tokens"], *(r[k] for k in extra))
+
+    timed = [r for r in rows if "ms" in r]
+    frozen = {key(r): r["ms"] for r in timed if r["provider"] == "frozen"}
+    peft = {key(r, "dropout"): r["ms"] for r in timed if r["provider"] == "peft_bnb"}
+    bnb = {key(r): r["ms"] for r in timed if r["provider"] == "bnb_linear4bit"}
+    for r in rows:
+        ms = r.get("ms")
+        r["vs_frozen"] = ms / frozen[key(r)] if ms and key(r) in frozen else None
+        r["vs_peft"] = ms / peft[key(r, "dropout")] if ms and key(r, "dropout") in peft else None
+        if r["bench"] == "decode":
+            r["vs_bnb"] = ms / bnb[key(r)] if ms and key(r) in bnb else None
+
+
+def format_quant_table(rows: list[dict]) -> str:
+    """Fixed-width table of 4-bit rows (errors and missing providers shown in place of a time)."""
+    head = ("bench", "shape", "N", "p", "provider", "ms", "p20–p80", "×bf16", "×peft", "×bnb", "weight MiB",
+            "check")
+    body = []
+    for r in rows:
+        if "ms" not in r:
+            why = r.get("error") or f"missing: {r.get('missing')}"
+            body.append((r["bench"], r["shape"], str(r["tokens"]), _fmt(r["dropout"], "g"), r["provider"],
+                         why[:60], "", "", "", "", "", ""))
+            continue
+        check = {True: "ok", False: "FAIL", None: "—"}[row_ok(r)]
+        body.append((r["bench"], r["shape"], str(r["tokens"]), _fmt(r["dropout"], "g"), r["provider"],
+                     f"{r['ms']:.4f}", f"{r['ms_p20']:.4f}–{r['ms_p80']:.4f}", _fmt(r["vs_frozen"], ".2f"),
+                     _fmt(r["vs_peft"], ".2f"), _fmt(r.get("vs_bnb"), ".2f"),
+                     _fmt(r.get("weight_bytes") and r["weight_bytes"] / 2**20, ".3f"), check))
+    widths = [max(len(line[i]) for line in (head, *body)) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in (head, *body)]
+    if rows:
+        r = rows[0]
+        versions = ", ".join(f"{k} {v}" for k, v in r["versions"].items() if v)
+        lines += ["", f"{r['device']}; {r['dtype']} r={r['r']} alpha={r['lora_alpha']}; "
+                      f"fastpeft backend {r['fastpeft_backend']}", versions]
+    return "\n".join(lines)

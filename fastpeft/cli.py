@@ -25,14 +25,18 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmark the LoRA layer against frozen nn.Linear, cuBLAS and peft",
                        description="Time fwd and fwd+bwd, count saved bytes and peak memory, check gradients "
                                    "against peft; print a table and write the rows as JSON.")
-    p.add_argument("--preset", choices=sorted(benchmarking.PRESETS),
-                   help="grid to run (default: layer on CUDA, tiny otherwise)")
+    p.add_argument("--preset", choices=sorted([*benchmarking.PRESETS, *benchmarking.QUANT_PRESETS]),
+                   help="grid to run (default: layer on CUDA, tiny otherwise); decode/qlora (and their -tiny "
+                        "CPU sizes) are the 4-bit grids")
     p.add_argument("--shapes", nargs="+", metavar="INxOUT",
                    help=f"replace the preset's shapes (named: {', '.join(benchmarking.SHAPES)})")
     p.add_argument("--tokens", nargs="+", type=int, metavar="N", help="replace the preset's token counts")
     p.add_argument("--dropout", nargs="+", type=float, metavar="P", help="dropouts of the fwd+bwd rows")
-    p.add_argument("--providers", nargs="+", choices=benchmarking.PROVIDERS, metavar="NAME",
-                   help=f"subset of {', '.join(benchmarking.PROVIDERS)}")
+    all_providers = list(dict.fromkeys(
+        [*benchmarking.PROVIDERS, *benchmarking.DECODE_PROVIDERS, *benchmarking.QLORA_PROVIDERS]))
+    p.add_argument("--providers", nargs="+", choices=all_providers, metavar="NAME",
+                   help=f"layer presets: {', '.join(benchmarking.PROVIDERS)}; decode: "
+                        f"{', '.join(benchmarking.DECODE_PROVIDERS)}; qlora: {', '.join(benchmarking.QLORA_PROVIDERS)}")
     p.add_argument("--modes", nargs="+", choices=benchmarking.MODES, help="subset of fwd, fwdbwd")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="base weight and activation dtype")
     p.add_argument("--r", type=int, default=16, help="LoRA rank (default 16)")
@@ -54,6 +58,8 @@ def _default_out(rows: list[dict]) -> Path:
 def _bench(args: argparse.Namespace) -> int:
     device = benchmarking.resolve_device(args.device)
     preset = args.preset or ("layer" if device.type == "cuda" else "tiny")
+    if preset in benchmarking.QUANT_PRESETS:
+        return _bench_quant(args, preset, device)
     rows = benchmarking.run(preset, shapes=args.shapes, tokens=args.tokens, providers=args.providers,
                             modes=args.modes, dropouts=args.dropout, dtype=args.dtype, device=device, r=args.r,
                             lora_alpha=args.lora_alpha, check=not args.no_check, warmup_ms=args.warmup_ms,
@@ -68,6 +74,26 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"GRADIENT CHECK FAILED: {r['provider']} {r['shape']} N={r['tokens']} p={r['dropout']} "
               f"{r.get('check_errors')} (tol {r.get('check_tol')})", file=sys.stderr)
     return 1 if failed else 0  # a fast wrong kernel is not a result
+
+
+def _bench_quant(args: argparse.Namespace, preset: str, device) -> int:
+    """The 4-bit presets (decode, qlora): same output files, their own table."""
+    rows = benchmarking.run_quant(preset, shapes=args.shapes, tokens=args.tokens, providers=args.providers,
+                                  dropouts=args.dropout, dtype=args.dtype, device=device, r=args.r,
+                                  lora_alpha=args.lora_alpha, check=not args.no_check, warmup_ms=args.warmup_ms,
+                                  rep_ms=args.rep_ms)
+    print(benchmarking.format_quant_table(rows))
+    out = benchmarking.write_json(rows, args.out or _default_out(rows))
+    print(f"\nwrote {out}")
+    if args.plot:
+        print(f"wrote {benchmarking.plot_rows(rows, args.plot)}")
+    # bnb's bare GEMV refusing N > 1 is expected; a fastpeft provider that fails is not.
+    failed = [r for r in rows if benchmarking.row_ok(r) is False
+              or (r["provider"].startswith("fastpeft") and "error" in r)]
+    for r in failed:
+        print(f"FAILED: {r['provider']} {r['shape']} N={r['tokens']}: {r.get('error') or r.get('check_errors')}",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

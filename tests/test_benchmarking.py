@@ -108,3 +108,64 @@ def test_cli_bench_writes_json_and_plot(tmp_path, torch_backend, capsys):
     assert benchmarking.load_json(out) == data["rows"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "fastpeft" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------- 4-bit presets
+@pytest.fixture(scope="module")
+def qlora_tiny_rows():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTPEFT_BACKEND", "torch")
+        return benchmarking.run_quant("qlora-tiny", device="cpu", warmup_ms=1, rep_ms=2)
+
+
+@pytest.mark.interp  # the GEMV providers launch the Triton kernel on CPU tensors
+def test_decode_tiny_rows():
+    rows = benchmarking.run_quant("decode-tiny", device="cpu", warmup_ms=1, rep_ms=2)
+    assert {(r["shape"], r["tokens"]) for r in rows} == {("64x96", 1), ("64x96", 3)}
+    by = {(r["provider"], r["tokens"]): r for r in rows}
+    assert {p for p, _ in by} == set(benchmarking.DECODE_PROVIDERS)
+    for n in (1, 3):
+        assert by[("frozen", n)]["vs_frozen"] == 1.0 and by[("frozen", n)]["timer"] == "wall"
+        for p in ("fastpeft_gemv", "fastpeft_gemv_lora"):
+            r = by[(p, n)]
+            assert r["check_ok"] is True, r.get("check_errors")
+            assert r["kernels_per_step"] == {"lora_gemv_4bit": 1}
+            assert r["weight_bytes"] < by[("frozen", n)]["weight_bytes"] / 2  # tables weigh at this size
+        assert "ms" in by[("bnb_linear4bit", n)]
+    assert "ms" in by[("bnb_gemv_4bit", 1)] and "one row" in by[("bnb_gemv_4bit", 3)]["error"]
+    fast4 = by[("fastpeft_4bit", 1)]
+    assert "ms" in fast4 or "missing" in fast4
+    assert benchmarking.format_quant_table(rows).count("decode") == len(rows)
+
+
+def test_qlora_tiny_rows(qlora_tiny_rows):
+    by = {r["provider"]: r for r in qlora_tiny_rows}
+    assert set(by) == set(benchmarking.QLORA_PROVIDERS)
+    for p in ("frozen", "bnb_frozen", "peft_bnb", "fastpeft_bf16"):
+        r = by[p]
+        assert r["mode"] == "fwdbwd" and r["grads_ok"] is True and r["ms"] > 0
+        assert ROW_KEYS <= r.keys(), ROW_KEYS - r.keys()
+    assert by["frozen"]["vs_frozen"] == 1.0 and by["peft_bnb"]["vs_peft"] == 1.0
+    assert by["peft_bnb"]["dropout"] == 0.1 and by["bnb_frozen"]["dropout"] is None
+    assert by["bnb_frozen"]["weight_bytes"] < by["frozen"]["weight_bytes"] / 2
+    if "missing" not in by["fastpeft_4bit"]:
+        assert by["fastpeft_4bit"]["check_ok"] is True, by["fastpeft_4bit"].get("check_errors")
+
+
+def test_weight_bytes_nf4_double_quant():
+    lin = nn.Linear(256, 64, bias=False).to(torch.bfloat16)
+    lin4 = benchmarking._linear4bit(lin, 64)
+    n = 256 * 64
+    # codes (½ byte), one uint8 absmax per 64, one fp32 per 256 of those, two code tables
+    assert benchmarking.weight_bytes(lin4) == n // 2 + n // 64 + 4 * -(-n // 64 // 256) + 16 * 4 + 256 * 4
+    assert benchmarking.weight_bytes(lin.weight) == 2 * n
+
+
+def test_cli_qlora_tiny_writes_json(tmp_path, torch_backend, capsys):
+    out = tmp_path / "q.json"
+    rc = main(["bench", "--preset", "qlora-tiny", "--rep-ms", "2", "--warmup-ms", "1", "--device", "cpu",
+               "--providers", "frozen", "fastpeft_bf16", "--out", str(out)])
+    assert rc == 0
+    rows = benchmarking.load_json(out)
+    assert {r["provider"] for r in rows} == {"frozen", "fastpeft_bf16"} and rows[0]["bench"] == "qlora"
+    assert "qlora" in capsys.readouterr().out
