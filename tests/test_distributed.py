@@ -1,4 +1,4 @@
-"""Multi-process training with PyTorch's own engines: DDP and FSDP2 (``fully_shard``), 2 processes.
+"""Multi-process training with PyTorch's own engines: DDP, FSDP2 (``fully_shard``), accelerate; 2 processes.
 
 ``tests/dist_scripts/lora_worker.py`` runs under ``torchrun --nproc_per_node 2`` (gloo on CPU, NCCL
 where each rank has a GPU): a tiny Llama with fastpeft LoRA on every linear layer, each rank on its half
@@ -51,22 +51,26 @@ def _has_4bit() -> bool:
     return True
 
 
-def run_torchrun(args: list[str], timeout: float = TIMEOUT_S, nproc: int = NPROC) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run --standalone --nproc_per_node nproc SCRIPT args``, killed on timeout."""
-    env = {k: v for k, v in os.environ.items() if k != "FASTPEFT_BACKEND"}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(SCRIPT), *args]
+def run_launcher(cmd: list[str], timeout: float = TIMEOUT_S, env: dict | None = None) -> str:
+    """Run a multi-process launcher command; its whole process group is killed on timeout. Returns the output."""
+    env = {**{k: v for k, v in os.environ.items() if k != "FASTPEFT_BACKEND"}, "OMP_NUM_THREADS": "1",
+           **(env or {})}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers: a hang must not outlive the test
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers: a hang must not outlive the test
         out, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish within {timeout} s (hang?):\n{out[-4000:]}")
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{out[-6000:]}"
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+        pytest.fail(f"{cmd[:4]} did not finish within {timeout} s (hang?):\n{out[-4000:]}")
+    assert proc.returncode == 0, f"{cmd[:4]} failed ({proc.returncode}):\n{out[-6000:]}"
+    return out
+
+
+def run_torchrun(args: list[str], nproc: int = NPROC) -> str:
+    """``python -m torch.distributed.run --standalone --nproc_per_node nproc SCRIPT args``."""
+    return run_launcher([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                         f"--nproc_per_node={nproc}", str(SCRIPT), *args])
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +108,7 @@ def test_ddp_two_processes_match_one_process(runs):
     trainable parameter got no gradient, so passing also proves no parameter is "unused".
     """
     multi, one = _load(runs, "multi", "ddp"), _load(runs, "one", "single")
+    assert (multi["world"], multi["wrapper"], one["world"]) == (NPROC, "DistributedDataParallel", 1)
     assert set(multi["grads"][0]) == set(one["grads"][0])
     assert all(name.split(".")[-3] in ("lora_A", "lora_B") for name in one["grads"][0])
     _assert_same_training(multi, one)
@@ -112,6 +117,7 @@ def test_ddp_two_processes_match_one_process(runs):
 def test_fsdp2_two_processes_match_one_process(runs):
     """FSDP2 ``fully_shard`` per decoder layer and at the root: same losses, gradients, weights."""
     multi, one = _load(runs, "multi", "fsdp"), _load(runs, "one", "single")
+    assert multi["world"] == NPROC
     assert set(multi["sharded"].values()) == {"DTensor"}, "LoRA parameters were not sharded"
     base = [n for n in multi["base_sharded"] if ".base_layer." in n]
     assert len(base) == 14, f"frozen base weights of the LoRA layers were not all sharded: {base}"
@@ -148,6 +154,24 @@ def test_fsdp2_4bit_base(runs):
         pytest.skip("fastpeft.layers.lora4bit or bitsandbytes is not available")
     _assert_same_training(_load(runs, "multi", "fsdp4bit"), _load(runs, "one", "single4bit"))
     _same_adapter_folder(runs / "multi" / "fsdp4bit" / "adapter_init", runs / "one" / "single4bit" / "adapter_init")
+
+
+def test_accelerate_launch_two_processes(runs, tmp_path):
+    """``accelerate launch`` with 2 processes: Accelerator.prepare wraps in DDP; same training as one process.
+
+    On a CPU machine accelerate needs ``ACCELERATE_USE_CPU=1`` to give the torchrun-started processes a
+    gloo group (``--cpu`` alone starts one process unless MPI is set up).
+    """
+    pytest.importorskip("accelerate")
+    env = {} if torch.cuda.device_count() >= NPROC else {"ACCELERATE_USE_CPU": "1"}
+    run_launcher([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(NPROC),
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                  "--main_process_port", "0", str(SCRIPT), "--modes", "accelerate", "--out", str(tmp_path),
+                  "--save"], env=env)
+    multi = torch.load(tmp_path / "accelerate" / "record.pt", weights_only=True)
+    assert (multi["world"], multi["wrapper"]) == (NPROC, "DistributedDataParallel")
+    _assert_same_training(multi, _load(runs, "one", "single"))
+    _same_adapter_folder(tmp_path / "accelerate" / "adapter_init", runs / "one" / "single" / "adapter_init")
 
 
 @pytest.mark.gpu

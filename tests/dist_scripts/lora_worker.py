@@ -82,15 +82,20 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.detach().cpu().clone()
 
 
-def train(model, ids: torch.Tensor, world: int) -> dict:
+def train(model, ids: torch.Tensor, world: int, accelerator=None) -> dict:
     """``STEPS`` SGD steps; returns losses (mean over ranks), full grads per step and final weights."""
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    if accelerator is not None:  # accelerate wraps the model (DDP here) and the optimizer itself
+        model, opt = accelerator.prepare(model, opt)
     record: dict = {"loss": [], "grads": []}
     model.train()
     for _ in range(STEPS):
         opt.zero_grad(set_to_none=True)
         loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        if accelerator is not None:
+            accelerator.backward(loss)
+        else:
+            loss.backward()
         mean = loss.detach().clone()
         if world > 1:
             dist.all_reduce(mean)
@@ -99,11 +104,13 @@ def train(model, ids: torch.Tensor, world: int) -> dict:
         record["grads"].append({n: full(p.grad) for n, p in lora_params(model).items()})
         opt.step()
     record["weights"] = {n: full(p) for n, p in lora_params(model).items()}
+    record["world"], record["wrapper"] = world, type(model).__name__
     return record
 
 
-def run_mode(mode: str, out: str, device: torch.device, world: int, rank: int, save: bool) -> None:
-    """Build, wrap (``single``/``ddp``/``fsdp``/``fsdp4bit``), train and record into ``out``."""
+def run_mode(mode: str, out: str, device: torch.device, world: int, rank: int, save: bool,
+             accelerator=None) -> None:
+    """Build, wrap (``single``/``ddp``/``fsdp``/``fsdp4bit``/``accelerate``), train and record into ``out``."""
     fourbit = mode.endswith("4bit")
     model = build_model(fourbit).to(device)
     ids = batch().to(device)
@@ -130,7 +137,7 @@ def run_mode(mode: str, out: str, device: torch.device, world: int, rank: int, s
     os.makedirs(out, exist_ok=True)
     if save:  # every rank calls save_pretrained: gathering sharded weights is collective
         model.save_pretrained(os.path.join(out, "adapter_init"), is_main_process=rank == 0)
-    record = train(wrapped, ids, world)
+    record = train(wrapped, ids, world, accelerator if mode == "accelerate" else None)
     if save:
         model.save_pretrained(os.path.join(out, "adapter_trained"), is_main_process=rank == 0)
     record["sharded"] = {n: type(p).__name__ for n, p in lora_params(wrapped).items()}
@@ -145,7 +152,8 @@ def run_mode(mode: str, out: str, device: torch.device, world: int, rank: int, s
 def main(argv=None) -> int:
     """Parse arguments, run each mode in turn in one process group, write the records on rank 0."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modes", required=True, help="comma-separated: single, ddp, fsdp, fsdp4bit")
+    parser.add_argument("--modes", required=True,
+                        help="comma-separated: single, ddp, fsdp, fsdp4bit; or accelerate alone (accelerate launch)")
     parser.add_argument("--out", required=True, help="folder; each mode writes into <out>/<mode>")
     parser.add_argument("--save", action="store_true", help="save the adapter before and after training")
     args = parser.parse_args(argv)
@@ -154,7 +162,14 @@ def main(argv=None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = torch.device("cpu")
-    if world > 1:
+    accelerator = None
+    if "accelerate" in modes:  # accelerate sets up the process group (gloo with --cpu) from its launcher
+        from accelerate import Accelerator
+
+        assert modes == ["accelerate"], "accelerate runs alone"
+        accelerator = Accelerator()
+        world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    elif world > 1:
         if torch.cuda.is_available() and torch.cuda.device_count() >= world:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
@@ -162,7 +177,7 @@ def main(argv=None) -> int:
                                 timeout=datetime.timedelta(seconds=60))
     try:
         for mode in modes:
-            run_mode(mode, os.path.join(args.out, mode), device, world, rank, args.save)
+            run_mode(mode, os.path.join(args.out, mode), device, world, rank, args.save, accelerator)
     finally:
         if world > 1:
             dist.destroy_process_group()
