@@ -187,3 +187,38 @@ def test_unknown_saved_peft_type(tmp_path):
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "VERA"}')
     with pytest.raises(ValueError, match="VERA"):
         fastpeft.PeftModel.from_pretrained(llama(), tmp_path)
+
+
+def pair_with_peft(factory, ours_config, peft_config, seed=1):
+    """fastpeft and peft models over identical base weights, with ours' adapter weights copied into peft's."""
+    peft = pytest.importorskip("peft")
+    a, b, state = twin(factory)
+    torch.manual_seed(seed)
+    ours = fastpeft.get_peft_model(a, ours_config)
+    theirs = peft.get_peft_model(b, peft_config)
+    res = theirs.load_state_dict(ours.state_dict(), strict=False)
+    assert not res.unexpected_keys, res.unexpected_keys
+    return ours, theirs, state
+
+
+def assert_same_layout(ours, theirs):
+    """Same parameter names, same trainable set and counts as peft."""
+    assert {k for k, _ in ours.named_parameters()} == {k for k, _ in theirs.named_parameters()}
+    assert trainable(ours) == trainable(theirs)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+
+
+def greedy_reference(model, input_ids, steps=5, seq2seq=False):
+    """Greedy decoding by re-running the full forward each step (no cache): the reference for generate()."""
+    with torch.no_grad():
+        if seq2seq:
+            dec = torch.zeros(input_ids.shape[0], 1, dtype=torch.long)
+            for _ in range(steps):
+                nxt = model(input_ids=input_ids, decoder_input_ids=dec).logits[:, -1].argmax(-1, keepdim=True)
+                dec = torch.cat([dec, nxt], 1)
+            return dec
+        cur = input_ids
+        for _ in range(steps):
+            nxt = model(input_ids=cur).logits[:, -1].argmax(-1, keepdim=True)
+            cur = torch.cat([cur, nxt], 1)
+        return cur
