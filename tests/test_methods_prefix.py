@@ -1,0 +1,129 @@
+"""Prefix tuning / P-tuning v2 against peft on tiny Llama (grouped-query attention) / GPT-2 / T5: names and counts,
+outputs and losses through transformers' Cache, saved tensors, loading both ways, training, generation (checked
+against a no-cache greedy reference). BERT classifiers: peft 0.21.2 cannot run prefix tuning under transformers 5,
+so there fastpeft is checked on its own (the prefix changes and trains the output; save → load)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_methods_common import (
+    TASKS,
+    assert_same_layout,
+    batch,
+    bert,
+    bert_tok,
+    fresh,
+    gpt2,
+    greedy_reference,
+    llama,
+    pair_with_peft,
+    saved,
+    t5,
+    train,
+    trainable,
+    twin,
+)
+
+import fastpeft
+from fastpeft.methods import PrefixTuningConfig
+from helpers import assert_rel
+
+peft = pytest.importorskip("peft")
+
+
+def _pair(factory, projection=False, n=4):
+    kw = dict(num_virtual_tokens=n, task_type=TASKS[factory], prefix_projection=projection)
+    return pair_with_peft(factory, PrefixTuningConfig(**kw), peft.PrefixTuningConfig(**kw))
+
+
+@pytest.mark.parametrize("factory,projection", [(llama, False), (llama, True), (gpt2, False), (t5, False),
+                                                (t5, True)], ids=lambda v: getattr(v, "__name__", str(v)))
+def test_equals_peft_and_round_trips(factory, projection, tmp_path):
+    ours, theirs, state = _pair(factory, projection)
+    assert_same_layout(ours, theirs)
+    cfg = ours.peft_config["default"]
+    if factory is llama:  # grouped-query attention: the prefix covers the 2 key/value heads
+        assert (cfg.num_attention_heads, cfg.token_dim) == (2, 16)
+    x = batch(factory)
+    ours.train(), theirs.train()
+    out_o, out_t = ours(**x), theirs(**x)
+    assert_rel(out_o.logits, out_t.logits, 1e-6, "logits")
+    assert abs(out_o.loss.item() - out_t.loss.item()) < 1e-6
+    with ours.disable_adapter():
+        assert (ours(**x).logits - out_o.logits).abs().max() > 1e-4, "the prefix must change the output"
+    ours.eval()
+    lo = ours(**x).logits
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    a, b = saved(tmp_path / "ours"), saved(tmp_path / "theirs")
+    assert a.keys() == b.keys() == {"prompt_embeddings"}
+    assert_rel(a["prompt_embeddings"], b["prompt_embeddings"], 1e-6, "prompt_embeddings")
+    for loader in (peft.PeftModel, fastpeft.PeftModel):
+        loaded = loader.from_pretrained(fresh(factory, state), tmp_path / "ours")
+        assert_rel(loaded(**x).logits, lo, 1e-5, f"{loader.__module__} load")
+    back = fastpeft.PeftModel.from_pretrained(fresh(factory, state), tmp_path / "theirs")
+    assert_rel(back(**x).logits, lo, 1e-5, "peft-saved adapter loaded by fastpeft")
+    assert not trainable(back)
+
+
+def test_position_ids_are_shifted():
+    ours, theirs, _ = _pair(llama)
+    x = batch(llama, mask=False, labels=False)
+    pos = torch.arange(7).unsqueeze(0).expand(2, -1)
+    assert_rel(ours(**x, position_ids=pos).logits, ours(**x).logits, 1e-6, "explicit positions")
+    assert_rel(ours(**x, position_ids=pos).logits, theirs(**x, position_ids=pos).logits, 1e-6, "vs peft")
+
+
+@pytest.mark.parametrize("factory", [llama, t5], ids=lambda f: f.__name__)
+def test_training_lowers_loss(factory):
+    ours, _, _ = _pair(factory, projection=True)
+    losses = train(ours, batch(factory), steps=10, lr=1e-2)
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+@pytest.mark.parametrize("factory", [llama, gpt2], ids=lambda f: f.__name__)
+def test_generate_causal(factory):
+    ours, _, _ = _pair(factory)
+    ids = batch(factory, labels=False, mask=False)["input_ids"]
+    out = ours.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+    assert out.shape == (2, 12) and torch.equal(out, greedy_reference(ours, ids))
+
+
+def test_generate_seq2seq():
+    ours, theirs, _ = _pair(t5)
+    ids = batch(t5, labels=False, mask=False)["input_ids"]
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+    out = ours.generate(**kw)
+    assert torch.equal(out, greedy_reference(ours, ids, seq2seq=True))
+    assert torch.equal(out, theirs.generate(**kw))
+
+
+@pytest.mark.parametrize("factory", [bert, bert_tok], ids=lambda f: f.__name__)
+def test_encoder_classifiers(factory, tmp_path):
+    a, b, state = twin(factory)
+    kw = dict(num_virtual_tokens=4, task_type=TASKS[factory])
+    ours = fastpeft.get_peft_model(a, PrefixTuningConfig(**kw))
+    theirs = peft.get_peft_model(b, peft.PrefixTuningConfig(**kw))
+    assert_same_layout(ours, theirs)
+    x = batch(factory)
+    with torch.no_grad():
+        out = ours(**x).logits
+        with ours.disable_adapter():
+            base = ours(**x).logits
+    assert out.shape == base.shape and (out - base).abs().max() > 1e-4
+    losses = train(ours, x, steps=8, lr=2e-2)
+    assert losses[-1] < losses[0] - 0.05, losses
+    lo = ours(**x).logits
+    ours.save_pretrained(tmp_path)
+    assert set(saved(tmp_path)) == {"prompt_embeddings", "base_model.classifier.weight", "base_model.classifier.bias"}
+    loaded = fastpeft.PeftModel.from_pretrained(fresh(factory, state), tmp_path)
+    assert_rel(loaded(**x).logits, lo, 1e-5, "loaded")
+    peft.PeftModel.from_pretrained(fresh(factory, state), tmp_path)  # peft reads the folder
+
+
+def test_gradient_checkpointing_is_refused():
+    model = llama()
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        fastpeft.get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
