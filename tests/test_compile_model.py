@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fastpeft
-from helpers import assert_rel
+from helpers import assert_rel, assert_rule
 
 transformers = pytest.importorskip("transformers")
 
@@ -167,18 +167,34 @@ def test_qlora_model_compiles():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inductor_triton_model_matches_eager_on_gpu(dtype, monkeypatch):
-    """On a GPU: Inductor over the model with the Triton kernels inside, dropout on (fallback_random)."""
+    """On a GPU: Inductor over the model with the Triton kernels inside, dropout on (fallback_random).
+
+    fp32: compiled vs eager within 1e-5. bf16: the tolerance rule against the same model in fp32 (same
+    weights, same seeds, so the same masks), with eager bf16 as the low-precision baseline — Inductor
+    keeps some intermediates in fp32, so it may be more accurate than eager but not less.
+    """
     monkeypatch.setenv("FASTPEFT_BACKEND", "auto")
     model = _peft_llama(layers=2, dtype=dtype, device="cuda")
     ids = _ids("cuda")
     assert fastpeft.backend_for(torch.empty(1, device="cuda", dtype=dtype)) == "triton"
     breaks, calls = _count_fastpeft_ops(model, ids)
     assert (breaks, calls) == (0, 14)
+    torch._dynamo.reset()
     with torch._inductor.config.patch(fallback_random=True):
         compiled = torch.compile(model, backend="inductor", fullgraph=True)
         loss_c, logits_c, grads_c = _step(compiled, model, ids)
     loss_e, logits_e, grads_e = _step(model, model, ids)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert_rel(logits_c, logits_e, tol, "logits")
+    if dtype == torch.float32:
+        assert_rel(logits_c, logits_e, 1e-5, "logits")
+        for name in grads_e:
+            assert_rel(grads_c[name], grads_e[name], 1e-5, name)
+        return
+    ref_model = _peft_llama(layers=2, dtype=torch.float32, device="cuda")
+    with torch.no_grad():
+        for (n, p), (n32, p32) in zip(model.named_parameters(), ref_model.named_parameters()):
+            assert n == n32
+            p32.copy_(p)  # the bf16 model's values (rounded base, fp32 adapters), computed in fp32
+    _, logits_r, grads_r = _step(ref_model, ref_model, ids)
+    assert_rule(logits_c, logits_r, logits_e, name="logits")
     for name in grads_e:
-        assert_rel(grads_c[name], grads_e[name], tol if dtype == torch.float32 else 2e-2, name)
+        assert_rule(grads_c[name], grads_r[name], grads_e[name], 3.0, name)
