@@ -398,8 +398,12 @@ def _strip_adapter(key: str, adapter_name: str, param_names: set[str]) -> str | 
     return None
 
 
-def tuner_state_dict(peft_model: MethodPeftModel, adapter_name: str) -> dict[str, torch.Tensor]:
-    """Saved tensors of ``adapter_name``: method layer parameters, ``modules_to_save`` copies, extra names."""
+def tuner_state_dict(peft_model: MethodPeftModel, adapter_name: str, for_saving: bool = True
+                     ) -> dict[str, torch.Tensor]:
+    """Saved tensors of ``adapter_name``: method layer parameters, ``modules_to_save`` copies, extra names.
+
+    With ``for_saving=False`` the values are the live tensors (views sharing storage), for loading into.
+    """
     tuner: MethodTuner = peft_model.base_model
     state = peft_model.state_dict()
     out: dict[str, torch.Tensor] = {}
@@ -419,7 +423,9 @@ def tuner_state_dict(peft_model: MethodPeftModel, adapter_name: str) -> dict[str
                 out[wrapper + "." + key[len(prefix):]] = value
     for key in tuner._extra_saved_names(adapter_name):
         out[key] = state[key]
-    return tuner.postprocess_saved(out, adapter_name) if hasattr(tuner, "postprocess_saved") else out
+    if for_saving and hasattr(tuner, "postprocess_saved"):
+        return tuner.postprocess_saved(out, adapter_name)
+    return out
 
 
 def write_adapter(save_directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: MethodConfig,
@@ -465,7 +471,7 @@ def read_adapter_file(path: str | os.PathLike, allow_pickle: bool = False) -> di
 def load_tuner_state(peft_model: MethodPeftModel, saved: dict[str, torch.Tensor], adapter_name: str,
                      where: str) -> None:
     """Copy saved tensors into the model, strictly: missing, unexpected or mis-shaped keys raise ``ValueError``."""
-    expected = tuner_state_dict(peft_model, adapter_name)
+    expected = tuner_state_dict(peft_model, adapter_name, for_saving=False)
     missing = [k for k in expected if k not in saved]
     unexpected = [k for k in saved if k not in expected]
     if missing:
