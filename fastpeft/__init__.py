@@ -26,3 +26,28 @@ __all__ = [
     "lora_linear",
     "to_peft",
 ]
+
+# --------------------------------------------------------------------------- other PEFT methods (fastpeft.methods)
+from .methods import (  # noqa: E402
+    AdaLoraConfig,
+    BitFitConfig,
+    BottleneckConfig,
+    FreezeConfig,
+    IA3Config,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    build_config,
+)
+
+__all__ += [
+    "AdaLoraConfig",
+    "BitFitConfig",
+    "BottleneckConfig",
+    "FreezeConfig",
+    "IA3Config",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
+    "build_config",
+]

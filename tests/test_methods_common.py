@@ -138,8 +138,7 @@ def saved(folder):
     ("adalora", dict(r=6, target_r=2, total_step=10), methods.AdaLoraConfig, "init_r", 6),
 ])
 def test_build_config(method, opts, cls, field, value):
-    config = methods.build_config(method, task_type="CAUSAL_LM", lora_dropout=None, **opts) \
-        if method == "adalora" else methods.build_config(method, task_type="CAUSAL_LM", **opts)
+    config = methods.build_config(method, task_type="CAUSAL_LM", unused=None, **opts)  # None options are dropped
     assert type(config) is cls and getattr(config, field) == value and config.task_type == "CAUSAL_LM"
 
 
@@ -222,3 +221,19 @@ def greedy_reference(model, input_ids, steps=5, seq2seq=False):
             nxt = model(input_ids=cur).logits[:, -1].argmax(-1, keepdim=True)
             cur = torch.cat([cur, nxt], 1)
         return cur
+
+
+def test_peft_config_objects_are_accepted():
+    peft = pytest.importorskip("peft")
+    model = fastpeft.get_peft_model(llama(), peft.IA3Config(task_type="CAUSAL_LM"))
+    assert isinstance(model.peft_config["default"], methods.IA3Config)
+    assert model.get_nb_trainable_parameters()[0] == 2 * (16 + 16 + 48)
+
+
+def test_forward_reports_the_base_signature():
+    import inspect
+
+    model = fastpeft.get_peft_model(t5(), methods.PromptTuningConfig(num_virtual_tokens=3, task_type="SEQ_2_SEQ_LM"))
+    assert "decoder_input_ids" in inspect.signature(model.forward).parameters  # Trainer keeps these columns
+    model = fastpeft.get_peft_model(gpt2(), methods.BitFitConfig())
+    assert "token_type_ids" in inspect.signature(model.forward).parameters

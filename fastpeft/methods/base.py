@@ -141,6 +141,26 @@ def wrap_modules_to_save(model: nn.Module, names: list[str], adapter_name: str) 
     return wrapped
 
 
+class SignedForward:
+    """A ``forward`` that runs ``impl`` and reports ``signature_of``'s signature, so that transformers' Trainer keeps
+    the dataset columns the wrapped model accepts (a ``*args, **kwargs`` signature would make it drop them all)."""
+
+    __slots__ = ("impl", "signature_of")
+
+    def __init__(self, impl, signature_of):
+        self.impl = impl
+        self.signature_of = signature_of
+
+    def __call__(self, *args, **kwargs):
+        return self.impl(*args, **kwargs)
+
+    @property
+    def __signature__(self):
+        import inspect
+
+        return inspect.signature(self.signature_of)
+
+
 # --------------------------------------------------------------------------- tuner layers
 class AdapterLayer(nn.Module):
     """Base of fastpeft's method layers: a frozen ``base_layer`` plus per-adapter parameters.
@@ -321,8 +341,11 @@ class MethodPeftModel(_LoraPeftModel):
         if peft_config.base_model_name_or_path is None and name_or_path:
             peft_config.base_model_name_or_path = name_or_path
 
-    def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+    @property
+    def forward(self):
+        """Runs the method's model (AdaLoRA adds its orthogonality penalty to ``loss``); the signature is the
+        wrapped transformers model's."""
+        return SignedForward(self.base_model, self.base_model.model.forward)
 
     def generate(self, *args, **kwargs):
         """``generate`` of the wrapped model, with the method applied."""

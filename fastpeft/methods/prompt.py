@@ -31,7 +31,14 @@ from torch import nn
 
 from ..model import ModulesToSaveWrapper
 from ..model import PeftModel as _LoraPeftModel
-from .base import check_task_fit, modules_to_save_for, read_adapter_file, wrap_modules_to_save, write_adapter
+from .base import (
+    SignedForward,
+    check_task_fit,
+    modules_to_save_for,
+    read_adapter_file,
+    wrap_modules_to_save,
+    write_adapter,
+)
 from .configs import MethodConfig, PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig, PromptTuningConfig
 
 
@@ -323,7 +330,12 @@ class PromptLearningPeftModel(_LoraPeftModel):
         return EncoderDecoderCache(DynamicCache([(x[k], x[v]) for k, v in rows]), DynamicCache())
 
     # ----------------------------------------------------------------- forward
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
+    @property
+    def forward(self):
+        """Runs :meth:`prompt_forward`; the signature is the wrapped transformers model's (for Trainer)."""
+        return SignedForward(self.prompt_forward, self.base_model.forward)
+
+    def prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
         """Run the base model with the virtual tokens (see the module docstring for how inputs change)."""
         if self._adapters_disabled:
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
