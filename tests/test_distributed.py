@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_rel
+from helpers import assert_rel, assert_rule
 
 pytest.importorskip("transformers")
 if not torch.distributed.is_available():  # pragma: no cover - torch builds without distributed
@@ -77,9 +77,9 @@ def run_torchrun(args: list[str], nproc: int = NPROC) -> str:
 def runs(tmp_path_factory):
     """Records of the 2-process DDP / FSDP2 runs and of the single-process whole-batch runs."""
     out = tmp_path_factory.mktemp("dist")
-    modes = ["ddp", "fsdp"] + (["fsdp4bit"] if _has_4bit() else [])
+    modes = ["ddp", "fsdp", "fsdp_bf16"] + (["fsdp4bit"] if _has_4bit() else [])
     run_torchrun(["--modes", ",".join(modes), "--out", str(out / "multi"), "--save"])
-    single = ["single"] + (["single4bit"] if "fsdp4bit" in modes else [])
+    single = ["single", "single_bf16"] + (["single4bit"] if "fsdp4bit" in modes else [])
     _worker_module().main(["--modes", ",".join(single), "--out", str(out / "one"), "--save"])
     return out
 
@@ -122,6 +122,19 @@ def test_fsdp2_two_processes_match_one_process(runs):
     base = [n for n in multi["base_sharded"] if ".base_layer." in n]
     assert len(base) == 14, f"frozen base weights of the LoRA layers were not all sharded: {base}"
     _assert_same_training(multi, one)
+
+
+def test_fsdp2_bf16_mixed_precision(runs):
+    """FSDP2 with ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``: first-step loss and LoRA
+    grads by the tolerance rule — against the fp32 single run, no worse than one process computing in bf16."""
+    multi, ref = _load(runs, "multi", "fsdp_bf16"), _load(runs, "one", "single")
+    lowp = _load(runs, "one", "single_bf16")
+    assert set(multi["sharded"].values()) == {"DTensor"}
+    assert_rule(torch.tensor(multi["loss"][0]), torch.tensor(ref["loss"][0]), torch.tensor(lowp["loss"][0]),
+                name="loss")
+    for name, g in ref["grads"][0].items():
+        assert multi["grads"][0][name].dtype == torch.float32  # reduce_dtype: fp32 gradients
+        assert_rule(multi["grads"][0][name], g, lowp["grads"][0][name], 3.0, name)
 
 
 def _same_adapter_folder(a: Path, b: Path) -> None:

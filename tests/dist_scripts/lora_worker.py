@@ -110,9 +110,11 @@ def train(model, ids: torch.Tensor, world: int, accelerator=None) -> dict:
 
 def run_mode(mode: str, out: str, device: torch.device, world: int, rank: int, save: bool,
              accelerator=None) -> None:
-    """Build, wrap (``single``/``ddp``/``fsdp``/``fsdp4bit``/``accelerate``), train and record into ``out``."""
+    """Build, wrap (``single``/``ddp``/``fsdp``/``fsdp_bf16``/``fsdp4bit``/``accelerate``), train, record in ``out``."""
     fourbit = mode.endswith("4bit")
     model = build_model(fourbit).to(device)
+    if mode == "single_bf16":  # what FSDP2's bf16 param_dtype computes, in one process (the low-precision baseline)
+        model = model.to(torch.bfloat16)
     ids = batch().to(device)
     if world > 1:
         assert BATCH % world == 0
@@ -130,9 +132,14 @@ def run_mode(mode: str, out: str, device: torch.device, world: int, rank: int, s
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(device.type, (world,))
+        kw = {}
+        if mode == "fsdp_bf16":  # FSDP2 mixed precision: bf16 compute (LoRA weights too), fp32 gradient reduction
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for layer in model.base_model.model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(layer, mesh=mesh, **kw)
+        fully_shard(model, mesh=mesh, **kw)
 
     os.makedirs(out, exist_ok=True)
     if save:  # every rank calls save_pretrained: gathering sharded weights is collective
@@ -153,7 +160,8 @@ def main(argv=None) -> int:
     """Parse arguments, run each mode in turn in one process group, write the records on rank 0."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", required=True,
-                        help="comma-separated: single, ddp, fsdp, fsdp4bit; or accelerate alone (accelerate launch)")
+                        help="comma-separated: single, ddp, fsdp, fsdp_bf16, fsdp4bit; "
+                             "or accelerate alone (under accelerate launch)")
     parser.add_argument("--out", required=True, help="folder; each mode writes into <out>/<mode>")
     parser.add_argument("--save", action="store_true", help="save the adapter before and after training")
     args = parser.parse_args(argv)
