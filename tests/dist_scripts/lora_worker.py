@@ -55,9 +55,8 @@ def _quantize_4bit(model):
     for name, module in list(model.model.layers.named_modules()):
         if isinstance(module, torch.nn.Linear):
             q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                  compute_dtype=torch.float32, quant_type="nf4", quant_storage=torch.float32)
-            q.weight = bnb.nn.Params4bit(module.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                         quant_storage=torch.float32)
+                                  compute_dtype=torch.float32, quant_type="nf4")
+            q.weight = bnb.nn.Params4bit(module.weight.data.clone(), requires_grad=False, quant_type="nf4")
             q = q.to("cpu")
             parent = model.model.layers.get_submodule(name.rsplit(".", 1)[0])
             setattr(parent, name.rsplit(".", 1)[1], q)
@@ -137,6 +136,11 @@ def run_mode(mode: str, out: str, device: torch.device, world: int, rank: int, s
             from torch.distributed.fsdp import MixedPrecisionPolicy
 
             kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # bitsandbytes' Params4bit loses its quant_state when FSDP2 swaps in the all-gathered plain tensor
+        # ("ValueError: quant_state is required", torch 2.13 / bnb 0.50): keep the 4-bit weights replicated.
+        four_bit = {p for p in model.parameters() if type(p).__name__ == "Params4bit"}
+        if four_bit:
+            kw["ignored_params"] = four_bit
         for layer in model.base_model.model.model.layers:
             fully_shard(layer, mesh=mesh, **kw)
         fully_shard(model, mesh=mesh, **kw)
