@@ -1,10 +1,13 @@
 """The ``fastpeft`` command line: ``fastpeft <command> ...`` (also ``python -m fastpeft``).
 
 Each command is one ``_add_<command>`` that builds its subparser and sets
-``func``; ``main`` dispatches. Today: ``bench``.
+``func``; ``main`` dispatches: ``train``, ``generate``, ``estimate``, ``bench``.
 
 Example::
 
+    fastpeft train                       # the embedded default: tiny Llama-style model, shipped task
+    fastpeft generate --adapter runs/fastpeft --prompt "reverse: hello ="
+    fastpeft estimate --model ./llama --method qlora --batch-size 8 --seq-len 1024
     fastpeft bench                       # tiny preset on CPU, TARGETS.md's canonical cells on CUDA
     fastpeft bench --preset layer --shapes 4096x4096 --tokens 8192 --plot bench/results/h100.png
 """
@@ -96,14 +99,50 @@ def _bench_quant(args: argparse.Namespace, preset: str, device) -> int:
     return 1 if failed else 0
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from . import train
+
+    p = sub.add_parser("train", help="fine-tune a causal LM (LoRA, QLoRA, …); with no flags, the embedded default",
+                       description="QLoRA-style fine-tuning. With no --model/--data: a tiny Llama-style model "
+                                   "built from a shipped config learns a shipped task (nothing downloaded).")
+    train.add_train_arguments(p)
+    p.set_defaults(func=train.main)
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    from . import generate
+
+    p = sub.add_parser("generate", help="load a base model and an adapter and generate for a prompt")
+    generate.add_arguments(p)
+    p.set_defaults(func=generate.main)
+
+
+def _add_estimate(sub: argparse._SubParsersAction) -> None:
+    from . import estimate
+
+    p = sub.add_parser("estimate", help="training memory estimate (rule of thumb and component-wise; --measure)")
+    estimate.add_arguments(p)
+    p.set_defaults(func=estimate.main)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastpeft", description="fused LoRA fine-tuning for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+    _add_generate(sub)
+    _add_estimate(sub)
     _add_bench(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``fastpeft`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train" and args.config:
+        from . import train
+
+        args = train.parse_args(argv[1:])  # the config file's keys become defaults under explicit flags
+        args.func = train.main
     return args.func(args)

@@ -417,6 +417,41 @@ def _wrap_4bit(module: nn.Module, adapter_name: str, kw: dict[str, Any]) -> nn.M
     return FastLoraLinear4bit.from_linear(module, adapter_name=adapter_name, **kw)
 
 
+class _ForwardProxy:
+    """``PeftModel.forward``: runs the wrapped module (hooks included) and reports that module's signature."""
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @property
+    def __signature__(self):
+        import inspect
+
+        return inspect.signature(self.module.forward)
+
+
+def _class_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
+    """``PeftModel.forward`` as seen on the class (transformers' ``find_labels`` reads ``labels`` here)."""
+    return self.base_model.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                 labels=labels, **kwargs)
+
+
+class _ForwardDescriptor:
+    """``PeftModel.forward``: on an instance, a proxy calling the wrapped model with the wrapped model's signature
+    (so transformers' Trainer keeps the dataset columns the model accepts, as for peft models); on the class, a
+    plain function whose parameters name ``labels``."""
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return _class_forward
+        return _ForwardProxy(obj.base_model.model)
+
+
 # --------------------------------------------------------------------------- the user-facing wrapper
 class PeftModel(nn.Module):
     """A transformers model with fastpeft LoRA adapters, with peft's ``PeftModel`` API.
@@ -442,8 +477,7 @@ class PeftModel(nn.Module):
             return getattr(self.base_model, name)
 
     # ----------------------------------------------------------------- running
-    def forward(self, *args, **kwargs):
-        return self.base_model.model(*args, **kwargs)
+    forward = _ForwardDescriptor()
 
     def generate(self, *args, **kwargs):
         """``generate`` of the wrapped model, with the active adapters applied."""

@@ -193,8 +193,6 @@ def test_accelerate_launch_two_processes(runs, tmp_path):
     _same_adapter_folder(tmp_path / "accelerate" / "adapter_init", runs / "one" / "single" / "adapter_init")
 
 
-@pytest.mark.xfail(strict=True, reason="fastpeft train does not set up torch.distributed yet: under accelerate "
-                   "launch each process trains alone on all the data and every one writes --output")
 def test_accelerate_launch_fastpeft_train(tmp_path):
     """``accelerate launch`` of ``fastpeft train`` with 2 processes on the embedded default, 2 steps.
 

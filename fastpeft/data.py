@@ -1,0 +1,250 @@
+"""Data for ``fastpeft train``: a byte-level tokenizer, the embedded default task, JSONL/text loading, the collator.
+
+The recipe follows the seed notes: prompt and response are tokenized separately
+(each truncated), ``input_ids = [bos] + prompt + response + [eos]``, and the
+labels are -100 over the prompt and over the padding, so only the response is
+learned. The collator pads to the longest sample of its batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+# --------------------------------------------------------------------------- tokenizer
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (ids 0–255) plus ``<pad>`` 256, ``<bos>`` 257, ``<eos>`` 258. Nothing to download.
+
+    Example::
+
+        tok = ByteTokenizer()
+        tok.decode(tok.encode("héllo"))  # 'héllo'
+    """
+
+    pad_token_id = 256
+    bos_token_id = 257
+    eos_token_id = 258
+    vocab_size = 259
+    name = "fastpeft-bytes"
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text`` (with ``<bos>`` first when ``add_special_tokens``)."""
+        ids = list(text.encode("utf-8"))
+        return [self.bos_token_id, *ids] if add_special_tokens else ids
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``; special tokens are dropped (kept as ``<…>`` markers otherwise)."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        out, specials = bytearray(), {256: "<pad>", 257: "<bos>", 258: "<eos>"}
+        for i in ids:
+            if i < 256:
+                out.append(int(i))
+            elif not skip_special_tokens and i in specials:
+                out.extend(specials[i].encode())
+        return out.decode("utf-8", errors="replace")
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write a small ``fastpeft_tokenizer.json`` marker so the folder records which tokenizer it used."""
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "fastpeft_tokenizer.json"), "w", encoding="utf-8") as f:
+            json.dump({"tokenizer": self.name, "vocab_size": self.vocab_size, "pad_token_id": self.pad_token_id,
+                       "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id}, f, indent=2)
+
+
+class HFTokenizer:
+    """Adapter giving a transformers tokenizer the small interface the training code uses."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        self.pad_token_id = tokenizer.pad_token_id
+        self.bos_token_id = tokenizer.bos_token_id
+        self.eos_token_id = tokenizer.eos_token_id
+        if self.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos token; fastpeft appends one to every response")
+        self.vocab_size = len(tokenizer)
+        self.name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False)
+        if add_special_tokens and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        self.tok.save_pretrained(directory)
+
+
+# --------------------------------------------------------------------------- the embedded task
+DEFAULT_TASK_NAME = "reverse-words"
+
+
+def default_task(n_train: int = 4000, n_eval: int = 200, seed: int = 1234) -> tuple[list[dict], list[dict]]:
+    """The embedded task: reverse a lowercase word of 3–6 letters (``"reverse: train ="`` → ``" niart"``).
+
+    Train and held-out words are disjoint, so held-out exact-match accuracy measures a learned rule,
+    not memorization: about 0 before training, high after a few minutes on 2 CPU cores.
+    """
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words: set[str] = set()
+    while len(words) < n_train + n_eval:
+        words.add("".join(rng.choice(letters) for _ in range(rng.randint(3, 6))))
+    ordered = sorted(words)
+    rng.shuffle(ordered)
+
+    def row(w: str) -> dict:
+        return {"prompt": f"reverse: {w} =", "response": f" {w[::-1]}"}
+
+    return [row(w) for w in ordered[:n_train]], [row(w) for w in ordered[n_train:]]
+
+
+# --------------------------------------------------------------------------- loading
+class DataError(ValueError):
+    """A problem with the training data, naming the file and line."""
+
+
+def read_records(path: str | os.PathLike, prompt_field: str = "prompt", response_field: str = "response",
+                 text_field: str = "text") -> list[dict]:
+    """Read a JSONL file (prompt/response records or ``{"text": ...}``) or a plain-text file (one sample a line).
+
+    Errors name the file and line: undecodable UTF-8, invalid JSON, a record without the fields, an empty file.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"data file {path!r} does not exist")
+    records: list[dict] = []
+    is_jsonl = path.endswith((".jsonl", ".json"))
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            if not is_jsonl:
+                records.append({"text": line, "_line": lineno})
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            if prompt_field in obj or response_field in obj:
+                missing = [k for k in (prompt_field, response_field) if not isinstance(obj.get(k), str)]
+                if missing:
+                    raise DataError(f"{path}:{lineno}: field(s) {missing} missing or not a string "
+                                    f"(fields present: {sorted(obj)})")
+                records.append({"prompt": obj[prompt_field], "response": obj[response_field], "_line": lineno})
+            elif isinstance(obj.get(text_field), str):
+                records.append({"text": obj[text_field], "_line": lineno})
+            else:
+                raise DataError(f"{path}:{lineno}: needs string fields {prompt_field!r} and {response_field!r} "
+                                f"(or {text_field!r}); found {sorted(obj)} (set --prompt-field/--response-field)")
+    if not records:
+        raise DataError(f"data file {path!r} has no samples")
+    return records
+
+
+@dataclass
+class Sample:
+    """One tokenized sample: ``input_ids`` and ``labels`` (-100 over the prompt)."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def auto_max_length(records: list[dict], tokenizer, cap: int = 4096) -> int:
+    """The seed notes' rule: 1.5 × the mean sample length, outliers (above the 98th percentile) removed."""
+    lengths = sorted(len(_full_ids(r, tokenizer)) for r in records)
+    keep = lengths[: max(1, int(len(lengths) * 0.98))]
+    return int(min(cap, max(8, round(1.5 * sum(keep) / len(keep)))))
+
+
+def _full_ids(r: dict, tokenizer) -> list[int]:
+    if "text" in r:
+        return tokenizer.encode(r["text"], add_special_tokens=True) + [tokenizer.eos_token_id]
+    return (tokenizer.encode(r["prompt"], add_special_tokens=True) + tokenizer.encode(r["response"])
+            + [tokenizer.eos_token_id])
+
+
+def tokenize(records: list[dict], tokenizer, max_length: int, source: str = "data") -> list[Sample]:
+    """Tokenize as the recipe says; a row whose prompt leaves no room for its response is an error naming it."""
+    out = []
+    for i, r in enumerate(records):
+        where = f"{source}:{r.get('_line', i + 1)}"
+        if "text" in r:
+            ids = tokenizer.encode(r["text"], add_special_tokens=True)[: max_length - 1] + [tokenizer.eos_token_id]
+            if len(ids) < 2:
+                raise DataError(f"{where}: empty text sample")
+            out.append(Sample(ids, list(ids)))
+            continue
+        prompt = tokenizer.encode(r["prompt"], add_special_tokens=True)
+        response = tokenizer.encode(r["response"]) + [tokenizer.eos_token_id]
+        if len(prompt) >= max_length:
+            raise DataError(f"{where}: the prompt alone has {len(prompt)} tokens ≥ --max-length {max_length}; "
+                            "nothing of the response would be trained (raise --max-length or shorten the row)")
+        response = response[: max_length - len(prompt)]
+        out.append(Sample(prompt + response, [IGNORE_INDEX] * len(prompt) + response))
+    return out
+
+
+class Collator:
+    """Pads a batch to its longest sample: ``input_ids`` with pad, ``labels`` with -100, ``attention_mask``.
+
+    Samples are sorted by length (longest first) inside the batch, as the seed recipe does.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, batch: Sequence[Sample]) -> dict[str, torch.Tensor]:
+        if not batch:
+            raise ValueError("empty batch")
+        batch = sorted(batch, key=lambda s: len(s.input_ids), reverse=True)
+        length = len(batch[0].input_ids)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            length = (length + m - 1) // m * m
+        ids = torch.full((len(batch), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), length), dtype=torch.long)
+        for i, s in enumerate(batch):
+            n = len(s.input_ids)
+            ids[i, :n] = torch.tensor(s.input_ids)
+            labels[i, :n] = torch.tensor(s.labels)
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def batches(samples: list[Sample], batch_size: int, seed: int, epoch: int,
+            group_by_length: bool = False) -> Iterator[list[Sample]]:
+    """The batches of one epoch, in a deterministic order (seed, epoch); optionally grouped by length."""
+    order = list(range(len(samples)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    if group_by_length:
+        chunk = batch_size * 50
+        order = [i for k in range(0, len(order), chunk)
+                 for i in sorted(order[k:k + chunk], key=lambda j: -len(samples[j].input_ids))]
+        groups = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+        random.Random(seed + epoch).shuffle(groups)
+        order = [i for g in groups for i in g]
+    for k in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
+        yield [samples[i] for i in order[k:k + batch_size]]

@@ -1,0 +1,226 @@
+"""``fastpeft estimate``: how much memory a fine-tuning run needs, before you run it.
+
+Three numbers side by side:
+
+- the seed notes' rule of thumb for full fine-tuning with Adam — about
+  6 × batch × parameters bytes (their example: a 6B model at batch 10 → 360 GB);
+  a folk estimate, shown for reference;
+- fastpeft's component-wise estimate: base weights (their dtype, or ≈ 4.13
+  bits for NF4 with double quantization) + trainable parameters, gradients and
+  AdamW state in fp32 (16 bytes each) + saved activations per layer and token
+  (fewer with activation checkpointing) + the logits and their loss;
+- with ``--measure``, the peak measured over one real training step (CUDA
+  allocator peak, or the growth of the process's peak RSS on CPU).
+
+Example::
+
+    fastpeft estimate --batch-size 8 --seq-len 512 --measure
+    fastpeft estimate --model ./llama-7b --method qlora --batch-size 4 --seq-len 2048 --gradient-checkpointing
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+
+NF4_BITS = 4.127  # NF4 + double-quantized absmax (blocksize 64, 256 blocks a second-level block)
+METHODS = ("lora", "qlora", "full")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of ``fastpeft estimate``."""
+    p.add_argument("--model", default=None, help="local model folder or config.json (default: the embedded model)")
+    p.add_argument("--method", default="lora", choices=METHODS)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--target-modules", default="all-linear")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--measure", action="store_true", help="also run one training step and report the peak")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+@dataclass
+class Estimate:
+    """Bytes by component (and the totals) for one configuration."""
+
+    params: int
+    trainable: int
+    weights: int
+    trainable_state: int
+    activations: int
+    logits: int
+    total: int
+    rule_of_thumb: int
+    measured_peak: int | None = None
+
+    def as_gib(self) -> dict:
+        return {k: (round(v / 2**30, 4) if isinstance(v, int) and k not in ("params", "trainable") else v)
+                for k, v in asdict(self).items()}
+
+
+def _config(model: str | None):
+    from transformers import AutoConfig, LlamaConfig
+
+    from .train import ASSETS
+
+    if model is None:
+        cfg = json.loads((ASSETS / "default_model.json").read_text())
+        return LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("model_type", "architectures")})
+    if os.path.isfile(model):
+        return AutoConfig.from_pretrained(os.path.dirname(model) or ".")
+    return AutoConfig.from_pretrained(model)
+
+
+def _peft_on_meta(config, method: str, r: int, targets: str):
+    """The model on the meta device with the method applied: exact parameter counts, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    from . import LoraConfig, get_peft_model
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+        if method != "full":
+            t = targets if targets == "all-linear" else [s.strip() for s in targets.split(",")]
+            model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=t))
+    return model
+
+
+def estimate(config, method: str = "lora", batch_size: int = 8, seq_len: int = 512, r: int = 16,
+             targets: str = "all-linear", dtype: torch.dtype = torch.bfloat16,
+             gradient_checkpointing: bool = False) -> Estimate:
+    """Component-wise training memory (bytes) of ``config`` under ``method``; see the module docstring."""
+    model = _peft_on_meta(config, method, r, targets)
+    d = torch.empty(0, dtype=dtype).element_size()
+    params = trainable = 0
+    weights = 0
+    for name, p in model.named_parameters():
+        n = p.numel()
+        params += n
+        if method == "full" or p.requires_grad:
+            trainable += n
+        is_linear_weight = p.dim() == 2 and "embed" not in name and "lm_head" not in name and "lora_" not in name
+        if method == "qlora" and is_linear_weight:
+            weights += int(n * NF4_BITS / 8)
+        elif "lora_" in name:
+            weights += 4 * n
+        else:
+            weights += d * n
+    if method == "full":
+        state = trainable * (4 + 4 + 8) if d == 4 else trainable * (2 + 4 + 8 + 4)  # + fp32 master for half
+    else:
+        state = trainable * (4 + 8)  # fp32 gradients + AdamW's two moments (the weights are counted above)
+    h = config.hidden_size
+    inter = getattr(config, "intermediate_size", 4 * h)
+    layers = config.num_hidden_layers
+    kv = h * getattr(config, "num_key_value_heads", config.num_attention_heads) // config.num_attention_heads
+    tokens = batch_size * seq_len
+    # Saved per token and layer: norm inputs (2h, fp32 in RMSNorm), the attention block's input (h), q, k, v
+    # and the attention output (2h + 2kv), the o_proj input (h), MLP input (h), gate and up outputs (2i),
+    # the activation's output (i), and the residual stream (h); LoRA adds r per adapted layer (fp32).
+    per_token = d * (7 * h + 2 * kv + 3 * inter) + 2 * 4 * h
+    if method != "full":
+        per_token += 4 * r * 7
+    if gradient_checkpointing:
+        activations = tokens * (layers * d * h + per_token)
+    else:
+        activations = tokens * layers * per_token
+    vocab = config.vocab_size
+    logits = tokens * vocab * (d + 4 + 4)  # logits, their fp32 upcast, and the loss's softmax gradient
+    total = weights + state + activations + logits
+    rule = 6 * batch_size * params
+    return Estimate(params, trainable, weights, state, activations, logits, total, rule)
+
+
+def _rss_peak() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * 1024 if sys.platform != "darwin" else rss
+
+
+def measure(config, method: str = "lora", batch_size: int = 8, seq_len: int = 512, r: int = 16,
+            targets: str = "all-linear", dtype: torch.dtype = torch.float32, device: str = "cpu",
+            gradient_checkpointing: bool = False) -> int:
+    """Peak bytes of one AdamW training step (CUDA: allocator peak; CPU: growth of the peak RSS)."""
+    from transformers import AutoModelForCausalLM
+
+    from . import LoraConfig, get_peft_model
+
+    dev = torch.device(device)
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        start = torch.cuda.memory_allocated(dev)
+    else:
+        start = _rss_peak()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(device=dev, dtype=dtype)
+    if method != "full":
+        t = targets if targets == "all-linear" else [s.strip() for s in targets.split(",")]
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=t))
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), device=dev)
+    model.train()
+    for _ in range(2):  # the second step has the optimizer state allocated
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - start
+    else:
+        peak = _rss_peak() - start
+    del model, opt, params
+    gc.collect()
+    return peak
+
+
+def main(args: argparse.Namespace) -> int:
+    """CLI entry: ``fastpeft estimate``."""
+    from .train import resolve_device, resolve_dtype
+
+    config = _config(args.model)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    est = estimate(config, args.method, args.batch_size, args.seq_len, args.r, args.target_modules, dtype,
+                   args.gradient_checkpointing)
+    if args.measure:
+        if args.method == "qlora":
+            print("--measure runs LoRA on the unquantized base (the qlora estimate counts NF4 weights)",
+                  file=sys.stderr)
+        est.measured_peak = measure(config, args.method, args.batch_size, args.seq_len, args.r, args.target_modules,
+                                    dtype, str(device), args.gradient_checkpointing)
+    if args.json:
+        print(json.dumps(asdict(est), indent=2))
+        return 0
+    g = est.as_gib()
+    print(f"model: {args.model or 'embedded default'}  method: {args.method}  batch {args.batch_size} × "
+          f"{args.seq_len} tokens  dtype {str(dtype).removeprefix('torch.')}"
+          + ("  (activation checkpointing)" if args.gradient_checkpointing else ""))
+    print(f"parameters: {est.params:,d} ({est.trainable:,d} trainable)")
+    print(f"  base and adapter weights     {g['weights']:9.3f} GiB")
+    print(f"  gradients + AdamW state      {g['trainable_state']:9.3f} GiB")
+    print(f"  saved activations            {g['activations']:9.3f} GiB")
+    print(f"  logits and loss              {g['logits']:9.3f} GiB")
+    print(f"fastpeft estimate              {g['total']:9.3f} GiB")
+    print(f"rule of thumb (6 × batch × parameters bytes, full fine-tuning) {g['rule_of_thumb']:.3f} GiB")
+    if est.measured_peak is not None:
+        print(f"measured peak of one step      {g['measured_peak']:9.3f} GiB "
+              f"(estimate / measured = {est.total / max(1, est.measured_peak):.2f})")
+    return 0

@@ -1,0 +1,94 @@
+"""``fastpeft generate``: load a base model and a peft-format adapter, generate for a prompt.
+
+The base comes from ``--model``, else from the adapter folder's ``base_model/``
+(written by ``fastpeft train`` for the embedded default), else from the
+adapter config's ``base_model_name_or_path`` when that is a local folder.
+
+Example::
+
+    fastpeft generate --adapter runs/fastpeft --prompt "reverse: hello ="
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of ``fastpeft generate``."""
+    p.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + safetensors)")
+    p.add_argument("--model", default=None, help="base model folder (default: see above)")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--merge", action="store_true", help="merge the adapter into the base first")
+    p.add_argument("--no-adapter", action="store_true", help="generate with the base alone (for comparison)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def load(adapter: str, model_path: str | None = None, device: str | torch.device = "cpu"):
+    """(peft model, tokenizer) for an adapter folder, the base found as described in the module docstring."""
+    from . import PeftModel
+    from .data import ByteTokenizer, HFTokenizer
+    from .train import BASE_DIR, DEFAULT_MODEL
+
+    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        raise SystemExit(f"fastpeft generate: {adapter!r} has no adapter_config.json")
+    cfg = json.load(open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8"))
+    base_path = model_path
+    if base_path is None and os.path.isdir(os.path.join(adapter, BASE_DIR)):
+        base_path = os.path.join(adapter, BASE_DIR)
+    if base_path is None:
+        named = cfg.get("base_model_name_or_path")
+        if named and os.path.isdir(named):
+            base_path = named
+        elif named == DEFAULT_MODEL:
+            raise SystemExit(f"fastpeft generate: {adapter} was trained on the embedded default but has no "
+                             f"{BASE_DIR}/ folder; pass --model")
+        else:
+            raise SystemExit(f"fastpeft generate: base model {named!r} is not a local folder; pass --model PATH")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(base_path)
+    if os.path.isfile(os.path.join(adapter, "fastpeft_tokenizer.json")):
+        tok = ByteTokenizer()
+    else:
+        src = adapter if os.path.isfile(os.path.join(adapter, "tokenizer_config.json")) else base_path
+        tok = HFTokenizer(AutoTokenizer.from_pretrained(src))
+    model = PeftModel.from_pretrained(base, adapter)
+    return model.to(device).eval(), tok
+
+
+def main(args: argparse.Namespace) -> int:
+    """CLI entry: ``fastpeft generate``."""
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    torch.manual_seed(args.seed)
+    model, tok = load(args.adapter, args.model, device)
+    if args.merge:
+        model = model.merge_and_unload()
+    for prompt in args.prompt:
+        ids = torch.tensor([tok.encode(prompt, add_special_tokens=True)], device=device)
+        kw = dict(max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                  attention_mask=torch.ones_like(ids))
+        if args.temperature > 0:
+            kw.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
+        else:
+            kw.update(do_sample=False)
+        with torch.no_grad():
+            if args.no_adapter and hasattr(model, "disable_adapter"):
+                with model.disable_adapter():
+                    out = model.generate(input_ids=ids, **kw)
+            else:
+                out = model.generate(input_ids=ids, **kw)
+        text = tok.decode(out[0, ids.shape[1]:].tolist())
+        print(f"{prompt}{text}")
+    sys.stdout.flush()
+    return 0

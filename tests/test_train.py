@@ -1,0 +1,212 @@
+"""``fastpeft train`` / ``generate`` / ``estimate``: the data recipe, a short run, resume, bad data, Trainer."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from fastpeft import cli
+from fastpeft.data import (
+    IGNORE_INDEX,
+    ByteTokenizer,
+    Collator,
+    DataError,
+    Sample,
+    auto_max_length,
+    default_task,
+    read_records,
+    tokenize,
+)
+from fastpeft.train import parse_args, train
+
+TOK = ByteTokenizer()
+
+
+# ----------------------------------------------------------------------------- data recipe
+def test_tokenize_masks_the_prompt_and_appends_eos():
+    [s] = tokenize([{"prompt": "ab", "response": "cd"}], TOK, max_length=16)
+    assert s.input_ids == [TOK.bos_token_id, 97, 98, 99, 100, TOK.eos_token_id]
+    assert s.labels == [IGNORE_INDEX] * 3 + [99, 100, TOK.eos_token_id]
+    [t] = tokenize([{"text": "xy"}], TOK, max_length=16)
+    assert t.input_ids == t.labels == [TOK.bos_token_id, 120, 121, TOK.eos_token_id]
+
+
+def test_tokenize_truncates_the_response_and_refuses_a_prompt_that_fills_the_length():
+    [s] = tokenize([{"prompt": "ab", "response": "cdefgh"}], TOK, max_length=6)
+    assert len(s.input_ids) == 6 and s.labels[:3] == [IGNORE_INDEX] * 3 and s.labels[3:] == [99, 100, 101]
+    with pytest.raises(DataError, match=r"data\.jsonl:7: the prompt alone has 6 tokens"):
+        tokenize([{"prompt": "abcde", "response": "x", "_line": 7}], TOK, max_length=6, source="data.jsonl")
+
+
+def test_collator_pads_to_the_longest_sorts_and_masks():
+    batch = [Sample([1, 2], [IGNORE_INDEX, 2]), Sample([3, 4, 5, 6], [IGNORE_INDEX, IGNORE_INDEX, 5, 6])]
+    out = Collator(pad_token_id=0)(batch)
+    assert out["input_ids"].tolist() == [[3, 4, 5, 6], [1, 2, 0, 0]]
+    assert out["labels"].tolist() == [[-100, -100, 5, 6], [-100, 2, -100, -100]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert Collator(0, pad_to_multiple_of=8)(batch)["input_ids"].shape == (2, 8)
+
+
+def test_auto_max_length_is_one_and_a_half_times_the_mean():
+    rows = [{"prompt": "a" * 9, "response": ""}] * 10  # bos + 9 + eos = 11 tokens
+    assert auto_max_length(rows, TOK) == round(1.5 * 11)
+
+
+def test_default_task_splits_are_disjoint():
+    train_rows, eval_rows = default_task()
+    assert len(train_rows) == 4000 and len(eval_rows) == 200
+    assert not {r["prompt"] for r in train_rows} & {r["prompt"] for r in eval_rows}
+    r = train_rows[0]
+    word = r["prompt"].removeprefix("reverse: ").removesuffix(" =")
+    assert r["response"] == " " + word[::-1]
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"", "no samples"),
+    (b'{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n', r":2: field\(s\) \['response'\] missing"),
+    (b'{"prompt": "a", "response": "b"}\n\xff\xfe\n', r":2: not valid UTF-8"),
+    (b'{"prompt": "a", "response": "b"}\n{oops\n', r":2: invalid JSON"),
+    (b'{"question": "a"}\n', r":1: needs string fields 'prompt' and 'response'"),
+])
+def test_bad_data_names_the_line(tmp_path, content, match):
+    f = tmp_path / "data.jsonl"
+    f.write_bytes(content)
+    with pytest.raises(DataError, match=match):
+        read_records(f)
+
+
+def test_over_long_row_is_refused_by_the_command(tmp_path, capsys):
+    f = tmp_path / "d.jsonl"
+    rows = [{"prompt": "p" * 5, "response": "r"}] * 30 + [{"prompt": "q" * 200, "response": "r"}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = cli.main(["train", "--data", str(f), "--max-length", "64", "--max-steps", "1", "--output",
+                     str(tmp_path / "o"), "--no-progress", "--eval-split", "0"])
+    assert code == 2
+    assert "d.jsonl:31: the prompt alone has 201 tokens" in capsys.readouterr().err
+
+
+def test_config_file_keys_mirror_flags(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("max-steps: 7\nlr: 0.5\nr: 4\ntarget_modules: q_proj,v_proj\n")
+    args = parse_args(["--config", str(cfg), "--lr", "0.25"])
+    assert (args.max_steps, args.lr, args.r, args.target_modules) == (7, 0.25, 4, "q_proj,v_proj")
+    cfg.write_text('{"no_such_flag": 1}')
+    with pytest.raises(SystemExit, match="no_such_flag"):
+        parse_args(["--config", str(cfg)])
+
+
+# ----------------------------------------------------------------------------- runs
+def _args(tmp_path, *extra):
+    return parse_args(["--output", str(tmp_path / "run"), "--no-progress", *extra])
+
+
+def test_short_default_run_lowers_the_loss_and_peft_loads_the_adapter(tmp_path):
+    peft = pytest.importorskip("peft")
+    result = train(_args(tmp_path, "--max-steps", "30", "--eval-steps", "30", "--eval-generate", "4"))
+    out = result.output
+    for name in ("adapter_config.json", "adapter_model.safetensors", "train_log.json", "loss.png",
+                 "base_model/model.safetensors", "fastpeft_tokenizer.json"):
+        assert (out / name).is_file(), name
+    log = json.loads((out / "train_log.json").read_text())
+    first, last = log["evals"][0], log["evals"][-1]
+    assert last["eval_loss"] < first["eval_loss"] - 1.0, (first, last)
+    assert len(log["steps"]) == 30 and all("tokens_per_s" in s and "peak_mem_gb" in s for s in log["steps"])
+    # the saved adapter loads in peft over the saved base and gives fastpeft's logits
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([TOK.encode("reverse: abc =", add_special_tokens=True)])
+    ours = result.model.eval()
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base_model"), out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_resume_continues_from_the_same_step(tmp_path):
+    common = ["--max-steps", "6", "--eval-steps", "3", "--eval-generate", "0", "--lora-dropout", "0.1"]
+    full = train(parse_args(["--output", str(tmp_path / "a"), "--no-progress", *common]))
+    # the same run with a checkpoint at step 3, then resumed from that checkpoint
+    part2 = parse_args(["--output", str(tmp_path / "c"), "--no-progress", *common, "--save-steps", "3"])
+    run_c = train(part2)
+    assert (tmp_path / "c" / "checkpoint-3" / "trainer_state.pt").is_file()
+    resumed = train(parse_args(["--output", str(tmp_path / "c"), "--no-progress", *common, "--resume"]))
+    assert resumed.log["resumed_from"].endswith("checkpoint-3")
+    steps = [s["step"] for s in resumed.log["steps"]]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    # continuing from the checkpoint reproduces the uninterrupted run's losses and adapter
+    la = [s["loss"] for s in full.log["steps"]]
+    lc = [s["loss"] for s in resumed.log["steps"]]
+    assert la == pytest.approx(lc, rel=1e-5)
+    assert la == pytest.approx([s["loss"] for s in run_c.log["steps"]], rel=1e-5)
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    c = load_file(tmp_path / "c" / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], c[k], rtol=1e-5, atol=1e-6)
+
+
+def test_generate_command_reloads_base_and_adapter(tmp_path, capsys):
+    train(_args(tmp_path, "--max-steps", "2", "--eval-generate", "0"))
+    assert cli.main(["generate", "--adapter", str(tmp_path / "run"), "--prompt", "reverse: abc =",
+                     "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "reverse: abc =" in out
+
+
+def test_trainer_trains_a_fastpeft_model_unchanged(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import fastpeft
+    from fastpeft.train import build_default_model
+
+    model = fastpeft.get_peft_model(build_default_model(), fastpeft.LoraConfig(r=8, lora_alpha=16,
+                                                                              target_modules="all-linear"))
+    rows, _ = default_task(n_train=64, n_eval=0)
+    samples = tokenize(rows, TOK, 34)
+    collate = Collator(TOK.pad_token_id)
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(samples)
+
+        def __getitem__(self, i):
+            return {"input_ids": samples[i].input_ids, "labels": samples[i].labels}
+
+    def collator(features):
+        return collate([Sample(f["input_ids"], f["labels"]) for f in features])
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "t"), per_device_train_batch_size=16,
+                                          max_steps=12, learning_rate=1e-2, logging_steps=1, report_to=[],
+                                          save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=DS(), data_collator=collator)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 12 and losses[-1] < losses[0], losses
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
+    frozen = [p for n, p in model.named_parameters() if "lora_" not in n]
+    assert frozen and not any(p.requires_grad for p in frozen)
+    model.save_pretrained(tmp_path / "adapter")
+    assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
+
+
+# ----------------------------------------------------------------------------- estimate
+def test_estimate_is_within_a_factor_of_two_of_the_measured_peak():
+    from transformers import LlamaConfig
+
+    from fastpeft.estimate import estimate, measure
+
+    cfg = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2)
+    est = estimate(cfg, "lora", batch_size=8, seq_len=256, dtype=torch.float32)
+    peak = measure(cfg, "lora", batch_size=8, seq_len=256, dtype=torch.float32)
+    assert est.rule_of_thumb == 6 * 8 * est.params
+    assert 0.5 <= est.total / peak <= 2.0, (est.as_gib(), peak / 2**30)
+
+
+def test_estimate_command_prints_components(capsys):
+    assert cli.main(["estimate", "--batch-size", "2", "--seq-len", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "rule of thumb" in out and "fastpeft estimate" in out
