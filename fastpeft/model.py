@@ -588,6 +588,12 @@ class PeftModel(nn.Module):
                         is_trainable: bool = False, config: LoraConfig | None = None,
                         allow_pickle: bool = False, **kwargs) -> PeftModel:
         """Load a peft-format LoRA adapter folder onto ``model`` (safetensors; pickles only with ``allow_pickle``)."""
+        if config is not None and not isinstance(config, LoraConfig):
+            from . import methods
+
+            peft_type = str(getattr(getattr(config, "peft_type", None), "value", getattr(config, "peft_type", "")))
+            return methods.from_pretrained(model, model_id, peft_type, adapter_name=adapter_name,
+                                           is_trainable=is_trainable, config=config, **kwargs)
         if config is None:
             peft_type = _saved_peft_type(model_id)
             if peft_type != "LORA":
