@@ -506,10 +506,22 @@ def dequantize_weight(w4: Weight4bit, dtype: torch.dtype) -> Tensor:
     from .ops import backend_for
 
     if backend_for(w4.packed) == "triton":
-        from .kernels import dequantize_4bit_weight
-
-        return dequantize_4bit_weight(w4, dtype)
+        return dequantize_kernel(w4, dtype)
     return w4.dequantize(dtype)
+
+
+def dequantize_kernel(w4: Weight4bit, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+    """``w4`` decoded by fastpeft's Triton kernel (``fastpeft.kernels.dequantize_4bit`` / ``_int4``),
+    into ``out`` when given (a contiguous (out, in) tensor of ``dtype``, e.g. a reused workspace)."""
+    from . import kernels
+
+    if w4.quant_type == "int4":
+        return kernels.dequantize_int4(w4.packed, w4.absmax, w4.zeros, w4.blocksize, w4.out_features,
+                                       w4.in_features, dtype, out=out)
+    nested = dict(nested_code=w4.nested_code, nested_absmax=w4.nested_absmax, nested_blocksize=w4.nested_blocksize,
+                  nested_offset=w4.offset) if w4.nested else {}
+    return kernels.dequantize_4bit(w4.packed, w4.absmax, w4.code.float(), w4.blocksize, w4.out_features,
+                                   w4.in_features, dtype, out=out, **nested)
 
 
 # --------------------------------------------------------------------------- fastpeft's 4-bit Linear

@@ -12,6 +12,7 @@ if __name__ != "fastpeft.kernels":
     __all__ = []
 else:
     from .configs import interpreting
+    from .dequant4bit import dequantize_4bit, dequantize_int4
     from .lora_gemv4bit import gemv4bit_configs, lora_gemv_4bit, lora_gemv_int4
     from .lora_linear import (
         LAUNCHES,
@@ -24,6 +25,8 @@ else:
 
     __all__ = [
         "LAUNCHES",
+        "dequantize_4bit",
+        "dequantize_int4",
         "gemv4bit_configs",
         "lora_gemv_4bit",
         "lora_gemv_int4",

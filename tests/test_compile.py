@@ -99,6 +99,23 @@ for cc in (90, 80):
                       EVEN_K=even_k, **cfg.kwargs)
             compile_one(GV._gemv4_kernel, types, ce, cc, cfg)
             n += 1
+# Standalone 4-bit dequantization (kernels/dequant4bit.py): NF4/FP4 plain and nested, int4; every
+# output dtype; FMA contraction off, as the launcher compiles it.
+import fastpeft.kernels.dequant4bit as DQ  # noqa: E402
+
+block, warps = DQ.dequant_block(interpret=False)
+for cc in (90, 80):
+    for odt, quant, nested in (("bf16", 0, True), ("fp16", 0, False), ("fp32", 0, True), ("bf16", 1, False),
+                               ("fp32", 1, False)):
+        types = dict(q_ptr="*u8", code_ptr=F32 if quant == 0 else "*fp16", s_ptr="*u8" if nested else
+                     ("*fp16" if quant else F32), z_ptr="*u8" if quant else F32, ncode_ptr=F32, nabs_ptr=F32,
+                     noff_ptr=F32, out_ptr="*" + odt, n="i64", in_features="i32", groups="i32")
+        ce = dict(QUANT=quant, NESTED=nested, LOG_BS=6, LOG_NBS=8, GROUP=64, BLOCK=block, MANUAL_BF16=False)
+        sig = {a: ("constexpr" if a in ce else types[a]) for a in DQ._dequant4_kernel.arg_names}
+        triton.compile(ASTSource(fn=DQ._dequant4_kernel, signature=sig, constexprs=ce),
+                       target=GPUTarget("cuda", cc, 32),
+                       options={"num_warps": warps, "num_stages": 1, "enable_fp_fusion": False})
+        n += 1
 print("compiled", n)
 '''
 
