@@ -1,0 +1,180 @@
+"""``FastLoraLinear4bit``: LoRA on a frozen 4-bit base (QLoRA), laid out exactly as peft's.
+
+The base layer is the bitsandbytes ``Linear4bit`` itself when wrapping one (its ``Params4bit`` and
+``quant_state`` are read as they are: no copy, no re-quantization), or fastpeft's own
+``fastpeft.quant.Linear4bit`` (NF4/FP4 in bitsandbytes' bytes, or int4) otherwise. State-dict keys
+are peft's (``base_layer.weight``, ``lora_A.<name>.weight``, ``lora_B.<name>.weight``). The forward of
+the first active adapter is one fused op (``fastpeft.ops4bit.lora_linear_4bit``).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from ..ops4bit import lora_linear_4bit
+from ..quant import Linear4bit, QuantState4bit, Weight4bit, is_linear4bit, quantize_4bit, quantize_linear
+from .lora import FastLoraLinear
+
+
+class FastLoraLinear4bit(FastLoraLinear):
+    """LoRA on a frozen 4-bit linear layer: ``y = base(x) + scale · B(A(dropout(x)))``, fused.
+
+    Same arguments, adapters, merge/unmerge/disable API as ``FastLoraLinear`` (``fan_in_fan_out`` is
+    always False). Adapters are fp32. Computes in the input's dtype. Example::
+
+        layer = FastLoraLinear4bit.from_linear(bnb_linear4bit, r=16, lora_alpha=32, lora_dropout=0.1)
+        layer = FastLoraLinear4bit.from_linear(nn.Linear(4096, 4096), r=16, quant_type="nf4")  # quantizes
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, quant_type: str = "nf4",
+                 blocksize: int = 64, compress_statistics: bool = True, device=None, dtype=None, **lora_kwargs):
+        nn.Module.__init__(self)
+        base = Linear4bit(in_features, out_features, bias=bias, quant_type=quant_type, blocksize=blocksize,
+                          compress_statistics=compress_statistics, device=device, dtype=dtype)
+        adapter = lora_kwargs.pop("adapter_name", "default")
+        lora_kwargs.pop("fan_in_fan_out", None)
+        self._wrap(base, adapter, **lora_kwargs)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, *, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, fan_in_fan_out: bool | None = None,
+                    init_lora_weights: bool | str = True, adapter_name: str = "default",
+                    autocast_adapter_dtype: bool = True, quant_type: str = "nf4", blocksize: int = 64,
+                    compress_statistics: bool = True) -> FastLoraLinear4bit:
+        """Wrap a bitsandbytes/fastpeft ``Linear4bit`` as it is, or quantize a plain ``nn.Linear`` first
+        (fastpeft's quantizer; ``quant_type``/``blocksize``/``compress_statistics`` apply only then)."""
+        if fan_in_fan_out:
+            raise ValueError("a 4-bit base stores its weight as (out, in): fan_in_fan_out must be False")
+        if not is_linear4bit(linear):
+            if type(linear) is not nn.Linear:
+                raise TypeError(f"FastLoraLinear4bit wraps a Linear4bit or an nn.Linear, got {type(linear).__name__}")
+            linear = quantize_linear(linear, quant_type, blocksize, compress_statistics)
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._wrap(linear, adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                   use_rslora=use_rslora, init_lora_weights=init_lora_weights,
+                   autocast_adapter_dtype=autocast_adapter_dtype)
+        return self
+
+    def _adopt_base(self, base: nn.Module) -> None:
+        """Shape fields from a 4-bit base (used when converting a peft layer)."""
+        w4 = Weight4bit.from_module(base)
+        self.in_features, self.out_features, self.fan_in_fan_out = w4.in_features, w4.out_features, False
+
+    def _wrap(self, base: nn.Module, adapter_name: str, **adapter_kwargs) -> None:
+        if not is_linear4bit(base):
+            raise TypeError(f"FastLoraLinear4bit wraps a 4-bit Linear, got {type(base).__name__}")
+        self._adopt_base(base)
+        self.base_layer = base
+        for param in base.parameters():
+            param.requires_grad_(False)
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.r, self.lora_alpha, self.scaling, self.use_rslora = {}, {}, {}, {}
+        self._active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self._disable_adapters = False
+        self.update_layer(adapter_name, **adapter_kwargs)
+
+    # ------------------------------------------------------------- weight
+    def weight4bit(self) -> Weight4bit:
+        """The base weight as a ``Weight4bit`` (the base's own tensors)."""
+        return Weight4bit.from_module(self.base_layer)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The base weight decoded to ``dtype`` (out, in)."""
+        return self.weight4bit().dequantize(dtype)
+
+    @torch.no_grad()
+    def _requantize(self, w: torch.Tensor, what: str) -> None:
+        """Write ``w`` (fp32, out × in) into the 4-bit base in its own format, warning about the rounding."""
+        base = self.base_layer
+        if isinstance(base, Linear4bit):
+            base.set_weight(w)
+        else:  # bitsandbytes: fastpeft's quantizer gives bnb's bytes; the Params4bit keeps its identity
+            qs = base.weight.quant_state
+            packed, st = quantize_4bit(w.to(qs.dtype), int(qs.blocksize), qs.quant_type, bool(qs.nested),
+                                       base.weight.data.dtype)
+            base.weight.data = packed
+            base.weight.quant_state = st.to_bnb()
+            if getattr(base, "quant_state", None) is not None:
+                base.quant_state = base.weight.quant_state
+        got = self.dequantized_weight()
+        err = ((got - w).norm() / w.norm().clamp_min(1e-30)).item()
+        warnings.warn(f"{what} a 4-bit base re-quantizes its weight: the result differs from the exact "
+                      f"fp32 weight by the 4-bit rounding (relative error {err:.2e} here). Use to_linear() for a "
+                      "full-precision merged layer.", stacklevel=3)
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add adapters into the 4-bit base: dequantize, add, re-quantize (warns: costs a 4-bit rounding)."""
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        already = [n for n in names if n in self.merged_adapters]
+        if already:
+            warnings.warn(f"Already merged adapters {already}; merging them again is skipped.", stacklevel=2)
+        todo = [n for n in names if n not in self.merged_adapters]
+        if not todo:
+            return
+        w = self.dequantized_weight()
+        for name in todo:
+            if name not in self.lora_A:
+                raise ValueError(f"unknown adapter {name!r}; this layer has {list(self.lora_A.keys())}")
+            w = w + self.get_delta_weight(name)
+            if safe_merge and not torch.isfinite(w).all():
+                raise ValueError(f"NaNs or infs detected in the merged weight of adapter {name!r}; "
+                                 "the adapter seems to be broken")
+        self._requantize(w, "merging into")
+        self.merged_adapters.extend(todo)
+
+    def _unmerge_one(self, name: str) -> None:
+        self._requantize(self.dequantized_weight() - self.get_delta_weight(name), "unmerging from")
+        self.merged_adapters.remove(name)
+
+    @torch.no_grad()
+    def to_linear(self, dtype: torch.dtype = torch.bfloat16) -> nn.Linear:
+        """A plain ``nn.Linear`` in ``dtype`` (bf16 by default): the decoded base plus the active unmerged
+        adapters, added in fp32 (no 4-bit rounding of the merge)."""
+        w = self.dequantized_weight()
+        for name in self.active_adapters:
+            if name in self.lora_A and name not in self.merged_adapters and not self._disable_adapters:
+                w = w + self.get_delta_weight(name)
+        bias = self.base_layer.bias
+        lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device, dtype=dtype)
+        lin.weight.copy_(w.to(dtype))
+        if bias is not None:
+            lin.bias.copy_(bias)
+        return lin
+
+    def unload_base(self) -> nn.Module:
+        """The base layer to put back when the model is unloaded (merged adapters already in it)."""
+        return self.base_layer
+
+    # ------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self._disable_adapters or self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"FastLoraLinear4bit expected input of shape (..., {self.in_features}), "
+                             f"got {tuple(x.shape)}")
+        active = [n for n in self._active_adapters if n in self.lora_A]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        first, *rest = active
+        y = lora_linear_4bit(x, self.weight4bit(), self.base_layer.bias, self.lora_A[first].weight,
+                             self.lora_B[first].weight, scale=self.scaling[first], dropout_p=self._dropout_p(first),
+                             training=self.training)
+        for name in rest:
+            A = self.lora_A[name]
+            xd = self.lora_dropout[name](x.to(A.weight.dtype))
+            y = y + (self.lora_B[name](A(xd)) * self.scaling[name]).to(y.dtype)
+        return y
+
+    def __repr__(self) -> str:
+        return "fastpeft." + nn.Module.__repr__(self)
+
+
+__all__ = ["FastLoraLinear4bit", "QuantState4bit"]

@@ -1,0 +1,285 @@
+"""The 4-bit LoRA op and layer: outputs and gradients against fp64 on the dequantized weight, peft + bnb
+parity, the shared workspace, the decode dispatch, merge / to_linear / quantize_model / kbit prep."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from fastpeft import quant as Q
+from fastpeft.layers import FastLoraLinear4bit
+from fastpeft.ops4bit import _WORKSPACES, lora_linear_4bit
+from helpers import assert_rel, lora_grads64, lora_ref64
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def _bnb_linear(fin, fout, quant_type="nf4", nested=True, blocksize=64, bias=True, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    lin = bnb.nn.Linear4bit(fin, fout, bias=bias, compute_dtype=dtype, compress_statistics=nested,
+                            quant_type=quant_type, device="meta")
+    w = (torch.randn(fout, fin, generator=g) * fin**-0.5).to(dtype)
+    lin.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=quant_type, compress_statistics=nested,
+                                   blocksize=blocksize)
+    if bias:
+        lin.bias = nn.Parameter(torch.randn(fout, generator=g).to(dtype) * 0.1, requires_grad=False)
+    return lin.to("cpu")
+
+
+def _adapters(layer, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        A.copy_(torch.randn(A.shape, generator=g) * 0.3)
+        B.copy_(torch.randn(B.shape, generator=g) * 0.3)  # non-zero B: the LoRA term matters
+
+
+def _base_w(layer):
+    return layer.weight4bit().dequantize(torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["nf4-nested", "fp4", "int4"])
+@pytest.mark.parametrize("fin,fout,r", [(64, 37, 4), (96, 45, 8)])
+def test_layer_outputs_and_grads_vs_fp64(backend, kind, fin, fout, r):
+    if kind == "int4":
+        base = Q.quantize_linear(nn.Linear(fin, fout), "int4", blocksize=32)
+    else:
+        qt = kind.split("-")[0]
+        base = _bnb_linear(fin, fout, qt, nested=kind.endswith("nested"), blocksize=32 if qt == "fp4" else 64)
+    layer = FastLoraLinear4bit.from_linear(base, r=r, lora_alpha=2 * r)
+    _adapters(layer)
+    x = torch.randn(3, 7, fin, requires_grad=True)  # 3-D input, 21 rows
+    y = layer(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    w = _base_w(layer)
+    A, B = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    x2d, dy2d = x.detach().reshape(-1, fin), dy.reshape(-1, fout)
+    ref = lora_ref64(x2d, w, layer.base_layer.bias.detach(), A, B, layer.scaling["default"])
+    assert_rel(y.detach().reshape(-1, fout), ref, 1e-5, "y")
+    base_only = x2d.double() @ w.double().t() + layer.base_layer.bias.double()
+    assert (ref - base_only).abs().max() > 1e-2  # the adapter changes the output
+    dx, dA, dB, _ = lora_grads64(dy2d, x2d, w, A, B, layer.scaling["default"])
+    assert_rel(x.grad.reshape(-1, fin), dx, 1e-5, "dx")
+    assert_rel(layer.lora_A["default"].weight.grad, dA, 1e-5, "dA")
+    assert_rel(layer.lora_B["default"].weight.grad, dB, 1e-5, "dB")
+    assert layer.base_layer.weight.grad is None
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_op_dropout_and_bias_grad_vs_fp64(backend, p):
+    base = _bnb_linear(80, 33, "nf4", nested=True)
+    w4 = Q.Weight4bit.from_module(base)
+    w = w4.dequantize(torch.float32)
+    g = torch.Generator().manual_seed(3)
+    A = (torch.randn(6, 80, generator=g) * 0.2).requires_grad_()
+    B = (torch.randn(33, 6, generator=g) * 0.2).requires_grad_()
+    bias = torch.randn(33, generator=g).requires_grad_()
+    x = torch.randn(19, 80, generator=g, requires_grad=True)
+    seed = torch.tensor([1234], dtype=torch.int64)
+    y = lora_linear_4bit(x, w4, bias, A, B, scale=1.5, dropout_p=p, seed=seed)
+    dy = torch.randn(19, 33, generator=g)
+    y.backward(dy)
+    assert_rel(y.detach(), lora_ref64(x.detach(), w, bias.detach(), A.detach(), B.detach(), 1.5, p, seed), 1e-5)
+    dx, dA, dB, db = lora_grads64(dy, x.detach(), w, A.detach(), B.detach(), 1.5, p, seed)
+    for got, want, name in ((x.grad, dx, "dx"), (A.grad, dA, "dA"), (B.grad, dB, "dB"), (bias.grad, db, "db")):
+        assert_rel(got, want, 1e-5, name)
+
+
+@pytest.mark.interp
+def test_triton_path_uses_kernels_and_a_shared_workspace(triton_backend):
+    from fastpeft.kernels import LAUNCHES
+
+    l1 = FastLoraLinear4bit.from_linear(_bnb_linear(64, 40, seed=4), r=4, init_lora_weights=False)
+    l2 = FastLoraLinear4bit.from_linear(_bnb_linear(64, 24, seed=5), r=4, init_lora_weights=False)
+    before = dict(LAUNCHES)
+    x = torch.randn(20, 64, requires_grad=True)
+    (l1(x).sum() + l2(x).sum()).backward()
+    assert LAUNCHES["dequant4"] - before.get("dequant4", 0) == 4  # 2 layers × (forward + dx)
+    assert LAUNCHES["lora_down"] > before.get("lora_down", 0)
+    bufs = [b for (dev, dt), b in _WORKSPACES.items() if dt == torch.float32 and dev.type == "cpu"]
+    assert len(bufs) == 1 and bufs[0].numel() >= 64 * 40  # one buffer, sized for the larger layer
+    # and no layer keeps a decoded copy: its tensors are the 4-bit ones only
+    for layer in (l1, l2):
+        assert all(t.dtype in (torch.uint8, torch.float32) and t.numel() < 64 * 40
+                   for t in layer.base_layer.state_dict().values())
+
+
+@pytest.mark.interp
+def test_backends_agree(monkeypatch):
+    layer = FastLoraLinear4bit.from_linear(_bnb_linear(96, 45, "fp4", nested=True), r=8, init_lora_weights=False)
+    x = torch.randn(23, 96)
+    outs = []
+    for be in ("torch", "triton"):
+        monkeypatch.setenv("FASTPEFT_BACKEND", be)
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.square().sum().backward()
+        outs.append((y.detach(), xi.grad, layer.lora_A["default"].weight.grad.clone()))
+        layer.zero_grad()
+    for a, b in zip(*outs):
+        assert_rel(a, b, 1e-5)
+
+
+@pytest.mark.interp
+def test_decode_dispatch_uses_gemv(triton_backend):
+    from fastpeft.kernels import LAUNCHES
+
+    layer = FastLoraLinear4bit.from_linear(_bnb_linear(128, 40, seed=6), r=4, init_lora_weights=False).eval()
+    x = torch.randn(2, 128)
+    before = LAUNCHES["lora_gemv_4bit"]
+    with torch.no_grad():
+        y = layer(x)
+    assert LAUNCHES["lora_gemv_4bit"] == before + 1
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    ref = lora_ref64(x, _base_w(layer), layer.base_layer.bias, A, B, layer.scaling["default"])
+    assert_rel(y, ref, 1e-5)
+    x.requires_grad_()
+    before = LAUNCHES["lora_gemv_4bit"]
+    layer(x).sum().backward()  # a gradient is needed: the workspace path
+    assert LAUNCHES["lora_gemv_4bit"] == before and x.grad is not None
+
+
+def _peft_layer(base, r, alpha):
+    import peft
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = base
+
+        def forward(self, x):
+            return self.proj(x)
+
+    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"], init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.get_peft_model(Wrap(), cfg).base_model.model.proj
+
+
+@pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("fp4", False)])
+def test_matches_peft_on_bnb_linear4bit(backend, quant_type, nested):
+    pytest.importorskip("peft")
+    base = _bnb_linear(72, 50, quant_type, nested=nested, seed=7)
+    theirs = _peft_layer(copy.deepcopy(base), 8, 16)
+    ours = FastLoraLinear4bit.from_linear(copy.deepcopy(base), r=8, lora_alpha=16)
+    ours.load_state_dict(theirs.state_dict(), strict=False)
+    _adapters(ours, seed=8)
+    with torch.no_grad():
+        theirs.lora_A["default"].weight.copy_(ours.lora_A["default"].weight)
+        theirs.lora_B["default"].weight.copy_(ours.lora_B["default"].weight)
+    x = torch.randn(4, 9, 72)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    ys = [m(xi) for m, xi in zip((theirs, ours), xs)]
+    dy = torch.randn_like(ys[0])
+    for y in ys:
+        y.backward(dy)
+    assert_rel(ys[1].detach(), ys[0].detach(), 1e-5, "y")
+    assert_rel(xs[1].grad, xs[0].grad, 1e-5, "dx")
+    for n in ("lora_A", "lora_B"):
+        assert_rel(getattr(ours, n)["default"].weight.grad, getattr(theirs, n)["default"].weight.grad, 1e-5, n)
+    assert ours.base_layer.weight.data_ptr() != base.weight.data_ptr()  # deep copies …
+    wrapped = FastLoraLinear4bit.from_linear(base, r=2)
+    assert wrapped.base_layer is base  # … but wrapping itself copies nothing
+    assert wrapped.weight4bit().packed.data_ptr() == base.weight.data_ptr()
+
+
+def test_merge_requantizes_with_warning_and_to_linear():
+    torch.manual_seed(12)
+    for base in (_bnb_linear(64, 30, seed=9), Q.quantize_linear(nn.Linear(64, 30), "nf4")):
+        layer = FastLoraLinear4bit.from_linear(base, r=4, lora_alpha=8)
+        _adapters(layer, seed=10)
+        x = torch.randn(6, 64)
+        with torch.no_grad():
+            y = layer(x)
+            lin = layer.to_linear(torch.float32)
+            assert isinstance(lin, nn.Linear) and lin.weight.dtype == torch.float32
+            assert_rel(lin(x), y, 1e-5, "to_linear")
+            assert layer.to_linear().weight.dtype == torch.bfloat16
+            w_exact = _base_w(layer) + layer.get_delta_weight("default")
+            with pytest.warns(UserWarning, match="re-quantizes"):
+                layer.merge()
+            assert layer.merged
+            merged = _base_w(layer)
+            # the merged base is the 4-bit rounding of the exact merged weight, nothing else (fastpeft's
+            # quantizer: bitsandbytes' bytes, test_quant.py; bnb's native CPU one differs at rare near-ties)
+            qb, sb = Q.quantize_4bit(w_exact, blocksize=64, quant_type="nf4", compress_statistics=True)
+            assert torch.equal(merged, Q.dequantize_4bit(qb, sb))
+            qn, sn = bnb.functional.quantize_4bit(w_exact, blocksize=64, quant_type="nf4", compress_statistics=True)
+            assert torch.equal(qn, qb) and torch.equal(sn.state2.absmax, sb.state2.absmax)
+            with torch.enable_grad():  # (bnb repacks its weight for a CPU GEMM in no-grad eval mode)
+                assert_rel(layer(x), x @ merged.t() + layer.base_layer.bias, 1e-5, "merged output")
+            assert_rel(layer(x), y, 0.25, "merged vs unmerged (a 4-bit rounding apart)")
+            with pytest.warns(UserWarning, match="re-quantizes"):
+                layer.unmerge()
+            assert not layer.merged
+
+
+def test_linear4bit_module_state_dict_round_trips_with_bitsandbytes():
+    lin = nn.Linear(64, 24)
+    ours = Q.quantize_linear(lin, "nf4", blocksize=64, compress_statistics=True)
+    theirs = _bnb_linear(64, 24, seed=11)
+    x = torch.randn(5, 64)
+    sd = ours.state_dict()
+    assert {"weight", "bias", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
+            "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4"} <= set(sd)
+    # bitsandbytes loads fastpeft's state dict with its own prequantized loader (as transformers does) …
+    stats = {k.removeprefix("weight."): v for k, v in sd.items() if k.startswith("weight.")}
+    theirs.weight = bnb.nn.Params4bit.from_prequantized(sd["weight"], stats, requires_grad=False, device="cpu",
+                                                        module=theirs)
+    theirs.bias = nn.Parameter(sd["bias"], requires_grad=False)
+    assert torch.equal(bnb.functional.dequantize_4bit(theirs.weight.data, theirs.weight.quant_state),
+                       ours.dequantize(torch.float32))
+    with torch.enable_grad():  # (bnb repacks its weight for a CPU GEMM in no-grad eval mode)
+        assert_rel(theirs(x), lin(x), 0.1)
+    back = Q.quantize_linear(nn.Linear(64, 24), "nf4")
+    back.load_state_dict(theirs.state_dict())  # … and fastpeft loads bitsandbytes'
+    assert torch.equal(back(x), ours(x))
+    assert torch.equal(Q.Linear4bit.from_bnb(theirs)(x), ours(x))
+    assert torch.equal(ours.to_bnb().weight.data, ours.weight.data)
+    i4 = Q.quantize_linear(lin, "int4", blocksize=32)
+    i4b = Q.quantize_linear(nn.Linear(64, 24), "int4", blocksize=64)
+    i4b.load_state_dict(i4.state_dict())
+    assert i4b.blocksize == 32 and torch.equal(i4b(x), i4(x))
+    assert_rel(i4(x), lin(x), 0.1)
+
+
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+
+
+def test_quantize_model_and_prepare_for_kbit_training():
+    model = _tiny_llama()
+    Q.quantize_model(model, compute_dtype=torch.bfloat16)
+    kinds = {type(m).__name__ for m in model.model.layers.modules()}
+    assert "Linear4bit" in kinds and "Linear" not in kinds
+    assert type(model.lm_head) is nn.Linear  # the head stays full precision
+    Q.prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert model.is_gradient_checkpointing
+    assert not any(p.requires_grad for p in model.parameters())
+    floats = [p for p in model.parameters() if p.is_floating_point()]
+    assert floats and all(p.dtype == torch.float32 for p in floats)  # norms, embeddings, head in fp32
+    ids = torch.randint(0, 64, (2, 8))
+    emb = model.get_input_embeddings()(ids)
+    assert emb.requires_grad  # input grads on for reentrant checkpointing
+    with pytest.raises(ValueError, match="backend"):
+        Q.quantize_model(_tiny_llama(), backend="gptq")
+
+
+def test_bad_inputs():
+    with pytest.raises(TypeError, match="Linear4bit or an nn.Linear"):
+        FastLoraLinear4bit.from_linear(nn.Conv1d(3, 3, 1))
+    with pytest.raises(ValueError, match="fan_in_fan_out"):
+        FastLoraLinear4bit.from_linear(_bnb_linear(64, 8), fan_in_fan_out=True)
+    layer = FastLoraLinear4bit.from_linear(nn.Linear(64, 8), r=2)  # quantized by fastpeft
+    assert isinstance(layer.base_layer, Q.Linear4bit)
+    with pytest.raises(ValueError, match="expected input"):
+        layer(torch.randn(3, 65))
+    with pytest.raises(ValueError, match="even"):
+        Q.quantize_linear(nn.Linear(63, 8), "int4", blocksize=32)
