@@ -253,3 +253,17 @@ def test_triton_int4_equals_torch(shape, group, dtype):
     assert torch.equal(ours, Q.dequantize_int4(packed, scales, zeros, group, shape[1], dtype))
     with pytest.raises(ValueError, match="even"):
         kernels.dequantize_int4(packed, scales, zeros, group, shape[0], shape[1] - 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_dequant_equals_bitsandbytes_cuda(quant_type, nested, dtype):
+    """Compiled kernel (FMA contraction off, hardware RTNE cast) vs bitsandbytes' CUDA dequantize_4bit."""
+    for shape, bs in (((4096, 4096), 64), ((45, 123), 128), ((1000, 700), 256)):
+        w = _weight(shape, dtype, seed=9).cuda()
+        qb, sb = BF.quantize_4bit(w, blocksize=bs, quant_type=quant_type, compress_statistics=nested)
+        ours = Q.dequantize_kernel(Q.Weight4bit.from_bnb(qb, sb), dtype)
+        assert torch.equal(ours, BF.dequantize_4bit(qb, sb)), (shape, bs)
+        assert torch.equal(Q.dequantize_4bit(qb, sb), ours), (shape, bs)
