@@ -8,13 +8,44 @@ Example::
 
 from .config import LoraConfig
 from .convert import from_peft, to_peft
-from .layers import FastLoraLinear
+from .layers import FastLoraLinear, FastLoraLinear4bit
 from .model import LoraModel, ModulesToSaveWrapper, PeftModel, get_peft_model
 from .ops import backend_for, lora_linear
+from .ops4bit import lora_linear_4bit
+from .quant import (
+    Linear4bit,
+    Weight4bit,
+    dequantize_4bit,
+    dequantize_fp4,
+    dequantize_int4,
+    dequantize_nf4,
+    prepare_model_for_kbit_training,
+    quantize_4bit,
+    quantize_fp4,
+    quantize_int4,
+    quantize_linear,
+    quantize_model,
+    quantize_nf4,
+)
 
 __version__ = "0.1.0"
 __all__ = [
     "FastLoraLinear",
+    "FastLoraLinear4bit",
+    "Linear4bit",
+    "Weight4bit",
+    "dequantize_4bit",
+    "dequantize_fp4",
+    "dequantize_int4",
+    "dequantize_nf4",
+    "lora_linear_4bit",
+    "prepare_model_for_kbit_training",
+    "quantize_4bit",
+    "quantize_fp4",
+    "quantize_int4",
+    "quantize_linear",
+    "quantize_model",
+    "quantize_nf4",
     "LoraConfig",
     "LoraModel",
     "ModulesToSaveWrapper",

@@ -6,7 +6,7 @@ Each command is one ``_add_<command>`` that builds its subparser and sets
 Example::
 
     fastpeft train                       # the embedded default: tiny Llama-style model, shipped task
-    fastpeft generate --adapter runs/fastpeft --prompt "reverse: hello ="
+    fastpeft generate --adapter runs/fastpeft --prompt "upper: hello ="
     fastpeft estimate --model ./llama --method qlora --batch-size 8 --seq-len 1024
     fastpeft bench                       # tiny preset on CPU, TARGETS.md's canonical cells on CUDA
     fastpeft bench --preset layer --shapes 4096x4096 --tokens 8192 --plot bench/results/h100.png
@@ -28,15 +28,19 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmark the LoRA layer against frozen nn.Linear, cuBLAS and peft",
                        description="Time fwd and fwd+bwd, count saved bytes and peak memory, check gradients "
                                    "against peft; print a table and write the rows as JSON.")
-    p.add_argument("--preset", choices=sorted([*benchmarking.PRESETS, *benchmarking.QUANT_PRESETS]),
+    from .bench_e2e import E2E_PRESETS
+
+    p.add_argument("--preset", choices=sorted([*benchmarking.PRESETS, *benchmarking.QUANT_PRESETS, *E2E_PRESETS]),
                    help="grid to run (default: layer on CUDA, tiny otherwise); decode/qlora (and their -tiny "
-                        "CPU sizes) are the 4-bit grids")
+                        "CPU sizes) are the 4-bit grids; e2e/e2e-tiny time whole training steps")
     p.add_argument("--shapes", nargs="+", metavar="INxOUT",
                    help=f"replace the preset's shapes (named: {', '.join(benchmarking.SHAPES)})")
     p.add_argument("--tokens", nargs="+", type=int, metavar="N", help="replace the preset's token counts")
     p.add_argument("--dropout", nargs="+", type=float, metavar="P", help="dropouts of the fwd+bwd rows")
+    from .bench_e2e import E2E_PROVIDERS
+
     all_providers = list(dict.fromkeys(
-        [*benchmarking.PROVIDERS, *benchmarking.DECODE_PROVIDERS, *benchmarking.QLORA_PROVIDERS]))
+        [*benchmarking.PROVIDERS, *benchmarking.DECODE_PROVIDERS, *benchmarking.QLORA_PROVIDERS, *E2E_PROVIDERS]))
     p.add_argument("--providers", nargs="+", choices=all_providers, metavar="NAME",
                    help=f"layer presets: {', '.join(benchmarking.PROVIDERS)}; decode: "
                         f"{', '.join(benchmarking.DECODE_PROVIDERS)}; qlora: {', '.join(benchmarking.QLORA_PROVIDERS)}")
@@ -63,6 +67,8 @@ def _bench(args: argparse.Namespace) -> int:
     preset = args.preset or ("layer" if device.type == "cuda" else "tiny")
     if preset in benchmarking.QUANT_PRESETS:
         return _bench_quant(args, preset, device)
+    if preset.startswith("e2e"):
+        return _bench_e2e(args, preset, device)
     rows = benchmarking.run(preset, shapes=args.shapes, tokens=args.tokens, providers=args.providers,
                             modes=args.modes, dropouts=args.dropout, dtype=args.dtype, device=device, r=args.r,
                             lora_alpha=args.lora_alpha, check=not args.no_check, warmup_ms=args.warmup_ms,
@@ -77,6 +83,20 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"GRADIENT CHECK FAILED: {r['provider']} {r['shape']} N={r['tokens']} p={r['dropout']} "
               f"{r.get('check_errors')} (tol {r.get('check_tol')})", file=sys.stderr)
     return 1 if failed else 0  # a fast wrong kernel is not a result
+
+
+def _bench_e2e(args: argparse.Namespace, preset: str, device) -> int:
+    """The end-to-end preset: one training step of a Llama-shaped model, fastpeft vs peft (bf16 and NF4)."""
+    from . import bench_e2e
+
+    providers = [p for p in (args.providers or bench_e2e.E2E_PROVIDERS) if p in bench_e2e.E2E_PROVIDERS]
+    dropout = args.dropout[0] if args.dropout else 0.1
+    rows = bench_e2e.run_e2e(preset, providers, device, r=args.r, dropout=dropout)
+    print(bench_e2e.format_e2e(rows))
+    out = benchmarking.write_json(rows, args.out or _default_out(rows))
+    print(f"\nwrote {out}")
+    failed = [r for r in rows if r["provider"] in ("fastpeft", "fastpeft_qlora") and r.get("error")]
+    return 1 if failed else 0
 
 
 def _bench_quant(args: argparse.Namespace, preset: str, device) -> int:

@@ -89,14 +89,15 @@ class HFTokenizer:
 
 
 # --------------------------------------------------------------------------- the embedded task
-DEFAULT_TASK_NAME = "reverse-words"
+DEFAULT_TASK_NAME = "uppercase-words"
 
 
 def default_task(n_train: int = 4000, n_eval: int = 200, seed: int = 1234) -> tuple[list[dict], list[dict]]:
-    """The embedded task: reverse a lowercase word of 3–6 letters (``"reverse: train ="`` → ``" niart"``).
+    """The embedded task: spell a lowercase word of 3–6 letters in capitals (``"upper: train ="`` → ``" TRAIN"``).
 
-    Train and held-out words are disjoint, so held-out exact-match accuracy measures a learned rule,
-    not memorization: about 0 before training, high after a few minutes on 2 CPU cores.
+    Train and held-out words are disjoint, so held-out exact-match accuracy measures a learned rule (copy each
+    letter, mapped to its capital), not memorization: 0 before training, near 1 after a minute or two on 2 CPU
+    cores. (Reversing the word, tried first, learned too slowly on a random base to show in minutes.)
     """
     rng = random.Random(seed)
     letters = "abcdefghijklmnopqrstuvwxyz"
@@ -107,7 +108,7 @@ def default_task(n_train: int = 4000, n_eval: int = 200, seed: int = 1234) -> tu
     rng.shuffle(ordered)
 
     def row(w: str) -> dict:
-        return {"prompt": f"reverse: {w} =", "response": f" {w[::-1]}"}
+        return {"prompt": f"upper: {w} =", "response": f" {w.upper()}"}
 
     return [row(w) for w in ordered[:n_train]], [row(w) for w in ordered[n_train:]]
 

@@ -6,7 +6,7 @@ adapter config's ``base_model_name_or_path`` when that is a local folder.
 
 Example::
 
-    fastpeft generate --adapter runs/fastpeft --prompt "reverse: hello ="
+    fastpeft generate --adapter runs/fastpeft --prompt "upper: hello ="
 """
 
 from __future__ import annotations

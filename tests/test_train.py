@@ -60,8 +60,8 @@ def test_default_task_splits_are_disjoint():
     assert len(train_rows) == 4000 and len(eval_rows) == 200
     assert not {r["prompt"] for r in train_rows} & {r["prompt"] for r in eval_rows}
     r = train_rows[0]
-    word = r["prompt"].removeprefix("reverse: ").removesuffix(" =")
-    assert r["response"] == " " + word[::-1]
+    word = r["prompt"].removeprefix("upper: ").removesuffix(" =")
+    assert word.islower() and r["response"] == " " + word.upper()
 
 
 @pytest.mark.parametrize("content,match", [
@@ -117,7 +117,7 @@ def test_short_default_run_lowers_the_loss_and_peft_loads_the_adapter(tmp_path):
     # the saved adapter loads in peft over the saved base and gives fastpeft's logits
     from transformers import AutoModelForCausalLM
 
-    ids = torch.tensor([TOK.encode("reverse: abc =", add_special_tokens=True)])
+    ids = torch.tensor([TOK.encode("upper: abc =", add_special_tokens=True)])
     ours = result.model.eval()
     theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base_model"), out).eval()
     with torch.no_grad():
@@ -150,10 +150,10 @@ def test_resume_continues_from_the_same_step(tmp_path):
 
 def test_generate_command_reloads_base_and_adapter(tmp_path, capsys):
     train(_args(tmp_path, "--max-steps", "2", "--eval-generate", "0"))
-    assert cli.main(["generate", "--adapter", str(tmp_path / "run"), "--prompt", "reverse: abc =",
+    assert cli.main(["generate", "--adapter", str(tmp_path / "run"), "--prompt", "upper: abc =",
                      "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
-    assert "reverse: abc =" in out
+    assert "upper: abc =" in out
 
 
 def test_trainer_trains_a_fastpeft_model_unchanged(tmp_path):
@@ -210,3 +210,16 @@ def test_estimate_command_prints_components(capsys):
     assert cli.main(["estimate", "--batch-size", "2", "--seq-len", "16"]) == 0
     out = capsys.readouterr().out
     assert "rule of thumb" in out and "fastpeft estimate" in out
+
+
+# ----------------------------------------------------------------------------- end-to-end benchmark
+def test_e2e_bench_tiny_runs_and_writes_json(tmp_path):
+    out = tmp_path / "e2e.json"
+    assert cli.main(["bench", "--preset", "e2e-tiny", "--providers", "frozen", "peft", "fastpeft",
+                     "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["provider"] for r in rows] == ["frozen", "peft", "fastpeft"]
+    assert all(r["tokens_per_s"] > 0 and r["versions"]["torch"] for r in rows)
+    assert "speedup_vs_peft" in rows[2]
+    # same base weights and inputs: the three first-step losses agree (LoRA B starts at zero)
+    assert rows[1]["loss"] == pytest.approx(rows[2]["loss"], abs=0.05)
