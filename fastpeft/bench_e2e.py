@@ -43,6 +43,7 @@ class E2ERow:
     step_ms: float | None
     peak_mem_gib: float | None
     loss: float | None
+    first_loss: float | None = None
     error: str | None = None
 
 
@@ -81,9 +82,10 @@ def _prepare(provider: str, base, dtype: torch.dtype, r: int, p: float):
     return model
 
 
-def _measure(model, shape: dict, device: torch.device) -> tuple[float, float, float | None]:
+def _measure(model, shape: dict, device: torch.device) -> tuple[float, float, float | None, float]:
     batch, seq, steps = shape["batch"], shape["seq"], shape["steps"]
-    ids = torch.randint(0, shape["vocab_size"], (batch, seq), device=device)
+    gen = torch.Generator().manual_seed(1234)  # the same tokens for every provider
+    ids = torch.randint(0, shape["vocab_size"], (batch, seq), generator=gen).to(device)
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda") if params else None
     model.train()
@@ -96,8 +98,8 @@ def _measure(model, shape: dict, device: torch.device) -> tuple[float, float, fl
             opt.zero_grad(set_to_none=True)
         return out.loss.detach()
 
-    for _ in range(2):
-        loss = step()
+    first = float(step())
+    loss = step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -108,7 +110,7 @@ def _measure(model, shape: dict, device: torch.device) -> tuple[float, float, fl
         torch.cuda.synchronize(device)
     dt = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return dt, float(loss), peak
+    return dt, float(loss), peak, first
 
 
 def run_e2e(preset: str = "e2e-tiny", providers: list[str] | None = None, device: torch.device | None = None,
@@ -124,11 +126,12 @@ def run_e2e(preset: str = "e2e-tiny", providers: list[str] | None = None, device
         model = None
         try:
             model = _prepare(provider, base, dtype, r, dropout)
-            dt, loss, peak = _measure(model, shape, device)
+            dt, loss, peak, first = _measure(model, shape, device)
             rows.append(E2ERow(provider, preset, name, round(shape["batch"] * shape["seq"] / dt, 1),
-                               round(dt * 1e3, 3), None if peak is None else round(peak, 3), round(loss, 4)))
+                               round(dt * 1e3, 3), None if peak is None else round(peak, 3), round(loss, 4),
+                               round(first, 5)))
         except Exception as exc:  # a provider that cannot run here (e.g. bnb without CUDA) is recorded, not fatal
-            rows.append(E2ERow(provider, preset, name, None, None, None, None, f"{type(exc).__name__}: {exc}"))
+            rows.append(E2ERow(provider, preset, name, None, None, None, None, None, f"{type(exc).__name__}: {exc}"))
         del model
         gc.collect()
         if device.type == "cuda":
