@@ -7,7 +7,7 @@
 #   bash bench/gpu_run.sh                              # from the repository root, or anywhere
 #   BENCH_ARGS="--preset tiny" bash bench/gpu_run.sh   # other `fastpeft bench` arguments (a dry run on CPU)
 #   SKIP_VARIANTS=1 SKIP_PYTEST_BENCH=1 bash bench/gpu_run.sh
-#   QUANT_PRESETS="decode-tiny qlora-tiny" ...       # the 4-bit grids at CPU sizes ("" skips them)
+#   QUANT_PRESETS="decode-tiny qlora-tiny e2e-tiny" ...  # 4-bit grids + e2e at CPU sizes ("" skips them)
 set -u
 cd "$(dirname "$0")/.." || exit 1
 out="${OUT:-bench/results}"
@@ -41,8 +41,9 @@ copy_out
 
 # 4-bit: decode GEMV N=1/4/16 (TARGETS.md §3) and the QLoRA layer fwd+bwd (§2); the GEMV's
 # autotune pick per shape is in the log (and collected in autotune-picks.txt at the end).
+# Then e2e: one training step of the TinyLlama-1.1B-shaped model, bf16 and NF4, vs peft (§5).
 rc_quant=0
-for preset in ${QUANT_PRESETS-decode qlora}; do
+for preset in ${QUANT_PRESETS-decode qlora e2e}; do
   stamp "bench $preset"
   TRITON_PRINT_AUTOTUNING=1 fastpeft bench --preset "$preset" --out "$name-$preset.json" 2>&1 \
     | tee "$out/bench-$preset.log"
