@@ -408,3 +408,42 @@ def test_bad_adapter_files(tmp_path):
     assert torch.equal(loaded.state_dict()[key.replace("lora_A.weight", "lora_A.default.weight")], good[key])
     with pytest.raises(FileNotFoundError):
         fastpeft.PeftModel.from_pretrained(_fresh(base), tmp_path / "nowhere")
+
+
+def test_bitsandbytes_4bit_model_matches_peft(tmp_path):
+    """get_peft_model on a model whose linears are bitsandbytes Linear4bit (NF4): same logits, grads, files."""
+    pytest.importorskip("bitsandbytes")
+    from fastpeft.quant import quantize_model
+
+    # rows of whole 64-blocks: bitsandbytes' native CPU dequantize is wrong for rows that split a block
+    # (its pure-torch reference and fastpeft agree; see tests/test_quant.py), which would blur the comparison
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    state = transformers.LlamaForCausalLM(cfg).state_dict()
+
+    def quantized():
+        m = transformers.LlamaForCausalLM(cfg).eval()
+        m.load_state_dict(state)
+        return quantize_model(m, quant_type="nf4", compute_dtype=torch.float32, backend="bitsandbytes")
+
+    kw = dict(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj", "down_proj"])
+    torch.manual_seed(1)
+    ours = fastpeft.get_peft_model(quantized(), fastpeft.LoraConfig(**kw))
+    theirs = peft.get_peft_model(quantized(), peft.LoraConfig(**kw))
+    assert any(type(m).__name__ == "FastLoraLinear4bit" for m in ours.modules())
+    theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if "lora_" in k}, strict=False)
+    ids = torch.randint(1, V, (2, 9), generator=torch.Generator().manual_seed(3))
+    ours.train(), theirs.train()
+    la, lb = _logits(ours, {"input_ids": ids}), _logits(theirs, {"input_ids": ids})
+    assert_rel(la, lb, 1e-4, "4-bit logits")
+    la.square().mean().backward()
+    lb.square().mean().backward()
+    grads = dict(theirs.named_parameters())
+    for k, p in ours.named_parameters():
+        if p.requires_grad:
+            assert_rel(p.grad, grads[k].grad, 1e-3, f"4-bit grad {k}")
+    ours.save_pretrained(tmp_path)
+    # train mode (no dropout here): bitsandbytes' CPU eval path repacks the weight and computes differently
+    loaded = peft.PeftModel.from_pretrained(quantized(), tmp_path).train()
+    assert_rel(_logits(loaded, {"input_ids": ids}), _logits(ours, {"input_ids": ids}), 1e-4, "peft loads 4-bit")
