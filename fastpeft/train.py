@@ -85,6 +85,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "embeddings and head for the embedded default, whose random base has no vocabulary "
                         "to reuse; none otherwise)")
     g.add_argument("--num-virtual-tokens", type=int, default=20, help="prefix/prompt/ptuning")
+    g.add_argument("--freeze-layers", type=int, default=2, help="freeze: the last N blocks train")
     g.add_argument("--method-options", default=None,
                    help="JSON object of further options for the method's config (e.g. '{\"init_r\": 12}')")
     g = p.add_argument_group("optimization")
@@ -211,7 +212,7 @@ def quantize_base(model, quantizer: str, compute_dtype: torch.dtype):
     return quant.quantize_model(model, quant_type="nf4", compute_dtype=compute_dtype)
 
 
-def build_peft_model(model, args: argparse.Namespace):
+def build_peft_model(model, args: argparse.Namespace, total_steps: int | None = None):
     """Wrap ``model`` for ``args.method`` through ``fastpeft.get_peft_model``."""
     from . import LoraConfig, get_peft_model
 
@@ -231,15 +232,23 @@ def build_peft_model(model, args: argparse.Namespace):
                             target_modules=targets, use_rslora=args.use_rslora, task_type="CAUSAL_LM",
                             modules_to_save=save, **extra)
     else:
+        import dataclasses
+
         from . import methods
 
-        build = getattr(methods, "build_config", None)
-        if build is None:
-            raise SystemExit(f"fastpeft train: --method {args.method} is not available in this version")
-        options = dict(r=args.r, target_modules=targets, num_virtual_tokens=args.num_virtual_tokens,
-                       lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
+        key = args.method
+        cls = methods.METHODS[key]
+        applicable = {f.name for f in dataclasses.fields(cls)} | set(methods._ALIASES.get(key, {}))
+        options = dict(r=args.r, num_virtual_tokens=args.num_virtual_tokens, lora_alpha=args.lora_alpha,
+                       lora_dropout=args.lora_dropout, total_step=total_steps,
+                       num_layers=args.freeze_layers if key == "freeze" else None,  # prefix's num_layers = model's
+                       # BitFit on a model without biases (Llama) gives its linear layers zero biases to train
+                       add_bias=not any(n.endswith(".bias") for n, _ in model.named_parameters()),
+                       # "all-linear" is LoRA's default; the other methods have their own per model type
+                       target_modules=None if args.target_modules == "all-linear" else targets)
+        options = {k: v for k, v in options.items() if k in applicable and v is not None}
         options.update(extra)
-        config = build(args.method, task_type="CAUSAL_LM", **options)
+        config = methods.build_config(key, task_type="CAUSAL_LM", **options)
     model = get_peft_model(model, config)
     for param in model.parameters():  # trainable parameters in fp32 (fp16 ones overflow)
         if param.requires_grad and param.dtype != torch.float32:
@@ -267,18 +276,16 @@ def peak_memory_gb(device: torch.device) -> float:
 @torch.no_grad()
 def evaluate(model, samples: list[Sample], collator: Collator, batch_size: int, device: torch.device,
              autocast: torch.dtype | None) -> float:
-    """Mean loss per response token over ``samples``."""
+    """Mean loss per response token over ``samples`` (the model's loss, weighted by each batch's token count)."""
     model.eval()
     total, count = 0.0, 0
     for k in range(0, len(samples), batch_size):
         batch = {n: t.to(device) for n, t in collator(samples[k:k + batch_size]).items()}
         with _autocast(device, autocast):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                                 labels.reshape(-1), ignore_index=-100, reduction="sum")
-        total += loss.item()
-        count += int((labels != -100).sum())
+            loss = model(**batch, use_cache=False).loss  # the model's own loss (prompt methods prepend tokens)
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += loss.float().item() * n
+        count += n
     model.train()
     return total / max(1, count)
 
@@ -439,8 +446,17 @@ def train(args: argparse.Namespace) -> TrainResult:
     n_generate = args.eval_generate if args.eval_generate is not None else (100 if default_data else 0)
     gen_rows = [r for r in eval_rows if "prompt" in r][:n_generate]
 
+    micro_per_epoch = max(1, len(train_samples) // (args.batch_size * world))
+    steps_per_epoch = max(1, micro_per_epoch // args.grad_accum)
+    if args.max_steps is not None:
+        total_steps = args.max_steps
+    elif args.epochs is not None:
+        total_steps = max(1, int(args.epochs * steps_per_epoch))
+    else:
+        total_steps = 400 if (is_default and default_data) else steps_per_epoch
+
     # method
-    model = build_peft_model(model, args)
+    model = build_peft_model(model, args, total_steps)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
@@ -457,14 +473,6 @@ def train(args: argparse.Namespace) -> TrainResult:
     lr = args.lr if args.lr is not None else (3e-3 if is_default else 2e-4)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
 
-    micro_per_epoch = max(1, len(train_samples) // (args.batch_size * world))
-    steps_per_epoch = max(1, micro_per_epoch // args.grad_accum)
-    if args.max_steps is not None:
-        total_steps = args.max_steps
-    elif args.epochs is not None:
-        total_steps = max(1, int(args.epochs * steps_per_epoch))
-    else:
-        total_steps = 400 if (is_default and default_data) else steps_per_epoch
     warmup = int(args.warmup_ratio * total_steps)
     eval_every = args.eval_steps or max(1, total_steps // 4)
     save_every = args.save_steps or eval_every
@@ -535,10 +543,10 @@ def train(args: argparse.Namespace) -> TrainResult:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm) if args.max_grad_norm > 0 \
                 else torch.tensor(0.0)
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             update = getattr(model, "update_and_allocate", None)
             if callable(update) and args.method == "adalora":
-                update(step)
+                update(step)  # AdaLoRA's budget schedule reads the gradients: after step(), before zero_grad()
+            optimizer.zero_grad(set_to_none=True)
             step += 1
             if world > 1:  # report the mean loss and the total tokens over the processes
                 import torch.distributed as dist

@@ -224,3 +224,17 @@ def test_e2e_bench_tiny_runs_and_writes_json(tmp_path):
     # same base and inputs, LoRA B = 0 at the start: the first step's loss is the frozen model's for all three
     assert rows[0]["first_loss"] == pytest.approx(rows[1]["first_loss"], abs=1e-4)
     assert rows[2]["first_loss"] == pytest.approx(rows[1]["first_loss"], abs=1e-4)
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning", "prefix", "bitfit", "freeze", "adapter", "ia3", "adalora",
+                                    "qlora"])
+def test_every_method_trains_through_the_command(tmp_path, method):
+    result = train(_args(tmp_path, "--method", method, "--max-steps", "6", "--eval-steps", "6",
+                         "--eval-generate", "0", "--lr", "1e-2"))
+    first, last = result.log["evals"][0]["eval_loss"], result.log["evals"][-1]["eval_loss"]
+    assert last < first, (method, first, last)
+    assert (result.output / "adapter_config.json").is_file()
+    saved = json.loads((result.output / "adapter_config.json").read_text())
+    expected = {"prompt": "PROMPT_TUNING", "ptuning": "P_TUNING", "prefix": "PREFIX_TUNING", "bitfit": "BITFIT",
+                "freeze": "FREEZE", "adapter": "BOTTLENECK", "ia3": "IA3", "adalora": "ADALORA", "qlora": "LORA"}
+    assert saved["peft_type"] == expected[method]
