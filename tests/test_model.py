@@ -447,3 +447,10 @@ def test_bitsandbytes_4bit_model_matches_peft(tmp_path):
     # train mode (no dropout here): bitsandbytes' CPU eval path repacks the weight and computes differently
     loaded = peft.PeftModel.from_pretrained(quantized(), tmp_path).train()
     assert_rel(_logits(loaded, {"input_ids": ids}), _logits(ours, {"input_ids": ids}), 1e-4, "peft loads 4-bit")
+    # from_peft on the peft + bitsandbytes model: fused 4-bit layers adopting the same Params4bit, same logits
+    ref = _logits(theirs, {"input_ids": ids}).detach()
+    weights = {id(p) for p in theirs.parameters()}
+    fastpeft.from_peft(theirs)
+    assert any(type(m).__name__ == "FastLoraLinear4bit" for m in theirs.modules())
+    assert {id(p) for p in theirs.parameters()} == weights, "from_peft must adopt the parameters, not copy them"
+    assert_rel(_logits(theirs, {"input_ids": ids}), ref, 1e-4, "from_peft on 4-bit")
