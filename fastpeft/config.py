@@ -174,26 +174,37 @@ class LoraConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write ``adapter_config.json`` into ``save_directory`` (created if needed)."""
-        os.makedirs(save_directory, exist_ok=True)
-        with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True, default=_json_default)
-            f.write("\n")
+        write_config_json(self.to_dict(), save_directory)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> LoraConfig:
         """Read ``adapter_config.json`` from a folder (or the file itself)."""
-        path = os.fspath(path)
-        file = path if path.endswith(".json") else os.path.join(path, CONFIG_NAME)
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"no {CONFIG_NAME} at {path!r} (fastpeft reads local adapter folders)")
-        with open(file, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{file} is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{file} must hold a JSON object, got {type(data).__name__}")
+        data = read_config_dict(path)
         return cls.from_dict(data)
+
+
+def read_config_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object in ``path/adapter_config.json`` (or ``path`` itself if it is a .json file)."""
+    path = os.fspath(path)
+    file = path if path.endswith(".json") else os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no {CONFIG_NAME} at {path!r} (fastpeft reads local adapter folders)")
+    with open(file, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{file} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def write_config_json(data: dict[str, Any], save_directory: str | os.PathLike) -> None:
+    """Write ``data`` as ``save_directory/adapter_config.json`` the way peft does (indent 2, sorted keys)."""
+    os.makedirs(save_directory, exist_ok=True)
+    with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True, default=_json_default)
+        f.write("\n")
 
 
 def _check_neutral(key: str, value: Any) -> None:

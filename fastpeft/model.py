@@ -628,19 +628,9 @@ class PeftModel(nn.Module):
 
 
 def _saved_peft_type(model_id: str | os.PathLike) -> str:
-    import json
+    from .config import read_config_dict
 
-    from .config import CONFIG_NAME
-
-    file = os.path.join(os.fspath(model_id), CONFIG_NAME)
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"no {CONFIG_NAME} at {os.fspath(model_id)!r} (fastpeft reads local adapter folders)")
-    with open(file, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{file} is not valid JSON: {exc}") from None
-    return str((data.get("peft_type") if isinstance(data, dict) else None) or "LORA")
+    return str(read_config_dict(model_id).get("peft_type") or "LORA")
 
 
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> PeftModel:

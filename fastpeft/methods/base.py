@@ -18,10 +18,9 @@ from torch import nn
 
 from ..model import ModulesToSaveWrapper
 from ..model import PeftModel as _LoraPeftModel
+from ..save import PICKLE_NAME, SAFETENSORS_NAME, read_adapter_file
 from .configs import SUPPORTED_TASK_TYPES, MethodConfig
 
-SAFETENSORS_NAME = "adapter_model.safetensors"
-PICKLE_NAME = "adapter_model.bin"
 CLASSIFIER_HEADS = ("classifier", "score")
 
 
@@ -470,25 +469,6 @@ def write_adapter(save_directory: str | os.PathLike, tensors: dict[str, torch.Te
         config.save_pretrained(save_directory)
     finally:
         config.inference_mode = inference_mode
-
-
-def read_adapter_file(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Read the adapter tensors of a folder: safetensors; a pickle only with ``allow_pickle`` (weights_only)."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"adapter folder {path!r} does not exist (fastpeft loads local folders)")
-    st = os.path.join(path, SAFETENSORS_NAME)
-    if os.path.isfile(st):
-        from safetensors.torch import load_file
-
-        return load_file(st, device="cpu")
-    pkl = os.path.join(path, PICKLE_NAME)
-    if os.path.isfile(pkl):
-        if not allow_pickle:
-            raise ValueError(f"{pkl} is a pickle; fastpeft loads safetensors only. If you trust the file, pass "
-                             "allow_pickle=True (it is then read with torch.load(weights_only=True))")
-        return torch.load(pkl, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"no {SAFETENSORS_NAME} in {path!r} (found: {sorted(os.listdir(path))})")
 
 
 def load_tuner_state(peft_model: MethodPeftModel, saved: dict[str, torch.Tensor], adapter_name: str,

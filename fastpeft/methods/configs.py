@@ -12,12 +12,12 @@ writes them back.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-CONFIG_NAME = "adapter_config.json"
+from ..config import CONFIG_NAME, read_config_dict, write_config_json  # noqa: F401  (re-exported)
+
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 # task types the methods here implement
 SUPPORTED_TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS")
@@ -82,10 +82,7 @@ class MethodConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write ``adapter_config.json`` into ``save_directory`` (created if needed)."""
-        os.makedirs(save_directory, exist_ok=True)
-        with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True, default=_json_default)
-            f.write("\n")
+        write_config_json(self.to_dict(), save_directory)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> MethodConfig:
@@ -94,28 +91,6 @@ class MethodConfig:
         if cls is MethodConfig:
             return config_from_dict(data)
         return cls.from_dict(data)
-
-
-def read_config_dict(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON object in ``path/adapter_config.json`` (clear errors for a missing or malformed file)."""
-    path = os.fspath(path)
-    file = path if path.endswith(".json") else os.path.join(path, CONFIG_NAME)
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"no {CONFIG_NAME} at {path!r} (fastpeft reads local adapter folders)")
-    with open(file, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{file} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{file} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (set, tuple)):
-        return sorted(obj)
-    return getattr(obj, "value", str(obj))
 
 
 def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
