@@ -55,7 +55,7 @@ def _adopt(layer: nn.Module, path: str) -> FastLoraLinear:
     new.lora_alpha = {n: layer.lora_alpha[n] for n in names}
     new.scaling = {n: float(layer.scaling[n]) for n in names}
     new.use_rslora = {n: bool(getattr(layer, "use_rslora", {}).get(n, False)) for n in names}
-    new._active_adapters = [n for n in layer.active_adapters if n in layer.lora_A]
+    new._active_adapters = list(layer.active_adapters)  # names this layer lacks are ignored, as in peft
     new.merged_adapters = list(layer.merged_adapters)
     new._disable_adapters = bool(layer.disable_adapters)
     return new
@@ -114,7 +114,7 @@ def _to_peft_layer(layer: FastLoraLinear) -> nn.Module:
         new.lora_B[n] = layer.lora_B[n]
         new.lora_dropout[n] = layer.lora_dropout[n]
         new.scaling[n] = layer.scaling[n]
-    new.set_adapter(layer.active_adapters or names[:1])
+    new.set_adapter(layer.active_adapters)
     new.merged_adapters = list(layer.merged_adapters)
     new._disable_adapters = layer.disable_adapters
     return new
@@ -150,6 +150,11 @@ def _fastpeft_to_peft(model: PeftModel) -> nn.Module:
     configs = {n: copy.deepcopy(c) for n, c in model.peft_config.items()}
     states = {n: adapter_state_dict(model, n) for n in configs}
     active = model.active_adapters
+    # modules_to_save: the base keeps its original module (the trained copies travel in the state dicts);
+    # unload() alone would put the active copy in its place, and peft would then wrap that as the original
+    for key, wrapper in list(model.base_model.modules_to_save_wrappers()):
+        parent, child = _parent(model.base_model.model, key)
+        setattr(parent, child, wrapper.original_module)
     base = model.unload()
     for wrapper_parent in [n for n, m in base.named_modules() if isinstance(m, ModulesToSaveWrapper)]:
         raise RuntimeError(f"unexpected modules_to_save wrapper left at {wrapper_parent}")

@@ -130,6 +130,10 @@ def load_adapter_weights(peft_model: PeftModel, path: str | os.PathLike, adapter
             rest = key[len(owner) + 1:] if owner is not None else ""
             if owner is not None and not rest.startswith(("modules_to_save.", "original_module.")):
                 target = f"{owner}.modules_to_save.{adapter_name}.{rest}"
+            elif owner is not None and rest.startswith("modules_to_save.") and \
+                    f"{owner}.modules_to_save.{adapter_name}.{rest[len('modules_to_save.'):]}" in state:
+                # peft with bias="all" saves a wrapped module's bias as "<owner>.modules_to_save.bias"
+                target = f"{owner}.modules_to_save.{adapter_name}.{rest[len('modules_to_save.'):]}"
             else:
                 target = key
         mapped[target] = (key, value)

@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -352,7 +353,8 @@ def save_checkpoint(model, optimizer, out: Path, step: int, epoch: int, batch_in
     ckpt = out / f"checkpoint-{step}"
     model.save_pretrained(ckpt)
     torch.save({"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "optimizer": optimizer.state_dict(),
-                "rng": _rng_state(), "log": log}, ckpt / STATE_NAME)
+                "rng": _rng_state(), "log": log, "tensors": _resume_tensors(model),
+                "allocator": _allocator_state(model)}, ckpt / STATE_NAME)
     old = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     for stale in old[:-limit] if limit > 0 else []:
         for f in sorted(stale.rglob("*"), reverse=True):
@@ -374,10 +376,38 @@ def find_checkpoint(out: Path, resume: str) -> Path:
     return found[-1]
 
 
-def _load_adapter_into(model, ckpt: Path) -> None:
-    from .save import load_adapter_weights
+def _resume_tensors(model) -> dict[str, torch.Tensor]:
+    """Every trainable parameter and every buffer, by name: what resuming needs, whatever the method (the saved
+    adapter alone is not enough: P-tuning saves its table, not its encoder; AdaLoRA keeps rank state)."""
+    out = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+    out.update({f"buffer:{n}": b.detach().to("cpu", copy=True) for n, b in model.named_buffers()})
+    return out
 
-    load_adapter_weights(model, ckpt, "default")
+
+def _allocator_state(model) -> dict | None:
+    alloc = getattr(model, "rankallocator", None) or getattr(getattr(model, "base_model", None), "rankallocator", None)
+    if alloc is None:
+        return None
+    return {k: v for k, v in vars(alloc).items() if k != "model"}
+
+
+def _restore(model, state: dict) -> None:
+    """Load a checkpoint's tensors (and AdaLoRA allocator state) into ``model``; names must match exactly."""
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for name, value in state["tensors"].items():
+            target = buffers.get(name[len("buffer:"):]) if name.startswith("buffer:") else params.get(name)
+            if target is None:
+                raise SystemExit(f"fastpeft train: the checkpoint has {name!r}, which this model lacks "
+                                 "(resume with the same --method and options)")
+            if target.shape != value.shape:  # AdaLoRA may have pruned: take the saved shape
+                target.data = value.to(device=target.device, dtype=target.dtype)
+            else:
+                target.copy_(value)
+    if state.get("allocator"):
+        alloc = getattr(model, "rankallocator", None) or model.base_model.rankallocator
+        vars(alloc).update(state["allocator"])
 
 
 # --------------------------------------------------------------------------- the loop
@@ -488,7 +518,7 @@ def train(args: argparse.Namespace) -> TrainResult:
     if args.resume:
         ckpt = find_checkpoint(out, args.resume)
         state = torch.load(ckpt / STATE_NAME, map_location="cpu", weights_only=False)
-        _load_adapter_into(model, ckpt)
+        _restore(model, state)
         optimizer.load_state_dict(state["optimizer"])
         step, epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
         log["steps"], log["evals"] = state["log"]["steps"], state["log"]["evals"]
@@ -521,20 +551,30 @@ def train(args: argparse.Namespace) -> TrainResult:
                dynamic_ncols=True)
     t_start, tokens_seen = time.perf_counter(), 0
     done = step >= total_steps
+    in_step = 0  # micro-batches backpropagated since the last optimizer step (never reset by an epoch's end)
     while not done:
         micro = 0
         loss_acc, tok_acc = 0.0, 0
-        for index, batch in enumerate(batches(train_samples, args.batch_size, args.seed, epoch,
-                                              args.group_by_length)):
+        epoch_batches = list(batches(train_samples, args.batch_size, args.seed, epoch, args.group_by_length))
+        group = world * args.grad_accum  # every optimizer step takes grad_accum micro-batches on every rank
+        epoch_batches = epoch_batches[: len(epoch_batches) // group * group]
+        if not epoch_batches:
+            raise SystemExit(f"fastpeft train: {len(train_samples)} samples give no full step of batch "
+                             f"{args.batch_size} × grad-accum {args.grad_accum} × {world} process(es)")
+        for index, batch in enumerate(epoch_batches):
             if index < skip or index % world != rank:
                 continue
             inputs = {n: t.to(device) for n, t in collator(batch).items()}
-            with _autocast(device, autocast):
-                loss = runner(**inputs).loss
-            (loss / args.grad_accum).backward()
+            last_micro = (micro + 1) % args.grad_accum == 0
+            sync = runner.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()
+            with sync:
+                with _autocast(device, autocast):
+                    loss = runner(**inputs).loss
+                (loss / args.grad_accum).backward()
             loss_acc += loss.item() / args.grad_accum
             tok_acc += int(inputs["attention_mask"].sum())
             micro += 1
+            in_step += 1
             if micro % args.grad_accum:
                 continue
             scale = cosine_lr(step, total_steps, warmup)
@@ -557,14 +597,14 @@ def train(args: argparse.Namespace) -> TrainResult:
             tokens_seen += tok_acc
             elapsed = time.perf_counter() - t_start
             entry = {"step": step, "loss": round(loss_acc, 5), "lr": lr * scale,
-                     "grad_norm": round(float(grad_norm), 4),
+                     "grad_norm": round(float(grad_norm), 4), "micro_batches": in_step,
                      "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9), 1),
                      "peak_mem_gb": round(peak_memory_gb(device), 3)}
             log["steps"].append(entry)
             bar.set_postfix(loss=f"{loss_acc:.3f}", lr=f"{lr * scale:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}",
                             mem=f"{entry['peak_mem_gb']:.2f}G")
             bar.update(1)
-            loss_acc, tok_acc = 0.0, 0
+            loss_acc, tok_acc, in_step = 0.0, 0, 0
             if step % eval_every == 0 or step == total_steps:
                 result = run_eval()
                 log["evals"].append(result)

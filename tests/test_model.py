@@ -454,3 +454,42 @@ def test_bitsandbytes_4bit_model_matches_peft(tmp_path):
     assert any(type(m).__name__ == "FastLoraLinear4bit" for m in theirs.modules())
     assert {id(p) for p in theirs.parameters()} == weights, "from_peft must adopt the parameters, not copy them"
     assert_rel(_logits(theirs, {"input_ids": ids}), ref, 1e-4, "from_peft on 4-bit")
+
+
+def test_peft_bias_all_with_modules_to_save_loads(tmp_path):
+    """peft saves a wrapped head's bias as '<head>.modules_to_save.bias' under bias="all"; fastpeft reads it."""
+    kw = dict(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"], bias="all",
+              init_lora_weights=False)
+    _, theirs, inputs, base = _pair("bert", **{k: v for k, v in kw.items() if k not in ("r", "lora_alpha",
+                                                                                       "init_lora_weights")})
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "classifier.modules_to_save" in n or n.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    theirs.save_pretrained(tmp_path)
+    loaded = fastpeft.PeftModel.from_pretrained(_fresh(base), tmp_path)
+    assert_rel(_logits(loaded, inputs), _logits(theirs, inputs), 1e-5, "bias=all + modules_to_save from peft")
+
+
+def test_from_peft_then_to_peft_keeps_inactive_adapters_off():
+    _, theirs, inputs, _ = _pair("llama")
+    theirs.add_adapter("b", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"],
+                                            init_lora_weights=False))
+    ref = _logits(theirs, inputs).detach()
+    fastpeft.from_peft(theirs)
+    assert_rel(_logits(theirs, inputs), ref, 1e-5, "converted")
+    fastpeft.to_peft(theirs)
+    assert_rel(_logits(theirs, inputs), ref, 1e-5, "converted back: o_proj must not run adapter 'b'")
+
+
+def test_to_peft_keeps_the_original_module_to_save():
+    ours, _, inputs, _ = _pair("llama", modules_to_save=["lm_head"])
+    with torch.no_grad():
+        ours.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.5)
+    ref = _logits(ours, inputs).detach()
+    with ours.disable_adapter():
+        ref_base = _logits(ours, inputs).detach()
+    back = fastpeft.to_peft(ours)
+    assert_rel(_logits(back, inputs), ref, 1e-5, "to_peft")
+    with back.disable_adapter():
+        assert_rel(_logits(back, inputs), ref_base, 1e-5, "to_peft keeps the original head")

@@ -148,6 +148,30 @@ def test_resume_continues_from_the_same_step(tmp_path):
         torch.testing.assert_close(a[k], c[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["ptuning", "adalora"])
+def test_resume_restores_any_method_exactly(tmp_path, method):
+    """P-tuning's encoder and AdaLoRA's rank state are not in the saved adapter: the checkpoint carries them."""
+    common = ["--method", method, "--max-steps", "6", "--eval-steps", "3", "--eval-generate", "0", "--lr", "1e-2"]
+    full = train(parse_args(["--output", str(tmp_path / "a"), "--no-progress", *common]))
+    train(parse_args(["--output", str(tmp_path / "c"), "--no-progress", *common, "--save-steps", "3"]))
+    resumed = train(parse_args(["--output", str(tmp_path / "c"), "--no-progress", *common, "--resume"]))
+    assert [s["loss"] for s in resumed.log["steps"]] == pytest.approx([s["loss"] for s in full.log["steps"]],
+                                                                      rel=1e-5)
+
+
+def test_grad_accum_takes_whole_groups_each_epoch(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"p{i}", "response": "r"}) + "\n" for i in range(36)))
+    result = train(parse_args(["--data", str(f), "--eval-split", "0", "--batch-size", "4", "--grad-accum", "2",
+                               "--max-steps", "9", "--output", str(tmp_path / "o"), "--no-progress",
+                               "--eval-generate", "0"]))
+    # 9 batches an epoch, 4 whole groups of 2: every step sums exactly 2 micro-batches, across 3 epochs
+    assert [s["micro_batches"] for s in result.log["steps"]] == [2] * 9
+    with pytest.raises(SystemExit, match="no full step"):
+        train(parse_args(["--data", str(f), "--eval-split", "0", "--batch-size", "32", "--grad-accum", "2",
+                          "--max-steps", "1", "--output", str(tmp_path / "p"), "--no-progress"]))
+
+
 def test_generate_command_reloads_base_and_adapter(tmp_path, capsys):
     train(_args(tmp_path, "--max-steps", "2", "--eval-generate", "0"))
     assert cli.main(["generate", "--adapter", str(tmp_path / "run"), "--prompt", "upper: abc =",
