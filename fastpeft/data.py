@@ -191,7 +191,9 @@ def tokenize(records: list[dict], tokenizer, max_length: int, source: str = "dat
     for i, r in enumerate(records):
         where = f"{source}:{r.get('_line', i + 1)}"
         if "text" in r:
-            ids = tokenizer.encode(r["text"], add_special_tokens=True)[: max_length - 1] + [tokenizer.eos_token_id]
+            ids = tokenizer.encode(r["text"], add_special_tokens=True)
+            # a text cut at max_length gets no eos: the model must not learn to stop mid-text
+            ids = ids[:max_length] if len(ids) >= max_length else ids + [tokenizer.eos_token_id]
             if len(ids) < 2:
                 raise DataError(f"{where}: empty text sample")
             out.append(Sample(ids, list(ids)))

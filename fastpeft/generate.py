@@ -70,6 +70,8 @@ def main(args: argparse.Namespace) -> int:
     """CLI entry: ``fastpeft generate``."""
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
+    if args.merge and args.no_adapter:
+        raise SystemExit("fastpeft generate: --merge and --no-adapter contradict each other")
     torch.manual_seed(args.seed)
     model, tok = load(args.adapter, args.model, device)
     if args.merge:
