@@ -208,8 +208,9 @@ class LoraModel(nn.Module):
                 raise
             return getattr(self.model, name)
 
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        with mixed_adapter_batch(self.model, adapter_names):
+            return self.model(*args, **kwargs)
 
     @property
     def active_adapters(self) -> list[str]:
@@ -417,6 +418,71 @@ def _wrap_4bit(module: nn.Module, adapter_name: str, kw: dict[str, Any]) -> nn.M
     return FastLoraLinear4bit.from_linear(module, adapter_name=adapter_name, **kw)
 
 
+class _CheckedAdapterNames(list):
+    """adapter_names checked against the whole model: a layer lacking one of them uses its base for it."""
+
+    _fastpeft_model_checked = True
+
+
+@contextlib.contextmanager
+def mixed_adapter_batch(model: nn.Module, adapter_names: list[str] | None, expand: int = 1):
+    """Inside the block every fastpeft LoRA layer of ``model`` gets ``adapter_names`` (one adapter per
+    sequence, ``"__base__"`` for none; peft's mixed-batch argument) through a forward pre-hook.
+
+    ``expand`` repeats each name (beam search / several returned sequences in ``generate``); an
+    encoder, if any, keeps the unexpanded names. Unknown names raise, listing the adapters that exist.
+    """
+    if adapter_names is None:
+        yield
+        return
+    if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+        raise TypeError(f"adapter_names must be a list of adapter names (str), got {adapter_names!r}")
+    layers = [m for m in model.modules() if isinstance(m, FastLoraLinear)]
+    existing = sorted({n for layer in layers for n in layer.lora_A})
+    unknown = sorted({n for n in adapter_names if n != "__base__"} - set(existing))
+    if unknown:
+        raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}; this model has "
+                         f"adapters {existing} (and '__base__' for the base model alone)")
+    if any(isinstance(m, ModulesToSaveWrapper) for m in model.modules()):
+        raise NotImplementedError("adapter_names (mixed-adapter batches) with modules_to_save is not supported "
+                                  "by fastpeft yet")
+    if model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        raise NotImplementedError("adapter_names in training with gradient checkpointing is not supported yet: "
+                                  "the recomputation would run without the per-sequence adapters")
+    original = _CheckedAdapterNames(adapter_names)
+    names = _CheckedAdapterNames(n for n in adapter_names for _ in range(max(1, int(expand))))
+
+    def hook_for(value):
+        def hook(module, args, kwargs):
+            kwargs["adapter_names"] = value
+            return args, kwargs
+        return hook
+
+    handles = [layer.register_forward_pre_hook(hook_for(names), with_kwargs=True) for layer in layers]
+    get_encoder = getattr(model, "get_encoder", None)
+    encoder = None
+    if expand > 1 and callable(get_encoder):
+        with contextlib.suppress(Exception):
+            encoder = get_encoder()
+    if isinstance(encoder, nn.Module) and encoder is not model:
+        handles += [m.register_forward_pre_hook(hook_for(original), with_kwargs=True)
+                    for m in encoder.modules() if isinstance(m, FastLoraLinear)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _generate_expand(model: nn.Module, kwargs: dict) -> int:
+    """How many rows ``generate`` makes of each input sequence (beams, or returned samples)."""
+    cfg = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams", getattr(cfg, "num_beams", 1)) or 1
+    if beams > 1:
+        return int(beams)
+    return int(kwargs.get("num_return_sequences", getattr(cfg, "num_return_sequences", 1)) or 1)
+
+
 class _ForwardProxy:
     """``PeftModel.forward``: runs the wrapped module (hooks included) and reports that module's signature."""
 
@@ -425,8 +491,9 @@ class _ForwardProxy:
     def __init__(self, module: nn.Module):
         self.module = module
 
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
+    def __call__(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        with mixed_adapter_batch(self.module, adapter_names):
+            return self.module(*args, **kwargs)
 
     @property
     def __signature__(self):
@@ -437,6 +504,10 @@ class _ForwardProxy:
 
 def _class_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
     """``PeftModel.forward`` as seen on the class (transformers' ``find_labels`` reads ``labels`` here)."""
+    if kwargs.get("adapter_names") is not None:
+        return self.forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                            labels=labels, **kwargs)
+    kwargs.pop("adapter_names", None)
     return self.base_model.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                  labels=labels, **kwargs)
 
@@ -479,9 +550,12 @@ class PeftModel(nn.Module):
     # ----------------------------------------------------------------- running
     forward = _ForwardDescriptor()
 
-    def generate(self, *args, **kwargs):
-        """``generate`` of the wrapped model, with the active adapters applied."""
-        return self.base_model.model.generate(*args, **kwargs)
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """``generate`` of the wrapped model, with the active adapters applied — or, given
+        ``adapter_names`` (one per input sequence, ``"__base__"`` for none), each sequence's own adapter."""
+        model = self.base_model.model
+        with mixed_adapter_batch(model, adapter_names, _generate_expand(model, kwargs)):
+            return model.generate(*args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
         """The wrapped transformers model (fastpeft layers inside)."""

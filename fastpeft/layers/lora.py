@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from ..ops import lora_linear
+from ..ops_mixed import BASE as _BASE_NAME
+from ..ops_mixed import lora_linear_mixed
 
 _INIT_CHOICES = (True, False, "gaussian", "pissa")
 
@@ -368,7 +370,9 @@ class FastLoraLinear(nn.Module):
         return lin
 
     # ------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, adapter_names: list[str] | None = None, **kwargs) -> torch.Tensor:
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self._disable_adapters or self.merged:
             return self.base_layer(x, *args, **kwargs)
         if x.dim() == 0 or x.shape[-1] != self.in_features:
@@ -390,6 +394,49 @@ class FastLoraLinear(nn.Module):
             xd = self.lora_dropout[name](x.to(A.weight.dtype))
             y = y + (self.lora_B[name](A(xd)) * self.scaling[name]).to(y.dtype)
         return y
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
+        """One adapter per sequence (``x.shape[0]`` names; ``"__base__"`` = no adapter), as peft's
+        ``adapter_names``, in eval and in training: one fused op (``fastpeft.ops_mixed``), each adapter's
+        gradient from its own rows. Names this layer does not hold raise, unless the model-level hook
+        passed them (then, as in peft, they mean the base here)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if x.dim() < 2 or len(names) != x.shape[0]:
+            raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
+                             f"{len(names)} and {x.shape[0] if x.dim() else 0} respectively.")
+        if self.merged:
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                             "`unmerge_adapter` first.")
+        if not getattr(adapter_names, "_fastpeft_model_checked", False):
+            unknown = sorted({n for n in names if n != _BASE_NAME and n not in self.lora_A})
+            if unknown:
+                raise ValueError(f"unknown adapter(s) {unknown} in adapter_names; this layer has "
+                                 f"{list(self.lora_A)} (and {_BASE_NAME!r} for the base layer alone)")
+        if self._disable_adapters:
+            return self.base_layer(x, *args, **kwargs)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"FastLoraLinear expected input of shape (..., {self.in_features}), "
+                             f"got {tuple(x.shape)}")
+        weight = self.get_base_weight_for_mixed(x.dtype)
+        present = [n for n in dict.fromkeys(names) if n in self.lora_A]
+        if not present:
+            return self.base_layer(x, *args, **kwargs)
+        pos = {n: i for i, n in enumerate(present)}
+        index = torch.tensor([pos.get(n, -1) for n in names], dtype=torch.int32).to(x.device, non_blocking=True)
+        return lora_linear_mixed(x, weight, self.base_layer.bias, [self.lora_A[n].weight for n in present],
+                                 [self.lora_B[n].weight for n in present], index,
+                                 scales=[self.scaling[n] for n in present],
+                                 dropout_ps=[self._dropout_p(n) for n in present], training=self.training,
+                                 fan_in_fan_out=self.fan_in_fan_out)
+
+    def get_base_weight_for_mixed(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dense frozen base weight the mixed-adapter op reads (the 4-bit layer dequantizes it to
+        ``dtype`` here; this layer returns its own weight)."""
+        weight = self.base_layer.weight
+        if weight.requires_grad:
+            raise RuntimeError("FastLoraLinear keeps its base weight frozen, but base_layer.weight.requires_grad "
+                               "is True; call base_layer.weight.requires_grad_(False)")
+        return weight
 
     def _dropout_p(self, adapter_name: str) -> float:
         drop = self.lora_dropout[adapter_name]

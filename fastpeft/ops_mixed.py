@@ -1,0 +1,280 @@
+"""Mixed-adapter LoRA: one op for a batch whose rows use different adapters.
+
+``fastpeft::lora_mixed`` computes, for every row ``m`` of the flattened input with adapter
+index ``a = index[m]`` (``-1``: the base layer only)::
+
+    y[m] = x[m] W0ᵀ + b + s_a · (D_a(x[m]) A_aᵀ) B_aᵀ        (s_a = alpha_a / r_a or alpha_a / √r_a)
+
+with ``D_a`` dropout of probability ``p_a`` whose mask is the core's Philox keyed by
+``(seed, m, col)`` — so a batch with one adapter drops exactly what ``fastpeft.ops.lora_linear``
+drops. Gradients of adapter ``a`` come only from its own rows.
+
+The adapters are stacked, zero-padded to the largest rank (``A_stack`` (n, R, in), ``B_stack``
+(n, out, R)) by differentiable ``torch.stack``/``pad``, so autograd hands each adapter its slice of
+the stacked gradient. Rows are sorted by adapter once per call (``torch.sort``, stable, on the
+device: no host synchronization); ``xa`` and the saved permutation live in sorted order.
+On CUDA the Triton kernels of ``fastpeft.kernels.lora_mixed`` run (gather-style; no loop over
+adapters on the host); elsewhere a plain-PyTorch twin loops over the adapters' row segments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import reference
+from .ops import _flat, _out_features, backend_for, draw_seed
+
+try:
+    from .kernels import lora_mixed as _kmixed
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    _kmixed = None
+
+BASE = "__base__"
+_META_CACHE: dict = {}
+
+
+def _meta(scales: Sequence[float], ps: Sequence[float], device) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """Per-adapter (scale, 1/(1-p), 16-bit threshold) tensors on ``device``, cached (small H2D copies)."""
+    key = (tuple(scales), tuple(ps), str(device))
+    hit = _META_CACHE.get(key)
+    if hit is None:
+        if len(_META_CACHE) > 256:
+            _META_CACHE.clear()
+        scale = torch.tensor(list(scales), dtype=torch.float32, device=device)
+        inv_keep = torch.tensor([1.0 / (1.0 - p) for p in ps], dtype=torch.float32, device=device)
+        thr = torch.tensor([reference.dropout_threshold(p) for p in ps], dtype=torch.int32, device=device)
+        hit = _META_CACHE[key] = (scale, inv_keep, thr, any(p > 0.0 for p in ps))
+    return hit
+
+
+# ----------------------------------------------------------------------------- plain PyTorch twin
+def _segments(seg: Tensor) -> list[tuple[int, int]]:
+    b = seg.tolist()
+    return [(b[a], b[a + 1]) for a in range(len(b) - 1)]
+
+
+def _keep(seed, rows: Tensor, n_cols: int, p: float) -> Optional[Tensor]:
+    return reference.dropout_keep_rows(seed, rows, n_cols, p) if p > 0.0 else None
+
+
+def torch_mixed_forward(x2d, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed, scales, ps, fan_in_fan_out):
+    """Reference forward (segment loop). Returns ``(y, xa)`` with ``xa`` (N, R) fp32 in sorted row order."""
+    w = (weight.t() if fan_in_fan_out else weight).to(x2d.dtype)
+    y = F.linear(x2d, w, None if bias is None else bias.to(x2d.dtype))
+    N, R = x2d.shape[0], A_stack.shape[1]
+    xa = torch.zeros(N, R, dtype=torch.float32, device=x2d.device)
+    lora = torch.zeros(N, y.shape[1], dtype=torch.float32, device=x2d.device)
+    for a, (s, e) in enumerate(_segments(seg)):
+        if e == s:
+            continue
+        rows = perm[s:e]
+        xs = x2d.index_select(0, rows).float()
+        xs = reference.masked(xs, _keep(seed, rows, x2d.shape[1], ps[a]), ps[a])
+        xa[s:e] = xs @ A_stack[a].float().t()
+        lora[s:e] = scales[a] * (xa[s:e] @ B_stack[a].float().t())
+    out = torch.zeros_like(lora).index_copy_(0, perm, lora)
+    return (y.float() + out).to(x2d.dtype), xa
+
+
+def torch_mixed_backward(dy, x2d, weight, A_stack, B_stack, xa, idx_s, perm, seg, seed, scales, ps, fan_in_fan_out,
+                         need_dx=True, need_dA=True, need_dB=True, need_dbias=False):
+    """Reference backward (segment loop). Returns ``(dx, dA_stack, dB_stack, dbias)``."""
+    w = (weight.t() if fan_in_fan_out else weight).to(dy.dtype)
+    dyf = dy.float()
+    dx = dA = dB = dbias = None
+    lora_dx = torch.zeros(x2d.shape, dtype=torch.float32, device=x2d.device) if need_dx else None
+    if need_dA:
+        dA = torch.zeros(A_stack.shape, dtype=torch.float32, device=x2d.device)
+    if need_dB:
+        dB = torch.zeros(B_stack.shape, dtype=torch.float32, device=x2d.device)
+    for a, (s, e) in enumerate(_segments(seg)):
+        if e == s:
+            continue
+        rows = perm[s:e]
+        dys = dyf.index_select(0, rows)
+        keep = _keep(seed, rows, x2d.shape[1], ps[a]) if need_dx or need_dA else None
+        dS = scales[a] * (dys @ B_stack[a].float())
+        if need_dx:
+            lora_dx[s:e] = reference.masked(dS @ A_stack[a].float(), keep, ps[a])
+        if need_dA:
+            dA[a] = dS.t() @ reference.masked(x2d.index_select(0, rows).float(), keep, ps[a])
+        if need_dB:
+            dB[a] = scales[a] * (dys.t() @ xa[s:e])
+    if need_dx:
+        lora_dx = torch.zeros_like(lora_dx).index_copy_(0, perm, lora_dx)
+        dx = (dyf @ w.float() + lora_dx).to(x2d.dtype) if dy.dtype == torch.float32 else \
+            (dy @ w).float().add_(lora_dx).to(x2d.dtype)
+    if need_dbias:
+        dbias = dyf.sum(0)
+    return (dx, None if dA is None else dA.to(A_stack.dtype), None if dB is None else dB.to(B_stack.dtype), dbias)
+
+
+# ----------------------------------------------------------------------------- the op
+@torch.library.custom_op("fastpeft::lora_mixed", mutates_args=())
+def _lora_mixed_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_stack: Tensor, B_stack: Tensor,
+                   idx_s: Tensor, perm: Tensor, seg: Tensor, seed: Optional[Tensor], scales: list[float],
+                   dropout_ps: list[float], fan_in_fan_out: bool) -> tuple[Tensor, Tensor]:
+    x2d = _flat(x)
+    with torch.autocast(x.device.type, enabled=False):
+        if backend_for(x) == "triton":
+            y, xa = _kmixed.lora_mixed_forward(x2d, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed,
+                                               _meta(scales, dropout_ps, x.device), fan_in_fan_out)
+        else:
+            y, xa = torch_mixed_forward(x2d, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed, scales,
+                                        dropout_ps, fan_in_fan_out)
+    return y.reshape(*x.shape[:-1], y.shape[-1]), xa
+
+
+@_lora_mixed_op.register_fake
+def _(x, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed, scales, dropout_ps, fan_in_fan_out):
+    torch._check(x.shape[-1] == A_stack.shape[2], lambda: "x and A_stack disagree on in_features")
+    n = 1
+    for s in x.shape[:-1]:
+        n = n * s
+    y = x.new_empty(*x.shape[:-1], _out_features(weight, fan_in_fan_out))
+    return y, x.new_empty(n, A_stack.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastpeft::lora_mixed_backward", mutates_args=())
+def _lora_mixed_backward_op(dy: Tensor, x: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tensor, xa: Tensor,
+                            idx_s: Tensor, perm: Tensor, seg: Tensor, seed: Optional[Tensor], scales: list[float],
+                            dropout_ps: list[float], fan_in_fan_out: bool, need_dx: bool, need_dA: bool,
+                            need_dB: bool, need_dbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    x2d, dy2d = _flat(x), _flat(dy)
+    with torch.autocast(x.device.type, enabled=False):
+        if backend_for(x) == "triton":
+            grads = _kmixed.lora_mixed_backward(dy2d, x2d, weight, A_stack, B_stack, xa, idx_s, perm, seg, seed,
+                                                _meta(scales, dropout_ps, x.device), fan_in_fan_out,
+                                                need_dx, need_dA, need_dB, need_dbias)
+        else:
+            grads = torch_mixed_backward(dy2d, x2d, weight, A_stack, B_stack, xa, idx_s, perm, seg, seed, scales,
+                                         dropout_ps, fan_in_fan_out, need_dx, need_dA, need_dB, need_dbias)
+    dx, dA, dB, dbias = grads
+    empty = x.new_empty(0)  # custom ops cannot return None
+    return (empty if dx is None else dx.reshape(x.shape),
+            empty.clone() if dA is None else dA,
+            empty.clone() if dB is None else dB,
+            empty.clone() if dbias is None else dbias)
+
+
+@_lora_mixed_backward_op.register_fake
+def _(dy, x, weight, A_stack, B_stack, xa, idx_s, perm, seg, seed, scales, dropout_ps, fan_in_fan_out,
+      need_dx, need_dA, need_dB, need_dbias):
+    out = _out_features(weight, fan_in_fan_out)
+    return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
+            A_stack.new_empty(A_stack.shape) if need_dA else x.new_empty(0),
+            B_stack.new_empty(B_stack.shape) if need_dB else x.new_empty(0),
+            x.new_empty(out, dtype=torch.float32) if need_dbias else x.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed, scales, dropout_ps, fan_in_fan_out = inputs
+    _, xa = output
+    ctx.save_for_backward(x, weight, A_stack, B_stack, xa, idx_s, perm, seg, seed)
+    ctx.scales, ctx.dropout_ps, ctx.fan_in_fan_out = scales, dropout_ps, fan_in_fan_out
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.mark_non_differentiable(xa)
+
+
+def _backward(ctx, dy, _dxa):
+    x, weight, A_stack, B_stack, xa, idx_s, perm, seg, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if need[1]:
+        raise RuntimeError("fastpeft's LoRA op keeps the base weight frozen: it computes no gradient for it. "
+                           "Call base_layer.weight.requires_grad_(False), or train it without fastpeft.")
+    need_dx, need_dbias, need_dA, need_dB = need[0], need[2], need[3], need[4]
+    dx, dA, dB, dbias = _lora_mixed_backward_op(
+        dy, x, weight, A_stack, B_stack, xa, idx_s, perm, seg, seed, ctx.scales, ctx.dropout_ps,
+        ctx.fan_in_fan_out, need_dx, need_dA, need_dB, need_dbias)
+    return (dx if need_dx else None, None, dbias.to(ctx.bias_dtype) if need_dbias else None,
+            dA if need_dA else None, dB if need_dB else None) + (None,) * 7
+
+
+_lora_mixed_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public entry points
+def stack_adapters(As: Sequence[Tensor], Bs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(A_stack (n, R, in), B_stack (n, out, R))``, each adapter zero-padded to the largest rank ``R``.
+
+    Differentiable: the gradient of a stack flows back to each adapter's own (unpadded) tensor.
+    """
+    if not As or len(As) != len(Bs):
+        raise ValueError(f"need as many lora_A as lora_B tensors (≥ 1), got {len(As)} and {len(Bs)}")
+    r_max = max(A.shape[0] for A in As)
+    A_stack = torch.stack([A if A.shape[0] == r_max else F.pad(A, (0, 0, 0, r_max - A.shape[0])) for A in As])
+    B_stack = torch.stack([B if B.shape[1] == r_max else F.pad(B, (0, r_max - B.shape[1])) for B in Bs])
+    return A_stack, B_stack
+
+
+def sort_rows(index: Tensor, n_adapters: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(idx_s int32, perm int64, seg int64 (n+1,))``: rows sorted by adapter (stable; base rows first),
+    the original row of each sorted row, and each adapter's sorted row bounds ``seg[a] .. seg[a+1]``.
+    All on the device, without a host synchronization."""
+    idx_s, perm = torch.sort(index.reshape(-1).to(torch.int32), stable=True)
+    bounds = torch.arange(n_adapters + 1, dtype=torch.int32, device=index.device)
+    seg = torch.searchsorted(idx_s, bounds)
+    return idx_s, perm, seg
+
+
+def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_As: Sequence[Tensor],
+                      lora_Bs: Sequence[Tensor], index: Tensor, *, scales: Sequence[float],
+                      dropout_ps: Sequence[float] | None = None, training: bool = True,
+                      fan_in_fan_out: bool = False, seed: Optional[Tensor] = None) -> Tensor:
+    """``y[m] = x[m] W0ᵀ + b + s_a · (D_a(x[m]) A_aᵀ) B_aᵀ`` with ``a = index[m]`` (``-1``: base only).
+
+    ``lora_As[a]`` (r_a, in) and ``lora_Bs[a]`` (out, r_a) may differ in rank; ``scales[a]`` and
+    ``dropout_ps[a]`` are per adapter. ``index`` is an integer tensor with ``x.shape[:-1]`` (one
+    adapter per row/token) or ``x.shape[:1]`` (one per sequence). Differentiable in x, every A/B, b;
+    each adapter's gradient comes only from its own rows. Example::
+
+        y = lora_linear_mixed(x, lin.weight, lin.bias, [A0, A1], [B0, B1], torch.tensor([0, 1, -1]),
+                              scales=[2.0, 0.5])
+    """
+    n = len(lora_As)
+    in_features = weight.shape[0] if fan_in_fan_out else weight.shape[1]
+    out_features = _out_features(weight, fan_in_fan_out)
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"expected input of shape (..., {in_features}), got {tuple(x.shape)}")
+    if n == 0 or len(lora_Bs) != n or len(scales) != n:
+        raise ValueError(f"need one lora_A, lora_B and scale per adapter, got {len(lora_As)}, {len(lora_Bs)}, "
+                         f"{len(scales)}")
+    for a, (A, B) in enumerate(zip(lora_As, lora_Bs)):
+        if A.dim() != 2 or A.shape[1] != in_features or tuple(B.shape) != (out_features, A.shape[0]):
+            raise ValueError(f"adapter {a}: lora_A must be (r, {in_features}) and lora_B ({out_features}, r); "
+                             f"got {tuple(A.shape)} and {tuple(B.shape)}")
+    ps = [0.0] * n if dropout_ps is None else [float(p) for p in dropout_ps]
+    if len(ps) != n or not all(0.0 <= p < 1.0 for p in ps):
+        raise ValueError(f"need one dropout probability in [0, 1) per adapter, got {ps}")
+    if index.dtype.is_floating_point or index.dtype == torch.bool:
+        raise TypeError(f"index must be an integer tensor, got {index.dtype}")
+    lead = tuple(x.shape[:-1])
+    if tuple(index.shape) != lead:
+        if x.dim() >= 2 and index.dim() == 1 and index.shape[0] == x.shape[0]:
+            index = index.to(x.device).reshape(-1, *([1] * (x.dim() - 2))).expand(lead)
+        else:
+            raise ValueError(f"index must have shape {lead} (per row) or ({x.shape[0]},) (per sequence), "
+                             f"got {tuple(index.shape)}")
+    if index.device.type == "cpu" and index.numel() and not bool(((index >= -1) & (index < n)).all()):
+        raise ValueError(f"index values must be in [-1, {n}) (-1 = base only)")
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    ps = ps if training else [0.0] * n
+    if not any(p > 0.0 for p in ps):
+        seed = None
+    elif seed is None:
+        seed = draw_seed(x.device)
+    A_stack, B_stack = stack_adapters(list(lora_As), list(lora_Bs))
+    idx_s, perm, seg = sort_rows(index.to(x.device), n)
+    y, _ = _lora_mixed_op(x, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed,
+                          [float(s) for s in scales], ps, bool(fan_in_fan_out))
+    return y
+
+
+__all__ = ["BASE", "lora_linear_mixed", "sort_rows", "stack_adapters", "torch_mixed_backward",
+           "torch_mixed_forward"]

@@ -1,0 +1,337 @@
+"""Mixed-adapter batches (issue 9): one adapter per sequence, in one fused op, eval and training.
+
+Op level (both backends; ``triton`` = the kernels of ``kernels/lora_mixed.py`` in the interpreter):
+outputs against an independent fp64 per-row reference, gradients against per-adapter sub-batch
+references computed separately, dropout against the core op's mask. Model level: outputs equal
+peft's ``adapter_names`` outputs with the same weights (forward and generate), training gradients
+equal the per-adapter sub-batch gradients, bad names raise listing the adapters, several adapters
+round-trip with peft's folder layout.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastpeft
+from fastpeft.kernels import LAUNCHES
+from fastpeft.layers.lora import FastLoraLinear
+from fastpeft.ops import lora_linear
+from fastpeft.ops_mixed import _lora_mixed_op, lora_linear_mixed, sort_rows, stack_adapters
+from fastpeft.reference import dropout_keep_rows
+from helpers import assert_rel, assert_rule, lora_grads64
+
+IN, OUT = 45, 37  # odd: not multiples of any block
+
+# (adapter index per sequence, ranks): random mix, one adapter only, all base, a single-row adapter
+MIXES = {
+    "mix": ([1, -1, 0, 2, 1, 0, 2], (3, 8, 1)),
+    "one_adapter": ([0, 0, 0], (5,)),
+    "all_base": ([-1, -1], (4, 2)),
+    "single_row": ([0, 0, 1, 0, -1], (2, 16)),
+}
+
+
+def _adapters(ranks, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    As = [(torch.randn(r, IN, generator=g) * 0.3).to(dtype).requires_grad_() for r in ranks]
+    Bs = [(torch.randn(OUT, r, generator=g) * 0.3).to(dtype).requires_grad_() for r in ranks]
+    return As, Bs
+
+
+def _ref64(x2d, W, b, As, Bs, index, scales, ps, seed):
+    """fp64 forward, row by row of each adapter; dropout replayed from the core's (seed, row, col) keys."""
+    y = x2d.double() @ W.double().t() + b.double()
+    out = []
+    for m in range(x2d.shape[0]):
+        a = int(index[m])
+        row = y[m]
+        if a >= 0:
+            xm = x2d[m].double()
+            if ps[a] > 0:
+                keep = dropout_keep_rows(seed, torch.tensor([m]), IN, ps[a])[0].double()
+                xm = xm * keep / (1 - ps[a])
+            row = row + scales[a] * (xm @ As[a].double().t()) @ Bs[a].double().t()
+        out.append(row)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_forward_and_grads_match_per_adapter_references(backend, mix):
+    seq_idx, ranks = MIXES[mix]
+    T = 3
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(len(seq_idx), T, IN, generator=g).requires_grad_()
+    W, b = torch.randn(OUT, IN, generator=g) * 0.2, torch.randn(OUT, generator=g).requires_grad_()
+    As, Bs = _adapters(ranks)
+    scales = [2.0, 0.5, 1.25][: len(ranks)]
+    before = sum(v for k, v in LAUNCHES.items() if k.startswith("mixed_"))
+    y = lora_linear_mixed(x, W, b, As, Bs, torch.tensor(seq_idx), scales=scales)
+    index = torch.tensor(seq_idx).repeat_interleave(T)
+    x2d = x.detach().reshape(-1, IN)
+    ref = _ref64(x2d, W, b.detach(), As, Bs, index, scales, [0.0] * len(ranks), None)
+    assert_rel(y.reshape(-1, OUT), ref, 1e-5, "y")
+    if mix != "all_base":
+        assert (ref - (x2d.double() @ W.double().t() + b.double())).abs().max() > 1e-2  # adapters change y
+    dy = torch.randn(y.shape, generator=g)
+    y.backward(dy)
+    dy2d = dy.reshape(-1, OUT)
+    # dx of base rows and bias: the base alone; each adapter's grads: its own sub-batch, separately
+    dx_ref = dy2d.double() @ W.double()
+    for a in range(len(ranks)):
+        rows = (index == a).nonzero().flatten()
+        if rows.numel() == 0:
+            assert As[a].grad is None or not As[a].grad.any()
+            continue
+        dxa, dA, dB, _ = lora_grads64(dy2d[rows], x2d[rows], W, As[a], Bs[a], scales[a])
+        dx_ref[rows] = dxa
+        assert_rel(As[a].grad, dA, 1e-5, f"dA[{a}]")
+        assert_rel(Bs[a].grad, dB, 1e-5, f"dB[{a}]")
+    assert_rel(x.grad.reshape(-1, IN), dx_ref, 1e-5, "dx")
+    assert_rel(b.grad, dy2d.double().sum(0), 1e-5, "db")
+    if backend == "triton" and mix != "all_base":
+        assert sum(v for k, v in LAUNCHES.items() if k.startswith("mixed_")) > before  # the kernels ran
+
+
+def test_dropout_per_adapter_and_repeatable(backend):
+    g = torch.Generator().manual_seed(3)
+    seq_idx, ranks, ps, scales = [0, 1, 2, 1, -1, 0], (4, 8, 2), [0.1, 0.0, 0.5], [1.0, 2.0, 0.5]
+    x = torch.randn(len(seq_idx), 5, IN, generator=g).requires_grad_()
+    W, b = torch.randn(OUT, IN, generator=g) * 0.2, torch.zeros(OUT)
+    As, Bs = _adapters(ranks)
+    seed = torch.tensor([1234], dtype=torch.int64)
+    y = lora_linear_mixed(x, W, b, As, Bs, torch.tensor(seq_idx), scales=scales, dropout_ps=ps, seed=seed)
+    index = torch.tensor(seq_idx).repeat_interleave(5)
+    x2d = x.detach().reshape(-1, IN)
+    assert_rel(y.reshape(-1, OUT), _ref64(x2d, W, b, As, Bs, index, scales, ps, seed), 1e-5, "y with dropout")
+    # gradients by fp64 autograd through the same per-row masks
+    dy = torch.randn(y.shape, generator=g)
+    y.backward(dy)
+    x64 = x2d.double().requires_grad_()
+    A64 = [A.detach().double().requires_grad_() for A in As]
+    B64 = [B.detach().double().requires_grad_() for B in Bs]
+    (_ref64(x64, W, b, A64, B64, index, scales, ps, seed) * dy.reshape(-1, OUT).double()).sum().backward()
+    assert_rel(x.grad.reshape(-1, IN), x64.grad, 1e-5, "dx")
+    for a in range(3):
+        assert_rel(As[a].grad, A64[a].grad, 1e-5, f"dA[{a}]")
+        assert_rel(Bs[a].grad, B64[a].grad, 1e-5, f"dB[{a}]")
+    # same seed → same output; eval → no dropout
+    y2 = lora_linear_mixed(x, W, b, As, Bs, torch.tensor(seq_idx), scales=scales, dropout_ps=ps, seed=seed)
+    assert torch.equal(y, y2)
+    y_eval = lora_linear_mixed(x, W, b, As, Bs, torch.tensor(seq_idx), scales=scales, dropout_ps=ps, training=False)
+    assert_rel(y_eval.reshape(-1, OUT), _ref64(x2d, W, b, As, Bs, index, scales, [0.0] * 3, None), 1e-5, "eval")
+
+
+def test_one_adapter_batch_drops_what_the_core_op_drops(backend):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 6, IN, generator=g)
+    W, b = torch.randn(OUT, IN, generator=g) * 0.2, torch.randn(OUT, generator=g)
+    (A,), (B,) = _adapters((8,))
+    seed = torch.tensor([77], dtype=torch.int64)
+    ours = lora_linear_mixed(x, W, b, [A], [B], torch.zeros(4, dtype=torch.int64), scales=[1.5], dropout_ps=[0.3],
+                             seed=seed)
+    core = lora_linear(x, W, b, A, B, scale=1.5, dropout_p=0.3, seed=seed)
+    assert_rel(ours, core, 1e-5, "mixed (one adapter) vs core")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_follows_the_tolerance_rule(backend, dtype):
+    g = torch.Generator().manual_seed(5)
+    seq_idx, ranks, scales = [2, 0, -1, 1, 0], (4, 16, 2), [2.0, 0.5, 1.0]
+    x = torch.randn(len(seq_idx), 3, IN, generator=g).to(dtype)
+    W, b = (torch.randn(OUT, IN, generator=g) * 0.2).to(dtype), torch.randn(OUT, generator=g).to(dtype)
+    As, Bs = _adapters(ranks)  # fp32 adapters on a half base, as fastpeft keeps them
+    y = lora_linear_mixed(x, W, b, As, Bs, torch.tensor(seq_idx), scales=scales)
+    assert y.dtype == dtype
+    index = torch.tensor(seq_idx).repeat_interleave(3)
+    x2d = x.reshape(-1, IN)
+    ref = _ref64(x2d, W, b, As, Bs, index, scales, [0.0] * 3, None)
+    lowp = torch.nn.functional.linear(x2d, W, b)
+    for m in range(x2d.shape[0]):
+        a = int(index[m])
+        if a >= 0:
+            lowp[m] += (scales[a] * (x2d[m] @ As[a].detach().to(dtype).t()) @ Bs[a].detach().to(dtype).t())
+    assert_rule(y.reshape(-1, OUT), ref, lowp, name=str(dtype))
+
+
+def test_backward_is_deterministic_and_backends_agree(monkeypatch):
+    g = torch.Generator().manual_seed(6)
+    seq_idx, ranks = [1, 0, 1, 1, -1, 0, 2], (4, 8, 3)
+    x = torch.randn(len(seq_idx), 4, IN, generator=g)
+    W, b = torch.randn(OUT, IN, generator=g) * 0.2, torch.randn(OUT, generator=g)
+    dy = torch.randn(len(seq_idx), 4, OUT, generator=g)
+    seed = torch.tensor([9], dtype=torch.int64)
+    results = {}
+    for name in ("triton", "triton", "torch"):
+        monkeypatch.setenv("FASTPEFT_BACKEND", name)
+        As, Bs = _adapters(ranks)
+        xx = x.clone().requires_grad_()
+        y = lora_linear_mixed(xx, W, b, As, Bs, torch.tensor(seq_idx), scales=[1.0, 2.0, 0.5],
+                              dropout_ps=[0.2, 0.0, 0.4], seed=seed)
+        y.backward(dy)
+        got = [y.detach(), xx.grad] + [t.grad for t in As + Bs]
+        if name in results:
+            assert all(torch.equal(p, q) for p, q in zip(got, results[name])), "repeat differs"
+        results[name] = got
+    for p, q in zip(results["triton"], results["torch"]):
+        assert_rel(p, q, 1e-5, "triton vs torch")
+
+
+def test_op_registration_checks():
+    As, Bs = _adapters((3, 5))
+    A_stack, B_stack = stack_adapters([A.detach() for A in As], [B.detach() for B in Bs])
+    assert A_stack.shape == (2, 5, IN) and B_stack.shape == (2, OUT, 5)
+    assert not A_stack[0, 3:].any() and not B_stack[0, :, 3:].any()
+    idx_s, perm, seg = sort_rows(torch.tensor([1, -1, 0, 1]), 2)
+    assert idx_s.tolist() == [-1, 0, 1, 1] and perm.tolist() == [1, 2, 0, 3] and seg.tolist() == [1, 2, 4]
+    x = torch.randn(4, IN, requires_grad=True)
+    W = torch.randn(OUT, IN)
+    torch.library.opcheck(_lora_mixed_op, (x, W, None, A_stack.requires_grad_(), B_stack.requires_grad_(), idx_s,
+                                           perm, seg, None, [1.0, 2.0], [0.0, 0.0], False))
+
+
+def test_bad_arguments_raise_clearly():
+    As, Bs = _adapters((3,))
+    x, W = torch.randn(2, 3, IN), torch.randn(OUT, IN)
+    with pytest.raises(ValueError, match=r"index values must be in \[-1, 1\)"):
+        lora_linear_mixed(x, W, None, As, Bs, torch.tensor([0, 1]), scales=[1.0])
+    with pytest.raises(ValueError, match="per sequence"):
+        lora_linear_mixed(x, W, None, As, Bs, torch.tensor([0, 0, 0]), scales=[1.0])
+    with pytest.raises(ValueError, match="one lora_A, lora_B and scale"):
+        lora_linear_mixed(x, W, None, As, Bs, torch.tensor([0, 0]), scales=[1.0, 2.0])
+
+
+# ----------------------------------------------------------------------------- layer and model vs peft
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+_CONFIGS = {  # different r, alpha, rsLoRA, targets
+    "default": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "second": dict(r=2, lora_alpha=6, target_modules=["k_proj", "o_proj", "v_proj"], use_rslora=True),
+    "third": dict(r=8, lora_alpha=4, target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"]),
+}
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _fresh_base():
+    base = _llama().eval()
+    base.load_state_dict(_BASE_STATE)
+    return base
+
+
+def _models():
+    torch.manual_seed(0)
+    base_a = _llama().eval()
+    base_b = _llama().eval()
+    state = {k: v.clone() for k, v in base_a.state_dict().items()}
+    base_b.load_state_dict(state)
+    torch.manual_seed(1)
+    ours = theirs = None
+    for name, kw in _CONFIGS.items():
+        if ours is None:
+            ours = fastpeft.get_peft_model(base_a, fastpeft.LoraConfig(init_lora_weights=False, **kw))
+            theirs = peft.get_peft_model(base_b, peft.LoraConfig(init_lora_weights=False, **kw))
+        else:
+            ours.add_adapter(name, fastpeft.LoraConfig(init_lora_weights=False, **kw))
+            theirs.add_adapter(name, peft.LoraConfig(init_lora_weights=False, **kw))
+    missing, unexpected = theirs.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected and not [k for k in missing if "lora_" in k]
+    _BASE_STATE.clear()
+    _BASE_STATE.update(state)
+    return ours.eval(), theirs.eval()
+
+
+_BASE_STATE: dict = {}
+NAMES = ["second", "__base__", "default", "third", "second", "default"]
+
+
+def test_model_mixed_batch_equals_peft_adapter_names():
+    ours, theirs = _models()
+    ids = torch.randint(1, 96, (len(NAMES), 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        la = ours(input_ids=ids, adapter_names=NAMES).logits
+        lb = theirs(input_ids=ids, adapter_names=NAMES).logits
+        assert_rel(la, lb, 1e-5, "mixed logits")
+        # each sequence equals the model run with its adapter alone
+        for i, name in enumerate(NAMES):
+            if name == "__base__":
+                with ours.disable_adapter():
+                    alone = ours(input_ids=ids[i:i + 1]).logits
+            else:
+                ours.set_adapter(name)
+                alone = ours(input_ids=ids[i:i + 1]).logits
+            assert_rel(la[i:i + 1], alone, 1e-5, f"row {i} ({name})")
+        ours.set_adapter("default")
+        assert not torch.allclose(la[0], ours(input_ids=ids[:1]).logits[0], atol=1e-4)  # adapters differ
+
+
+def test_generate_with_adapter_names_equals_peft():
+    ours, theirs = _models()
+    ids = torch.randint(1, 96, (3, 5), generator=torch.Generator().manual_seed(3))
+    names = ["third", "__base__", "second"]
+    for kw in (dict(do_sample=False), dict(do_sample=False, num_beams=2)):
+        out_a = ours.generate(input_ids=ids, max_new_tokens=4, adapter_names=names, **kw)
+        out_b = theirs.generate(input_ids=ids, max_new_tokens=4, adapter_names=names, **kw)
+        assert torch.equal(out_a, out_b), kw
+
+
+def test_training_grads_come_from_each_adapters_own_rows():
+    ours, theirs = _models()
+    ours.train(), theirs.train()
+    ours.base_model.set_adapter(list(_CONFIGS))  # every adapter trainable
+    names = ["second", "default", "__base__", "second", "third"]
+    ids = torch.randint(1, 96, (len(names), 6), generator=torch.Generator().manual_seed(4))
+    logits = ours(input_ids=ids, adapter_names=names).logits
+    g = torch.randn(logits.shape, generator=torch.Generator().manual_seed(5))
+    (logits * g).sum().backward()
+    ref = {}
+    for name in _CONFIGS:  # peft, each adapter on its own sub-batch, separately
+        rows = [i for i, n in enumerate(names) if n == name]
+        theirs.set_adapter(name)
+        theirs.zero_grad()
+        (theirs(input_ids=ids[rows]).logits * g[rows]).sum().backward()
+        ref.update({k: p.grad.clone() for k, p in theirs.named_parameters() if f".{name}." in k and p.grad is not None})
+    ours_grads = {k: p.grad for k, p in ours.named_parameters() if p.requires_grad}
+    assert set(ours_grads) == set(ref) and ref
+    for k, grad in ours_grads.items():
+        assert grad is not None, k
+        assert_rel(grad, ref[k], 1e-4, k)
+
+
+def test_bad_adapter_names_raise_clearly():
+    ours, _ = _models()
+    ids = torch.randint(1, 96, (2, 4))
+    with pytest.raises(ValueError, match=r"non-existing adapter\(s\): typo.*'default', 'second', 'third'"):
+        ours(input_ids=ids, adapter_names=["default", "typo"])
+    with pytest.raises(ValueError, match="Length of `adapter_names`"):
+        ours(input_ids=ids, adapter_names=["default"])
+    layer = FastLoraLinear(IN, OUT, r=2)
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['nope'\].*\['default'\]"):
+        layer(torch.randn(2, IN), adapter_names=["default", "nope"])
+    ours.merge_adapter()
+    with pytest.raises(ValueError, match="merged adapters"):
+        ours(input_ids=ids, adapter_names=["default", "default"])
+
+
+def test_several_adapters_round_trip_with_peft(tmp_path):
+    ours, theirs = _models()
+    ids = torch.randint(1, 96, (len(NAMES), 5), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expect = ours(input_ids=ids, adapter_names=NAMES).logits
+    ours.save_pretrained(tmp_path / "ours")  # default at the root, the others in sub-folders (peft's layout)
+    loaded = peft.PeftModel.from_pretrained(_fresh_base(), tmp_path / "ours")
+    for name in ("second", "third"):
+        loaded.load_adapter(tmp_path / "ours" / name, name)
+    with torch.no_grad():
+        assert_rel(loaded(input_ids=ids, adapter_names=NAMES).logits, expect, 1e-5, "peft loads ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = fastpeft.PeftModel.from_pretrained(_fresh_base(), tmp_path / "theirs")
+    for name in ("second", "third"):
+        back.load_adapter(tmp_path / "theirs" / name, name)
+    with torch.no_grad():
+        assert_rel(back(input_ids=ids, adapter_names=NAMES).logits, expect, 1e-5, "fastpeft loads peft's")
