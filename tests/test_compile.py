@@ -116,6 +116,31 @@ for cc in (90, 80):
                        target=GPUTarget("cuda", cc, 32),
                        options={"num_warps": warps, "num_stages": 1, "enable_fp_fusion": False})
         n += 1
+# Mixed-adapter (SGMV-style) kernels (kernels/lora_mixed.py): gather down, scatter-add up, segmented reduce.
+import fastpeft.kernels.lora_mixed as MX  # noqa: E402
+
+for cc in (90, 80):
+    for tdt in ("bf16", "fp16", "fp32"):
+        dt = "*" + tdt
+        prec = "ieee" if tdt == "fp32" else "tf32"
+        meta = dict(idx_ptr="*i32", perm_ptr="*i64", scale_ptr=F32, thr_ptr="*i32", seed_ptr="*i64")
+        for cfg in pick(LL.down_configs(interpret=False)):
+            for drop in (False, True):
+                compile_one(MX._mixed_down_kernel, dict(x_ptr=dt, w_ptr=F32, out_ptr=F32, **meta),
+                            dict(DROPOUT=drop, F32_PRECISION=prec, BLOCK_R=16, **cfg.kwargs), cc, cfg)
+                n += 1
+        for cfg in pick(MX.up_configs(interpret=False)):
+            for drop in (False, True):
+                compile_one(MX._mixed_up_kernel, dict(l_ptr=F32, r_ptr=F32, out_ptr=dt, **meta),
+                            dict(DROPOUT=drop, F32_PRECISION=prec, BLOCK_R=16, **cfg.kwargs), cc, cfg)
+                n += 1
+        for cfg in pick(LL.reduce_configs(interpret=False)):
+            for drop in (False, True):
+                types = dict(g_ptr=F32, x_ptr=dt, part_ptr=F32, perm_ptr="*i64", seg_ptr="*i64", scale_ptr=F32,
+                             thr_ptr="*i32", seed_ptr="*i64")
+                compile_one(MX._mixed_reduce_kernel, types,
+                            dict(DROPOUT=drop, F32_PRECISION=prec, BLOCK_R=16, **cfg.kwargs), cc, cfg)
+                n += 1
 print("compiled", n)
 '''
 
