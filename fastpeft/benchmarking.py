@@ -826,3 +826,204 @@ def format_quant_table(rows: list[dict]) -> str:
         lines += ["", f"{r['device']}; {r['dtype']} r={r['r']} alpha={r['lora_alpha']}; "
                       f"fastpeft backend {r['fastpeft_backend']}", versions]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------ mixed-adapter batches (issue 9)
+@dataclass(frozen=True)
+class MixedPreset:
+    """A mixed-adapter grid: shapes × adapter counts, each adapter with ``tokens_per_adapter`` tokens."""
+
+    shapes: tuple[str, ...]
+    adapters: tuple[int, ...]
+    tokens_per_adapter: int
+
+
+MIXED_PRESETS: dict[str, MixedPreset] = {
+    "mixed": MixedPreset(("4096x4096", "4096x14336"), (1, 4, 16, 64), 512),
+    "mixed-tiny": MixedPreset(("64x96",), (1, 4), 8),
+}
+# fastpeft_mixed: one FastLoraLinear holding n adapters, adapter_names one per sequence; fastpeft_single: the
+# same batch through one adapter; peft_mixed: peft's adapter_names (its per-adapter sub-batch loop; in
+# training its layer is called directly, as peft's model refuses adapter_names there); frozen: the base.
+MIXED_PROVIDERS = ("frozen", "fastpeft_single", "fastpeft_mixed", "peft_mixed")
+
+
+def _mixed_layer(provider: str, base: nn.Linear, As: list[Tensor], Bs: list[Tensor], r: int,
+                 lora_alpha: float) -> tuple[nn.Module, list[Tensor]]:
+    n = len(As) if provider != "fastpeft_single" else 1
+    names = [f"a{i}" for i in range(n)]
+    if provider == "frozen":
+        return copy.deepcopy(base).requires_grad_(False), []
+    if provider == "peft_mixed":
+        import peft
+
+        config = peft.LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=["0"], init_lora_weights=False)
+        model = peft.get_peft_model(nn.Sequential(copy.deepcopy(base)), config, adapter_name=names[0])
+        for name in names[1:]:
+            model.add_adapter(name, config)
+        layer = model.base_model.model[0]
+        layer.set_adapter(names)
+    else:
+        layer = FastLoraLinear.from_linear(copy.deepcopy(base), r=r, lora_alpha=lora_alpha, init_lora_weights=False,
+                                           adapter_name=names[0])
+        for name in names[1:]:
+            layer.update_layer(name, r=r, lora_alpha=lora_alpha, init_lora_weights=False)
+        layer.set_adapter(names)
+    params = []
+    with torch.no_grad():
+        for i, name in enumerate(names):
+            a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+            a.copy_(As[i]), b.copy_(Bs[i])
+            params += [a, b]
+    return layer, params
+
+
+def _mixed_step(provider: str, layer: nn.Module, names: list[str], mode: str, x: Tensor, dy: Tensor):
+    kwargs = {} if provider in ("frozen", "fastpeft_single") else {"adapter_names": names}
+    if mode == "fwd":
+        layer.eval()
+
+        def fwd():
+            with torch.no_grad():
+                return layer(x, **kwargs)
+        return fwd
+    layer.train()
+
+    def fwdbwd():
+        x.grad = None
+        layer(x, **kwargs).backward(dy)
+    return fwdbwd
+
+
+def run_mixed(preset: str = "mixed-tiny", shapes: Sequence[str] | None = None,
+              adapters: Sequence[int] | None = None, providers: Sequence[str] | None = None,
+              modes: Sequence[str] | None = None, dtype: str | None = None, device: str | torch.device = "auto",
+              r: int = 16, lora_alpha: float = 32, check: bool = True, warmup_ms: float = 25, rep_ms: float = 120,
+              seed: int = 0) -> list[dict]:
+    """Mixed-adapter batches: n adapters × ``tokens_per_adapter`` tokens (one sequence each) on one layer.
+
+    One row per (shape, n, mode, provider) with ``vs_single`` (time / fastpeft_single's), ``vs_peft``
+    and ``vs_frozen``; fastpeft_mixed rows carry a check of y (and dx in fwdbwd) against peft_mixed.
+    """
+    grid = MIXED_PRESETS[preset]
+    if providers is None:
+        has_peft = importlib.util.find_spec("peft") is not None
+        providers = [p for p in MIXED_PROVIDERS if has_peft or not p.startswith("peft")]
+    if set(providers) - set(MIXED_PROVIDERS):
+        raise ValueError(f"unknown {sorted(set(providers) - set(MIXED_PROVIDERS))}; choose from {MIXED_PROVIDERS}")
+    dev, dt = resolve_device(device), _DTYPES[dtype or "bf16"]
+    env = environment(dev, dt)
+    rows: list[dict] = []
+    for shape in shapes or grid.shapes:
+        in_f, out_f = parse_shape(shape)
+        for n in adapters or grid.adapters:
+            g = torch.Generator(dev).manual_seed(seed)
+            base = nn.Linear(in_f, out_f, bias=False, device=dev, dtype=dt)
+            with torch.no_grad():
+                base.weight.copy_(torch.randn(out_f, in_f, generator=g, device=dev) * in_f**-0.5)
+            As = [(torch.rand(r, in_f, generator=g, device=dev) * 2 - 1) * in_f**-0.5 for _ in range(n)]
+            Bs = [(torch.rand(out_f, r, generator=g, device=dev) * 2 - 1) * r**-0.5 for _ in range(n)]
+            t = grid.tokens_per_adapter
+            x = torch.randn(n, t, in_f, generator=g, device=dev).to(dt).requires_grad_()
+            dy = torch.randn(n, t, out_f, generator=g, device=dev).to(dt)
+            names = [f"a{i}" for i in range(n)]
+            cell = {"bench": "mixed", "shape": shape, "in_features": in_f, "out_features": out_f, "adapters": n,
+                    "tokens": n * t, "dtype": _dtype_name(dt), "r": r, "lora_alpha": lora_alpha, "dropout": 0.0}
+            outputs: dict = {}
+            for mode in modes or MODES:
+                for provider in providers:
+                    row = {**env, **cell, "provider": provider, "mode": mode}
+                    layer, params = _mixed_layer(provider, base, As, Bs, r, lora_alpha)
+                    step = _mixed_step(provider, layer, names, mode, x, dy)
+                    if check and provider in ("fastpeft_mixed", "peft_mixed"):
+                        kw = {"adapter_names": names}
+                        layer.train(mode == "fwdbwd")
+                        x.grad = None
+                        y = layer(x, **kw)
+                        if mode == "fwdbwd":
+                            y.backward(dy)
+                        outputs[provider, mode] = (y.detach(), None if x.grad is None else x.grad.clone())
+                    before = _kernel_launches()
+                    step()
+                    after = _kernel_launches()
+                    row["kernels_per_step"] = {k: v - before.get(k, 0) for k, v in after.items()
+                                               if v != before.get(k, 0)}
+                    row.update(time_step(step, dev, warmup_ms, rep_ms))
+                    row["peak_bytes"] = _peak_bytes(step, dev)
+                    rows.append(row)
+                    del layer, params, step
+                ours, ref = outputs.get(("fastpeft_mixed", mode)), outputs.get(("peft_mixed", mode))
+                if ours is not None and ref is not None:
+                    errs = {"y": relative_error(ours[0], ref[0])}
+                    if mode == "fwdbwd":
+                        errs["dx"] = relative_error(ours[1], ref[1])
+                    for row in rows:
+                        if row["provider"] == "fastpeft_mixed" and row["mode"] == mode and row["shape"] == shape \
+                                and row["adapters"] == n:
+                            row["check_errors"] = errs
+                            row["check_ok"] = all(e <= CHECK_TOL[dt] for e in errs.values())
+                            row["check_against"] = "peft_mixed p=0"
+            x.grad = None
+    add_mixed_ratios(rows)
+    return rows
+
+
+def add_mixed_ratios(rows: list[dict]) -> None:
+    """``vs_single`` / ``vs_peft`` / ``vs_frozen``: time over fastpeft_single's / peft_mixed's / frozen's
+    in the same (shape, adapters, mode)."""
+    def key(r: dict) -> tuple:
+        return (r["shape"], r["adapters"], r["mode"])
+
+    by = {(key(r), r["provider"]): r["ms"] for r in rows}
+    for r in rows:
+        for name, provider in (("vs_single", "fastpeft_single"), ("vs_peft", "peft_mixed"), ("vs_frozen", "frozen")):
+            ref = by.get((key(r), provider))
+            r[name] = r["ms"] / ref if ref else None
+
+
+def format_mixed_table(rows: list[dict]) -> str:
+    """Fixed-width table of mixed-adapter rows."""
+    head = ("shape", "adapters", "N", "mode", "provider", "ms", "×single", "×peft", "×frozen", "check")
+    body = [(r["shape"], str(r["adapters"]), str(r["tokens"]), r["mode"], r["provider"], f"{r['ms']:.4f}",
+             _fmt(r["vs_single"], ".2f"), _fmt(r["vs_peft"], ".3f"), _fmt(r["vs_frozen"], ".2f"),
+             {True: "ok", False: "FAIL", None: "—"}[r.get("check_ok")]) for r in rows]
+    widths = [max(len(line[i]) for line in (head, *body)) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in (head, *body)]
+    if rows:
+        r = rows[0]
+        lines += ["", f"{r['device']}; timer {r['timer']}; {r['dtype']} r={r['r']} alpha={r['lora_alpha']}; "
+                      f"fastpeft backend {r['fastpeft_backend']}"]
+    return "\n".join(lines)
+
+
+def plot_mixed_rows(rows: list[dict], path: str | Path) -> Path:
+    """ms against the number of adapters, one panel per (shape, mode), one line per provider (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys((r["shape"], r["mode"]) for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    for ax, (shape, mode) in zip(axes[0], panels):
+        for provider in dict.fromkeys(r["provider"] for r in rows):
+            pts = sorted((r["adapters"], r["ms"]) for r in rows
+                         if r["shape"] == shape and r["mode"] == mode and r["provider"] == provider)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"{shape} {mode}")
+        ax.set_xlabel("adapters in the batch")
+        ax.set_ylabel("ms")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    if rows:
+        fig.suptitle(f"mixed-adapter batches, {rows[0]['device']} ({rows[0]['dtype']}, r={rows[0]['r']})",
+                     fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

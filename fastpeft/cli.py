@@ -30,7 +30,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                                    "against peft; print a table and write the rows as JSON.")
     from .bench_e2e import E2E_PRESETS
 
-    p.add_argument("--preset", choices=sorted([*benchmarking.PRESETS, *benchmarking.QUANT_PRESETS, *E2E_PRESETS]),
+    p.add_argument("--preset", choices=sorted([*benchmarking.PRESETS, *benchmarking.QUANT_PRESETS, *E2E_PRESETS,
+                                     *benchmarking.MIXED_PRESETS]),
                    help="grid to run (default: layer on CUDA, tiny otherwise); decode/qlora (and their -tiny "
                         "CPU sizes) are the 4-bit grids; e2e/e2e-tiny time whole training steps")
     p.add_argument("--shapes", nargs="+", metavar="INxOUT",
@@ -40,11 +41,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     from .bench_e2e import E2E_PROVIDERS
 
     all_providers = list(dict.fromkeys(
-        [*benchmarking.PROVIDERS, *benchmarking.DECODE_PROVIDERS, *benchmarking.QLORA_PROVIDERS, *E2E_PROVIDERS]))
+        [*benchmarking.PROVIDERS, *benchmarking.DECODE_PROVIDERS, *benchmarking.QLORA_PROVIDERS, *E2E_PROVIDERS,
+         *benchmarking.MIXED_PROVIDERS]))
     p.add_argument("--providers", nargs="+", choices=all_providers, metavar="NAME",
                    help=f"layer presets: {', '.join(benchmarking.PROVIDERS)}; decode: "
                         f"{', '.join(benchmarking.DECODE_PROVIDERS)}; qlora: {', '.join(benchmarking.QLORA_PROVIDERS)}")
     p.add_argument("--modes", nargs="+", choices=benchmarking.MODES, help="subset of fwd, fwdbwd")
+    p.add_argument("--adapters", nargs="+", type=int, metavar="N",
+                   help="mixed/mixed-tiny presets: replace the adapter counts of the mixed batch")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="base weight and activation dtype")
     p.add_argument("--r", type=int, default=16, help="LoRA rank (default 16)")
     p.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha (default 32)")
@@ -69,6 +73,8 @@ def _bench(args: argparse.Namespace) -> int:
         return _bench_quant(args, preset, device)
     if preset.startswith("e2e"):
         return _bench_e2e(args, preset, device)
+    if preset in benchmarking.MIXED_PRESETS:
+        return _bench_mixed(args, preset, device)
     rows = benchmarking.run(preset, shapes=args.shapes, tokens=args.tokens, providers=args.providers,
                             modes=args.modes, dropouts=args.dropout, dtype=args.dtype, device=device, r=args.r,
                             lora_alpha=args.lora_alpha, check=not args.no_check, warmup_ms=args.warmup_ms,
@@ -96,6 +102,24 @@ def _bench_e2e(args: argparse.Namespace, preset: str, device) -> int:
     out = benchmarking.write_json(rows, args.out or _default_out(rows))
     print(f"\nwrote {out}")
     failed = [r for r in rows if r["provider"] in ("fastpeft", "fastpeft_qlora") and r.get("error")]
+    return 1 if failed else 0
+
+
+def _bench_mixed(args: argparse.Namespace, preset: str, device) -> int:
+    """The mixed-adapter presets: n adapters × 512 tokens, fastpeft mixed vs single vs peft vs frozen."""
+    rows = benchmarking.run_mixed(preset, shapes=args.shapes, adapters=args.adapters, providers=args.providers,
+                                  modes=args.modes, dtype=args.dtype, device=device, r=args.r,
+                                  lora_alpha=args.lora_alpha, check=not args.no_check, warmup_ms=args.warmup_ms,
+                                  rep_ms=args.rep_ms)
+    print(benchmarking.format_mixed_table(rows))
+    out = benchmarking.write_json(rows, args.out or _default_out(rows))
+    print(f"\nwrote {out}")
+    if args.plot:
+        print(f"wrote {benchmarking.plot_mixed_rows(rows, args.plot)}")
+    failed = [r for r in rows if r.get("check_ok") is False]
+    for r in failed:
+        print(f"FAILED: {r['provider']} {r['shape']} adapters={r['adapters']}: {r.get('check_errors')}",
+              file=sys.stderr)
     return 1 if failed else 0
 
 

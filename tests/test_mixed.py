@@ -335,3 +335,14 @@ def test_several_adapters_round_trip_with_peft(tmp_path):
         back.load_adapter(tmp_path / "theirs" / name, name)
     with torch.no_grad():
         assert_rel(back(input_ids=ids, adapter_names=NAMES).logits, expect, 1e-5, "fastpeft loads peft's")
+
+
+def test_mixed_benchmark_harness_runs_and_checks():
+    from fastpeft import benchmarking
+
+    rows = benchmarking.run_mixed("mixed-tiny", adapters=[3], rep_ms=1, warmup_ms=1, device="cpu")
+    assert {r["provider"] for r in rows} == set(benchmarking.MIXED_PROVIDERS)
+    mixed = [r for r in rows if r["provider"] == "fastpeft_mixed"]
+    assert len(mixed) == 2 and all(r["check_ok"] is True for r in mixed)
+    assert all(r["vs_single"] and r["vs_peft"] and r["vs_frozen"] for r in rows)
+    assert "mixed" in benchmarking.format_mixed_table(rows)
