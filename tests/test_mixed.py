@@ -346,3 +346,34 @@ def test_mixed_benchmark_harness_runs_and_checks():
     assert len(mixed) == 2 and all(r["check_ok"] is True for r in mixed)
     assert all(r["vs_single"] and r["vs_peft"] and r["vs_frozen"] for r in rows)
     assert "mixed" in benchmarking.format_mixed_table(rows)
+
+
+def test_4bit_layer_mixed_batch_equals_each_adapter_alone(backend):
+    from fastpeft.layers.lora4bit import FastLoraLinear4bit
+
+    torch.manual_seed(7)
+    layer = FastLoraLinear4bit.from_linear(torch.nn.Linear(64, 24), r=4, lora_alpha=8, init_lora_weights=False)
+    layer.update_layer("b", r=2, lora_alpha=3, init_lora_weights=False, use_rslora=True)
+    layer.set_adapter(["default", "b"])
+    names = ["b", "__base__", "default", "b"]
+    x = torch.randn(4, 5, 64, requires_grad=True)
+    y = layer(x, adapter_names=names)
+    dy = torch.randn(y.shape)
+    y.backward(dy)
+    got = {n: layer.lora_A[n].weight.grad.clone() for n in ("default", "b")}
+    dx = x.grad.clone()
+    layer.zero_grad()
+    x.grad = None
+    for name in ("default", "b", "__base__"):
+        rows = [i for i, n in enumerate(names) if n == name]
+        if name == "__base__":
+            with layer.disable_adapter():
+                alone = layer(x[rows])
+        else:
+            layer.set_adapter(name)
+            alone = layer(x[rows])
+        assert_rel(y[rows], alone, 1e-5, name)
+        alone.backward(dy[rows])
+        if name != "__base__":
+            assert_rel(got[name], layer.lora_A[name].weight.grad, 1e-5, f"dA {name}")
+    assert_rel(dx, x.grad, 1e-5, "dx")

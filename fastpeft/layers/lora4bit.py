@@ -85,6 +85,14 @@ class FastLoraLinear4bit(FastLoraLinear):
         """The base weight as a ``Weight4bit`` (the base's own tensors)."""
         return Weight4bit.from_module(self.base_layer)
 
+    def get_base_weight_for_mixed(self, dtype: torch.dtype) -> torch.Tensor:
+        """Mixed-adapter batches read a dense base: the 4-bit weight decoded to the compute dtype (a fresh
+        tensor per call, kept for the backward in training; a fused 4-bit mixed kernel is future work)."""
+        device_type = self.base_layer.weight.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+        return self.dequantized_weight(dtype if dtype.is_floating_point else torch.float32)
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The base weight decoded to ``dtype`` (out, in)."""
         return self.weight4bit().dequantize(dtype)
@@ -154,7 +162,9 @@ class FastLoraLinear4bit(FastLoraLinear):
         return self.base_layer
 
     # ------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, adapter_names: list[str] | None = None, **kwargs) -> torch.Tensor:
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self._disable_adapters or self.merged:
             return self.base_layer(x, *args, **kwargs)
         if x.dim() == 0 or x.shape[-1] != self.in_features:
