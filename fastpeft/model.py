@@ -446,7 +446,7 @@ def mixed_adapter_batch(model: nn.Module, adapter_names: list[str] | None, expan
     if any(isinstance(m, ModulesToSaveWrapper) for m in model.modules()):
         raise NotImplementedError("adapter_names (mixed-adapter batches) with modules_to_save is not supported "
                                   "by fastpeft yet")
-    if model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+    if model.training and any(m.__dict__.get("gradient_checkpointing") is True for m in model.modules()):
         raise NotImplementedError("adapter_names in training with gradient checkpointing is not supported yet: "
                                   "the recomputation would run without the per-sequence adapters")
     original = _CheckedAdapterNames(adapter_names)

@@ -260,7 +260,8 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_As
         else:
             raise ValueError(f"index must have shape {lead} (per row) or ({x.shape[0]},) (per sequence), "
                              f"got {tuple(index.shape)}")
-    if index.device.type == "cpu" and index.numel() and not bool(((index >= -1) & (index < n)).all()):
+    checkable = index.device.type == "cpu" and not torch.compiler.is_compiling() and index.numel()
+    if checkable and not bool(((index >= -1) & (index < n)).all()):
         raise ValueError(f"index values must be in [-1, {n}) (-1 = base only)")
     if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
         x = x.to(torch.get_autocast_dtype(x.device.type))

@@ -377,3 +377,19 @@ def test_4bit_layer_mixed_batch_equals_each_adapter_alone(backend):
         if name != "__base__":
             assert_rel(got[name], layer.lora_A[name].weight.grad, 1e-5, f"dA {name}")
     assert_rel(dx, x.grad, 1e-5, "dx")
+
+
+def test_compiles_without_graph_breaks(backend):
+    As, Bs = _adapters((3, 5))
+    W = torch.randn(OUT, IN)
+
+    def f(x, idx):
+        return lora_linear_mixed(x, W, None, As, Bs, idx, scales=[1.0, 2.0])
+
+    x, idx = torch.randn(3, 4, IN), torch.tensor([1, -1, 0])
+    ref = f(x, idx)
+    torch._dynamo.reset()
+    y = torch.compile(f, fullgraph=True)(x, idx)
+    assert_rel(y, ref, 1e-6, "compiled")
+    y.sum().backward()
+    assert As[0].grad is not None and As[0].grad.any()
