@@ -79,16 +79,25 @@ def _bench(args: argparse.Namespace) -> int:
                             modes=args.modes, dropouts=args.dropout, dtype=args.dtype, device=device, r=args.r,
                             lora_alpha=args.lora_alpha, check=not args.no_check, warmup_ms=args.warmup_ms,
                             rep_ms=args.rep_ms)
-    print(benchmarking.format_table(rows))
+    failed = [r for r in rows if benchmarking.row_ok(r) is False]
+    return _report(args, rows, benchmarking.format_table(rows), benchmarking.plot_rows, failed,
+                   lambda r: f"GRADIENT CHECK FAILED: {r['provider']} {r['shape']} N={r['tokens']} p={r['dropout']} "
+                             f"{r.get('check_errors')} (tol {r.get('check_tol')})")
+
+
+def _report(args: argparse.Namespace, rows: list[dict], table: str, plot=None, failed=(), describe=None) -> int:
+    """What every preset does with its rows: print the table, write the JSON (and the plot), name the failures.
+
+    Exit status 1 when any row failed: a fast wrong kernel is not a result.
+    """
+    print(table)
     out = benchmarking.write_json(rows, args.out or _default_out(rows))
     print(f"\nwrote {out}")
-    if args.plot:
-        print(f"wrote {benchmarking.plot_rows(rows, args.plot)}")
-    failed = [r for r in rows if benchmarking.row_ok(r) is False]
-    for r in failed:
-        print(f"GRADIENT CHECK FAILED: {r['provider']} {r['shape']} N={r['tokens']} p={r['dropout']} "
-              f"{r.get('check_errors')} (tol {r.get('check_tol')})", file=sys.stderr)
-    return 1 if failed else 0  # a fast wrong kernel is not a result
+    if args.plot and plot is not None:
+        print(f"wrote {plot(rows, args.plot)}")
+    for r in failed if describe is not None else ():
+        print(describe(r), file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _bench_e2e(args: argparse.Namespace, preset: str, device) -> int:
@@ -98,11 +107,8 @@ def _bench_e2e(args: argparse.Namespace, preset: str, device) -> int:
     providers = [p for p in (args.providers or bench_e2e.E2E_PROVIDERS) if p in bench_e2e.E2E_PROVIDERS]
     dropout = args.dropout[0] if args.dropout else 0.1
     rows = bench_e2e.run_e2e(preset, providers, device, r=args.r, dropout=dropout)
-    print(bench_e2e.format_e2e(rows))
-    out = benchmarking.write_json(rows, args.out or _default_out(rows))
-    print(f"\nwrote {out}")
     failed = [r for r in rows if r["provider"] in ("fastpeft", "fastpeft_qlora") and r.get("error")]
-    return 1 if failed else 0
+    return _report(args, rows, bench_e2e.format_e2e(rows), failed=failed)
 
 
 def _bench_mixed(args: argparse.Namespace, preset: str, device) -> int:
@@ -111,16 +117,9 @@ def _bench_mixed(args: argparse.Namespace, preset: str, device) -> int:
                                   modes=args.modes, dtype=args.dtype, device=device, r=args.r,
                                   lora_alpha=args.lora_alpha, check=not args.no_check, warmup_ms=args.warmup_ms,
                                   rep_ms=args.rep_ms)
-    print(benchmarking.format_mixed_table(rows))
-    out = benchmarking.write_json(rows, args.out or _default_out(rows))
-    print(f"\nwrote {out}")
-    if args.plot:
-        print(f"wrote {benchmarking.plot_mixed_rows(rows, args.plot)}")
     failed = [r for r in rows if r.get("check_ok") is False]
-    for r in failed:
-        print(f"FAILED: {r['provider']} {r['shape']} adapters={r['adapters']}: {r.get('check_errors')}",
-              file=sys.stderr)
-    return 1 if failed else 0
+    return _report(args, rows, benchmarking.format_mixed_table(rows), benchmarking.plot_mixed_rows, failed,
+                   lambda r: f"FAILED: {r['provider']} {r['shape']} adapters={r['adapters']}: {r.get('check_errors')}")
 
 
 def _bench_quant(args: argparse.Namespace, preset: str, device) -> int:
@@ -129,18 +128,12 @@ def _bench_quant(args: argparse.Namespace, preset: str, device) -> int:
                                   dropouts=args.dropout, dtype=args.dtype, device=device, r=args.r,
                                   lora_alpha=args.lora_alpha, check=not args.no_check, warmup_ms=args.warmup_ms,
                                   rep_ms=args.rep_ms)
-    print(benchmarking.format_quant_table(rows))
-    out = benchmarking.write_json(rows, args.out or _default_out(rows))
-    print(f"\nwrote {out}")
-    if args.plot:
-        print(f"wrote {benchmarking.plot_rows(rows, args.plot)}")
     # bnb's bare GEMV refusing N > 1 is expected; a fastpeft provider that fails is not.
     failed = [r for r in rows if benchmarking.row_ok(r) is False
               or (r["provider"].startswith("fastpeft") and "error" in r)]
-    for r in failed:
-        print(f"FAILED: {r['provider']} {r['shape']} N={r['tokens']}: {r.get('error') or r.get('check_errors')}",
-              file=sys.stderr)
-    return 1 if failed else 0
+    return _report(args, rows, benchmarking.format_quant_table(rows), benchmarking.plot_rows, failed,
+                   lambda r: f"FAILED: {r['provider']} {r['shape']} N={r['tokens']}: "
+                             f"{r.get('error') or r.get('check_errors')}")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
