@@ -7,7 +7,9 @@
 #   bash bench/gpu_run.sh                              # from the repository root, or anywhere
 #   BENCH_ARGS="--preset tiny" bash bench/gpu_run.sh   # other `fastpeft bench` arguments (a dry run on CPU)
 #   SKIP_VARIANTS=1 SKIP_PYTEST_BENCH=1 bash bench/gpu_run.sh
-#   QUANT_PRESETS="decode-tiny qlora-tiny e2e-tiny" ...  # 4-bit grids + e2e at CPU sizes ("" skips them)
+#   QUANT_PRESETS="decode-tiny qlora-tiny e2e-tiny mixed-tiny" ...  # 4-bit, e2e, mixed at CPU sizes ("" skips)
+# bitsandbytes is not on the device: run bench/prepare_device.sh here first and carry .whl
+# (run(command="bash bench/gpu_run.sh", carry=[".whl"], timeout_s=600)).
 set -u
 cd "$(dirname "$0")/.." || exit 1
 out="${OUT:-bench/results}"
@@ -22,9 +24,10 @@ stamp() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$out/timeline.txt"; }
 # No internet on the GPU box: no build isolation, no dependency resolution.
 stamp install
 pip install --no-deps --no-build-isolation -e . >"$out/pip.log" 2>&1; rc_pip=$?
-for wheel in shared/wheels/bitsandbytes-*.whl; do
-  [ -e "$wheel" ] && pip install --no-deps "$wheel" >>"$out/pip.log" 2>&1
-done
+if [ -d .whl/site ]; then  # bitsandbytes unpacked by bench/prepare_device.sh
+  export PYTHONPATH="$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+python -c 'import bitsandbytes as b; print("bitsandbytes", b.__version__)' >>"$out/pip.log" 2>&1
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1
 python -c 'import torch, triton; print(torch.__version__, triton.__version__)' >>"$out/pip.log" 2>&1
 
@@ -41,11 +44,13 @@ copy_out
 
 # 4-bit: decode GEMV N=1/4/16 (TARGETS.md §3) and the QLoRA layer fwd+bwd (§2); the GEMV's
 # autotune pick per shape is in the log (and collected in autotune-picks.txt at the end).
-# Then e2e: one training step of the TinyLlama-1.1B-shaped model, bf16 and NF4, vs peft (§5).
+# Then e2e: one training step of the TinyLlama-1.1B-shaped model, bf16 and NF4, vs peft (§5),
+# and mixed-adapter batches: 1/4/16/64 adapters vs single-adapter, peft adapter_names, frozen (§4).
 rc_quant=0
-for preset in ${QUANT_PRESETS-decode qlora e2e}; do
+for preset in ${QUANT_PRESETS-decode qlora e2e mixed}; do
   stamp "bench $preset"
-  TRITON_PRINT_AUTOTUNING=1 fastpeft bench --preset "$preset" --out "$name-$preset.json" 2>&1 \
+  TRITON_PRINT_AUTOTUNING=1 fastpeft bench --preset "$preset" --out "$name-$preset.json" \
+      --plot "$name-$preset.png" 2>&1 \
     | tee "$out/bench-$preset.log"
   rc_quant=$((rc_quant || PIPESTATUS[0]))
   copy_out

@@ -74,8 +74,43 @@ class ModulesToSaveWrapper(nn.Module):
             return self.original_module
         return self.modules_to_save[self._active_adapter]
 
-    def forward(self, *args, **kwargs):
-        return self._current()(*args, **kwargs)
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        if adapter_names is None or self._disable_adapters or not args:
+            return self._current()(*args, **kwargs)
+        return self._mixed_forward(adapter_names, *args, **kwargs)
+
+    def _mixed_forward(self, adapter_names: list[str], x: torch.Tensor, *args, **kwargs):
+        """One adapter per row of ``x`` (peft's mixed batch): each group of rows runs through its adapter's
+        copy (the original module for ``"__base__"`` or an adapter this wrapper has no copy for); the output
+        keeps the caller's row order, and each copy's gradient comes only from its own rows."""
+        names = list(adapter_names)
+        if len(names) != x.shape[0]:
+            unexpanded = getattr(adapter_names, "unexpanded", None)  # an encoder's input during beam search
+            if unexpanded is not None and len(unexpanded) == x.shape[0]:
+                names = list(unexpanded)
+            else:
+                raise ValueError(f"Length of `adapter_names` ({len(names)}) should be the same as the batch size "
+                                 f"of the input of modules_to_save ({x.shape[0]})")
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            groups.setdefault(name, []).append(i)
+
+        def module_for(name: str) -> nn.Module:
+            return self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+
+        if len(groups) == 1:
+            return module_for(names[0])(x, *args, **kwargs)
+        outs, order = [], []
+        for name, rows in groups.items():
+            idx = torch.tensor(rows, device=x.device)
+            outs.append(module_for(name)(x.index_select(0, idx), *args, **kwargs))
+            order.extend(rows)
+        if not all(isinstance(o, torch.Tensor) for o in outs):
+            raise TypeError(f"mixed-adapter batches through modules_to_save need a module returning a tensor; "
+                            f"{type(self.original_module).__name__} returned {type(outs[0]).__name__}")
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        return torch.cat(outs).index_select(0, inverse.to(x.device))
 
     def __getattr__(self, name: str):
         try:
@@ -431,6 +466,11 @@ def mixed_adapter_batch(model: nn.Module, adapter_names: list[str] | None, expan
 
     ``expand`` repeats each name (beam search / several returned sequences in ``generate``); an
     encoder, if any, keeps the unexpanded names. Unknown names raise, listing the adapters that exist.
+
+    modules_to_save wrappers run each group of rows through that adapter's copy. Under transformers'
+    gradient checkpointing (``gradient_checkpointing_enable()``) the blocks replayed in backward see the
+    same names; a ``torch.utils.checkpoint`` call of your own must run inside this block's scope, or
+    call the layers with ``adapter_names`` itself.
     """
     if adapter_names is None:
         yield
@@ -443,35 +483,60 @@ def mixed_adapter_batch(model: nn.Module, adapter_names: list[str] | None, expan
     if unknown:
         raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}; this model has "
                          f"adapters {existing} (and '__base__' for the base model alone)")
-    if any(isinstance(m, ModulesToSaveWrapper) for m in model.modules()):
-        raise NotImplementedError("adapter_names (mixed-adapter batches) with modules_to_save is not supported "
-                                  "by fastpeft yet")
-    if model.training and any(m.__dict__.get("gradient_checkpointing") is True for m in model.modules()):
-        raise NotImplementedError("adapter_names in training with gradient checkpointing is not supported yet: "
-                                  "the recomputation would run without the per-sequence adapters")
     original = _CheckedAdapterNames(adapter_names)
     names = _CheckedAdapterNames(n for n in adapter_names for _ in range(max(1, int(expand))))
-
-    def hook_for(value):
-        def hook(module, args, kwargs):
-            kwargs["adapter_names"] = value
-            return args, kwargs
-        return hook
-
-    handles = [layer.register_forward_pre_hook(hook_for(names), with_kwargs=True) for layer in layers]
+    names.unexpanded = original
+    handles = _install_adapter_names(model, names)
+    # transformers' gradient checkpointing replays each block in backward, after this block has removed the
+    # hooks: wrap each block's checkpoint function so that the replay installs them again.
+    swapped = []
+    for module in model.modules():
+        func = module.__dict__.get("_gradient_checkpointing_func")
+        if module.__dict__.get("gradient_checkpointing") is True and callable(func):
+            module._gradient_checkpointing_func = _replaying_checkpoint(func, module, names)
+            swapped.append((module, func))
     get_encoder = getattr(model, "get_encoder", None)
     encoder = None
     if expand > 1 and callable(get_encoder):
         with contextlib.suppress(Exception):
             encoder = get_encoder()
     if isinstance(encoder, nn.Module) and encoder is not model:
-        handles += [m.register_forward_pre_hook(hook_for(original), with_kwargs=True)
-                    for m in encoder.modules() if isinstance(m, FastLoraLinear)]
+        handles += _install_adapter_names(encoder, original, lora_only=True)
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+        for module, func in swapped:
+            module._gradient_checkpointing_func = func
+
+
+def _install_adapter_names(model: nn.Module, names: list[str], lora_only: bool = False) -> list:
+    """Forward pre-hooks handing ``adapter_names=names`` to every LoRA layer (and modules_to_save wrapper)."""
+    kinds = (FastLoraLinear,) if lora_only else (FastLoraLinear, ModulesToSaveWrapper)
+
+    def hook(module, args, kwargs):
+        kwargs["adapter_names"] = names
+        return args, kwargs
+
+    return [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules() if isinstance(m, kinds)]
+
+
+def _replaying_checkpoint(checkpoint_func, block: nn.Module, names: list[str]):
+    """``checkpoint_func`` whose function, run again in backward, sees the same per-sequence adapters."""
+
+    def checkpoint(function, *args, **kwargs):
+        def replay(*a, **k):
+            handles = _install_adapter_names(block, names)
+            try:
+                return function(*a, **k)
+            finally:
+                for handle in handles:
+                    handle.remove()
+
+        return checkpoint_func(replay, *args, **kwargs)
+
+    return checkpoint
 
 
 def _generate_expand(model: nn.Module, kwargs: dict) -> int:

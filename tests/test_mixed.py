@@ -393,3 +393,109 @@ def test_compiles_without_graph_breaks(backend):
     assert_rel(y, ref, 1e-6, "compiled")
     y.sum().backward()
     assert As[0].grad is not None and As[0].grad.any()
+
+
+# ----------------------------------------------------------------------------- modules_to_save, checkpointing
+def _models_with_head(dropout=0.0):
+    """Two adapters, each with its own trained copy of lm_head (modules_to_save), fastpeft and peft."""
+    torch.manual_seed(0)
+    base_a, base_b = _llama().eval(), _llama().eval()
+    base_b.load_state_dict(base_a.state_dict())
+    kws = {"default": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"],
+                           lora_dropout=dropout),
+           "other": dict(r=2, lora_alpha=4, target_modules=["v_proj", "down_proj"], modules_to_save=["lm_head"],
+                         lora_dropout=dropout)}
+    ours = fastpeft.get_peft_model(base_a, fastpeft.LoraConfig(init_lora_weights=False, **kws["default"]))
+    theirs = peft.get_peft_model(base_b, peft.LoraConfig(init_lora_weights=False, **kws["default"]))
+    ours.add_adapter("other", fastpeft.LoraConfig(init_lora_weights=False, **kws["other"]))
+    theirs.add_adapter("other", peft.LoraConfig(init_lora_weights=False, **kws["other"]))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # make every copy of the head differ from the original
+        for name, p in ours.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    missing, unexpected = theirs.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected and not [k for k in missing if "lora_" in k or "modules_to_save" in k]
+    return ours, theirs
+
+
+def test_modules_to_save_mixed_batch_equals_peft():
+    ours, theirs = _models_with_head()
+    ours.eval(), theirs.eval()
+    names = ["other", "__base__", "default", "other"]
+    ids = torch.randint(1, 96, (len(names), 6), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        la = ours(input_ids=ids, adapter_names=names).logits
+        assert_rel(la, theirs(input_ids=ids, adapter_names=names).logits, 1e-5, "mixed logits with lm_head copies")
+        for i, name in enumerate(names):  # each row equals its adapter alone, head copy included
+            if name == "__base__":
+                with ours.disable_adapter():
+                    alone = ours(input_ids=ids[i:i + 1]).logits
+            else:
+                ours.set_adapter(name)
+                alone = ours(input_ids=ids[i:i + 1]).logits
+            assert_rel(la[i:i + 1], alone, 1e-5, f"row {i} ({name})")
+    out_a = ours.generate(input_ids=ids, max_new_tokens=3, do_sample=False, num_beams=2, adapter_names=names)
+    out_b = theirs.generate(input_ids=ids, max_new_tokens=3, do_sample=False, num_beams=2, adapter_names=names)
+    assert torch.equal(out_a, out_b)
+
+
+def _mixed_training_grads(model, names, ids, g, checkpointing=None):
+    model.train()
+    for name, p in model.named_parameters():  # both adapters (and both head copies) trainable
+        p.requires_grad_("lora_" in name or "modules_to_save" in name)
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
+        model.enable_input_require_grads()
+    model.zero_grad()
+    torch.manual_seed(11)
+    (model(input_ids=ids, adapter_names=names).logits * g).sum().backward()
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def test_modules_to_save_mixed_training_grads_come_from_own_rows():
+    ours, theirs = _models_with_head()
+    names = ["other", "default", "__base__", "other"]
+    ids = torch.randint(1, 96, (len(names), 5), generator=torch.Generator().manual_seed(9))
+    g = torch.randn(len(names), 5, 96, generator=torch.Generator().manual_seed(10))
+    grads = _mixed_training_grads(ours, names, ids, g)
+    ref = {}
+    theirs.train()
+    for name in ("default", "other"):  # peft, each adapter on its own rows, separately
+        rows = [i for i, n in enumerate(names) if n == name]
+        theirs.set_adapter(name)
+        theirs.zero_grad()
+        (theirs(input_ids=ids[rows]).logits * g[rows]).sum().backward()
+        ref.update({k: p.grad.clone() for k, p in theirs.named_parameters() if f".{name}." in k and p.grad is not None})
+    assert set(grads) == set(ref) and any("modules_to_save" in k for k in ref)
+    for k, grad in grads.items():
+        assert_rel(grad, ref[k], 1e-4, k)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_replays_the_same_adapters_and_masks(reentrant, monkeypatch):
+    ours, _ = _models_with_head(dropout=0.3)
+    names = ["other", "default", "__base__", "default"]
+    ids = torch.randint(1, 96, (len(names), 5), generator=torch.Generator().manual_seed(12))
+    g = torch.randn(len(names), 5, 96, generator=torch.Generator().manual_seed(13))
+    plain = _mixed_training_grads(ours, names, ids, g)
+    calls = []
+    handles = [m.register_forward_hook(lambda *a: calls.append(1)) for m in ours.modules()
+               if isinstance(m, FastLoraLinear)]
+    ckpt = _mixed_training_grads(ours, names, ids, g, checkpointing=reentrant)
+    for h in handles:
+        h.remove()
+    n_layers = sum(isinstance(m, FastLoraLinear) for m in ours.modules())
+    assert len(calls) > n_layers  # LoRA layers ran again in backward (non-reentrant may stop early)
+    assert set(ckpt) == set(plain)
+    for k in plain:  # same rows, same adapters, same dropout masks on the replay: bit-identical
+        assert torch.equal(ckpt[k], plain[k]), k
+    # negative control: a replay without the adapter names (the hooks gone) gives other gradients
+    monkeypatch.setattr(fastpeft.model, "_replaying_checkpoint", lambda func, block, names: func)
+    # (the non-reentrant one notices that the replay saved other tensors and raises)
+    try:
+        wrong = _mixed_training_grads(ours, names, ids, g, checkpointing=reentrant)
+        assert any(not torch.equal(wrong[k], plain[k]) for k in plain)
+    except torch.utils.checkpoint.CheckpointError:
+        assert not reentrant
+    ours.gradient_checkpointing_disable()
