@@ -454,9 +454,14 @@ def _wrap_4bit(module: nn.Module, adapter_name: str, kw: dict[str, Any]) -> nn.M
 
 
 class _CheckedAdapterNames(list):
-    """adapter_names checked against the whole model: a layer lacking one of them uses its base for it."""
+    """adapter_names checked against the whole model: a layer lacking one of them uses its base for it.
+    ``rows_cache`` holds the sorted rows the layers share (see ``FastLoraLinear._mixed_batch_forward``)."""
 
     _fastpeft_model_checked = True
+
+    def __init__(self, names=()):
+        super().__init__(names)
+        self.rows_cache: dict = {}
 
 
 @contextlib.contextmanager

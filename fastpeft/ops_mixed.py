@@ -222,11 +222,33 @@ def sort_rows(index: Tensor, n_adapters: int) -> tuple[Tensor, Tensor, Tensor]:
     return idx_s, perm, seg
 
 
+def mixed_rows(index: Tensor, x: Tensor, n_adapters: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Check ``index`` against ``x`` and sort its rows by adapter: ``(idx_s, perm, seg)`` as
+    :func:`sort_rows` gives them. ``index`` has ``x.shape[:-1]`` (one adapter per row) or ``x.shape[:1]``
+    (one per sequence). Layers that share one batch can compute this once and pass it as ``rows=``."""
+    if index.dtype.is_floating_point or index.dtype == torch.bool:
+        raise TypeError(f"index must be an integer tensor, got {index.dtype}")
+    lead = tuple(x.shape[:-1])
+    if tuple(index.shape) != lead:
+        if x.dim() >= 2 and index.dim() == 1 and index.shape[0] == x.shape[0]:
+            index = index.to(x.device).reshape(-1, *([1] * (x.dim() - 2))).expand(lead)
+        else:
+            raise ValueError(f"index must have shape {lead} (per row) or ({x.shape[0]},) (per sequence), "
+                             f"got {tuple(index.shape)}")
+    checkable = index.device.type == "cpu" and not torch.compiler.is_compiling() and index.numel()
+    if checkable and not bool(((index >= -1) & (index < n_adapters)).all()):
+        raise ValueError(f"index values must be in [-1, {n_adapters}) (-1 = base only)")
+    return sort_rows(index.to(x.device), n_adapters)
+
+
 def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_As: Sequence[Tensor],
-                      lora_Bs: Sequence[Tensor], index: Tensor, *, scales: Sequence[float],
+                      lora_Bs: Sequence[Tensor], index: Optional[Tensor], *, scales: Sequence[float],
                       dropout_ps: Sequence[float] | None = None, training: bool = True,
-                      fan_in_fan_out: bool = False, seed: Optional[Tensor] = None) -> Tensor:
+                      fan_in_fan_out: bool = False, seed: Optional[Tensor] = None,
+                      rows: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> Tensor:
     """``y[m] = x[m] W0ᵀ + b + s_a · (D_a(x[m]) A_aᵀ) B_aᵀ`` with ``a = index[m]`` (``-1``: base only).
+
+    ``rows`` (from :func:`mixed_rows`) replaces ``index`` when several layers share one batch.
 
     ``lora_As[a]`` (r_a, in) and ``lora_Bs[a]`` (out, r_a) may differ in rank; ``scales[a]`` and
     ``dropout_ps[a]`` are per adapter. ``index`` is an integer tensor with ``x.shape[:-1]`` (one
@@ -251,18 +273,13 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_As
     ps = [0.0] * n if dropout_ps is None else [float(p) for p in dropout_ps]
     if len(ps) != n or not all(0.0 <= p < 1.0 for p in ps):
         raise ValueError(f"need one dropout probability in [0, 1) per adapter, got {ps}")
-    if index.dtype.is_floating_point or index.dtype == torch.bool:
-        raise TypeError(f"index must be an integer tensor, got {index.dtype}")
-    lead = tuple(x.shape[:-1])
-    if tuple(index.shape) != lead:
-        if x.dim() >= 2 and index.dim() == 1 and index.shape[0] == x.shape[0]:
-            index = index.to(x.device).reshape(-1, *([1] * (x.dim() - 2))).expand(lead)
-        else:
-            raise ValueError(f"index must have shape {lead} (per row) or ({x.shape[0]},) (per sequence), "
-                             f"got {tuple(index.shape)}")
-    checkable = index.device.type == "cpu" and not torch.compiler.is_compiling() and index.numel()
-    if checkable and not bool(((index >= -1) & (index < n)).all()):
-        raise ValueError(f"index values must be in [-1, {n}) (-1 = base only)")
+    if rows is None:
+        if index is None:
+            raise ValueError("lora_linear_mixed needs index (or rows from mixed_rows)")
+        rows = mixed_rows(index, x, n)
+    elif rows[0].numel() != x.numel() // max(1, x.shape[-1]) or rows[2].numel() != n + 1:
+        raise ValueError(f"rows were sorted for {rows[0].numel()} rows and {rows[2].numel() - 1} adapters; "
+                         f"this call has {x.numel() // max(1, x.shape[-1])} rows and {n} adapters")
     if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
         x = x.to(torch.get_autocast_dtype(x.device.type))
     ps = ps if training else [0.0] * n
@@ -271,11 +288,11 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_As
     elif seed is None:
         seed = draw_seed(x.device)
     A_stack, B_stack = stack_adapters(list(lora_As), list(lora_Bs))
-    idx_s, perm, seg = sort_rows(index.to(x.device), n)
+    idx_s, perm, seg = rows
     y, _ = _lora_mixed_op(x, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed,
                           [float(s) for s in scales], ps, bool(fan_in_fan_out))
     return y
 
 
-__all__ = ["BASE", "lora_linear_mixed", "sort_rows", "stack_adapters", "torch_mixed_backward",
+__all__ = ["BASE", "lora_linear_mixed", "mixed_rows", "sort_rows", "stack_adapters", "torch_mixed_backward",
            "torch_mixed_forward"]

@@ -499,3 +499,30 @@ def test_gradient_checkpointing_replays_the_same_adapters_and_masks(reentrant, m
     except torch.utils.checkpoint.CheckpointError:
         assert not reentrant
     ours.gradient_checkpointing_disable()
+
+
+def test_layers_share_one_row_sort_per_batch(monkeypatch):
+    ours, _ = _models()
+    import fastpeft.ops_mixed as om
+    calls = []
+    real = om.sort_rows
+    monkeypatch.setattr(om, "sort_rows", lambda *a: calls.append(1) or real(*a))
+    ids = torch.randint(1, 96, (len(NAMES), 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expect = torch.stack([ours(input_ids=ids, adapter_names=NAMES).logits])  # cached path
+    layers = [m for m in ours.modules() if isinstance(m, FastLoraLinear)]
+    # one sort per distinct set of adapters a layer holds, not one per layer
+    distinct = {tuple(n for n in dict.fromkeys(NAMES) if n in m.lora_A) for m in layers}
+    assert len(calls) == len(distinct) < len(layers)
+    calls.clear()
+    class Checked(list):  # checked against the model, but without the shared cache
+        _fastpeft_model_checked = True
+
+    with torch.no_grad():  # the layers each sorting their own rows agree
+        hooks = [m.register_forward_pre_hook(lambda mod, a, kw: (a, {**kw, "adapter_names": Checked(NAMES)}),
+                                             with_kwargs=True) for m in layers]
+        plain = ours.base_model.model(input_ids=ids).logits
+        for h in hooks:
+            h.remove()
+    assert len(calls) == len(layers)
+    assert torch.equal(plain, expect[0])

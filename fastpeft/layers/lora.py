@@ -19,7 +19,7 @@ from torch import nn
 
 from ..ops import lora_linear
 from ..ops_mixed import BASE as _BASE_NAME
-from ..ops_mixed import lora_linear_mixed
+from ..ops_mixed import lora_linear_mixed, mixed_rows
 
 _INIT_CHOICES = (True, False, "gaussian", "pissa")
 
@@ -421,10 +421,19 @@ class FastLoraLinear(nn.Module):
         present = [n for n in dict.fromkeys(names) if n in self.lora_A]
         if not present:
             return self.base_layer(x, *args, **kwargs)
-        pos = {n: i for i, n in enumerate(present)}
-        index = torch.tensor([pos.get(n, -1) for n in names], dtype=torch.int32).to(x.device, non_blocking=True)
+        # The model-level names carry a cache: layers with the same adapters and input shape share the
+        # index upload and the row sort (one per batch shape instead of one per layer).
+        cache = getattr(adapter_names, "rows_cache", None)
+        key = (tuple(present), x.device, tuple(x.shape[:-1]))
+        rows = None if cache is None else cache.get(key)
+        if rows is None:
+            pos = {n: i for i, n in enumerate(present)}
+            index = torch.tensor([pos.get(n, -1) for n in names], dtype=torch.int32)
+            rows = mixed_rows(index.to(x.device, non_blocking=True), x, len(present))
+            if cache is not None:
+                cache[key] = rows
         return lora_linear_mixed(x, weight, self.base_layer.bias, [self.lora_A[n].weight for n in present],
-                                 [self.lora_B[n].weight for n in present], index,
+                                 [self.lora_B[n].weight for n in present], None, rows=rows,
                                  scales=[self.scaling[n] for n in present],
                                  dropout_ps=[self._dropout_p(n) for n in present], training=self.training,
                                  fan_in_fan_out=self.fan_in_fan_out)
