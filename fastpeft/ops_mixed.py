@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import ops4bit as _ops4bit
 from . import reference
 from .ops import _flat, _out_features, backend_for, draw_seed
+from .quant import Weight4bit
 
 try:
     from .kernels import lora_mixed as _kmixed
@@ -119,9 +121,15 @@ def torch_mixed_backward(dy, x2d, weight, A_stack, B_stack, xa, idx_s, perm, seg
 def _lora_mixed_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_stack: Tensor, B_stack: Tensor,
                    idx_s: Tensor, perm: Tensor, seg: Tensor, seed: Optional[Tensor], scales: list[float],
                    dropout_ps: list[float], fan_in_fan_out: bool) -> tuple[Tensor, Tensor]:
+    return _forward_impl(x, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed, scales, dropout_ps,
+                         fan_in_fan_out, backend_for(x) == "triton")
+
+
+def _forward_impl(x, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed, scales, dropout_ps, fan_in_fan_out,
+                  triton):
     x2d = _flat(x)
     with torch.autocast(x.device.type, enabled=False):
-        if backend_for(x) == "triton":
+        if triton:
             y, xa = _kmixed.lora_mixed_forward(x2d, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed,
                                                _meta(scales, dropout_ps, x.device), fan_in_fan_out)
         else:
@@ -145,9 +153,15 @@ def _lora_mixed_backward_op(dy: Tensor, x: Tensor, weight: Tensor, A_stack: Tens
                             idx_s: Tensor, perm: Tensor, seg: Tensor, seed: Optional[Tensor], scales: list[float],
                             dropout_ps: list[float], fan_in_fan_out: bool, need_dx: bool, need_dA: bool,
                             need_dB: bool, need_dbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _backward_impl(dy, x, weight, A_stack, B_stack, xa, idx_s, perm, seg, seed, scales, dropout_ps,
+                          fan_in_fan_out, need_dx, need_dA, need_dB, need_dbias, backend_for(x) == "triton")
+
+
+def _backward_impl(dy, x, weight, A_stack, B_stack, xa, idx_s, perm, seg, seed, scales, dropout_ps, fan_in_fan_out,
+                   need_dx, need_dA, need_dB, need_dbias, triton):
     x2d, dy2d = _flat(x), _flat(dy)
     with torch.autocast(x.device.type, enabled=False):
-        if backend_for(x) == "triton":
+        if triton:
             grads = _kmixed.lora_mixed_backward(dy2d, x2d, weight, A_stack, B_stack, xa, idx_s, perm, seg, seed,
                                                 _meta(scales, dropout_ps, x.device), fan_in_fan_out,
                                                 need_dx, need_dA, need_dB, need_dbias)
@@ -196,6 +210,87 @@ def _backward(ctx, dy, _dxa):
 
 
 _lora_mixed_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- the op on a 4-bit base
+# Same math with W0 = dequant(W4): decoded into the shared workspace (``fastpeft.ops4bit``) for the
+# call and decoded again in backward for dx — no dense copy of the base is kept between the two
+# (QLoRA's memory saving holds for mixed batches too). Format arguments as ``fastpeft::lora_linear_4bit``.
+@torch.library.custom_op("fastpeft::lora_mixed_4bit", mutates_args=())
+def _lora_mixed_4bit_op(x: Tensor, packed: Tensor, absmax: Tensor, code: Optional[Tensor],
+                        nested_code: Optional[Tensor], nested_absmax: Optional[Tensor], offset: Optional[Tensor],
+                        zeros: Optional[Tensor], bias: Optional[Tensor], A_stack: Tensor, B_stack: Tensor,
+                        idx_s: Tensor, perm: Tensor, seg: Tensor, seed: Optional[Tensor], fmt: int, blocksize: int,
+                        nested_blocksize: int, out_features: int, in_features: int, scales: list[float],
+                        dropout_ps: list[float]) -> tuple[Tensor, Tensor]:
+    triton = backend_for(x) == "triton"
+    w = _ops4bit._decoded(_ops4bit._weight(packed, absmax, code, nested_code, nested_absmax, offset, zeros, fmt,
+                                           blocksize, nested_blocksize, out_features, in_features), x.dtype, triton)
+    return _forward_impl(x, w, bias, A_stack, B_stack, idx_s, perm, seg, seed, scales, dropout_ps, False, triton)
+
+
+@_lora_mixed_4bit_op.register_fake
+def _(x, packed, absmax, code, nested_code, nested_absmax, offset, zeros, bias, A_stack, B_stack, idx_s, perm, seg,
+      seed, fmt, blocksize, nested_blocksize, out_features, in_features, scales, dropout_ps):
+    torch._check(x.shape[-1] == in_features, lambda: "x and the 4-bit weight disagree on in_features")
+    n = 1
+    for s in x.shape[:-1]:
+        n = n * s
+    return x.new_empty(*x.shape[:-1], out_features), x.new_empty(n, A_stack.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastpeft::lora_mixed_4bit_backward", mutates_args=())
+def _lora_mixed_4bit_backward_op(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, code: Optional[Tensor],
+                                 nested_code: Optional[Tensor], nested_absmax: Optional[Tensor],
+                                 offset: Optional[Tensor], zeros: Optional[Tensor], A_stack: Tensor, B_stack: Tensor,
+                                 xa: Tensor, idx_s: Tensor, perm: Tensor, seg: Tensor, seed: Optional[Tensor],
+                                 fmt: int, blocksize: int, nested_blocksize: int, out_features: int,
+                                 in_features: int, scales: list[float], dropout_ps: list[float], need_dx: bool,
+                                 need_dA: bool, need_dB: bool,
+                                 need_dbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    triton = backend_for(x) == "triton"
+    if need_dx:  # W0 is read for dx only
+        w = _ops4bit._decoded(_ops4bit._weight(packed, absmax, code, nested_code, nested_absmax, offset, zeros, fmt,
+                                               blocksize, nested_blocksize, out_features, in_features), dy.dtype,
+                              triton)
+    else:
+        w = dy.new_empty(out_features, in_features)  # shape only: never read
+    return _backward_impl(dy, x, w, A_stack, B_stack, xa, idx_s, perm, seg, seed, scales, dropout_ps, False,
+                          need_dx, need_dA, need_dB, need_dbias, triton)
+
+
+@_lora_mixed_4bit_backward_op.register_fake
+def _(dy, x, packed, absmax, code, nested_code, nested_absmax, offset, zeros, A_stack, B_stack, xa, idx_s, perm,
+      seg, seed, fmt, blocksize, nested_blocksize, out_features, in_features, scales, dropout_ps, need_dx, need_dA,
+      need_dB, need_dbias):
+    return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
+            A_stack.new_empty(A_stack.shape) if need_dA else x.new_empty(0),
+            B_stack.new_empty(B_stack.shape) if need_dB else x.new_empty(0),
+            x.new_empty(out_features, dtype=torch.float32) if need_dbias else x.new_empty(0))
+
+
+def _setup_context_4bit(ctx, inputs, output):
+    (x, packed, absmax, code, nested_code, nested_absmax, offset, zeros, bias, A_stack, B_stack, idx_s, perm, seg,
+     seed, fmt, blocksize, nested_blocksize, out_features, in_features, scales, dropout_ps) = inputs
+    _, xa = output
+    ctx.save_for_backward(x, packed, absmax, code, nested_code, nested_absmax, offset, zeros, A_stack, B_stack, xa,
+                          idx_s, perm, seg, seed)
+    ctx.meta = (fmt, blocksize, nested_blocksize, out_features, in_features, scales, dropout_ps)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.mark_non_differentiable(xa)
+
+
+def _backward_4bit(ctx, dy, _dxa):
+    need = ctx.needs_input_grad
+    need_dx, need_dbias, need_dA, need_dB = need[0], need[8], need[9], need[10]
+    dx, dA, dB, dbias = _lora_mixed_4bit_backward_op(dy, *ctx.saved_tensors, *ctx.meta, need_dx, need_dA, need_dB,
+                                                     need_dbias)
+    return ((dx if need_dx else None,) + (None,) * 7
+            + (dbias.to(ctx.bias_dtype) if need_dbias else None, dA if need_dA else None, dB if need_dB else None)
+            + (None,) * 11)
+
+
+_lora_mixed_4bit_op.register_autograd(_backward_4bit, setup_context=_setup_context_4bit)
 
 
 # ----------------------------------------------------------------------------- public entry points
@@ -248,6 +343,9 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_As
                       rows: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> Tensor:
     """``y[m] = x[m] W0ᵀ + b + s_a · (D_a(x[m]) A_aᵀ) B_aᵀ`` with ``a = index[m]`` (``-1``: base only).
 
+    ``weight`` is a dense (out, in) tensor ((in, out) with ``fan_in_fan_out``) or a 4-bit
+    ``fastpeft.quant.Weight4bit`` (decoded per call into the shared workspace, never kept).
+
     ``rows`` (from :func:`mixed_rows`) replaces ``index`` when several layers share one batch.
 
     ``lora_As[a]`` (r_a, in) and ``lora_Bs[a]`` (out, r_a) may differ in rank; ``scales[a]`` and
@@ -259,8 +357,14 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_As
                               scales=[2.0, 0.5])
     """
     n = len(lora_As)
-    in_features = weight.shape[0] if fan_in_fan_out else weight.shape[1]
-    out_features = _out_features(weight, fan_in_fan_out)
+    quantized = isinstance(weight, Weight4bit)
+    if quantized:
+        if fan_in_fan_out:
+            raise ValueError("a 4-bit base stores its weight as (out, in): fan_in_fan_out must be False")
+        in_features, out_features = weight.in_features, weight.out_features
+    else:
+        in_features = weight.shape[0] if fan_in_fan_out else weight.shape[1]
+        out_features = _out_features(weight, fan_in_fan_out)
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"expected input of shape (..., {in_features}), got {tuple(x.shape)}")
     if n == 0 or len(lora_Bs) != n or len(scales) != n:
@@ -289,6 +393,13 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_As
         seed = draw_seed(x.device)
     A_stack, B_stack = stack_adapters(list(lora_As), list(lora_Bs))
     idx_s, perm, seg = rows
+    if quantized:
+        fmt = _ops4bit.FMT_INT4 if weight.quant_type == "int4" else _ops4bit.FMT_BNB
+        y, _ = _lora_mixed_4bit_op(x, weight.packed, weight.absmax, weight.code, weight.nested_code,
+                                   weight.nested_absmax, weight.offset, weight.zeros, bias, A_stack, B_stack, idx_s,
+                                   perm, seg, seed, fmt, int(weight.blocksize), int(weight.nested_blocksize),
+                                   out_features, in_features, [float(s) for s in scales], ps)
+        return y
     y, _ = _lora_mixed_op(x, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed,
                           [float(s) for s in scales], ps, bool(fan_in_fan_out))
     return y

@@ -379,9 +379,52 @@ def test_4bit_layer_mixed_batch_equals_each_adapter_alone(backend):
     assert_rel(dx, x.grad, 1e-5, "dx")
 
 
-def test_compiles_without_graph_breaks(backend):
+@pytest.mark.parametrize("quant_type", ["nf4", "int4"])
+def test_4bit_mixed_training_keeps_no_dense_weight_and_equals_dense(backend, quant_type):
+    """Mixed batches on a 4-bit base: same outputs, dropout masks and gradients as the dense op on the
+    decoded weight, and nothing of the base's (out, in) size saved for backward."""
+    from fastpeft.layers.lora4bit import FastLoraLinear4bit
+
+    torch.manual_seed(3)
+    q = FastLoraLinear4bit.from_linear(torch.nn.Linear(64, 24), r=4, lora_alpha=8, lora_dropout=0.2,
+                                       init_lora_weights=False, quant_type=quant_type, blocksize=32)
+    q.update_layer("b", r=2, lora_alpha=3, lora_dropout=0.1, init_lora_weights=False)
+    dense = FastLoraLinear(64, 24, r=4, lora_alpha=8, lora_dropout=0.2)
+    dense.update_layer("b", r=2, lora_alpha=3, lora_dropout=0.1)
+    with torch.no_grad():
+        dense.base_layer.weight.copy_(q.dequantized_weight())
+        dense.base_layer.bias.copy_(q.base_layer.bias)
+    dense.load_state_dict({k: v for k, v in q.state_dict().items() if "lora_" in k}, strict=False)
+    names = ["b", "__base__", "default", "b", "default"]
+    x = torch.randn(5, 3, 64)
+    results = []
+    for layer in (q, dense):
+        layer.set_adapter(["default", "b"])  # both trainable
+        layer.train()
+        xi = x.clone().requires_grad_()
+        saved = []
+        torch.manual_seed(11)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            y = layer(xi, adapter_names=names)
+        y.backward(torch.ones_like(y))
+        results.append((y, xi.grad, {k: p.grad for k, p in layer.named_parameters() if "lora_" in k}, saved))
+    (yq, dxq, gq, saved_q), (yd, dxd, gd, saved_d) = results
+    assert (24, 64) in saved_d and (24, 64) not in saved_q  # the dense op keeps W0 (its input); 4-bit: none
+    assert_rel(yq, yd, 1e-5, "y")
+    assert_rel(dxq, dxd, 1e-5, "dx")
+    assert set(gq) == set(gd) and len(gq) == 4
+    for k in gq:
+        assert_rel(gq[k], gd[k], 1e-5, k)
+
+
+@pytest.mark.parametrize("base", ["dense", "nf4"])
+def test_compiles_without_graph_breaks(backend, base):
     As, Bs = _adapters((3, 5))
     W = torch.randn(OUT, IN)
+    if base == "nf4":
+        from fastpeft.quant import Weight4bit, quantize_linear
+
+        W = Weight4bit.from_module(quantize_linear(torch.nn.Linear(IN, OUT, bias=False), "nf4", 64, True))
 
     def f(x, idx):
         return lora_linear_mixed(x, W, None, As, Bs, idx, scales=[1.0, 2.0])

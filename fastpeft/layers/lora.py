@@ -439,8 +439,8 @@ class FastLoraLinear(nn.Module):
                                  fan_in_fan_out=self.fan_in_fan_out)
 
     def get_base_weight_for_mixed(self, dtype: torch.dtype) -> torch.Tensor:
-        """The dense frozen base weight the mixed-adapter op reads (the 4-bit layer dequantizes it to
-        ``dtype`` here; this layer returns its own weight)."""
+        """The frozen base weight the mixed-adapter op reads: this layer's own dense weight (the 4-bit
+        layer returns its ``Weight4bit``, which the op decodes per call)."""
         weight = self.base_layer.weight
         if weight.requires_grad:
             raise RuntimeError("FastLoraLinear keeps its base weight frozen, but base_layer.weight.requires_grad "

@@ -85,13 +85,10 @@ class FastLoraLinear4bit(FastLoraLinear):
         """The base weight as a ``Weight4bit`` (the base's own tensors)."""
         return Weight4bit.from_module(self.base_layer)
 
-    def get_base_weight_for_mixed(self, dtype: torch.dtype) -> torch.Tensor:
-        """Mixed-adapter batches read a dense base: the 4-bit weight decoded to the compute dtype (a fresh
-        tensor per call, kept for the backward in training; a fused 4-bit mixed kernel is future work)."""
-        device_type = self.base_layer.weight.device.type
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-        return self.dequantized_weight(dtype if dtype.is_floating_point else torch.float32)
+    def get_base_weight_for_mixed(self, dtype: torch.dtype) -> Weight4bit:
+        """Mixed-adapter batches read the 4-bit base as it is: the op decodes it per call (into the
+        shared workspace on GPU) and again in backward, so no dense copy is kept for training."""
+        return self.weight4bit()
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The base weight decoded to ``dtype`` (out, in)."""
