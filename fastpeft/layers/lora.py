@@ -376,24 +376,24 @@ class FastLoraLinear(nn.Module):
         if self._disable_adapters or self.merged:
             return self.base_layer(x, *args, **kwargs)
         if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"FastLoraLinear expected input of shape (..., {self.in_features}), "
+            raise ValueError(f"{type(self).__name__} expected input of shape (..., {self.in_features}), "
                              f"got {tuple(x.shape)}")
-        weight = self.base_layer.weight
-        if weight.requires_grad:
-            raise RuntimeError("FastLoraLinear keeps its base weight frozen, but base_layer.weight.requires_grad "
-                               "is True; call base_layer.weight.requires_grad_(False)")
         active = [n for n in self._active_adapters if n in self.lora_A]
         if not active:
             return self.base_layer(x, *args, **kwargs)
         first, *rest = active
-        y = lora_linear(x, weight, self.base_layer.bias, self.lora_A[first].weight, self.lora_B[first].weight,
-                        scale=self.scaling[first], dropout_p=self._dropout_p(first), training=self.training,
-                        fan_in_fan_out=self.fan_in_fan_out)
-        for name in rest:
+        y = self._fused_forward(x, first)
+        for name in rest:  # further active adapters (rare): added unfused, as peft does
             A = self.lora_A[name]
             xd = self.lora_dropout[name](x.to(A.weight.dtype))
             y = y + (self.lora_B[name](A(xd)) * self.scaling[name]).to(y.dtype)
         return y
+
+    def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The base layer plus adapter ``name`` in one fused op (``fastpeft.ops.lora_linear``)."""
+        return lora_linear(x, self.base_weight_for_op(), self.base_layer.bias, self.lora_A[name].weight,
+                           self.lora_B[name].weight, scale=self.scaling[name], dropout_p=self._dropout_p(name),
+                           training=self.training, fan_in_fan_out=self.fan_in_fan_out)
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
         """One adapter per sequence (``x.shape[0]`` names; ``"__base__"`` = no adapter), as peft's
@@ -415,9 +415,9 @@ class FastLoraLinear(nn.Module):
         if self._disable_adapters:
             return self.base_layer(x, *args, **kwargs)
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"FastLoraLinear expected input of shape (..., {self.in_features}), "
+            raise ValueError(f"{type(self).__name__} expected input of shape (..., {self.in_features}), "
                              f"got {tuple(x.shape)}")
-        weight = self.get_base_weight_for_mixed(x.dtype)
+        weight = self.base_weight_for_op()
         present = [n for n in dict.fromkeys(names) if n in self.lora_A]
         if not present:
             return self.base_layer(x, *args, **kwargs)
@@ -438,9 +438,9 @@ class FastLoraLinear(nn.Module):
                                  dropout_ps=[self._dropout_p(n) for n in present], training=self.training,
                                  fan_in_fan_out=self.fan_in_fan_out)
 
-    def get_base_weight_for_mixed(self, dtype: torch.dtype) -> torch.Tensor:
-        """The frozen base weight the mixed-adapter op reads: this layer's own dense weight (the 4-bit
-        layer returns its ``Weight4bit``, which the op decodes per call)."""
+    def base_weight_for_op(self) -> torch.Tensor:
+        """The frozen base weight the fused ops read: this layer's own dense weight (the 4-bit layer
+        returns its ``Weight4bit``, which the ops decode per call)."""
         weight = self.base_layer.weight
         if weight.requires_grad:
             raise RuntimeError("FastLoraLinear keeps its base weight frozen, but base_layer.weight.requires_grad "

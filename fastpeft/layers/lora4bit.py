@@ -85,9 +85,9 @@ class FastLoraLinear4bit(FastLoraLinear):
         """The base weight as a ``Weight4bit`` (the base's own tensors)."""
         return Weight4bit.from_module(self.base_layer)
 
-    def get_base_weight_for_mixed(self, dtype: torch.dtype) -> Weight4bit:
-        """Mixed-adapter batches read the 4-bit base as it is: the op decodes it per call (into the
-        shared workspace on GPU) and again in backward, so no dense copy is kept for training."""
+    def base_weight_for_op(self) -> Weight4bit:
+        """The 4-bit base as it is (its own tensors): the ops decode it per call (into the shared
+        workspace on GPU) and again in backward, so no dense copy is kept for training."""
         return self.weight4bit()
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -159,26 +159,11 @@ class FastLoraLinear4bit(FastLoraLinear):
         return self.base_layer
 
     # ------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor, *args, adapter_names: list[str] | None = None, **kwargs) -> torch.Tensor:
-        if adapter_names is not None:
-            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        if self._disable_adapters or self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"FastLoraLinear4bit expected input of shape (..., {self.in_features}), "
-                             f"got {tuple(x.shape)}")
-        active = [n for n in self._active_adapters if n in self.lora_A]
-        if not active:
-            return self.base_layer(x, *args, **kwargs)
-        first, *rest = active
-        y = lora_linear_4bit(x, self.weight4bit(), self.base_layer.bias, self.lora_A[first].weight,
-                             self.lora_B[first].weight, scale=self.scaling[first], dropout_p=self._dropout_p(first),
-                             training=self.training)
-        for name in rest:
-            A = self.lora_A[name]
-            xd = self.lora_dropout[name](x.to(A.weight.dtype))
-            y = y + (self.lora_B[name](A(xd)) * self.scaling[name]).to(y.dtype)
-        return y
+    def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The 4-bit base plus adapter ``name`` in one fused op (``fastpeft.ops4bit.lora_linear_4bit``)."""
+        return lora_linear_4bit(x, self.weight4bit(), self.base_layer.bias, self.lora_A[name].weight,
+                                self.lora_B[name].weight, scale=self.scaling[name], dropout_p=self._dropout_p(name),
+                                training=self.training)
 
     def __repr__(self) -> str:
         return "fastpeft." + nn.Module.__repr__(self)
