@@ -3,6 +3,10 @@
 The base comes from ``--model``, else from the adapter folder's ``base_model/``
 (written by ``fastpeft train`` for the embedded default), else from the
 adapter config's ``base_model_name_or_path`` when that is a local folder.
+A QLoRA adapter (its ``train_log.json`` says ``--method qlora`` or
+``--load-in-4bit``) gets its base quantized to NF4 as in training, so the
+adapter sees the weights it was trained on; ``--load-in-4bit`` /
+``--no-load-in-4bit`` decide explicitly.
 
 Example::
 
@@ -29,15 +33,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--merge", action="store_true", help="merge the adapter into the base first")
     p.add_argument("--no-adapter", action="store_true", help="generate with the base alone (for comparison)")
+    p.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None,
+                   help="quantize the base to NF4 before loading the adapter (default: as the adapter was "
+                        "trained, read from its train_log.json)")
+    p.add_argument("--quantizer", default=None, choices=["fastpeft", "bitsandbytes"],
+                   help="who quantizes with --load-in-4bit (default: as in training, else fastpeft)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
 
 
-def load(adapter: str, model_path: str | None = None, device: str | torch.device = "cpu"):
-    """(peft model, tokenizer) for an adapter folder, the base found as described in the module docstring."""
+def trained_in_4bit(adapter: str) -> tuple[bool, str]:
+    """(whether ``fastpeft train`` quantized the base for this adapter, its quantizer), from train_log.json."""
+    path = os.path.join(adapter, "train_log.json")
+    try:
+        args = json.load(open(path, encoding="utf-8")).get("args", {})
+    except (OSError, ValueError, AttributeError):
+        return False, "fastpeft"
+    return bool(args.get("load_in_4bit") or args.get("method") == "qlora"), args.get("quantizer") or "fastpeft"
+
+
+def load(adapter: str, model_path: str | None = None, device: str | torch.device = "cpu",
+         load_in_4bit: bool | None = None, quantizer: str | None = None):
+    """(peft model, tokenizer) for an adapter folder, the base found as described in the module docstring.
+
+    ``load_in_4bit=None`` quantizes the base when the adapter was trained on a 4-bit base."""
     from . import PeftModel
     from .data import ByteTokenizer, HFTokenizer
-    from .train import BASE_DIR, DEFAULT_MODEL
+    from .train import BASE_DIR, DEFAULT_MODEL, quantize_base
 
     if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
         raise SystemExit(f"fastpeft generate: {adapter!r} has no adapter_config.json")
@@ -57,6 +79,12 @@ def load(adapter: str, model_path: str | None = None, device: str | torch.device
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base = AutoModelForCausalLM.from_pretrained(base_path)
+    trained_4bit, trained_quantizer = trained_in_4bit(adapter)
+    if load_in_4bit is None:
+        load_in_4bit = trained_4bit
+    if load_in_4bit:
+        dtype = next(base.parameters()).dtype
+        base = quantize_base(base, quantizer or trained_quantizer, dtype)
     if os.path.isfile(os.path.join(adapter, "fastpeft_tokenizer.json")):
         tok = ByteTokenizer()
     else:
@@ -73,7 +101,8 @@ def main(args: argparse.Namespace) -> int:
     if args.merge and args.no_adapter:
         raise SystemExit("fastpeft generate: --merge and --no-adapter contradict each other")
     torch.manual_seed(args.seed)
-    model, tok = load(args.adapter, args.model, device)
+    model, tok = load(args.adapter, args.model, device, load_in_4bit=getattr(args, "load_in_4bit", None),
+                      quantizer=getattr(args, "quantizer", None))
     if args.merge:
         model = model.merge_and_unload()
     for prompt in args.prompt:

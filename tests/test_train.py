@@ -180,6 +180,29 @@ def test_generate_command_reloads_base_and_adapter(tmp_path, capsys):
     assert "upper: abc =" in out
 
 
+def test_generate_reloads_a_qlora_adapter_on_the_4bit_base(tmp_path, capsys):
+    from fastpeft import generate
+    from fastpeft.layers.lora4bit import FastLoraLinear4bit
+
+    result = train(_args(tmp_path, "--method", "qlora", "--max-steps", "3", "--eval-generate", "0", "--lr", "1e-2"))
+    trained = result.model.eval()
+    ids = torch.tensor([TOK.encode("upper: abc =", add_special_tokens=True)])
+    with torch.no_grad():
+        expect = trained(input_ids=ids).logits
+        model, _ = generate.load(str(tmp_path / "run"))  # 4-bit read from train_log.json
+        assert any(isinstance(m, FastLoraLinear4bit) for m in model.modules())
+        got = model(input_ids=ids).logits
+        dense, _ = generate.load(str(tmp_path / "run"), load_in_4bit=False)
+        assert not any(isinstance(m, FastLoraLinear4bit) for m in dense.modules())
+        other = dense(input_ids=ids).logits
+    err = (got - expect).abs().max().item()
+    assert err < 1e-4 * expect.abs().max().item(), err  # the same model as at the end of training
+    assert (other - expect).abs().max().item() > 10 * max(err, 1e-7)  # the unquantized base is another model
+    assert cli.main(["generate", "--adapter", str(tmp_path / "run"), "--prompt", "upper: abc =",
+                     "--max-new-tokens", "3", "--no-load-in-4bit"]) == 0
+    assert "upper: abc =" in capsys.readouterr().out
+
+
 def test_trainer_trains_a_fastpeft_model_unchanged(tmp_path):
     transformers = pytest.importorskip("transformers")
     import fastpeft
