@@ -24,6 +24,11 @@ stamp() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$out/timeline.txt"; }
 # No internet on the GPU box: no build isolation, no dependency resolution.
 stamp install
 pip install --no-deps --no-build-isolation -e . >"$out/pip.log" 2>&1; rc_pip=$?
+if [ "$rc_pip" != 0 ]; then
+  # Used from the checkout instead (fastpeft maps kernels/ to fastpeft.kernels itself then).
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  echo "pip install failed (rc=$rc_pip): running from the checkout with PYTHONPATH" | tee -a "$out/pip.log"
+fi
 if [ -d .whl/site ]; then  # bitsandbytes unpacked by bench/prepare_device.sh
   export PYTHONPATH="$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
@@ -38,7 +43,7 @@ rc_tests=${PIPESTATUS[0]}
 # The canonical cells (TARGETS.md), with the autotuner's choices in the log.
 stamp bench
 # shellcheck disable=SC2086  # bench_args is a list of words
-TRITON_PRINT_AUTOTUNING=1 fastpeft bench $bench_args --out "$name.json" --plot "$name.png" 2>&1 | tee "$out/bench.log"
+TRITON_PRINT_AUTOTUNING=1 python -m fastpeft bench $bench_args --out "$name.json" --plot "$name.png" 2>&1 | tee "$out/bench.log"
 rc_bench=${PIPESTATUS[0]}
 copy_out
 
@@ -49,7 +54,7 @@ copy_out
 rc_quant=0
 for preset in ${QUANT_PRESETS-decode qlora e2e mixed}; do
   stamp "bench $preset"
-  TRITON_PRINT_AUTOTUNING=1 fastpeft bench --preset "$preset" --out "$name-$preset.json" \
+  TRITON_PRINT_AUTOTUNING=1 python -m fastpeft bench --preset "$preset" --out "$name-$preset.json" \
       --plot "$name-$preset.png" 2>&1 \
     | tee "$out/bench-$preset.log"
   rc_quant=$((rc_quant || PIPESTATUS[0]))
@@ -63,7 +68,7 @@ if [ "${SKIP_VARIANTS:-0}" != 1 ]; then
     stamp "variant $variant"
     tag=$(echo "$variant" | tr 'A-Z=' 'a-z-')
     # shellcheck disable=SC2086
-    env "$variant" TRITON_PRINT_AUTOTUNING=1 fastpeft bench $bench_args --providers frozen cublas fastpeft \
+    env "$variant" TRITON_PRINT_AUTOTUNING=1 python -m fastpeft bench $bench_args --providers frozen cublas fastpeft \
         --dropout 0.1 --no-check --out "$name-$tag.json" 2>&1 | tee "$out/bench-$tag.log"
     rc_var=$((rc_var || PIPESTATUS[0]))
     copy_out

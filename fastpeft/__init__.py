@@ -6,6 +6,33 @@ Example::
     layer = FastLoraLinear.from_linear(model.q_proj, r=16, lora_alpha=32, lora_dropout=0.1)
 """
 
+
+def _kernels_from_source_tree() -> None:
+    """``setup.py`` installs the repository's ``kernels/`` as ``fastpeft.kernels``. Used straight from a
+    checkout (``PYTHONPATH=.``, no install), that mapping is missing: load the folder under that name."""
+    import importlib.util
+    import os
+    import sys
+
+    if "fastpeft.kernels" in sys.modules or importlib.util.find_spec("fastpeft.kernels") is not None:
+        return
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    init = os.path.join(folder, "__init__.py")
+    if not os.path.isfile(init):
+        return
+    spec = importlib.util.spec_from_file_location("fastpeft.kernels", init, submodule_search_locations=[folder])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fastpeft.kernels"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["fastpeft.kernels"]
+        raise
+
+
+_kernels_from_source_tree()
+
+# The imports below come after the kernels are importable (E402 is ignored for this file).
 from .config import LoraConfig
 from .convert import from_peft, to_peft
 from .layers import FastLoraLinear, FastLoraLinear4bit

@@ -614,7 +614,7 @@ def _decode_steps(spec: LayerSpec, base: nn.Linear, lin4: nn.Module, A: Tensor, 
     a provider are recorded on its row, not fatal (bnb's bare GEMV takes one row only, say)."""
     import bitsandbytes.functional as bnbf
 
-    from fastpeft.kernels import lora_gemv_4bit
+    from fastpeft.kernels import interpreting, lora_gemv_4bit
 
     st = lin4.weight.quant_state
     q = lin4.weight.data
@@ -642,9 +642,10 @@ def _decode_steps(spec: LayerSpec, base: nn.Linear, lin4: nn.Module, A: Tensor, 
         "frozen": (lambda: torch.nn.functional.linear(xd, w), weight_bytes(w), "torch.nn.functional.linear"),
         "bnb_linear4bit": (lambda: lin4(xd), weight_bytes(lin4), type(lin4).__name__),
         "bnb_gemv_4bit": (bnb_gemv, weight_bytes(lin4), "bitsandbytes.functional.gemv_4bit"),
-        "fastpeft_gemv": (gemv(False), weight_bytes(lin4), "fastpeft.kernels.lora_gemv_4bit"),
-        "fastpeft_gemv_lora": (gemv(True), weight_bytes(lin4), "fastpeft.kernels.lora_gemv_4bit + x·Aᵀ"),
     }
+    if x.device.type == "cuda" or interpreting():  # the bare Triton kernel has no CPU fallback
+        steps["fastpeft_gemv"] = (gemv(False), weight_bytes(lin4), "fastpeft.kernels.lora_gemv_4bit")
+        steps["fastpeft_gemv_lora"] = (gemv(True), weight_bytes(lin4), "fastpeft.kernels.lora_gemv_4bit + x·Aᵀ")
     if _fast4bit_class() is not None:
         layer = _fast4bit(spec, lin4, A, B).module.eval()
         steps["fastpeft_4bit"] = (lambda: layer(xd), weight_bytes(lin4), type(layer).__name__)
@@ -683,7 +684,9 @@ def _run_quant_cell(grid: QuantPreset, shape: str, n: int, providers: Sequence[s
         for provider in providers:
             row = {**env, **cell, "provider": provider, "mode": "fwd", "dropout": None, "adapter_dtype": None}
             if provider not in steps:
-                rows.append({**row, "missing": "fastpeft.layers.FastLoraLinear4bit not importable"})
+                why = ("the Triton GEMV needs CUDA (or TRITON_INTERPRET=1)" if provider.startswith("fastpeft_gemv")
+                       else "fastpeft.layers.FastLoraLinear4bit not importable")
+                rows.append({**row, "missing": why})
                 continue
             step, row["weight_bytes"], row["module"] = steps[provider]
             rows.append(_timed_row(row, step, dev, warmup_ms, rep_ms, refs.get(

@@ -402,9 +402,14 @@ def test_4bit_mixed_training_keeps_no_dense_weight_and_equals_dense(backend, qua
         layer.set_adapter(["default", "b"])  # both trainable
         layer.train()
         xi = x.clone().requires_grad_()
-        saved = []
+        saved: list = []
+
+        def pack(t, saved=saved):
+            saved.append(tuple(t.shape))
+            return t
+
         torch.manual_seed(11)
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             y = layer(xi, adapter_names=names)
         y.backward(torch.ones_like(y))
         results.append((y, xi.grad, {k: p.grad for k, p in layer.named_parameters() if "lora_" in k}, saved))
