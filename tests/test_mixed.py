@@ -574,3 +574,88 @@ def test_layers_share_one_row_sort_per_batch(monkeypatch):
             h.remove()
     assert len(calls) == len(layers)
     assert torch.equal(plain, expect[0])
+
+
+# ----------------------------------------------------------------------------- compiled kernels on a GPU
+def _mixed_grads64(x2d, W, b, As, Bs, index, scales, ps, seed, dy):
+    """fp64 autograd reference on CPU: per adapter its rows, dropout keyed by the global row."""
+    x64 = x2d.detach().cpu().double().requires_grad_()
+    b64 = b.detach().cpu().double().requires_grad_()
+    A64 = [A.detach().cpu().double().requires_grad_() for A in As]
+    B64 = [B.detach().cpu().double().requires_grad_() for B in Bs]
+    index = index.cpu()
+    y = x64 @ W.detach().cpu().double().t() + b64
+    for a in range(len(As)):
+        rows = (index == a).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        xs = x64[rows]
+        if ps[a] > 0:
+            xs = xs * dropout_keep_rows(seed.cpu(), rows, x2d.shape[1], ps[a]).double() / (1 - ps[a])
+        y = y.index_add(0, rows, scales[a] * (xs @ A64[a].t()) @ B64[a].t())
+    y.backward(dy.detach().cpu().double())
+    return y.detach(), [x64.grad, b64.grad, *[A.grad for A in A64], *[B.grad for B in B64]]
+
+
+def _check_mixed_vs_fp64(dev, dtype, p, base, monkeypatch, T=97, fin=320, fout=448):
+    """The mixed kernels (forward, dx, per-adapter dA/dB, db) against fp64, by the tolerance rule with
+    the PyTorch path in the same dtype on the same device as the low-precision yardstick. Ranks 1..64
+    in one batch, a single-row adapter, base rows, row blocks straddling adapters."""
+    from fastpeft.quant import Weight4bit, quantize_linear
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    seq_idx = [1, -1, 0, 2, 1, 3, 0, 0]
+    ranks, scales = (3, 16, 1, 64), [2.0, 0.5, 1.25, 0.25]
+    ps = [p, p, 0.0, 2 * p]
+    W = (torch.randn(fout, fin, device=dev, generator=g) / fin**0.5).to(dtype)
+    if base == "nf4":
+        lin = torch.nn.Linear(fin, fout, bias=False, device=dev)
+        lin.weight.data.copy_(W.float())
+        weight = Weight4bit.from_module(quantize_linear(lin, "nf4", 64, True))
+        W_ref = weight.dequantize(torch.float32)
+    else:
+        weight = W_ref = W
+    b = torch.randn(fout, device=dev, generator=g).to(dtype).requires_grad_()
+    As = [(torch.randn(r, fin, device=dev, generator=g) / fin**0.5).requires_grad_() for r in ranks]
+    Bs = [(torch.randn(fout, r, device=dev, generator=g) / r**0.5).requires_grad_() for r in ranks]
+    x = torch.randn(len(seq_idx), T, fin, device=dev, generator=g).to(dtype).requires_grad_()
+    dy = torch.randn(len(seq_idx), T, fout, device=dev, generator=g).to(dtype)
+    seed = torch.tensor([1234], dtype=torch.int64, device=dev)
+    index = torch.tensor(seq_idx, device=dev)
+    results = {}
+    for backend_name in ("triton", "torch"):
+        monkeypatch.setenv("FASTPEFT_BACKEND", backend_name)
+        for t in (x, b, *As, *Bs):
+            t.grad = None
+        before = sum(v for k, v in LAUNCHES.items() if k.startswith("mixed_"))
+        y = lora_linear_mixed(x, weight, b, As, Bs, index, scales=scales, dropout_ps=ps, seed=seed)
+        y.backward(dy)
+        launched = sum(v for k, v in LAUNCHES.items() if k.startswith("mixed_")) - before
+        assert (launched > 0) == (backend_name == "triton")
+        results[backend_name] = (y.detach(), [t.grad.clone() for t in (x, b, *As, *Bs)])
+    y64, g64 = _mixed_grads64(x.reshape(-1, fin), W_ref, b, As, Bs, index.repeat_interleave(T), scales, ps, seed,
+                              dy.reshape(-1, fout))
+    (y, grads), (y_lp, grads_lp) = results["triton"], results["torch"]
+    # the yardstick must itself be near fp64 (else a wrong reference would pass both alike)
+    sane = 1e-5 if dtype == torch.float32 else 2e-2
+    assert_rel(y_lp.reshape(-1, fout).cpu(), y64, sane, "torch-path y vs fp64")
+    assert_rule(y.reshape(-1, fout).cpu(), y64, y_lp.reshape(-1, fout).cpu(), 2.0, "y")
+    names = ["dx", "db", *[f"dA{a}" for a in range(len(ranks))], *[f"dB{a}" for a in range(len(ranks))]]
+    for name, ours, ref, lp in zip(names, grads, g64, grads_lp):
+        shape = ref.shape
+        assert_rel(lp.reshape(shape).cpu(), ref, sane, f"torch-path {name} vs fp64")
+        assert_rule(ours.reshape(shape).cpu(), ref, lp.reshape(shape).cpu(), 3.0, name)
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("base", ["dense", "nf4"])
+def test_mixed_kernels_vs_fp64_interpreted(base, monkeypatch):
+    _check_mixed_vs_fp64("cpu", torch.float32, 0.1, base, monkeypatch, T=5, fin=70, fout=90)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("base", ["dense", "nf4"])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_mixed_kernels_vs_fp64(dtype, p, base, monkeypatch):
+    _check_mixed_vs_fp64("cuda", dtype, p, base, monkeypatch)
