@@ -19,6 +19,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def autotuning() -> bool:
+    """False under ``FASTPEFT_AUTOTUNE=0``: each launch takes the first (pruned) config that fits the
+    device instead of timing them all — for correctness runs, where every timed config is one more
+    compile. Benchmarks and training keep autotuning (the default)."""
+    return os.environ.get("FASTPEFT_AUTOTUNE", "1").strip() != "0"
+
+
 def _cfg(bm, bn, bk, group, stages, warps, **extra):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, **extra},
                          num_stages=stages, num_warps=warps)

@@ -44,8 +44,17 @@ from collections import Counter
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
-from .configs import REDUCE_ROW_UNIT, down_configs, gemm_configs, interpreting, keep_for_rows, reduce_configs
+from .configs import (
+    REDUCE_ROW_UNIT,
+    autotuning,
+    down_configs,
+    gemm_configs,
+    interpreting,
+    keep_for_rows,
+    reduce_configs,
+)
 from .lora_gemm_tma import _lora_gemm_tma_kernel, make_descriptors, tma_configs, tma_supported
 from .philox import keep_tile
 from .tiles import rank_r_update
@@ -254,12 +263,31 @@ def _m_key(m: int) -> int:
 
 
 def _launch(tuned, raw, grid, args, kwargs, config):
+    if config is None and not autotuning():
+        _launch_untuned(tuned, raw, grid, args, kwargs)
+        return
     if config is None:
         tuned[grid](*args, **kwargs)
         return
     if config.pre_hook is not None:
         config.pre_hook({**dict(zip(raw.arg_names, args)), **kwargs, **config.kwargs})
     raw[grid](*args, **kwargs, **config.all_kwargs())
+
+
+def _launch_untuned(tuned, raw, grid, args, kwargs):
+    """``FASTPEFT_AUTOTUNE=0``: the autotuner's own pruning, then the first config that fits the device
+    (a config over the shared-memory or register limit raises OutOfResources, as the autotuner skips)."""
+    candidates = tuned.configs
+    prune = getattr(tuned, "early_config_prune", None)
+    if prune is not None:
+        candidates = prune(candidates, {**dict(zip(raw.arg_names, args)), **kwargs}) or candidates
+    for i, cfg in enumerate(candidates):
+        try:
+            _launch(tuned, raw, grid, args, kwargs, cfg)
+            return
+        except OutOfResources:
+            if i == len(candidates) - 1:
+                raise
 
 
 def _f32_precision(dtype: torch.dtype) -> str:

@@ -356,3 +356,43 @@ def test_tma_fold_keeps_fp16_in_range(monkeypatch):
         y = K.lora_gemm(x, W, None, xa, B.t(), lora_scale=1.0, impl=impl)
         assert torch.isfinite(y).all(), impl
         assert_rel(y, x.double() @ W.double().t() + xa.double() @ B.double().t(), 2e-3, impl)
+
+
+def test_untuned_launch_prunes_then_skips_configs_that_do_not_fit(monkeypatch):
+    """FASTPEFT_AUTOTUNE=0: the autotuner's prune, then the first config that launches."""
+    from triton.runtime.errors import OutOfResources
+
+    from fastpeft.kernels import lora_linear as LL
+
+    launched = []
+
+    class Raw:
+        arg_names = ["x_ptr", "M_KEY"]
+
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                if kw["BLOCK_M"] == 128:
+                    raise OutOfResources(300_000, 232_448, "shared memory")
+                launched.append(kw["BLOCK_M"])
+            return run
+
+    class Tuned:
+        configs = [triton.Config({"BLOCK_M": m}) for m in (16, 128, 64, 32)]
+        @staticmethod
+        def early_config_prune(cfgs, named, **kw):  # thin tiles for few rows, as keep_for_rows
+            return [c for c in cfgs if (c.kwargs["BLOCK_M"] <= 32) == (named["M_KEY"] <= 32)]
+
+        def __getitem__(self, grid):
+            raise AssertionError("the autotuner must not run")
+
+    monkeypatch.setenv("FASTPEFT_AUTOTUNE", "0")
+    LL._launch(Tuned(), Raw(), (1,), (None,), {"M_KEY": 4096}, None)  # 128 pruned in, does not fit: 64
+    LL._launch(Tuned(), Raw(), (1,), (None,), {"M_KEY": 8}, None)  # small rows: 16 first
+    assert launched == [64, 16]
+
+    class AllTooBig(Tuned):
+        configs = [triton.Config({"BLOCK_M": 128})]
+        early_config_prune = None
+
+    with pytest.raises(OutOfResources):
+        LL._launch(AllTooBig(), Raw(), (1,), (None,), {"M_KEY": 4096}, None)
