@@ -56,7 +56,7 @@ copy_out
 # Then e2e: one training step of the TinyLlama-1.1B-shaped model, bf16 and NF4, vs peft (§5),
 # and mixed-adapter batches: 1/4/16/64 adapters vs single-adapter, peft adapter_names, frozen (§4).
 rc_quant=0
-for preset in ${QUANT_PRESETS-decode qlora e2e mixed}; do
+for preset in ${QUANT_PRESETS-decode qlora mixed e2e}; do
   stamp "bench $preset"
   TRITON_PRINT_AUTOTUNING=1 python -m fastpeft bench --preset "$preset" --out "$name-$preset.json" \
       --plot "$name-$preset.png" 2>&1 \
