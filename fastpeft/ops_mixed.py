@@ -340,13 +340,16 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_As
                       lora_Bs: Sequence[Tensor], index: Optional[Tensor], *, scales: Sequence[float],
                       dropout_ps: Sequence[float] | None = None, training: bool = True,
                       fan_in_fan_out: bool = False, seed: Optional[Tensor] = None,
-                      rows: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> Tensor:
+                      rows: Optional[tuple[Tensor, Tensor, Tensor]] = None,
+                      stacks: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
     """``y[m] = x[m] W0ᵀ + b + s_a · (D_a(x[m]) A_aᵀ) B_aᵀ`` with ``a = index[m]`` (``-1``: base only).
 
     ``weight`` is a dense (out, in) tensor ((in, out) with ``fan_in_fan_out``) or a 4-bit
     ``fastpeft.quant.Weight4bit`` (decoded per call into the shared workspace, never kept).
 
-    ``rows`` (from :func:`mixed_rows`) replaces ``index`` when several layers share one batch.
+    ``rows`` (from :func:`mixed_rows`) replaces ``index`` when several layers share one batch;
+    ``stacks`` (from :func:`stack_adapters` of the same adapters) skips restacking them, e.g. across
+    the decode steps of one ``generate`` call (no gradient flows through a reused stack).
 
     ``lora_As[a]`` (r_a, in) and ``lora_Bs[a]`` (out, r_a) may differ in rank; ``scales[a]`` and
     ``dropout_ps[a]`` are per adapter. ``index`` is an integer tensor with ``x.shape[:-1]`` (one
@@ -391,7 +394,7 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_As
         seed = None
     elif seed is None:
         seed = draw_seed(x.device)
-    A_stack, B_stack = stack_adapters(list(lora_As), list(lora_Bs))
+    A_stack, B_stack = stacks if stacks is not None else stack_adapters(list(lora_As), list(lora_Bs))
     idx_s, perm, seg = rows
     if quantized:
         fmt = _ops4bit.FMT_INT4 if weight.quant_type == "int4" else _ops4bit.FMT_BNB

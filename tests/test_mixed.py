@@ -659,3 +659,23 @@ def test_mixed_kernels_vs_fp64_interpreted(base, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_mixed_kernels_vs_fp64(dtype, p, base, monkeypatch):
     _check_mixed_vs_fp64("cuda", dtype, p, base, monkeypatch)
+
+
+def test_generate_stacks_each_layers_adapters_once(monkeypatch):
+    import fastpeft.layers.lora as lora_mod
+    import fastpeft.ops_mixed as om
+
+    ours, theirs = _models()
+    ids = torch.randint(1, 96, (3, 5), generator=torch.Generator().manual_seed(3))
+    names = ["third", "__base__", "second"]
+    calls, uncached = [], []
+    real = om.stack_adapters
+    monkeypatch.setattr(lora_mod, "stack_adapters", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(om, "stack_adapters", lambda *a: uncached.append(1) or real(*a))
+    out = ours.generate(input_ids=ids, max_new_tokens=5, do_sample=False, adapter_names=names)
+    layers = [m for m in ours.modules() if isinstance(m, FastLoraLinear) and set(names) & set(m.lora_A)]
+    assert len(calls) == len(layers) and not uncached  # once per layer for the 5 steps, not per step
+    assert torch.equal(out, theirs.generate(input_ids=ids, max_new_tokens=5, do_sample=False, adapter_names=names))
+    with torch.no_grad():  # a later call stacks again (the cache lives for one call)
+        ours(input_ids=ids, adapter_names=names)
+    assert len(calls) == 2 * len(layers)

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..ops import lora_linear
 from ..ops_mixed import BASE as _BASE_NAME
-from ..ops_mixed import lora_linear_mixed, mixed_rows
+from ..ops_mixed import lora_linear_mixed, mixed_rows, stack_adapters
 
 _INIT_CHOICES = (True, False, "gaussian", "pissa")
 
@@ -432,8 +432,16 @@ class FastLoraLinear(nn.Module):
             rows = mixed_rows(index.to(x.device, non_blocking=True), x, len(present))
             if cache is not None:
                 cache[key] = rows
-        return lora_linear_mixed(x, weight, self.base_layer.bias, [self.lora_A[n].weight for n in present],
-                                 [self.lora_B[n].weight for n in present], None, rows=rows,
+        As, Bs = [self.lora_A[n].weight for n in present], [self.lora_B[n].weight for n in present]
+        stacks = None
+        if cache is not None and not torch.is_grad_enabled():
+            # Without gradients (generate), the stacked adapters are kept for the rest of the call: the
+            # decode steps reuse them instead of restacking every adapter of every layer per token.
+            skey = ("stacks", id(self), tuple(present), tuple(w._version for w in (*As, *Bs)))
+            stacks = cache.get(skey)
+            if stacks is None:
+                stacks = cache[skey] = stack_adapters(As, Bs)
+        return lora_linear_mixed(x, weight, self.base_layer.bias, As, Bs, None, rows=rows, stacks=stacks,
                                  scales=[self.scaling[n] for n in present],
                                  dropout_ps=[self._dropout_p(n) for n in present], training=self.training,
                                  fan_in_fan_out=self.fan_in_fan_out)
