@@ -222,6 +222,21 @@ def test_accelerate_launch_fastpeft_train(tmp_path):
 
 
 @pytest.mark.gpu
+def test_ddp_two_ranks_sharing_one_gpu(tmp_path):
+    """DDP with the compiled kernels on CUDA tensors, two ranks on one GPU (gloo carries the all-reduce:
+    NCCL refuses two ranks on one device): the same training as one CPU process on the whole batch."""
+    run_torchrun(["--modes", "ddp", "--out", str(tmp_path / "multi"), "--shared-gpu"])
+    _worker_module().main(["--modes", "single", "--out", str(tmp_path / "one")])
+    one, multi = _load(tmp_path, "one", "single"), _load(tmp_path, "multi", "ddp")
+    assert multi["world"] == NPROC and multi["wrapper"] == "DistributedDataParallel"
+    for step, (lm, lo) in enumerate(zip(multi["loss"], one["loss"])):
+        assert abs(lm - lo) <= 1e-4 * abs(lo), f"step {step}: loss {lm} vs {lo}"
+    for step in range(len(one["grads"])):
+        for name, g in one["grads"][step].items():
+            assert_rel(multi["grads"][step][name], g, 1e-3, f"step {step} grad {name}")
+
+
+@pytest.mark.gpu
 def test_nccl_ddp_and_fsdp2_on_gpus(tmp_path):
     """The same runs with NCCL, one GPU per rank (the worker picks NCCL when every rank has a GPU)."""
     if torch.cuda.device_count() < NPROC:

@@ -168,6 +168,8 @@ def main(argv=None) -> int:
                              "or accelerate alone (under accelerate launch)")
     parser.add_argument("--out", required=True, help="folder; each mode writes into <out>/<mode>")
     parser.add_argument("--save", action="store_true", help="save the adapter before and after training")
+    parser.add_argument("--shared-gpu", action="store_true",
+                        help="every rank on cuda:0 with gloo (NCCL refuses two ranks on one GPU): DDP only")
     args = parser.parse_args(argv)
     modes = args.modes.split(",")
 
@@ -181,6 +183,11 @@ def main(argv=None) -> int:
         assert modes == ["accelerate"], "accelerate runs alone"
         accelerator = Accelerator()
         world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    elif world > 1 and args.shared_gpu:
+        assert all(m == "ddp" for m in modes), "FSDP2 needs a collective gloo lacks on CUDA tensors; DDP only"
+        device = torch.device("cuda", 0)
+        torch.cuda.set_device(device)
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     elif world > 1:
         if torch.cuda.is_available() and torch.cuda.device_count() >= world:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
