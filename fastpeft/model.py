@@ -29,6 +29,22 @@ _CLASSIFIER_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifi
                      "QUESTION_ANS": ["qa_outputs"]}
 
 
+def delegating_getattr(inner: str, *own: str):
+    """A ``__getattr__`` for an ``nn.Module`` wrapper: a name ``nn.Module`` does not find is looked up on the
+    submodule ``inner`` (``inner`` itself and the names in ``own`` raise ``AttributeError`` as usual)."""
+    kept = (inner, *own)
+
+    def __getattr__(self, name: str):
+        try:
+            return nn.Module.__getattr__(self, name)
+        except AttributeError:
+            if name in kept:
+                raise
+            return getattr(getattr(self, inner), name)
+
+    return __getattr__
+
+
 # --------------------------------------------------------------------------- modules_to_save
 class ModulesToSaveWrapper(nn.Module):
     """A module trained in full beside the adapters (peft's class of the same name and layout).
@@ -112,13 +128,7 @@ class ModulesToSaveWrapper(nn.Module):
         inverse[torch.tensor(order)] = torch.arange(len(order))
         return torch.cat(outs).index_select(0, inverse.to(x.device))
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("original_module", "modules_to_save"):
-                raise
-            return getattr(self.original_module, name)
+    __getattr__ = delegating_getattr("original_module", "modules_to_save")
 
 
 # --------------------------------------------------------------------------- matching
@@ -235,13 +245,7 @@ class LoraModel(nn.Module):
         for name, cfg in configs.items():
             self.inject_adapter(cfg, name)
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
+    __getattr__ = delegating_getattr("model")
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         with mixed_adapter_batch(self.model, adapter_names):
@@ -609,13 +613,7 @@ class PeftModel(nn.Module):
         if cfg.base_model_name_or_path is None and name_or_path:
             cfg.base_model_name_or_path = name_or_path
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
+    __getattr__ = delegating_getattr("base_model")
 
     # ----------------------------------------------------------------- running
     forward = _ForwardDescriptor()

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..model import ModulesToSaveWrapper
+from ..model import ModulesToSaveWrapper, delegating_getattr
 from ..model import PeftModel as _LoraPeftModel
 from ..save import PICKLE_NAME, SAFETENSORS_NAME, read_adapter_file
 from .configs import SUPPORTED_TASK_TYPES, MethodConfig
@@ -200,13 +200,7 @@ class AdapterLayer(nn.Module):
     def _on(self) -> bool:
         return not self.disable_adapters and self.has_adapter(self.active_adapter)
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
+    __getattr__ = delegating_getattr("base_layer")
 
 
 # --------------------------------------------------------------------------- tuner model
@@ -275,13 +269,7 @@ class MethodTuner(nn.Module):
             self.replace_module(key, wrapper._current() if merge else wrapper.original_module)
         return self.model
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
+    __getattr__ = delegating_getattr("model")
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
