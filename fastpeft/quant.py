@@ -784,11 +784,12 @@ def quantize_linear(linear: nn.Linear, quant_type: str = "nf4", blocksize: int =
 
 def quantize_model(model: nn.Module, quant_type: str = "nf4", blocksize: int = 64, compress_statistics: bool = True,
                    compute_dtype: torch.dtype | None = None, backend: str = "fastpeft",
-                   skip_modules: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+                   skip_modules: tuple[str, ...] = ("lm_head",), progressbar: bool = True) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` by a 4-bit one, in place (QLoRA's base model); returns ``model``.
 
     The output head (``model.get_output_embeddings()`` and modules named in ``skip_modules``) stays in
-    full precision, as transformers' bitsandbytes loading does. Example::
+    full precision, as transformers' bitsandbytes loading does. ``progressbar`` shows a tqdm bar on a
+    terminal (a large model takes minutes on CPU). Example::
 
         model = quantize_model(AutoModelForCausalLM.from_pretrained(path), compute_dtype=torch.bfloat16)
         model = prepare_model_for_kbit_training(model)
@@ -801,7 +802,10 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", blocksize: int = 6
         if any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip_modules):
             continue
         targets.append(name)
-    for name in targets:
+    from tqdm.auto import tqdm
+
+    for name in tqdm(targets, desc=f"Quantizing to {quant_type}", unit="layer", leave=False,
+                     disable=None if progressbar else True):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, quantize_linear(getattr(parent, child), quant_type, blocksize, compress_statistics,
