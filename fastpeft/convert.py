@@ -16,7 +16,7 @@ import warnings
 from torch import nn
 
 from .layers.lora import FastLoraLinear, _base_shape
-from .model import ModulesToSaveWrapper, PeftModel, _is_linear4bit, _parent
+from .model import ModulesToSaveWrapper, PeftModel, _is_linear4bit, parent_of
 
 
 def _register_with_peft() -> None:
@@ -78,7 +78,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         if not (isinstance(base, nn.Linear) or type(base).__name__ == "Conv1D" or _is_linear4bit(base)):
             skipped.append(f"{name} ({type(base).__name__})")
             continue
-        parent, child = _parent(peft_model, name)
+        parent, child = parent_of(peft_model, name)
         setattr(parent, child, _adopt(module, name))
         converted += 1
     if skipped:
@@ -133,7 +133,7 @@ def to_peft(model: nn.Module) -> nn.Module:
     count = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, FastLoraLinear):
-            parent, child = _parent(model, name)
+            parent, child = parent_of(model, name)
             setattr(parent, child, _to_peft_layer(module))
             count += 1
     if count == 0:
@@ -153,7 +153,7 @@ def _fastpeft_to_peft(model: PeftModel) -> nn.Module:
     # modules_to_save: the base keeps its original module (the trained copies travel in the state dicts);
     # unload() alone would put the active copy in its place, and peft would then wrap that as the original
     for key, wrapper in list(model.base_model.modules_to_save_wrappers()):
-        parent, child = _parent(model.base_model.model, key)
+        parent, child = parent_of(model.base_model.model, key)
         setattr(parent, child, wrapper.original_module)
     base = model.unload()
     for wrapper_parent in [n for n, m in base.named_modules() if isinstance(m, ModulesToSaveWrapper)]:

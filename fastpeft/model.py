@@ -218,16 +218,46 @@ def _resolve_targets(model: nn.Module, config: LoraConfig) -> list[str] | str:
     return targets
 
 
+_LORA_INTERNALS = ("base_layer", "lora_A", "lora_B", "original_module", "modules_to_save")
+
+
 def _is_inside_lora(model: nn.Module, name: str) -> bool:
     parts = name.split(".")
-    return any(p in ("base_layer", "lora_A", "lora_B", "original_module", "modules_to_save") for p in parts)
+    return any(p in _LORA_INTERNALS for p in parts)
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """(parent module, attribute name) of the submodule ``name``."""
     if "." in name:
         parent_name, child = name.rsplit(".", 1)
         return model.get_submodule(parent_name), child
     return model, name
+
+
+def named_modules_of(model: nn.Module, kind: type | tuple[type, ...]) -> Iterator[tuple[str, Any]]:
+    """(name, module) for every submodule of ``model`` that is a ``kind``."""
+    for name, module in model.named_modules():
+        if isinstance(module, kind):
+            yield name, module
+
+
+def wrap_matching_modules(model: nn.Module, names: list[str], adapter_name: str,
+                          skip_parts: tuple[str, ...]) -> list[str]:
+    """Put every module of ``model`` whose name is, or ends with, one of ``names`` in a ``ModulesToSaveWrapper``
+    (one already wrapped gets a copy for ``adapter_name``), passing over names with a part in ``skip_parts``;
+    returns the wrapped names."""
+    wrapped = []
+    for key in [n for n, _ in model.named_modules() if n] if names else []:
+        if any(p in skip_parts for p in key.split(".")) or not any(key == m or key.endswith(f".{m}") for m in names):
+            continue
+        module = model.get_submodule(key)
+        if isinstance(module, ModulesToSaveWrapper):
+            module.update(adapter_name)
+        else:
+            parent, child = parent_of(model, key)
+            setattr(parent, child, ModulesToSaveWrapper(module, adapter_name))
+        wrapped.append(key)
+    return wrapped
 
 
 # --------------------------------------------------------------------------- the tuner
@@ -259,14 +289,10 @@ class LoraModel(nn.Module):
     # ----------------------------------------------------------------- injection
     def lora_layers(self) -> Iterator[tuple[str, FastLoraLinear]]:
         """(name, layer) for every fastpeft LoRA layer in the model."""
-        for name, module in self.model.named_modules():
-            if isinstance(module, FastLoraLinear):
-                yield name, module
+        return named_modules_of(self.model, FastLoraLinear)
 
     def modules_to_save_wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
-        for name, module in self.model.named_modules():
-            if isinstance(module, ModulesToSaveWrapper):
-                yield name, module
+        return named_modules_of(self.model, ModulesToSaveWrapper)
 
     def inject_adapter(self, config: LoraConfig, adapter_name: str, activate: bool = True) -> None:
         """Wrap every module ``config`` targets with adapter ``adapter_name`` (frozen base, peft's init)."""
@@ -308,7 +334,7 @@ class LoraModel(nn.Module):
                 module.update_layer(adapter_name, **kw)
             elif _is_linear4bit(module):
                 new = _wrap_4bit(module, adapter_name, kw)
-                parent, child = _parent(model, key)
+                parent, child = parent_of(model, key)
                 setattr(parent, child, new)
             elif isinstance(module, nn.Linear) or _is_conv1d(module):
                 is_conv = _is_conv1d(module)
@@ -317,7 +343,7 @@ class LoraModel(nn.Module):
                                   f"{key!r} is {type(module).__name__}; using fan_in_fan_out={is_conv}.",
                                   stacklevel=3)
                 new = FastLoraLinear.from_linear(module, adapter_name=adapter_name, **kw)
-                parent, child = _parent(model, key)
+                parent, child = parent_of(model, key)
                 setattr(parent, child, new)
             else:
                 raise ValueError(f"Target module {key!r} ({type(module).__name__}) is not supported by fastpeft: "
@@ -328,15 +354,7 @@ class LoraModel(nn.Module):
             raise ValueError(f"Target modules {targets} not found in the base model. Please check the target "
                              f"modules and try again. Linear modules in this model: {existing}")
         self.peft_config[adapter_name] = config
-        for key in [n for n, _ in model.named_modules() if n] if modules_to_save else []:
-            if _is_inside_lora(model, key) or not any(key == m or key.endswith(f".{m}") for m in modules_to_save):
-                continue
-            module = model.get_submodule(key)
-            if isinstance(module, ModulesToSaveWrapper):
-                module.update(adapter_name)
-            else:
-                parent, child = _parent(model, key)
-                setattr(parent, child, ModulesToSaveWrapper(module, adapter_name))
+        wrap_matching_modules(model, modules_to_save, adapter_name, _LORA_INTERNALS)
         self._mark_only_adapters_as_trainable()
         if activate and not previous_active:
             self.set_adapter(adapter_name)
@@ -440,10 +458,10 @@ class LoraModel(nn.Module):
             merged_4bit = getattr(layer, "unload_base", None)
             if callable(merged_4bit):
                 base = merged_4bit()
-            parent, child = _parent(self.model, key)
+            parent, child = parent_of(self.model, key)
             setattr(parent, child, base)
         for key, wrapper in list(self.modules_to_save_wrappers()):
-            parent, child = _parent(self.model, key)
+            parent, child = parent_of(self.model, key)
             setattr(parent, child, wrapper._current() if merge or not wrapper._disable_adapters
                     else wrapper.original_module)
         return self.model

@@ -16,12 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..model import ModulesToSaveWrapper, delegating_getattr
+from ..model import ModulesToSaveWrapper, delegating_getattr, named_modules_of, parent_of, wrap_matching_modules
 from ..model import PeftModel as _LoraPeftModel
 from ..save import PICKLE_NAME, SAFETENSORS_NAME, read_adapter_file
 from .configs import SUPPORTED_TASK_TYPES, MethodConfig
 
 CLASSIFIER_HEADS = ("classifier", "score")
+# the parts a method adds around a module (never matched as targets or as modules_to_save)
+_METHOD_INTERNALS = ("base_layer", "original_module", "modules_to_save")
 
 
 # --------------------------------------------------------------------------- matching
@@ -65,14 +67,6 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
         return int(module.weight.shape[0]), int(module.weight.shape[1])
     raise TypeError(f"{type(module).__name__} is not a linear layer (fastpeft's methods adapt nn.Linear and "
                     "transformers' Conv1D)")
-
-
-def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    """(parent module, attribute name) of the submodule ``name``."""
-    if "." in name:
-        parent, child = name.rsplit(".", 1)
-        return model.get_submodule(parent), child
-    return model, name
 
 
 # --------------------------------------------------------------------------- task types
@@ -120,19 +114,7 @@ def wrap_modules_to_save(model: nn.Module, names: list[str], adapter_name: str) 
     """Wrap every module whose name is, or ends with, one of ``names`` in a ``ModulesToSaveWrapper``."""
     if not names:
         return []
-    wrapped = []
-    for key in [n for n, _ in model.named_modules() if n]:
-        if any(p in ("original_module", "modules_to_save", "base_layer") for p in key.split(".")):
-            continue
-        if not any(key == m or key.endswith("." + m) for m in names):
-            continue
-        module = model.get_submodule(key)
-        if isinstance(module, ModulesToSaveWrapper):
-            module.update(adapter_name)
-        else:
-            parent, child = parent_of(model, key)
-            setattr(parent, child, ModulesToSaveWrapper(module, adapter_name))
-        wrapped.append(key)
+    wrapped = wrap_matching_modules(model, names, adapter_name, _METHOD_INTERNALS)
     missing = [m for m in names
                if m not in CLASSIFIER_HEADS and not any(k == m or k.endswith("." + m) for k in wrapped)]
     if missing:
@@ -236,7 +218,7 @@ class MethodTuner(nn.Module):
         """Module names of ``.model`` a method may adapt (not inside ``modules_to_save`` or method layers)."""
         out = []
         for key, _ in self.model.named_modules():
-            if not key or any(p in ("base_layer", "original_module", "modules_to_save") for p in key.split(".")):
+            if not key or any(p in _METHOD_INTERNALS for p in key.split(".")):
                 continue
             if any(key == m or key.endswith("." + m) or key.startswith(m + ".") or f".{m}." in f".{key}."
                    for m in self.modules_to_save_names):
@@ -280,14 +262,10 @@ class MethodTuner(nn.Module):
 
     def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
         """(name, layer) for every method layer inside ``.model``."""
-        for name, module in self.model.named_modules():
-            if isinstance(module, AdapterLayer):
-                yield name, module
+        return named_modules_of(self.model, AdapterLayer)
 
     def modules_to_save_wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
-        for name, module in self.model.named_modules():
-            if isinstance(module, ModulesToSaveWrapper):
-                yield name, module
+        return named_modules_of(self.model, ModulesToSaveWrapper)
 
     def enable_adapter_layers(self) -> None:
         for _, layer in self.adapter_layers():
