@@ -350,12 +350,7 @@ class MethodPeftModel(_LoraPeftModel):
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
                         safe_serialization: bool = True, is_main_process: bool = True, **kwargs) -> None:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's layout) into ``save_directory``."""
-        if os.path.isfile(save_directory):
-            raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
-        if not is_main_process:
-            return
-        name = self.base_model.active_adapter
-        write_adapter(save_directory, self.adapter_state_dict(name), self.peft_config[name], safe_serialization)
+        save_one_adapter(self, self.base_model.active_adapter, save_directory, safe_serialization, is_main_process)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
@@ -414,6 +409,18 @@ def tuner_state_dict(peft_model: MethodPeftModel, adapter_name: str, for_saving:
     if for_saving and hasattr(tuner, "postprocess_saved"):
         return tuner.postprocess_saved(out, adapter_name)
     return out
+
+
+def save_one_adapter(peft_model: nn.Module, adapter_name: str, save_directory: str | os.PathLike,
+                     safe_serialization: bool = True, is_main_process: bool = True) -> None:
+    """``save_pretrained`` of a one-adapter model: ``peft_model.adapter_state_dict(adapter_name)`` and that adapter's
+    config written by :func:`write_adapter` (on the main process only)."""
+    if os.path.isfile(save_directory):
+        raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+    if not is_main_process:
+        return
+    write_adapter(save_directory, peft_model.adapter_state_dict(adapter_name), peft_model.peft_config[adapter_name],
+                  safe_serialization)
 
 
 def write_adapter(save_directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: MethodConfig,

@@ -36,8 +36,8 @@ from .base import (
     check_task_fit,
     modules_to_save_for,
     read_adapter_file,
+    save_one_adapter,
     wrap_modules_to_save,
-    write_adapter,
 )
 from .configs import MethodConfig, PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig, PromptTuningConfig
 
@@ -516,12 +516,7 @@ class PromptLearningPeftModel(_LoraPeftModel):
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
                         safe_serialization: bool = True, is_main_process: bool = True, **kwargs) -> None:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` in peft's format."""
-        if os.path.isfile(save_directory):
-            raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
-        if not is_main_process:
-            return
-        write_adapter(save_directory, self.adapter_state_dict(self._adapter), self.active_peft_config,
-                      safe_serialization)
+        save_one_adapter(self, self._adapter, save_directory, safe_serialization, is_main_process)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
