@@ -45,6 +45,14 @@ def delegating_getattr(inner: str, *own: str):
     return __getattr__
 
 
+def record_base_model_name(config: Any, model: nn.Module) -> None:
+    """Set ``config.base_model_name_or_path`` to ``model``'s ``config._name_or_path`` when the config names none
+    (what ``adapter_config.json`` records, as in peft)."""
+    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if config.base_model_name_or_path is None and name_or_path:
+        config.base_model_name_or_path = name_or_path
+
+
 # --------------------------------------------------------------------------- modules_to_save
 class ModulesToSaveWrapper(nn.Module):
     """A module trained in full beside the adapters (peft's class of the same name and layout).
@@ -626,10 +634,7 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default"):
         super().__init__()
         self.base_model = LoraModel(model, peft_config, adapter_name)
-        name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
-        cfg = self.base_model.peft_config[adapter_name]
-        if cfg.base_model_name_or_path is None and name_or_path:
-            cfg.base_model_name_or_path = name_or_path
+        record_base_model_name(self.base_model.peft_config[adapter_name], model)
 
     __getattr__ = delegating_getattr("base_model")
 
@@ -691,10 +696,7 @@ class PeftModel(nn.Module):
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False) -> None:
         """Inject another adapter; the active adapter does not change (as in peft)."""
         self.base_model.inject_adapter(peft_config, adapter_name, activate=False)
-        cfg = self.peft_config[adapter_name]
-        name_or_path = getattr(getattr(self.get_base_model(), "config", None), "_name_or_path", None)
-        if cfg.base_model_name_or_path is None and name_or_path:
-            cfg.base_model_name_or_path = name_or_path
+        record_base_model_name(self.peft_config[adapter_name], self.get_base_model())
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Make ``adapter_name`` (or a list, summed) the active adapter(s)."""

@@ -16,7 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..model import ModulesToSaveWrapper, delegating_getattr, named_modules_of, parent_of, wrap_matching_modules
+from ..model import (
+    ModulesToSaveWrapper,
+    delegating_getattr,
+    named_modules_of,
+    parent_of,
+    record_base_model_name,
+    wrap_matching_modules,
+)
 from ..model import PeftModel as _LoraPeftModel
 from ..save import PICKLE_NAME, SAFETENSORS_NAME, read_adapter_file
 from .configs import SUPPORTED_TASK_TYPES, MethodConfig
@@ -302,9 +309,7 @@ class MethodPeftModel(_LoraPeftModel):
     def __init__(self, model: nn.Module, peft_config: MethodConfig, adapter_name: str = "default"):
         nn.Module.__init__(self)
         self.base_model = self.tuner_class(model, peft_config, adapter_name)
-        name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
-        if peft_config.base_model_name_or_path is None and name_or_path:
-            peft_config.base_model_name_or_path = name_or_path
+        record_base_model_name(peft_config, model)
 
     @property
     def forward(self):

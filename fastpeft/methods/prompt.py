@@ -29,7 +29,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..model import ModulesToSaveWrapper
+from ..model import ModulesToSaveWrapper, record_base_model_name
 from ..model import PeftModel as _LoraPeftModel
 from .base import (
     SignedForward,
@@ -203,9 +203,7 @@ class PromptLearningPeftModel(_LoraPeftModel):
         for p in model.parameters():
             p.requires_grad_(False)
         _fill_config(peft_config, model)
-        name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
-        if peft_config.base_model_name_or_path is None and name_or_path:
-            peft_config.base_model_name_or_path = name_or_path
+        record_base_model_name(peft_config, model)
         self._peft_config = {adapter_name: peft_config}
         self._adapter = adapter_name
         self._adapters_disabled = False
