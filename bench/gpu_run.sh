@@ -88,6 +88,8 @@ if [ "${SKIP_PYTEST_BENCH:-0}" != 1 ]; then
 fi
 
 stamp done
+# TARGETS.md's ratios, PASS/MISS, from every result file of this run (informational: no exit code).
+python -m fastpeft targets "$name"*.json >"$out/targets.txt" 2>&1; cat "$out/targets.txt"
 grep -h -B3 "best config" "$out"/bench*.log >"$out/autotune-picks.txt" 2>/dev/null  # function, key, pick
 echo "pip=$rc_pip gpu_tests=$rc_tests bench=$rc_bench quant=$rc_quant variants=$rc_var pytest_bench=$rc_pybench" \
   | tee "$out/exit-codes.txt"

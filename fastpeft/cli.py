@@ -1,7 +1,7 @@
 """The ``fastpeft`` command line: ``fastpeft <command> ...`` (also ``python -m fastpeft``).
 
 Each command is one ``_add_<command>`` that builds its subparser and sets
-``func``; ``main`` dispatches: ``train``, ``generate``, ``estimate``, ``bench``.
+``func``; ``main`` dispatches: ``train``, ``generate``, ``estimate``, ``bench``, ``targets``.
 
 Example::
 
@@ -10,6 +10,7 @@ Example::
     fastpeft estimate --model ./llama --method qlora --batch-size 8 --seq-len 1024
     fastpeft bench                       # tiny preset on CPU, TARGETS.md's canonical cells on CUDA
     fastpeft bench --preset layer --shapes 4096x4096 --tokens 8192 --plot bench/results/h100.png
+    fastpeft targets bench/results/*.json  # TARGETS.md's ratios, PASS/MISS, from saved runs
 """
 
 from __future__ import annotations
@@ -90,7 +91,12 @@ def _report(args: argparse.Namespace, rows: list[dict], table: str, plot=None, f
 
     Exit status 1 when any row failed: a fast wrong kernel is not a result.
     """
+    from . import targets
+
     print(table)
+    verdicts = targets.evaluate(rows)
+    if verdicts:  # informational here: a missed target is reported, not an error of the run
+        print("\nTARGETS.md (ratios from this run):\n" + targets.format_verdicts(verdicts))
     out = benchmarking.write_json(rows, args.out or _default_out(rows))
     print(f"\nwrote {out}")
     if args.plot and plot is not None:
@@ -162,6 +168,21 @@ def _add_estimate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=estimate.main)
 
 
+def _add_targets(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("targets", help="check saved benchmark results against TARGETS.md's targets",
+                       description="For each fastpeft bench JSON file (one run each), print every target its "
+                                   "rows reach: the measured ratio, the bound, PASS or MISS. Exit status 1 "
+                                   "when any target is missed.")
+    p.add_argument("files", nargs="+", help="fastpeft bench JSON files")
+
+    def run(args: argparse.Namespace) -> int:
+        from . import targets
+
+        return targets.main(args.files)
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastpeft", description="fused LoRA fine-tuning for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -169,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_estimate(sub)
     _add_bench(sub)
+    _add_targets(sub)
     return parser
 
 
