@@ -156,15 +156,22 @@ def format_verdicts(verdicts: list[Verdict]) -> str:
 def rows_of(path: str | Path) -> list[dict]:
     """The rows of a ``fastpeft bench`` JSON file."""
     data = json.loads(Path(path).read_text())
-    return data["rows"] if isinstance(data, dict) else data
+    rows = data.get("rows") if isinstance(data, dict) else data
+    if not isinstance(rows, list):
+        raise ValueError(f"{path} is not a fastpeft bench result (no 'rows' list)")
+    return rows
 
 
 def main(paths: list[str]) -> int:
     """``fastpeft targets FILE...``: the verdicts of each file (each file is one run)."""
     status = 0
     for path in paths:
-        verdicts = evaluate(rows_of(path))
         print(f"{path}:")
+        try:
+            verdicts = evaluate(rows_of(path))
+        except (OSError, ValueError) as exc:  # e.g. pytest-benchmark's JSON beside ours
+            print(f"  skipped: {exc}")
+            continue
         print(format_verdicts(verdicts) if verdicts else "  (no TARGETS.md cell in this file)")
         status |= any(not v.ok for v in verdicts if not v.target.startswith("(info)"))
     return int(status)

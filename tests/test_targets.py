@@ -83,3 +83,7 @@ def test_targets_command(tmp_path, capsys):
     empty.write_text(json.dumps({"rows": [dict(shape="64x96", tokens=48, provider="frozen", ms=1.0)]}))
     assert cli.main(["targets", str(empty)]) == 0
     assert "no TARGETS.md cell" in capsys.readouterr().out
+    other = tmp_path / "pytest-benchmark.json"
+    other.write_text(json.dumps({"benchmarks": []}))
+    assert cli.main(["targets", str(other), str(empty)]) == 0
+    assert "skipped:" in capsys.readouterr().out
