@@ -58,8 +58,38 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 }
 
 
+class AdapterConfigFile:
+    """What ``LoraConfig`` and the other methods' configs (dataclasses with an ``extra`` dict of the saved fields
+    they do not know) share about ``adapter_config.json``."""
+
+    def _sort_collections(self, names: tuple[str, ...]) -> None:
+        """Turn the fields ``names`` that hold a set or tuple into sorted lists (as peft stores them)."""
+        for name in names:
+            value = getattr(self, name, None)
+            if isinstance(value, (set, tuple)):
+                setattr(self, name, sorted(value))
+
+    def _fields_dict(self, skip: set[str]) -> dict[str, Any]:
+        """The dataclass fields not in ``skip``, then the kept unknown fields (``extra``)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def _from_known_fields(cls, data: dict[str, Any]):
+        """``cls(**fields)`` from ``data``, the keys that are not fields of ``cls`` kept in ``extra``."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names}
+        extra = {k: v for k, v in data.items() if k not in names}
+        return cls(**known, extra=extra)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``adapter_config.json`` into ``save_directory`` (created if needed)."""
+        write_config_json(self.to_dict(), save_directory)
+
+
 @dataclass
-class LoraConfig:
+class LoraConfig(AdapterConfigFile):
     """LoRA configuration with peft's field names, defaults and meanings.
 
     Args:
@@ -128,10 +158,7 @@ class LoraConfig:
         if self.init_lora_weights not in INIT_CHOICES:
             raise ValueError(f"init_lora_weights={self.init_lora_weights!r} is not supported by fastpeft; "
                              f"choose one of {INIT_CHOICES}")
-        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
-            value = getattr(self, name)
-            if isinstance(value, (set, tuple)):
-                setattr(self, name, sorted(value))
+        self._sort_collections(("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"))
         if isinstance(self.layers_to_transform, (set, tuple)):
             self.layers_to_transform = list(self.layers_to_transform)
         if self.layers_to_transform is not None and isinstance(self.target_modules, str):
@@ -152,8 +179,7 @@ class LoraConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The ``adapter_config.json`` contents: fastpeft's fields plus the peft fields it kept."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        out.update(self.extra)
+        out = self._fields_dict({"extra"})
         for name in ("target_modules", "exclude_modules", "modules_to_save"):
             if isinstance(out.get(name), (set, tuple)):
                 out[name] = sorted(out[name])
@@ -167,14 +193,7 @@ class LoraConfig:
         if peft_type != "LORA":
             raise ValueError(f"this adapter config has peft_type {peft_type!r}; fastpeft.LoraConfig reads LORA "
                              "adapters only")
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "peft_type"}
-        known = {k: v for k, v in data.items() if k in names}
-        extra = {k: v for k, v in data.items() if k not in names}
-        return cls(**known, extra=extra)
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``adapter_config.json`` into ``save_directory`` (created if needed)."""
-        write_config_json(self.to_dict(), save_directory)
+        return cls._from_known_fields(data)  # peft_type is popped: the field keeps its default "LORA"
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> LoraConfig:

@@ -11,14 +11,18 @@ writes them back.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..config import CONFIG_NAME, read_config_dict, write_config_json  # noqa: F401  (re-exported)
+from ..config import (  # noqa: F401  (re-exported)
+    CONFIG_NAME,
+    TASK_TYPES,
+    AdapterConfigFile,
+    read_config_dict,
+    write_config_json,
+)
 
-TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 # task types the methods here implement
 SUPPORTED_TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS")
 
@@ -28,7 +32,7 @@ def _enum_value(value: Any) -> Any:
 
 
 @dataclass
-class MethodConfig:
+class MethodConfig(AdapterConfigFile):
     """Fields every method's config has (peft's ``PeftConfig``): ``task_type``, ``inference_mode``, base model name."""
 
     PEFT_TYPE: ClassVar[str] = ""
@@ -48,10 +52,7 @@ class MethodConfig:
             self.task_type = str(_enum_value(self.task_type))
             if self.task_type not in TASK_TYPES:
                 raise ValueError(f"task_type must be one of {TASK_TYPES} or None, got {self.task_type!r}")
-        for name in ("target_modules", "exclude_modules", "modules_to_save", "feedforward_modules"):
-            value = getattr(self, name, None)
-            if isinstance(value, (set, tuple)):
-                setattr(self, name, sorted(value))
+        self._sort_collections(("target_modules", "exclude_modules", "modules_to_save", "feedforward_modules"))
 
     @property
     def is_prompt_learning(self) -> bool:
@@ -64,8 +65,7 @@ class MethodConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The ``adapter_config.json`` contents (peft's field names; unknown saved fields written back)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self._skip_fields()}
-        out.update(self.extra)
+        out = self._fields_dict(self._skip_fields())
         for key, value in list(out.items()):
             if isinstance(value, (set, tuple)):
                 out[key] = sorted(value)
@@ -74,15 +74,7 @@ class MethodConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
         """Build from a dict (as read from ``adapter_config.json``); fields unknown here go to ``extra``."""
-        data = dict(data)
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        known = {k: v for k, v in data.items() if k in names}
-        extra = {k: v for k, v in data.items() if k not in names}
-        return cls(**known, extra=extra)
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``adapter_config.json`` into ``save_directory`` (created if needed)."""
-        write_config_json(self.to_dict(), save_directory)
+        return cls._from_known_fields(dict(data))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> MethodConfig:
