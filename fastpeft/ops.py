@@ -95,14 +95,28 @@ def _forward_impl(x, x2d, weight, bias, lora_A, lora_B, seed, scale, dropout_p, 
     return y.reshape(*x.shape[:-1], y.shape[-1]), xa
 
 
-@_lora_linear_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, seed, scale, dropout_p, fan_in_fan_out):
-    torch._check(x.shape[-1] == lora_A.shape[1], lambda: "x and lora_A disagree on in_features")
+def fake_forward(x: Tensor, in_features: int, out_features: int, rank: int) -> tuple[Tensor, Tensor]:
+    """Fake-kernel outputs of a LoRA forward op (this one and the 4-bit / mixed ones): ``y`` (..., out)
+    in x's dtype and ``xa`` (N, rank) fp32."""
+    torch._check(x.shape[-1] == in_features, lambda: "x and the layer's weights disagree on in_features")
     n = 1
     for s in x.shape[:-1]:
         n = n * s
-    y = x.new_empty(*x.shape[:-1], _out_features(weight, fan_in_fan_out))
-    return y, x.new_empty(n, lora_A.shape[0], dtype=torch.float32)
+    return x.new_empty(*x.shape[:-1], out_features), x.new_empty(n, rank, dtype=torch.float32)
+
+
+def fake_backward(x: Tensor, lora_A: Tensor, lora_B: Tensor, out_features: int, need_dx: bool, need_dA: bool,
+                  need_dB: bool, need_dbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fake-kernel outputs of a LoRA backward op: ``(dx, dA, dB, dbias)``, empty where not needed."""
+    return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
+            lora_A.new_empty(lora_A.shape) if need_dA else x.new_empty(0),
+            lora_B.new_empty(lora_B.shape) if need_dB else x.new_empty(0),
+            x.new_empty(out_features, dtype=torch.float32) if need_dbias else x.new_empty(0))
+
+
+@_lora_linear_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, seed, scale, dropout_p, fan_in_fan_out):
+    return fake_forward(x, lora_A.shape[1], _out_features(weight, fan_in_fan_out), lora_A.shape[0])
 
 
 @torch.library.custom_op("fastpeft::lora_linear_backward", mutates_args=())
@@ -136,11 +150,8 @@ def _backward_impl(dy, x, weight, lora_A, lora_B, xa, seed, scale, dropout_p, fa
 @_lora_linear_backward_op.register_fake
 def _(dy, x, weight, lora_A, lora_B, xa, seed, scale, dropout_p, fan_in_fan_out,
       need_dx, need_dA, need_dB, need_dbias):
-    out = _out_features(weight, fan_in_fan_out)
-    return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
-            lora_A.new_empty(lora_A.shape) if need_dA else x.new_empty(0),
-            lora_B.new_empty(lora_B.shape) if need_dB else x.new_empty(0),
-            x.new_empty(out, dtype=torch.float32) if need_dbias else x.new_empty(0))
+    return fake_backward(x, lora_A, lora_B, _out_features(weight, fan_in_fan_out), need_dx, need_dA, need_dB,
+                         need_dbias)
 
 
 def _setup_context(ctx, inputs, output):

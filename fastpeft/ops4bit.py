@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .ops import _flat, backend_for, draw_seed
+from .ops import _flat, backend_for, draw_seed, fake_backward, fake_forward
 from .quant import Weight4bit, dequantize_kernel
 
 try:
@@ -101,11 +101,7 @@ def _lora_linear_4bit_op(x: Tensor, packed: Tensor, absmax: Tensor, code: Option
 @_lora_linear_4bit_op.register_fake
 def _(x, packed, absmax, code, nested_code, nested_absmax, offset, zeros, bias, lora_A, lora_B, seed, fmt, blocksize,
       nested_blocksize, out_features, in_features, scale, dropout_p):
-    torch._check(x.shape[-1] == in_features, lambda: "x and the 4-bit weight disagree on in_features")
-    n = 1
-    for s in x.shape[:-1]:
-        n = n * s
-    return x.new_empty(*x.shape[:-1], out_features), x.new_empty(n, lora_A.shape[0], dtype=torch.float32)
+    return fake_forward(x, in_features, out_features, lora_A.shape[0])
 
 
 @torch.library.custom_op("fastpeft::lora_linear_4bit_backward", mutates_args=())
@@ -140,10 +136,7 @@ def _lora_linear_4bit_backward_op(dy: Tensor, x: Tensor, packed: Tensor, absmax:
 def _(dy, x, packed, absmax, code, nested_code, nested_absmax, offset, zeros, lora_A, lora_B, xa, seed, fmt,
       blocksize, nested_blocksize, out_features, in_features, scale, dropout_p, need_dx, need_dA, need_dB,
       need_dbias):
-    return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
-            lora_A.new_empty(lora_A.shape) if need_dA else x.new_empty(0),
-            lora_B.new_empty(lora_B.shape) if need_dB else x.new_empty(0),
-            x.new_empty(out_features, dtype=torch.float32) if need_dbias else x.new_empty(0))
+    return fake_backward(x, lora_A, lora_B, out_features, need_dx, need_dA, need_dB, need_dbias)
 
 
 _QUANT_INPUTS = slice(1, 8)  # packed … zeros

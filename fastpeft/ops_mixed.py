@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import ops4bit as _ops4bit
 from . import reference
-from .ops import _flat, _out_features, backend_for, draw_seed
+from .ops import _flat, _out_features, backend_for, draw_seed, fake_backward, fake_forward
 from .quant import Weight4bit
 
 try:
@@ -140,12 +140,7 @@ def _forward_impl(x, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed, sca
 
 @_lora_mixed_op.register_fake
 def _(x, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed, scales, dropout_ps, fan_in_fan_out):
-    torch._check(x.shape[-1] == A_stack.shape[2], lambda: "x and A_stack disagree on in_features")
-    n = 1
-    for s in x.shape[:-1]:
-        n = n * s
-    y = x.new_empty(*x.shape[:-1], _out_features(weight, fan_in_fan_out))
-    return y, x.new_empty(n, A_stack.shape[1], dtype=torch.float32)
+    return fake_forward(x, A_stack.shape[2], _out_features(weight, fan_in_fan_out), A_stack.shape[1])
 
 
 @torch.library.custom_op("fastpeft::lora_mixed_backward", mutates_args=())
@@ -179,11 +174,8 @@ def _backward_impl(dy, x, weight, A_stack, B_stack, xa, idx_s, perm, seg, seed, 
 @_lora_mixed_backward_op.register_fake
 def _(dy, x, weight, A_stack, B_stack, xa, idx_s, perm, seg, seed, scales, dropout_ps, fan_in_fan_out,
       need_dx, need_dA, need_dB, need_dbias):
-    out = _out_features(weight, fan_in_fan_out)
-    return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
-            A_stack.new_empty(A_stack.shape) if need_dA else x.new_empty(0),
-            B_stack.new_empty(B_stack.shape) if need_dB else x.new_empty(0),
-            x.new_empty(out, dtype=torch.float32) if need_dbias else x.new_empty(0))
+    return fake_backward(x, A_stack, B_stack, _out_features(weight, fan_in_fan_out), need_dx, need_dA, need_dB,
+                         need_dbias)
 
 
 def _setup_context(ctx, inputs, output):
@@ -232,11 +224,7 @@ def _lora_mixed_4bit_op(x: Tensor, packed: Tensor, absmax: Tensor, code: Optiona
 @_lora_mixed_4bit_op.register_fake
 def _(x, packed, absmax, code, nested_code, nested_absmax, offset, zeros, bias, A_stack, B_stack, idx_s, perm, seg,
       seed, fmt, blocksize, nested_blocksize, out_features, in_features, scales, dropout_ps):
-    torch._check(x.shape[-1] == in_features, lambda: "x and the 4-bit weight disagree on in_features")
-    n = 1
-    for s in x.shape[:-1]:
-        n = n * s
-    return x.new_empty(*x.shape[:-1], out_features), x.new_empty(n, A_stack.shape[1], dtype=torch.float32)
+    return fake_forward(x, in_features, out_features, A_stack.shape[1])
 
 
 @torch.library.custom_op("fastpeft::lora_mixed_4bit_backward", mutates_args=())
@@ -263,10 +251,7 @@ def _lora_mixed_4bit_backward_op(dy: Tensor, x: Tensor, packed: Tensor, absmax: 
 def _(dy, x, packed, absmax, code, nested_code, nested_absmax, offset, zeros, A_stack, B_stack, xa, idx_s, perm,
       seg, seed, fmt, blocksize, nested_blocksize, out_features, in_features, scales, dropout_ps, need_dx, need_dA,
       need_dB, need_dbias):
-    return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
-            A_stack.new_empty(A_stack.shape) if need_dA else x.new_empty(0),
-            B_stack.new_empty(B_stack.shape) if need_dB else x.new_empty(0),
-            x.new_empty(out_features, dtype=torch.float32) if need_dbias else x.new_empty(0))
+    return fake_backward(x, A_stack, B_stack, out_features, need_dx, need_dA, need_dB, need_dbias)
 
 
 def _setup_context_4bit(ctx, inputs, output):

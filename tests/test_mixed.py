@@ -250,6 +250,18 @@ _BASE_STATE: dict = {}
 NAMES = ["second", "__base__", "default", "third", "second", "default"]
 
 
+def _assert_rows_equal_each_adapter_alone(model, ids, names, logits):
+    """Each sequence of a mixed batch equals the model run on it with its adapter alone (base: disabled)."""
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with model.disable_adapter():
+                alone = model(input_ids=ids[i:i + 1]).logits
+        else:
+            model.set_adapter(name)
+            alone = model(input_ids=ids[i:i + 1]).logits
+        assert_rel(logits[i:i + 1], alone, 1e-5, f"row {i} ({name})")
+
+
 def test_model_mixed_batch_equals_peft_adapter_names():
     ours, theirs = _models()
     ids = torch.randint(1, 96, (len(NAMES), 7), generator=torch.Generator().manual_seed(2))
@@ -257,15 +269,7 @@ def test_model_mixed_batch_equals_peft_adapter_names():
         la = ours(input_ids=ids, adapter_names=NAMES).logits
         lb = theirs(input_ids=ids, adapter_names=NAMES).logits
         assert_rel(la, lb, 1e-5, "mixed logits")
-        # each sequence equals the model run with its adapter alone
-        for i, name in enumerate(NAMES):
-            if name == "__base__":
-                with ours.disable_adapter():
-                    alone = ours(input_ids=ids[i:i + 1]).logits
-            else:
-                ours.set_adapter(name)
-                alone = ours(input_ids=ids[i:i + 1]).logits
-            assert_rel(la[i:i + 1], alone, 1e-5, f"row {i} ({name})")
+        _assert_rows_equal_each_adapter_alone(ours, ids, NAMES, la)
         ours.set_adapter("default")
         assert not torch.allclose(la[0], ours(input_ids=ids[:1]).logits[0], atol=1e-4)  # adapters differ
 
@@ -475,14 +479,7 @@ def test_modules_to_save_mixed_batch_equals_peft():
     with torch.no_grad():
         la = ours(input_ids=ids, adapter_names=names).logits
         assert_rel(la, theirs(input_ids=ids, adapter_names=names).logits, 1e-5, "mixed logits with lm_head copies")
-        for i, name in enumerate(names):  # each row equals its adapter alone, head copy included
-            if name == "__base__":
-                with ours.disable_adapter():
-                    alone = ours(input_ids=ids[i:i + 1]).logits
-            else:
-                ours.set_adapter(name)
-                alone = ours(input_ids=ids[i:i + 1]).logits
-            assert_rel(la[i:i + 1], alone, 1e-5, f"row {i} ({name})")
+        _assert_rows_equal_each_adapter_alone(ours, ids, names, la)  # head copies included
     out_a = ours.generate(input_ids=ids, max_new_tokens=3, do_sample=False, num_beams=2, adapter_names=names)
     out_b = theirs.generate(input_ids=ids, max_new_tokens=3, do_sample=False, num_beams=2, adapter_names=names)
     assert torch.equal(out_a, out_b)
