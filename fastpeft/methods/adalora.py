@@ -22,7 +22,6 @@ from .base import (
     is_conv1d,
     layer_index_ok,
     linear_features,
-    matches,
 )
 from .configs import AdaLoraConfig
 
@@ -191,30 +190,19 @@ class AdaLoraTuner(MethodTuner):
     """``base_model`` of an AdaLoRA model: :class:`SVDLinear` layers, the rank allocator, the orthogonality loss."""
 
     def _apply_method(self, config: AdaLoraConfig, adapter_name: str) -> None:
-        model_type = getattr(getattr(self.model, "config", None), "model_type", None)
         if config.target_modules is None:
-            if model_type not in ADALORA_TARGETS:
-                raise ValueError(f"target_modules is None and fastpeft has no AdaLoRA default for model type "
-                                 f"{model_type!r}; pass target_modules")
-            config.target_modules = sorted(ADALORA_TARGETS[model_type])
+            config.target_modules = self.model_type_default(ADALORA_TARGETS, "target_modules", "AdaLoRA",
+                                                            "target_modules")
         pattern = {_strip_name(k, adapter_name): v for k, v in (config.rank_pattern or {}).items()}
-        matched = []
-        for key in self.candidate_names():
-            if not matches(config.target_modules, key) or matches(config.exclude_modules, key):
-                continue
-            if not isinstance(config.target_modules, str) and not layer_index_ok(key, config.layers_to_transform,
-                                                                                config.layers_pattern):
-                continue
-            module = self.model.get_submodule(key)
-            if not (isinstance(module, nn.Linear) or is_conv1d(module)):
-                raise ValueError(f"Target module {key!r} ({type(module).__name__}) is not supported: fastpeft's "
-                                 "AdaLoRA adapts nn.Linear and transformers' Conv1D")
+
+        def in_layers(key: str) -> bool:
+            return isinstance(config.target_modules, str) or layer_index_ok(key, config.layers_to_transform,
+                                                                             config.layers_pattern)
+
+        for key, module in self.linear_targets(config, "AdaLoRA", in_layers):
             keep = pattern.get(f"{key}.lora_E")
             r = int(sum(bool(v) for v in keep)) if keep is not None else config.init_r
             self.replace_module(key, SVDLinear(module, adapter_name, r, config.init_r, config))
-            matched.append(key)
-        if not matched:
-            raise ValueError(f"Target modules {config.target_modules} not found in the base model")
         if config.bias == "all":
             for n, p in self.model.named_parameters():
                 if n.endswith("bias"):

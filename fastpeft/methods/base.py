@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -232,6 +232,35 @@ class MethodTuner(nn.Module):
                 continue
             out.append(key)
         return out
+
+    def model_type_default(self, table: dict[str, Any], field_name: str, method: str, pass_what: str) -> list[str]:
+        """``sorted(table[model_type])`` for ``.model``'s type: the default of a None ``field_name``; a
+        ``ValueError`` (asking the user to pass ``pass_what``) for a model type the table lacks."""
+        model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+        if model_type not in table:
+            raise ValueError(f"{field_name} is None and fastpeft has no {method} default for model type "
+                             f"{model_type!r}; pass {pass_what}")
+        return sorted(table[model_type])
+
+    def linear_targets(self, config: MethodConfig, method: str,
+                       keep: Callable[[str], bool] | None = None) -> Iterator[tuple[str, nn.Module]]:
+        """(name, module) for each candidate that ``config.target_modules`` names, ``config.exclude_modules`` does
+        not and ``keep`` (if given) accepts, one at a time (the caller may replace each before the next); a targeted
+        module that is not linear raises ``ValueError``, and so does finding none (after the last)."""
+        found = False
+        for key in self.candidate_names():
+            if not matches(config.target_modules, key) or matches(config.exclude_modules, key):
+                continue
+            if keep is not None and not keep(key):
+                continue
+            module = self.model.get_submodule(key)
+            if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+                raise ValueError(f"Target module {key!r} ({type(module).__name__}) is not supported: fastpeft's "
+                                 f"{method} adapts nn.Linear and transformers' Conv1D")
+            found = True
+            yield key, module
+        if not found:
+            raise ValueError(f"Target modules {config.target_modules} not found in the base model")
 
     def replace_module(self, key: str, new: nn.Module) -> None:
         """Put ``new`` where ``key`` was in ``.model``."""

@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch import nn
 
-from .base import AdapterLayer, MethodPeftModel, MethodTuner, is_conv1d, linear_features, matches
+from .base import AdapterLayer, MethodPeftModel, MethodTuner, is_conv1d, linear_features
 from .configs import IA3Config
 
 # peft's defaults (TRANSFORMERS_MODELS_TO_IA3_*_MAPPING) for the model types fastpeft is tested on and kin.
@@ -88,25 +88,13 @@ class IA3Tuner(MethodTuner):
     """``base_model`` of an (IA)³ model: injects :class:`IA3Linear` into the targeted layers."""
 
     def _apply_method(self, config: IA3Config, adapter_name: str) -> None:
-        model_type = getattr(getattr(self.model, "config", None), "model_type", None)
         if config.target_modules is None:
-            if model_type not in IA3_TARGETS:
-                raise ValueError(f"target_modules is None and fastpeft has no IA3 default for model type "
-                                 f"{model_type!r}; pass target_modules and feedforward_modules")
-            config.target_modules = sorted(IA3_TARGETS[model_type])
+            config.target_modules = self.model_type_default(IA3_TARGETS, "target_modules", "IA3",
+                                                            "target_modules and feedforward_modules")
         if config.feedforward_modules is None:
-            if model_type not in IA3_FEEDFORWARD:
-                raise ValueError(f"feedforward_modules is None and fastpeft has no IA3 default for model type "
-                                 f"{model_type!r}; pass feedforward_modules")
-            config.feedforward_modules = sorted(IA3_FEEDFORWARD[model_type])
-        matched = []
-        for key in self.candidate_names():
-            if not matches(config.target_modules, key) or matches(config.exclude_modules, key):
-                continue
-            module = self.model.get_submodule(key)
-            if not (isinstance(module, nn.Linear) or is_conv1d(module)):
-                raise ValueError(f"Target module {key!r} ({type(module).__name__}) is not supported: fastpeft's IA3 "
-                                 "adapts nn.Linear and transformers' Conv1D")
+            config.feedforward_modules = self.model_type_default(IA3_FEEDFORWARD, "feedforward_modules", "IA3",
+                                                                 "feedforward_modules")
+        for key, module in self.linear_targets(config, "IA3"):
             if is_conv1d(module) != config.fan_in_fan_out:
                 warnings.warn(f"fan_in_fan_out={config.fan_in_fan_out} but {key!r} is {type(module).__name__}; "
                               f"using fan_in_fan_out={is_conv1d(module)}", stacklevel=4)
@@ -114,9 +102,6 @@ class IA3Tuner(MethodTuner):
             ff = config.feedforward_modules
             is_ff = bool(re.fullmatch(ff, key)) if isinstance(ff, str) else any(key.endswith(t) for t in ff)
             self.replace_module(key, IA3Linear(module, adapter_name, is_ff, config.init_ia3_weights))
-            matched.append(key)
-        if not matched:
-            raise ValueError(f"Target modules {config.target_modules} not found in the base model")
 
 
 class IA3PeftModel(MethodPeftModel):
