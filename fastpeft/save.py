@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -74,15 +74,22 @@ def save_adapter(peft_model: PeftModel, adapter_name: str, save_directory: str |
     state = adapter_state_dict(peft_model, adapter_name)
     if not write:
         return
+    write_adapter_files(save_directory, state, peft_model.peft_config[adapter_name], safe_serialization)
+
+
+def write_adapter_files(save_directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: Any,
+                        safe_serialization: bool = True) -> None:
+    """Write ``tensors`` (as contiguous CPU copies) and ``config`` into ``save_directory`` (created if needed) in
+    peft's layout: ``adapter_model.safetensors`` (``adapter_model.bin`` without ``safe_serialization``) and
+    ``adapter_config.json``."""
     os.makedirs(save_directory, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     if safe_serialization:
         from safetensors.torch import save_file
 
         save_file(tensors, os.path.join(save_directory, SAFETENSORS_NAME), metadata={"format": "pt"})
     else:
         torch.save(tensors, os.path.join(save_directory, PICKLE_NAME))
-    config = peft_model.peft_config[adapter_name]
     inference_mode = config.inference_mode
     config.inference_mode = True  # peft writes adapters as loaded-for-inference
     try:

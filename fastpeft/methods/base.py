@@ -25,7 +25,7 @@ from ..model import (
     wrap_matching_modules,
 )
 from ..model import PeftModel as _LoraPeftModel
-from ..save import PICKLE_NAME, SAFETENSORS_NAME, read_adapter_file
+from ..save import read_adapter_file, write_adapter_files
 from .configs import SUPPORTED_TASK_TYPES, MethodConfig
 
 CLASSIFIER_HEADS = ("classifier", "score")
@@ -463,19 +463,7 @@ def write_adapter(save_directory: str | os.PathLike, tensors: dict[str, torch.Te
     os.makedirs(save_directory, exist_ok=True)
     if not tensors:
         raise ValueError("nothing to save: the adapter has no tensors")
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    if safe_serialization:
-        from safetensors.torch import save_file
-
-        save_file(tensors, os.path.join(save_directory, SAFETENSORS_NAME), metadata={"format": "pt"})
-    else:
-        torch.save(tensors, os.path.join(save_directory, PICKLE_NAME))
-    inference_mode = config.inference_mode
-    config.inference_mode = True
-    try:
-        config.save_pretrained(save_directory)
-    finally:
-        config.inference_mode = inference_mode
+    write_adapter_files(save_directory, tensors, config, safe_serialization)
 
 
 def load_tuner_state(peft_model: MethodPeftModel, saved: dict[str, torch.Tensor], adapter_name: str,
