@@ -441,9 +441,10 @@ class LoraModel(nn.Module):
             self.set_adapter(remaining)
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        for _, layer in self.lora_layers():
-            names = [n for n in (adapter_names or layer.active_adapters) if n in layer.lora_A]
-            layer.merge(safe_merge=safe_merge, adapter_names=names)
+        with _requantization_summary():
+            for _, layer in self.lora_layers():
+                names = [n for n in (adapter_names or layer.active_adapters) if n in layer.lora_A]
+                layer.merge(safe_merge=safe_merge, adapter_names=names)
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.lora_layers():
@@ -457,22 +458,32 @@ class LoraModel(nn.Module):
         if progressbar:
             from tqdm.auto import tqdm
             it = tqdm(layers, desc="Unloading " + ("and merging " if merge else "") + "model")
-        for key, layer in it:
-            if merge:
-                names = [n for n in (adapter_names or layer.active_adapters) if n in layer.lora_A]
-                if not layer.disable_adapters:
-                    layer.merge(safe_merge=safe_merge, adapter_names=names)
-            base = layer.base_layer
-            merged_4bit = getattr(layer, "unload_base", None)
-            if callable(merged_4bit):
-                base = merged_4bit()
-            parent, child = parent_of(self.model, key)
-            setattr(parent, child, base)
+        with _requantization_summary():
+            for key, layer in it:
+                if merge:
+                    names = [n for n in (adapter_names or layer.active_adapters) if n in layer.lora_A]
+                    if not layer.disable_adapters:
+                        layer.merge(safe_merge=safe_merge, adapter_names=names)
+                base = layer.base_layer
+                merged_4bit = getattr(layer, "unload_base", None)
+                if callable(merged_4bit):
+                    base = merged_4bit()
+                parent, child = parent_of(self.model, key)
+                setattr(parent, child, base)
         for key, wrapper in list(self.modules_to_save_wrappers()):
             parent, child = parent_of(self.model, key)
             setattr(parent, child, wrapper._current() if merge or not wrapper._disable_adapters
                     else wrapper.original_module)
         return self.model
+
+
+def _requantization_summary():
+    """One warning for all 4-bit layers a model-wide merge re-quantizes (see ``layers.lora4bit``)."""
+    try:
+        from .layers.lora4bit import requantization_summary
+    except ImportError:  # pragma: no cover - depends on the 4-bit layer being present
+        return contextlib.nullcontext()
+    return requantization_summary()
 
 
 def _wrap_4bit(module: nn.Module, adapter_name: str, kw: dict[str, Any]) -> nn.Module:

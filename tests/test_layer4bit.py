@@ -272,6 +272,32 @@ def test_quantize_model_and_prepare_for_kbit_training():
         Q.quantize_model(_tiny_llama(), backend="gptq")
 
 
+def test_model_merge_warns_once_for_all_requantized_layers():
+    import fastpeft
+
+    model = Q.quantize_model(_tiny_llama(), compute_dtype=torch.bfloat16)
+    model = fastpeft.get_peft_model(model, fastpeft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"],
+                                                               init_lora_weights=False))
+    n = sum(isinstance(m, FastLoraLinear4bit) for m in model.modules())
+    assert n == 3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.merge_adapter()
+    msgs = [str(w.message) for w in caught if "re-quantiz" in str(w.message)]
+    assert len(msgs) == 1 and f"{n} 4-bit base layer(s)" in msgs[0] and "relative error up to" in msgs[0]
+    model.unmerge_adapter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merged = model.merge_and_unload()
+    msgs = [str(w.message) for w in caught if "re-quantiz" in str(w.message)]
+    assert len(msgs) == 1 and f"{n} 4-bit base layer(s)" in msgs[0]
+    assert not any(isinstance(m, FastLoraLinear4bit) for m in merged.modules())
+    # one layer alone still warns with its own error
+    layer = FastLoraLinear4bit.from_linear(nn.Linear(64, 32), r=2, init_lora_weights=False)
+    with pytest.warns(UserWarning, match=r"re-quantizes its weight.*relative error"):
+        layer.merge()
+
+
 def test_bad_inputs():
     with pytest.raises(TypeError, match="Linear4bit or an nn.Linear"):
         FastLoraLinear4bit.from_linear(nn.Conv1d(3, 3, 1))

@@ -9,6 +9,7 @@ the first active adapter is one fused op (``fastpeft.ops4bit.lora_linear_4bit``)
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -17,6 +18,26 @@ from torch import nn
 from ..ops4bit import lora_linear_4bit
 from ..quant import Linear4bit, QuantState4bit, Weight4bit, is_linear4bit, quantize_4bit, quantize_linear
 from .lora import FastLoraLinear
+
+# Relative errors of re-quantizations collected by requantization_summary() (a stack: nested blocks).
+_REQUANT_ERRORS: list[list[float]] = []
+
+
+@contextlib.contextmanager
+def requantization_summary(what: str = "merging adapters into"):
+    """Inside the block, 4-bit layers that re-quantize (merge/unmerge) collect their rounding error
+    instead of warning each; one warning at the end names how many and the largest error (a model-wide
+    ``merge_and_unload`` would otherwise warn once per layer)."""
+    _REQUANT_ERRORS.append([])
+    try:
+        yield
+    finally:
+        errors = _REQUANT_ERRORS.pop()
+        if errors:
+            warnings.warn(f"{what} {len(errors)} 4-bit base layer(s) re-quantized their weights: the results "
+                          f"differ from the exact fp32 weights by the 4-bit rounding (relative error up to "
+                          f"{max(errors):.2e}). Use to_linear() on a layer for a full-precision merge.",
+                          stacklevel=3)
 
 
 class FastLoraLinear4bit(FastLoraLinear):
@@ -110,6 +131,9 @@ class FastLoraLinear4bit(FastLoraLinear):
                 base.quant_state = base.weight.quant_state
         got = self.dequantized_weight()
         err = ((got - w).norm() / w.norm().clamp_min(1e-30)).item()
+        if _REQUANT_ERRORS:  # inside requantization_summary(): one warning for the whole model
+            _REQUANT_ERRORS[-1].append(err)
+            return
         warnings.warn(f"{what} a 4-bit base re-quantizes its weight: the result differs from the exact "
                       f"fp32 weight by the 4-bit rounding (relative error {err:.2e} here). Use to_linear() for a "
                       "full-precision merged layer.", stacklevel=3)
