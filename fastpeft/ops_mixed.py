@@ -242,7 +242,7 @@ def _lora_mixed_4bit_backward_op(dy: Tensor, x: Tensor, packed: Tensor, absmax: 
                                                blocksize, nested_blocksize, out_features, in_features), dy.dtype,
                               triton)
     else:
-        w = dy.new_empty(out_features, in_features)  # shape only: never read
+        w = dy.new_empty(out_features, 0)  # never read without dx
     return _backward_impl(dy, x, w, A_stack, B_stack, xa, idx_s, perm, seg, seed, scales, dropout_ps, False,
                           need_dx, need_dA, need_dB, need_dbias, triton)
 
@@ -315,9 +315,13 @@ def mixed_rows(index: Tensor, x: Tensor, n_adapters: int) -> tuple[Tensor, Tenso
         else:
             raise ValueError(f"index must have shape {lead} (per row) or ({x.shape[0]},) (per sequence), "
                              f"got {tuple(index.shape)}")
-    checkable = index.device.type == "cpu" and not torch.compiler.is_compiling() and index.numel()
-    if checkable and not bool(((index >= -1) & (index < n_adapters)).all()):
-        raise ValueError(f"index values must be in [-1, {n_adapters}) (-1 = base only)")
+    if index.numel() and not torch.compiler.is_compiling():
+        valid = ((index >= -1) & (index < n_adapters)).all()
+        if index.device.type == "cpu":
+            if not bool(valid):
+                raise ValueError(f"index values must be in [-1, {n_adapters}) (-1 = base only)")
+        else:  # no host synchronization: a device-side assert (the kernels would read past the stacks)
+            torch._assert_async(valid, f"index values must be in [-1, {n_adapters}) (-1 = base only)")
     return sort_rows(index.to(x.device), n_adapters)
 
 
@@ -369,6 +373,8 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_As
         if index is None:
             raise ValueError("lora_linear_mixed needs index (or rows from mixed_rows)")
         rows = mixed_rows(index, x, n)
+    elif not all(t.is_contiguous() for t in rows):
+        raise ValueError("rows must be the contiguous (idx_s, perm, seg) tensors mixed_rows returns")
     elif rows[0].numel() != x.numel() // max(1, x.shape[-1]) or rows[2].numel() != n + 1:
         raise ValueError(f"rows were sorted for {rows[0].numel()} rows and {rows[2].numel() - 1} adapters; "
                          f"this call has {x.numel() // max(1, x.shape[-1])} rows and {n} adapters")

@@ -250,15 +250,24 @@ def _gemv4_kernel(
                 w0 = _lut(q0, code_ptr, QUANT) + shift[:, None]
                 w1 = _lut(q1, code_ptr, QUANT) + shift[:, None]
         else:
-            sk = s_rem[:, None] + k_even[None, :]
+            # Scale indices of the tail step's columns past IN are clamped to the row's last column: their
+            # x is masked to 0, but an out-of-range scale read could be NaN/Inf (NaN·0) or unmapped.
+            if EVEN_K:
+                k_s0 = k_even
+                k_s1 = k_even + 1
+            else:
+                k_s0 = tl.minimum(k_even, IN - 1)
+                k_s1 = tl.minimum(k_even + 1, IN - 1)
+            sk = s_rem[:, None] + k_s0[None, :]
             mult0, shift0 = _scale_at(s_base[:, None] + (sk >> LOG_BS), s_ptr, z_ptr, ncode_ptr, nabs_ptr,
                                       noff_ptr, nested_offset, QUANT, NESTED, OFFSET_PTR, LOG_NBS)
             w0 = (_lut(q0, code_ptr, QUANT) + shift0) * mult0
             if EVEN_ROWS:  # k_even and k_even + 1 share a block (an even start, an even block size)
                 w1 = (_lut(q1, code_ptr, QUANT) + shift0) * mult0
             else:
-                mult1, shift1 = _scale_at(s_base[:, None] + ((sk + 1) >> LOG_BS), s_ptr, z_ptr, ncode_ptr,
-                                          nabs_ptr, noff_ptr, nested_offset, QUANT, NESTED, OFFSET_PTR, LOG_NBS)
+                mult1, shift1 = _scale_at(s_base[:, None] + ((s_rem[:, None] + k_s1[None, :]) >> LOG_BS), s_ptr,
+                                          z_ptr, ncode_ptr, nabs_ptr, noff_ptr, nested_offset, QUANT, NESTED,
+                                          OFFSET_PTR, LOG_NBS)
                 w1 = (_lut(q1, code_ptr, QUANT) + shift1) * mult1
             mult = mult0
         acc_in = _rows_dot(acc_in, x_ptr, N, stride_xn, stride_xk, offs_n, n_ok, k_even, ok0, ok1, w0, w1, mult,
@@ -394,6 +403,8 @@ def _run(x2d, q, code, s, z, ncode, nabs, noff, bias, xa, lora_B, scale, out_fea
         return y
     has_lora = xa is not None and xa.shape[1] > 0
     offset_ptr = isinstance(nested_offset, torch.Tensor)
+    if bias is not None:
+        bias = bias.contiguous()  # read with unit stride
     splits = [config] if config is not None else _gemv4_tuned.configs
     max_split = max(c.kwargs["SPLIT_K"] for c in splits)
     counters = _counters(x2d.device, triton.cdiv(out_features, 16))

@@ -291,11 +291,22 @@ def _launch_untuned(tuned, raw, grid, args, kwargs):
 
 
 def _f32_precision(dtype: torch.dtype) -> str:
-    """fp32 activations follow torch's TF32 switch, as nn.Linear does; half-precision
-    activations use TF32 for the fp32 LoRA operands (more mantissa than bf16)."""
+    """Precision of fp32-operand dots whose result lands in the activation dtype (the rank-r fold of the
+    GEMMs, the up-projection): fp32 activations follow torch's TF32 switch, as nn.Linear does;
+    half-precision activations use TF32 (its 10-bit mantissa is below the bf16/fp16 output's rounding)."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+def _f32_exact_precision(dtype: torch.dtype) -> str:
+    """Precision of fp32-operand dots with fp32 results (xa, dS, dA, dB): as accurate as peft's fp32
+    LoRA branch. Half-precision activations use 3×TF32 (fp32-level accuracy on tensor cores; these
+    passes are bandwidth-bound, so the extra MMAs are nearly free); one TF32 pass would leave dA/dB
+    with ~2⁻¹¹ relative operand error. fp32 activations follow torch's TF32 switch."""
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32x3"
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -339,6 +350,12 @@ def gemm_impl(x, w, out, impl: str | None = None, has_lora: bool = True) -> str:
         return "pointer"
     if impl == "auto" and (_TMA_STATE["disabled"] or x.shape[0] <= 32):
         return "pointer"  # few tokens: the pointer kernel has thin row tiles, the TMA configs do not
+    if impl == "auto" and out.dtype != x.dtype:
+        return "pointer"  # the TMA autotune key cannot see the output descriptor's dtype
+    if impl == "auto" and x.dtype == torch.float32:
+        # fp32 operands: the TMA configs are sized for 2-byte elements (most overflow shared memory in
+        # fp32, each compiled before it fails); the pointer kernel's smaller tiles fit.
+        return "pointer"
     if impl == "auto" and interpreting():
         return "pointer"
     return "tma"
@@ -361,6 +378,8 @@ def lora_gemm(x, w, bias=None, l=None, r=None, *, lora_scale=1.0, seed=None, thr
     out = torch.empty(M, N, device=x.device, dtype=out_dtype or x.dtype)
     if M == 0 or N == 0:
         return out
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()  # the kernels read the bias with unit stride
     l_ = l if has_lora else x
     r_ = r if has_lora else x
     chosen = gemm_impl(x, w, out, impl, has_lora and R > 0)
@@ -427,7 +446,7 @@ def lora_down(x, w, *, out_scale=1.0, seed=None, threshold=0, dropout=False, con
     args = (x, w, out, _or(seed, x), M, K, R, _m_key(M),
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
             float(out_scale), int(threshold))
-    kwargs = dict(DROPOUT=bool(dropout), F32_PRECISION=_f32_precision(x.dtype), BLOCK_R=block_r)
+    kwargs = dict(DROPOUT=bool(dropout), F32_PRECISION=_f32_exact_precision(x.dtype), BLOCK_R=block_r)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))
@@ -482,7 +501,7 @@ def lora_reduce(g, x, *, out_scale=1.0, seed=None, threshold=0, dropout=False, d
             a.stride(0), a.stride(1), dx.stride(0), dx.stride(1),
             float(out_scale), int(threshold))
     kwargs = dict(DROPOUT=bool(dropout), DBIAS=bool(dbias), ADD_DX=add_dx is not None,
-                  F32_PRECISION=_f32_precision(x.dtype), BLOCK_R=block_r)
+                  F32_PRECISION=_f32_exact_precision(x.dtype), BLOCK_R=block_r)
 
     def grid(meta):
         return (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(R, block_r), splits)

@@ -33,7 +33,17 @@ import triton
 import triton.language as tl
 
 from .configs import down_configs, interpreting, keep_for_rows, reduce_configs
-from .lora_linear import LAUNCHES, _block_r, _f32_precision, _launch, _m_key, _num_sms, _or, lora_gemm
+from .lora_linear import (
+    LAUNCHES,
+    _block_r,
+    _f32_exact_precision,
+    _f32_precision,
+    _launch,
+    _m_key,
+    _num_sms,
+    _or,
+    lora_gemm,
+)
 from .philox import keep_tile
 
 # Larger than any adapter index: the empty minimum of a block of base rows.
@@ -226,7 +236,7 @@ def mixed_down(x, w, idx_s, perm, scale, *, thr=None, seed=None, dropout=False, 
     block_r = _block_r(R, 128)
     args = (x, w, out, idx_s, perm, scale, _or(thr, idx_s), _or(seed, perm), M, K, R, _m_key(M),
             x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1))
-    kwargs = dict(DROPOUT=bool(dropout), F32_PRECISION=_f32_precision(x.dtype), BLOCK_R=block_r)
+    kwargs = dict(DROPOUT=bool(dropout), F32_PRECISION=_f32_exact_precision(x.dtype), BLOCK_R=block_r)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))
@@ -277,7 +287,7 @@ def mixed_reduce(g, x, perm, seg, scale, n_adapters, *, thr=None, seed=None, dro
     args = (g, x, part, perm, seg, scale, _or(thr, perm), _or(seed, perm), K, R, splits, _m_key(M),
             g.stride(0), g.stride(1), x.stride(0), x.stride(1),
             part.stride(0), part.stride(1), stride_pr, stride_pk)
-    kwargs = dict(DROPOUT=bool(dropout), F32_PRECISION=_f32_precision(x.dtype), BLOCK_R=block_r)
+    kwargs = dict(DROPOUT=bool(dropout), F32_PRECISION=_f32_exact_precision(x.dtype), BLOCK_R=block_r)
 
     def grid(meta):
         return (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(R, block_r), n * splits)

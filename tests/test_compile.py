@@ -46,6 +46,7 @@ n = 0
 for tdt in ("bf16", "fp16", "fp32"):
     dt = "*" + tdt
     prec = "ieee" if tdt == "fp32" else "tf32"  # fp32 activations without TF32, as torch's default
+    exact = "ieee" if tdt == "fp32" else "tf32x3"  # fp32 results (xa, dA, dB) from half activations
     for cc in (90, 80):
         for cfg in pick(LL.gemm_configs(interpret=False)):
             for mask in (False, True):
@@ -58,14 +59,14 @@ for tdt in ("bf16", "fp16", "fp32"):
         for cfg in pick(LL.down_configs(interpret=False)):
             for drop in (False, True):
                 types = dict(x_ptr=dt, w_ptr=F32, out_ptr=F32, seed_ptr="*i64", out_scale="fp32")
-                ce = dict(DROPOUT=drop, F32_PRECISION=prec, BLOCK_R=16, **cfg.kwargs)
+                ce = dict(DROPOUT=drop, F32_PRECISION=exact, BLOCK_R=16, **cfg.kwargs)
                 compile_one(LL._lora_down_kernel, types, ce, cc, cfg)
                 n += 1
         for cfg in pick(LL.reduce_configs(interpret=False)):
             for drop, dbias, add_dx in ((True, False, True), (False, True, False)):
                 types = dict(g_ptr=F32, x_ptr=dt, part_ptr=F32, bias_part_ptr=F32, seed_ptr="*i64", a_ptr=F32,
                              dx_ptr=dt, out_scale="fp32")
-                ce = dict(DROPOUT=drop, DBIAS=dbias, ADD_DX=add_dx, F32_PRECISION=prec, BLOCK_R=16, **cfg.kwargs)
+                ce = dict(DROPOUT=drop, DBIAS=dbias, ADD_DX=add_dx, F32_PRECISION=exact, BLOCK_R=16, **cfg.kwargs)
                 compile_one(LL._lora_reduce_kernel, types, ce, cc, cfg)
                 n += 1
     for cfg in pick(TM.tma_configs(interpret=False)):
@@ -123,11 +124,12 @@ for cc in (90, 80):
     for tdt in ("bf16", "fp16", "fp32"):
         dt = "*" + tdt
         prec = "ieee" if tdt == "fp32" else "tf32"
+        exact = "ieee" if tdt == "fp32" else "tf32x3"
         meta = dict(idx_ptr="*i32", perm_ptr="*i64", scale_ptr=F32, thr_ptr="*i32", seed_ptr="*i64")
         for cfg in pick(LL.down_configs(interpret=False)):
             for drop in (False, True):
                 compile_one(MX._mixed_down_kernel, dict(x_ptr=dt, w_ptr=F32, out_ptr=F32, **meta),
-                            dict(DROPOUT=drop, F32_PRECISION=prec, BLOCK_R=16, **cfg.kwargs), cc, cfg)
+                            dict(DROPOUT=drop, F32_PRECISION=exact, BLOCK_R=16, **cfg.kwargs), cc, cfg)
                 n += 1
         for cfg in pick(MX.up_configs(interpret=False)):
             for drop in (False, True):
@@ -139,7 +141,7 @@ for cc in (90, 80):
                 types = dict(g_ptr=F32, x_ptr=dt, part_ptr=F32, perm_ptr="*i64", seg_ptr="*i64", scale_ptr=F32,
                              thr_ptr="*i32", seed_ptr="*i64")
                 compile_one(MX._mixed_reduce_kernel, types,
-                            dict(DROPOUT=drop, F32_PRECISION=prec, BLOCK_R=16, **cfg.kwargs), cc, cfg)
+                            dict(DROPOUT=drop, F32_PRECISION=exact, BLOCK_R=16, **cfg.kwargs), cc, cfg)
                 n += 1
 print("compiled", n)
 '''

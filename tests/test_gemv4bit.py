@@ -186,6 +186,34 @@ def test_int4_vs_fp64(case):
     _check(y, x, w64, b, xa, lb, 0.8)
 
 
+def _poisoned(t, fill, extra=64):
+    """``t`` as the head of a longer buffer whose tail holds ``fill``: a read past t's end sees it."""
+    buf = torch.full((t.numel() + extra,), fill, dtype=t.dtype)
+    buf[: t.numel()] = t.reshape(-1)
+    return buf[: t.numel()].view(t.shape)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_tail_step_reads_no_scale_past_the_end(nested):
+    """in % BLOCK_K ≠ 0 with blocks straddling rows: the tail step's columns past ``in`` must not read
+    scales past the array (NaN there would turn a row into NaN through NaN·0)."""
+    cfg = G._gcfg(16, 32, 1, 4, 1)
+    q, st, w64 = _bnb_quant(19, 45, 32, "nf4", nested)
+    x, b, xa, lb = _inputs(1, 45, 19, 3, torch.float32, True)
+    kw = _nested_kwargs(st)
+    if nested:
+        kw["nested_absmax"] = _poisoned(kw["nested_absmax"], float("nan"))
+        absmax = _poisoned(st.absmax, 255)
+    else:
+        absmax = _poisoned(st.absmax, float("nan"))
+    y = K.lora_gemv_4bit(x, q, absmax, st.code, 32, 19, 45, bias=b, xa=xa, lora_B=lb, scale=1.3, config=cfg, **kw)
+    _check(y, x, w64, b, xa, lb, 1.3, "bnb")
+    packed, scales, zeros, w64 = _int4_quant(torch.randn(19, 45), 32)
+    y = K.lora_gemv_int4(x, packed, _poisoned(scales, float("nan")), _poisoned(zeros, 255), 32, 19, 45, bias=b,
+                         xa=xa, lora_B=lb, scale=1.3, config=cfg)
+    _check(y, x, w64, b, xa, lb, 1.3, "int4")
+
+
 @pytest.mark.parametrize("cfg", [G._gcfg(16, 32, 1, 4, 1), G._gcfg(32, 64, 3, 4, 1), G._gcfg(16, 128, 2, 4, 1)],
                          ids=lambda c: "{BLOCK_OUT}x{BLOCK_K}_s{SPLIT_K}".format(**c.kwargs))
 def test_each_config_forced(cfg):
