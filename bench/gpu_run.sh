@@ -40,8 +40,9 @@ stamp gpu-tests
 # Correctness only: one config per launch (FASTPEFT_AUTOTUNE=0), not a compile of every autotune
 # config for every shape; the tests that force each config in turn still do so, and the benchmarks
 # below autotune (their compiled kernels land in the same on-disk Triton cache).
-FASTPEFT_AUTOTUNE=0 pytest -m gpu tests -q -p no:cacheprovider -rs --junitxml="$out/junit-gpu.xml" 2>&1 \
-  | tee "$out/pytest-gpu.log"
+# Bounded (TESTS_TIMEOUT seconds, default 240) so that a slow compile storm leaves the benchmarks time.
+FASTPEFT_AUTOTUNE=0 timeout "${TESTS_TIMEOUT:-240}" pytest -m gpu tests -q -p no:cacheprovider -rs \
+  --junitxml="$out/junit-gpu.xml" 2>&1 | tee "$out/pytest-gpu.log"
 rc_tests=${PIPESTATUS[0]}
 
 # The canonical cells (TARGETS.md), with the autotuner's choices in the log.
