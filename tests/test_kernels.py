@@ -464,9 +464,12 @@ def test_fp32_results_use_fp32_accurate_dots(monkeypatch):
 
     assert LL._f32_exact_precision(torch.bfloat16) == LL._f32_exact_precision(torch.float16) == "tf32x3"
     assert LL._f32_exact_precision(torch.float32) == "ieee" and LL._f32_precision(torch.bfloat16) == "tf32"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert LL._f32_exact_precision(torch.float32) == "tf32"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    before = torch.backends.cuda.matmul.allow_tf32  # (monkeypatch cannot restore this module's attribute)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert LL._f32_exact_precision(torch.float32) == "tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
     seen = {}
 
     def spy(tuned, raw, grid, args, kwargs, config):
