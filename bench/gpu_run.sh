@@ -59,7 +59,10 @@ copy_out
 rc_quant=0
 for preset in ${QUANT_PRESETS-decode qlora mixed e2e}; do
   stamp "bench $preset"
-  TRITON_PRINT_AUTOTUNING=1 python -m fastpeft bench --preset "$preset" --out "$name-$preset.json" \
+  extra=""
+  case $preset in e2e*) extra="--dropout 0.05 0.1" ;; esac  # TARGETS.md §5: both sides at both dropouts
+  # shellcheck disable=SC2086
+  TRITON_PRINT_AUTOTUNING=1 python -m fastpeft bench --preset "$preset" $extra --out "$name-$preset.json" \
       --plot "$name-$preset.png" 2>&1 \
     | tee "$out/bench-$preset.log"
   rc_quant=$((rc_quant || PIPESTATUS[0]))

@@ -155,13 +155,14 @@ def run_e2e(preset: str = "e2e-tiny", providers: list[str] | None = None, device
 
 def format_e2e(rows: list[dict]) -> str:
     """A text table of ``run_e2e`` rows."""
-    lines = [f"{'provider':16} {'tokens/s':>10} {'step ms':>9} {'peak GiB':>9} {'loss':>8}  vs peft"]
+    lines = [f"{'provider':16} {'p':>5} {'tokens/s':>10} {'step ms':>9} {'peak GiB':>9} {'loss':>8}  vs peft"]
     for row in rows:
+        p = "—" if "frozen" in row["provider"] else f"{row.get('dropout', 0.0):g}"  # a floor has no dropout
         if row.get("error"):
-            lines.append(f"{row['provider']:16} error: {row['error'][:90]}")
+            lines.append(f"{row['provider']:16} {p:>5} error: {row['error'][:90]}")
             continue
         ratio = next((f"{v:.2f}x" for k, v in row.items() if k.startswith("speedup_vs_")), "")
         peak = "-" if row["peak_mem_gib"] is None else f"{row['peak_mem_gib']:.3f}"
-        lines.append(f"{row['provider']:16} {row['tokens_per_s']:10.1f} {row['step_ms']:9.2f} {peak:>9} "
+        lines.append(f"{row['provider']:16} {p:>5} {row['tokens_per_s']:10.1f} {row['step_ms']:9.2f} {peak:>9} "
                      f"{row['loss']:8.4f}  {ratio}")
     return "\n".join(lines)

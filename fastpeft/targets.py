@@ -123,17 +123,19 @@ def _mixed(rows: list[dict]) -> Iterable[Verdict]:
 
 def _e2e(rows: list[dict]) -> Iterable[Verdict]:
     e = [r for r in rows if r.get("preset") == "e2e"]  # TARGETS.md §5's model, not the CPU-sized e2e-tiny
-    for ours, floor, theirs, name in (("fastpeft", "frozen", "peft", "LoRA"),
-                                      ("fastpeft_qlora", "nf4_frozen", "peft_qlora", "QLoRA")):
-        v = _ratio(e, dict(provider=ours), dict(provider=floor), field="tokens_per_s")
-        if v is not None:
-            yield Verdict("5", f"{name} tokens/s / its frozen floor", v, 0.85, True)
-        v = _ratio(e, dict(provider=ours), dict(provider=theirs), field="tokens_per_s")
-        if v is not None:
-            yield Verdict("5", f"{name} tokens/s / peft's", v, 1.8, True)
-        v = _ratio(e, dict(provider=ours), dict(provider=theirs), field="peak_mem_gib")
-        if v is not None:
-            yield Verdict("5", f"{name} peak memory / peft's", v, 0.65, False)
+    for p in sorted({r.get("dropout") for r in e if r.get("provider") in ("fastpeft", "fastpeft_qlora")}):
+        for ours, floor, theirs, name in (("fastpeft", "frozen", "peft", "LoRA"),
+                                          ("fastpeft_qlora", "nf4_frozen", "peft_qlora", "QLoRA")):
+            mine, peers = dict(provider=ours, dropout=p), dict(provider=theirs, dropout=p)
+            v = _ratio(e, mine, dict(provider=floor), field="tokens_per_s")  # a floor has no dropout
+            if v is not None:
+                yield Verdict("5", f"{name} tokens/s / its frozen floor, p={p}", v, 0.85, True)
+            v = _ratio(e, mine, peers, field="tokens_per_s")
+            if v is not None:
+                yield Verdict("5", f"{name} tokens/s / peft's, p={p}", v, 1.8, True)
+            v = _ratio(e, mine, peers, field="peak_mem_gib")
+            if v is not None:
+                yield Verdict("5", f"{name} peak memory / peft's, p={p}", v, 0.65, False)
 
 
 SECTIONS: tuple[Callable[[list[dict]], Iterable[Verdict]], ...] = (_layer, _qlora, _decode, _mixed, _e2e)

@@ -53,9 +53,12 @@ def test_other_sections():
         dict(bench="mixed", shape="4096x4096", adapters=16, mode="fwd", provider="fastpeft_single", ms=1.0),
         dict(bench="mixed", shape="4096x4096", adapters=16, mode="fwd", provider="fastpeft_mixed", ms=1.2),
         dict(bench="mixed", shape="4096x4096", adapters=16, mode="fwd", provider="peft_mixed", ms=8.4),
-        dict(preset="e2e", provider="frozen", tokens_per_s=60000.0, peak_mem_gib=15.0),
-        dict(preset="e2e", provider="peft", tokens_per_s=29000.0, peak_mem_gib=30.0),
-        dict(preset="e2e", provider="fastpeft", tokens_per_s=52000.0, peak_mem_gib=21.0),
+        dict(preset="e2e", provider="frozen", dropout=0.05, tokens_per_s=60000.0, peak_mem_gib=15.0),
+        dict(preset="e2e", provider="peft", dropout=0.05, tokens_per_s=29000.0, peak_mem_gib=30.0),
+        dict(preset="e2e", provider="fastpeft", dropout=0.05, tokens_per_s=52000.0, peak_mem_gib=21.0),
+        dict(preset="e2e", provider="peft", dropout=0.1, tokens_per_s=28000.0, peak_mem_gib=31.0),
+        dict(preset="e2e", provider="fastpeft", dropout=0.1, tokens_per_s=51000.0, peak_mem_gib=20.0),
+        dict(preset="e2e-tiny", provider="fastpeft", dropout=0.2, tokens_per_s=1.0, peak_mem_gib=1.0),
     ]
     got = {v.target: v for v in evaluate(rows)}
     assert got["QLoRA fwd+bwd / bf16 frozen, 4096x4096"].value == pytest.approx(1.2)
@@ -65,9 +68,12 @@ def test_other_sections():
     assert got["16-adapter mixed / single adapter, 4096x4096 fwd"].ok
     assert got["speed-up over peft adapter_names (16 adapters), 4096x4096 fwd"].value == pytest.approx(7.0)
     assert not got["speed-up over peft adapter_names (16 adapters), 4096x4096 fwd"].ok
-    assert got["LoRA tokens/s / its frozen floor"].value == pytest.approx(52 / 60)
-    v = got["LoRA peak memory / peft's"]
+    assert got["LoRA tokens/s / its frozen floor, p=0.05"].value == pytest.approx(52 / 60)
+    assert got["LoRA tokens/s / its frozen floor, p=0.1"].value == pytest.approx(51 / 60)  # one floor for both
+    v = got["LoRA peak memory / peft's, p=0.05"]
     assert v.value == pytest.approx(0.7) and not v.ok
+    assert got["LoRA tokens/s / peft's, p=0.1"].value == pytest.approx(51 / 28)
+    assert not any("p=0.2" in k for k in got)  # e2e-tiny rows are not the target's model
     assert not any(v.target.startswith("QLoRA tokens/s") for v in got.values())  # no QLoRA e2e rows
 
 
