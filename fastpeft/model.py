@@ -54,6 +54,10 @@ def record_base_model_name(config: Any, model: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------- modules_to_save
+# Modules whose further arguments are never per row: a mixed batch may go through them group by group.
+_ROW_WISE_MODULES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 class ModulesToSaveWrapper(nn.Module):
     """A module trained in full beside the adapters (peft's class of the same name and layout).
 
@@ -99,8 +103,11 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[self._active_adapter]
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        if adapter_names is None or self._disable_adapters or not args:
+        if adapter_names is None or self._disable_adapters:
             return self._current()(*args, **kwargs)
+        if not args or not isinstance(args[0], torch.Tensor):
+            raise TypeError(f"mixed-adapter batches through modules_to_save split the first positional input by "
+                            f"row; {type(self.original_module).__name__} was called without a positional tensor")
         return self._mixed_forward(adapter_names, *args, **kwargs)
 
     def _mixed_forward(self, adapter_names: list[str], x: torch.Tensor, *args, **kwargs):
@@ -124,14 +131,25 @@ class ModulesToSaveWrapper(nn.Module):
 
         if len(groups) == 1:
             return module_for(names[0])(x, *args, **kwargs)
+        kind = type(self.original_module).__name__
+        # Only x is split by row. Other arguments reach every group whole: per-row masks would mix rows up
+        # and a KV cache would be written once per group. So: peft's module types (their other arguments
+        # are not per row), or any module called with x alone (a norm, a head).
+        if (args or kwargs) and not isinstance(self.original_module, _ROW_WISE_MODULES):
+            raise TypeError(f"mixed-adapter batches through modules_to_save split only the first input by row; "
+                            f"{kind} also takes {', '.join([*(['positional arguments'] if args else []), *kwargs])},"
+                            " which cannot be split (peft allows Linear, Embedding and Conv modules here)")
         outs, order = [], []
         for name, rows in groups.items():
             idx = torch.tensor(rows, device=x.device)
-            outs.append(module_for(name)(x.index_select(0, idx), *args, **kwargs))
+            out = module_for(name)(x.index_select(0, idx), *args, **kwargs)
+            if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != len(rows):
+                raise TypeError(f"mixed-adapter batches through modules_to_save need a module mapping a batch of "
+                                f"rows to as many rows of one tensor; {kind} returned {type(out).__name__}"
+                                + (f" of shape {tuple(out.shape)} for {len(rows)} rows"
+                                   if isinstance(out, torch.Tensor) else ""))
+            outs.append(out)
             order.extend(rows)
-        if not all(isinstance(o, torch.Tensor) for o in outs):
-            raise TypeError(f"mixed-adapter batches through modules_to_save need a module returning a tensor; "
-                            f"{type(self.original_module).__name__} returned {type(outs[0]).__name__}")
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
         return torch.cat(outs).index_select(0, inverse.to(x.device))
@@ -521,7 +539,8 @@ def mixed_adapter_batch(model: nn.Module, adapter_names: list[str] | None, expan
     if adapter_names is None:
         yield
         return
-    if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)) \
+            or not all(isinstance(n, str) for n in adapter_names):
         raise TypeError(f"adapter_names must be a list of adapter names (str), got {adapter_names!r}")
     layers = [m for m in model.modules() if isinstance(m, FastLoraLinear)]
     existing = sorted({n for layer in layers for n in layer.lora_A})

@@ -676,3 +676,59 @@ def test_generate_stacks_each_layers_adapters_once(monkeypatch):
     with torch.no_grad():  # a later call stacks again (the cache lives for one call)
         ours(input_ids=ids, adapter_names=names)
     assert len(calls) == 2 * len(layers)
+
+
+# ----------------------------------------------------------------------------- found in review
+def test_modules_to_save_with_per_row_arguments_refuses_mixed_batches():
+    """A decoder layer as modules_to_save gets per-row masks/positions beside its input: only the input
+    could be split, so a mixed batch raises (peft raises too) instead of mixing rows up silently."""
+    torch.manual_seed(0)
+    ours = fastpeft.get_peft_model(_llama().eval(), fastpeft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                         modules_to_save=["layers.1"]))
+    ours.add_adapter("other", fastpeft.LoraConfig(r=2, target_modules=["v_proj"], modules_to_save=["layers.1"]))
+    ids = torch.randint(1, 96, (2, 5))
+    with torch.no_grad(), pytest.raises(TypeError, match="split only the first input by row.*cache"):
+        ours(input_ids=ids, adapter_names=["other", "__base__"])
+    with torch.no_grad():  # one adapter for every row needs no split: fine
+        same = ours(input_ids=ids, adapter_names=["other", "other"]).logits
+        ours.set_adapter("other")
+        assert_rel(same, ours(input_ids=ids).logits, 1e-6, "one adapter")
+
+
+def test_mixed_batch_on_weights_made_under_inference_mode():
+    with torch.inference_mode():
+        ours, theirs = _models()
+    ids = torch.randint(1, 96, (len(NAMES), 5), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        got = ours(input_ids=ids, adapter_names=NAMES).logits
+        assert_rel(got, theirs(input_ids=ids, adapter_names=NAMES).logits, 1e-5, "inference-mode weights")
+        out = ours.generate(input_ids=ids[:3], max_new_tokens=3, do_sample=False, adapter_names=NAMES[:3])
+        assert torch.equal(out, theirs.generate(input_ids=ids[:3], max_new_tokens=3, do_sample=False,
+                                                adapter_names=NAMES[:3]))
+
+
+def test_ddp_training_with_an_adapter_missing_from_a_batch(tmp_path):
+    """Trainable adapters without rows in a batch get zero gradients, not none: DDP (default
+    find_unused_parameters=False) keeps training when a batch lacks an adapter."""
+    import torch.distributed as dist
+
+    ours, _ = _models()
+    ours.train()
+    for name, p in ours.named_parameters():
+        p.requires_grad_("lora_" in name)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(ours)
+        opt = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.1)
+        ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(4))
+        for names in (["default", "second"], ["default", "default"], ["third", "__base__"], ["second", "third"]):
+            ddp(input_ids=ids, adapter_names=names, labels=ids).loss.backward()
+            for key, p in ours.named_parameters():
+                if p.requires_grad:
+                    used = any(f".{n}." in key for n in names)
+                    assert p.grad is not None, key
+                    assert bool(p.grad.any()) == used, key  # zeros exactly where the batch lacks it
+            opt.step()
+            opt.zero_grad()
+    finally:
+        dist.destroy_process_group()

@@ -419,6 +419,10 @@ class FastLoraLinear(nn.Module):
                              f"got {tuple(x.shape)}")
         weight = self.base_weight_for_op()
         present = [n for n in dict.fromkeys(names) if n in self.lora_A]
+        if self.training and torch.is_grad_enabled():
+            # Trainable adapters with no row in this batch join the op with zero rows: their gradients are
+            # zeros rather than absent, so DistributedDataParallel finds every trainable parameter used.
+            present += [n for n in self.lora_A if n not in present and self.lora_A[n].weight.requires_grad]
         if not present:
             return self.base_layer(x, *args, **kwargs)
         # The model-level names carry a cache: layers with the same adapters and input shape share the
@@ -434,7 +438,8 @@ class FastLoraLinear(nn.Module):
                 cache[key] = rows
         As, Bs = [self.lora_A[n].weight for n in present], [self.lora_B[n].weight for n in present]
         stacks = None
-        if cache is not None and not torch.is_grad_enabled():
+        # (inference tensors have no version counter: weights made under inference_mode are restacked)
+        if cache is not None and not torch.is_grad_enabled() and not any(w.is_inference() for w in (*As, *Bs)):
             # Without gradients (generate), the stacked adapters are kept for the rest of the call: the
             # decode steps reuse them instead of restacking every adapter of every layer per token.
             skey = ("stacks", id(self), tuple(present), tuple(w._version for w in (*As, *Bs)))
