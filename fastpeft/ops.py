@@ -139,8 +139,14 @@ def _backward_impl(dy, x, weight, lora_A, lora_B, xa, seed, scale, dropout_p, fa
     else:
         grads = reference.lora_linear_backward(dy2d, x2d, weight, lora_A, lora_B, xa, seed, scale, dropout_p,
                                                fan_in_fan_out, need_dx, need_dA, need_dB, need_dbias)
+    return op_grads(x, grads)
+
+
+def op_grads(x: Tensor, grads) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A backward op's ``(dx, dA, dB, dbias)`` as custom ops must return them: ``dx`` in x's shape, and an
+    empty tensor for each gradient not computed (custom ops cannot return None)."""
     dx, dA, dB, dbias = grads
-    empty = x.new_empty(0)  # custom ops cannot return None
+    empty = x.new_empty(0)
     return (empty if dx is None else dx.reshape(x.shape),
             empty.clone() if dA is None else dA,
             empty.clone() if dB is None else dB,
@@ -187,6 +193,19 @@ def draw_seed(device: torch.device | str) -> Tensor:
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
 
+def check_lora_inputs(x: Tensor, in_features: int, out_features: int, lora_A: Tensor, lora_B: Tensor,
+                      dropout_p: float) -> None:
+    """The shape and dropout checks every LoRA entry point makes, with the same messages."""
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"expected input of shape (..., {in_features}), got {tuple(x.shape)}")
+    r = lora_A.shape[0]
+    if tuple(lora_A.shape) != (r, in_features) or tuple(lora_B.shape) != (out_features, r):
+        raise ValueError(f"lora_A must be ({r}, {in_features}) and lora_B ({out_features}, {r}); "
+                         f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {dropout_p}")
+
+
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, *,
                 scale: float, dropout_p: float = 0.0, training: bool = True, fan_in_fan_out: bool = False,
                 seed: Optional[Tensor] = None) -> Tensor:
@@ -203,15 +222,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
         y.sum().backward()
     """
     in_features = weight.shape[0] if fan_in_fan_out else weight.shape[1]
-    out_features = _out_features(weight, fan_in_fan_out)
-    if x.dim() == 0 or x.shape[-1] != in_features:
-        raise ValueError(f"expected input of shape (..., {in_features}), got {tuple(x.shape)}")
-    r = lora_A.shape[0]
-    if tuple(lora_A.shape) != (r, in_features) or tuple(lora_B.shape) != (out_features, r):
-        raise ValueError(f"lora_A must be ({r}, {in_features}) and lora_B ({out_features}, {r}); "
-                         f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1), got {dropout_p}")
+    check_lora_inputs(x, in_features, _out_features(weight, fan_in_fan_out), lora_A, lora_B, dropout_p)
     if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
         x = x.to(torch.get_autocast_dtype(x.device.type))
     p = float(dropout_p) if training else 0.0

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .ops import _flat, backend_for, draw_seed, fake_backward, fake_forward
+from .ops import _flat, backend_for, check_lora_inputs, draw_seed, fake_backward, fake_forward, op_grads
 from .quant import Weight4bit, dequantize_kernel
 
 try:
@@ -126,10 +126,7 @@ def _lora_linear_4bit_backward_op(dy: Tensor, x: Tensor, packed: Tensor, absmax:
         else:
             grads = reference.lora_linear_backward(dy2d, x2d, w, lora_A, lora_B, xa, seed, scale, dropout_p, False,
                                                    need_dx, need_dA, need_dB, need_dbias)
-    dx, dA, dB, dbias = grads
-    empty = x.new_empty(0)
-    return (empty if dx is None else dx.reshape(x.shape), empty.clone() if dA is None else dA,
-            empty.clone() if dB is None else dB, empty.clone() if dbias is None else dbias)
+    return op_grads(x, grads)
 
 
 @_lora_linear_4bit_backward_op.register_fake
@@ -217,14 +214,7 @@ def lora_linear_4bit(x: Tensor, weight: Weight4bit, bias: Optional[Tensor], lora
         y = lora_linear_4bit(x, w4, None, A, B, scale=2.0, dropout_p=0.1)
     """
     in_f, out_f = weight.in_features, weight.out_features
-    if x.dim() == 0 or x.shape[-1] != in_f:
-        raise ValueError(f"expected input of shape (..., {in_f}), got {tuple(x.shape)}")
-    r = lora_A.shape[0]
-    if tuple(lora_A.shape) != (r, in_f) or tuple(lora_B.shape) != (out_f, r):
-        raise ValueError(f"lora_A must be ({r}, {in_f}) and lora_B ({out_f}, {r}); "
-                         f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1), got {dropout_p}")
+    check_lora_inputs(x, in_f, out_f, lora_A, lora_B, dropout_p)
     if not x.is_floating_point():
         raise TypeError(f"lora_linear_4bit takes a floating-point input, got {x.dtype}")
     if torch.is_autocast_enabled(x.device.type):

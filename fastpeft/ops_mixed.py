@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import ops4bit as _ops4bit
 from . import reference
-from .ops import _flat, _out_features, backend_for, draw_seed, fake_backward, fake_forward
+from .ops import _flat, _out_features, backend_for, draw_seed, fake_backward, fake_forward, op_grads
 from .quant import Weight4bit
 
 try:
@@ -163,12 +163,7 @@ def _backward_impl(dy, x, weight, A_stack, B_stack, xa, idx_s, perm, seg, seed, 
         else:
             grads = torch_mixed_backward(dy2d, x2d, weight, A_stack, B_stack, xa, idx_s, perm, seg, seed, scales,
                                          dropout_ps, fan_in_fan_out, need_dx, need_dA, need_dB, need_dbias)
-    dx, dA, dB, dbias = grads
-    empty = x.new_empty(0)  # custom ops cannot return None
-    return (empty if dx is None else dx.reshape(x.shape),
-            empty.clone() if dA is None else dA,
-            empty.clone() if dB is None else dB,
-            empty.clone() if dbias is None else dbias)
+    return op_grads(x, grads)
 
 
 @_lora_mixed_backward_op.register_fake

@@ -108,11 +108,16 @@ class FastLoraLinear(nn.Module):
         if fan_in_fan_out is not None and bool(fan_in_fan_out) != detected:
             raise ValueError(f"fan_in_fan_out={fan_in_fan_out} does not match the base layer "
                              f"{type(linear).__name__} (which needs fan_in_fan_out={detected})")
+        return cls._wrapping(linear, adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                             use_rslora=use_rslora, init_lora_weights=init_lora_weights,
+                             autocast_adapter_dtype=autocast_adapter_dtype)
+
+    @classmethod
+    def _wrapping(cls, linear: nn.Module, adapter_name: str, **adapter_kwargs):
+        """A new layer around ``linear`` as it is (``from_linear``'s end, shared with the 4-bit layer)."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._wrap(linear, adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                   use_rslora=use_rslora, init_lora_weights=init_lora_weights,
-                   autocast_adapter_dtype=autocast_adapter_dtype)
+        self._wrap(linear, adapter_name, **adapter_kwargs)
         return self
 
     # ------------------------------------------------------------------ setup

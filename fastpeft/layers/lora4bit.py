@@ -73,12 +73,9 @@ class FastLoraLinear4bit(FastLoraLinear):
             if type(linear) is not nn.Linear:
                 raise TypeError(f"FastLoraLinear4bit wraps a Linear4bit or an nn.Linear, got {type(linear).__name__}")
             linear = quantize_linear(linear, quant_type, blocksize, compress_statistics)
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self._wrap(linear, adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                   use_rslora=use_rslora, init_lora_weights=init_lora_weights,
-                   autocast_adapter_dtype=autocast_adapter_dtype)
-        return self
+        return cls._wrapping(linear, adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                             use_rslora=use_rslora, init_lora_weights=init_lora_weights,
+                             autocast_adapter_dtype=autocast_adapter_dtype)
 
     def _adopt_base(self, base: nn.Module) -> None:
         """Shape fields from a 4-bit base (used when converting a peft layer)."""
