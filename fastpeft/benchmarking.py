@@ -317,6 +317,17 @@ def _cells(preset: Preset, shapes: Sequence[str] | None, tokens: Sequence[int] |
     return [(s, n) for s in shapes for n in tokens]
 
 
+def _providers(requested: Sequence[str] | None, known: Sequence[str], where: str = "") -> list[str]:
+    """The providers to measure: ``requested`` checked against ``known``, or by default all of ``known``
+    with peft's rows only where peft is installed (it is optional)."""
+    if requested is None:
+        has_peft = importlib.util.find_spec("peft") is not None
+        return [p for p in known if has_peft or not p.startswith("peft")]
+    if set(requested) - set(known):
+        raise ValueError(f"unknown {sorted(set(requested) - set(known))}{where}; choose from {tuple(known)}")
+    return list(requested)
+
+
 def run(preset: str = "tiny", shapes: Sequence[str] | None = None, tokens: Sequence[int] | None = None,
         providers: Sequence[str] | None = None, modes: Sequence[str] | None = None,
         dropouts: Sequence[float] | None = None, dtype: str | None = None, device: str | torch.device = "auto",
@@ -329,10 +340,9 @@ def run(preset: str = "tiny", shapes: Sequence[str] | None = None, tokens: Seque
     mode, so those rows are measured once per cell with ``dropout`` ``None``.
     """
     grid = PRESETS[preset]
-    if providers is None:  # by default, peft's rows only where peft is installed (it is optional)
-        has_peft = importlib.util.find_spec("peft") is not None
-        providers = [p for p in grid.providers if has_peft or not p.startswith("peft")]
-    providers, modes = tuple(providers), tuple(modes or grid.modes)
+    # the preset's providers by default; any of PROVIDERS when asked for (checked below with the modes)
+    providers = tuple(_providers(None, grid.providers) if providers is None else providers)
+    modes = tuple(modes or grid.modes)
     dropouts = tuple(grid.dropouts if dropouts is None else dropouts)
     for given, known in ((providers, PROVIDERS), (modes, MODES)):
         if set(given) - set(known):
@@ -771,11 +781,7 @@ def run_quant(preset: str = "decode-tiny", shapes: Sequence[str] | None = None, 
     """
     grid = QUANT_PRESETS[preset]
     known = DECODE_PROVIDERS if grid.kind == "decode" else QLORA_PROVIDERS
-    if providers is None:
-        has_peft = importlib.util.find_spec("peft") is not None
-        providers = [p for p in known if has_peft or not p.startswith("peft")]
-    if set(providers) - set(known):
-        raise ValueError(f"unknown {sorted(set(providers) - set(known))} for {preset}; choose from {known}")
+    providers = _providers(providers, known, f" for {preset}")
     dev, dt = resolve_device(device), _DTYPES[dtype or "bf16"]
     env = environment(dev, dt)
     cells = _cells(Preset(cells=grid.cells), shapes, tokens)
@@ -909,11 +915,7 @@ def run_mixed(preset: str = "mixed-tiny", shapes: Sequence[str] | None = None,
     and ``vs_frozen``; fastpeft_mixed rows carry a check of y (and dx in fwdbwd) against peft_mixed.
     """
     grid = MIXED_PRESETS[preset]
-    if providers is None:
-        has_peft = importlib.util.find_spec("peft") is not None
-        providers = [p for p in MIXED_PROVIDERS if has_peft or not p.startswith("peft")]
-    if set(providers) - set(MIXED_PROVIDERS):
-        raise ValueError(f"unknown {sorted(set(providers) - set(MIXED_PROVIDERS))}; choose from {MIXED_PROVIDERS}")
+    providers = _providers(providers, MIXED_PROVIDERS)
     dev, dt = resolve_device(device), _DTYPES[dtype or "bf16"]
     env = environment(dev, dt)
     rows: list[dict] = []
