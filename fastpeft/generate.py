@@ -6,7 +6,9 @@ adapter config's ``base_model_name_or_path`` when that is a local folder.
 A QLoRA adapter (its ``train_log.json`` says ``--method qlora`` or
 ``--load-in-4bit``) gets its base quantized to NF4 as in training, so the
 adapter sees the weights it was trained on; ``--load-in-4bit`` /
-``--no-load-in-4bit`` decide explicitly.
+``--no-load-in-4bit`` decide explicitly. The base is loaded in the dtype it
+was trained in (the log's ``dtype``; ``--dtype`` overrides, and without a log
+the checkpoint's own dtype is kept).
 
 Example::
 
@@ -38,25 +40,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "trained, read from its train_log.json)")
     p.add_argument("--quantizer", default=None, choices=["fastpeft", "bitsandbytes"],
                    help="who quantizes with --load-in-4bit (default: as in training, else fastpeft)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="base weights dtype (auto: as in training, read from train_log.json, else the checkpoint's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
 
 
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "fp32": torch.float32, "float32": torch.float32}
+
+
+def _train_log(adapter: str) -> dict:
+    try:
+        log = json.load(open(os.path.join(adapter, "train_log.json"), encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return log if isinstance(log, dict) else {}
+
+
 def trained_in_4bit(adapter: str) -> tuple[bool, str]:
     """(whether ``fastpeft train`` quantized the base for this adapter, its quantizer), from train_log.json."""
-    path = os.path.join(adapter, "train_log.json")
-    try:
-        args = json.load(open(path, encoding="utf-8")).get("args", {})
-    except (OSError, ValueError, AttributeError):
+    args = _train_log(adapter).get("args")
+    if not isinstance(args, dict):
         return False, "fastpeft"
     return bool(args.get("load_in_4bit") or args.get("method") == "qlora"), args.get("quantizer") or "fastpeft"
 
 
+def trained_dtype(adapter: str) -> torch.dtype | None:
+    """The base dtype ``fastpeft train`` used for this adapter (train_log.json's ``dtype``), or None."""
+    return _DTYPES.get(str(_train_log(adapter).get("dtype")))
+
+
 def load(adapter: str, model_path: str | None = None, device: str | torch.device = "cpu",
-         load_in_4bit: bool | None = None, quantizer: str | None = None):
+         load_in_4bit: bool | None = None, quantizer: str | None = None, dtype: torch.dtype | str | None = None):
     """(peft model, tokenizer) for an adapter folder, the base found as described in the module docstring.
 
-    ``load_in_4bit=None`` quantizes the base when the adapter was trained on a 4-bit base."""
+    ``load_in_4bit=None`` quantizes the base when the adapter was trained on a 4-bit base; ``dtype=None``
+    (or ``"auto"``) loads the base in its training dtype when train_log.json records it, else in the
+    checkpoint's dtype."""
     from . import PeftModel
     from .data import ByteTokenizer, HFTokenizer
     from .train import BASE_DIR, DEFAULT_MODEL, quantize_base
@@ -78,7 +99,12 @@ def load(adapter: str, model_path: str | None = None, device: str | torch.device
             raise SystemExit(f"fastpeft generate: base model {named!r} is not a local folder; pass --model PATH")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base = AutoModelForCausalLM.from_pretrained(base_path)
+    if isinstance(dtype, str):
+        if dtype != "auto" and dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of auto, bf16, fp16, fp32, got {dtype!r}")
+        dtype = _DTYPES.get(dtype)
+    dtype = dtype or trained_dtype(adapter)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype or "auto")
     trained_4bit, trained_quantizer = trained_in_4bit(adapter)
     if load_in_4bit is None:
         load_in_4bit = trained_4bit
@@ -102,7 +128,7 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("fastpeft generate: --merge and --no-adapter contradict each other")
     torch.manual_seed(args.seed)
     model, tok = load(args.adapter, args.model, device, load_in_4bit=getattr(args, "load_in_4bit", None),
-                      quantizer=getattr(args, "quantizer", None))
+                      quantizer=getattr(args, "quantizer", None), dtype=getattr(args, "dtype", None))
     if args.merge:
         model = model.merge_and_unload()
     for prompt in args.prompt:

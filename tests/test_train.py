@@ -178,6 +178,19 @@ def test_generate_command_reloads_base_and_adapter(tmp_path, capsys):
                      "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "upper: abc =" in out
+    # a bf16 checkpoint under an adapter trained in fp32 loads in fp32 (the logged dtype); --dtype overrides
+    from fastpeft import generate
+    from transformers import AutoModelForCausalLM
+
+    base_dir = tmp_path / "run" / "base_model"
+    AutoModelForCausalLM.from_pretrained(base_dir).to(torch.bfloat16).save_pretrained(base_dir)
+    model, _ = generate.load(str(tmp_path / "run"))
+    assert {p.dtype for p in model.get_base_model().parameters()} == {torch.float32}
+    model, _ = generate.load(str(tmp_path / "run"), dtype="bf16")
+    assert next(model.get_base_model().model.embed_tokens.parameters()).dtype == torch.bfloat16
+    (tmp_path / "run" / "train_log.json").unlink()
+    model, _ = generate.load(str(tmp_path / "run"))  # no log: the checkpoint's own dtype
+    assert next(model.get_base_model().model.embed_tokens.parameters()).dtype == torch.bfloat16
 
 
 def test_generate_reloads_a_qlora_adapter_on_the_4bit_base(tmp_path, capsys):
