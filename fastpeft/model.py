@@ -129,13 +129,18 @@ class ModulesToSaveWrapper(nn.Module):
         def module_for(name: str) -> nn.Module:
             return self.modules_to_save[name] if name in self.modules_to_save else self.original_module
 
-        if len(groups) == 1:
+        # Trainable copies without a row in this batch run on zero rows: their gradients come out zero
+        # instead of None, so DDP (find_unused_parameters=False) keeps training, as for the LoRA weights.
+        idle = [name for name, module in self.modules_to_save.items() if name not in groups
+                and torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())]
+        row_wise = not (args or kwargs) or isinstance(self.original_module, _ROW_WISE_MODULES)
+        if len(groups) == 1 and not (idle and row_wise):
             return module_for(names[0])(x, *args, **kwargs)
         kind = type(self.original_module).__name__
         # Only x is split by row. Other arguments reach every group whole: per-row masks would mix rows up
         # and a KV cache would be written once per group. So: peft's module types (their other arguments
         # are not per row), or any module called with x alone (a norm, a head).
-        if (args or kwargs) and not isinstance(self.original_module, _ROW_WISE_MODULES):
+        if not row_wise:
             raise TypeError(f"mixed-adapter batches through modules_to_save split only the first input by row; "
                             f"{kind} also takes {', '.join([*(['positional arguments'] if args else []), *kwargs])},"
                             " which cannot be split (peft allows Linear, Embedding and Conv modules here)")
@@ -150,6 +155,10 @@ class ModulesToSaveWrapper(nn.Module):
                                    if isinstance(out, torch.Tensor) else ""))
             outs.append(out)
             order.extend(rows)
+        for name in idle:
+            out = self.modules_to_save[name](x[:0], *args, **kwargs)
+            if isinstance(out, torch.Tensor) and out.shape[1:] == outs[0].shape[1:]:
+                outs.append(out.to(outs[0].dtype))
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
         return torch.cat(outs).index_select(0, inverse.to(x.device))

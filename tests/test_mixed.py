@@ -732,3 +732,29 @@ def test_ddp_training_with_an_adapter_missing_from_a_batch(tmp_path):
             opt.zero_grad()
     finally:
         dist.destroy_process_group()
+
+
+def test_ddp_training_with_a_modules_to_save_copy_missing_from_a_batch(tmp_path):
+    """A trainable modules_to_save copy (here lm_head's) without rows in a batch runs on zero rows: zero
+    gradients, not None, so DDP with find_unused_parameters=False trains on."""
+    import torch.distributed as dist
+
+    ours, _ = _models_with_head()
+    ours.train()
+    for name, p in ours.named_parameters():
+        p.requires_grad_("lora_" in name or "modules_to_save" in name)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(ours)
+        ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(5))
+        for names in (["default", "default"], ["other", "__base__"], ["default", "other"]):
+            ddp(input_ids=ids, adapter_names=names, labels=ids).loss.backward()
+            copies = {k: p for k, p in ours.named_parameters() if "modules_to_save" in k and p.requires_grad}
+            assert copies
+            for key, p in copies.items():
+                used = any(f".{n}." in key for n in names)
+                assert p.grad is not None, key
+                assert bool(p.grad.any()) == used, key
+            ours.zero_grad(set_to_none=True)
+    finally:
+        dist.destroy_process_group()
