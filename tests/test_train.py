@@ -179,8 +179,9 @@ def test_generate_command_reloads_base_and_adapter(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "upper: abc =" in out
     # a bf16 checkpoint under an adapter trained in fp32 loads in fp32 (the logged dtype); --dtype overrides
-    from fastpeft import generate
     from transformers import AutoModelForCausalLM
+
+    from fastpeft import generate
 
     base_dir = tmp_path / "run" / "base_model"
     AutoModelForCausalLM.from_pretrained(base_dir).to(torch.bfloat16).save_pretrained(base_dir)
