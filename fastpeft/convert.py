@@ -44,6 +44,7 @@ def _adopt(layer: nn.Module, path: str) -> FastLoraLinear:
         cls = FastLoraLinear
     new = cls.__new__(cls)
     nn.Module.__init__(new)
+    new._fastpeft_adapter_names = None
     if cls is FastLoraLinear:
         new.in_features, new.out_features, new.fan_in_fan_out = _base_shape(base)
     else:

@@ -71,6 +71,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self._active_adapter = adapter_name
         self._disable_adapters = False
+        self._fastpeft_adapter_names = None
         self.update(adapter_name)
 
     def update(self, adapter_name: str) -> None:
@@ -102,7 +103,11 @@ class ModulesToSaveWrapper(nn.Module):
             return self.original_module
         return self.modules_to_save[self._active_adapter]
 
+    _fastpeft_adapter_names = None  # set by mixed_adapter_batch for the length of one call
+
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        if adapter_names is None:
+            adapter_names = self._fastpeft_adapter_names
         if adapter_names is None or self._disable_adapters:
             return self._current()(*args, **kwargs)
         if not args or not isinstance(args[0], torch.Tensor):
@@ -579,21 +584,34 @@ def mixed_adapter_batch(model: nn.Module, adapter_names: list[str] | None, expan
     try:
         yield
     finally:
-        for handle in handles:
+        for handle in reversed(handles):  # the encoder's names were installed over the model's
             handle.remove()
         for module, func in swapped:
             module._gradient_checkpointing_func = func
 
 
+class _NamesHandle:
+    """Undoes one ``_install_adapter_names`` (the layers get back the names they had before)."""
+
+    def __init__(self, saved: list):
+        self.saved = saved
+
+    def remove(self) -> None:
+        for module, previous in reversed(self.saved):
+            module._fastpeft_adapter_names = previous
+
+
 def _install_adapter_names(model: nn.Module, names: list[str], lora_only: bool = False) -> list:
-    """Forward pre-hooks handing ``adapter_names=names`` to every LoRA layer (and modules_to_save wrapper)."""
+    """Hand ``names`` to every LoRA layer (and modules_to_save wrapper) of ``model``: each layer called
+    without ``adapter_names`` uses them until the returned handle is removed. A plain attribute rather
+    than a forward hook, so that ``torch.compile`` traces the call whole (``fullgraph=True``)."""
     kinds = (FastLoraLinear,) if lora_only else (FastLoraLinear, ModulesToSaveWrapper)
-
-    def hook(module, args, kwargs):
-        kwargs["adapter_names"] = names
-        return args, kwargs
-
-    return [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules() if isinstance(m, kinds)]
+    saved = []
+    for m in model.modules():
+        if isinstance(m, kinds):
+            saved.append((m, m._fastpeft_adapter_names))
+            m._fastpeft_adapter_names = names
+    return [_NamesHandle(saved)]
 
 
 def _replaying_checkpoint(checkpoint_func, block: nn.Module, names: list[str]):

@@ -124,6 +124,7 @@ class FastLoraLinear(nn.Module):
     def _wrap(self, base: nn.Module, adapter_name: str, **adapter_kwargs) -> None:
         self.in_features, self.out_features, self.fan_in_fan_out = _base_shape(base)
         self.base_layer = base
+        self._fastpeft_adapter_names = None  # an instance attribute from the start: no new compile guard later
         # Only the adapters train by default (peft's bias="none"); a caller may unfreeze the bias.
         for param in base.parameters():
             param.requires_grad_(False)
@@ -375,7 +376,11 @@ class FastLoraLinear(nn.Module):
         return lin
 
     # ------------------------------------------------------------- forward
+    _fastpeft_adapter_names = None  # per-sequence adapters handed over by fastpeft.model.mixed_adapter_batch
+
     def forward(self, x: torch.Tensor, *args, adapter_names: list[str] | None = None, **kwargs) -> torch.Tensor:
+        if adapter_names is None:
+            adapter_names = self._fastpeft_adapter_names
         if adapter_names is not None:
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self._disable_adapters or self.merged:
@@ -432,7 +437,8 @@ class FastLoraLinear(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         # The model-level names carry a cache: layers with the same adapters and input shape share the
         # index upload and the row sort (one per batch shape instead of one per layer).
-        cache = getattr(adapter_names, "rows_cache", None)
+        # (Under torch.compile the graph itself shares them: no cache.)
+        cache = None if torch.compiler.is_compiling() else getattr(adapter_names, "rows_cache", None)
         key = (tuple(present), x.device, tuple(x.shape[:-1]))
         rows = None if cache is None else cache.get(key)
         if rows is None:
