@@ -43,6 +43,10 @@ _NEUTRAL: dict[str, tuple] = {
     "ensure_weight_tying": (False, None),
 }
 
+# Further peft LoraConfig fields that only describe (versions, auto mapping) or tune features fastpeft lacks:
+# accepted as keywords and kept in ``extra`` like the neutral ones.
+_PASSIVE = ("auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "runtime_config")
+
 # peft's defaults for the attention projections of common architectures (the same facts peft ships in
 # TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING), used when ``target_modules`` is None.
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
@@ -200,6 +204,27 @@ class LoraConfig(AdapterConfigFile):
         """Read ``adapter_config.json`` from a folder (or the file itself)."""
         data = read_config_dict(path)
         return cls.from_dict(data)
+
+
+def _accept_peft_keywords(cls):
+    """Let ``cls(...)`` take peft's LoraConfig keywords fastpeft does not implement, as peft users write
+    them (``LoraConfig(r=8, use_dora=False)``): kept in ``extra`` and checked to be neutral, like the
+    fields of a loaded ``adapter_config.json``. Other unknown keywords still raise ``TypeError``."""
+    init = cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        peft_only = {k: kwargs.pop(k) for k in list(kwargs) if k in _NEUTRAL or k in _PASSIVE}
+        if peft_only:
+            kwargs["extra"] = {**peft_only, **dict(kwargs.get("extra") or {})}
+        init(self, *args, **kwargs)
+
+    __init__.__wrapped__ = init
+    __init__.__doc__ = init.__doc__
+    cls.__init__ = __init__
+    return cls
+
+
+_accept_peft_keywords(LoraConfig)
 
 
 def read_config_dict(path: str | os.PathLike) -> dict[str, Any]:

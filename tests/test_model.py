@@ -358,6 +358,19 @@ def test_unsupported_peft_options_are_refused(tmp_path, field, value):
         fastpeft.LoraConfig.from_dict(data)
 
 
+def test_peft_keywords_at_neutral_values_are_accepted_like_peft():
+    """``LoraConfig(use_dora=False, ...)`` as peft users write it: accepted (peft accepts it too), written
+    back, and the same keywords with a feature switched on are refused naming it."""
+    kw = dict(use_dora=False, lora_bias=False, layer_replication=None, target_parameters=None)
+    peft.LoraConfig(r=4, target_modules=["q_proj"], **kw)  # the reference accepts them
+    ours = fastpeft.LoraConfig(r=4, target_modules=["q_proj"], **kw)
+    assert ours.r == 4 and all(ours.to_dict()[k] == v for k, v in kw.items())
+    with pytest.raises(ValueError, match="use_dora"):
+        fastpeft.LoraConfig(r=4, use_dora=True)
+    with pytest.raises(TypeError, match="lora_alfa"):
+        fastpeft.LoraConfig(r=4, lora_alfa=8)  # a typo still fails like a dataclass
+
+
 def test_bad_configs():
     with pytest.raises(ValueError, match="positive integer"):
         fastpeft.LoraConfig(r=0)
