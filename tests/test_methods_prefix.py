@@ -127,3 +127,52 @@ def test_gradient_checkpointing_is_refused():
     model.gradient_checkpointing_enable()
     with pytest.raises(ValueError, match="gradient checkpointing"):
         fastpeft.get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+
+
+def _bert_labels(num_labels, problem_type=None):
+    from test_methods_common import _bert_cfg
+
+    cfg = _bert_cfg()
+    cfg.num_labels, cfg.problem_type = num_labels, problem_type
+    torch.manual_seed(0)
+    import transformers
+
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+@pytest.mark.parametrize("num_labels,problem_type,labels", [
+    (1, None, torch.tensor([0.5, -1.0])),                            # regression (MSE, squeezed)
+    (3, "regression", torch.tensor([[0.5, 2.0, 1.0], [-1.0, 3.0, 0.0]])),  # problem_type from the config
+    (3, None, torch.tensor([0, 2])),                                 # single-label (cross-entropy)
+    (3, None, torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])),     # multi-label (BCE with logits)
+    (3, "multi_label_classification", torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])),
+], ids=["regression", "problem_type_regression", "single_label", "multi_label", "problem_type_multi"])
+def test_encoder_classifier_loss_follows_transformers(num_labels, problem_type, labels):
+    """BERT takes no cache, so fastpeft runs the head itself: its loss must be transformers' own
+    (ForSequenceClassificationLoss) on the same logits, and problem_type is recorded as transformers records it."""
+    import copy
+
+    from transformers.loss.loss_utils import ForSequenceClassificationLoss
+
+    base = _bert_labels(num_labels, problem_type)
+    ref_config = copy.deepcopy(base.config)
+    model = fastpeft.get_peft_model(base, PrefixTuningConfig(num_virtual_tokens=3, task_type="SEQ_CLS")).eval()
+    x = batch(bert, labels=False)
+    with torch.no_grad():
+        out = model(**x, labels=labels)
+        expected = ForSequenceClassificationLoss(labels, out.logits, ref_config)
+    assert torch.allclose(out.loss, expected, atol=1e-6), (out.loss, expected)
+    assert model.base_model.config.problem_type == ref_config.problem_type
+
+
+def test_token_classifier_loss_follows_transformers():
+    from transformers.loss.loss_utils import ForTokenClassification
+
+    a, _, _ = twin(bert_tok)
+    model = fastpeft.get_peft_model(a, PrefixTuningConfig(num_virtual_tokens=3, task_type="TOKEN_CLS")).eval()
+    x = batch(bert_tok)
+    x["labels"][0, :2] = -100  # ignored positions
+    with torch.no_grad():
+        out = model(**x)
+        expected = ForTokenClassification(out.logits, x["labels"], model.base_model.config)
+    assert torch.allclose(out.loss, expected, atol=1e-6), (out.loss, expected)

@@ -410,18 +410,41 @@ class PromptLearningPeftModel(_LoraPeftModel):
         head = next(getattr(self.base_model, h) for h in ("classifier", "score") if hasattr(self.base_model, h))
         logits = head(hidden)
         loss = None
-        num_labels = logits.shape[-1]
         if labels is not None:
-            if task == "TOKEN_CLS" or labels.dtype in (torch.long, torch.int):
-                if num_labels == 1:
-                    loss = nn.functional.mse_loss(logits.squeeze(-1), labels.float())
-                else:
-                    loss = nn.functional.cross_entropy(logits.reshape(-1, num_labels), labels.reshape(-1))
-            else:
-                loss = nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+            loss = self._classifier_loss(task, logits, labels)
         cls = SequenceClassifierOutput if task == "SEQ_CLS" else TokenClassifierOutput
         return cls(loss=loss, logits=logits, hidden_states=getattr(out, "hidden_states", None),
                    attentions=getattr(out, "attentions", None))
+
+    def _classifier_loss(self, task: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss transformers' classifier heads compute (``ForSequenceClassificationLoss`` /
+        ``ForTokenClassification``): for SEQ_CLS, ``config.problem_type`` when set, else regression for one label,
+        single-label classification for long/int labels, multi-label otherwise — and, as transformers does, the
+        choice is written back to the model's config so later calls keep it."""
+        mcfg = getattr(self.base_model, "config", None)
+        num_labels = getattr(mcfg, "num_labels", None) or logits.shape[-1]
+        labels = labels.to(logits.device)
+        if task == "TOKEN_CLS":
+            return nn.functional.cross_entropy(logits.reshape(-1, num_labels), labels.reshape(-1))
+        problem = getattr(mcfg, "problem_type", None)
+        if problem is None:
+            if num_labels == 1:
+                problem = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+            if mcfg is not None:
+                mcfg.problem_type = problem
+        if problem == "regression":
+            if num_labels == 1:
+                return nn.functional.mse_loss(logits.squeeze(), labels.squeeze())
+            return nn.functional.mse_loss(logits, labels)
+        if problem == "single_label_classification":
+            return nn.functional.cross_entropy(logits.reshape(-1, num_labels), labels.reshape(-1))
+        if problem == "multi_label_classification":
+            return nn.functional.binary_cross_entropy_with_logits(logits, labels)
+        raise ValueError(f"unknown problem_type {problem!r} in the model's config")
 
     # ----------------------------------------------------------------- generation
     def generate(self, *args, **kwargs):
