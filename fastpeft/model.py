@@ -240,7 +240,7 @@ def _resolve_targets(model: nn.Module, config: LoraConfig) -> list[str] | str:
             raise ValueError(f"target_modules is None and fastpeft has no default for model type {model_type!r}; "
                              "pass target_modules (a list of names, a regex, or 'all-linear')")
         return list(DEFAULT_TARGET_MODULES[model_type])
-    if isinstance(targets, str) and targets == INCLUDE_LINEAR_LAYERS_SHORTHAND:
+    if isinstance(targets, str) and targets.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND:  # any case, as peft
         head = None
         get_out = getattr(model, "get_output_embeddings", None)
         if callable(get_out):
@@ -248,7 +248,9 @@ def _resolve_targets(model: nn.Module, config: LoraConfig) -> list[str] | str:
                 head = get_out()
         names = set()
         for name, module in model.named_modules():
-            if _supported_base(module) and module is not head and not _is_inside_lora(model, name):
+            # (layers another adapter already wraps count too: they are linear layers)
+            if (_supported_base(module) or isinstance(module, FastLoraLinear)) and module is not head \
+                    and not _is_inside_lora(model, name):
                 names.add(name.split(".")[-1])
         if head is not None:
             for name, module in model.named_modules():
@@ -345,6 +347,8 @@ class LoraModel(nn.Module):
         config = copy.deepcopy(config)
         model = self.model
         previous_active = [a for a in self.active_adapters if a in self.peft_config]
+        before = {id(p): p.requires_grad for n, p in model.named_parameters()
+                  if self.prefix in n or ".modules_to_save." in n}  # the other adapters' own weights
         targets = _resolve_targets(model, config)
         extra_save = _CLASSIFIER_HEADS.get(config.task_type or "", [])
         if extra_save:
@@ -394,12 +398,17 @@ class LoraModel(nn.Module):
             raise ValueError(f"Target modules {targets} not found in the base model. Please check the target "
                              f"modules and try again. Linear modules in this model: {existing}")
         self.peft_config[adapter_name] = config
+        # Adding an adapter keeps the other adapters' trainability as it was (peft's add_adapter); the new one
+        # trains only if it becomes the active adapter and its config is not in inference mode.
         wrap_matching_modules(model, modules_to_save, adapter_name, _LORA_INTERNALS)
         self._mark_only_adapters_as_trainable()
         if activate and not previous_active:
             self.set_adapter(adapter_name)
         else:
             self.set_adapter(previous_active or [adapter_name])
+        for param in model.parameters():
+            if id(param) in before:
+                param.requires_grad_(before[id(param)])
         if config.inference_mode:
             self._freeze_adapter(adapter_name)
 
@@ -420,28 +429,45 @@ class LoraModel(nn.Module):
                     if layer.base_layer.bias is not None:
                         layer.base_layer.bias.requires_grad_(True)
 
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Switch training on or off for the named adapters' weights and modules_to_save copies (peft's
+        method); which adapters are active does not change."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for _, layer in self.lora_layers():
+            layer.set_requires_grad(names, requires_grad)
+        for _, wrapper in self.modules_to_save_wrappers():
+            for n in names:
+                if n in wrapper.modules_to_save:
+                    wrapper.modules_to_save[n].requires_grad_(requires_grad)
+
     def _freeze_adapter(self, adapter_name: str) -> None:
         for name, param in self.model.named_parameters():
             if f".{adapter_name}." in name or name.endswith(f".{adapter_name}"):
                 param.requires_grad_(False)
 
     # ----------------------------------------------------------------- adapters
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Activate one adapter (or several, summed); only active adapters train."""
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate one adapter (or several, summed). As in peft, the active adapters become trainable and
+        the others frozen, unless ``inference_mode=True`` (then the active ones are frozen too)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
+        for _, wrapper in self.modules_to_save_wrappers():
+            held = [n for n in names if n in wrapper.modules_to_save]
+            if len(held) > 1:
+                raise ValueError(f"adapters {held} each have a modules_to_save copy of the same module; only one "
+                                 "of them can be active at a time (as in peft)")
         for _, layer in self.lora_layers():
             if layer.merged:
                 warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.",
                               stacklevel=2)
                 layer.unmerge()
-            layer.set_adapter([n for n in names if n in layer.lora_A])
+            layer.set_adapter([n for n in names if n in layer.lora_A], inference_mode=inference_mode)
         for _, wrapper in self.modules_to_save_wrappers():
-            wrapper.set_adapter([n for n in names if n in wrapper.modules_to_save][:1])
-        for n in names:
-            if self.peft_config[n].inference_mode:
+            wrapper.set_adapter([n for n in names if n in wrapper.modules_to_save][:1], train=not inference_mode)
+        if inference_mode:
+            for n in names:
                 self._freeze_adapter(n)
         self.active_adapter = names[0] if len(names) == 1 else names
 
@@ -494,8 +520,7 @@ class LoraModel(nn.Module):
             for key, layer in it:
                 if merge:
                     names = [n for n in (adapter_names or layer.active_adapters) if n in layer.lora_A]
-                    if not layer.disable_adapters:
-                        layer.merge(safe_merge=safe_merge, adapter_names=names)
+                    layer.merge(safe_merge=safe_merge, adapter_names=names)  # even when disabled, as peft
                 base = layer.base_layer
                 merged_4bit = getattr(layer, "unload_base", None)
                 if callable(merged_4bit):
@@ -688,6 +713,10 @@ class PeftModel(nn.Module):
     (``config``, ``generate``'s helpers, ``gradient_checkpointing_enable``, …) come from the wrapped model.
     """
 
+    def __new__(cls, *args, **kwargs):
+        _let_transformers_trainer_see_fastpeft()
+        return super().__new__(cls)
+
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default"):
         super().__init__()
         self.base_model = LoraModel(model, peft_config, adapter_name)
@@ -708,6 +737,12 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         """The wrapped transformers model (fastpeft layers inside)."""
         return self.base_model.model
+
+    def train(self, mode: bool = True):
+        """``nn.Module.train`` (transformers' Trainer calls it as training starts: see
+        ``_let_transformers_trainer_see_fastpeft``)."""
+        _let_transformers_trainer_see_fastpeft()
+        return super().train(mode)
 
     @property
     def peft_config(self) -> dict[str, LoraConfig]:
@@ -755,9 +790,10 @@ class PeftModel(nn.Module):
         self.base_model.inject_adapter(peft_config, adapter_name, activate=False)
         record_base_model_name(self.peft_config[adapter_name], self.get_base_model())
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Make ``adapter_name`` (or a list, summed) the active adapter(s)."""
-        self.base_model.set_adapter(adapter_name)
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` (or a list, summed) the active adapter(s): trainable, the others frozen,
+        unless ``inference_mode=True`` (peft's semantics)."""
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Delete an adapter from every layer."""
@@ -822,10 +858,9 @@ class PeftModel(nn.Module):
                                                is_trainable=is_trainable, **kwargs)
         config = LoraConfig.from_pretrained(model_id) if config is None else copy.deepcopy(config)
         config.inference_mode = not is_trainable
-        init = config.init_lora_weights
-        config.init_lora_weights = True if init == "pissa" else init  # the saved weights replace any init
+        # The init runs as in training (the saved A and B then replace its adapter weights): for PiSSA it is
+        # what turns the base into the residual W - scale·B0·A0 the adapter was trained on, as in peft.
         peft_model = cls(model, config, adapter_name)
-        peft_model.peft_config[adapter_name].init_lora_weights = init
         from .save import load_adapter_weights
 
         load_adapter_weights(peft_model, model_id, adapter_name, allow_pickle=allow_pickle)
@@ -834,16 +869,50 @@ class PeftModel(nn.Module):
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     allow_pickle: bool = False, **kwargs) -> None:
-        """Load another peft-format adapter under ``adapter_name`` (not activated, as in peft)."""
+                     allow_pickle: bool = False, **kwargs):
+        """Load a peft-format adapter under ``adapter_name``, as peft does: a new name is added (not
+        activated; trainable with ``is_trainable=True``), an existing one gets the saved weights (how
+        transformers' Trainer resumes from a checkpoint). Without ``is_trainable`` the model is put in
+        eval mode. Returns the load result (no missing or unexpected keys: loading is strict)."""
+        from torch.nn.modules.module import _IncompatibleKeys
+
         from .save import load_adapter_weights
 
-        config = LoraConfig.from_pretrained(model_id)
-        config.inference_mode = not is_trainable
-        if config.init_lora_weights == "pissa":
-            config.init_lora_weights = True
-        self.add_adapter(adapter_name, config)
+        if adapter_name not in self.peft_config:
+            config = LoraConfig.from_pretrained(model_id)
+            config.inference_mode = not is_trainable
+            self.add_adapter(adapter_name, config)
+            if is_trainable:
+                self.base_model.set_requires_grad(adapter_name, True)
         load_adapter_weights(self, model_id, adapter_name, allow_pickle=allow_pickle)
+        if not is_trainable:
+            self.eval()
+        return _IncompatibleKeys([], [])
+
+
+def _let_transformers_trainer_see_fastpeft() -> None:
+    """Make transformers' ``Trainer`` treat fastpeft models as it treats peft's.
+
+    The Trainer saves checkpoints and ``save_model`` through ``save_pretrained`` (adapter files), resumes
+    with ``load_adapter`` and reads the wrapped model's signature only for instances of peft's
+    ``PeftModel``: an ``isinstance`` against the name ``PeftModel`` in ``transformers.trainer`` and
+    ``transformers.trainer_utils``. Anything else gets the whole state dict written as ``model.safetensors``
+    (which fails outright for models with tied embeddings). Where those modules are loaded and peft is
+    installed, the name is widened to the tuple (peft's class, fastpeft's ``PeftModel``), which
+    ``isinstance`` accepts; peft's own models are recognized as before. Called whenever a fastpeft model is
+    created or switched to training (the Trainer calls ``model.train()`` before its first step).
+    Without peft installed the Trainer recognizes neither (it keeps its state-dict fallback).
+    """
+    import sys
+
+    for module_name in ("transformers.trainer", "transformers.trainer_utils"):
+        module = sys.modules.get(module_name)
+        current = getattr(module, "PeftModel", None) if module is not None else None
+        if current is None:
+            continue
+        classes = current if isinstance(current, tuple) else (current,)
+        if PeftModel not in classes:
+            module.PeftModel = (*classes, PeftModel)
 
 
 def _saved_peft_type(model_id: str | os.PathLike) -> str:

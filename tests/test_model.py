@@ -269,6 +269,83 @@ def test_pissa_init_matches_peft():
     assert_rel(_logits(ours, inputs), fresh_out, 1e-4, "pissa identity")
 
 
+def test_trained_pissa_adapter_reloads_onto_the_original_base(tmp_path):
+    """A PiSSA adapter, trained (A, B changed), saved by either library and loaded by fastpeft onto the
+    original base: the same function as the trained model (the load re-runs the init, turning the base
+    into the residual, as peft does)."""
+    ours, theirs, inputs, base = _pair("llama", init_lora_weights="pissa")
+    with torch.no_grad():
+        for model in (ours, theirs):
+            g = torch.Generator().manual_seed(3)
+            for n, p in sorted(model.named_parameters()):
+                if "lora_" in n:
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+    for lib, model in (("fastpeft", ours), ("peft", theirs)):
+        model.save_pretrained(tmp_path / lib)
+        trained = _logits(model, inputs).detach()
+        loaded = fastpeft.PeftModel.from_pretrained(_fresh(base), tmp_path / lib)
+        assert_rel(_logits(loaded, inputs), trained, 1e-5, f"pissa adapter saved by {lib}")
+        other = fastpeft.get_peft_model(_fresh(base), fastpeft.LoraConfig(r=2, target_modules=["k_proj"]))
+        other.load_adapter(tmp_path / lib, "pissa")
+        other.set_adapter("pissa")
+        assert_rel(_logits(other, inputs), trained, 1e-5, f"pissa adapter saved by {lib}, load_adapter")
+
+
+def test_add_adapter_all_linear_covers_layers_another_adapter_wraps():
+    ours, theirs, _, _ = _pair("llama", target_modules=["q_proj"])
+    for model, lib in ((ours, fastpeft), (theirs, peft)):
+        model.add_adapter("all", lib.LoraConfig(r=2, target_modules="ALL-LINEAR"))
+
+    def wrapped(model):
+        return sorted(n for n, m in model.named_modules() if hasattr(m, "lora_A") and "all" in m.lora_A)
+
+    assert wrapped(ours) == wrapped(theirs) and any(n.endswith("q_proj") for n in wrapped(ours))
+
+
+def test_load_adapter_and_set_adapter_modes_like_peft(tmp_path):
+    ours, theirs, inputs, _ = _pair("llama")
+    ours.save_pretrained(tmp_path)
+    for model in (ours, theirs):
+        model.train()
+        result = model.load_adapter(tmp_path, "other")
+        assert not model.training and list(result.missing_keys) == [] and list(result.unexpected_keys) == []
+        model.set_adapter("other")
+
+    def trainable(model):
+        return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+    assert trainable(ours) == trainable(theirs) and any(".other." in n for n in trainable(ours))
+    for model in (ours, theirs):
+        model.set_adapter("default", inference_mode=True)
+    assert trainable(ours) == trainable(theirs) == []
+    for model in (ours, theirs):
+        model.load_adapter(tmp_path, "third", is_trainable=True)
+    assert trainable(ours) == trainable(theirs) and any(".third." in n for n in trainable(ours))
+    # an existing name gets the file's weights (how transformers' Trainer resumes)
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if ".default." in n:
+                p.zero_()
+    ours.load_adapter(tmp_path, "default", is_trainable=True)
+    assert_rel(_logits(ours, inputs), _logits(theirs, inputs), 1e-5, "reloaded over an existing adapter")
+
+
+def test_merge_and_unload_inside_disable_adapter_merges_like_peft():
+    ours, theirs, inputs, _ = _pair("llama")
+    with ours.disable_adapter():
+        merged_ours = ours.merge_and_unload()
+    with theirs.disable_adapter():
+        merged_theirs = theirs.merge_and_unload()
+    assert_rel(_logits(merged_ours, inputs), _logits(merged_theirs, inputs), 1e-5, "merged inside disable")
+
+
+def test_set_adapter_refuses_two_modules_to_save_copies_like_peft():
+    ours, _, _, _ = _pair("llama", modules_to_save=["lm_head"])
+    ours.add_adapter("other", fastpeft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with pytest.raises(ValueError, match="modules_to_save"):
+        ours.base_model.set_adapter(["default", "other"])
+
+
 def test_generate_passes_through():
     ours, theirs, inputs, _ = _pair("llama")
     ids = inputs["input_ids"][:1]
