@@ -115,3 +115,13 @@ def test_merge_and_step_hook():
     with pytest.raises(RuntimeError, match="gradients"):
         fresh_model, _, _ = _pair(gpt2)
         fresh_model.update_and_allocate(0)
+
+
+@pytest.mark.parametrize("factory", [llama, gpt2], ids=lambda f: f.__name__)
+def test_merge_unmerge_disable_like_peft(factory):
+    from test_methods_common import check_merge_unmerge_like_peft
+
+    from fastpeft.methods.adalora import SVDLinear
+
+    ours, theirs, state = _pair(factory)  # random A, E, B (init_lora_weights=False): a visible update
+    check_merge_unmerge_like_peft(ours, theirs, fresh(factory, state), batch(factory, labels=False), SVDLinear)

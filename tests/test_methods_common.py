@@ -237,3 +237,53 @@ def test_forward_reports_the_base_signature():
     assert "decoder_input_ids" in inspect.signature(model.forward).parameters  # Trainer keeps these columns
     model = fastpeft.get_peft_model(gpt2(), methods.BitFitConfig())
     assert "token_type_ids" in inspect.signature(model.forward).parameters
+
+
+def check_merge_unmerge_like_peft(ours, theirs, base_model, x, layer_type):
+    """merge_adapter / unmerge_adapter / disable_adapter on a merged model, layer by layer and model-wide, against
+    peft doing the same on its twin (same weights): merged base weights equal peft's, the ``merged`` state follows
+    peft's, and a merged model with the adapter disabled gives the plain base model's output (peft unmerges first)."""
+    import warnings
+
+    from helpers import assert_rel
+
+    def same_state(what):
+        sd_o, sd_t = ours.state_dict(), theirs.state_dict()
+        assert sd_o.keys() == sd_t.keys()
+        for k in sd_t:
+            assert_rel(sd_o[k].float(), sd_t[k].float(), 1e-6, f"{what}: {k}")
+
+    layers = [m for m in ours.modules() if isinstance(m, layer_type)]
+    their_layers = [m for m in theirs.modules() if type(m).__name__ == "Linear" and hasattr(m, "merged_adapters")
+                    or type(m).__name__ == layer_type.__name__]
+    assert layers and their_layers
+    ours.eval(), theirs.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base_out = base_model(**x).logits
+        adapted = ours(**x).logits
+        assert_rel(adapted, theirs(**x).logits, 1e-6, "adapted")
+        assert (adapted - base_out).abs().max() > 1e-4, "the adapter must change the output"
+        ours.merge_adapter(), theirs.merge_adapter()
+        assert all(layer.merged and layer.merged_adapters == ["default"] for layer in layers)
+        assert all(layer.merged for layer in their_layers)
+        same_state("merged")
+        assert_rel(ours(**x).logits, adapted, 1e-5, "merged output")
+        ours.unmerge_adapter(), theirs.unmerge_adapter()
+        assert not any(layer.merged for layer in layers) and not any(layer.merged for layer in their_layers)
+        same_state("unmerged")
+        assert_rel(ours(**x).logits, adapted, 1e-5, "unmerged output")
+        ours.merge_adapter(), theirs.merge_adapter()
+        with ours.disable_adapter(), theirs.disable_adapter():
+            disabled = ours(**x).logits
+            assert_rel(disabled, theirs(**x).logits, 1e-6, "merged, disabled: vs peft")
+            assert_rel(disabled, base_out, 1e-5, "merged, disabled: vs the base model")
+        assert not any(layer.merged for layer in layers) and not any(layer.merged for layer in their_layers)
+        same_state("unmerged by disable")
+        assert_rel(ours(**x).logits, adapted, 1e-5, "re-enabled")
+    with pytest.warns(UserWarning, match="Already unmerged"):
+        layers[0].unmerge()
+    layers[0].merge()
+    with pytest.warns(UserWarning, match="already merged"):
+        layers[0].merge()
+    layers[0].unmerge()

@@ -69,3 +69,18 @@ def test_ia3_generates():
     x = batch(gpt2, labels=False, mask=False)
     out = model.generate(**x, max_new_tokens=4, do_sample=False)
     assert out.shape == (2, 11) and torch.equal(out[:, :7], x["input_ids"])
+
+
+@pytest.mark.parametrize("factory", [llama, gpt2], ids=lambda f: f.__name__)
+def test_ia3_merge_unmerge_disable_like_peft(factory):
+    from test_methods_common import check_merge_unmerge_like_peft
+
+    from fastpeft.methods.ia3 import IA3Linear
+
+    ours, theirs, state = _pair(factory)
+    with torch.no_grad():  # scales away from zero: unmerging divides by them
+        theirs_params = dict(theirs.named_parameters())
+        for name, p in ours.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(torch.rand_like(p) + 0.5), theirs_params[name].copy_(p)
+    check_merge_unmerge_like_peft(ours, theirs, fresh(factory, state), batch(factory, labels=False), IA3Linear)

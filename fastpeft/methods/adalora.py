@@ -60,7 +60,6 @@ class SVDLinear(AdapterLayer):
                 nn.init.zeros_(self.lora_E[adapter_name])
                 nn.init.normal_(self.lora_A[adapter_name], mean=0.0, std=0.02)
                 nn.init.normal_(self.lora_B[adapter_name], mean=0.0, std=0.02)
-        self.merged = False
         self.set_adapter(adapter_name)
 
     def set_adapter(self, adapter_name: str) -> None:
@@ -76,23 +75,27 @@ class SVDLinear(AdapterLayer):
         return delta.t() if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self._base_forward(x, *args, **kwargs)
+        if base is not None:
+            return base
         result = self.base_layer(x, *args, **kwargs)
-        if not self._on() or self.merged:
-            return result
         a = self.active_adapter
         A, B, E = self.lora_A[a], self.lora_B[a], self.lora_E[a]
         xa = self.lora_dropout[a](x.to(A.dtype))
         update = (xa @ (A * E).t() @ B.t()) * self.scaling[a] / (self.ranknum[a] + 1e-5)
         return result + update.to(result.dtype)
 
-    def merge(self) -> None:
+    def _merge_one(self, adapter_name: str, safe_merge: bool) -> None:
         """Add the update into the base weight."""
-        if self.merged or not self.has_adapter(self.active_adapter):
-            return
         w = self.base_layer.weight
-        with torch.no_grad():
-            w.add_(self.delta_weight(self.active_adapter).to(w.dtype))
-        self.merged = True
+        delta = self.delta_weight(adapter_name)
+        if safe_merge and not torch.isfinite(w + delta).all():
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
+        w.add_(delta)
+
+    def _unmerge_one(self, adapter_name: str) -> None:
+        """Subtract the update from the base weight."""
+        self.base_layer.weight.sub_(self.delta_weight(adapter_name))
 
 
 def _strip_name(key: str, adapter_name: str) -> str:

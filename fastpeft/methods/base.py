@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -164,6 +165,7 @@ class AdapterLayer(nn.Module):
         self.base_layer = base_layer
         self.disable_adapters = False
         self.active_adapter = "default"
+        self.merged_adapters: list[str] = []  # adapters folded into base_layer's weights, in merge order
         base_layer.requires_grad_(False)
 
     def set_adapter(self, adapter_name: str) -> None:
@@ -182,9 +184,58 @@ class AdapterLayer(nn.Module):
         """Whether this layer holds ``adapter_name``."""
         return adapter_name in getattr(self, self.adapter_param_names[0])
 
-    def merge(self) -> None:
-        """Fold the active adapter into ``base_layer``'s weights (methods that can override this)."""
+    @property
+    def merged(self) -> bool:
+        """Whether an adapter is folded into ``base_layer``'s weights."""
+        return bool(self.merged_adapters)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Fold the adapters (default: the active one) into ``base_layer``'s weights, as peft's layers do:
+        already merged adapters are skipped with a warning; ``safe_merge`` checks the result for NaN/inf first."""
+        if adapter_names is None:
+            adapter_names = [self.active_adapter]
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}")
+        names = [n for n in adapter_names if n not in self.merged_adapters]
+        if self.merged:
+            if names:
+                warnings.warn(f"Already following adapters were merged {','.join(self.merged_adapters)}. "
+                              f"You are now additionally merging {','.join(names)}.", stacklevel=2)
+            else:
+                warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
+        for name in names:
+            if self.has_adapter(name):
+                with torch.no_grad():
+                    self._merge_one(name, safe_merge)
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Take the merged adapters back out of ``base_layer``'s weights (last merged first)."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if self.has_adapter(name):
+                with torch.no_grad():
+                    self._unmerge_one(name)
+
+    def _merge_one(self, adapter_name: str, safe_merge: bool) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into its base layer; use unload()")
+
+    def _unmerge_one(self, adapter_name: str) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot be unmerged")
+
+    def _base_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor | None:
+        """The base layer's output when the adapter must not run (disabled — a merged adapter is unmerged first,
+        as in peft — merged, or absent); ``None`` when the adapter runs."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged or not self.has_adapter(self.active_adapter):
+            return self.base_layer(x, *args, **kwargs)
+        return None
 
     def _on(self) -> bool:
         return not self.disable_adapters and self.has_adapter(self.active_adapter)
@@ -280,7 +331,7 @@ class MethodTuner(nn.Module):
             raise NotImplementedError(f"{self.peft_config[self.active_adapter].peft_type} changes the base model's "
                                       "own parameters; the model is already 'merged'")
         for key, layer in list(self.adapter_layers()):
-            if merge:
+            if merge and not layer.merged:
                 layer.merge()
             self.replace_module(key, layer.base_layer)
         for key, wrapper in list(self.modules_to_save_wrappers()):
@@ -302,6 +353,18 @@ class MethodTuner(nn.Module):
 
     def modules_to_save_wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
         return named_modules_of(self.model, ModulesToSaveWrapper)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold the adapter into the base weights of every method layer (peft's ``merge_adapter``); the layers stay
+        in place, ``unmerge_adapter`` takes it out again."""
+        for _, layer in self.adapter_layers():
+            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        """Take merged adapters back out of the base weights (peft's ``unmerge_adapter``)."""
+        for _, layer in self.adapter_layers():
+            if layer.merged:
+                layer.unmerge()
 
     def enable_adapter_layers(self) -> None:
         for _, layer in self.adapter_layers():
@@ -375,6 +438,14 @@ class MethodPeftModel(_LoraPeftModel):
     def unload(self) -> nn.Module:
         """Remove the method's layers without merging and return the plain transformers model."""
         return self.base_model.unload()
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold the adapter into the base weights, keeping the layers (IA3, AdaLoRA; peft's ``merge_adapter``)."""
+        self.base_model.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        """Undo :meth:`merge_adapter` (peft's ``unmerge_adapter``)."""
+        self.base_model.unmerge_adapter()
 
     # ----------------------------------------------------------------- save / load
     def adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:

@@ -49,7 +49,6 @@ class IA3Linear(AdapterLayer):
         self.is_feedforward = is_feedforward
         self.fan_in_fan_out = is_conv1d(base_layer)
         self.ia3_l = nn.ParameterDict()
-        self.merged = False
         shape = (1, self.in_features) if is_feedforward else (self.out_features, 1)
         weight = torch.ones(shape) if init_weights else torch.randn(shape)
         dev = base_layer.weight.device
@@ -57,31 +56,43 @@ class IA3Linear(AdapterLayer):
         self.set_adapter(adapter_name)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if not self._on() or self.merged:
-            return self.base_layer(x, *args, **kwargs)
+        base = self._base_forward(x, *args, **kwargs)
+        if base is not None:
+            return base
         scale = self.ia3_l[self.active_adapter].flatten()
         if self.is_feedforward:
             return self.base_layer((x.to(scale.dtype) * scale).to(x.dtype), *args, **kwargs)
         out = self.base_layer(x, *args, **kwargs)
         return (out * scale).to(out.dtype)
 
-    def merge(self) -> None:
-        """Fold the scaling into the base weight (and, for output scaling, the bias)."""
-        if self.merged or not self.has_adapter(self.active_adapter):
-            return
-        scale = self.ia3_l[self.active_adapter].detach()
+    def _weight_scale(self, adapter_name: str) -> torch.Tensor:
+        """``ia3_l`` shaped to broadcast over the base weight (``nn.Linear``: (out, in); ``Conv1D``: (in, out))."""
+        scale = self.ia3_l[adapter_name].detach()
+        return scale.t() if self.fan_in_fan_out else scale
+
+    def _merge_one(self, adapter_name: str, safe_merge: bool) -> None:
+        """Weight (and, for output scaling, bias) times the scaling, computed in the wider dtype as peft does."""
         w = self.base_layer.weight
-        with torch.no_grad():
-            # nn.Linear weight is (out, in); Conv1D is (in, out)
-            if self.is_feedforward:
-                s = scale.reshape(-1, 1) if self.fan_in_fan_out else scale.reshape(1, -1)
-            else:
-                s = scale.reshape(1, -1) if self.fan_in_fan_out else scale.reshape(-1, 1)
-            w.mul_(s.to(w.dtype))
-            b = getattr(self.base_layer, "bias", None)
-            if b is not None and not self.is_feedforward:
-                b.mul_(scale.reshape(-1).to(b.dtype))
-        self.merged = True
+        new_w = w * self._weight_scale(adapter_name)
+        b = getattr(self.base_layer, "bias", None)
+        new_b = None
+        if b is not None and not self.is_feedforward:
+            new_b = b * self.ia3_l[adapter_name].detach().reshape(b.shape)
+        if safe_merge and not (torch.isfinite(new_w).all() and (new_b is None or torch.isfinite(new_b).all())):
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
+        w.copy_(new_w)
+        if new_b is not None:
+            b.copy_(new_b)
+
+    def _unmerge_one(self, adapter_name: str) -> None:
+        """Divide by the scaling again; like peft, 1e-8 is added to it against division by zero (a zero entry
+        cannot be undone: those weights stay zero)."""
+        warnings.warn("Unmerge result can be inaccurate for (IA)^3.", stacklevel=3)
+        w = self.base_layer.weight
+        w.copy_(w / (self._weight_scale(adapter_name) + 1e-8))
+        b = getattr(self.base_layer, "bias", None)
+        if b is not None and not self.is_feedforward:
+            b.copy_(b / (self.ia3_l[adapter_name].detach().reshape(b.shape) + 1e-8))
 
 
 class IA3Tuner(MethodTuner):
