@@ -59,6 +59,8 @@ def _adopt(layer: nn.Module, path: str) -> FastLoraLinear:
     new._active_adapters = list(layer.active_adapters)  # names this layer lacks are ignored, as in peft
     new.merged_adapters = list(layer.merged_adapters)
     new._disable_adapters = bool(layer.disable_adapters)
+    new._in_peft_model = True  # peft's model code checks adapter names model-wide and calls us per layer
+    new.train(layer.training)  # an eval-mode model stays in eval mode (no LoRA dropout at inference)
     return new
 
 
@@ -118,6 +120,7 @@ def _to_peft_layer(layer: FastLoraLinear) -> nn.Module:
     new.set_adapter(layer.active_adapters)
     new.merged_adapters = list(layer.merged_adapters)
     new._disable_adapters = layer.disable_adapters
+    new.train(layer.training)
     return new
 
 

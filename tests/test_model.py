@@ -346,6 +346,40 @@ def test_set_adapter_refuses_two_modules_to_save_copies_like_peft():
         ours.base_model.set_adapter(["default", "other"])
 
 
+def test_peft_methods_keep_working_after_from_peft(tmp_path):
+    """On a peft model converted with from_peft, peft's own add_adapter / load_adapter / delete_adapter /
+    set_adapter and forward(adapter_names=...) give what they give on the unconverted peft model; an
+    eval-mode model stays in eval mode."""
+    ours, theirs, inputs, base = _pair("llama")
+    ours.save_pretrained(tmp_path)
+    plain = peft.PeftModel.from_pretrained(_fresh(base), tmp_path).eval()
+    conv = fastpeft.from_peft(peft.PeftModel.from_pretrained(_fresh(base), tmp_path).eval())
+    assert not any(m.training for m in conv.modules() if isinstance(m, fastpeft.FastLoraLinear))
+    x = inputs["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(conv(input_ids=x).logits, conv(input_ids=x).logits)  # no dropout in eval
+    for model in (plain, conv):
+        torch.manual_seed(4)
+        model.add_adapter("b", peft.LoraConfig(r=2, target_modules=["k_proj", "v_proj"], init_lora_weights=False))
+        model.load_adapter(tmp_path, adapter_name="c")
+    assert any(isinstance(m, fastpeft.FastLoraLinear) and "b" in m.lora_A for m in conv.modules())
+    with torch.no_grad():
+        for names in (["default", "b"], ["b", "__base__"], ["c", "default"]):
+            assert_rel(conv(input_ids=x, adapter_names=names).logits,
+                       plain(input_ids=x, adapter_names=names).logits, 1e-5, f"adapter_names={names}")
+    for model in (plain, conv):
+        model.set_adapter("b")
+    assert sorted(n for n, p in conv.named_parameters() if p.requires_grad) == \
+        sorted(n for n, p in plain.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        assert_rel(conv(input_ids=x).logits, plain(input_ids=x).logits, 1e-5, "adapter b active")
+    for model in (plain, conv):
+        model.set_adapter("c")
+        model.delete_adapter("b")
+    with torch.no_grad():
+        assert_rel(conv(input_ids=x).logits, plain(input_ids=x).logits, 1e-5, "after deleting b")
+
+
 def test_generate_passes_through():
     ours, theirs, inputs, _ = _pair("llama")
     ids = inputs["input_ids"][:1]

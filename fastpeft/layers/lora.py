@@ -142,8 +142,20 @@ class FastLoraLinear(nn.Module):
 
     def update_layer(self, adapter_name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                      init_lora_weights: bool | str = True, use_rslora: bool = False,
-                     autocast_adapter_dtype: bool = True) -> None:
-        """Add (or replace) adapter ``adapter_name`` and make it the active one (peft's name)."""
+                     autocast_adapter_dtype: bool = True, config=None, **peft_kwargs) -> None:
+        """Add (or replace) adapter ``adapter_name`` and make it the active one (peft's name).
+
+        Called by peft's own model code (on a model converted with ``fastpeft.from_peft``), it takes
+        peft's arguments: ``config`` (a LoraConfig) supplies dropout, init and rsLoRA, the adapter then
+        joins as peft's do (the active adapters stay active; the new one trains only if its config is
+        not in inference mode and it is active), and further keywords (``target_name``, …) are accepted;
+        peft features fastpeft lacks (``use_dora``, ``lora_bias``) are refused by name."""
+        for flag in ("use_dora", "lora_bias"):
+            if getattr(config, flag, False) or peft_kwargs.get(flag):
+                raise ValueError(f"peft option {flag}=True is not supported by fastpeft's FastLoraLinear")
+        if config is not None:
+            lora_dropout, init_lora_weights = config.lora_dropout, config.init_lora_weights
+            use_rslora = config.use_rslora
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r!r}")
         if not 0.0 <= float(lora_dropout) < 1.0:
@@ -166,7 +178,11 @@ class FastLoraLinear(nn.Module):
         self.use_rslora[adapter_name] = bool(use_rslora)
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.reset_lora_parameters(adapter_name, init_lora_weights)
-        self.set_adapter(adapter_name)
+        if config is None:
+            self.set_adapter(adapter_name)
+        else:  # peft's semantics: the active adapters stay as they are
+            self.set_adapter(self._active_adapters or [adapter_name],
+                             inference_mode=bool(getattr(config, "inference_mode", False)))
 
     add_adapter = update_layer
 
@@ -258,6 +274,23 @@ class FastLoraLinear(nn.Module):
 
     # peft's LoRA-layer fields for features fastpeft does not have, always off (read by peft's model code
     # when a converted layer sits inside a peft model).
+    _in_peft_model = False  # set by fastpeft.from_peft
+
+    def _freeze_non_trainable_peft_weights(self, adapter_names=None) -> None:
+        """peft's hook for LoRA variants that train part of their weights; fastpeft has none: nothing to do."""
+
+    @property
+    def lora_embedding_A(self) -> dict:
+        return {}
+
+    @property
+    def lora_embedding_B(self) -> dict:
+        return {}
+
+    @property
+    def lora_magnitude_vector(self) -> dict:
+        return {}
+
     @property
     def use_dora(self) -> dict[str, bool]:
         return dict.fromkeys(self.lora_A, False)
@@ -275,8 +308,11 @@ class FastLoraLinear(nn.Module):
         return self.base_layer.weight
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter (unmerging it first if merged)."""
+        """Remove an adapter (unmerging it first if merged). Inside a peft model (``fastpeft.from_peft``) a
+        name this layer does not hold is skipped, as peft's layers do (peft checks the name model-wide)."""
         if adapter_name not in self.lora_A:
+            if self._in_peft_model:
+                return
             raise ValueError(f"unknown adapter {adapter_name!r}; this layer has {list(self.lora_A.keys())}")
         if adapter_name in self.merged_adapters:
             self._unmerge_one(adapter_name)
@@ -417,7 +453,7 @@ class FastLoraLinear(nn.Module):
         if self.merged:
             raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
                              "`unmerge_adapter` first.")
-        if not getattr(adapter_names, "_fastpeft_model_checked", False):
+        if not getattr(adapter_names, "_fastpeft_model_checked", False) and not self._in_peft_model:
             unknown = sorted({n for n in names if n != _BASE_NAME and n not in self.lora_A})
             if unknown:
                 raise ValueError(f"unknown adapter(s) {unknown} in adapter_names; this layer has "
