@@ -195,7 +195,9 @@ def draw_seed(device: torch.device | str) -> Tensor:
 
 def check_lora_inputs(x: Tensor, in_features: int, out_features: int, lora_A: Tensor, lora_B: Tensor,
                       dropout_p: float) -> None:
-    """The shape and dropout checks every LoRA entry point makes, with the same messages."""
+    """The dtype, shape and dropout checks every LoRA entry point makes, with the same messages."""
+    if not x.is_floating_point():
+        raise TypeError(f"expected a floating-point input (as nn.Linear), got {x.dtype}")
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"expected input of shape (..., {in_features}), got {tuple(x.shape)}")
     r = lora_A.shape[0]
@@ -204,6 +206,16 @@ def check_lora_inputs(x: Tensor, in_features: int, out_features: int, lora_A: Te
                          f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {dropout_p}")
+
+
+def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast computes ``x``'s matmuls in, or None (autocast off, or a device without autocast,
+    e.g. "meta", where ``torch.is_autocast_enabled`` itself raises)."""
+    if x.device.type == "meta" or not x.is_floating_point():
+        return None
+    if not torch.is_autocast_enabled(x.device.type):
+        return None
+    return torch.get_autocast_dtype(x.device.type)
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, *,
@@ -223,8 +235,9 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     """
     in_features = weight.shape[0] if fan_in_fan_out else weight.shape[1]
     check_lora_inputs(x, in_features, _out_features(weight, fan_in_fan_out), lora_A, lora_B, dropout_p)
-    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
-        x = x.to(torch.get_autocast_dtype(x.device.type))
+    cast = autocast_dtype(x)
+    if cast is not None:
+        x = x.to(cast)
     p = float(dropout_p) if training else 0.0
     if p == 0.0:
         seed = None

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import ops4bit as _ops4bit
 from . import reference
-from .ops import _flat, _out_features, backend_for, draw_seed, fake_backward, fake_forward, op_grads
+from .ops import _flat, _out_features, autocast_dtype, backend_for, draw_seed, fake_backward, fake_forward, op_grads
 from .quant import Weight4bit
 
 try:
@@ -373,8 +373,9 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_As
     elif rows[0].numel() != x.numel() // max(1, x.shape[-1]) or rows[2].numel() != n + 1:
         raise ValueError(f"rows were sorted for {rows[0].numel()} rows and {rows[2].numel() - 1} adapters; "
                          f"this call has {x.numel() // max(1, x.shape[-1])} rows and {n} adapters")
-    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
-        x = x.to(torch.get_autocast_dtype(x.device.type))
+    cast = autocast_dtype(x)
+    if cast is not None:
+        x = x.to(cast)
     ps = ps if training else [0.0] * n
     if not any(p > 0.0 for p in ps):
         seed = None

@@ -210,9 +210,24 @@ def test_bad_arguments():
     layer = FastLoraLinear(8, 8)
     with pytest.raises(ValueError, match=r"expected input of shape \(\.\.\., 8\)"):
         layer(torch.randn(2, 7))
+    with pytest.raises(TypeError, match="floating-point input.*int64"):  # not integer-truncated weights
+        layer(torch.ones(2, 8, dtype=torch.long))
     layer.base_layer.weight.requires_grad_(True)
     with pytest.raises(RuntimeError, match="frozen"):
         layer(torch.randn(2, 8))
+
+
+def test_forward_on_the_meta_device_gives_shapes_like_peft():
+    """A layer moved to "meta" runs its forward (shape inference), in training with dropout too."""
+    layer = FastLoraLinear(8, 6, r=2, lora_dropout=0.1).to("meta")
+    peft = pytest.importorskip("peft")
+    peft_layer = peft.tuners.lora.Linear(nn.Linear(8, 6), "default", r=2,
+                                         config=peft.LoraConfig(r=2, lora_dropout=0.1)).to("meta")
+    x = torch.randn(3, 5, 8, device="meta")
+    for mode in (True, False):
+        layer.train(mode)
+        y = layer(x)
+        assert y.device.type == "meta" and y.shape == peft_layer(x).shape == (3, 5, 6)
 
 
 def test_from_linear_shares_weight():
