@@ -148,3 +148,41 @@ def test_token_classification_extends_labels():
     assert abs(out.loss.item() - ref.item()) < 1e-6
     assert {n for n in trainable(model) if "classifier" in n} == {
         "base_model.classifier.modules_to_save.default.weight", "base_model.classifier.modules_to_save.default.bias"}
+
+
+class _NamelessTokenizer:
+    """A tokenizer object without ``name_or_path`` (e.g. built in code): word -> id, nothing to load by name."""
+
+    def __call__(self, text):
+        return {"input_ids": [10 + len(w) for w in text.split()]}
+
+
+def test_text_init_with_a_nameless_tokenizer_reloads(tmp_path):
+    import json
+
+    kw = dict(num_virtual_tokens=5, task_type="CAUSAL_LM", prompt_tuning_init="TEXT",
+              prompt_tuning_init_text="classify the sentiment")
+    base = llama().eval()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    ours = fastpeft.get_peft_model(base, PromptTuningConfig(tokenizer=_NamelessTokenizer(), **kw)).eval()
+    emb = ours.get_base_model().get_input_embeddings().weight
+    assert torch.equal(ours.prompt_encoder["default"].embedding.weight, emb[[18, 13, 19, 18, 13]])
+    x = batch(llama, labels=False)
+    lo = ours(**x).logits
+    ours.save_pretrained(tmp_path / "a")
+    saved_cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert saved_cfg["tokenizer_name_or_path"] is None and saved_cfg["prompt_tuning_init"] == "RANDOM"
+    for loader, trainable_ in ((peft.PeftModel, False), (fastpeft.PeftModel, False), (fastpeft.PeftModel, True)):
+        loaded = loader.from_pretrained(fresh(llama, state), tmp_path / "a", is_trainable=trainable_).eval()
+        assert_rel(loaded(**x).logits, lo, 1e-5, f"{loader.__module__} load, is_trainable={trainable_}")
+    # a folder as older fastpeft wrote it (TEXT, no tokenizer name): fastpeft still loads it
+    saved_cfg["prompt_tuning_init"] = "TEXT"
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(saved_cfg))
+    loaded = fastpeft.PeftModel.from_pretrained(fresh(llama, state), tmp_path / "a")
+    assert_rel(loaded(**x).logits, lo, 1e-5, "fastpeft load of a TEXT config without tokenizer name")
+    assert loaded.peft_config["default"].prompt_tuning_init == "TEXT"
+    # such a config cannot initialise a new adapter: it asks for a tokenizer
+    config = PromptTuningConfig.from_pretrained(tmp_path / "a")
+    config.inference_mode = False
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        fastpeft.get_peft_model(fresh(llama, state), config)

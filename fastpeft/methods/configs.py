@@ -173,6 +173,31 @@ class PromptTuningConfig(PromptLearningConfig):
     def _skip_fields(self) -> set[str]:
         return {"extra", "tokenizer"}
 
+    def to_dict(self) -> dict[str, Any]:
+        """As saved. A TEXT init done with a ``tokenizer`` object that has no ``name_or_path`` is written as
+        ``prompt_tuning_init="RANDOM"`` (``prompt_tuning_init_text`` kept): peft refuses a TEXT config without
+        ``tokenizer_name_or_path``, and a saved adapter's virtual tokens come from its weights file, not from the
+        init, so nothing is lost."""
+        out = super().to_dict()
+        if out.get("prompt_tuning_init") == "TEXT" and not out.get("tokenizer_name_or_path"):
+            out["prompt_tuning_init"] = "RANDOM"
+            out["tokenizer_kwargs"] = None
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PromptTuningConfig:
+        """Build from a saved dict. A TEXT config without ``tokenizer_name_or_path`` (as written by older fastpeft
+        versions) is accepted: loading an adapter uses its saved weights and never runs the init. Such a config
+        cannot initialise a new adapter (``get_peft_model`` then asks for a tokenizer)."""
+        data = dict(data)
+        if str(_enum_value(data.get("prompt_tuning_init"))) == "TEXT" and not data.get("tokenizer_name_or_path"):
+            kwargs = data.pop("tokenizer_kwargs", None)
+            data["prompt_tuning_init"] = "RANDOM"
+            config = super().from_dict(data)
+            config.prompt_tuning_init, config.tokenizer_kwargs = "TEXT", kwargs
+            return config
+        return super().from_dict(data)
+
 
 @dataclass
 class PromptEncoderConfig(PromptLearningConfig):

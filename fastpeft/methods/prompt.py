@@ -68,6 +68,9 @@ class PromptEmbedding(nn.Module):
 
 def _text_ids(config: PromptTuningConfig, total: int) -> torch.Tensor:
     tokenizer = config.tokenizer
+    if tokenizer is None and not config.tokenizer_name_or_path:
+        raise ValueError("prompt_tuning_init='TEXT' needs a tokenizer: pass tokenizer=<tokenizer> or "
+                         "tokenizer_name_or_path=<name or folder> to the PromptTuningConfig")
     if tokenizer is None:
         from transformers import AutoTokenizer
 
