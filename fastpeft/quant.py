@@ -468,16 +468,16 @@ class Weight4bit:
 
     @classmethod
     def from_module(cls, module: nn.Module) -> Weight4bit:
-        """The 4-bit weight of a bitsandbytes ``Linear4bit`` or a fastpeft ``Linear4bit`` (no copy)."""
+        """The 4-bit weight of a bitsandbytes ``Linear4bit`` or a fastpeft ``Linear4bit`` (no copy).
+
+        A bitsandbytes weight repacked for its CPU GEMM is first put back in bnb's standard layout, in
+        place (``restore_bnb_cpu_packing``)."""
         if isinstance(module, Linear4bit):
             return module.weight4bit()
         weight = getattr(module, "weight", None)
         qs = getattr(weight, "quant_state", None)
         if qs is not None and getattr(qs, "packing_format_for_cpu", False):
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            # bitsandbytes itself undoes its CPU repacking this way (Params4bit.cuda, state_dict).
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, qs)
+            restore_bnb_cpu_packing(weight)
         return cls.from_bnb(weight)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
@@ -498,6 +498,55 @@ class Weight4bit:
         """Bytes held: the packed codes plus every statistic."""
         ts = (self.packed, self.absmax, self.code, self.nested_code, self.nested_absmax, self.offset, self.zeros)
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+_BNB_CPU_BLOCK_N = 32  # rows per tile of bitsandbytes' CPU 4-bit layout (its default ``block_n``)
+
+
+@torch.no_grad()
+def restore_bnb_cpu_packing(weight) -> None:
+    """Put a bitsandbytes ``Params4bit`` repacked for bnb's CPU GEMM back in bnb's standard layout, in place.
+
+    bitsandbytes' eval-mode, no-grad CPU forward (on AVX512-bf16 machines) rewrites ``weight.data`` as
+    (out, in/2) tiles of ``32`` rows and its ``quant_state`` as ``packing_format_for_cpu``: the absmax
+    decoded (double quantization undone) and stored transposed, (in/blocksize, out), in bf16. That bf16
+    absmax is what bnb computes with from then on, so it is restored as it is: widened to fp32 (exact)
+    in row-major block order, single-level (``nested`` False, no second rounding of the statistics;
+    bnb's own inverse re-quantizes them 8-bit, and leaves them transposed without double quantization).
+    The codes are restored bit for bit; ``dtype`` and the storage dtype are the original ones.
+
+    Tile layout undone here: for rows ``32t … 32t+31`` and columns ``2c, 2c+1`` the 32 bytes at
+    ``data[32t : 32t+32, c]`` (flat order) hold element ``e = 2·row + column parity`` of the tile in
+    the low nibble of byte ``e`` (``e`` < 32) or the high nibble of byte ``e − 32``.
+    """
+    qs = weight.quant_state
+    out_f, in_f = (int(d) for d in qs.shape)
+    blocksize = int(qs.blocksize)
+    data = weight.data
+    if data.dtype != torch.uint8:
+        data = data.reshape(-1).view(torch.uint8)
+    if out_f % _BNB_CPU_BLOCK_N or in_f % 2 or in_f % blocksize or data.numel() * 2 != out_f * in_f:
+        raise ValueError(f"unexpected bitsandbytes CPU-packed weight: {data.numel()} bytes for shape "
+                         f"({out_f}, {in_f}), blocksize {blocksize}")
+    absmax = qs.absmax
+    if tuple(absmax.shape) != (in_f // blocksize, out_f):
+        raise ValueError(f"a CPU-packed absmax should be ({in_f // blocksize}, {out_f}) (in/blocksize, out), "
+                         f"got {tuple(absmax.shape)}")
+    tiles = data.reshape(-1, _BNB_CPU_BLOCK_N)  # one row per (row tile, column pair): 32 bytes, 64 nibbles
+    elems = torch.cat([tiles & 15, tiles >> 4], dim=1)  # element e of the tile at index e
+    codes = (elems.view(out_f // _BNB_CPU_BLOCK_N, in_f // 2, _BNB_CPU_BLOCK_N, 2)
+             .permute(0, 2, 1, 3).reshape(-1))  # (out, in) row-major
+    packed = (codes[0::2] << 4) | codes[1::2]
+    shape = getattr(qs, "original_qshape", None) or (packed.numel(), 1)
+    packed = packed.reshape(shape)
+    storage = getattr(qs, "original_storage_type", None)
+    if storage is not None and storage != torch.uint8:
+        packed = packed.view(storage)
+    qs.absmax = absmax.t().float().reshape(-1).contiguous()
+    qs.dtype = getattr(qs, "original_dtype", None) or qs.dtype
+    qs.nested, qs.offset, qs.state2 = False, None, None
+    qs.packing_format_for_cpu = False
+    weight.data = packed  # the quant_state object (shared with the module) was updated in place
 
 
 def dequantize_weight(w4: Weight4bit, dtype: torch.dtype) -> Tensor:

@@ -309,3 +309,79 @@ def test_bad_inputs():
         layer(torch.randn(3, 65))
     with pytest.raises(ValueError, match="even"):
         Q.quantize_linear(nn.Linear(63, 8), "int4", blocksize=32)
+
+
+# --------------------------------------------------------------------------- bitsandbytes' CPU repacking
+def _hetero_bnb_linear(nested, storage=torch.uint8, quant_type="nf4", fin=256, fout=64, seed=20):
+    """A bnb Linear4bit whose block scales differ a lot along each row (as in trained models)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(fout, fin, generator=g) * 0.05
+    w[:, : fin // 2] *= 8
+    lin = bnb.nn.Linear4bit(fin, fout, bias=True, compress_statistics=nested, quant_type=quant_type,
+                            quant_storage=storage, device="meta")
+    lin.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=quant_type, compress_statistics=nested,
+                                   blocksize=64, quant_storage=storage, module=lin)
+    lin.bias = nn.Parameter(torch.randn(fout, generator=g) * 0.1, requires_grad=False)
+    return lin.to("cpu")
+
+
+def _bf16_absmax_reference(lin):
+    """bnb's own decoding of the weight before repacking, with the absmax bnb's CPU GEMM keeps: rounded to
+    bf16 (bitsandbytes' Python paths only)."""
+    qs = lin.weight.quant_state
+    absmax = qs.absmax
+    if qs.nested:
+        absmax = bnb.functional.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+    st = bnb.functional.QuantState(absmax=absmax.bfloat16().float(), shape=qs.shape, code=qs.code,
+                                   blocksize=qs.blocksize, quant_type=qs.quant_type, dtype=qs.dtype)
+    data = lin.weight.data.reshape(-1).view(torch.uint8).clone()
+    return data, bnb.functional.dequantize_4bit(data, st).float()
+
+
+@pytest.mark.parametrize("nested,storage,quant_type", [(False, torch.uint8, "nf4"), (True, torch.uint8, "nf4"),
+                                                       (False, torch.bfloat16, "fp4"), (True, torch.float32, "nf4")])
+def test_from_module_restores_a_synthetic_bnb_cpu_packed_weight(nested, storage, quant_type):
+    """bnb's repacking applied by hand (its Python function, any machine): the read-back weight is bnb's
+    pre-repack decoding with the bf16 absmax bnb computes with, the codes bit for bit."""
+    lin = _hetero_bnb_linear(nested, storage, quant_type)
+    data0, ref = _bf16_absmax_reference(lin)
+    exact = bnb.functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state).float()
+    lin.weight.data, _ = bnb.functional._convert_weight_packed_for_cpu(lin.weight.data, lin.weight.quant_state)
+    qs = lin.weight.quant_state
+    assert qs.packing_format_for_cpu and tuple(qs.absmax.shape) == (256 // 64, 64)  # bnb's (in/bs, out) bf16
+    w4 = Q.Weight4bit.from_module(lin)
+    assert torch.equal(w4.packed.reshape(-1), data0)  # codes restored bit for bit
+    assert lin.weight.data.dtype == storage and not qs.packing_format_for_cpu
+    assert torch.equal(w4.dequantize(torch.float32), ref)
+    assert_rel(w4.dequantize(torch.float32), exact, 4e-3, "vs pre-repack weight")  # a bf16 absmax apart
+    # bitsandbytes reads the restored state too, and a second repack/restore cycle changes nothing
+    assert torch.equal(bnb.functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state).float(), ref)
+    lin.weight.data, _ = bnb.functional._convert_weight_packed_for_cpu(lin.weight.data, lin.weight.quant_state)
+    assert torch.equal(Q.Weight4bit.from_module(lin).dequantize(torch.float32), ref)
+    # the layer built on it computes with that weight; a merge re-quantizes in the format bnb was built with
+    layer = FastLoraLinear4bit.from_linear(lin, r=4)
+    x = torch.randn(5, 256)
+    assert_rel(layer(x), x.double() @ ref.double().t() + lin.bias.double(), 1e-5, "zero-LoRA output")
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        layer.merge()
+    assert lin.weight.quant_state.nested == nested
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_wrapping_a_bnb_layer_after_its_cpu_forward_repacked_it(nested):
+    """The real flow: bnb's eval-mode no-grad CPU forward repacks the weight (on AVX512-bf16 machines; the
+    test skips where bnb did not), then fastpeft wraps the layer."""
+    lin = _hetero_bnb_linear(nested)
+    _, ref = _bf16_absmax_reference(lin)
+    x = torch.randn(5, 256)
+    lin.eval()
+    with torch.no_grad():
+        y_bnb = lin(x)
+    if not getattr(lin.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("bitsandbytes did not repack its weight for the CPU here")
+    y_ref = x.double() @ ref.double().t() + lin.bias.double()
+    assert_rel(y_bnb, y_ref, 1e-2, "bnb's CPU GEMM")  # (bnb computes in bf16)
+    layer = FastLoraLinear4bit.from_linear(lin, r=4).eval()
+    assert torch.equal(layer.weight4bit().dequantize(torch.float32), ref)
+    with torch.no_grad():
+        assert_rel(layer(x), y_ref, 1e-5, "zero-LoRA output")

@@ -120,7 +120,10 @@ class FastLoraLinear4bit(FastLoraLinear):
             base.set_weight(w)
         else:  # bitsandbytes: fastpeft's quantizer gives bnb's bytes; the Params4bit keeps its identity
             qs = base.weight.quant_state
-            packed, st = quantize_4bit(w.to(qs.dtype), int(qs.blocksize), qs.quant_type, bool(qs.nested),
+            # the Params4bit's format: a weight restored from bnb's CPU packing keeps single-level statistics
+            # (see fastpeft.quant.restore_bnb_cpu_packing) but was built double-quantized or not
+            nested = bool(getattr(base.weight, "compress_statistics", qs.nested))
+            packed, st = quantize_4bit(w.to(qs.dtype), int(qs.blocksize), qs.quant_type, nested,
                                        base.weight.data.dtype)
             base.weight.data = packed
             base.weight.quant_state = st.to_bnb()
