@@ -397,6 +397,16 @@ class LoraModel(nn.Module):
             existing = sorted({n.split(".")[-1] for n in names if _supported_base(model.get_submodule(n))})
             raise ValueError(f"Target modules {targets} not found in the base model. Please check the target "
                              f"modules and try again. Linear modules in this model: {existing}")
+        # As peft, the saved config names what was adapted: the model type's default targets for None, the
+        # adapted modules' full names for "all-linear", and fan_in_fan_out for Conv1D targets.
+        if config.target_modules is None:
+            config.target_modules = sorted(targets)
+        elif isinstance(config.target_modules, str) \
+                and config.target_modules.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND:
+            config.target_modules = sorted(matched)
+        if not config.fan_in_fan_out and any(_is_conv1d(model.get_submodule(k).base_layer) for k in matched
+                                             if isinstance(model.get_submodule(k), FastLoraLinear)):
+            config.fan_in_fan_out = True
         self.peft_config[adapter_name] = config
         # Adding an adapter keeps the other adapters' trainability as it was (peft's add_adapter); the new one
         # trains only if it becomes the active adapter and its config is not in inference mode.

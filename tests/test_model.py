@@ -380,6 +380,19 @@ def test_peft_methods_keep_working_after_from_peft(tmp_path):
         assert_rel(conv(input_ids=x).logits, plain(input_ids=x).logits, 1e-5, "after deleting b")
 
 
+@pytest.mark.parametrize("name,targets", [("llama", "all-linear"), ("llama", None), ("gpt2", None)])
+def test_saved_config_names_what_was_adapted_like_peft(tmp_path, name, targets):
+    """target_modules None / "all-linear" are written resolved (peft's default names, the adapted modules'
+    full names), and fan_in_fan_out is recorded for Conv1D targets, as peft writes them."""
+    ours, theirs, _, _ = _pair(name, target_modules=targets)
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    a = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    b = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    assert sorted(a["target_modules"]) == sorted(b["target_modules"])
+    assert a["fan_in_fan_out"] == b["fan_in_fan_out"]
+
+
 def test_generate_passes_through():
     ours, theirs, inputs, _ = _pair("llama")
     ids = inputs["input_ids"][:1]
