@@ -103,3 +103,36 @@ def test_freeze_patterns_and_strict_load(tmp_path):
     other = fastpeft.get_peft_model(fresh(llama, state), FreezeConfig(num_trainable_layers=1))
     with pytest.raises(ValueError, match="lacks|does not have"):
         type(other).from_pretrained(fresh(llama, state), tmp_path, config=other.peft_config["default"])
+
+
+@pytest.mark.parametrize("factory,config", [
+    (bert, BitFitConfig(task_type="SEQ_CLS")),  # with the classifier head as a modules_to_save copy
+    (gpt2, FreezeConfig(task_type="CAUSAL_LM", num_trainable_layers=1)),
+], ids=["bitfit", "freeze"])
+def test_merge_and_unload_gives_the_trained_model(factory, config, tmp_path):
+    """The trained parameters are the model's own: merge_and_unload returns the plain transformers model, which
+    equals a fresh base model given the saved tensors by transformers' own load_state_dict. Disabling (or unloading)
+    cannot give the base model back: a clear error."""
+    a, _, state = twin(factory)
+    model = fastpeft.get_peft_model(a, config)
+    _perturb_trainable(model)
+    x = batch(factory, labels=False)
+    with torch.no_grad():
+        lo = model(**x).logits
+    model.save_pretrained(tmp_path)
+    for what in ("disable", "unload", "unmerge"):
+        with pytest.raises(NotImplementedError, match="in place.*cannot be restored"):
+            if what == "disable":
+                with model.disable_adapter():
+                    pass
+            else:
+                getattr(model, "unload" if what == "unload" else "unmerge_adapter")()
+    reference = fresh(factory, state)
+    tensors = {k.removeprefix("base_model.model."): v for k, v in saved(tmp_path).items()}
+    assert not reference.load_state_dict(tensors, strict=False).unexpected_keys
+    merged = model.merge_and_unload()
+    assert type(merged) is type(reference)
+    assert not any(isinstance(m, fastpeft.model.ModulesToSaveWrapper) for m in merged.modules())
+    with torch.no_grad():
+        assert_rel(merged(**x).logits, reference(**x).logits, 1e-6, "merged vs transformers with the saved tensors")
+        assert_rel(merged(**x).logits, lo, 1e-6, "merged vs the peft model")

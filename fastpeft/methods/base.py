@@ -326,10 +326,20 @@ class MethodTuner(nn.Module):
         """Return the plain model with the method's layers removed (not merged)."""
         return self._unload(merge=False)
 
+    def _in_place_error(self, what: str) -> NotImplementedError:
+        return NotImplementedError(
+            f"{what} is not available for {self.method_label}: it trains the base model's own parameters in place "
+            "and does not keep their original values, so the base model cannot be restored from this model (load "
+            "the base model again for that); merge_and_unload() returns the trained model")
+
     def _unload(self, merge: bool) -> nn.Module:
         if not self.supports_disable:
-            raise NotImplementedError(f"{self.peft_config[self.active_adapter].peft_type} changes the base model's "
-                                      "own parameters; the model is already 'merged'")
+            if not merge:
+                raise self._in_place_error("unload()")
+            # the trained parameters are the model's own: nothing to merge; trained modules_to_save copies go in
+            for key, wrapper in list(self.modules_to_save_wrappers()):
+                self.replace_module(key, wrapper._current())
+            return self.model
         for key, layer in list(self.adapter_layers()):
             if merge and not layer.merged:
                 layer.merge()
@@ -362,6 +372,8 @@ class MethodTuner(nn.Module):
 
     def unmerge_adapter(self) -> None:
         """Take merged adapters back out of the base weights (peft's ``unmerge_adapter``)."""
+        if not self.supports_disable:
+            raise self._in_place_error("unmerge_adapter()")
         for _, layer in self.adapter_layers():
             if layer.merged:
                 layer.unmerge()
@@ -374,14 +386,14 @@ class MethodTuner(nn.Module):
 
     def disable_adapter_layers(self) -> None:
         if not self.supports_disable:
-            raise NotImplementedError(f"{self.peft_config[self.active_adapter].peft_type} trains the base model's own "
-                                      "parameters in place; there is no adapter to disable")
+            raise self._in_place_error("disable_adapter()")
         for _, layer in self.adapter_layers():
             layer.disable_adapters = True
         for _, wrapper in self.modules_to_save_wrappers():
             wrapper.enable_adapters(False)
 
-    supports_disable = True
+    supports_disable = True  # False: the method trains the base model's own parameters in place
+    method_label = "this method"  # the method's name in error messages
 
     def _extra_saved_names(self, adapter_name: str) -> list[str]:
         """Full state-dict names (relative to this module's parent PeftModel) saved as they are."""
@@ -432,7 +444,9 @@ class MethodPeftModel(_LoraPeftModel):
         raise NotImplementedError(f"{type(self).__name__} cannot delete its only adapter")
 
     def merge_and_unload(self, *args, **kwargs) -> nn.Module:
-        """Merge the method into the base weights where it can be (IA3, AdaLoRA) and return the plain model."""
+        """Merge the method into the base weights where it can be (IA3, AdaLoRA) and return the plain model
+        (BitFit, Freeze: the model with its trained parameters, which are its own; bottleneck adapters cannot be
+        merged)."""
         return self.base_model.merge_and_unload()
 
     def unload(self) -> nn.Module:

@@ -2,7 +2,8 @@
 
 Neither method adds layers: the chosen parameters of ``base_model.model`` train in place and are saved under
 their names (``base_model.model.<path>.bias`` …) with ``peft_type`` ``"BITFIT"`` / ``"FREEZE"``. Loading onto a fresh
-base model copies them back. ``disable_adapter`` is not available (there is no separate adapter to switch off).
+base model copies them back. ``merge_and_unload`` returns the trained model itself; ``disable_adapter`` and
+``unload`` are not available (the original values of the trained parameters are not kept).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class BitFitTuner(MethodTuner):
     """``base_model`` of a BitFit model: only the (chosen) bias parameters train."""
 
     supports_disable = False
+    method_label = "BitFit"
 
     def _apply_method(self, config: BitFitConfig, adapter_name: str) -> None:
         self.trainable_names: list[str] = []
@@ -67,6 +69,7 @@ class FreezeTuner(MethodTuner):
     """``base_model`` of a Freeze model: the last ``num_trainable_layers`` blocks and ``trainable_modules`` train."""
 
     supports_disable = False
+    method_label = "Freeze tuning"
 
     def _apply_method(self, config: FreezeConfig, adapter_name: str) -> None:
         chosen: set[int] = set()  # ids of the chosen parameters (tied weights count once, under their first name)
