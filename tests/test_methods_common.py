@@ -159,6 +159,10 @@ def test_build_config_errors():
     (lambda: methods.AdaLoraConfig(total_step=10, tinit=8, tfinal=2), "budgeting phase"),
     (lambda: methods.BottleneckConfig(bottleneck_size=0), "bottleneck_size"),
     (lambda: methods.FreezeConfig(), "trains nothing"),
+    (lambda: methods.FreezeConfig(num_trainable_layers=True), "num_trainable_layers"),
+    (lambda: methods.BottleneckConfig(scaling="a"), "scaling"),
+    (lambda: methods.BottleneckConfig(scaling=float("nan")), "scaling"),
+    (lambda: methods.AdaLoraConfig(total_step=10, target_r=True), "target_r"),
     (lambda: methods.IA3Config(target_modules=["k"], feedforward_modules=["wo"]), "subset"),
     (lambda: methods.IA3Config(task_type="CLASSIFY"), "task_type"),
 ])

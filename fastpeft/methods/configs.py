@@ -11,6 +11,7 @@ writes them back.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -345,7 +346,7 @@ class AdaLoraConfig(MethodConfig):
             if key in self._NEUTRAL and value not in self._NEUTRAL[key]:
                 raise ValueError(f"peft option {key}={value!r} is not supported by fastpeft's AdaLoRA")
         _positive_int("init_r", self.init_r)
-        if not isinstance(self.target_r, int) or self.target_r < 0:
+        if not isinstance(self.target_r, int) or isinstance(self.target_r, bool) or self.target_r < 0:
             raise ValueError(f"target_r must be a non-negative integer, got {self.target_r!r}")
         if self.total_step is None or self.total_step <= 0:
             raise ValueError("AdaLoRA does not work when `total_step` is None, supply a value > 0.")
@@ -408,6 +409,9 @@ class BottleneckConfig(MethodConfig):
             raise ValueError(f"non_linearity must be relu, gelu, silu or tanh, got {self.non_linearity!r}")
         if not 0.0 <= float(self.adapter_dropout) < 1.0:
             raise ValueError(f"adapter_dropout must be in [0, 1), got {self.adapter_dropout}")
+        if not isinstance(self.scaling, (int, float)) or isinstance(self.scaling, bool) \
+                or not math.isfinite(self.scaling):
+            raise ValueError(f"scaling must be a finite number, got {self.scaling!r}")
 
 
 # =========================================================================== selection methods
@@ -453,7 +457,8 @@ class FreezeConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.num_trainable_layers is not None:
-            if not isinstance(self.num_trainable_layers, int) or self.num_trainable_layers < 0:
+            if not isinstance(self.num_trainable_layers, int) or isinstance(self.num_trainable_layers, bool) \
+                    or self.num_trainable_layers < 0:
                 raise ValueError(f"num_trainable_layers must be a non-negative integer, got "
                                  f"{self.num_trainable_layers!r}")
         if not self.num_trainable_layers and not self.trainable_modules and not self.modules_to_save:
