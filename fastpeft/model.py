@@ -519,6 +519,15 @@ class LoraModel(nn.Module):
             if layer.merged:
                 layer.unmerge()
 
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge the active adapters (or ``adapter_names``) into the base weights; the plain model back."""
+        return self._unload(True, safe_merge, adapter_names, progressbar)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging; the plain model back."""
+        return self._unload(False)
+
     def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None,
                 progressbar: bool = False) -> nn.Module:
         layers = list(self.lora_layers())
@@ -769,6 +778,17 @@ class PeftModel(nn.Module):
     @property
     def active_peft_config(self) -> LoraConfig:
         return self.peft_config[self.active_adapters[0]]
+
+    @property
+    def peft_type(self) -> str:
+        """The active adapter's method, as peft's ``PeftType`` value (``"LORA"``, ``"IA3"``, …)."""
+        return str(getattr(self.active_peft_config, "peft_type", "LORA"))
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """The names of the modules trained in full beside the adapters (peft's attribute), or None."""
+        names = {n for cfg in self.peft_config.values() for n in (getattr(cfg, "modules_to_save", None) or [])}
+        return names or None
 
     # ----------------------------------------------------------------- parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

@@ -393,6 +393,15 @@ def test_saved_config_names_what_was_adapted_like_peft(tmp_path, name, targets):
     assert a["fan_in_fan_out"] == b["fan_in_fan_out"]
 
 
+def test_peft_model_attributes_and_base_model_unload_like_peft():
+    ours, theirs, inputs, _ = _pair("llama", modules_to_save=["lm_head"])
+    assert ours.peft_type == str(theirs.peft_type.value) == "LORA"
+    assert ours.modules_to_save == theirs.modules_to_save == {"lm_head"}
+    merged_ours, merged_theirs = ours.base_model.merge_and_unload(), theirs.base_model.merge_and_unload()
+    assert type(merged_ours) is type(merged_theirs)
+    assert_rel(_logits(merged_ours, inputs), _logits(merged_theirs, inputs), 1e-5, "base_model.merge_and_unload")
+
+
 def test_generate_passes_through():
     ours, theirs, inputs, _ = _pair("llama")
     ids = inputs["input_ids"][:1]
