@@ -385,3 +385,105 @@ def test_wrapping_a_bnb_layer_after_its_cpu_forward_repacked_it(nested):
     assert torch.equal(layer.weight4bit().dequantize(torch.float32), ref)
     with torch.no_grad():
         assert_rel(layer(x), y_ref, 1e-5, "zero-LoRA output")
+
+
+# --------------------------------------------------------------------------- the base's compute_dtype
+def _compute_dtype_base(kind, fin=128, fout=48):
+    """A 4-bit base computing in bf16 (compute_dtype) while the activations are fp32."""
+    if kind == "bnb":
+        lin = _bnb_linear(fin, fout, "nf4", nested=True, seed=21)
+        lin.compute_dtype, lin.compute_type_is_set = torch.bfloat16, True  # bnb_4bit_compute_dtype=bf16
+        return lin
+    torch.manual_seed(21)
+    return Q.quantize_linear(nn.Linear(fin, fout), kind, blocksize=64 if kind != "int4" else 32,
+                             compute_dtype=torch.bfloat16)
+
+
+def _ref_in(dtype, x, w, bias, A, B, scale):
+    """fp64 reference of the layer computing in ``dtype``: x, W0 and the bias rounded to it first."""
+    xc = x.detach().to(dtype).double()
+    return lora_ref64(xc, w.to(dtype), bias.to(dtype), A, B, scale)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int4", "bnb"])
+def test_layer_computes_in_the_base_compute_dtype(backend, kind):
+    base = _compute_dtype_base(kind)
+    layer = FastLoraLinear4bit.from_linear(base, r=4, lora_alpha=8)
+    x = torch.randn(3, 5, 128, requires_grad=True)  # fp32 activations, as after prepare_model_for_kbit_training
+    w = _base_w(layer)
+    bias = layer.base_layer.bias.detach()
+    # a zero adapter (B = 0) gives exactly the base layer's output: computed in bf16, returned in fp32
+    y0 = layer(x)
+    assert y0.dtype == torch.float32
+    with torch.enable_grad():  # (no bnb CPU repacking)
+        y_base = base(x)
+    y_bf16 = nn.functional.linear(x.detach().bfloat16(), w.bfloat16(), bias.bfloat16()).float()
+    if backend == "torch":
+        assert torch.equal(y0, y_bf16)
+        if kind != "bnb":  # fastpeft's Linear4bit: the same PyTorch computation
+            assert torch.equal(y0, y_base)
+    else:  # the Triton kernels accumulate in fp32 and round once to bf16
+        assert_rel(y0, y_bf16, 1e-2, "y (zero adapter)")
+    assert_rel(y_base, y_bf16, 1e-2, "base")
+    assert not torch.equal(y0, nn.functional.linear(x.detach(), w, bias))  # not the fp32 computation
+    # with an adapter: outputs and gradients as the bf16 computation's (fp64 reference on bf16-rounded inputs)
+    _adapters(layer, seed=22)
+    A, B = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    scale = layer.scaling["default"]
+    y = layer(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert y.dtype == torch.float32 and x.grad.dtype == torch.float32
+    x2d, dy2d = x.detach().reshape(-1, 128), dy.reshape(-1, 48)
+    ref = _ref_in(torch.bfloat16, x2d, w, bias, A, B, scale)
+    assert_rel(y.detach().reshape(-1, 48), ref, 8e-3, "y")
+    assert (y.detach().reshape(-1, 48).bfloat16().float() == y.detach().reshape(-1, 48)).all()  # rounded to bf16
+    # the gradient reaching the op is dy rounded to bf16; W0 in bf16
+    dx, dA, dB, _ = lora_grads64(dy2d.bfloat16().float(), x2d.bfloat16().float(), w.bfloat16().float(), A, B, scale)
+    assert_rel(x.grad.reshape(-1, 128), dx, 8e-3, "dx")
+    assert (x.grad.bfloat16().float() == x.grad).all()  # dx computed in bf16
+    assert_rel(layer.lora_A["default"].weight.grad, dA, 1e-4, "dA")
+    assert_rel(layer.lora_B["default"].weight.grad, dB, 1e-4, "dB")
+
+
+def test_decode_gemv_runs_in_the_base_compute_dtype(triton_backend, monkeypatch):
+    from fastpeft import kernels
+
+    layer = FastLoraLinear4bit.from_linear(_compute_dtype_base("nf4"), r=4, init_lora_weights=False).eval()
+    seen = []
+    real = kernels.lora_gemv_4bit
+
+    def spy(x2d, *args, **kwargs):
+        seen.append(x2d.dtype)
+        return real(x2d, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "lora_gemv_4bit", spy)
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        y = layer(x)
+    assert seen == [torch.bfloat16] and y.dtype == torch.float32
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    ref = _ref_in(torch.bfloat16, x, _base_w(layer), layer.base_layer.bias, A, B, layer.scaling["default"])
+    assert_rel(y, ref, 8e-3)
+    assert (y.bfloat16().float() == y).all()
+
+
+def test_mixed_adapter_batch_runs_in_the_base_compute_dtype(backend):
+    layer = FastLoraLinear4bit.from_linear(_compute_dtype_base("nf4"), r=4, lora_alpha=8)
+    _adapters(layer, seed=23)
+    layer.update_layer("other", r=2, lora_alpha=2, lora_dropout=0.0, init_lora_weights=True)  # B = 0
+    x = torch.randn(3, 4, 128, requires_grad=True)
+    names = ["default", "__base__", "other"]
+    y = layer(x, adapter_names=names)
+    assert y.dtype == torch.float32
+    w, bias = _base_w(layer), layer.base_layer.bias.detach()
+    y_bf16 = nn.functional.linear(x.detach().bfloat16(), w.bfloat16(), bias.bfloat16()).float()
+    if backend == "torch":  # the rows without an adapter (or with a zero one) are the bf16 base's exactly
+        assert torch.equal(y[1:].detach(), y_bf16[1:])
+    assert_rel(y[1:].detach(), y_bf16[1:], 1e-2, "base rows")
+    A, B = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    ref = _ref_in(torch.bfloat16, x.detach()[0], w, bias, A, B, layer.scaling["default"])
+    assert_rel(y[0].detach(), ref, 8e-3, "adapter row")
+    assert (y.detach().bfloat16().float() == y.detach()).all()
+    y.sum().backward()
+    assert x.grad.dtype == torch.float32 and (x.grad.bfloat16().float() == x.grad).all()

@@ -44,7 +44,11 @@ class FastLoraLinear4bit(FastLoraLinear):
     """LoRA on a frozen 4-bit linear layer: ``y = base(x) + scale · B(A(dropout(x)))``, fused.
 
     Same arguments, adapters, merge/unmerge/disable API as ``FastLoraLinear`` (``fan_in_fan_out`` is
-    always False). Adapters are fp32. Computes in the input's dtype. Example::
+    always False). Adapters are fp32. Computes as the base layer does: in its ``compute_dtype`` when set
+    (bitsandbytes' ``bnb_4bit_compute_dtype``, ``quantize_model(compute_dtype=…)``; autocast's dtype
+    instead under autocast) with the output and the input's gradient in the input's dtype, so a zero
+    adapter gives exactly ``base_layer(x)``; in the input's dtype (or autocast's) without one. The fused
+    4-bit op, the decode GEMV and the mixed-adapter op all run on the input cast to that dtype. Example::
 
         layer = FastLoraLinear4bit.from_linear(bnb_linear4bit, r=16, lora_alpha=32, lora_dropout=0.1)
         layer = FastLoraLinear4bit.from_linear(nn.Linear(4096, 4096), r=16, quant_type="nf4")  # quantizes
@@ -183,11 +187,33 @@ class FastLoraLinear4bit(FastLoraLinear):
         return self.base_layer
 
     # ------------------------------------------------------------- forward
+    def _op_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The dtype the base computes in when its ``compute_dtype`` is set (autocast's under autocast, as
+        ``fastpeft.quant.Linear4bit.forward``), None to compute in x's own dtype."""
+        dtype = getattr(self.base_layer, "compute_dtype", None)
+        if dtype is None or not x.is_floating_point():
+            return None
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        return dtype
+
     def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """The 4-bit base plus adapter ``name`` in one fused op (``fastpeft.ops4bit.lora_linear_4bit``)."""
-        return lora_linear_4bit(x, self.weight4bit(), self.base_layer.bias, self.lora_A[name].weight,
-                                self.lora_B[name].weight, scale=self.scaling[name], dropout_p=self._dropout_p(name),
-                                training=self.training)
+        """The 4-bit base plus adapter ``name`` in one fused op (``fastpeft.ops4bit.lora_linear_4bit``), on x
+        cast to the base's compute dtype; the output in x's dtype."""
+        dtype = self._op_dtype(x)
+        xc = x if dtype is None else x.to(dtype)
+        y = lora_linear_4bit(xc, self.weight4bit(), self.base_layer.bias, self.lora_A[name].weight,
+                             self.lora_B[name].weight, scale=self.scaling[name], dropout_p=self._dropout_p(name),
+                             training=self.training)
+        return y if dtype is None else y.to(x.dtype)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
+        """``FastLoraLinear``'s mixed-adapter forward on x cast to the base's compute dtype; output in x's dtype."""
+        dtype = self._op_dtype(x)
+        if dtype is None:
+            return super()._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        y = super()._mixed_batch_forward(x.to(dtype), *args, adapter_names=adapter_names, **kwargs)
+        return y.to(x.dtype)
 
     def __repr__(self) -> str:
         return "fastpeft." + nn.Module.__repr__(self)
