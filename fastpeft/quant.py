@@ -732,38 +732,54 @@ class Linear4bit(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        """Loads bitsandbytes' or fastpeft's 4-bit keys: the checkpoint's format (quant_type, blocksize,
+        double quantization) replaces this module's; its weight shape must be (out_features, in_features),
+        else a size-mismatch error as ``nn.Linear``'s and nothing changes. An error while loading the
+        rest (e.g. the bias) leaves the module's weight and format as they were."""
         p = prefix + "weight."
         packed_keys = [k for k in state_dict if k.startswith(p + "quant_state.")]
-        if packed_keys:
-            meta = _unpack_json(state_dict[packed_keys[0]])
-            kind = packed_keys[0].rsplit("__", 1)[-1]
-            dev = self.weight.device
-            if kind == "int4":
-                self.quant_state = Int4State(state_dict[p + "scales"].to(dev), state_dict[p + "zeros"].to(dev),
-                                             int(meta["group_size"]), torch.Size(meta["shape"]),
-                                             getattr(torch, meta["dtype"]))
-            else:
-                st = QuantState4bit(absmax=state_dict[p + "absmax"].to(dev), shape=torch.Size(meta["shape"]),
-                                    code=state_dict[p + "quant_map"].to(dev), blocksize=int(meta["blocksize"]),
-                                    quant_type=meta["quant_type"], dtype=getattr(torch, meta["dtype"]))
-                if p + "nested_absmax" in state_dict:
-                    st.offset = torch.tensor(float(meta["nested_offset"]), device=dev)
-                    st.state2 = NestedState(state_dict[p + "nested_absmax"].to(dev),
-                                            state_dict[p + "nested_quant_map"].to(dev),
-                                            int(meta["nested_blocksize"]), getattr(torch, meta["nested_dtype"]))
-                self.quant_state = st
-            self.quant_type = kind
-            self.blocksize = self.quant_state.group_size if kind == "int4" else self.quant_state.blocksize
-            used = set(packed_keys) | {p + k for k in (*_BNB_KEYS, "scales", "zeros")}
-            rest = {k: v for k, v in state_dict.items() if k not in used}
-            packed = rest.get(prefix + "weight")
-            if packed is not None and packed.shape != self.weight.shape:
-                self.weight = nn.Parameter(torch.empty_like(packed, device=dev), requires_grad=False)
-            self.weight.quant_state = self.quant_state
-            for k in used:
-                state_dict.pop(k, None)
+        if not packed_keys:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+            return
+        meta = _unpack_json(state_dict[packed_keys[0]])
+        kind = packed_keys[0].rsplit("__", 1)[-1]
+        shape = torch.Size(meta["shape"])
+        if shape != torch.Size((self.out_features, self.in_features)):
+            error_msgs.append(f"size mismatch for {prefix}weight: copying a 4-bit weight of shape {shape} from "
+                              f"checkpoint, the shape in current model is "
+                              f"{torch.Size((self.out_features, self.in_features))}.")
+            return
+        dev = self.weight.device
+        if kind == "int4":
+            state = Int4State(state_dict[p + "scales"].to(dev), state_dict[p + "zeros"].to(dev),
+                              int(meta["group_size"]), shape, getattr(torch, meta["dtype"]))
+        else:
+            state = QuantState4bit(absmax=state_dict[p + "absmax"].to(dev), shape=shape,
+                                   code=state_dict[p + "quant_map"].to(dev), blocksize=int(meta["blocksize"]),
+                                   quant_type=meta["quant_type"], dtype=getattr(torch, meta["dtype"]))
+            if p + "nested_absmax" in state_dict:
+                state.offset = torch.tensor(float(meta["nested_offset"]), device=dev)
+                state.state2 = NestedState(state_dict[p + "nested_absmax"].to(dev),
+                                           state_dict[p + "nested_quant_map"].to(dev),
+                                           int(meta["nested_blocksize"]), getattr(torch, meta["nested_dtype"]))
+        used = set(packed_keys) | {p + k for k in (*_BNB_KEYS, "scales", "zeros")}
+        for k in used:
+            state_dict.pop(k, None)
+        saved = (self.weight, self.quant_state, self.quant_type, self.blocksize, self.compress_statistics)
+        self.quant_type = kind
+        self.blocksize = state.group_size if kind == "int4" else state.blocksize
+        self.quant_state = state
+        packed = state_dict.get(prefix + "weight")
+        if packed is not None:  # a fresh parameter receives the bytes: an error below puts the old one back
+            self.weight = nn.Parameter(torch.empty_like(packed, device=dev), requires_grad=False)
+        self.weight.quant_state = state
+        n_errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if len(error_msgs) > n_errors:
+            self.weight, self.quant_state, self.quant_type, self.blocksize, self.compress_statistics = saved
+            self.weight.quant_state = self.quant_state
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -487,3 +487,47 @@ def test_mixed_adapter_batch_runs_in_the_base_compute_dtype(backend):
     assert (y.detach().bfloat16().float() == y.detach()).all()
     y.sum().backward()
     assert x.grad.dtype == torch.float32 and (x.grad.bfloat16().float() == x.grad).all()
+
+
+# --------------------------------------------------------------------------- Linear4bit.load_state_dict
+def _bnb_decoded(module):
+    """The module's weight as bitsandbytes decodes it (its Python path), fp32."""
+    if module.quant_type == "int4":
+        return module.dequantize(torch.float32)
+    return bnb.functional.dequantize_4bit(module.weight.data, module.quant_state.to_bnb()).float()
+
+
+@pytest.mark.parametrize("src_shape", [(128, 32), (32, 64), (64, 16)])
+@pytest.mark.parametrize("quant_type", ["nf4", "int4"])
+def test_linear4bit_load_refuses_another_weight_shape_and_changes_nothing(src_shape, quant_type):
+    torch.manual_seed(30)
+    src = Q.Linear4bit.from_linear(nn.Linear(*src_shape), quant_type, 64 if quant_type == "nf4" else 32,
+                                   compress_statistics=False)
+    dst = Q.Linear4bit.from_linear(nn.Linear(64, 32), quant_type, 64 if quant_type == "nf4" else 32)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    w_before, x = _bnb_decoded(dst), torch.randn(3, 64)
+    with pytest.raises(RuntimeError, match="size mismatch for weight") as got:  # as nn.Linear
+        dst.load_state_dict(src.state_dict())
+    with pytest.raises(RuntimeError, match="size mismatch for weight"):
+        nn.Linear(64, 32).load_state_dict(nn.Linear(*src_shape).state_dict())
+    assert "torch.Size([32, 64])" in str(got.value)
+    after = dst.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert torch.equal(_bnb_decoded(dst), w_before) and dst.compress_statistics
+    assert_rel(dst(x), x.double() @ w_before.double().t() + dst.bias.double(), 1e-6)
+
+
+def test_linear4bit_load_error_later_leaves_the_weight_as_it_was():
+    torch.manual_seed(31)
+    src = Q.Linear4bit.from_linear(nn.Linear(64, 32), "fp4", 128, compress_statistics=False)
+    dst = Q.Linear4bit.from_linear(nn.Linear(64, 32), "nf4", 64)
+    w_before, x = _bnb_decoded(dst), torch.randn(3, 64)
+    sd = src.state_dict()
+    sd["bias"] = torch.zeros(33)  # a bias of the wrong size: the load fails after the weight's keys
+    with pytest.raises(RuntimeError, match="size mismatch for bias"):
+        dst.load_state_dict(sd)
+    assert (dst.quant_type, dst.blocksize, dst.compress_statistics) == ("nf4", 64, True)
+    assert dst.weight.quant_state is dst.quant_state and dst.quant_state.nested
+    assert torch.equal(_bnb_decoded(dst), w_before)
+    assert_rel(dst(x), x.double() @ w_before.double().t() + dst.bias.double(), 1e-6)
+
