@@ -769,6 +769,7 @@ class Linear4bit(nn.Module):
         saved = (self.weight, self.quant_state, self.quant_type, self.blocksize, self.compress_statistics)
         self.quant_type = kind
         self.blocksize = state.group_size if kind == "int4" else state.blocksize
+        self.compress_statistics = state.nested
         self.quant_state = state
         packed = state_dict.get(prefix + "weight")
         if packed is not None:  # a fresh parameter receives the bytes: an error below puts the old one back

@@ -531,3 +531,19 @@ def test_linear4bit_load_error_later_leaves_the_weight_as_it_was():
     assert torch.equal(_bnb_decoded(dst), w_before)
     assert_rel(dst(x), x.double() @ w_before.double().t() + dst.bias.double(), 1e-6)
 
+
+@pytest.mark.parametrize("src_nested", [False, True])
+def test_load_takes_the_checkpoint_double_quantization_for_later_merges(src_nested):
+    torch.manual_seed(32)
+    src = Q.Linear4bit.from_linear(nn.Linear(128, 32), "nf4", 64, compress_statistics=src_nested)
+    dst = Q.Linear4bit(128, 32, compress_statistics=not src_nested)
+    dst.load_state_dict(src.state_dict())
+    assert dst.compress_statistics == src_nested and dst.quant_state.nested == src_nested
+    layer = FastLoraLinear4bit.from_linear(dst, r=4, init_lora_weights=False)
+    w_exact = _bnb_decoded(dst) + layer.get_delta_weight("default")
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        layer.merge()
+    assert dst.quant_state.nested == src_nested
+    assert ("weight.nested_absmax" in dst.state_dict()) == src_nested
+    qb, sb = bnb.functional.quantize_4bit(w_exact, blocksize=64, quant_type="nf4", compress_statistics=src_nested)
+    assert torch.equal(_bnb_decoded(dst), bnb.functional.dequantize_4bit(qb, sb).float())
