@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -89,10 +90,29 @@ def dynamic_code(device: torch.device | str = "cpu") -> Tensor:
     return _TABLES[key]
 
 
+def _is_int(v) -> bool:
+    """A Python/NumPy integer, not a bool (``64.0`` and ``True`` compare equal to ints but are not sizes)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def _check_blocksize(blocksize: int) -> int:
+    if not _is_int(blocksize):
+        raise TypeError(f"blocksize must be an int, one of {BLOCKSIZES}, got {blocksize!r} "
+                        f"({type(blocksize).__name__})")
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
     return int(blocksize)
+
+
+# dtypes a packed NF4/FP4 weight may be stored as (its bytes viewed as them, as bitsandbytes' quant_storage)
+QUANT_STORAGES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
+                  torch.float32, torch.float64)
+
+
+def _check_out_dtype(dtype, what: str) -> None:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{what} decodes to a floating-point dtype (e.g. torch.float32 or torch.bfloat16), "
+                        f"got {dtype!r}")
 
 
 def _check_float(w: Tensor, what: str) -> None:
@@ -233,6 +253,8 @@ def quantize_4bit(w: Tensor, blocksize: int = 64, quant_type: str = "nf4", compr
         raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
     if w.numel() == 0:
         raise ValueError("cannot quantize an empty tensor")
+    if quant_storage not in QUANT_STORAGES:
+        raise TypeError(f"quant_storage must be one of {QUANT_STORAGES}, got {quant_storage!r}")
     flat = w.detach().reshape(-1).float()
     absmax, scaled = _block_absmax_scaled(flat, blocksize)
     if scaled.numel() % 2:
@@ -306,6 +328,7 @@ def dequantize_4bit(packed: Tensor, state, dtype: torch.dtype | None = None) -> 
     """
     _check_state(state)
     dtype = dtype or state.dtype
+    _check_out_dtype(dtype, "dequantize_4bit")
     shape = tuple(state.shape)
     n = math.prod(shape)
     blocksize = int(state.blocksize)
@@ -343,6 +366,9 @@ def dequantize_fp4(packed: Tensor, state, dtype: torch.dtype | None = None) -> T
 def _check_int4_shape(out_features: int, in_features: int, group_size: int) -> None:
     if in_features % 2:
         raise ValueError(f"int4 packs two weights a byte along in_features, which must be even, got {in_features}")
+    if not _is_int(group_size):
+        raise TypeError(f"int4 group_size must be an int, one of {INT4_GROUP_SIZES}, got {group_size!r} "
+                        f"({type(group_size).__name__})")
     if group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size!r}")
 
@@ -361,6 +387,10 @@ def quantize_int4(w: Tensor, group_size: int = 64) -> tuple[Tensor, Tensor, Tens
         raise ValueError(f"quantize_int4 takes a 2-D (out, in) weight, got shape {tuple(w.shape)}")
     out_f, in_f = w.shape
     _check_int4_shape(out_f, in_f, group_size)
+    if w.numel() == 0:
+        raise ValueError(f"cannot quantize an empty tensor (shape {tuple(w.shape)})")
+    if not torch.isfinite(w).all():
+        raise ValueError("quantize_int4 takes finite weights; this one holds NaN or inf")
     groups = -(-in_f // group_size)
     wf = w.detach().float()
     padded = torch.nn.functional.pad(wf, (0, groups * group_size - in_f)).view(out_f, groups, group_size)
@@ -384,8 +414,15 @@ def dequantize_int4(packed: Tensor, scales: Tensor, zeros: Tensor, group_size: i
     """Decode fastpeft int4 to (out, in) in ``dtype``: ``w = (q − zero) · scale`` in fp32, then cast."""
     if packed.dtype != torch.uint8 or packed.dim() != 2:
         raise TypeError(f"int4 packed must be a 2-D uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}")
+    _check_out_dtype(dtype, "dequantize_int4")
     out_f = packed.shape[0]
-    in_f = in_features or 2 * packed.shape[1]
+    in_f = 2 * packed.shape[1]
+    if in_features is not None:
+        if not _is_int(in_features):
+            raise TypeError(f"in_features must be an int, got {in_features!r}")
+        if in_features != in_f:
+            raise ValueError(f"int4 packed of shape {tuple(packed.shape)} holds in_features = {in_f} "
+                             f"(two a byte), got in_features={in_features}")
     _check_int4_shape(out_f, in_f, group_size)
     groups = -(-in_f // group_size)
     if tuple(scales.shape) != (out_f, groups) or tuple(zeros.shape) != (out_f, groups):

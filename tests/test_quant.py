@@ -199,6 +199,43 @@ def test_int4_bad_inputs():
         Q.quantize_int4(torch.randn(64), 32)
 
 
+
+def test_bad_sizes_dtypes_and_values_are_named():
+    w = _weight((8, 64), torch.float32)
+    for bs in (64.0, True, "64"):
+        with pytest.raises((TypeError, ValueError), match="blocksize must be"):
+            Q.quantize_4bit(w, blocksize=bs)
+    with pytest.raises(TypeError, match="blocksize must be an int"):
+        Q.quantize_4bit(w, blocksize=64.0)
+    with pytest.raises(TypeError, match="quant_storage must be one of"):
+        Q.quantize_4bit(w, quant_storage=torch.bool)
+    q, st = Q.quantize_4bit(w)
+    for dtype in (torch.int32, torch.uint8, torch.bool):
+        with pytest.raises(TypeError, match="floating-point dtype"):
+            Q.dequantize_4bit(q, st, dtype)
+    with pytest.raises(TypeError, match="floating-point dtype"):
+        Q.dequantize_4bit(q, st, "float32")
+    w4 = torch.randn(4, 64)
+    with pytest.raises(TypeError, match="group_size must be an int"):
+        Q.quantize_int4(w4, 64.0)
+    for empty in ((0, 64), (4, 0)):
+        with pytest.raises(ValueError, match="empty"):
+            Q.quantize_int4(torch.randn(empty), 32)
+    for bad in (float("nan"), float("inf")):
+        wb = w4.clone()
+        wb[1, 3] = bad
+        with pytest.raises(ValueError, match="finite"):
+            Q.quantize_int4(wb, 32)
+    p, s, z = Q.quantize_int4(w4, 32)
+    ref = _int4_ref64(w4, 32)
+    assert torch.equal(Q.dequantize_int4(p, s, z, 32, 64), ref.float())  # the right in_features is fine
+    for in_f in (62, 0, 66):
+        with pytest.raises(ValueError, match="in_features"):
+            Q.dequantize_int4(p, s, z, 32, in_f)
+    with pytest.raises(TypeError, match="floating-point dtype"):
+        Q.dequantize_int4(p, s, z, 32, dtype=torch.int32)
+
+
 # --------------------------------------------------------------------------- Triton dequantization
 TRITON_CASES = [((37, 50), 64, False), ((5, 123), 32, True), ((33, 200), 256, True), ((1, 3), 64, False),
                 ((16, 512), 2048, True), ((64, 64), 128, True), ((3, 4096), 4096, False)]
