@@ -703,6 +703,14 @@ class Linear4bit(nn.Module):
         b = None if self.bias is None else self.bias.to(dtype)
         return nn.functional.linear(x.to(dtype), w, b).to(x.dtype if self.compute_dtype else dtype)
 
+    def __setstate__(self, state):
+        # deepcopy/pickle rebuild the module from its __dict__, and a copied Parameter loses its Python
+        # attributes: the copied weight gets the copied state back
+        super().__setstate__(state)
+        weight = self._parameters.get("weight")
+        if weight is not None and getattr(self, "quant_state", None) is not None:
+            weight.quant_state = self.quant_state
+
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         device = self.weight.device

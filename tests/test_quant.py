@@ -236,6 +236,25 @@ def test_bad_sizes_dtypes_and_values_are_named():
         Q.dequantize_int4(p, s, z, 32, dtype=torch.int32)
 
 
+def test_deepcopy_and_pickle_keep_the_weight_quant_state():
+    import copy
+    import io
+
+    from torch import nn
+
+    q = Q.Linear4bit.from_linear(nn.Linear(64, 32), "nf4", 64, compress_statistics=True)
+    ref = BF.dequantize_4bit(q.weight.data, q.quant_state.to_bnb())
+    c = copy.deepcopy(q)
+    buf = io.BytesIO()
+    torch.save(q, buf)
+    buf.seek(0)
+    r = torch.load(buf, weights_only=False)
+    for m in (c, r):
+        assert m.weight.quant_state is m.quant_state and m.quant_state is not q.quant_state
+        # bnb decodes the copy's weight with the state its Parameter carries
+        assert torch.equal(BF.dequantize_4bit(m.weight.data, m.weight.quant_state.to_bnb()), ref)
+
+
 # --------------------------------------------------------------------------- Triton dequantization
 TRITON_CASES = [((37, 50), 64, False), ((5, 123), 32, True), ((33, 200), 256, True), ((1, 3), 64, False),
                 ((16, 512), 2048, True), ((64, 64), 128, True), ((3, 4096), 4096, False)]
