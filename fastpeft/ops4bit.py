@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .ops import _flat, backend_for, check_lora_inputs, draw_seed, fake_backward, fake_forward, op_grads
+from .ops import _flat, autocast_dtype, backend_for, check_lora_inputs, draw_seed, fake_backward, fake_forward, op_grads
 from .quant import Weight4bit, dequantize_kernel
 
 try:
@@ -215,10 +215,9 @@ def lora_linear_4bit(x: Tensor, weight: Weight4bit, bias: Optional[Tensor], lora
     """
     in_f, out_f = weight.in_features, weight.out_features
     check_lora_inputs(x, in_f, out_f, lora_A, lora_B, dropout_p)
-    if not x.is_floating_point():
-        raise TypeError(f"lora_linear_4bit takes a floating-point input, got {x.dtype}")
-    if torch.is_autocast_enabled(x.device.type):
-        x = x.to(torch.get_autocast_dtype(x.device.type))
+    cast = autocast_dtype(x)
+    if cast is not None:
+        x = x.to(cast)
     p = float(dropout_p) if training else 0.0
     fmt = FMT_INT4 if weight.quant_type == "int4" else FMT_BNB
     args = (weight.packed, weight.absmax, weight.code, weight.nested_code, weight.nested_absmax, weight.offset,

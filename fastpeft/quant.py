@@ -696,9 +696,9 @@ class Linear4bit(nn.Module):
         return dequantize_weight(self.weight4bit(), dtype or self.quant_state.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = self.compute_dtype or x.dtype
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
+        from .ops import autocast_dtype
+
+        dtype = autocast_dtype(x) or self.compute_dtype or x.dtype
         w = self.dequantize(dtype)
         b = None if self.bias is None else self.bias.to(dtype)
         return nn.functional.linear(x.to(dtype), w, b).to(x.dtype if self.compute_dtype else dtype)

@@ -15,6 +15,7 @@ import warnings
 import torch
 from torch import nn
 
+from ..ops import autocast_dtype
 from ..ops4bit import lora_linear_4bit
 from ..quant import Linear4bit, QuantState4bit, Weight4bit, is_linear4bit, quantize_4bit, quantize_linear
 from .lora import FastLoraLinear
@@ -193,9 +194,7 @@ class FastLoraLinear4bit(FastLoraLinear):
         dtype = getattr(self.base_layer, "compute_dtype", None)
         if dtype is None or not x.is_floating_point():
             return None
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-        return dtype
+        return autocast_dtype(x) or dtype
 
     def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """The 4-bit base plus adapter ``name`` in one fused op (``fastpeft.ops4bit.lora_linear_4bit``), on x
