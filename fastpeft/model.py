@@ -852,6 +852,9 @@ class PeftModel(nn.Module):
                         safe_serialization: bool = True, is_main_process: bool = True, **kwargs) -> None:
         """Write each adapter in peft's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
+        ``state_dict=`` (peft's keyword: a full state dict gathered by the caller, as transformers' Trainer
+        passes under DeepSpeed ZeRO-3 / FSDP) is read instead of the module's own parameters.
+
         The ``"default"`` adapter goes to ``save_directory``, others to ``save_directory/<name>`` (peft's
         layout). Only the adapter weights (and ``modules_to_save``, and biases per ``bias``) are written.
         """
@@ -866,7 +869,8 @@ class PeftModel(nn.Module):
         for name in names:
             out = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
             # Every rank gathers (FSDP2-sharded weights need all ranks, as in peft); only the main one writes.
-            save_adapter(self, name, out, safe_serialization=safe_serialization, write=is_main_process)
+            save_adapter(self, name, out, safe_serialization=safe_serialization, write=is_main_process,
+                         state_dict=kwargs.get("state_dict"))
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
@@ -920,6 +924,9 @@ class PeftModel(nn.Module):
         return _IncompatibleKeys([], [])
 
 
+_TRAINER_MODULES = ("transformers.trainer", "transformers.trainer_utils")
+
+
 def _let_transformers_trainer_see_fastpeft() -> None:
     """Make transformers' ``Trainer`` treat fastpeft models as it treats peft's.
 
@@ -927,22 +934,68 @@ def _let_transformers_trainer_see_fastpeft() -> None:
     with ``load_adapter`` and reads the wrapped model's signature only for instances of peft's
     ``PeftModel``: an ``isinstance`` against the name ``PeftModel`` in ``transformers.trainer`` and
     ``transformers.trainer_utils``. Anything else gets the whole state dict written as ``model.safetensors``
-    (which fails outright for models with tied embeddings). Where those modules are loaded and peft is
-    installed, the name is widened to the tuple (peft's class, fastpeft's ``PeftModel``), which
-    ``isinstance`` accepts; peft's own models are recognized as before. Called whenever a fastpeft model is
-    created or switched to training (the Trainer calls ``model.train()`` before its first step).
+    (which fails outright for models with tied embeddings). With peft installed, the name is widened to
+    the tuple (peft's class, fastpeft's ``PeftModel``), which ``isinstance`` accepts; peft's own models are
+    recognized as before. Called whenever a fastpeft model is created or switched to training: modules
+    already imported are widened at once, and an import hook widens them when they are imported later
+    (transformers imports them lazily, e.g. at the first ``transformers.Trainer``).
     Without peft installed the Trainer recognizes neither (it keeps its state-dict fallback).
     """
     import sys
 
-    for module_name in ("transformers.trainer", "transformers.trainer_utils"):
+    for module_name in _TRAINER_MODULES:
         module = sys.modules.get(module_name)
-        current = getattr(module, "PeftModel", None) if module is not None else None
-        if current is None:
-            continue
-        classes = current if isinstance(current, tuple) else (current,)
-        if PeftModel not in classes:
-            module.PeftModel = (*classes, PeftModel)
+        if module is not None:
+            _widen_peft_model_name(module)
+    if not any(isinstance(finder, _TrainerImportHook) for finder in sys.meta_path) \
+            and not all(name in sys.modules for name in _TRAINER_MODULES):
+        sys.meta_path.insert(0, _TrainerImportHook())
+
+
+def _widen_peft_model_name(module) -> None:
+    current = getattr(module, "PeftModel", None)
+    if current is None:  # peft not installed: transformers did not import the name
+        return
+    classes = current if isinstance(current, tuple) else (current,)
+    if PeftModel not in classes:
+        module.PeftModel = (*classes, PeftModel)
+
+
+class _TrainerImportHook:
+    """A ``sys.meta_path`` finder that lets the usual finders find transformers' trainer modules and wraps
+    their loader so that ``_widen_peft_model_name`` runs right after the module is executed."""
+
+    def find_spec(self, name, path=None, target=None):
+        import sys
+
+        if name not in _TRAINER_MODULES:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _WideningLoader(spec.loader)
+                return spec
+        return None
+
+
+class _WideningLoader:
+    """Loader wrapper: the wrapped loader's module, then ``_widen_peft_model_name`` on it."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.loader.exec_module(module)
+        _widen_peft_model_name(module)
+
+    def __getattr__(self, name):  # get_source, get_filename, ... of the real loader
+        return getattr(self.loader, name)
 
 
 def _saved_peft_type(model_id: str | os.PathLike) -> str:

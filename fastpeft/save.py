@@ -30,12 +30,17 @@ def _wrappers(peft_model: PeftModel) -> dict[str, object]:
     return {name: m for name, m in peft_model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
 
 
-def adapter_state_dict(peft_model: PeftModel, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The tensors ``save_pretrained`` writes for one adapter, under peft's saved key names."""
+def adapter_state_dict(peft_model: PeftModel, adapter_name: str = "default",
+                       state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors ``save_pretrained`` writes for one adapter, under peft's saved key names.
+
+    ``state_dict``: the model's full state dict as gathered by the caller (transformers' Trainer passes it
+    under DeepSpeed ZeRO-3 / FSDP, where the module's own parameters are partitioned), instead of
+    ``peft_model.state_dict()``."""
     if adapter_name not in peft_model.peft_config:
         raise ValueError(f"unknown adapter {adapter_name!r}; this model has {list(peft_model.peft_config)}")
     config = peft_model.peft_config[adapter_name]
-    state = peft_model.state_dict()
+    state = peft_model.state_dict() if state_dict is None else state_dict
     wrappers = _wrappers(peft_model)
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
@@ -65,13 +70,14 @@ def adapter_state_dict(peft_model: PeftModel, adapter_name: str = "default") -> 
 
 
 def save_adapter(peft_model: PeftModel, adapter_name: str, save_directory: str | os.PathLike,
-                 safe_serialization: bool = True, write: bool = True) -> None:
+                 safe_serialization: bool = True, write: bool = True,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write one adapter's config and weights into ``save_directory``.
 
     With ``write=False`` only the collective part runs (gathering FSDP2-sharded weights), for the
     ranks that take part in a distributed save without writing.
     """
-    state = adapter_state_dict(peft_model, adapter_name)
+    state = adapter_state_dict(peft_model, adapter_name, state_dict)
     if not write:
         return
     write_adapter_files(save_directory, state, peft_model.peft_config[adapter_name], safe_serialization)

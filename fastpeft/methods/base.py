@@ -429,9 +429,21 @@ class MethodPeftModel(_LoraPeftModel):
         """Not supported: fastpeft's non-LoRA methods hold one adapter per model."""
         raise NotImplementedError(f"{type(self).__name__} holds one adapter; build another model for a second one")
 
-    def load_adapter(self, *args, **kwargs) -> None:
-        """Not supported: fastpeft's non-LoRA methods hold one adapter per model."""
-        raise NotImplementedError(f"{type(self).__name__} holds one adapter; use from_pretrained on a fresh model")
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     allow_pickle: bool = False, **kwargs):
+        """Load saved weights into the model's own adapter (how transformers' Trainer resumes from a
+        checkpoint); without ``is_trainable`` the model is put in eval mode. fastpeft's non-LoRA methods
+        hold one adapter per model: another name is refused."""
+        from torch.nn.modules.module import _IncompatibleKeys
+
+        if adapter_name != self.base_model.active_adapter:
+            raise NotImplementedError(f"{type(self).__name__} holds one adapter ({self.base_model.active_adapter!r});"
+                                      " load another one with from_pretrained on a fresh model")
+        saved = read_adapter_file(model_id, allow_pickle=allow_pickle)
+        load_tuner_state(self, saved, adapter_name, os.fspath(model_id))
+        if not is_trainable:
+            self.eval()
+        return _IncompatibleKeys([], [])
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Only the model's own adapter name is accepted."""

@@ -254,7 +254,25 @@ class PromptLearningPeftModel(_LoraPeftModel):
         """Not supported: one prompt-learning adapter per model."""
         raise NotImplementedError("fastpeft's prompt-learning models hold one adapter")
 
-    load_adapter = add_adapter
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     allow_pickle: bool = False, **kwargs):
+        """Load saved weights into the model's own adapter (how transformers' Trainer resumes from a
+        checkpoint); without ``is_trainable`` the model is put in eval mode. peft's format keeps the computed
+        prompt table only, so a model training a P-tuning MLP/LSTM or a prefix projection cannot take it
+        back (RuntimeError: load it with ``from_pretrained`` for inference instead)."""
+        from torch.nn.modules.module import _IncompatibleKeys
+
+        if adapter_name != self._adapter:
+            raise NotImplementedError(f"fastpeft's prompt-learning models hold one adapter ({self._adapter!r})")
+        encoder = self.prompt_encoder[adapter_name]
+        if getattr(encoder, "encoder_type", "DIRECT") != "DIRECT" or getattr(encoder, "prefix_projection", False):
+            raise RuntimeError("the saved adapter holds the computed prompt table, not this model's prompt encoder "
+                               "(P-tuning MLP/LSTM or prefix projection): it cannot be loaded back for training; "
+                               "use from_pretrained on a fresh model for inference")
+        self._load_saved(read_adapter_file(model_id, allow_pickle=allow_pickle), adapter_name, os.fspath(model_id))
+        if not is_trainable:
+            self.eval()
+        return _IncompatibleKeys([], [])
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Only the model's own adapter name is accepted."""
@@ -559,25 +577,29 @@ class PromptLearningPeftModel(_LoraPeftModel):
         config.inference_mode = not is_trainable
         saved = read_adapter_file(model_id, allow_pickle=allow_pickle)
         peft_model = cls(model, config, adapter_name, _direct=True)
-        state = peft_model.adapter_state_dict(adapter_name)
-        missing = [k for k in state if k not in saved]
-        unexpected = [k for k in saved if k not in state]
-        if missing or unexpected:
-            raise ValueError(f"adapter file in {os.fspath(model_id)!r} does not fit this model: missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]}")
-        table = peft_model.prompt_encoder[adapter_name].embedding.weight
-        if saved["prompt_embeddings"].shape != table.shape:
-            raise ValueError(f"prompt_embeddings in {os.fspath(model_id)!r} has shape "
-                             f"{tuple(saved['prompt_embeddings'].shape)}, this model/config expects "
-                             f"{tuple(table.shape)}")
-        with torch.no_grad():
-            table.copy_(saved["prompt_embeddings"].to(table.dtype))
-            for name, module in peft_model.base_model.named_modules():
-                if isinstance(module, ModulesToSaveWrapper):
-                    for pname, value in module.modules_to_save[adapter_name].state_dict().items():
-                        value.copy_(saved[f"base_model.{name}.{pname}"].to(value.dtype))
+        peft_model._load_saved(saved, adapter_name, os.fspath(model_id))
         if is_trainable:
-            table.requires_grad_(True)
+            peft_model.prompt_encoder[adapter_name].embedding.weight.requires_grad_(True)
         else:
             peft_model.eval()
         return peft_model
+
+    def _load_saved(self, saved: dict[str, torch.Tensor], adapter_name: str, where: str) -> None:
+        """Copy a saved adapter (``prompt_embeddings`` + modules_to_save copies) into the encoder's table,
+        strictly: missing, unexpected or mis-shaped tensors raise ``ValueError`` naming them."""
+        state = self.adapter_state_dict(adapter_name)
+        missing = [k for k in state if k not in saved]
+        unexpected = [k for k in saved if k not in state]
+        if missing or unexpected:
+            raise ValueError(f"adapter file in {where!r} does not fit this model: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+        table = self.prompt_encoder[adapter_name].embedding.weight
+        if saved["prompt_embeddings"].shape != table.shape:
+            raise ValueError(f"prompt_embeddings in {where!r} has shape {tuple(saved['prompt_embeddings'].shape)}, "
+                             f"this model/config expects {tuple(table.shape)}")
+        with torch.no_grad():
+            table.copy_(saved["prompt_embeddings"].to(table.dtype))
+            for name, module in self.base_model.named_modules():
+                if isinstance(module, ModulesToSaveWrapper):
+                    for pname, value in module.modules_to_save[adapter_name].state_dict().items():
+                        value.copy_(saved[f"base_model.{name}.{pname}"].to(value.dtype))
