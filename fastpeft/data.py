@@ -154,6 +154,8 @@ def read_records(path: str | os.PathLike, prompt_field: str = "prompt", response
                                     f"(fields present: {sorted(obj)})")
                 records.append({"prompt": obj[prompt_field], "response": obj[response_field], "_line": lineno})
             elif isinstance(obj.get(text_field), str):
+                if not obj[text_field].strip():
+                    raise DataError(f"{path}:{lineno}: empty text sample (field {text_field!r})")
                 records.append({"text": obj[text_field], "_line": lineno})
             else:
                 raise DataError(f"{path}:{lineno}: needs string fields {prompt_field!r} and {response_field!r} "
@@ -191,6 +193,8 @@ def tokenize(records: list[dict], tokenizer, max_length: int, source: str = "dat
     for i, r in enumerate(records):
         where = f"{source}:{r.get('_line', i + 1)}"
         if "text" in r:
+            if not r["text"].strip():
+                raise DataError(f"{where}: empty text sample")
             ids = tokenizer.encode(r["text"], add_special_tokens=True)
             # a text cut at max_length gets no eos: the model must not learn to stop mid-text
             ids = ids[:max_length] if len(ids) >= max_length else ids + [tokenizer.eos_token_id]

@@ -195,11 +195,23 @@ def main(args: argparse.Namespace) -> int:
     """CLI entry: ``fastpeft estimate``."""
     from .train import resolve_device, resolve_dtype
 
-    config = _config(args.model)
-    device = resolve_device(args.device)
+    for flag in ("batch_size", "seq_len", "r"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"fastpeft estimate: --{flag.replace('_', '-')} must be ≥ 1, got {getattr(args, flag)}")
+    if args.model is not None and not os.path.exists(args.model):
+        raise SystemExit(f"fastpeft estimate: --model {args.model!r} is not a local folder or config.json "
+                         "(fastpeft does not download models)")
+    try:
+        config = _config(args.model)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"fastpeft estimate: cannot read a model config from {args.model}: {exc}") from None
+    device = resolve_device(args.device, "fastpeft estimate")
     dtype = resolve_dtype(args.dtype, device)
-    est = estimate(config, args.method, args.batch_size, args.seq_len, args.r, args.target_modules, dtype,
-                   args.gradient_checkpointing)
+    try:
+        est = estimate(config, args.method, args.batch_size, args.seq_len, args.r, args.target_modules, dtype,
+                       args.gradient_checkpointing)
+    except ValueError as exc:  # e.g. --target-modules matching nothing
+        raise SystemExit(f"fastpeft estimate: {exc}") from None
     if args.measure:
         if args.method == "qlora":
             print("--measure runs LoRA on the unquantized base (the qlora estimate counts NF4 weights)",

@@ -1,8 +1,9 @@
 """``fastpeft generate``: load a base model and a peft-format adapter, generate for a prompt.
 
 The base comes from ``--model``, else from the adapter folder's ``base_model/``
-(written by ``fastpeft train`` for the embedded default), else from the
-adapter config's ``base_model_name_or_path`` when that is a local folder.
+(written by ``fastpeft train`` for the embedded default; a ``checkpoint-<step>/``
+folder uses its run folder's), else from the adapter config's
+``base_model_name_or_path`` when that is a local folder.
 A QLoRA adapter (its ``train_log.json`` says ``--method qlora`` or
 ``--load-in-4bit``) gets its base quantized to NF4 as in training, so the
 adapter sees the weights it was trained on; ``--load-in-4bit`` /
@@ -50,9 +51,26 @@ _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.flo
            "fp32": torch.float32, "float32": torch.float32}
 
 
+def _run_folder(adapter: str) -> str | None:
+    """The run folder of a ``checkpoint-<step>`` folder written by ``fastpeft train`` (its parent), else None."""
+    name = os.path.basename(os.path.normpath(adapter))
+    if name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit():
+        return os.path.dirname(os.path.normpath(adapter)) or "."
+    return None
+
+
+def _find(adapter: str, name: str) -> str | None:
+    """``name`` in the adapter folder, else (for a checkpoint) in its run folder."""
+    for folder in (adapter, _run_folder(adapter)):
+        if folder is not None and os.path.exists(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
 def _train_log(adapter: str) -> dict:
+    path = _find(adapter, "train_log.json")
     try:
-        log = json.load(open(os.path.join(adapter, "train_log.json"), encoding="utf-8"))
+        log = json.load(open(path, encoding="utf-8")) if path else {}
     except (OSError, ValueError):
         return {}
     return log if isinstance(log, dict) else {}
@@ -82,21 +100,33 @@ def load(adapter: str, model_path: str | None = None, device: str | torch.device
     from .data import ByteTokenizer, HFTokenizer
     from .train import BASE_DIR, DEFAULT_MODEL, quantize_base
 
-    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-        raise SystemExit(f"fastpeft generate: {adapter!r} has no adapter_config.json")
-    cfg = json.load(open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8"))
+    cmd = "fastpeft generate"
+    config_path = os.path.join(adapter, "adapter_config.json")
+    if not os.path.isfile(config_path):
+        raise SystemExit(f"{cmd}: {adapter!r} has no adapter_config.json")
+    try:
+        cfg = json.load(open(config_path, encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{cmd}: {config_path} is not readable JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"{cmd}: {config_path} must hold a JSON object")
+    if not any(os.path.isfile(os.path.join(adapter, f)) for f in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise SystemExit(f"{cmd}: {adapter!r} has no adapter_model.safetensors (an incomplete adapter folder)")
+    if model_path is not None and not os.path.isdir(model_path):
+        raise SystemExit(f"{cmd}: --model {model_path!r} is not a local folder (fastpeft does not download "
+                         "models; fetch it first, e.g. with huggingface-cli download)")
     base_path = model_path
-    if base_path is None and os.path.isdir(os.path.join(adapter, BASE_DIR)):
-        base_path = os.path.join(adapter, BASE_DIR)
     if base_path is None:
-        named = cfg.get("base_model_name_or_path")
-        if named and os.path.isdir(named):
+        base_path = _find(adapter, BASE_DIR)  # a checkpoint uses its run folder's base_model/
+    named = cfg.get("base_model_name_or_path")
+    if base_path is None:
+        if named and isinstance(named, str) and os.path.isdir(named):
             base_path = named
         elif named == DEFAULT_MODEL:
-            raise SystemExit(f"fastpeft generate: {adapter} was trained on the embedded default but has no "
+            raise SystemExit(f"{cmd}: {adapter} was trained on the embedded default but has no "
                              f"{BASE_DIR}/ folder; pass --model")
         else:
-            raise SystemExit(f"fastpeft generate: base model {named!r} is not a local folder; pass --model PATH")
+            raise SystemExit(f"{cmd}: base model {named!r} is not a local folder; pass --model PATH")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(dtype, str):
@@ -104,28 +134,48 @@ def load(adapter: str, model_path: str | None = None, device: str | torch.device
             raise ValueError(f"dtype must be one of auto, bf16, fp16, fp32, got {dtype!r}")
         dtype = _DTYPES.get(dtype)
     dtype = dtype or trained_dtype(adapter)
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype or "auto")
+    try:
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype or "auto")
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{cmd}: cannot load the base model from {base_path}: {exc}") from None
     trained_4bit, trained_quantizer = trained_in_4bit(adapter)
     if load_in_4bit is None:
         load_in_4bit = trained_4bit
     if load_in_4bit:
         dtype = next(base.parameters()).dtype
         base = quantize_base(base, quantizer or trained_quantizer, dtype)
-    if os.path.isfile(os.path.join(adapter, "fastpeft_tokenizer.json")):
-        tok = ByteTokenizer()
+    if _find(adapter, "fastpeft_tokenizer.json") or named == DEFAULT_MODEL:
+        tok = ByteTokenizer()  # the embedded default's byte-level tokenizer
     else:
         src = adapter if os.path.isfile(os.path.join(adapter, "tokenizer_config.json")) else base_path
-        tok = HFTokenizer(AutoTokenizer.from_pretrained(src))
-    model = PeftModel.from_pretrained(base, adapter)
+        try:
+            tok = HFTokenizer(AutoTokenizer.from_pretrained(src))
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"{cmd}: cannot load a tokenizer from {src}: {exc}") from None
+    try:
+        model = PeftModel.from_pretrained(base, adapter)
+    except SystemExit:
+        raise
+    except Exception as exc:  # corrupt safetensors, another rank or base, a config peft cannot read: one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SystemExit(f"{cmd}: cannot load the adapter in {adapter} onto {base_path}: "
+                         f"{type(exc).__name__}: {first}") from None
     return model.to(device).eval(), tok
 
 
 def main(args: argparse.Namespace) -> int:
     """CLI entry: ``fastpeft generate``."""
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    from .train import resolve_device
+
+    device = resolve_device(args.device, "fastpeft generate")
     if args.merge and args.no_adapter:
         raise SystemExit("fastpeft generate: --merge and --no-adapter contradict each other")
+    if args.max_new_tokens < 1:
+        raise SystemExit(f"fastpeft generate: --max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
+    if not args.temperature >= 0:
+        raise SystemExit(f"fastpeft generate: --temperature must be ≥ 0 (0: greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise SystemExit(f"fastpeft generate: --top-p must be in (0, 1], got {args.top_p}")
     torch.manual_seed(args.seed)
     model, tok = load(args.adapter, args.model, device, load_in_4bit=getattr(args, "load_in_4bit", None),
                       quantizer=getattr(args, "quantizer", None), dtype=getattr(args, "dtype", None))

@@ -23,6 +23,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -82,9 +83,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated module names, a regex, or all-linear")
     g.add_argument("--use-rslora", action="store_true")
     g.add_argument("--modules-to-save", default="auto",
-                   help="comma-separated modules trained in full beside the adapter, or none (auto: the "
-                        "embeddings and head for the embedded default, whose random base has no vocabulary "
-                        "to reuse; none otherwise)")
+                   help="comma-separated modules trained in full beside the adapter (any method), or none "
+                        "(auto: the embeddings and head for LoRA/QLoRA on the embedded default, whose random "
+                        "base has no vocabulary to reuse; none otherwise)")
     g.add_argument("--num-virtual-tokens", type=int, default=20, help="prefix/prompt/ptuning")
     g.add_argument("--freeze-layers", type=int, default=2, help="freeze: the last N blocks train")
     g.add_argument("--method-options", default=None,
@@ -92,7 +93,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=float, default=None, help="passes over the data (default: set by --max-steps)")
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default 400 for the embedded "
-                                                              "default, else 1 epoch)")
+                                                              "default, else --epochs or 1 epoch; -1: not set, "
+                                                              "as transformers' max_steps)")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-4; 3e-3 for the "
@@ -111,7 +113,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps (default: at each eval)")
     g.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept")
     g.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from the latest checkpoint in --output (or the given checkpoint folder)")
+                   help="continue from the latest checkpoint in --output (or the given checkpoint folder); "
+                        "the options that shape the adapter or the data order must be the same")
+    g.add_argument("--overwrite-output-dir", action="store_true",
+                   help="start afresh in an --output that holds checkpoint-* folders of an earlier run, deleting "
+                        "them (without it such a folder is refused unless --resume)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--config", default=None, help="YAML or JSON file whose keys mirror these flags")
@@ -125,39 +131,183 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_config(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> argparse.Namespace:
-    """Apply ``args.config``: its keys become defaults, explicit command-line flags still win."""
+    """Apply ``args.config``: its keys become defaults, explicit command-line flags still win.
+
+    Each value goes through its flag's checks (type, choices; booleans are true/false), errors naming the file
+    and the key; ``resume: true`` means the latest checkpoint."""
     if not args.config:
         return args
     values = load_config_file(args.config)
-    known = {a.dest for a in p._actions}
-    bad = sorted(k for k in values if k not in known or k == "config")
+    actions = {a.dest: a for a in p._actions if a.dest not in ("help", "config")}
+    bad = sorted(k for k in values if k not in actions)
     if bad:
         raise SystemExit(f"fastpeft train: unknown key(s) in {args.config}: {bad}")
-    p.set_defaults(**values)
+    converted = {}
+    for key, value in values.items():
+        if value is not None:  # `key:` with no value in YAML: the flag's default
+            converted[key] = _config_value(actions[key], value, f"fastpeft train: {args.config}: {key}")
+    p.set_defaults(**converted)
     return p.parse_args(argv)
+
+
+_STRUCTURED = {"target_modules": list, "modules_to_save": list, "method_options": dict}
+
+
+def _config_value(action: argparse.Action, value: Any, where: str) -> Any:
+    """``value`` from a config file checked and converted as the command line would for ``action``."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        if not isinstance(value, bool):
+            raise SystemExit(f"{where}: expected true or false, got {value!r}")
+        return value
+    if action.dest == "resume":  # --resume [CHECKPOINT]: true = the latest, false = a new run
+        if isinstance(value, bool):
+            return action.const if value else None
+        if not isinstance(value, str) or not value:
+            raise SystemExit(f"{where}: expected true, false or a checkpoint folder, got {value!r}")
+        return value
+    kind = _STRUCTURED.get(action.dest)
+    if kind is not None and isinstance(value, kind):
+        if kind is list and not all(isinstance(v, str) for v in value):
+            raise SystemExit(f"{where}: expected a list of module names, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise SystemExit(f"{where}: expected {_kind(action)}, got {value!r}")
+    if action.type in (int, float):
+        if action.type is int and isinstance(value, float):
+            raise SystemExit(f"{where}: expected an integer, got {value!r}")
+        try:
+            value = action.type(value)
+        except ValueError:
+            raise SystemExit(f"{where}: expected {_kind(action)}, got {value!r}") from None
+    elif not isinstance(value, str):
+        value = str(value)
+    if action.choices is not None and value not in action.choices:
+        raise SystemExit(f"{where}: expected one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return value
+
+
+def _kind(action: argparse.Action) -> str:
+    return {int: "an integer", float: "a number"}.get(action.type, "a single value")
 
 
 def load_config_file(path: str) -> dict[str, Any]:
     """Read a YAML or JSON config file into a dict with flag names (dashes turned to underscores)."""
     if not os.path.isfile(path):
         raise SystemExit(f"fastpeft train: config file {path!r} does not exist")
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SystemExit(f"fastpeft train: cannot read config file {path}: {exc}") from None
     if path.endswith((".yaml", ".yml")):
         import yaml
 
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise SystemExit(f"fastpeft train: {path}: not valid YAML{at} "
+                             f"({getattr(exc, 'problem', None) or exc})") from None
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text) if text.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"fastpeft train: {path}: not valid JSON at line {exc.lineno}, column {exc.colno} "
+                             f"({exc.msg})") from None
     if not isinstance(data, dict):
         raise SystemExit(f"fastpeft train: {path} must hold a mapping of flag names to values")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse flag values that make no sense, naming the flag, before anything is built or written.
+
+    ``--max-steps -1`` is turned into None (not set), as transformers' ``max_steps=-1``."""
+    def bad(flag: str, why: str, value: Any) -> SystemExit:
+        return SystemExit(f"fastpeft train: --{flag} {why}, got {value!r}")
+
+    def number(name: str, ok, why: str, optional: bool = False) -> None:
+        value = getattr(args, name)
+        if value is None and optional:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not ok(value):
+            raise bad(name.replace("_", "-"), why, value)
+
+    if args.max_steps == -1:
+        args.max_steps = None
+    number("batch_size", lambda v: int(v) == v and v >= 1, "must be an integer ≥ 1")
+    number("grad_accum", lambda v: int(v) == v and v >= 1, "must be an integer ≥ 1")
+    number("max_steps", lambda v: int(v) == v and v >= 1, "must be ≥ 1 (or -1: not set)", optional=True)
+    number("epochs", lambda v: v > 0, "must be > 0", optional=True)
+    number("lr", lambda v: v > 0, "must be > 0", optional=True)
+    number("eval_split", lambda v: 0 <= v < 1, "must be in [0, 1)")
+    number("warmup_ratio", lambda v: 0 <= v <= 1, "must be in [0, 1]")
+    number("weight_decay", lambda v: v >= 0, "must be ≥ 0")
+    number("max_grad_norm", lambda v: v >= 0, "must be ≥ 0 (0: no clipping)")
+    number("r", lambda v: int(v) == v and v >= 1, "must be an integer ≥ 1")
+    number("lora_alpha", lambda v: True, "must be a finite number")
+    number("lora_dropout", lambda v: 0 <= v < 1, "must be in [0, 1)")
+    number("num_virtual_tokens", lambda v: int(v) == v and v >= 1, "must be an integer ≥ 1")
+    number("freeze_layers", lambda v: int(v) == v and v >= 0, "must be an integer ≥ 0")
+    number("eval_steps", lambda v: int(v) == v and v >= 1, "must be an integer ≥ 1", optional=True)
+    number("save_steps", lambda v: int(v) == v and v >= 1, "must be an integer ≥ 1", optional=True)
+    number("eval_generate", lambda v: int(v) == v and v >= 0, "must be an integer ≥ 0", optional=True)
+    if str(args.max_length) != "auto":
+        try:
+            n = int(str(args.max_length))
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise bad("max-length", "must be a positive integer or auto", args.max_length)
+    if args.resume and getattr(args, "overwrite_output_dir", False):
+        raise SystemExit("fastpeft train: --resume and --overwrite-output-dir contradict each other")
+    if args.method not in METHODS:
+        raise bad("method", f"must be one of {', '.join(METHODS)}", args.method)
+    method_options(args)
+    resolve_device(args.device, "fastpeft train")
+
+
+def method_options(args: argparse.Namespace) -> dict:
+    """``--method-options`` as a dict (a JSON object on the command line, a mapping in a config file)."""
+    value = args.method_options
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"fastpeft train: --method-options is not valid JSON ({exc.msg} at column "
+                             f"{exc.colno}): {args.method_options!r}") from None
+    if not isinstance(value, dict):
+        raise SystemExit(f"fastpeft train: --method-options must be a JSON object, got {args.method_options!r}")
+    return value
+
+
 # --------------------------------------------------------------------------- model
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
+def resolve_device(name: str, command: str | None = None) -> torch.device:
+    """``auto`` (cuda when present), ``cpu``, ``cuda``, ``cuda:1``, …; with ``command``, a device that is not
+    there is a ``SystemExit`` naming it (``"fastpeft train: --device ..."``)."""
+    if str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        if command is None:
+            raise
+        raise SystemExit(f"{command}: --device {name!r} is not a device (auto, cpu, cuda, cuda:1, …)") from None
+    if command is None or device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None) if device.type != "mps" else torch.backends.mps
+    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
+    if not available:
+        raise SystemExit(f"{command}: --device {name!r}: no {device.type.upper()} device is available here")
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and callable(count) and device.index >= count():
+        raise SystemExit(f"{command}: --device {name!r}: there are only {count()} {device.type} device(s)")
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -182,18 +332,32 @@ def build_default_model(seed: int = 0, dtype: torch.dtype = torch.float32):
     return model.to(dtype)
 
 
-def load_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
-    """(model, tokenizer) for ``args.model`` (or the embedded default), quantized with ``--load-in-4bit``."""
+def _check_model_folder(model: str | None, command: str = "fastpeft train") -> None:
+    if model not in (None, DEFAULT_MODEL) and not os.path.isdir(model):
+        raise SystemExit(f"{command}: --model {model!r} is not a local folder (fastpeft does not download "
+                         "models; fetch it first, e.g. with huggingface-cli download)")
+
+
+def load_tokenizer(args: argparse.Namespace):
+    """The tokenizer of ``args.model`` (the byte-level one for the embedded default)."""
+    _check_model_folder(args.model)
     if args.model in (None, DEFAULT_MODEL):
-        model, tok = build_default_model(dtype=dtype), ByteTokenizer()
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    return HFTokenizer(AutoTokenizer.from_pretrained(args.model))
+
+
+def load_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, tok=None):
+    """(model, tokenizer) for ``args.model`` (or the embedded default), quantized with ``--load-in-4bit``."""
+    _check_model_folder(args.model)
+    tok = tok if tok is not None else load_tokenizer(args)
+    if args.model in (None, DEFAULT_MODEL):
+        model = build_default_model(dtype=dtype)
     else:
-        if not os.path.isdir(args.model):
-            raise SystemExit(f"fastpeft train: --model {args.model!r} is not a local folder (fastpeft does not "
-                             "download models; fetch it first, e.g. with huggingface-cli download)")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
-        tok = HFTokenizer(AutoTokenizer.from_pretrained(args.model))
     if args.load_in_4bit or args.method == "qlora":
         from .quant import prepare_model_for_kbit_training
 
@@ -213,6 +377,33 @@ def quantize_base(model, quantizer: str, compute_dtype: torch.dtype):
     return quant.quantize_model(model, quant_type="nf4", compute_dtype=compute_dtype)
 
 
+def check_method(args: argparse.Namespace, total_steps: int | None = None) -> None:
+    """Build the method on the model's skeleton (meta device, nothing allocated) so that options which do not
+    fit it (``--method-options`` keys, ``--target-modules`` matching nothing) fail before the model is loaded."""
+    try:
+        with torch.device("meta"):
+            if args.model in (None, DEFAULT_MODEL):
+                skeleton = build_default_model()
+            else:
+                from transformers import AutoConfig, AutoModelForCausalLM
+
+                skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model))
+    except Exception:  # noqa: BLE001 - an odd model folder: loading it for real reports the problem
+        return
+    try:
+        with torch.device("meta"):
+            build_peft_model(skeleton, args, total_steps)
+    except (TypeError, ValueError) as exc:
+        text = str(exc)
+        if args.method_options and ("option" in text or "keyword argument" in text):
+            flag = f"--method {args.method} with --method-options {args.method_options!r}"
+        elif "arget modules" in text or "target_modules" in text:
+            flag = f"--target-modules {args.target_modules!r}"
+        else:
+            flag = f"--method {args.method}"
+        raise SystemExit(f"fastpeft train: {flag}: {text}") from None
+
+
 def build_peft_model(model, args: argparse.Namespace, total_steps: int | None = None):
     """Wrap ``model`` for ``args.method`` through ``fastpeft.get_peft_model``."""
     from . import LoraConfig, get_peft_model
@@ -222,16 +413,17 @@ def build_peft_model(model, args: argparse.Namespace, total_steps: int | None = 
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     elif isinstance(targets, str) and targets != "all-linear" and targets.isidentifier():
         targets = [targets]
-    extra = json.loads(args.method_options) if isinstance(args.method_options, str) else (args.method_options or {})
+    extra = method_options(args)
     save = args.modules_to_save
-    if save == "auto":
-        save = ["embed_tokens", "lm_head"] if args.model in (None, DEFAULT_MODEL) else None
+    is_lora = args.method in ("lora", "qlora")
+    if save == "auto":  # the random embedded base: LoRA trains its embeddings and head too
+        save = ["embed_tokens", "lm_head"] if is_lora and args.model in (None, DEFAULT_MODEL) else None
     elif isinstance(save, str):
         save = None if save.lower() == "none" else [m.strip() for m in save.split(",") if m.strip()]
-    if args.method in ("lora", "qlora"):
-        config = LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                            target_modules=targets, use_rslora=args.use_rslora, task_type="CAUSAL_LM",
-                            modules_to_save=save, **extra)
+    if is_lora:
+        options = dict(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
+                       use_rslora=args.use_rslora, task_type="CAUSAL_LM", modules_to_save=save)
+        config = LoraConfig(**{**options, **extra})
     else:
         import dataclasses
 
@@ -248,6 +440,10 @@ def build_peft_model(model, args: argparse.Namespace, total_steps: int | None = 
                        # "all-linear" is LoRA's default; the other methods have their own per model type
                        target_modules=None if args.target_modules == "all-linear" else targets)
         options = {k: v for k, v in options.items() if k in applicable and v is not None}
+        if save:
+            if "modules_to_save" not in applicable:
+                raise SystemExit(f"fastpeft train: --modules-to-save does not apply to --method {key}")
+            options["modules_to_save"] = save
         options.update(extra)
         config = methods.build_config(key, task_type="CAUSAL_LM", **options)
     model = get_peft_model(model, config)
@@ -347,33 +543,115 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """The ``checkpoint-<step>`` folders in ``out``, (step, path) by increasing step."""
+    found = []
+    for path in Path(out).glob("checkpoint-*"):
+        tail = path.name[len("checkpoint-"):]
+        if path.is_dir() and tail.isdigit():
+            found.append((int(tail), path))
+    return sorted(found)
+
+
 def save_checkpoint(model, optimizer, out: Path, step: int, epoch: int, batch_in_epoch: int, log: dict,
-                    limit: int) -> Path:
-    """Adapter (peft format) + optimizer/RNG/position in ``out/checkpoint-<step>``; keeps the newest ``limit``."""
+                    limit: int, tok=None) -> Path:
+    """Adapter (peft format) + optimizer/RNG/position in ``out/checkpoint-<step>``; keeps the newest ``limit``.
+
+    The folder is written under a temporary name and renamed, so a run killed mid-save leaves no truncated
+    checkpoint; it also gets the tokenizer and the log so far (``fastpeft generate`` reads them). The checkpoint
+    just written is never deleted."""
     ckpt = out / f"checkpoint-{step}"
-    model.save_pretrained(ckpt)
+    tmp = out / f".checkpoint-{step}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    if tok is not None:
+        tok.save_pretrained(tmp)
+    (tmp / "train_log.json").write_text(json.dumps(log, indent=2, default=str) + "\n")
     torch.save({"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "optimizer": optimizer.state_dict(),
                 "rng": _rng_state(), "log": log, "tensors": _resume_tensors(model),
-                "allocator": _allocator_state(model)}, ckpt / STATE_NAME)
-    old = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    for stale in old[:-limit] if limit > 0 else []:
-        for f in sorted(stale.rglob("*"), reverse=True):
-            f.unlink() if f.is_file() else f.rmdir()
-        stale.rmdir()
+                "allocator": _allocator_state(model)}, tmp / STATE_NAME)
+    if ckpt.exists():  # resumed from an earlier checkpoint of this run: the step is written again
+        old = out / f".checkpoint-{step}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(ckpt, old)
+        os.replace(tmp, ckpt)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, ckpt)
+    others = [p for _, p in checkpoints(out) if p != ckpt]
+    if limit > 0:
+        for stale in others[: max(0, len(others) - (limit - 1))]:
+            shutil.rmtree(stale)
     return ckpt
 
 
-def find_checkpoint(out: Path, resume: str) -> Path:
+def load_checkpoint(out: Path, resume: str) -> tuple[Path, dict]:
+    """(folder, state) of the checkpoint ``--resume`` names: the given folder, or the latest readable one in
+    ``out`` (an unreadable latest one, e.g. cut by a kill mid-save, is skipped with a warning)."""
     if resume != "auto":
-        path = Path(resume)
-        if not (path / STATE_NAME).is_file():
+        candidates = [Path(resume)]
+        if not (candidates[0] / STATE_NAME).is_file():
             raise SystemExit(f"fastpeft train: --resume {resume!r} is not a checkpoint folder (no {STATE_NAME})")
-        return path
-    found = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    found = [p for p in found if (p / STATE_NAME).is_file()]
-    if not found:
-        raise SystemExit(f"fastpeft train: --resume: no checkpoint in {out}")
-    return found[-1]
+    else:
+        candidates = [p for _, p in reversed(checkpoints(out)) if (p / STATE_NAME).is_file()]
+        if not candidates:
+            raise SystemExit(f"fastpeft train: --resume: no checkpoint in {out}")
+    for i, ckpt in enumerate(candidates):
+        try:
+            state = torch.load(ckpt / STATE_NAME, map_location="cpu", weights_only=False)
+            if not isinstance(state, dict) or "step" not in state or "tensors" not in state:
+                raise ValueError("not a fastpeft train checkpoint")
+            return ckpt, state
+        except Exception as exc:  # a truncated or foreign file: torch raises several kinds
+            if i + 1 < len(candidates):
+                print(f"fastpeft train: warning: {ckpt / STATE_NAME} is unreadable ({type(exc).__name__}: {exc}); "
+                      f"resuming from {candidates[i + 1]} instead", file=sys.stderr)
+                continue
+            raise SystemExit(f"fastpeft train: --resume: {ckpt / STATE_NAME} is unreadable "
+                             f"({type(exc).__name__}: {exc})") from None
+    raise AssertionError("unreachable")
+
+
+# options that must not change across --resume: they shape the adapter, the base, or the data order
+RESUME_OPTIONS = ("model", "method", "r", "lora_alpha", "use_rslora", "target_modules", "modules_to_save",
+                  "num_virtual_tokens", "freeze_layers", "method_options", "load_in_4bit", "quantizer", "data",
+                  "eval_data", "eval_split", "prompt_field", "response_field", "text_field", "max_length",
+                  "group_by_length", "batch_size", "grad_accum", "seed")
+
+
+def _resume_value(key: str, value: Any) -> Any:
+    if key == "method_options":
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = json.loads(value)
+        return value or None
+    if key in ("model", "data", "eval_data") and isinstance(value, str) and value != DEFAULT_MODEL:
+        return os.path.abspath(value)
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value) if key == "max_length" else value
+
+
+def check_resume(ckpt: Path, state: dict, args: argparse.Namespace, total_steps: int) -> None:
+    """Refuse a checkpoint this run cannot continue: at or past its last step, or saved with other options."""
+    if state["step"] >= total_steps:
+        raise SystemExit(f"fastpeft train: cannot resume from {ckpt}: it is at step {state['step']}, and this run "
+                         f"has {total_steps} steps in all (raise --max-steps/--epochs, or start afresh with "
+                         "--overwrite-output-dir or another --output)")
+    saved = (state.get("log") or {}).get("args")
+    if not isinstance(saved, dict):
+        return
+    for key in RESUME_OPTIONS:
+        if key not in saved:
+            continue
+        old, new = _resume_value(key, saved[key]), _resume_value(key, getattr(args, key, None))
+        if old != new:
+            flag = "--" + key.replace("_", "-")
+            raise SystemExit(f"fastpeft train: cannot resume from {ckpt}: it was trained with {flag} {saved[key]!r}, "
+                             f"this run has {flag} {getattr(args, key, None)!r} (resume with the same --method "
+                             "and options, or start afresh with --overwrite-output-dir or another --output)")
 
 
 def _resume_tensors(model) -> dict[str, torch.Tensor]:
@@ -391,20 +669,31 @@ def _allocator_state(model) -> dict | None:
     return {k: v for k, v in vars(alloc).items() if k != "model"}
 
 
-def _restore(model, state: dict) -> None:
-    """Load a checkpoint's tensors (and AdaLoRA allocator state) into ``model``; names must match exactly."""
+_ADALORA_RANKED = (".lora_A.", ".lora_B.", ".lora_E.", ".ranknum.")
+
+
+def _restore(model, state: dict, method: str | None = None) -> None:
+    """Load a checkpoint's tensors (and AdaLoRA allocator state) into ``model``; names and shapes must match
+    (only AdaLoRA's rank-pruned tensors may come back smaller)."""
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
+    hint = "(resume with the same --method and options)"
+    missing = sorted(n for n, p in params.items() if p.requires_grad and n not in state["tensors"])
+    if missing:
+        raise SystemExit(f"fastpeft train: the checkpoint lacks {missing[0]!r}, which this model trains {hint}")
     with torch.no_grad():
         for name, value in state["tensors"].items():
             target = buffers.get(name[len("buffer:"):]) if name.startswith("buffer:") else params.get(name)
             if target is None:
-                raise SystemExit(f"fastpeft train: the checkpoint has {name!r}, which this model lacks "
-                                 "(resume with the same --method and options)")
-            if target.shape != value.shape:  # AdaLoRA may have pruned: take the saved shape
+                raise SystemExit(f"fastpeft train: the checkpoint has {name!r}, which this model lacks {hint}")
+            if target.shape == value.shape:
+                target.copy_(value)
+            elif method == "adalora" and any(part in f".{name}." for part in _ADALORA_RANKED) \
+                    and value.dim() == target.dim():  # AdaLoRA may have pruned ranks: take the saved shape
                 target.data = value.to(device=target.device, dtype=target.dtype)
             else:
-                target.copy_(value)
+                raise SystemExit(f"fastpeft train: the checkpoint's {name!r} has shape {tuple(value.shape)}, this "
+                                 f"model's {tuple(target.shape)} {hint}")
     if state.get("allocator"):
         alloc = getattr(model, "rankallocator", None) or model.base_model.rankallocator
         vars(alloc).update(state["allocator"])
@@ -435,9 +724,10 @@ def train(args: argparse.Namespace) -> TrainResult:
     Under ``torchrun`` or ``accelerate launch`` (``WORLD_SIZE`` > 1) it runs data-parallel with PyTorch's
     DDP: each process takes every world-th batch, gradients are averaged, only rank 0 reports and writes.
     """
+    check_args(args)  # flags first: nothing is built or written for a run that cannot start
     rank, world, dist_device = _init_distributed(args)
     main_rank = rank == 0
-    device = dist_device or resolve_device(args.device)
+    device = dist_device or resolve_device(args.device, "fastpeft train")
     dtype = resolve_dtype(args.dtype, device)
     autocast = dtype if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else None
     is_default = args.model in (None, DEFAULT_MODEL)
@@ -445,13 +735,12 @@ def train(args: argparse.Namespace) -> TrainResult:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-
-    model, tok = load_model(args, device, dtype)
-    if is_default and main_rank:  # the random embedded base is kept so `fastpeft generate` reloads it exactly
-        base_dir = out / BASE_DIR
-        if not (base_dir / "model.safetensors").is_file():  # unquantized, whatever --load-in-4bit does
-            build_default_model(dtype=dtype).save_pretrained(base_dir)
+    earlier = checkpoints(out)
+    if earlier and not args.resume and not getattr(args, "overwrite_output_dir", False):
+        names = ", ".join(p.name for _, p in earlier[-3:])
+        raise SystemExit(f"fastpeft train: {out} holds checkpoints of an earlier run ({names}); pass --resume to "
+                         "continue it, --overwrite-output-dir to delete them and start afresh, or another --output")
+    tok = load_tokenizer(args)
 
     # data
     if default_data:
@@ -484,6 +773,21 @@ def train(args: argparse.Namespace) -> TrainResult:
         total_steps = max(1, int(args.epochs * steps_per_epoch))
     else:
         total_steps = 400 if (is_default and default_data) else steps_per_epoch
+    resume_from = None
+    if args.resume:
+        resume_from = load_checkpoint(out, args.resume)
+        check_resume(*resume_from, args, total_steps)
+    check_method(args, total_steps)
+
+    out.mkdir(parents=True, exist_ok=True)
+    if earlier and not args.resume and main_rank:  # --overwrite-output-dir
+        for _, path in earlier:
+            shutil.rmtree(path)
+    model, tok = load_model(args, device, dtype, tok)
+    if is_default and main_rank:  # the random embedded base is kept so `fastpeft generate` reloads it exactly
+        base_dir = out / BASE_DIR
+        if not (base_dir / "model.safetensors").is_file():  # unquantized, whatever --load-in-4bit does
+            build_default_model(dtype=dtype).save_pretrained(base_dir)
 
     # method
     model = build_peft_model(model, args, total_steps)
@@ -515,10 +819,9 @@ def train(args: argparse.Namespace) -> TrainResult:
                  "world_size": world, "global_batch": args.batch_size * args.grad_accum * world,
                  "steps": [], "evals": []}
     step, epoch, skip = 0, 0, 0
-    if args.resume:
-        ckpt = find_checkpoint(out, args.resume)
-        state = torch.load(ckpt / STATE_NAME, map_location="cpu", weights_only=False)
-        _restore(model, state)
+    if resume_from is not None:
+        ckpt, state = resume_from
+        _restore(model, state, args.method)
         optimizer.load_state_dict(state["optimizer"])
         step, epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
         log["steps"], log["evals"] = state["log"]["steps"], state["log"]["evals"]
@@ -611,7 +914,7 @@ def train(args: argparse.Namespace) -> TrainResult:
                 if main_rank:
                     bar.write(f"step {step}: {result}")
             if step % save_every == 0 and step < total_steps and main_rank:
-                save_checkpoint(model, optimizer, out, step, epoch, index + 1, log, args.save_total_limit)
+                save_checkpoint(model, optimizer, out, step, epoch, index + 1, log, args.save_total_limit, tok)
             if step >= total_steps:
                 done = True
                 break

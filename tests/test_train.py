@@ -22,6 +22,8 @@ from fastpeft.data import (
 )
 from fastpeft.train import parse_args, train
 
+TINY = "".join(json.dumps({"prompt": f"upper: w{i} =", "response": f" W{i}"}) + "\n" for i in range(8))
+
 TOK = ByteTokenizer()
 
 
@@ -70,6 +72,7 @@ def test_default_task_splits_are_disjoint():
     (b'{"prompt": "a", "response": "b"}\n\xff\xfe\n', r":2: not valid UTF-8"),
     (b'{"prompt": "a", "response": "b"}\n{oops\n', r":2: invalid JSON"),
     (b'{"question": "a"}\n', r":1: needs string fields 'prompt' and 'response'"),
+    (b'{"text": "ab"}\n{"text": ""}\n', r":2: empty text sample"),
 ])
 def test_bad_data_names_the_line(tmp_path, content, match):
     f = tmp_path / "data.jsonl"
@@ -96,6 +99,178 @@ def test_config_file_keys_mirror_flags(tmp_path):
     cfg.write_text('{"no_such_flag": 1}')
     with pytest.raises(SystemExit, match="no_such_flag"):
         parse_args(["--config", str(cfg)])
+
+
+@pytest.mark.parametrize("text,key,match", [
+    ("method: foo\n", "method", "expected one of lora"),
+    ("dtype: fp64\n", "dtype", "expected one of auto"),
+    ("batch_size: 2.5\n", "batch_size", "expected an integer, got 2.5"),
+    ("batch_size: [1, 2]\n", "batch_size", r"expected an integer, got \[1, 2\]"),
+    ("batch_size: two\n", "batch_size", "expected an integer, got 'two'"),
+    ("load_in_4bit: maybe\n", "load_in_4bit", "expected true or false"),
+    ("load_in_4bit: 1\n", "load_in_4bit", "expected true or false"),
+    ("resume: 3\n", "resume", "expected true, false or a checkpoint folder"),
+])
+def test_config_values_are_checked_like_flags(tmp_path, text, key, match):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    with pytest.raises(SystemExit, match=rf"c\.yaml: {key}: {match}"):
+        parse_args(["--config", str(cfg)])
+
+
+def test_config_values_convert_like_flags(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text('load_in_4bit: "false"\nuse_rslora: "true"\nresume: true\nlr: 2e-4\nmax_length: 64\n'
+                   "target_modules: [q_proj, v_proj]\nmethod_options: {init_r: 4}\n")
+    args = parse_args(["--config", str(cfg)])
+    assert args.load_in_4bit is False and args.use_rslora is True  # the string "false" is not truthy here
+    assert args.resume == "auto" and args.lr == 2e-4  # YAML reads 2e-4 as a string
+    assert args.max_length == "64" and args.target_modules == ["q_proj", "v_proj"]
+    assert args.method_options == {"init_r": 4}
+    cfg.write_text("resume: false\n")
+    assert parse_args(["--config", str(cfg)]).resume is None
+    cfg.write_text("lr: [\n")
+    with pytest.raises(SystemExit, match=r"c\.yaml: not valid YAML at line 2"):
+        parse_args(["--config", str(cfg)])
+    bad = tmp_path / "c.json"
+    bad.write_text('{"lr": 1e-3,}')
+    with pytest.raises(SystemExit, match=r"c\.json: not valid JSON at line 1, column 13"):
+        parse_args(["--config", str(bad)])
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--batch-size", "0"], "--batch-size must be an integer ≥ 1, got 0"),
+    (["--batch-size", "-1"], "--batch-size must be an integer ≥ 1"),
+    (["--grad-accum", "0"], "--grad-accum must be an integer ≥ 1"),
+    (["--eval-split", "1"], r"--eval-split must be in \[0, 1\)"),
+    (["--eval-split", "-0.1"], r"--eval-split must be in \[0, 1\)"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--lr", "nan"], "--lr must be > 0"),
+    (["--max-length", "12.5"], "--max-length must be a positive integer or auto"),
+    (["--max-length", "0"], "--max-length must be a positive integer or auto"),
+    (["--max-steps", "0"], r"--max-steps must be ≥ 1 \(or -1: not set\)"),
+    (["--max-steps", "-2"], r"--max-steps must be ≥ 1"),
+    (["--warmup-ratio", "1.5"], r"--warmup-ratio must be in \[0, 1\]"),
+    (["--epochs", "0"], "--epochs must be > 0"),
+    (["--device", "nonsense"], "--device 'nonsense' is not a device"),
+    (["--device", "cuda:99"] if torch.cuda.is_available() else ["--device", "cuda"], "--device 'cuda"),
+    (["--method-options", "{bad"], "--method-options is not valid JSON"),
+    (["--method-options", "[1]"], "--method-options must be a JSON object"),
+    (["--method-options", '{"no_such": 1}'], "--method lora with --method-options .*no_such"),
+    (["--method", "ia3", "--method-options", '{"no_such": 1}'], "--method ia3 with --method-options .*no_such"),
+    (["--r", "0"], "--r must be an integer ≥ 1"),
+    (["--lora-dropout", "1"], r"--lora-dropout must be in \[0, 1\)"),
+    (["--lora-dropout", "-0.5"], r"--lora-dropout must be in \[0, 1\)"),
+    (["--target-modules", "nope"], "--target-modules 'nope': Target modules .* not found"),
+    (["--data", "missing.jsonl"], None),
+    (["--resume", "--overwrite-output-dir"], "contradict"),
+])
+def test_bad_flags_fail_before_anything_is_built_or_written(tmp_path, flags, match):
+    data = tmp_path / "d.jsonl"
+    data.write_text(TINY)
+    out = tmp_path / "o"
+    args = parse_args(["--data", str(data), "--eval-split", "0", "--batch-size", "4", "--max-steps", "1",
+                       "--output", str(out), "--no-progress", *flags])
+    if match is None:  # a missing --data file: reported before the model is built
+        with pytest.raises(DataError, match="does not exist"):
+            train(args)
+    else:
+        with pytest.raises(SystemExit, match=match):
+            train(args)
+    assert not out.exists()  # no output folder, no base_model/: nothing was built
+
+
+def test_max_steps_minus_one_means_not_set(tmp_path):
+    from fastpeft.train import check_args
+
+    args = parse_args(["--max-steps", "-1", "--epochs", "2"])
+    check_args(args)
+    assert args.max_steps is None and args.epochs == 2
+
+
+def test_modules_to_save_reaches_every_method():
+    from fastpeft.train import build_default_model, build_peft_model
+
+    for method in ("ia3", "prompt", "adalora", "bitfit"):
+        with torch.device("meta"):
+            model = build_peft_model(build_default_model(), parse_args(["--method", method, "--modules-to-save",
+                                                                        "lm_head"]), total_steps=100)
+        trained = [n for n, p in model.named_parameters() if p.requires_grad and "lm_head" in n]
+        assert trained, method
+        assert model.peft_config["default"].modules_to_save == ["lm_head"], method
+
+
+class _TinyModel(torch.nn.Linear):
+    def save_pretrained(self, path):
+        os.makedirs(path, exist_ok=True)
+        torch.save(self.state_dict(), os.path.join(path, "w.pt"))
+
+
+def test_save_checkpoint_keeps_the_one_it_wrote_and_writes_atomically(tmp_path):
+    from fastpeft.train import checkpoints, save_checkpoint
+
+    model = _TinyModel(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    (tmp_path / "checkpoint-50").mkdir()  # a higher step from elsewhere used to win the cleanup
+    (tmp_path / "checkpoint-notastep").mkdir()
+    ckpt = save_checkpoint(model, opt, tmp_path, 3, 0, 1, {"args": {}}, limit=1, tok=TOK)
+    assert [p.name for _, p in checkpoints(tmp_path)] == ["checkpoint-3"]
+    assert (ckpt / "trainer_state.pt").is_file() and (ckpt / "train_log.json").is_file()
+    assert (ckpt / "fastpeft_tokenizer.json").is_file()
+    assert not list(tmp_path.glob(".checkpoint-*"))  # written under a temporary name, then renamed
+
+
+def test_restore_refuses_other_shapes_except_adalora_ranks():
+    from fastpeft.train import _restore
+
+    lin = torch.nn.Linear(2, 4)
+    state = {"tensors": {"weight": torch.zeros(8, 2), "bias": torch.zeros(4)}}
+    with pytest.raises(SystemExit, match=r"'weight' has shape \(8, 2\), this model's \(4, 2\).*same --method"):
+        _restore(lin, state, "lora")
+    with pytest.raises(SystemExit, match="the checkpoint lacks 'bias'"):
+        _restore(lin, {"tensors": {"weight": torch.zeros(4, 2)}}, "lora")
+    holder = torch.nn.Module()
+    holder.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(2, 4, bias=False)})
+    _restore(holder, {"tensors": {"lora_A.default.weight": torch.ones(3, 2)}}, "adalora")  # pruned rank
+    assert holder.lora_A["default"].weight.shape == (3, 2)
+
+
+def test_output_folder_of_an_earlier_run_and_resume_checks(tmp_path, capsys):
+    """Checkpoints of an earlier run refuse a new run; --resume refuses a checkpoint at/after the last step or
+    saved with other adapter options, falls back past an unreadable latest one; a checkpoint generates."""
+    data = tmp_path / "d.jsonl"
+    data.write_text(TINY)
+    out = tmp_path / "o"
+
+    def run(*flags):
+        return train(parse_args(["--data", str(data), "--eval-split", "0", "--batch-size", "4", "--output", str(out),
+                                 "--no-progress", "--save-steps", "1", *flags]))
+
+    run("--max-steps", "3")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    adapter = (out / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="holds checkpoints of an earlier run.*--resume.*--overwrite-output-dir"):
+        run("--max-steps", "2")
+    with pytest.raises(SystemExit, match="checkpoint-2: it is at step 2, and this run has 2 steps"):
+        run("--max-steps", "2", "--resume")
+    with pytest.raises(SystemExit, match="trained with --r 16, this run has --r 8.*same --method and options"):
+        run("--max-steps", "3", "--resume", "--r", "8")
+    with pytest.raises(SystemExit, match="--target-modules"):
+        run("--max-steps", "3", "--resume", "--target-modules", "q_proj")
+    assert (out / "adapter_model.safetensors").read_bytes() == adapter  # nothing was overwritten
+    # a checkpoint folder is an adapter `fastpeft generate` loads (base and tokenizer from the run folder)
+    assert cli.main(["generate", "--adapter", str(out / "checkpoint-2"), "--prompt", "upper: w1 =",
+                     "--max-new-tokens", "2"]) == 0
+    assert "upper: w1 =" in capsys.readouterr().out
+    # a truncated latest checkpoint (a kill mid-save by an older version): resume from the one before
+    state = out / "checkpoint-2" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    resumed = run("--max-steps", "3", "--resume")
+    assert resumed.log["resumed_from"].endswith("checkpoint-1")
+    assert "checkpoint-2/trainer_state.pt is unreadable" in capsys.readouterr().err
+    assert [s["step"] for s in resumed.log["steps"]] == [1, 2, 3]
+    run("--max-steps", "1", "--overwrite-output-dir")
+    assert not list(out.glob("checkpoint-*"))
 
 
 # ----------------------------------------------------------------------------- runs
@@ -296,6 +471,67 @@ def test_trainer_checkpoints_are_adapters_and_resume(tmp_path):
     assert trained and all("lora_" in n for n in trained)
     for n in trained:
         assert torch.allclose(dict(resumed.named_parameters())[n], final[n], atol=1e-6), n
+
+
+@pytest.fixture(scope="module")
+def saved_adapter(tmp_path_factory):
+    """An untrained LoRA adapter on the embedded default, laid out as `fastpeft train` writes it."""
+    import fastpeft
+    from fastpeft.train import build_default_model
+
+    folder = tmp_path_factory.mktemp("adapter")
+    build_default_model().save_pretrained(folder / "base_model")
+    model = fastpeft.get_peft_model(build_default_model(), fastpeft.LoraConfig(r=4, target_modules=["q_proj"]))
+    model.save_pretrained(folder)
+    TOK.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("case,match", [
+    ("bad_config", "adapter_config.json is not readable JSON"),
+    ("no_weights", "has no adapter_model.safetensors"),
+    ("corrupt_weights", "cannot load the adapter in .*SafetensorError"),
+    ("wrong_rank", "cannot load the adapter in .*shape mismatch"),
+    ("max_new_tokens", "--max-new-tokens must be ≥ 1"),
+    ("no_model", "--model 'no/such/model' is not a local folder"),
+    ("device", "--device 'nonsense' is not a device"),
+])
+def test_generate_user_mistakes_are_one_line_errors(tmp_path, saved_adapter, case, match):
+    import shutil
+
+    adapter = tmp_path / "a"
+    shutil.copytree(saved_adapter, adapter)
+    argv = ["generate", "--adapter", str(adapter), "--prompt", "x", "--max-new-tokens", "1"]
+    if case == "bad_config":
+        (adapter / "adapter_config.json").write_text("{bad")
+    elif case == "no_weights":
+        (adapter / "adapter_model.safetensors").unlink()
+    elif case == "corrupt_weights":
+        (adapter / "adapter_model.safetensors").write_bytes(b"\xff" * 64)
+    elif case == "wrong_rank":
+        cfg = json.loads((adapter / "adapter_config.json").read_text())
+        (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "r": 8}))
+    elif case == "max_new_tokens":
+        argv[-1] = "0"
+    elif case == "no_model":
+        argv += ["--model", "no/such/model"]
+    elif case == "device":
+        argv += ["--device", "nonsense"]
+    with pytest.raises(SystemExit, match=f"fastpeft generate: .*{match}") as exc:
+        cli.main(argv)
+    assert exc.value.code != 0 and "\n" not in str(exc.value.code)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--batch-size", "0"], "--batch-size must be ≥ 1"),
+    (["--seq-len", "-5"], "--seq-len must be ≥ 1"),
+    (["--r", "0"], "--r must be ≥ 1"),
+    (["--model", "no/such/model"], "--model 'no/such/model' is not a local folder"),
+    (["--target-modules", "nope"], "Target modules"),
+])
+def test_estimate_user_mistakes_are_errors(argv, match):
+    with pytest.raises(SystemExit, match=f"fastpeft estimate: {match}"):
+        cli.main(["estimate", *argv])
 
 
 # ----------------------------------------------------------------------------- estimate
