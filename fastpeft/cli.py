@@ -67,8 +67,37 @@ def _default_out(rows: list[dict]) -> Path:
     return Path("bench/results") / f"{device}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
 
 
+def _check_bench_args(args: argparse.Namespace) -> None:
+    """Refuse sizes and rates that make no sense before anything runs, naming the flag."""
+    def bad(flag: str, why: str, value) -> SystemExit:
+        return SystemExit(f"fastpeft bench: --{flag} {why}, got {value!r}")
+
+    for flag, values in (("tokens", args.tokens), ("adapters", args.adapters)):
+        for v in values or ():
+            if v < 1:
+                raise bad(flag, "must be ≥ 1", v)
+    for p in args.dropout or ():
+        if not 0 <= p < 1:
+            raise bad("dropout", "must be in [0, 1)", p)
+    if args.r < 1:
+        raise bad("r", "must be ≥ 1", args.r)
+    for flag in ("warmup_ms", "rep_ms"):
+        if not getattr(args, flag) > 0:
+            raise bad(flag.replace("_", "-"), "must be > 0", getattr(args, flag))
+    for shape in args.shapes or ():
+        try:
+            dims = benchmarking.parse_shape(shape)
+        except ValueError as exc:
+            raise SystemExit(f"fastpeft bench: --shapes: {exc}") from None
+        if min(dims) < 1:
+            raise bad("shapes", "sizes must be ≥ 1", shape)
+
+
 def _bench(args: argparse.Namespace) -> int:
-    device = benchmarking.resolve_device(args.device)
+    from .train import resolve_device
+
+    _check_bench_args(args)
+    device = resolve_device(args.device, "fastpeft bench")
     preset = args.preset or ("layer" if device.type == "cuda" else "tiny")
     if preset in benchmarking.QUANT_PRESETS:
         return _bench_quant(args, preset, device)

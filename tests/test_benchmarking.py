@@ -169,3 +169,19 @@ def test_cli_qlora_tiny_writes_json(tmp_path, torch_backend, capsys):
     rows = benchmarking.load_json(out)
     assert {r["provider"] for r in rows} == {"frozen", "fastpeft_bf16"} and rows[0]["bench"] == "qlora"
     assert "qlora" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--tokens", "0"], "--tokens must be ≥ 1, got 0"),
+    (["--r", "0"], "--r must be ≥ 1"),
+    (["--shapes", "foo"], "--shapes: shape 'foo' is neither"),
+    (["--shapes", "0x64"], "--shapes sizes must be ≥ 1"),
+    (["--dropout", "1.5"], r"--dropout must be in \[0, 1\)"),
+    (["--adapters", "0"], "--adapters must be ≥ 1"),
+    (["--rep-ms", "0"], "--rep-ms must be > 0"),
+    (["--device", "nonsense"], "--device 'nonsense' is not a device"),
+])
+def test_bench_refuses_bad_sizes_before_running(argv, match, tmp_path):
+    with pytest.raises(SystemExit, match=f"fastpeft bench: {match}"):
+        main(["bench", "--out", str(tmp_path / "r.json"), *argv])
+    assert not (tmp_path / "r.json").exists()
