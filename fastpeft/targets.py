@@ -11,6 +11,7 @@ own rows reach. Example::
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,28 +156,44 @@ def format_verdicts(verdicts: list[Verdict]) -> str:
     return "\n".join(lines)
 
 
+class NotABenchResult(ValueError):
+    """A readable JSON file that is not a ``fastpeft bench`` result (e.g. pytest-benchmark's): skipped."""
+
+
 def rows_of(path: str | Path) -> list[dict]:
-    """The rows of a ``fastpeft bench`` JSON file."""
-    data = json.loads(Path(path).read_text())
+    """The rows of a ``fastpeft bench`` JSON file.
+
+    Raises ``OSError`` (missing or unreadable file), ``json.JSONDecodeError``/``UnicodeDecodeError`` (not
+    JSON), or :class:`NotABenchResult` (JSON without a list of row objects)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
     rows = data.get("rows") if isinstance(data, dict) else data
-    if not isinstance(rows, list):
-        raise ValueError(f"{path} is not a fastpeft bench result (no 'rows' list)")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise NotABenchResult(f"{path} is not a fastpeft bench result (no 'rows' list of objects)")
     return rows
 
 
 def main(paths: list[str]) -> int:
-    """``fastpeft targets FILE...``: the verdicts of each file (each file is one run)."""
+    """``fastpeft targets FILE...``: the verdicts of each file (each file is one run).
+
+    Exit status 1 when a target is missed, 2 when a file is missing or not JSON; a JSON file that is not a
+    bench result (pytest-benchmark's beside ours) is skipped."""
     status = 0
     for path in paths:
         print(f"{path}:")
         try:
             verdicts = evaluate(rows_of(path))
-        except (OSError, ValueError) as exc:  # e.g. pytest-benchmark's JSON beside ours
+        except NotABenchResult as exc:  # e.g. pytest-benchmark's JSON beside ours
             print(f"  skipped: {exc}")
             continue
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            print(f"fastpeft targets: cannot read {path}: {reason}", file=sys.stderr)
+            status = 2
+            continue
         print(format_verdicts(verdicts) if verdicts else "  (no TARGETS.md cell in this file)")
-        status |= any(not v.ok for v in verdicts if not v.target.startswith("(info)"))
-    return int(status)
+        if status != 2 and any(not v.ok for v in verdicts if not v.target.startswith("(info)")):
+            status = 1
+    return status
 
 
-__all__ = ["Verdict", "evaluate", "format_verdicts", "main", "rows_of"]
+__all__ = ["NotABenchResult", "Verdict", "evaluate", "format_verdicts", "main", "rows_of"]

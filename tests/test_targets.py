@@ -93,3 +93,19 @@ def test_targets_command(tmp_path, capsys):
     other.write_text(json.dumps({"benchmarks": []}))
     assert cli.main(["targets", str(other), str(empty)]) == 0
     assert "skipped:" in capsys.readouterr().out
+
+
+def test_targets_command_fails_on_a_missing_or_unreadable_file(tmp_path, capsys):
+    good = tmp_path / "tiny.json"
+    good.write_text(json.dumps({"rows": [dict(shape="64x96", tokens=48, provider="frozen", ms=1.0)]}))
+    assert cli.main(["targets", str(tmp_path / "nonexist.json"), str(good)]) == 2
+    err = capsys.readouterr().err
+    assert "fastpeft targets: cannot read" in err and "nonexist.json" in err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    assert cli.main(["targets", str(bad)]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    notrows = tmp_path / "rows.json"
+    notrows.write_text(json.dumps({"rows": [1, 2]}))
+    assert cli.main(["targets", str(notrows)]) == 0  # a JSON file that is not a bench result: skipped
+    assert "skipped:" in capsys.readouterr().out
