@@ -33,7 +33,7 @@ def _kernels_from_source_tree() -> None:
 _kernels_from_source_tree()
 
 # The imports below come after the kernels are importable (E402 is ignored for this file).
-from .config import LoraConfig
+from .config import LoraConfig, TaskType
 from .convert import from_peft, to_peft
 from .layers import FastLoraLinear, FastLoraLinear4bit
 from .model import LoraModel, ModulesToSaveWrapper, PeftModel, get_peft_model
@@ -54,6 +54,7 @@ from .quant import (
     quantize_model,
     quantize_nf4,
 )
+from .save import get_peft_model_state_dict, set_peft_model_state_dict
 
 __version__ = "0.1.0"
 __all__ = [
@@ -81,6 +82,9 @@ __all__ = [
     "backend_for",
     "from_peft",
     "get_peft_model",
+    "get_peft_model_state_dict",
+    "set_peft_model_state_dict",
+    "TaskType",
     "lora_linear",
     "to_peft",
 ]

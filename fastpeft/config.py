@@ -10,6 +10,7 @@ written back, never silently dropped.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import os
 from dataclasses import dataclass, field
@@ -18,6 +19,18 @@ from typing import Any
 CONFIG_NAME = "adapter_config.json"
 
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+
+class TaskType(str, enum.Enum):
+    """peft's ``TaskType`` (``LoraConfig(task_type=TaskType.CAUSAL_LM)``); equal to its string value."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
 INIT_CHOICES = (True, False, "gaussian", "pissa")
 BIAS_CHOICES = ("none", "all", "lora_only")
 
@@ -149,7 +162,7 @@ class LoraConfig(AdapterConfigFile):
     def __post_init__(self) -> None:
         if self.peft_type != "LORA":
             raise ValueError(f"LoraConfig has peft_type 'LORA', got {self.peft_type!r}")
-        if isinstance(self.task_type, str) is False and self.task_type is not None:
+        if self.task_type is not None:  # peft's TaskType (or fastpeft's) -> its string
             self.task_type = str(getattr(self.task_type, "value", self.task_type))
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise ValueError(f"task_type must be one of {TASK_TYPES} or None, got {self.task_type!r}")

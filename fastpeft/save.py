@@ -17,6 +17,8 @@ import torch
 from .config import CONFIG_NAME
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from .model import PeftModel
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -132,6 +134,13 @@ def load_adapter_weights(peft_model: PeftModel, path: str | os.PathLike, adapter
     saved = read_adapter_file(path, allow_pickle=allow_pickle)
     if not os.path.isfile(os.path.join(os.fspath(path), CONFIG_NAME)):
         raise FileNotFoundError(f"no {CONFIG_NAME} in {os.fspath(path)!r}")
+    load_adapter_state(peft_model, saved, adapter_name, f"adapter file in {os.fspath(path)!r}")
+
+
+def load_adapter_state(peft_model: PeftModel, saved: dict[str, torch.Tensor], adapter_name: str,
+                       where: str = "the state dict") -> None:
+    """Copy tensors under peft's saved names into ``peft_model``'s adapter ``adapter_name``, strictly
+    (missing, unexpected or mis-shaped tensors raise ``ValueError`` naming them and ``where``)."""
     state = peft_model.state_dict(keep_vars=True)
     wrappers = _wrappers(peft_model)
     mapped: dict[str, tuple[str, torch.Tensor]] = {}
@@ -154,11 +163,11 @@ def load_adapter_weights(peft_model: PeftModel, path: str | os.PathLike, adapter
     expected += [k for k in state if any(k.startswith(f"{w}.modules_to_save.{adapter_name}.") for w in wrappers)]
     missing = [k for k in expected if k not in mapped]
     if missing:
-        raise ValueError(f"adapter file in {os.fspath(path)!r} lacks {len(missing)} tensor(s) the model expects "
+        raise ValueError(f"{where} lacks {len(missing)} tensor(s) the model expects "
                          f"for adapter {adapter_name!r}, e.g. {missing[:3]}")
     unexpected = [saved_key for target, (saved_key, _) in mapped.items() if target not in state]
     if unexpected:
-        raise ValueError(f"adapter file in {os.fspath(path)!r} has {len(unexpected)} key(s) this model does not "
+        raise ValueError(f"{where} has {len(unexpected)} key(s) this model does not "
                          f"have, e.g. {unexpected[:3]} (was it saved for another model or other target_modules?)")
     with torch.no_grad():
         for target, (saved_key, value) in mapped.items():
@@ -172,3 +181,33 @@ def load_adapter_weights(peft_model: PeftModel, path: str | os.PathLike, adapter
                 raise ValueError(f"shape mismatch for {saved_key!r}: file has {tuple(value.shape)}, model expects "
                                  f"{tuple(dest.shape)}{hint}")
             dest.copy_(value.to(device=dest.device, dtype=dest.dtype))
+
+
+def get_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None,
+                              adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """peft's function of the same name: the tensors ``save_pretrained`` writes for ``adapter_name``, under
+    peft's saved key names (LoRA: read from ``state_dict`` when given, else from the model)."""
+    if hasattr(model, "adapter_state_dict"):  # the other methods' models
+        return model.adapter_state_dict(adapter_name)
+    return adapter_state_dict(model, adapter_name, state_dict)
+
+
+def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, torch.Tensor],
+                              adapter_name: str = "default"):
+    """peft's function of the same name: load tensors under peft's saved key names (as
+    :func:`get_peft_model_state_dict` returns them, or an adapter file holds them) into ``adapter_name``.
+
+    Strict, unlike peft's: a missing, unexpected or mis-shaped tensor raises ``ValueError`` naming it.
+    Returns the load result (empty missing / unexpected keys)."""
+    from torch.nn.modules.module import _IncompatibleKeys
+
+    where = "the given adapter state dict"
+    if hasattr(model, "_load_saved"):  # prompt learning
+        model._load_saved(peft_model_state_dict, adapter_name, where)
+    elif hasattr(model, "adapter_state_dict"):
+        from .methods.base import load_tuner_state
+
+        load_tuner_state(model, peft_model_state_dict, adapter_name, where)
+    else:
+        load_adapter_state(model, peft_model_state_dict, adapter_name, where)
+    return _IncompatibleKeys([], [])

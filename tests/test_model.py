@@ -402,6 +402,38 @@ def test_peft_model_attributes_and_base_model_unload_like_peft():
     assert_rel(_logits(merged_ours, inputs), _logits(merged_theirs, inputs), 1e-5, "base_model.merge_and_unload")
 
 
+def test_state_dict_functions_and_task_type_like_peft():
+    """fastpeft.get_peft_model_state_dict / set_peft_model_state_dict / TaskType as peft's: same tensors under
+    the same names, and a state dict taken from peft loads into fastpeft with peft's outputs."""
+    ours, theirs, inputs, base = _pair("llama", task_type=fastpeft.TaskType.CAUSAL_LM, modules_to_save=["lm_head"])
+    assert ours.peft_config["default"].task_type == peft.TaskType.CAUSAL_LM == "CAUSAL_LM"
+    a, b = fastpeft.get_peft_model_state_dict(ours), peft.get_peft_model_state_dict(theirs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = fastpeft.get_peft_model(_fresh(base), fastpeft.LoraConfig.from_dict(ours.peft_config["default"].to_dict()))
+    result = fastpeft.set_peft_model_state_dict(other, b)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert_rel(_logits(other, inputs), _logits(theirs, inputs), 1e-5, "set_peft_model_state_dict")
+    with pytest.raises(ValueError, match="lacks"):
+        fastpeft.set_peft_model_state_dict(other, {k: v for k, v in b.items() if "q_proj" not in k})
+
+
+def test_state_dict_functions_for_ia3_like_peft():
+    torch.manual_seed(0)
+    base = _llama()
+    cfg = dict(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False)
+    ours = fastpeft.get_peft_model(base, fastpeft.IA3Config(**cfg))
+    theirs = peft.get_peft_model(_llama(), peft.IA3Config(**cfg))
+    theirs.load_state_dict(ours.state_dict(), strict=False)
+    a, b = fastpeft.get_peft_model_state_dict(ours), peft.get_peft_model_state_dict(theirs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.zero_()
+    fastpeft.set_peft_model_state_dict(ours, b)
+    assert all(torch.equal(v, fastpeft.get_peft_model_state_dict(ours)[k]) for k, v in b.items())
+
+
 def test_generate_passes_through():
     ours, theirs, inputs, _ = _pair("llama")
     ids = inputs["input_ids"][:1]
