@@ -547,3 +547,13 @@ def test_load_takes_the_checkpoint_double_quantization_for_later_merges(src_nest
     assert ("weight.nested_absmax" in dst.state_dict()) == src_nested
     qb, sb = bnb.functional.quantize_4bit(w_exact, blocksize=64, quant_type="nf4", compress_statistics=src_nested)
     assert torch.equal(_bnb_decoded(dst), bnb.functional.dequantize_4bit(qb, sb).float())
+
+
+def test_fp32_compute_dtype_with_half_input_warns_like_bitsandbytes():
+    """bitsandbytes warns when half inputs meet its float32 compute_dtype default (slow fp32 compute);
+    the fused 4-bit layer, which then computes in fp32 too, says so."""
+    layer = FastLoraLinear4bit.from_linear(torch.nn.Linear(64, 32), r=2)
+    layer.base_layer.compute_dtype = torch.float32
+    with pytest.warns(UserWarning, match="compute_dtype is float32"):
+        y = layer(torch.randn(3, 64, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16

@@ -194,7 +194,14 @@ class FastLoraLinear4bit(FastLoraLinear):
         dtype = getattr(self.base_layer, "compute_dtype", None)
         if dtype is None or not x.is_floating_point():
             return None
-        return autocast_dtype(x) or dtype
+        dtype = autocast_dtype(x) or dtype
+        if dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16) \
+                and not torch.compiler.is_compiling():
+            warnings.warn(f"input to a 4-bit LoRA layer is {x.dtype} but its compute_dtype is float32 (transformers' "
+                          "BitsAndBytesConfig default): the fused op runs in fp32, slower and with an fp32 copy of the"
+                          " input kept for backward; set bnb_4bit_compute_dtype (or quantize_model's compute_dtype) "
+                          f"to {x.dtype}", stacklevel=3)
+        return dtype
 
     def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """The 4-bit base plus adapter ``name`` in one fused op (``fastpeft.ops4bit.lora_linear_4bit``), on x
