@@ -33,6 +33,13 @@ def _kernels_from_source_tree() -> None:
 _kernels_from_source_tree()
 
 # The imports below come after the kernels are importable (E402 is ignored for this file).
+from .auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
 from .config import LoraConfig, TaskType
 from .convert import from_peft, to_peft
 from .layers import FastLoraLinear, FastLoraLinear4bit
@@ -58,6 +65,11 @@ from .save import get_peft_model_state_dict, set_peft_model_state_dict
 
 __version__ = "0.1.0"
 __all__ = [
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
     "FastLoraLinear",
     "FastLoraLinear4bit",
     "Linear4bit",

@@ -434,6 +434,24 @@ def test_state_dict_functions_for_ia3_like_peft():
     assert all(torch.equal(v, fastpeft.get_peft_model_state_dict(ours)[k]) for k, v in b.items())
 
 
+def test_auto_peft_model_loads_base_and_adapter_like_peft(tmp_path):
+    """AutoPeftModelForCausalLM.from_pretrained(adapter folder): the base named in adapter_config.json, then
+    the adapter; the same logits as the trained model and as peft's AutoPeftModelForCausalLM."""
+    ours, _, inputs, base = _pair("llama")
+    _fresh(base).save_pretrained(tmp_path / "base")
+    ours.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    ours.save_pretrained(tmp_path / "adapter")
+    loaded = fastpeft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    assert isinstance(loaded, fastpeft.PeftModel) and not loaded.training
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter"))
+    assert_rel(_logits(loaded, inputs), _logits(ours, inputs), 1e-5, "AutoPeftModelForCausalLM")
+    assert_rel(_logits(loaded, inputs), _logits(theirs, inputs), 1e-5, "vs peft's AutoPeftModelForCausalLM")
+    ours.peft_config["default"].base_model_name_or_path = None
+    ours.save_pretrained(tmp_path / "nameless")
+    with pytest.raises(ValueError, match="base_model_name_or_path"):
+        fastpeft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "nameless")
+
+
 def test_generate_passes_through():
     ours, theirs, inputs, _ = _pair("llama")
     ids = inputs["input_ids"][:1]
