@@ -62,6 +62,7 @@ from .quant import (
     quantize_nf4,
 )
 from .save import get_peft_model_state_dict, set_peft_model_state_dict
+from .status import get_layer_status, get_model_status
 
 __version__ = "0.1.0"
 __all__ = [
@@ -95,6 +96,8 @@ __all__ = [
     "from_peft",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "get_layer_status",
+    "get_model_status",
     "set_peft_model_state_dict",
     "TaskType",
     "lora_linear",

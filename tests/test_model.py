@@ -452,6 +452,24 @@ def test_auto_peft_model_loads_base_and_adapter_like_peft(tmp_path):
         fastpeft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "nameless")
 
 
+def test_model_and_layer_status_like_peft():
+    ours, theirs, _, _ = _pair("llama", modules_to_save=["lm_head"])
+    ours.add_adapter("other", fastpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    theirs.add_adapter("other", peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    for model in (ours, theirs):
+        model.merge_adapter()
+    a, b = fastpeft.get_model_status(ours), peft.get_model_status(theirs)
+    for field in ("base_model_type", "adapter_model_type", "trainable_params", "total_params", "num_adapter_layers",
+                  "enabled", "active_adapters", "merged_adapters", "requires_grad", "available_adapters", "devices"):
+        assert getattr(a, field) == getattr(b, field), field
+    assert a.peft_types == {"default": "LORA", "other": "LORA"}
+    la, lb = fastpeft.get_layer_status(ours), peft.get_layer_status(theirs)
+    assert [s.name for s in la] == [s.name for s in lb]
+    for x, y in zip(la, lb):
+        assert (x.enabled, x.active_adapters, x.merged_adapters, x.requires_grad, x.available_adapters) == \
+            (y.enabled, y.active_adapters, y.merged_adapters, y.requires_grad, y.available_adapters), x.name
+
+
 def test_generate_passes_through():
     ours, theirs, inputs, _ = _pair("llama")
     ids = inputs["input_ids"][:1]

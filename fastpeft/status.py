@@ -1,0 +1,141 @@
+"""``get_layer_status`` / ``get_model_status``: peft's overview of a model's adapters, for fastpeft models.
+
+The same dataclasses and fields as peft's (``TunerLayerStatus``, ``TunerModelStatus``), built from fastpeft's
+LoRA layers and modules_to_save wrappers: per layer whether adapters are enabled, which are active, merged,
+trainable (``"irregular"`` where a layer's parameters disagree), available, and on which devices; per
+model the same summed up (``"irregular"`` where layers disagree), with the parameter counts.
+
+Example::
+
+    from fastpeft import get_model_status
+    print(get_model_status(model))   # TunerModelStatus(base_model_type='LlamaForCausalLM', ...)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Union
+
+from torch import nn
+
+Irregular = Literal["irregular"]
+
+
+@dataclass
+class TunerLayerStatus:
+    """One adapter layer's state (peft's fields)."""
+
+    name: str
+    module_type: str
+    enabled: bool
+    active_adapters: list[str]
+    merged_adapters: list[str]
+    requires_grad: dict[str, Union[bool, Irregular]]
+    available_adapters: list[str]
+    devices: dict[str, list[str]]
+    quantization_backend: str | None = None
+
+
+@dataclass
+class TunerModelStatus:
+    """The whole model's adapter state (peft's fields)."""
+
+    base_model_type: str
+    adapter_model_type: str
+    peft_types: dict[str, str]
+    trainable_params: int
+    total_params: int
+    num_adapter_layers: int
+    enabled: Union[bool, Irregular]
+    active_adapters: Union[list[str], Irregular]
+    merged_adapters: Union[list[str], Irregular]
+    requires_grad: dict[str, Union[bool, Irregular]]
+    available_adapters: list[str]
+    devices: dict[str, list[str]]
+    quantization_backend: Union[str, None, Irregular] = None
+
+
+def _agree(values: list) -> Union[bool, Irregular]:
+    if all(v is True for v in values):
+        return True
+    if all(v is False for v in values):
+        return False
+    return "irregular"
+
+
+def _grads(per_adapter: dict[str, list]) -> dict[str, Union[bool, Irregular]]:
+    return {n: _agree([p.requires_grad for p in ps]) for n, ps in per_adapter.items()}
+
+
+def _layer_status(name: str, module: nn.Module) -> TunerLayerStatus | None:
+    from .layers.lora import FastLoraLinear
+    from .model import ModulesToSaveWrapper
+
+    if isinstance(module, FastLoraLinear):
+        per_adapter = {n: [*module.lora_A[n].parameters(), *module.lora_B[n].parameters()] for n in module.lora_A}
+        return TunerLayerStatus(name=name, module_type=f"fastpeft.{type(module).__name__}",
+                                enabled=not module.disable_adapters, active_adapters=list(module.active_adapters),
+                                merged_adapters=list(module.merged_adapters),
+                                requires_grad=_grads(per_adapter),
+                                available_adapters=sorted(module.lora_A),
+                                devices={n: sorted({p.device.type for p in ps}) for n, ps in per_adapter.items()})
+    if isinstance(module, ModulesToSaveWrapper):
+        per_adapter = {n: list(m.parameters()) for n, m in module.modules_to_save.items()}
+        active = module.active_adapter
+        return TunerLayerStatus(name=name, module_type="ModulesToSaveWrapper", enabled=not module._disable_adapters,
+                                active_adapters=[active] if active in module.modules_to_save else [],
+                                merged_adapters=[],
+                                requires_grad=_grads(per_adapter),
+                                available_adapters=sorted(module.modules_to_save),
+                                devices={n: sorted({p.device.type for p in ps}) for n, ps in per_adapter.items()})
+    return None
+
+
+def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
+    """The state of every LoRA layer and modules_to_save wrapper of ``model`` (a fastpeft ``PeftModel`` or a
+    module holding fastpeft layers), named as peft names them (relative to ``model.base_model``)."""
+    from .model import PeftModel
+
+    root = model.base_model if isinstance(model, PeftModel) else model
+    out = [s for name, module in root.named_modules() if (s := _layer_status(name, module)) is not None]
+    if not out:
+        raise ValueError("No adapter layers found in the model, please ensure that it's a PEFT model or that you "
+                         "have PEFT adapters injected in the model.")
+    return out
+
+
+def get_model_status(model: nn.Module) -> TunerModelStatus:
+    """``model``'s adapter state summed over its layers (see the module docstring)."""
+    from .model import PeftModel
+
+    layers = get_layer_status(model)
+    if isinstance(model, PeftModel):
+        base_type = type(model.get_base_model()).__name__
+        adapter_type = type(model.base_model).__name__
+        peft_types = {n: str(getattr(c, "peft_type", "LORA")) for n, c in model.peft_config.items()}
+        trainable, total = model.get_nb_trainable_parameters()
+    else:
+        base_type, adapter_type, peft_types = type(model).__name__, "None", {}
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+    enabled = {s.enabled for s in layers}
+    actives = {tuple(s.active_adapters) for s in layers}
+    merged_all = {n for s in layers for n in s.merged_adapters}
+    merged: Union[list[str], Irregular] = sorted(merged_all)
+    if any((set(s.available_adapters) - set(s.merged_adapters)) & merged_all for s in layers):
+        merged = "irregular"
+    grads: dict[str, list] = {}
+    devices: dict[str, set] = {}
+    for s in layers:
+        for n, v in s.requires_grad.items():
+            grads.setdefault(n, []).append(v)
+        for n, v in s.devices.items():
+            devices.setdefault(n, set()).update(v)
+    return TunerModelStatus(
+        base_model_type=base_type, adapter_model_type=adapter_type, peft_types=peft_types,
+        trainable_params=trainable, total_params=total, num_adapter_layers=len(layers),
+        enabled=enabled.pop() if len(enabled) == 1 else "irregular",
+        active_adapters=list(actives.pop()) if len(actives) == 1 else "irregular",
+        merged_adapters=merged, requires_grad={n: _agree(v) for n, v in grads.items()},
+        available_adapters=sorted({n for s in layers for n in s.available_adapters}),
+        devices={n: sorted(v) for n, v in devices.items()}, quantization_backend=None)
