@@ -923,6 +923,13 @@ class PeftModel(nn.Module):
             self.eval()
         return _IncompatibleKeys([], [])
 
+    def _load_adapter_state(self, saved: dict[str, torch.Tensor], adapter_name: str, where: str) -> None:
+        """Copy tensors under peft's saved names into adapter ``adapter_name``, strictly (errors name ``where``;
+        each method's model has its own: ``fastpeft.set_peft_model_state_dict`` calls it)."""
+        from .save import load_adapter_state
+
+        load_adapter_state(self, saved, adapter_name, where)
+
 
 _TRAINER_MODULES = ("transformers.trainer", "transformers.trainer_utils")
 

@@ -201,13 +201,5 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     Returns the load result (empty missing / unexpected keys)."""
     from torch.nn.modules.module import _IncompatibleKeys
 
-    where = "the given adapter state dict"
-    if hasattr(model, "_load_saved"):  # prompt learning
-        model._load_saved(peft_model_state_dict, adapter_name, where)
-    elif hasattr(model, "adapter_state_dict"):
-        from .methods.base import load_tuner_state
-
-        load_tuner_state(model, peft_model_state_dict, adapter_name, where)
-    else:
-        load_adapter_state(model, peft_model_state_dict, adapter_name, where)
+    model._load_adapter_state(peft_model_state_dict, adapter_name, "the given adapter state dict")
     return _IncompatibleKeys([], [])

@@ -439,11 +439,15 @@ class MethodPeftModel(_LoraPeftModel):
         if adapter_name != self.base_model.active_adapter:
             raise NotImplementedError(f"{type(self).__name__} holds one adapter ({self.base_model.active_adapter!r});"
                                       " load another one with from_pretrained on a fresh model")
-        saved = read_adapter_file(model_id, allow_pickle=allow_pickle)
-        load_tuner_state(self, saved, adapter_name, os.fspath(model_id))
+        self._load_adapter_state(read_adapter_file(model_id, allow_pickle=allow_pickle), adapter_name,
+                                 f"adapter file in {os.fspath(model_id)!r}")
         if not is_trainable:
             self.eval()
         return _IncompatibleKeys([], [])
+
+    def _load_adapter_state(self, saved: dict[str, torch.Tensor], adapter_name: str, where: str) -> None:
+        """Copy saved tensors into the method's weights, strictly (see :func:`load_tuner_state`)."""
+        load_tuner_state(self, saved, adapter_name, where)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Only the model's own adapter name is accepted."""
@@ -494,7 +498,7 @@ class MethodPeftModel(_LoraPeftModel):
         config.inference_mode = not is_trainable
         peft_model = cls._for_loading(model, config, adapter_name)
         saved = read_adapter_file(model_id, allow_pickle=allow_pickle)
-        load_tuner_state(peft_model, saved, adapter_name, os.fspath(model_id))
+        peft_model._load_adapter_state(saved, adapter_name, f"adapter file in {os.fspath(model_id)!r}")
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -565,15 +569,16 @@ def write_adapter(save_directory: str | os.PathLike, tensors: dict[str, torch.Te
 
 def load_tuner_state(peft_model: MethodPeftModel, saved: dict[str, torch.Tensor], adapter_name: str,
                      where: str) -> None:
-    """Copy saved tensors into the model, strictly: missing, unexpected or mis-shaped keys raise ``ValueError``."""
+    """Copy saved tensors into the model, strictly: missing, unexpected or mis-shaped keys raise ``ValueError``
+    (its message names ``where``, e.g. "adapter file in '…'")."""
     expected = tuner_state_dict(peft_model, adapter_name, for_saving=False)
     missing = [k for k in expected if k not in saved]
     unexpected = [k for k in saved if k not in expected]
     if missing:
-        raise ValueError(f"adapter file in {where!r} lacks {len(missing)} tensor(s) the model expects, "
+        raise ValueError(f"{where} lacks {len(missing)} tensor(s) the model expects, "
                          f"e.g. {missing[:3]}")
     if unexpected:
-        raise ValueError(f"adapter file in {where!r} has {len(unexpected)} key(s) this model does not have, e.g. "
+        raise ValueError(f"{where} has {len(unexpected)} key(s) this model does not have, e.g. "
                          f"{unexpected[:3]} (was it saved for another model or config?)")
     for key, value in saved.items():
         if expected[key].shape != value.shape:

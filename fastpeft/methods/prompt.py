@@ -269,7 +269,8 @@ class PromptLearningPeftModel(_LoraPeftModel):
             raise RuntimeError("the saved adapter holds the computed prompt table, not this model's prompt encoder "
                                "(P-tuning MLP/LSTM or prefix projection): it cannot be loaded back for training; "
                                "use from_pretrained on a fresh model for inference")
-        self._load_saved(read_adapter_file(model_id, allow_pickle=allow_pickle), adapter_name, os.fspath(model_id))
+        self._load_adapter_state(read_adapter_file(model_id, allow_pickle=allow_pickle), adapter_name,
+                                 f"adapter file in {os.fspath(model_id)!r}")
         if not is_trainable:
             self.eval()
         return _IncompatibleKeys([], [])
@@ -577,25 +578,25 @@ class PromptLearningPeftModel(_LoraPeftModel):
         config.inference_mode = not is_trainable
         saved = read_adapter_file(model_id, allow_pickle=allow_pickle)
         peft_model = cls(model, config, adapter_name, _direct=True)
-        peft_model._load_saved(saved, adapter_name, os.fspath(model_id))
+        peft_model._load_adapter_state(saved, adapter_name, f"adapter file in {os.fspath(model_id)!r}")
         if is_trainable:
             peft_model.prompt_encoder[adapter_name].embedding.weight.requires_grad_(True)
         else:
             peft_model.eval()
         return peft_model
 
-    def _load_saved(self, saved: dict[str, torch.Tensor], adapter_name: str, where: str) -> None:
+    def _load_adapter_state(self, saved: dict[str, torch.Tensor], adapter_name: str, where: str) -> None:
         """Copy a saved adapter (``prompt_embeddings`` + modules_to_save copies) into the encoder's table,
-        strictly: missing, unexpected or mis-shaped tensors raise ``ValueError`` naming them."""
+        strictly: missing, unexpected or mis-shaped tensors raise ``ValueError`` naming them and ``where``."""
         state = self.adapter_state_dict(adapter_name)
         missing = [k for k in state if k not in saved]
         unexpected = [k for k in saved if k not in state]
         if missing or unexpected:
-            raise ValueError(f"adapter file in {where!r} does not fit this model: missing {missing[:3]}, "
+            raise ValueError(f"{where} does not fit this model: missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}")
         table = self.prompt_encoder[adapter_name].embedding.weight
         if saved["prompt_embeddings"].shape != table.shape:
-            raise ValueError(f"prompt_embeddings in {where!r} has shape {tuple(saved['prompt_embeddings'].shape)}, "
+            raise ValueError(f"{where}: prompt_embeddings has shape {tuple(saved['prompt_embeddings'].shape)}, "
                              f"this model/config expects {tuple(table.shape)}")
         with torch.no_grad():
             table.copy_(saved["prompt_embeddings"].to(table.dtype))
