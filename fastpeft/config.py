@@ -18,9 +18,6 @@ from typing import Any
 
 CONFIG_NAME = "adapter_config.json"
 
-TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
-
-
 class TaskType(str, enum.Enum):
     """peft's ``TaskType`` (``LoraConfig(task_type=TaskType.CAUSAL_LM)``); equal to its string value."""
 
@@ -30,6 +27,9 @@ class TaskType(str, enum.Enum):
     TOKEN_CLS = "TOKEN_CLS"
     QUESTION_ANS = "QUESTION_ANS"
     FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+TASK_TYPES = tuple(t.value for t in TaskType)
 
 INIT_CHOICES = (True, False, "gaussian", "pissa")
 BIAS_CHOICES = ("none", "all", "lora_only")

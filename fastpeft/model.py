@@ -347,6 +347,8 @@ class LoraModel(nn.Module):
         config = copy.deepcopy(config)
         model = self.model
         previous_active = [a for a in self.active_adapters if a in self.peft_config]
+        # Adding an adapter keeps the other adapters' trainability as it was (peft's add_adapter); the new one
+        # trains only if it becomes the active adapter and its config is not in inference mode.
         before = {id(p): p.requires_grad for n, p in model.named_parameters()
                   if self.prefix in n or ".modules_to_save." in n}  # the other adapters' own weights
         targets = _resolve_targets(model, config)
@@ -404,12 +406,10 @@ class LoraModel(nn.Module):
         elif isinstance(config.target_modules, str) \
                 and config.target_modules.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND:
             config.target_modules = sorted(matched)
-        if not config.fan_in_fan_out and any(_is_conv1d(model.get_submodule(k).base_layer) for k in matched
-                                             if isinstance(model.get_submodule(k), FastLoraLinear)):
+        adapted = [model.get_submodule(k) for k in matched]
+        if any(isinstance(m, FastLoraLinear) and _is_conv1d(m.base_layer) for m in adapted):
             config.fan_in_fan_out = True
         self.peft_config[adapter_name] = config
-        # Adding an adapter keeps the other adapters' trainability as it was (peft's add_adapter); the new one
-        # trains only if it becomes the active adapter and its config is not in inference mode.
         wrap_matching_modules(model, modules_to_save, adapter_name, _LORA_INTERNALS)
         self._mark_only_adapters_as_trainable()
         if activate and not previous_active:
@@ -757,12 +757,6 @@ class PeftModel(nn.Module):
         """The wrapped transformers model (fastpeft layers inside)."""
         return self.base_model.model
 
-    def train(self, mode: bool = True):
-        """``nn.Module.train`` (transformers' Trainer calls it as training starts: see
-        ``_let_transformers_trainer_see_fastpeft``)."""
-        _let_transformers_trainer_see_fastpeft()
-        return super().train(mode)
-
     @property
     def peft_config(self) -> dict[str, LoraConfig]:
         return self.base_model.peft_config
@@ -841,11 +835,11 @@ class PeftModel(nn.Module):
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: list[str] | None = None) -> nn.Module:
         """Merge the active adapters into the base weights and return the plain transformers model."""
-        return self.base_model._unload(True, safe_merge, adapter_names, progressbar)
+        return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names)
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the plain transformers model."""
-        return self.base_model._unload(False)
+        return self.base_model.unload()
 
     # ----------------------------------------------------------------- save / load
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
@@ -943,9 +937,9 @@ def _let_transformers_trainer_see_fastpeft() -> None:
     ``transformers.trainer_utils``. Anything else gets the whole state dict written as ``model.safetensors``
     (which fails outright for models with tied embeddings). With peft installed, the name is widened to
     the tuple (peft's class, fastpeft's ``PeftModel``), which ``isinstance`` accepts; peft's own models are
-    recognized as before. Called whenever a fastpeft model is created or switched to training: modules
-    already imported are widened at once, and an import hook widens them when they are imported later
-    (transformers imports them lazily, e.g. at the first ``transformers.Trainer``).
+    recognized as before. Called whenever a fastpeft model is created: modules already imported are
+    widened at once, and an import hook widens them when they are imported later (transformers imports
+    them lazily, e.g. at the first ``transformers.Trainer``).
     Without peft installed the Trainer recognizes neither (it keeps its state-dict fallback).
     """
     import sys

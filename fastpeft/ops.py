@@ -218,6 +218,12 @@ def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(x.device.type)
 
 
+def to_autocast_dtype(x: Tensor) -> Tensor:
+    """``x`` cast to autocast's dtype when autocast is on (what ``nn.Linear`` computes in), else ``x``."""
+    cast = autocast_dtype(x)
+    return x if cast is None else x.to(cast)
+
+
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, *,
                 scale: float, dropout_p: float = 0.0, training: bool = True, fan_in_fan_out: bool = False,
                 seed: Optional[Tensor] = None) -> Tensor:
@@ -235,9 +241,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     """
     in_features = weight.shape[0] if fan_in_fan_out else weight.shape[1]
     check_lora_inputs(x, in_features, _out_features(weight, fan_in_fan_out), lora_A, lora_B, dropout_p)
-    cast = autocast_dtype(x)
-    if cast is not None:
-        x = x.to(cast)
+    x = to_autocast_dtype(x)
     p = float(dropout_p) if training else 0.0
     if p == 0.0:
         seed = None

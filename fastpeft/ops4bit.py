@@ -31,7 +31,16 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .ops import _flat, autocast_dtype, backend_for, check_lora_inputs, draw_seed, fake_backward, fake_forward, op_grads
+from .ops import (
+    _flat,
+    backend_for,
+    check_lora_inputs,
+    draw_seed,
+    fake_backward,
+    fake_forward,
+    op_grads,
+    to_autocast_dtype,
+)
 from .quant import Weight4bit, dequantize_kernel
 
 try:
@@ -215,9 +224,7 @@ def lora_linear_4bit(x: Tensor, weight: Weight4bit, bias: Optional[Tensor], lora
     """
     in_f, out_f = weight.in_features, weight.out_features
     check_lora_inputs(x, in_f, out_f, lora_A, lora_B, dropout_p)
-    cast = autocast_dtype(x)
-    if cast is not None:
-        x = x.to(cast)
+    x = to_autocast_dtype(x)
     p = float(dropout_p) if training else 0.0
     fmt = FMT_INT4 if weight.quant_type == "int4" else FMT_BNB
     args = (weight.packed, weight.absmax, weight.code, weight.nested_code, weight.nested_absmax, weight.offset,

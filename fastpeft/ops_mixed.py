@@ -28,7 +28,16 @@ from torch import Tensor
 
 from . import ops4bit as _ops4bit
 from . import reference
-from .ops import _flat, _out_features, autocast_dtype, backend_for, draw_seed, fake_backward, fake_forward, op_grads
+from .ops import (
+    _flat,
+    _out_features,
+    backend_for,
+    draw_seed,
+    fake_backward,
+    fake_forward,
+    op_grads,
+    to_autocast_dtype,
+)
 from .quant import Weight4bit
 
 try:
@@ -373,9 +382,7 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_As
     elif rows[0].numel() != x.numel() // max(1, x.shape[-1]) or rows[2].numel() != n + 1:
         raise ValueError(f"rows were sorted for {rows[0].numel()} rows and {rows[2].numel() - 1} adapters; "
                          f"this call has {x.numel() // max(1, x.shape[-1])} rows and {n} adapters")
-    cast = autocast_dtype(x)
-    if cast is not None:
-        x = x.to(cast)
+    x = to_autocast_dtype(x)
     ps = ps if training else [0.0] * n
     if not any(p > 0.0 for p in ps):
         seed = None

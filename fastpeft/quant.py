@@ -39,6 +39,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .ops import autocast_dtype
+
 QUANT_TYPES = ("nf4", "fp4", "int4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 INT4_GROUP_SIZES = (32, 64, 128)
@@ -696,8 +698,6 @@ class Linear4bit(nn.Module):
         return dequantize_weight(self.weight4bit(), dtype or self.quant_state.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        from .ops import autocast_dtype
-
         dtype = autocast_dtype(x) or self.compute_dtype or x.dtype
         w = self.dequantize(dtype)
         b = None if self.bias is None else self.bias.to(dtype)
