@@ -428,51 +428,6 @@ def test_trainer_trains_a_fastpeft_model_unchanged(tmp_path):
     assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
 
 
-def test_trainer_checkpoints_are_adapters_and_resume(tmp_path):
-    """transformers' Trainer saves a fastpeft model's checkpoints as peft's adapter files (not the whole
-    state dict, which fails for tied embeddings), and resume_from_checkpoint continues exactly."""
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
-    import fastpeft
-
-    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32)  # tied head
-
-    def make():
-        torch.manual_seed(0)
-        return fastpeft.get_peft_model(transformers.GPT2LMHeadModel(cfg),
-                                       fastpeft.LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
-
-    class DS(torch.utils.data.Dataset):
-        def __len__(self):
-            return 16
-
-        def __getitem__(self, i):
-            x = torch.randint(0, 64, (12,), generator=torch.Generator().manual_seed(i))
-            return {"input_ids": x, "labels": x}
-
-    def trainer(model, out):
-        args = transformers.TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_steps=4,
-                                              save_steps=2, learning_rate=1e-2, report_to=[], use_cpu=True,
-                                              disable_tqdm=True, seed=3)
-        return transformers.Trainer(model=model, args=args, train_dataset=DS())
-
-    full = make()
-    trainer(full, tmp_path / "a").train()
-    ckpt = tmp_path / "a" / "checkpoint-2"
-    assert (ckpt / "adapter_config.json").is_file() and (ckpt / "adapter_model.safetensors").is_file()
-    assert not (ckpt / "model.safetensors").exists()
-    # peft reads the checkpoint as an adapter
-    torch.manual_seed(0)
-    peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel(cfg), str(ckpt))
-    resumed = make()
-    trainer(resumed, tmp_path / "b").train(resume_from_checkpoint=str(ckpt))
-    final = dict(full.named_parameters())
-    trained = [n for n, p in resumed.named_parameters() if p.requires_grad]
-    assert trained and all("lora_" in n for n in trained)
-    for n in trained:
-        assert torch.allclose(dict(resumed.named_parameters())[n], final[n], atol=1e-6), n
-
-
 @pytest.fixture(scope="module")
 def saved_adapter(tmp_path_factory):
     """An untrained LoRA adapter on the embedded default, laid out as `fastpeft train` writes it."""

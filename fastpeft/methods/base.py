@@ -434,16 +434,10 @@ class MethodPeftModel(_LoraPeftModel):
         """Load saved weights into the model's own adapter (how transformers' Trainer resumes from a
         checkpoint); without ``is_trainable`` the model is put in eval mode. fastpeft's non-LoRA methods
         hold one adapter per model: another name is refused."""
-        from torch.nn.modules.module import _IncompatibleKeys
-
         if adapter_name != self.base_model.active_adapter:
             raise NotImplementedError(f"{type(self).__name__} holds one adapter ({self.base_model.active_adapter!r});"
                                       " load another one with from_pretrained on a fresh model")
-        self._load_adapter_state(read_adapter_file(model_id, allow_pickle=allow_pickle), adapter_name,
-                                 f"adapter file in {os.fspath(model_id)!r}")
-        if not is_trainable:
-            self.eval()
-        return _IncompatibleKeys([], [])
+        return load_into_own_adapter(self, model_id, adapter_name, is_trainable, allow_pickle)
 
     def _load_adapter_state(self, saved: dict[str, torch.Tensor], adapter_name: str, where: str) -> None:
         """Copy saved tensors into the method's weights, strictly (see :func:`load_tuner_state`)."""
@@ -565,6 +559,19 @@ def write_adapter(save_directory: str | os.PathLike, tensors: dict[str, torch.Te
     if not tensors:
         raise ValueError("nothing to save: the adapter has no tensors")
     write_adapter_files(save_directory, tensors, config, safe_serialization)
+
+
+def load_into_own_adapter(peft_model: nn.Module, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool,
+                          allow_pickle: bool):
+    """``load_adapter`` onto a one-adapter model's own adapter: the file's tensors through the model's
+    ``_load_adapter_state``, eval mode unless ``is_trainable``; returns the (strict, hence empty) load result."""
+    from torch.nn.modules.module import _IncompatibleKeys
+
+    peft_model._load_adapter_state(read_adapter_file(model_id, allow_pickle=allow_pickle), adapter_name,
+                                   f"adapter file in {os.fspath(model_id)!r}")
+    if not is_trainable:
+        peft_model.eval()
+    return _IncompatibleKeys([], [])
 
 
 def load_tuner_state(peft_model: MethodPeftModel, saved: dict[str, torch.Tensor], adapter_name: str,

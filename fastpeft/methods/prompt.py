@@ -34,6 +34,7 @@ from ..model import PeftModel as _LoraPeftModel
 from .base import (
     SignedForward,
     check_task_fit,
+    load_into_own_adapter,
     modules_to_save_for,
     read_adapter_file,
     save_one_adapter,
@@ -260,8 +261,6 @@ class PromptLearningPeftModel(_LoraPeftModel):
         checkpoint); without ``is_trainable`` the model is put in eval mode. peft's format keeps the computed
         prompt table only, so a model training a P-tuning MLP/LSTM or a prefix projection cannot take it
         back (RuntimeError: load it with ``from_pretrained`` for inference instead)."""
-        from torch.nn.modules.module import _IncompatibleKeys
-
         if adapter_name != self._adapter:
             raise NotImplementedError(f"fastpeft's prompt-learning models hold one adapter ({self._adapter!r})")
         encoder = self.prompt_encoder[adapter_name]
@@ -269,11 +268,7 @@ class PromptLearningPeftModel(_LoraPeftModel):
             raise RuntimeError("the saved adapter holds the computed prompt table, not this model's prompt encoder "
                                "(P-tuning MLP/LSTM or prefix projection): it cannot be loaded back for training; "
                                "use from_pretrained on a fresh model for inference")
-        self._load_adapter_state(read_adapter_file(model_id, allow_pickle=allow_pickle), adapter_name,
-                                 f"adapter file in {os.fspath(model_id)!r}")
-        if not is_trainable:
-            self.eval()
-        return _IncompatibleKeys([], [])
+        return load_into_own_adapter(self, model_id, adapter_name, is_trainable, allow_pickle)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Only the model's own adapter name is accepted."""
