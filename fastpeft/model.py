@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import math
 import os
 import re
 import warnings
@@ -21,6 +23,7 @@ from torch import nn
 
 from .config import DEFAULT_TARGET_MODULES, LoraConfig
 from .layers.lora import FastLoraLinear, _is_conv1d
+from .merging import combine, warn_no_pruning
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
@@ -507,6 +510,213 @@ class LoraModel(nn.Module):
         remaining = [a for a in self.active_adapters if a != adapter_name] or list(self.peft_config)[:1]
         if remaining:
             self.set_adapter(remaining)
+
+    # ----------------------------------------------------------------- weighted adapters
+    # combination_type -> (how the factors are built, the merge rule of fastpeft.merging)
+    _COMBINATIONS = {
+        "svd": ("svd", "linear"), "ties_svd": ("svd", "ties"), "dare_linear_svd": ("svd", "dare_linear"),
+        "dare_ties_svd": ("svd", "dare_ties"), "magnitude_prune_svd": ("svd", "magnitude_prune"),
+        "linear": ("factors", "linear"), "ties": ("factors", "ties"), "dare_linear": ("factors", "dare_linear"),
+        "dare_ties": ("factors", "dare_ties"), "magnitude_prune": ("factors", "magnitude_prune"),
+        "cat": ("cat", None),
+    }
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
+                             svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total") -> None:
+        """Add adapter ``adapter_name`` combining the existing ``adapters`` with ``weights`` (peft's method,
+        same arguments and results). The new adapter is not activated: ``set_adapter(adapter_name)`` uses it.
+
+        ``combination_type`` (each adapter ``i`` has factors ``A_i``, ``B_i``, scale ``s_i``, weight ``w_i``):
+
+        - ``"cat"``: exact, ``Σ w_i s_i B_i A_i``; rank = the sum of the ranks (the A's scaled and stacked).
+        - ``"svd"``: exact up to the truncation: the best rank-``svd_rank`` factorization (SVD) of
+          ``Σ w_i s_i B_i A_i``; rank ``svd_rank``, by default the largest rank of ``adapters``.
+        - ``"linear"``: a rough approximation, ``A = Σ ±√|w_i s_i| A_i``, ``B = Σ √|w_i s_i| B_i`` (the sign
+          of ``w_i s_i`` on A); all adapters must have the same rank, which the new one gets.
+        - ``"ties"``, ``"dare_linear"``, ``"dare_ties"``, ``"magnitude_prune"``: as ``"linear"``, with the A's
+          and the B's each merged by TIES (magnitude pruning to ``density``, sign election by
+          ``majority_sign_method`` "total" or "frequency", mean of the agreeing entries), DARE (random
+          pruning to ``density`` with rescaling, then a weighted sum or TIES), or magnitude pruning then a
+          weighted sum; see ``fastpeft.merging``. The DARE variants draw their masks from torch's global
+          generator: after the same ``torch.manual_seed`` they are peft's.
+        - ``"ties_svd"``, ``"dare_linear_svd"``, ``"dare_ties_svd"``, ``"magnitude_prune_svd"``: the same rules
+          applied to the full updates ``s_i B_i A_i``, then factorized as ``"svd"``.
+
+        With a single adapter the combination is always ``"linear"`` (as in peft). ``svd_clamp``: clamp the
+        SVD factors to the ``svd_clamp`` quantile of their entries' values; ``svd_full_matrices`` and
+        ``svd_driver`` are passed to ``torch.linalg.svd``. ``density`` (in [0, 1], required by the pruning
+        types; ≥ 1 prunes nothing) is the fraction of entries kept.
+
+        The new config is adapter ``adapters[0]``'s with ``r = lora_alpha =`` the new rank (scale 1),
+        ``target_modules`` the union of the adapters' (regexes joined by ``|``), no ``rank_pattern`` /
+        ``alpha_pattern``; its ``modules_to_save`` are fresh copies of the original modules, as in peft.
+        An ``adapter_name`` that exists already leaves everything as it is (peft's behaviour; a warning says
+        so). Adapters with different ``target_modules`` combine where they exist; ``modules_to_save`` of
+        more than one of ``adapters`` on the same module is refused.
+
+        Example::
+
+            model.add_weighted_adapter(["math", "code"], [0.7, 0.3], "both", combination_type="cat")
+            model.set_adapter("both")
+        """
+        if adapter_name in self.peft_config:
+            warnings.warn(f"adapter {adapter_name!r} exists already; add_weighted_adapter leaves it as it is "
+                          "(as peft does)", stacklevel=2)
+            return
+        combination_type, new_rank, target_modules = self._check_weighted_adapter(
+            adapters, weights, combination_type, svd_rank, density, majority_sign_method)
+        build, rule = self._COMBINATIONS[combination_type]
+        if rule is not None:
+            warn_no_pruning(density, rule)
+        first = self.peft_config[adapters[0]]
+        config = dataclasses.replace(first, r=new_rank, lora_alpha=new_rank, target_modules=target_modules,
+                                     rank_pattern={}, alpha_pattern={}, extra=copy.deepcopy(first.extra))
+        # The new weights are initialized as peft does (then overwritten), so torch's global generator is at
+        # the same point as in peft when the DARE masks are drawn: one seed, peft's result. Not "pissa",
+        # which would rewrite the base weights under the other adapters (its SVD draws nothing either).
+        init = False if config.init_lora_weights == "pissa" else config.init_lora_weights
+        self.inject_adapter(dataclasses.replace(config, init_lora_weights=init), adapter_name, activate=False)
+        self.peft_config[adapter_name].init_lora_weights = config.init_lora_weights
+        self._freeze_adapter(adapter_name)
+        try:
+            with torch.no_grad():
+                for key, layer in self.lora_layers():
+                    if adapter_name not in layer.lora_A:
+                        continue
+                    present = [(a, w) for a, w in zip(adapters, weights) if a in layer.lora_A]
+                    if not present:  # e.g. a union of target_modules under adapters[0]'s layers_to_transform
+                        raise ValueError(f"the new adapter's config (adapter {adapters[0]!r}'s with target_modules "
+                                         f"{target_modules!r}) adapts {key!r}, but none of {list(adapters)} does")
+                    if build == "cat":
+                        A, B = self._cat_factors(layer, present)
+                    elif build == "svd":
+                        A, B = self._svd_factors(key, layer, present, rule, new_rank, density,
+                                                 majority_sign_method, svd_clamp, svd_full_matrices, svd_driver)
+                    else:
+                        A, B = self._merged_factors(key, layer, present, rule, density, majority_sign_method)
+                    new_A, new_B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+                    new_A.zero_()
+                    new_B.zero_()
+                    new_A[: A.shape[0]].copy_(A)  # a smaller rank than new_rank is padded with zeros
+                    new_B[:, : B.shape[1]].copy_(B)
+        except BaseException:
+            self._discard_adapter(adapter_name)
+            raise
+
+    def _check_weighted_adapter(self, adapters, weights, combination_type, svd_rank, density,
+                                majority_sign_method) -> tuple[str, int, list[str] | str]:
+        """Validate ``add_weighted_adapter``'s arguments (before anything changes): the combination type
+        actually used, the new rank and the new target_modules."""
+        if isinstance(adapters, str) or not list(adapters):
+            raise ValueError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
+        adapters = list(adapters)
+        for adapter in adapters:
+            if adapter not in self.peft_config:
+                raise ValueError(f"Adapter {adapter} does not exist; this model has {list(self.peft_config)}")
+        if len(list(weights)) != len(adapters):
+            raise ValueError(f"weights must have one value per adapter: {len(adapters)} adapters, "
+                             f"{len(list(weights))} weights")
+        if combination_type not in self._COMBINATIONS:
+            raise ValueError(f"Invalid combination_type: {combination_type!r}; expected one of "
+                             f"{list(self._COMBINATIONS)}")
+        for key, wrapper in self.modules_to_save_wrappers():
+            held = [a for a in adapters if a in wrapper.modules_to_save]
+            if len(held) > 1:
+                raise ValueError("Cannot add weighted adapters if they target the same module with modules_to_save: "
+                                 f"adapters {held} each have a copy of {key!r}")
+        if len(adapters) == 1:
+            combination_type = "linear"
+        configs = [self.peft_config[a] for a in adapters]
+        # the largest rank an adapter has anywhere (rank_pattern included)
+        ranks = [max(c.r, *c.rank_pattern.values()) if c.rank_pattern else c.r for c in configs]
+        build, rule = self._COMBINATIONS[combination_type]
+        if build == "factors":
+            if len(set(ranks)) != 1:
+                raise ValueError("All adapters must have the same r value when using combination_type linear, ties, "
+                                 f"dare_ties, dare_linear or magnitude_prune; got ranks {dict(zip(adapters, ranks))}")
+            new_rank = ranks[0]
+        elif build == "cat":
+            new_rank = sum(ranks)
+        else:
+            new_rank = svd_rank or max(ranks)
+        if rule not in (None, "linear"):
+            if density is None:
+                raise ValueError(f"combination_type {combination_type!r} needs density (the fraction of entries "
+                                 "kept, in [0, 1])")
+            if density < 0:
+                raise ValueError(f"Density should be >= 0, got {density}")
+        if rule in ("ties", "dare_ties") and majority_sign_method not in ("total", "frequency"):
+            raise ValueError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}")
+        targets = [c.target_modules for c in configs]
+        if len({isinstance(t, str) for t in targets}) > 1:
+            raise ValueError("all adapter configs should follow the same target modules type. Combining adapters "
+                             "with `target_modules` type being a mix of list/set and string is not supported.")
+        if isinstance(targets[0], str):
+            new_targets: list[str] | str = "|".join(f"({t})" for t in targets)
+        else:
+            new_targets = sorted(set().union(*targets))
+        return combination_type, new_rank, new_targets
+
+    @staticmethod
+    def _cat_factors(layer: FastLoraLinear, present: list[tuple[str, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapters side by side: A's stacked (each times its weight and scale), B's concatenated."""
+        A = torch.cat([layer.lora_A[a].weight.float() * (w * layer.scaling[a]) for a, w in present], dim=0)
+        B = torch.cat([layer.lora_B[a].weight.float() for a, _ in present], dim=1)
+        return A, B
+
+    @staticmethod
+    def _svd_factors(key, layer, present, rule, new_rank, density, majority_sign_method, clamp, full_matrices,
+                     driver) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank-``new_rank`` factors of the adapters' updates merged by ``rule``."""
+        # get_delta_weight: scale·B·A in the base weight's layout (the layout the pruning masks are drawn in)
+        delta = combine([layer.get_delta_weight(a) for a, _ in present], [w for _, w in present], rule,
+                        density, majority_sign_method)
+        if layer.fan_in_fan_out:
+            delta = delta.t()
+        if new_rank > min(delta.shape):
+            raise ValueError(f"svd rank {new_rank} is larger than the {tuple(delta.shape)} update of {key!r} "
+                             "allows; pass a smaller svd_rank")
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
+        B = U[:, :new_rank] * S[:new_rank]
+        A = Vh[:new_rank]
+        if clamp is not None:
+            hi = torch.quantile(torch.cat([B.flatten(), A.flatten()]), clamp)
+            B, A = B.clamp(-hi, hi), A.clamp(-hi, hi)
+        return A, B
+
+    @staticmethod
+    def _merged_factors(key, layer, present, rule, density, majority_sign_method) -> tuple[torch.Tensor, torch.Tensor]:
+        """The A's and the B's each merged by ``rule``, the weight times scale split as a square root over
+        the two (its sign on A)."""
+        shapes = {a: tuple(layer.lora_A[a].weight.shape) for a, _ in present}
+        if len(set(shapes.values())) > 1:
+            raise ValueError(f"combination rule {rule!r} needs the same rank in every adapter, but {key!r} has "
+                             f"ranks {({a: s[0] for a, s in shapes.items()})}")
+        scaled = [w * layer.scaling[a] for a, w in present]
+        root = [math.sqrt(abs(x)) for x in scaled]
+        A = combine([layer.lora_A[a].weight for a, _ in present], [r if x >= 0 else -r for r, x in zip(root, scaled)],
+                    rule, density, majority_sign_method)
+        B = combine([layer.lora_B[a].weight for a, _ in present], root, rule, density, majority_sign_method)
+        return A, B
+
+    def _discard_adapter(self, adapter_name: str) -> None:
+        """Remove an inactive adapter without touching the others' state (undoes a failed add); a layer it
+        alone adapted gives its base layer back."""
+        self.peft_config.pop(adapter_name, None)
+        for key, layer in list(self.lora_layers()):
+            if adapter_name not in layer.lora_A:
+                continue
+            layer.delete_adapter(adapter_name)
+            if not len(layer.lora_A):
+                unload_base = getattr(layer, "unload_base", None)
+                parent, child = parent_of(self.model, key)
+                setattr(parent, child, unload_base() if callable(unload_base) else layer.base_layer)
+        for _, wrapper in self.modules_to_save_wrappers():
+            if adapter_name in wrapper.modules_to_save:
+                del wrapper.modules_to_save[adapter_name]
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         with _requantization_summary():
