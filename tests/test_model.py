@@ -133,9 +133,10 @@ def test_save_load_round_trips_with_peft(name, tmp_path):
     ours, theirs, inputs, base = _pair(name)
     ref = _logits(ours, inputs).detach()
     ours.save_pretrained(tmp_path / "fp")
-    files = sorted(os.listdir(tmp_path / "fp"))
-    assert files == ["adapter_config.json", "adapter_model.safetensors"]
     theirs.save_pretrained(tmp_path / "pf")
+    files = sorted(os.listdir(tmp_path / "fp"))
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert files == sorted(os.listdir(tmp_path / "pf"))  # peft's files, model card included
     from safetensors.torch import load_file
 
     ka = load_file(tmp_path / "fp" / "adapter_model.safetensors")
