@@ -334,7 +334,13 @@ class LoraModel(nn.Module):
         return named_modules_of(self.model, FastLoraLinear)
 
     def modules_to_save_wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+        """(name, wrapper) for every ``modules_to_save`` wrapper in the model."""
         return named_modules_of(self.model, ModulesToSaveWrapper)
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Names of the modules that carry LoRA adapters (peft's attribute), in module order."""
+        return [name for name, _ in self.lora_layers()]
 
     def inject_adapter(self, config: LoraConfig, adapter_name: str, activate: bool = True) -> None:
         """Wrap every module ``config`` targets with adapter ``adapter_name`` (frozen base, peft's init)."""

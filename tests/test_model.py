@@ -229,6 +229,14 @@ def test_print_trainable_parameters_matches_peft():
         assert a.getvalue().startswith("trainable params: ")
 
 
+def test_targeted_module_names_as_peft():
+    config = dict(r=4, target_modules=["q_proj", "down_proj"])
+    ours = fastpeft.get_peft_model(_llama(), fastpeft.LoraConfig(**config))
+    ref = peft.get_peft_model(_llama(), peft.LoraConfig(**config))
+    assert ours.targeted_module_names == ref.targeted_module_names
+    assert len(ours.targeted_module_names) == 4
+
+
 def test_targets_patterns_and_layer_selection_match_peft():
     kw = dict(target_modules="all-linear", rank_pattern={"down_proj": 2, r"layers\.1\.self_attn\.q_proj": 6},
               alpha_pattern={"o_proj": 3}, exclude_modules=["k_proj"], use_rslora=True)
