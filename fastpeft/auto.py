@@ -6,11 +6,12 @@ Example::
     from fastpeft import AutoPeftModelForCausalLM
     model = AutoPeftModelForCausalLM.from_pretrained("runs/chat", dtype=torch.bfloat16)
 
-The base is read with the matching transformers ``AutoModel…`` class from the config's
-``base_model_name_or_path`` (further keyword arguments go to it: ``dtype``, ``device_map``,
-``quantization_config``, …); if the adapter folder holds a tokenizer whose vocabulary is larger than the
-base's embeddings, the embeddings are resized first, as peft does. Then ``PeftModel.from_pretrained`` (any
-method fastpeft implements, LoRA or not).
+The adapter is a local folder or a Hub repo id. The base is read with the matching transformers ``AutoModel…``
+class from the config's ``base_model_name_or_path`` (further keyword arguments go to it: ``dtype``,
+``device_map``, ``quantization_config``, …; ``revision`` and ``subfolder`` name the adapter's, while ``token``,
+``cache_dir`` and ``local_files_only`` serve both downloads). If the adapter folder holds a tokenizer whose
+vocabulary is larger than the base's embeddings, the embeddings are resized first, as peft does. Then
+``PeftModel.from_pretrained`` (any method fastpeft implements, LoRA or not).
 """
 
 from __future__ import annotations
@@ -37,10 +38,12 @@ class _AutoPeftModel:
         from .config import read_config_dict
         from .model import PeftModel
 
-        path = os.fspath(pretrained_model_name_or_path)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{cls.__name__}.from_pretrained: {path!r} is not a local adapter folder "
-                                    "(fastpeft does not download adapters)")
+        from .hub import pop_hub_kwargs, resolve_adapter_path
+
+        hub = pop_hub_kwargs(kwargs)
+        # subfolder and revision name the adapter; token, cache_dir, ... serve the base model's download too
+        kwargs.update({k: v for k, v in hub.items() if k not in ("subfolder", "revision")})
+        path = resolve_adapter_path(pretrained_model_name_or_path, with_tokenizer=True, **hub)
         base_path = read_config_dict(path).get("base_model_name_or_path")
         if not base_path:
             raise ValueError(f"{path}/adapter_config.json names no base_model_name_or_path; load the base model "

@@ -213,9 +213,12 @@ class LoraConfig(AdapterConfigFile):
         return cls._from_known_fields(data)  # peft_type is popped: the field keeps its default "LORA"
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> LoraConfig:
-        """Read ``adapter_config.json`` from a folder (or the file itself)."""
-        data = read_config_dict(path)
+    def from_pretrained(cls, path: str | os.PathLike, **hub_kwargs) -> LoraConfig:
+        """Read ``adapter_config.json`` from a folder (or the file itself) or a Hub repo id (peft's Hub keywords
+        ``subfolder``, ``revision``, ``token``, ...: see :func:`fastpeft.hub.resolve_adapter_path`)."""
+        from .hub import resolve_adapter_path
+
+        data = read_config_dict(resolve_adapter_path(path, **hub_kwargs))
         return cls.from_dict(data)
 
 
@@ -245,7 +248,7 @@ def read_config_dict(path: str | os.PathLike) -> dict[str, Any]:
     path = os.fspath(path)
     file = path if path.endswith(".json") else os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"no {CONFIG_NAME} at {path!r} (fastpeft reads local adapter folders)")
+        raise FileNotFoundError(f"no {CONFIG_NAME} at {path!r}")
     with open(file, encoding="utf-8") as f:
         try:
             data = json.load(f)

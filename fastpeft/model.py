@@ -337,7 +337,13 @@ class LoraModel(nn.Module):
         return named_modules_of(self.model, FastLoraLinear)
 
     def modules_to_save_wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+        """(name, wrapper) for every ``modules_to_save`` wrapper in the model."""
         return named_modules_of(self.model, ModulesToSaveWrapper)
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Names of the modules that carry LoRA adapters (peft's attribute), in module order."""
+        return [name for name, _ in self.lora_layers()]
 
     def inject_adapter(self, config: LoraConfig, adapter_name: str, activate: bool = True) -> None:
         """Wrap every module ``config`` targets with adapter ``adapter_name`` (frozen base, peft's init)."""
@@ -1060,8 +1066,10 @@ class PeftModel(nn.Module):
         passes under DeepSpeed ZeRO-3 / FSDP) is read instead of the module's own parameters.
 
         The ``"default"`` adapter goes to ``save_directory``, others to ``save_directory/<name>`` (peft's
-        layout). Only the adapter weights (and ``modules_to_save``, and biases per ``bias``) are written.
+        layout). Only the adapter weights (and ``modules_to_save``, and biases per ``bias``) are written, with
+        peft's model card (``README.md``: ``library_name: peft``, the base model) in ``save_directory``.
         """
+        from .hub import write_model_card
         from .save import save_adapter
 
         if os.path.isfile(save_directory):
@@ -1075,12 +1083,35 @@ class PeftModel(nn.Module):
             # Every rank gathers (FSDP2-sharded weights need all ranks, as in peft); only the main one writes.
             save_adapter(self, name, out, safe_serialization=safe_serialization, write=is_main_process,
                          state_dict=kwargs.get("state_dict"))
+        if is_main_process:
+            os.makedirs(save_directory, exist_ok=True)
+            write_model_card(self, save_directory)
+
+    def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
+                    token: str | bool | None = None, revision: str | None = None, create_pr: bool = False,
+                    safe_serialization: bool = True, selected_adapters: list[str] | None = None,
+                    commit_description: str | None = None, tags: list[str] | None = None,
+                    max_shard_size: int | str | None = None) -> Any:
+        """Upload the adapter(s) to the Hub repo ``repo_id`` (created if missing), as peft's ``push_to_hub``:
+        what :meth:`save_pretrained` writes (adapter files, model card with ``tags`` added), never the base
+        model's weights. ``max_shard_size`` is accepted for transformers' signature (an adapter is one file).
+        Returns huggingface_hub's commit info."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, commit_message=commit_message, private=private, token=token,
+                           revision=revision, create_pr=create_pr, safe_serialization=safe_serialization,
+                           selected_adapters=selected_adapters, commit_description=commit_description, tags=tags)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
                         is_trainable: bool = False, config: LoraConfig | None = None,
                         allow_pickle: bool = False, **kwargs) -> PeftModel:
-        """Load a peft-format LoRA adapter folder onto ``model`` (safetensors; pickles only with ``allow_pickle``)."""
+        """Load a peft-format adapter onto ``model``: a local folder or a Hub repo id (peft's keywords
+        ``subfolder``, ``revision``, ``token``, ``cache_dir``, ``local_files_only``; see :mod:`fastpeft.hub`).
+        Safetensors; pickles only with ``allow_pickle``. Non-LoRA adapters go to their method's model."""
+        from .hub import pop_hub_kwargs, resolve_adapter_path
+
+        model_id = resolve_adapter_path(model_id, **pop_hub_kwargs(kwargs))
         if config is not None and not isinstance(config, LoraConfig):
             from . import methods
 
@@ -1111,10 +1142,14 @@ class PeftModel(nn.Module):
         """Load a peft-format adapter under ``adapter_name``, as peft does: a new name is added (not
         activated; trainable with ``is_trainable=True``), an existing one gets the saved weights (how
         transformers' Trainer resumes from a checkpoint). Without ``is_trainable`` the model is put in
-        eval mode. Returns the load result (no missing or unexpected keys: loading is strict)."""
+        eval mode. Returns the load result (no missing or unexpected keys: loading is strict). ``model_id``: a
+        local folder or a Hub repo id, with peft's Hub keywords (see :meth:`from_pretrained`)."""
         from torch.nn.modules.module import _IncompatibleKeys
 
+        from .hub import pop_hub_kwargs, resolve_adapter_path
         from .save import load_adapter_weights
+
+        model_id = resolve_adapter_path(model_id, **pop_hub_kwargs(kwargs))
 
         if adapter_name not in self.peft_config:
             config = LoraConfig.from_pretrained(model_id)

@@ -110,7 +110,7 @@ def read_adapter_file(path: str | os.PathLike, allow_pickle: bool = False) -> di
     """Read ``adapter_model.safetensors`` from an adapter folder (a pickle only with ``allow_pickle``)."""
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"adapter folder {path!r} does not exist (fastpeft loads local folders)")
+        raise FileNotFoundError(f"adapter folder {path!r} does not exist")
     st = os.path.join(path, SAFETENSORS_NAME)
     if os.path.isfile(st):
         from safetensors.torch import load_file

@@ -133,9 +133,10 @@ def test_save_load_round_trips_with_peft(name, tmp_path):
     ours, theirs, inputs, base = _pair(name)
     ref = _logits(ours, inputs).detach()
     ours.save_pretrained(tmp_path / "fp")
-    files = sorted(os.listdir(tmp_path / "fp"))
-    assert files == ["adapter_config.json", "adapter_model.safetensors"]
     theirs.save_pretrained(tmp_path / "pf")
+    files = sorted(os.listdir(tmp_path / "fp"))
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert files == sorted(os.listdir(tmp_path / "pf"))  # peft's files, model card included
     from safetensors.torch import load_file
 
     ka = load_file(tmp_path / "fp" / "adapter_model.safetensors")
@@ -226,6 +227,14 @@ def test_print_trainable_parameters_matches_peft():
             theirs.print_trainable_parameters()
         assert a.getvalue() == b.getvalue(), (name, a.getvalue(), b.getvalue())
         assert a.getvalue().startswith("trainable params: ")
+
+
+def test_targeted_module_names_as_peft():
+    config = dict(r=4, target_modules=["q_proj", "down_proj"])
+    ours = fastpeft.get_peft_model(_llama(), fastpeft.LoraConfig(**config))
+    ref = peft.get_peft_model(_llama(), peft.LoraConfig(**config))
+    assert ours.targeted_module_names == ref.targeted_module_names
+    assert len(ours.targeted_module_names) == 4
 
 
 def test_targets_patterns_and_layer_selection_match_peft():

@@ -434,9 +434,12 @@ class MethodPeftModel(_LoraPeftModel):
         """Load saved weights into the model's own adapter (how transformers' Trainer resumes from a
         checkpoint); without ``is_trainable`` the model is put in eval mode. fastpeft's non-LoRA methods
         hold one adapter per model: another name is refused."""
+        from ..hub import pop_hub_kwargs, resolve_adapter_path
+
         if adapter_name != self.base_model.active_adapter:
             raise NotImplementedError(f"{type(self).__name__} holds one adapter ({self.base_model.active_adapter!r});"
                                       " load another one with from_pretrained on a fresh model")
+        model_id = resolve_adapter_path(model_id, **pop_hub_kwargs(kwargs))
         return load_into_own_adapter(self, model_id, adapter_name, is_trainable, allow_pickle)
 
     def _load_adapter_state(self, saved: dict[str, torch.Tensor], adapter_name: str, where: str) -> None:
@@ -479,15 +482,22 @@ class MethodPeftModel(_LoraPeftModel):
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
                         safe_serialization: bool = True, is_main_process: bool = True, **kwargs) -> None:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's layout) into ``save_directory``."""
+        from ..hub import write_model_card
+
         save_one_adapter(self, self.base_model.active_adapter, save_directory, safe_serialization, is_main_process)
+        if is_main_process:
+            write_model_card(self, save_directory)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
                         is_trainable: bool = False, config: MethodConfig | None = None,
                         allow_pickle: bool = False, **kwargs) -> MethodPeftModel:
-        """Build the method on ``model`` from a saved folder and load its weights strictly."""
+        """Build the method on ``model`` from a saved folder (or Hub repo id, with peft's Hub keywords) and load
+        its weights strictly."""
+        from ..hub import pop_hub_kwargs, resolve_adapter_path
         from .configs import MethodConfig as _Base
 
+        model_id = resolve_adapter_path(model_id, **pop_hub_kwargs(kwargs))
         config = _Base.from_pretrained(model_id) if config is None else config
         config.inference_mode = not is_trainable
         peft_model = cls._for_loading(model, config, adapter_name)

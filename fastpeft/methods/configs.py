@@ -78,9 +78,12 @@ class MethodConfig(AdapterConfigFile):
         return cls._from_known_fields(dict(data))
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> MethodConfig:
-        """Read ``adapter_config.json`` from a folder; on the base class, the subclass is chosen by ``peft_type``."""
-        data = read_config_dict(path)
+    def from_pretrained(cls, path: str | os.PathLike, **hub_kwargs) -> MethodConfig:
+        """Read ``adapter_config.json`` from a folder or Hub repo id (peft's Hub keywords: see
+        :func:`fastpeft.hub.resolve_adapter_path`); on the base class, the subclass is chosen by ``peft_type``."""
+        from ..hub import resolve_adapter_path
+
+        data = read_config_dict(resolve_adapter_path(path, **hub_kwargs))
         if cls is MethodConfig:
             return config_from_dict(data)
         return cls.from_dict(data)

@@ -1,0 +1,219 @@
+"""Adapters on the Hub: loading by repo id (through a Hub cache built on disk, read offline exactly as
+huggingface_hub reads a real one), the model card save_pretrained writes, and push_to_hub uploading the
+adapter only. peft 0.21 loading the same cache is the reference."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+import fastpeft
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+huggingface_hub = pytest.importorskip("huggingface_hub")
+
+
+def tiny_base(name_or_path: str | None = None):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    if name_or_path is not None:
+        model.config._name_or_path = name_or_path
+        model.name_or_path = name_or_path
+    return model.eval()
+
+
+def peft_adapter_folder(path, seed: int, peft_config=None) -> str:
+    """Save a peft adapter with random (non-zero) weights into ``path``."""
+    base = tiny_base()
+    torch.manual_seed(seed)  # after tiny_base, which seeds itself
+    config = peft_config or peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False)
+    peft.get_peft_model(base, config).save_pretrained(path)
+    return os.fspath(path)
+
+
+def cache_repo(cache_dir, repo_id: str, folder: str, commit: str, refs: tuple[str, ...] = ("main",),
+               subfolder: str | None = None) -> None:
+    """Lay out ``folder``'s files as huggingface_hub's cache holds a downloaded repo snapshot."""
+    repo = os.path.join(cache_dir, "models--" + repo_id.replace("/", "--"))
+    snapshot = os.path.join(repo, "snapshots", commit, subfolder or "")
+    shutil.copytree(folder, snapshot, dirs_exist_ok=True)
+    os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
+    for ref in refs:
+        with open(os.path.join(repo, "refs", ref), "w") as f:
+            f.write(commit)
+
+
+COMMIT_1, COMMIT_2 = "1" * 40, "2" * 40
+IDS = torch.tensor([[1, 5, 9, 3, 7, 2]])
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """A Hub cache with "someone/lora" at main (seed 1) and at tag v2 (seed 2, under the subfolder "sub"),
+    "someone/ia3" (an IA3 adapter) and "someone/model" (no adapter in it); every load is offline."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: set both
+    cache = tmp_path / "cache"
+    cache_repo(cache, "someone/lora", peft_adapter_folder(tmp_path / "a1", 1), COMMIT_1)
+    cache_repo(cache, "someone/lora", peft_adapter_folder(tmp_path / "a2", 2), COMMIT_2, refs=("v2",),
+               subfolder="sub")
+    ia3 = peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
+                         init_ia3_weights=False)
+    cache_repo(cache, "someone/ia3", peft_adapter_folder(tmp_path / "ia3", 3, ia3), COMMIT_1)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    cache_repo(cache, "someone/model", os.fspath(tmp_path / "model"), COMMIT_1)
+    return os.fspath(cache)
+
+
+def test_from_pretrained_by_repo_id_matches_peft(hub_cache):
+    ours = fastpeft.PeftModel.from_pretrained(tiny_base(), "someone/lora", cache_dir=hub_cache)
+    ref = peft.PeftModel.from_pretrained(tiny_base(), "someone/lora", cache_dir=hub_cache)
+    assert not torch.equal(logits(ref), logits(tiny_base()))  # the adapter does something
+    torch.testing.assert_close(logits(ours), logits(ref), rtol=1e-5, atol=1e-6)
+
+
+def test_revision_and_subfolder_pick_that_snapshot(hub_cache, tmp_path):
+    ours = fastpeft.PeftModel.from_pretrained(tiny_base(), "someone/lora", cache_dir=hub_cache, revision="v2",
+                                              subfolder="sub")
+    # peft 0.21 offline joins the subfolder twice (sub/sub/adapter_model.safetensors): it reads the folder itself
+    ref = peft.PeftModel.from_pretrained(tiny_base(), os.fspath(tmp_path / "a2"))
+    main = peft.PeftModel.from_pretrained(tiny_base(), "someone/lora", cache_dir=hub_cache)
+    assert not torch.allclose(logits(ref), logits(main))
+    torch.testing.assert_close(logits(ours), logits(ref), rtol=1e-5, atol=1e-6)
+    # the commit hash names the same snapshot as the tag
+    by_commit = fastpeft.PeftModel.from_pretrained(tiny_base(), "someone/lora", cache_dir=hub_cache,
+                                                   revision=COMMIT_2, subfolder="sub")
+    torch.testing.assert_close(logits(by_commit), logits(ref), rtol=1e-5, atol=1e-6)
+
+
+def test_load_adapter_and_config_by_repo_id(hub_cache, tmp_path):
+    ours = fastpeft.PeftModel.from_pretrained(tiny_base(), "someone/lora", cache_dir=hub_cache)
+    ours.load_adapter("someone/lora", adapter_name="v2", cache_dir=hub_cache, revision="v2", subfolder="sub")
+    ref = peft.PeftModel.from_pretrained(tiny_base(), "someone/lora", cache_dir=hub_cache)
+    ref.load_adapter(os.fspath(tmp_path / "a2"), adapter_name="v2")  # peft: see the test above
+    for name in ("default", "v2"):
+        ours.set_adapter(name)
+        ref.set_adapter(name)
+        torch.testing.assert_close(logits(ours), logits(ref), rtol=1e-5, atol=1e-6)
+    config = fastpeft.LoraConfig.from_pretrained("someone/lora", cache_dir=hub_cache)
+    assert (config.r, config.lora_alpha, sorted(config.target_modules)) == (4, 8, ["q_proj", "v_proj"])
+
+
+def test_other_method_by_repo_id_matches_peft(hub_cache):
+    ours = fastpeft.PeftModel.from_pretrained(tiny_base(), "someone/ia3", cache_dir=hub_cache)
+    ref = peft.PeftModel.from_pretrained(tiny_base(), "someone/ia3", cache_dir=hub_cache)
+    assert type(ours).__name__ == "IA3PeftModel"
+    assert not torch.allclose(logits(ref), logits(tiny_base()))
+    torch.testing.assert_close(logits(ours), logits(ref), rtol=1e-5, atol=1e-6)
+    assert fastpeft.IA3Config.from_pretrained("someone/ia3", cache_dir=hub_cache).target_modules
+
+
+def test_auto_peft_model_by_repo_id(hub_cache, tmp_path):
+    base_dir = tmp_path / "base"
+    tiny_base().save_pretrained(base_dir)
+    folder = peft_adapter_folder(tmp_path / "a3", 4)
+    import json
+
+    config_file = os.path.join(folder, "adapter_config.json")
+    config = json.load(open(config_file))
+    config["base_model_name_or_path"] = os.fspath(base_dir)
+    json.dump(config, open(config_file, "w"))
+    cache_repo(hub_cache, "someone/auto", folder, COMMIT_1)
+    ours = fastpeft.AutoPeftModelForCausalLM.from_pretrained("someone/auto", cache_dir=hub_cache)
+    ref = peft.AutoPeftModelForCausalLM.from_pretrained("someone/auto", cache_dir=hub_cache)
+    torch.testing.assert_close(logits(ours), logits(ref), rtol=1e-5, atol=1e-6)
+
+
+def test_errors_name_both_places(hub_cache, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        fastpeft.PeftModel.from_pretrained(tiny_base(), os.fspath(tmp_path / "no" / "such" / "folder"))
+    with pytest.raises(FileNotFoundError, match="not a local adapter folder.*Hub repo 'someone/missing'"):
+        fastpeft.PeftModel.from_pretrained(tiny_base(), "someone/missing", cache_dir=hub_cache)
+    with pytest.raises(FileNotFoundError, match="revision 'v9'"):
+        fastpeft.PeftModel.from_pretrained(tiny_base(), "someone/lora", cache_dir=hub_cache, revision="v9")
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json.*not a peft adapter"):
+        fastpeft.PeftModel.from_pretrained(tiny_base(), "someone/model", cache_dir=hub_cache)
+    with pytest.raises(FileNotFoundError, match="no subfolder 'nope'"):
+        fastpeft.PeftModel.from_pretrained(tiny_base(), peft_adapter_folder(tmp_path / "local", 5),
+                                           subfolder="nope")
+
+
+def card_data(folder):
+    return huggingface_hub.ModelCard.load(os.path.join(folder, "README.md")).data
+
+
+def test_save_pretrained_writes_peft_model_card(tmp_path):
+    config_kwargs = dict(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    ours = fastpeft.get_peft_model(tiny_base("org/base"), fastpeft.LoraConfig(**config_kwargs))
+    ours.save_pretrained(tmp_path / "ours")
+    ref = peft.get_peft_model(tiny_base("org/base"), peft.LoraConfig(**config_kwargs))
+    ref.save_pretrained(tmp_path / "ref")
+    mine, theirs = card_data(tmp_path / "ours"), card_data(tmp_path / "ref")
+    for key in ("library_name", "base_model", "pipeline_tag"):
+        assert mine.get(key) == theirs.get(key), key
+    assert set(theirs.tags) <= set(mine.tags) and "fastpeft" in mine.tags
+    # a card the user wrote keeps its text; saving again adds nothing twice
+    readme = tmp_path / "ours" / "README.md"
+    readme.write_text("---\nlicense: mit\n---\n\n# My adapter\n\nTrained on my data.\n")
+    ours.save_pretrained(tmp_path / "ours")
+    ours.save_pretrained(tmp_path / "ours")
+    text = readme.read_text()
+    assert "Trained on my data." in text and text.count(f"- fastpeft {fastpeft.__version__}") == 1
+    data = card_data(tmp_path / "ours")
+    assert (data.license, data.library_name, data.base_model) == ("mit", "peft", "org/base")
+
+
+def test_save_pretrained_card_for_other_methods(tmp_path):
+    model = fastpeft.get_peft_model(tiny_base("org/base"), fastpeft.IA3Config(target_modules=["k_proj"],
+                                                                              feedforward_modules=[]))
+    model.save_pretrained(tmp_path)
+    data = card_data(tmp_path)
+    assert (data.library_name, data.base_model) == ("peft", "org/base") and "ia3" in data.tags
+
+
+def test_push_to_hub_uploads_the_adapter_only(tmp_path, monkeypatch):
+    calls = {}
+
+    def create_repo(self, repo_id, private=None, exist_ok=False, **kwargs):
+        calls["create_repo"] = (repo_id, private, exist_ok)
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, repo_id, folder_path, commit_message=None, revision=None, create_pr=False, **kwargs):
+        calls["upload"] = (repo_id, commit_message, revision, create_pr)
+        shutil.copytree(folder_path, tmp_path / "uploaded")
+        return "commit-info"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", lambda *a, **k: pytest.fail("no branch asked"))
+    torch.manual_seed(7)
+    model = fastpeft.get_peft_model(tiny_base("org/base"), fastpeft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"))
+    with torch.no_grad():
+        for _, layer in model.base_model.lora_layers():
+            layer.lora_B["default"].weight.normal_()
+    assert model.push_to_hub("me/my-lora", private=True, tags=["chat"]) == "commit-info"
+    assert calls["create_repo"] == ("me/my-lora", True, True)
+    assert calls["upload"] == ("me/my-lora", "Upload adapter with fastpeft", None, False)
+    uploaded = tmp_path / "uploaded"
+    assert sorted(os.listdir(uploaded)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    from safetensors.torch import load_file
+
+    keys = load_file(uploaded / "adapter_model.safetensors")
+    assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
+    assert "chat" in card_data(uploaded).tags
+    ref = peft.PeftModel.from_pretrained(tiny_base(), os.fspath(uploaded))
+    torch.testing.assert_close(logits(model.eval()), logits(ref), rtol=1e-5, atol=1e-6)
