@@ -4,6 +4,11 @@ The recipe follows the seed notes: prompt and response are tokenized separately
 (each truncated), ``input_ids = [bos] + prompt + response + [eos]``, and the
 labels are -100 over the prompt and over the padding, so only the response is
 learned. The collator pads to the longest sample of its batch.
+
+Conversations (``{"messages": [{"role": "user", "content": ...}, ...]}``, or ShareGPT's
+``{"conversations": [{"from": "human", "value": ...}, ...]}``) are laid out by the tokenizer's chat
+template, and only the assistant turns are learned (their end-of-turn tokens included), as TRL's
+``assistant_only_loss`` does.
 """
 
 from __future__ import annotations
@@ -52,6 +57,22 @@ class ByteTokenizer:
                 out.extend(specials[i].encode())
         return out.decode("utf-8", errors="replace")
 
+    def chat_segments(self, messages: Sequence[dict], add_generation_prompt: bool = False
+                      ) -> list[tuple[list[int], bool]]:
+        """A conversation in the byte tokenizer's own plain template, as ``(ids, is_assistant_reply)`` pieces:
+        ``<bos>`` then ``"<|role|>\n" + content + "\n"`` per turn, an assistant reply ending with ``<eos>``
+        instead of the newline. ``add_generation_prompt`` appends ``"<|assistant|>\n"``."""
+        out: list[tuple[list[int], bool]] = [([self.bos_token_id], False)]
+        for m in messages:
+            out.append((self.encode(f"<|{m['role']}|>\n"), False))
+            if m["role"] == "assistant":
+                out.append((self.encode(m["content"]) + [self.eos_token_id], True))
+            else:
+                out.append((self.encode(m["content"] + "\n"), False))
+        if add_generation_prompt:
+            out.append((self.encode("<|assistant|>\n"), False))
+        return out
+
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write a small ``fastpeft_tokenizer.json`` marker so the folder records which tokenizer it used."""
         os.makedirs(directory, exist_ok=True)
@@ -83,6 +104,39 @@ class HFTokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def chat_segments(self, messages: Sequence[dict], add_generation_prompt: bool = False
+                      ) -> list[tuple[list[int], bool]]:
+        """A conversation laid out by the tokenizer's chat template, as ``(ids, is_assistant_reply)`` pieces.
+
+        The template is rendered for each growing prefix of the conversation: the text an assistant turn adds
+        beyond the prefix with the generation prompt is that reply (what the template puts after it, such as
+        an end-of-turn token, included); everything else is context. Each piece is tokenized on its own, so
+        the ids are those of the template's text cut at turn boundaries. A template whose renderings of
+        growing prefixes do not extend each other cannot be split this way and raises ``DataError``.
+        """
+        if not getattr(self.tok, "chat_template", None):
+            raise DataError(f"the tokenizer {self.name!r} has no chat template; conversation records need one "
+                            "(use a chat/instruct model's tokenizer, or prompt/response records)")
+
+        def render(msgs, generation_prompt):
+            return self.tok.apply_chat_template(list(msgs), tokenize=False, add_generation_prompt=generation_prompt)
+
+        pieces: list[tuple[str, bool]] = []
+        done = ""
+        for k, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            context, full = render(messages[:k], True), render(messages[: k + 1], False)
+            if not context.startswith(done) or not full.startswith(context):
+                raise DataError(f"the chat template of {self.name!r} renders turn {k} so that it does not extend "
+                                "the text before it; fastpeft cannot tell the assistant reply apart")
+            pieces += [(context[len(done):], False), (full[len(context):], True)]
+            done = full
+        tail = render(messages, add_generation_prompt)
+        if tail.startswith(done) and len(tail) > len(done):
+            pieces.append((tail[len(done):], False))
+        return [(self.tok.encode(text, add_special_tokens=False), reply) for text, reply in pieces if text]
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         self.tok.save_pretrained(directory)
@@ -118,11 +172,43 @@ class DataError(ValueError):
     """A problem with the training data, naming the file and line."""
 
 
-def read_records(path: str | os.PathLike, prompt_field: str = "prompt", response_field: str = "response",
-                 text_field: str = "text") -> list[dict]:
-    """Read a JSONL file (prompt/response records or ``{"text": ...}``) or a plain-text file (one sample a line).
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "model": "assistant", "system": "system", "tool": "tool", "function": "tool"}
 
-    Errors name the file and line: undecodable UTF-8, invalid JSON, a record without the fields, an empty file.
+
+def _conversation(turns, where: str) -> list[dict]:
+    """``messages`` (role/content) or ShareGPT turns (from/value) as role/content dicts, checked."""
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: a conversation must be a non-empty list of turns")
+    out = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise DataError(f"{where}: turn {i} is a {type(t).__name__}, not an object")
+        if "role" in t:
+            role, content = t["role"], t.get("content")
+        elif "from" in t:
+            role, content = _SHAREGPT_ROLES.get(t["from"], t["from"]), t.get("value")
+        else:
+            raise DataError(f"{where}: turn {i} needs 'role' and 'content' (or ShareGPT's 'from' and 'value'); "
+                            f"found {sorted(t)}")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise DataError(f"{where}: turn {i} has role {role!r}; expected system, user, assistant or tool")
+        if not isinstance(content, str):
+            raise DataError(f"{where}: turn {i} ({role}) has no string content")
+        out.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
+        raise DataError(f"{where}: the conversation has no assistant reply to learn")
+    return out
+
+
+def read_records(path: str | os.PathLike, prompt_field: str = "prompt", response_field: str = "response",
+                 text_field: str = "text", messages_field: str = "messages") -> list[dict]:
+    """Read a JSONL file or a plain-text file (one sample a line). JSONL records are prompt/response pairs,
+    ``{"text": ...}``, or conversations: ``messages_field`` (default ``"messages"``, role/content turns) or
+    ShareGPT's ``"conversations"`` (from/value turns).
+
+    Errors name the file and line: undecodable UTF-8, invalid JSON, a record without the fields, a malformed
+    conversation, an empty file.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -147,7 +233,10 @@ def read_records(path: str | os.PathLike, prompt_field: str = "prompt", response
                 raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            if prompt_field in obj or response_field in obj:
+            turns = obj.get(messages_field, obj.get("conversations"))
+            if turns is not None:
+                records.append({"messages": _conversation(turns, f"{path}:{lineno}"), "_line": lineno})
+            elif prompt_field in obj or response_field in obj:
                 missing = [k for k in (prompt_field, response_field) if not isinstance(obj.get(k), str)]
                 if missing:
                     raise DataError(f"{path}:{lineno}: field(s) {missing} missing or not a string "
@@ -159,7 +248,8 @@ def read_records(path: str | os.PathLike, prompt_field: str = "prompt", response
                 records.append({"text": obj[text_field], "_line": lineno})
             else:
                 raise DataError(f"{path}:{lineno}: needs string fields {prompt_field!r} and {response_field!r} "
-                                f"(or {text_field!r}); found {sorted(obj)} (set --prompt-field/--response-field)")
+                                f"(or {text_field!r}, or a {messages_field!r} conversation); found {sorted(obj)} "
+                                "(set --prompt-field/--response-field/--messages-field)")
     if not records:
         raise DataError(f"data file {path!r} has no samples")
     return records
@@ -181,6 +271,8 @@ def auto_max_length(records: list[dict], tokenizer, cap: int = 4096) -> int:
 
 
 def _full_ids(r: dict, tokenizer) -> list[int]:
+    if "messages" in r:
+        return [i for ids, _ in tokenizer.chat_segments(r["messages"]) for i in ids]
     if "text" in r:
         return tokenizer.encode(r["text"], add_special_tokens=True) + [tokenizer.eos_token_id]
     return (tokenizer.encode(r["prompt"], add_special_tokens=True) + tokenizer.encode(r["response"])
@@ -192,6 +284,17 @@ def tokenize(records: list[dict], tokenizer, max_length: int, source: str = "dat
     out = []
     for i, r in enumerate(records):
         where = f"{source}:{r.get('_line', i + 1)}"
+        if "messages" in r:
+            ids, labels = [], []
+            for piece, reply in tokenizer.chat_segments(r["messages"]):
+                ids += piece
+                labels += piece if reply else [IGNORE_INDEX] * len(piece)
+            ids, labels = ids[:max_length], labels[:max_length]
+            if all(t == IGNORE_INDEX for t in labels[1:]):  # position 0 is never predicted
+                raise DataError(f"{where}: no assistant token falls within --max-length {max_length}; nothing "
+                                "of this conversation would be trained (raise --max-length or shorten it)")
+            out.append(Sample(ids, labels))
+            continue
         if "text" in r:
             if not r["text"].strip():
                 raise DataError(f"{where}: empty text sample")

@@ -31,6 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + safetensors)")
     p.add_argument("--model", default=None, help="base model folder (default: see above)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
+    p.add_argument("--chat", action="store_true",
+                   help="send each prompt as a user turn through the tokenizer's chat template (for adapters "
+                        "trained on conversation records)")
+    p.add_argument("--system", default=None, help="with --chat: a system turn before each prompt")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -176,15 +180,31 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"fastpeft generate: --temperature must be ≥ 0 (0: greedy), got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise SystemExit(f"fastpeft generate: --top-p must be in (0, 1], got {args.top_p}")
+    if args.system is not None and not args.chat:
+        raise SystemExit("fastpeft generate: --system needs --chat")
     torch.manual_seed(args.seed)
     model, tok = load(args.adapter, args.model, device, load_in_4bit=getattr(args, "load_in_4bit", None),
                       quantizer=getattr(args, "quantizer", None), dtype=getattr(args, "dtype", None))
     if args.merge:
         model = model.merge_and_unload()
+    stop = [tok.eos_token_id]
+    if args.chat:  # chat models end a turn with their own token (e.g. <|im_end|>), named in generation_config
+        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        configured = configured if isinstance(configured, list) else [configured]
+        stop += [t for t in configured if t is not None and t not in stop]
     for prompt in args.prompt:
-        ids = torch.tensor([tok.encode(prompt, add_special_tokens=True)], device=device)
-        kw = dict(max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                  attention_mask=torch.ones_like(ids))
+        if args.chat:
+            turns = ([{"role": "system", "content": args.system}] if args.system is not None else []) \
+                + [{"role": "user", "content": prompt}]
+            try:
+                pieces = tok.chat_segments(turns, add_generation_prompt=True)
+            except ValueError as exc:  # DataError: no chat template
+                raise SystemExit(f"fastpeft generate: --chat: {exc}") from None
+            ids = torch.tensor([[i for piece, _ in pieces for i in piece]], device=device)
+        else:
+            ids = torch.tensor([tok.encode(prompt, add_special_tokens=True)], device=device)
+        kw = dict(max_new_tokens=args.max_new_tokens, eos_token_id=stop if len(stop) > 1 else stop[0],
+                  pad_token_id=tok.pad_token_id, attention_mask=torch.ones_like(ids))
         if args.temperature > 0:
             kw.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
         else:

@@ -65,13 +65,17 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantizer", default="fastpeft", choices=["fastpeft", "bitsandbytes"],
                    help="who quantizes with --load-in-4bit (default fastpeft: works without CUDA)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, help="JSONL (prompt/response or text records) or a plain-text file "
-                                                "(default: the embedded uppercase-words task)")
+    g.add_argument("--data", default=None, help="JSONL (prompt/response, text or conversation records) or a "
+                                                "plain-text file (default: the embedded uppercase-words task)")
     g.add_argument("--eval-data", default=None, help="held-out file (default: --eval-split of --data)")
     g.add_argument("--eval-split", type=float, default=0.05, help="fraction held out when no --eval-data")
     g.add_argument("--prompt-field", default="prompt")
     g.add_argument("--response-field", default="response")
     g.add_argument("--text-field", default="text")
+    g.add_argument("--messages-field", default="messages",
+                   help="field of conversation records (role/content turns; ShareGPT's 'conversations' with "
+                        "from/value is read too): laid out by the tokenizer's chat template, assistant turns "
+                        "learned")
     g.add_argument("--max-length", default="auto", help="tokens per sample, or auto (1.5 × mean length)")
     g.add_argument("--group-by-length", action="store_true", help="batch samples of similar length")
     g = p.add_argument_group("method")
@@ -617,7 +621,8 @@ def load_checkpoint(out: Path, resume: str) -> tuple[Path, dict]:
 # options that must not change across --resume: they shape the adapter, the base, or the data order
 RESUME_OPTIONS = ("model", "method", "r", "lora_alpha", "use_rslora", "target_modules", "modules_to_save",
                   "num_virtual_tokens", "freeze_layers", "method_options", "load_in_4bit", "quantizer", "data",
-                  "eval_data", "eval_split", "prompt_field", "response_field", "text_field", "max_length",
+                  "eval_data", "eval_split", "prompt_field", "response_field", "text_field", "messages_field",
+                  "max_length",
                   "group_by_length", "batch_size", "grad_accum", "seed")
 
 
@@ -747,10 +752,11 @@ def train(args: argparse.Namespace) -> TrainResult:
         train_rows, eval_rows = default_task()
         source = f"embedded:{DEFAULT_TASK_NAME}"
     else:
-        rows = read_records(args.data, args.prompt_field, args.response_field, args.text_field)
+        fields = (args.prompt_field, args.response_field, args.text_field, args.messages_field)
+        rows = read_records(args.data, *fields)
         source = args.data
         if args.eval_data:
-            eval_rows = read_records(args.eval_data, args.prompt_field, args.response_field, args.text_field)
+            eval_rows = read_records(args.eval_data, *fields)
             train_rows = rows
         else:
             order = list(range(len(rows)))

@@ -1,0 +1,129 @@
+"""Conversation records for ``fastpeft train``: reading (``messages`` and ShareGPT), the chat-template layout,
+assistant-only labels (checked against transformers' own assistant mask, ``return_assistant_tokens_mask``),
+truncation, and the command end to end with ``generate --chat``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastpeft import cli
+from fastpeft.data import IGNORE_INDEX, ByteTokenizer, DataError, HFTokenizer, read_records, tokenize
+from fastpeft.train import parse_args, train
+
+TOK = ByteTokenizer()
+CONVO = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"},
+         {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"},
+         {"role": "assistant", "content": "4"}]
+
+# ChatML with transformers' {% generation %} markers around what an assistant turn adds: the reference mask
+CHATML = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}<|im_start|>assistant\n{% generation %}{{ m['content'] }}<|im_end|>\n"
+    "{% endgeneration %}"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def chat_tokenizer(template: str = CHATML):
+    """A small byte-level BPE tokenizer built here (nothing downloaded), with ChatML's special tokens."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    model = tokenizers.models.BPE(unk_token=None)
+    tok = tokenizers.Tokenizer(model)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=400, special_tokens=["<|im_start|>", "<|im_end|>", "<eos>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["Be terse. hi Hello. 2+2? 4 assistant user system\n"] * 20, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    fast.chat_template = template
+    return fast
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_messages_and_sharegpt_records_read_alike(tmp_path):
+    sharegpt = [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
+                for m in CONVO]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": CONVO}, {"conversations": sharegpt},
+                                              {"prompt": "p", "response": "r"}])
+    rows = read_records(path)
+    assert [r["messages"] for r in rows[:2]] == [CONVO, CONVO]
+    assert rows[2]["prompt"] == "p"
+    other = write_jsonl(tmp_path / "e.jsonl", [{"dialog": CONVO}])
+    with pytest.raises(DataError, match="e.jsonl:1: needs string fields"):
+        read_records(other)
+    assert read_records(other, messages_field="dialog")[0]["messages"] == CONVO
+
+
+@pytest.mark.parametrize("turns, match", [
+    ([], "non-empty list"),
+    ([{"role": "user", "content": "hi"}], "no assistant reply"),
+    ([{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}], "role 'bot'"),
+    ([{"role": "assistant", "content": None}], r"turn 0 \(assistant\) has no string content"),
+    ([{"speaker": "user", "text": "hi"}], "needs 'role' and 'content'"),
+    (["hi"], "turn 0 is a str"),
+])
+def test_malformed_conversations_name_the_line(tmp_path, turns, match):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": CONVO}, {"messages": turns}])
+    with pytest.raises(DataError, match=f"d.jsonl:2: .*{match}"):
+        read_records(path)
+
+
+def test_byte_tokenizer_learns_each_reply_and_its_eos():
+    (sample,) = tokenize([{"messages": CONVO}], TOK, 512)
+    assert TOK.decode(sample.input_ids, skip_special_tokens=False) == (
+        "<bos><|system|>\nBe terse.\n<|user|>\nhi\n<|assistant|>\nHello.<eos><|user|>\n2+2?\n<|assistant|>\n4<eos>")
+    learned = [t for t, label in zip(sample.input_ids, sample.labels) if label != IGNORE_INDEX]
+    assert [t for t in sample.labels if t != IGNORE_INDEX] == learned
+    assert TOK.decode(learned, skip_special_tokens=False) == "Hello.<eos>4<eos>"
+
+
+def test_chat_template_labels_equal_transformers_assistant_mask():
+    fast = chat_tokenizer()
+    (sample,) = tokenize([{"messages": CONVO}], HFTokenizer(fast), 512)
+    ref = fast.apply_chat_template(CONVO, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert sample.input_ids == list(ref["input_ids"])
+    assert [label != IGNORE_INDEX for label in sample.labels] == [bool(m) for m in ref["assistant_masks"]]
+    assert sum(m for m in ref["assistant_masks"]) > 0
+    assert all(label in (IGNORE_INDEX, t) for t, label in zip(sample.input_ids, sample.labels))
+
+
+def test_truncation_keeps_what_fits_and_refuses_a_conversation_with_no_reply_left():
+    (sample,) = tokenize([{"messages": CONVO}], TOK, 52)  # the first reply starts at token 48
+    assert len(sample.input_ids) == 52 and any(label != IGNORE_INDEX for label in sample.labels)
+    with pytest.raises(DataError, match="row:7: no assistant token falls within --max-length 48"):
+        tokenize([{"messages": CONVO, "_line": 7}], TOK, 48, source="row")
+
+
+def test_tokenizer_without_chat_template_or_with_a_non_extending_one_is_refused():
+    with pytest.raises(DataError, match="has no chat template"):
+        tokenize([{"messages": CONVO}], HFTokenizer(chat_tokenizer(template=None)), 512)
+    # a template that drops the system turn once replies exist: the rendered text does not grow by appending
+    odd = ("{% for m in messages %}{% if not (m['role'] == 'system' and messages|length > 2) %}"
+           "{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
+           "{% if add_generation_prompt %}assistant: {% endif %}")
+    with pytest.raises(DataError, match="does not extend"):
+        tokenize([{"messages": CONVO}], HFTokenizer(chat_tokenizer(template=odd)), 512)
+
+
+def test_train_on_conversations_then_generate_with_chat(tmp_path, capsys):
+    rows = [{"messages": [{"role": "user", "content": f"word w{i}"}, {"role": "assistant", "content": f"W{i}"}]}
+            for i in range(24)]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    args = parse_args(["--data", data, "--max-steps", "3", "--eval-steps", "3", "--output", str(tmp_path / "run"),
+                       "--no-progress"])
+    result = train(args)
+    log = json.loads((result.output / "train_log.json").read_text())
+    assert log["evals"] and all(e["eval_loss"] == e["eval_loss"] for e in log["evals"])  # eval rows tokenized
+    assert cli.main(["generate", "--adapter", str(tmp_path / "run"), "--chat", "--system", "terse",
+                     "--prompt", "word w3", "--max-new-tokens", "3"]) == 0
+    assert "word w3" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="fastpeft generate: --system needs --chat"):
+        cli.main(["generate", "--adapter", str(tmp_path / "run"), "--system", "terse", "--prompt", "x"])
