@@ -24,7 +24,9 @@ import os
 import random
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -532,6 +534,43 @@ class TrainResult:
     model: Any
 
 
+# --------------------------------------------------------------------------- stopping on a signal
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption); ``checkpoint`` is the folder
+    saved at the last completed step (None before the first step), from which ``--resume`` continues."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        where = f"; {checkpoint} holds step {step}: continue with --resume" if checkpoint else " before step 1"
+        super().__init__(f"stopped by {signal.Signals(signum).name}{where}")
+
+
+class _StopOnSignal:
+    """While active, SIGINT and SIGTERM only set ``signum`` (the loop stops at the next micro-batch, where the
+    model and optimizer are consistent); a second SIGINT interrupts at once. Outside the main thread (where
+    Python cannot install handlers) it does nothing."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
 # --------------------------------------------------------------------------- checkpoints
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -558,8 +597,9 @@ def checkpoints(out: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(model, optimizer, out: Path, step: int, epoch: int, batch_in_epoch: int, log: dict,
-                    limit: int, tok=None) -> Path:
+                    limit: int, tok=None, rng: dict | None = None) -> Path:
     """Adapter (peft format) + optimizer/RNG/position in ``out/checkpoint-<step>``; keeps the newest ``limit``.
+    ``rng``: the generators' state to record (default: their state now).
 
     The folder is written under a temporary name and renamed, so a run killed mid-save leaves no truncated
     checkpoint; it also gets the tokenizer and the log so far (``fastpeft generate`` reads them). The checkpoint
@@ -573,7 +613,7 @@ def save_checkpoint(model, optimizer, out: Path, step: int, epoch: int, batch_in
         tok.save_pretrained(tmp)
     (tmp / "train_log.json").write_text(json.dumps(log, indent=2, default=str) + "\n")
     torch.save({"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "optimizer": optimizer.state_dict(),
-                "rng": _rng_state(), "log": log, "tensors": _resume_tensors(model),
+                "rng": rng or _rng_state(), "log": log, "tensors": _resume_tensors(model),
                 "allocator": _allocator_state(model)}, tmp / STATE_NAME)
     if ckpt.exists():  # resumed from an earlier checkpoint of this run: the step is written again
         old = out / f".checkpoint-{step}.old"
@@ -861,71 +901,107 @@ def train(args: argparse.Namespace) -> TrainResult:
     t_start, tokens_seen = time.perf_counter(), 0
     done = step >= total_steps
     in_step = 0  # micro-batches backpropagated since the last optimizer step (never reset by an epoch's end)
-    while not done:
-        micro = 0
-        loss_acc, tok_acc = 0.0, 0
-        epoch_batches = list(batches(train_samples, args.batch_size, args.seed, epoch, args.group_by_length))
-        group = world * args.grad_accum  # every optimizer step takes grad_accum micro-batches on every rank
-        epoch_batches = epoch_batches[: len(epoch_batches) // group * group]
-        if not epoch_batches:
-            raise SystemExit(f"fastpeft train: {len(train_samples)} samples give no full step of batch "
-                             f"{args.batch_size} × grad-accum {args.grad_accum} × {world} process(es)")
-        for index, batch in enumerate(epoch_batches):
-            if index < skip or index % world != rank:
-                continue
-            inputs = {n: t.to(device) for n, t in collator(batch).items()}
-            last_micro = (micro + 1) % args.grad_accum == 0
-            sync = runner.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()
-            with sync:
-                with _autocast(device, autocast):
-                    loss = runner(**inputs).loss
-                (loss / args.grad_accum).backward()
-            loss_acc += loss.item() / args.grad_accum
-            tok_acc += int(inputs["attention_mask"].sum())
-            micro += 1
-            in_step += 1
-            if micro % args.grad_accum:
-                continue
-            scale = cosine_lr(step, total_steps, warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * scale
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm) if args.max_grad_norm > 0 \
-                else torch.tensor(0.0)
-            optimizer.step()
-            update = getattr(model, "update_and_allocate", None)
-            if callable(update) and args.method == "adalora":
-                update(step)  # AdaLoRA's budget schedule reads the gradients: after step(), before zero_grad()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if world > 1:  # report the mean loss and the total tokens over the processes
-                import torch.distributed as dist
+    # Where a checkpoint of the last completed step would resume (epoch, batch, RNG): what a stop on SIGINT /
+    # SIGTERM saves. Micro-batches after it are dropped and replayed on --resume with the same dropout masks.
+    boundary = (epoch, skip, _rng_state())
+    stop_now = False
+    stopper = _StopOnSignal().__enter__()
+    try:
+        while not done:
+            micro = 0
+            loss_acc, tok_acc = 0.0, 0
+            epoch_batches = list(batches(train_samples, args.batch_size, args.seed, epoch, args.group_by_length))
+            group = world * args.grad_accum  # every optimizer step takes grad_accum micro-batches on every rank
+            epoch_batches = epoch_batches[: len(epoch_batches) // group * group]
+            if not epoch_batches:
+                raise SystemExit(f"fastpeft train: {len(train_samples)} samples give no full step of batch "
+                                 f"{args.batch_size} × grad-accum {args.grad_accum} × {world} process(es)")
+            for index, batch in enumerate(epoch_batches):
+                if index < skip or index % world != rank:
+                    continue
+                inputs = {n: t.to(device) for n, t in collator(batch).items()}
+                last_micro = (micro + 1) % args.grad_accum == 0
+                sync = runner.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()
+                with sync:
+                    with _autocast(device, autocast):
+                        loss = runner(**inputs).loss
+                    (loss / args.grad_accum).backward()
+                loss_acc += loss.item() / args.grad_accum
+                tok_acc += int(inputs["attention_mask"].sum())
+                micro += 1
+                in_step += 1
+                if micro % args.grad_accum:
+                    if stopper.signum and world == 1:  # mid-accumulation: dropped now, replayed on --resume
+                        stop_now = True
+                        break
+                    continue
+                scale = cosine_lr(step, total_steps, warmup)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * scale
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm) if args.max_grad_norm > 0 \
+                    else torch.tensor(0.0)
+                optimizer.step()
+                update = getattr(model, "update_and_allocate", None)
+                if callable(update) and args.method == "adalora":
+                    update(step)  # AdaLoRA's budget schedule reads the gradients: after step(), before zero_grad()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if world > 1:  # report the mean loss and the total tokens over the processes
+                    import torch.distributed as dist
 
-                stats = torch.tensor([loss_acc, float(tok_acc)], dtype=torch.float64, device=device)
-                dist.all_reduce(stats)
-                loss_acc, tok_acc = stats[0].item() / world, int(stats[1].item())
-            tokens_seen += tok_acc
-            elapsed = time.perf_counter() - t_start
-            entry = {"step": step, "loss": round(loss_acc, 5), "lr": lr * scale,
-                     "grad_norm": round(float(grad_norm), 4), "micro_batches": in_step,
-                     "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9), 1),
-                     "peak_mem_gb": round(peak_memory_gb(device), 3)}
-            log["steps"].append(entry)
-            bar.set_postfix(loss=f"{loss_acc:.3f}", lr=f"{lr * scale:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}",
-                            mem=f"{entry['peak_mem_gb']:.2f}G")
-            bar.update(1)
-            loss_acc, tok_acc, in_step = 0.0, 0, 0
-            if step % eval_every == 0 or step == total_steps:
-                result = run_eval()
-                log["evals"].append(result)
-                if main_rank:
-                    bar.write(f"step {step}: {result}")
-            if step % save_every == 0 and step < total_steps and main_rank:
-                save_checkpoint(model, optimizer, out, step, epoch, index + 1, log, args.save_total_limit, tok)
-            if step >= total_steps:
-                done = True
+                    # the third entry: whether any process was asked to stop (all stop after this same step)
+                    stats = torch.tensor([loss_acc, float(tok_acc), float(stopper.signum > 0)], dtype=torch.float64,
+                                         device=device)
+                    dist.all_reduce(stats)
+                    loss_acc, tok_acc = stats[0].item() / world, int(stats[1].item())
+                    stop_now = stats[2].item() > 0
+                else:
+                    stop_now = stopper.signum > 0
+                tokens_seen += tok_acc
+                elapsed = time.perf_counter() - t_start
+                entry = {"step": step, "loss": round(loss_acc, 5), "lr": lr * scale,
+                         "grad_norm": round(float(grad_norm), 4), "micro_batches": in_step,
+                         "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9), 1),
+                         "peak_mem_gb": round(peak_memory_gb(device), 3)}
+                log["steps"].append(entry)
+                bar.set_postfix(loss=f"{loss_acc:.3f}", lr=f"{lr * scale:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}",
+                                mem=f"{entry['peak_mem_gb']:.2f}G")
+                bar.update(1)
+                loss_acc, tok_acc, in_step = 0.0, 0, 0
+                if step % eval_every == 0 or step == total_steps:
+                    result = run_eval()
+                    log["evals"].append(result)
+                    if main_rank:
+                        bar.write(f"step {step}: {result}")
+                if step % save_every == 0 and step < total_steps and main_rank:
+                    save_checkpoint(model, optimizer, out, step, epoch, index + 1, log, args.save_total_limit, tok)
+                if step >= total_steps:
+                    done = True
+                    break
+                boundary = (epoch, index + 1, _rng_state())
+                if stop_now:
+                    break
+            if stop_now:
                 break
-        skip = 0
-        epoch += 1
+            skip = 0
+            epoch += 1
+    finally:
+        stopper.__exit__(None, None, None)
+    if stop_now and not done:
+        optimizer.zero_grad(set_to_none=True)
+        ckpt = None
+        if step > 0:
+            ckpt = out / f"checkpoint-{step}"
+            if main_rank and not ckpt.exists():
+                save_checkpoint(model, optimizer, out, step, boundary[0], boundary[1], log, args.save_total_limit,
+                                tok, rng=boundary[2])
+        bar.close()
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
+        raise TrainingInterrupted(stopper.signum or signal.SIGTERM, step, ckpt)
     bar.close()
 
     log["final"] = log["evals"][-1] if log["evals"] else {}
@@ -984,6 +1060,9 @@ def main(args: argparse.Namespace) -> int:
     except DataError as exc:
         print(f"fastpeft train: {exc}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as exc:
+        print(f"fastpeft train: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     final = result.log.get("final", {})
     print(f"final: {final}")
     evals = result.log.get("evals", [])

@@ -251,3 +251,51 @@ def test_nccl_ddp_and_fsdp2_on_gpus(tmp_path):
             assert abs(lm - lo) <= 1e-4 * abs(lo), f"{mode} step {step}: loss {lm} vs {lo}"
         for name, g in one["grads"][0].items():
             assert_rel(multi["grads"][0][name], g, 1e-3, f"{mode} grad {name}")
+
+
+STOP_SCRIPT = '''
+import json, os, signal, sys
+import fastpeft.train as t
+
+rank = int(os.environ["RANK"])
+calls = {"n": 0}
+real = t.Collator.__call__
+
+
+def call(self, batch):  # only rank 1 is signalled, during its 3rd micro-batch (step 2 of grad-accum 2)
+    calls["n"] += 1
+    if rank == 1 and calls["n"] == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(self, batch)
+
+
+t.Collator.__call__ = call
+try:
+    t.train(t.parse_args(sys.argv[1:]))
+    result = {"finished": True}
+except t.TrainingInterrupted as exc:
+    result = {"step": exc.step, "signum": exc.signum, "checkpoint": str(exc.checkpoint)}
+out = sys.argv[sys.argv.index("--output") + 1]
+with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+    json.dump(result, f)
+'''
+
+
+def test_a_signal_to_one_process_stops_all_after_the_same_step(tmp_path):
+    """SIGTERM reaching one DDP process only: every process stops after the same optimizer step (the stop flag
+    travels with the step's loss all-reduce), rank 0 saves that step's checkpoint, nobody hangs."""
+    import json
+
+    script = tmp_path / "stop.py"
+    script.write_text(STOP_SCRIPT)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"p{i}", "response": f" r{i}"}) + "\n" for i in range(64)))
+    out = tmp_path / "run"
+    run_launcher([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={NPROC}",
+                  str(script), "--data", str(data), "--eval-split", "0", "--max-steps", "8", "--grad-accum", "2",
+                  "--batch-size", "2", "--save-steps", "100", "--no-progress", "--output", str(out)])
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in range(NPROC))
+    assert r0["step"] == r1["step"] == 2, (r0, r1)  # rank 1 was signalled mid-step 2: that step completes
+    assert r1["signum"] == signal.SIGTERM
+    assert (out / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    assert not (out / "adapter_model.safetensors").exists()  # the final adapter is not written for a stopped run

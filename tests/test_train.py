@@ -535,3 +535,68 @@ def test_every_method_trains_through_the_command(tmp_path, method):
     expected = {"prompt": "PROMPT_TUNING", "ptuning": "P_TUNING", "prefix": "PREFIX_TUNING", "bitfit": "BITFIT",
                 "freeze": "FREEZE", "adapter": "BOTTLENECK", "ia3": "IA3", "adalora": "ADALORA", "qlora": "LORA"}
     assert saved["peft_type"] == expected[method]
+
+
+# ----------------------------------------------------------------------------- stopping on SIGINT / SIGTERM
+def _adapter(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("grad_accum, signum, at_call", [
+    (1, "SIGTERM", 3),   # the signal arrives during step 3: that step completes, then checkpoint-3
+    (2, "SIGINT", 5),    # during the first micro-batch of step 3: it is dropped, checkpoint-2, replayed on resume
+])
+def test_a_signal_saves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch, grad_accum, signum, at_call):
+    """A stopped run saves the last completed step (position and RNG as of that step), and --resume from it
+    ends with the uninterrupted run's losses and adapter (dropout on, so the RNG state matters)."""
+    import signal
+
+    import fastpeft.train as train_module
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"upper: w{i} =", "response": f" W{i}"}) + "\n"
+                            for i in range(48)))
+    common = ["--data", str(data), "--eval-split", "0", "--max-steps", "6", "--grad-accum", str(grad_accum),
+              "--batch-size", "4", "--lora-dropout", "0.1", "--save-steps", "100", "--no-progress"]
+    full = train(parse_args(["--output", str(tmp_path / "a"), *common]))
+
+    calls = {"n": 0}
+    real_call = train_module.Collator.__call__
+
+    def counting_call(self, batch):  # with no eval samples, every collator call is a training micro-batch
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            os.kill(os.getpid(), getattr(signal, signum))
+        return real_call(self, batch)
+
+    monkeypatch.setattr(train_module.Collator, "__call__", counting_call)
+    code = cli.main(["train", "--output", str(tmp_path / "b"), *common])
+    assert code == 128 + getattr(signal, signum)
+    saved_step = 3 if grad_accum == 1 else 2
+    assert [p.name for _, p in train_module.checkpoints(tmp_path / "b")] == [f"checkpoint-{saved_step}"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    monkeypatch.setattr(train_module.Collator, "__call__", real_call)
+
+    resumed = train(parse_args(["--output", str(tmp_path / "b"), *common, "--resume"]))
+    assert [s["step"] for s in resumed.log["steps"]] == [1, 2, 3, 4, 5, 6]
+    assert [s["loss"] for s in resumed.log["steps"]] == pytest.approx([s["loss"] for s in full.log["steps"]],
+                                                                      rel=1e-6)
+    a, b = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_a_second_ctrl_c_interrupts_at_once_and_step_zero_saves_nothing(tmp_path):
+    import signal
+
+    from fastpeft.train import TrainingInterrupted, _StopOnSignal
+
+    with _StopOnSignal() as stopper:
+        stopper._handle(signal.SIGINT, None)
+        assert stopper.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            stopper._handle(signal.SIGINT, None)
+    exc = TrainingInterrupted(signal.SIGINT, 0, None)
+    assert "stopped by SIGINT before step 1" in str(exc) and isinstance(exc, KeyboardInterrupt)
