@@ -9,7 +9,8 @@ Example::
 The adapter is a local folder or a Hub repo id. The base is read with the matching transformers ``AutoModel…``
 class from the config's ``base_model_name_or_path`` (further keyword arguments go to it: ``dtype``,
 ``device_map``, ``quantization_config``, …; ``revision`` and ``subfolder`` name the adapter's, while ``token``,
-``cache_dir`` and ``local_files_only`` serve both downloads). If the adapter folder holds a tokenizer whose
+``cache_dir`` and ``local_files_only`` serve both downloads; the base is read at the config's own ``revision``,
+if it records one, as peft does). If the adapter folder holds a tokenizer whose
 vocabulary is larger than the base's embeddings, the embeddings are resized first, as peft does. Then
 ``PeftModel.from_pretrained`` (any method fastpeft implements, LoRA or not).
 """
@@ -44,10 +45,13 @@ class _AutoPeftModel:
         # subfolder and revision name the adapter; token, cache_dir, ... serve the base model's download too
         kwargs.update({k: v for k, v in hub.items() if k not in ("subfolder", "revision")})
         path = resolve_adapter_path(pretrained_model_name_or_path, with_tokenizer=True, **hub)
-        base_path = read_config_dict(path).get("base_model_name_or_path")
+        saved = read_config_dict(path)
+        base_path = saved.get("base_model_name_or_path")
         if not base_path:
             raise ValueError(f"{path}/adapter_config.json names no base_model_name_or_path; load the base model "
                              "yourself and use PeftModel.from_pretrained(base, path)")
+        if saved.get("revision") is not None:  # the config's revision is the base model's, as in peft
+            kwargs["revision"] = saved["revision"]
         base = getattr(transformers, cls._auto_class).from_pretrained(base_path, **kwargs)
         if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
             tokenizer = transformers.AutoTokenizer.from_pretrained(path)

@@ -137,6 +137,32 @@ def test_auto_peft_model_by_repo_id(hub_cache, tmp_path):
     torch.testing.assert_close(logits(ours), logits(ref), rtol=1e-5, atol=1e-6)
 
 
+def test_auto_peft_model_loads_the_base_at_the_configs_revision(tmp_path, monkeypatch):
+    """adapter_config.json's ``revision`` is the base model's: peft's AutoPeftModel loads the base at it (the
+    ``revision`` keyword names the adapter's own)."""
+    import json
+
+    base_dir = tmp_path / "base"
+    tiny_base().save_pretrained(base_dir)
+    folder = peft_adapter_folder(tmp_path / "a", 4, peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                    task_type="CAUSAL_LM"))
+    config_file = os.path.join(folder, "adapter_config.json")
+    config = json.load(open(config_file))
+    config.update(base_model_name_or_path=os.fspath(base_dir), revision="base-v1")
+    json.dump(config, open(config_file, "w"))
+    asked = []
+    real = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, path, *args, **kwargs):  # a local base has no revisions: record the one asked, load it
+        asked.append(kwargs.pop("revision", None))
+        return real(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    peft.AutoPeftModelForCausalLM.from_pretrained(folder)
+    fastpeft.AutoPeftModelForCausalLM.from_pretrained(folder)
+    assert asked == ["base-v1", "base-v1"]
+
+
 def test_errors_name_both_places(hub_cache, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         fastpeft.PeftModel.from_pretrained(tiny_base(), os.fspath(tmp_path / "no" / "such" / "folder"))
