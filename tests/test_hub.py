@@ -210,6 +210,19 @@ def test_save_pretrained_card_for_other_methods(tmp_path):
     assert (data.library_name, data.base_model) == ("peft", "org/base") and "ia3" in data.tags
 
 
+@pytest.mark.parametrize("method", ["PrefixTuningConfig", "PromptTuningConfig"])
+def test_prompt_learning_save_pretrained_writes_the_card_like_peft(tmp_path, method):
+    config = dict(num_virtual_tokens=4, task_type="CAUSAL_LM")
+    ours = fastpeft.get_peft_model(tiny_base("org/base"), getattr(fastpeft, method)(**config))
+    ref = peft.get_peft_model(tiny_base("org/base"), getattr(peft, method)(**config))
+    ours.save_pretrained(tmp_path / "ours")  # push_to_hub uploads what save_pretrained writes
+    ref.save_pretrained(tmp_path / "ref")
+    assert sorted(os.listdir(tmp_path / "ours")) == sorted(os.listdir(tmp_path / "ref"))
+    mine, theirs = card_data(tmp_path / "ours"), card_data(tmp_path / "ref")
+    for key in ("library_name", "base_model", "pipeline_tag"):
+        assert mine.get(key) == theirs.get(key), key
+
+
 def test_push_to_hub_uploads_the_adapter_only(tmp_path, monkeypatch):
     calls = {}
 

@@ -553,8 +553,12 @@ class PromptLearningPeftModel(_LoraPeftModel):
 
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
                         safe_serialization: bool = True, is_main_process: bool = True, **kwargs) -> None:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` in peft's format."""
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` in peft's format, and peft's model card."""
+        from ..hub import write_model_card
+
         save_one_adapter(self, self._adapter, save_directory, safe_serialization, is_main_process)
+        if is_main_process:
+            write_model_card(self, save_directory)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
