@@ -121,6 +121,18 @@ def test_other_method_by_repo_id_matches_peft(hub_cache):
     assert fastpeft.IA3Config.from_pretrained("someone/ia3", cache_dir=hub_cache).target_modules
 
 
+def test_prompt_learning_load_adapter_by_repo_id(hub_cache, tmp_path):
+    config = dict(num_virtual_tokens=4, task_type="CAUSAL_LM")
+    cache_repo(hub_cache, "someone/pt", peft_adapter_folder(tmp_path / "pt", 7, peft.PromptTuningConfig(**config)),
+               COMMIT_1)
+    ours = fastpeft.get_peft_model(tiny_base(), fastpeft.PromptTuningConfig(**config)).eval()
+    before = logits(ours)
+    ours.load_adapter("someone/pt", "default", cache_dir=hub_cache)
+    ref = peft.PeftModel.from_pretrained(tiny_base(), "someone/pt", cache_dir=hub_cache)
+    assert not torch.allclose(logits(ref), before)
+    torch.testing.assert_close(logits(ours), logits(ref), rtol=1e-5, atol=1e-6)
+
+
 def test_auto_peft_model_by_repo_id(hub_cache, tmp_path):
     base_dir = tmp_path / "base"
     tiny_base().save_pretrained(base_dir)

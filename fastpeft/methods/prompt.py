@@ -260,7 +260,10 @@ class PromptLearningPeftModel(_LoraPeftModel):
         """Load saved weights into the model's own adapter (how transformers' Trainer resumes from a
         checkpoint); without ``is_trainable`` the model is put in eval mode. peft's format keeps the computed
         prompt table only, so a model training a P-tuning MLP/LSTM or a prefix projection cannot take it
-        back (RuntimeError: load it with ``from_pretrained`` for inference instead)."""
+        back (RuntimeError: load it with ``from_pretrained`` for inference instead). ``model_id``: a local folder
+        or a Hub repo id, with peft's Hub keywords (see :func:`fastpeft.hub.resolve_adapter_path`)."""
+        from ..hub import pop_hub_kwargs, resolve_adapter_path
+
         if adapter_name != self._adapter:
             raise NotImplementedError(f"fastpeft's prompt-learning models hold one adapter ({self._adapter!r})")
         encoder = self.prompt_encoder[adapter_name]
@@ -268,6 +271,7 @@ class PromptLearningPeftModel(_LoraPeftModel):
             raise RuntimeError("the saved adapter holds the computed prompt table, not this model's prompt encoder "
                                "(P-tuning MLP/LSTM or prefix projection): it cannot be loaded back for training; "
                                "use from_pretrained on a fresh model for inference")
+        model_id = resolve_adapter_path(model_id, **pop_hub_kwargs(kwargs))
         return load_into_own_adapter(self, model_id, adapter_name, is_trainable, allow_pickle)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
