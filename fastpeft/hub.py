@@ -77,7 +77,7 @@ def resolve_adapter_path(model_id: str | os.PathLike, subfolder: str | None = No
 
 def write_model_card(peft_model: nn.Module, save_directory: str | os.PathLike, tags: list[str] | None = None) -> None:
     """Create or update ``save_directory/README.md`` as peft does: metadata ``library_name: peft``,
-    ``base_model`` (the base's ``name_or_path``), tags (the peft type, ``transformers``,
+    ``base_model`` (the base's ``name_or_path``, unless that is a local folder), tags (the peft type, ``transformers``,
     ``base_model:adapter:<base>``, ``fastpeft``, and ``tags``) and ``pipeline_tag: text-generation`` for causal
     LMs; a card the user wrote keeps its text, and gains those fields and a framework-versions line."""
     from huggingface_hub import ModelCard
@@ -113,7 +113,8 @@ def write_model_card(peft_model: nn.Module, save_directory: str | os.PathLike, t
             tags.add("transformers")
     except ImportError:  # pragma: no cover - transformers is a dependency of every model fastpeft wraps
         pass
-    if base_name:
+    # a local folder is no Hub model id: the Hub refuses such a base_model on upload (transformers' cards skip it)
+    if base_name and not os.path.isdir(base_name):
         tags.add(f"base_model:adapter:{base_name}")
         card.data["base_model"] = base_name
     card.data["tags"] = sorted(tags)

@@ -214,6 +214,20 @@ def test_save_pretrained_writes_peft_model_card(tmp_path):
     assert (data.license, data.library_name, data.base_model) == ("mit", "peft", "org/base")
 
 
+def test_card_names_no_local_folder_as_base_model(tmp_path):
+    """A base read from a local folder has that path as its name: like transformers' model cards (which take
+    ``_name_or_path`` only when it is not a directory), the card does not put it in ``base_model``, which the
+    Hub checks on upload against its model ids (push_to_hub would be refused)."""
+    tiny_base().save_pretrained(tmp_path / "base")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    assert os.path.isdir(base.config._name_or_path)
+    model = fastpeft.get_peft_model(base, fastpeft.LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    model.save_pretrained(tmp_path / "out")
+    data = card_data(tmp_path / "out")
+    assert data.library_name == "peft" and data.get("base_model") is None
+    assert not [t for t in data.tags if t.startswith("base_model:")]
+
+
 def test_save_pretrained_card_for_other_methods(tmp_path):
     model = fastpeft.get_peft_model(tiny_base("org/base"), fastpeft.IA3Config(target_modules=["k_proj"],
                                                                               feedforward_modules=[]))
