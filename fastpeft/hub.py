@@ -3,7 +3,8 @@
 - :func:`resolve_adapter_path`: ``from_pretrained`` / ``load_adapter`` / ``LoraConfig.from_pretrained`` accept a
   local folder or a Hub repo id (``"user/my-lora"``), with peft's keywords ``subfolder``, ``revision``,
   ``token``, ``cache_dir``, ``local_files_only``, ``force_download`` and ``proxies``. Only the adapter files are
-  downloaded (``adapter_config.json`` and the weights), into the usual Hub cache, so offline use
+  downloaded (``adapter_config.json`` and the weights: ``adapter_model.safetensors``, or ``adapter_model.bin`` in a
+  repo without it), into the usual Hub cache, so offline use
   (``HF_HUB_OFFLINE=1`` or ``local_files_only=True``) works from that cache as with peft.
 - :func:`write_model_card`: the ``README.md`` peft writes beside an adapter (``library_name: peft``, the base
   model, tags), which is what makes the Hub list a repo as an adapter of its base model.
@@ -55,11 +56,17 @@ def resolve_adapter_path(model_id: str | os.PathLike, subfolder: str | None = No
     from huggingface_hub.errors import HFValidationError
 
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-    try:
-        root = snapshot_download(path, revision=revision, token=token, cache_dir=cache_dir,
+
+    def download(names: tuple[str, ...]) -> str:
+        return snapshot_download(path, revision=revision, token=token, cache_dir=cache_dir,
                                  local_files_only=local_files_only, force_download=force_download, proxies=proxies,
-                                 allow_patterns=[prefix + name for name in
-                                                 _ADAPTER_FILES + (_TOKENIZER_FILES if with_tokenizer else ())])
+                                 allow_patterns=[prefix + name for name in names])
+
+    try:
+        # the safetensors weights; the pickle only when the repo has no safetensors (as peft, one weights file)
+        root = download(_ADAPTER_FILES[:2] + (_TOKENIZER_FILES if with_tokenizer else ()))
+        if not os.path.isfile(os.path.join(root, prefix, _ADAPTER_FILES[1])):
+            root = download(_ADAPTER_FILES[2:])
     except HFValidationError:
         raise FileNotFoundError(f"adapter folder {path!r} does not exist (and it is not a Hub repo id)") from None
     except Exception as exc:  # noqa: BLE001 — every Hub failure gets the same two-sided message

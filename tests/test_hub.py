@@ -175,6 +175,36 @@ def test_auto_peft_model_loads_the_base_at_the_configs_revision(tmp_path, monkey
     assert asked == ["base-v1", "base-v1"]
 
 
+def test_one_weights_file_is_downloaded(tmp_path, monkeypatch):
+    """A repo holding both adapter_model.safetensors and adapter_model.bin: only the safetensors file is
+    fetched (peft fetches one file too); a repo with the pickle alone gets the pickle."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    both = peft_adapter_folder(tmp_path / "both", 1)
+    peft.PeftModel.from_pretrained(tiny_base(), both).save_pretrained(tmp_path / "pickle", safe_serialization=False)
+    shutil.copy(tmp_path / "pickle" / "adapter_model.bin", os.path.join(both, "adapter_model.bin"))
+    os.remove(tmp_path / "pickle" / "README.md")
+    repos = {"someone/both": both, "someone/pickle": os.fspath(tmp_path / "pickle")}
+    fetched = []
+
+    def snapshot_download(repo_id, allow_patterns=None, **kwargs):  # the Hub and its cache, on disk
+        snapshot = tmp_path / "snapshots" / repo_id
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for name in filter_repo_objects(sorted(os.listdir(repos[repo_id])), allow_patterns=allow_patterns):
+            if not (snapshot / name).exists():
+                fetched.append((repo_id, name))
+                shutil.copy(os.path.join(repos[repo_id], name), snapshot / name)
+        return os.fspath(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    ours = fastpeft.PeftModel.from_pretrained(tiny_base(), "someone/both")
+    assert sorted(fetched) == [("someone/both", "adapter_config.json"), ("someone/both", "adapter_model.safetensors")]
+    fetched.clear()
+    from_pickle = fastpeft.PeftModel.from_pretrained(tiny_base(), "someone/pickle", allow_pickle=True)
+    assert sorted(fetched) == [("someone/pickle", "adapter_config.json"), ("someone/pickle", "adapter_model.bin")]
+    torch.testing.assert_close(logits(from_pickle), logits(ours), rtol=1e-5, atol=1e-6)
+
+
 def test_errors_name_both_places(hub_cache, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         fastpeft.PeftModel.from_pretrained(tiny_base(), os.fspath(tmp_path / "no" / "such" / "folder"))
