@@ -328,8 +328,9 @@ def test_gpu_dequant_equals_bitsandbytes_cuda(quant_type, nested, dtype):
         assert torch.equal(Q.dequantize_4bit(qb, sb), ours), (shape, bs)
 
 
-@pytest.mark.parametrize("quant_type,blocksize,nested,fin,fout", [("nf4", 64, True, 96, 45), ("fp4", 32, False, 40, 33),
-                                                                  ("nf4", 128, True, 72, 50), ("int4", 32, False, 64, 33)])
+@pytest.mark.parametrize("quant_type,blocksize,nested,fin,fout",
+                         [("nf4", 64, True, 96, 45), ("fp4", 32, False, 40, 33), ("nf4", 128, True, 72, 50),
+                          ("int4", 32, False, 64, 33)])
 def test_row_slice_decodes_the_same_rows(quant_type, blocksize, nested, fin, fout):
     """Weight4bit.row_slice (views, the nested absmax decoded once): rows [a, b) decode exactly as the whole
     weight's rows a…b-1, for slices starting on every allowed row (blocks straddling rows included)."""
