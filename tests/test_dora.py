@@ -591,3 +591,21 @@ def test_switching_adapters_freezes_the_magnitude_and_status_like_peft():
     assert sum(p.requires_grad for n, p in ours.named_parameters() if "magnitude" in n) == 6
     ours.delete_adapter("default")
     assert not any("magnitude" in n for n, _ in ours.named_parameters())
+
+
+def test_estimate_counts_the_magnitudes(capsys):
+    """``fastpeft estimate --use-dora``: one magnitude per output feature of each adapted layer, trained with AdamW,
+    and one more (tokens, out) tensor kept per adapted layer."""
+    from fastpeft import cli
+    from fastpeft.estimate import estimate
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    lora = estimate(cfg, "lora", batch_size=2, seq_len=8, r=4, dtype=torch.bfloat16)
+    dora = estimate(cfg, "lora", batch_size=2, seq_len=8, r=4, dtype=torch.bfloat16, use_dora=True)
+    outs = 2 * (3 * 32 + 2 * 16 + 2 * 64)  # q, o, down: h; k, v: kv; gate, up: intermediate — per layer, 2 layers
+    assert dora.trainable - lora.trainable == outs
+    assert dora.trainable_state - lora.trainable_state == 12 * outs and dora.weights - lora.weights == 4 * outs
+    assert dora.activations - lora.activations == (2 * 8) * 2 * outs  # tokens × bf16 bytes × Σ out
+    assert cli.main(["estimate", "--batch-size", "2", "--seq-len", "16", "--use-dora"]) == 0
+    assert "(DoRA)" in capsys.readouterr().out
