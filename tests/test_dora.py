@@ -609,3 +609,19 @@ def test_estimate_counts_the_magnitudes(capsys):
     assert dora.activations - lora.activations == (2 * 8) * 2 * outs  # tokens × bf16 bytes × Σ out
     assert cli.main(["estimate", "--batch-size", "2", "--seq-len", "16", "--use-dora"]) == 0
     assert "(DoRA)" in capsys.readouterr().out
+
+
+def test_bench_dora_rows_check_and_save_less_than_peft(torch_backend):
+    """``fastpeft bench --preset dora-tiny``: fastpeft's DoRA checked against peft's (magnitude gradient
+    included), and the bytes autograd keeps for backward, one layer and q/k/v on one input, below peft's."""
+    from fastpeft import benchmarking
+
+    rows = benchmarking.run("dora-tiny", providers=["peft_dora", "fastpeft_dora"], modes=["fwdbwd"],
+                            dropouts=[0.0, 0.1], warmup_ms=1, rep_ms=2)
+    by = {(r["provider"], r["dropout"]): r for r in rows}
+    for p in (0.0, 0.1):
+        ours, theirs = by[("fastpeft_dora", p)], by[("peft_dora", p)]
+        assert ours["check_ok"] is True and set(ours["check_errors"]) == {"y", "dx", "dA", "dB", "dM"}
+        assert theirs["vs_peft"] == 1.0 and ours["vs_peft"] is not None
+        assert ours["saved_bytes"] < theirs["saved_bytes"] / 2
+        assert ours["saved_bytes_qkv"] < theirs["saved_bytes_qkv"] / 3
