@@ -209,11 +209,11 @@ def _materialized_norm64(layer, name="default"):
     return torch.linalg.vector_norm(w + s * (B @ A), dim=1)
 
 
-@pytest.mark.parametrize("fifo", [False, True])
-def test_norm_formula_vs_materialized_norm(monkeypatch, fifo):
+@pytest.mark.parametrize("fifo,dtype", [(False, torch.float32), (True, torch.float32), (False, torch.bfloat16)])
+def test_norm_formula_vs_materialized_norm(monkeypatch, fifo, dtype):
     """‖W0 + sBA‖ from ‖W0‖² + cross + quadratic terms (chunked, cached) equals the fp64 materialized norm,
     also after training steps moved A and B, after W0 changed in place, and with many small chunks."""
-    base = _dense_base(53, 41, torch.float32, fifo, seed=5)
+    base = _dense_base(53, 41, dtype, fifo, seed=5)
     layer = FastLoraLinear.from_linear(base, r=6, lora_alpha=12, init_lora_weights=False, use_dora=True)
     assert_rel(layer.dora_weight_norm("default"), _materialized_norm64(layer), 1e-6, "init")
     assert_rel(layer.lora_magnitude_vector["default"].weight, _materialized_norm64(layer), 1e-6, "magnitude init")
@@ -228,9 +228,13 @@ def test_norm_formula_vs_materialized_norm(monkeypatch, fifo):
     with torch.no_grad():
         base.weight.mul_(1.7)  # an in-place change of the frozen weight: the cached ‖W0‖² must not be reused
     assert_rel(layer.dora_weight_norm("default"), _materialized_norm64(layer), 1e-6, "W0 changed")
-    monkeypatch.setattr(lora_layer, "_NORM_CHUNK_ELEMS", 100)  # 1–2 rows a chunk
+    monkeypatch.setattr(lora_layer, "_NORM_CHUNK_ELEMS", 100)  # 1–2 rows a chunk (fp32 (out, in): one view)
     layer.reset_dora_cache()
+    reads = []
+    step, read = layer._base_row_reader()
+    monkeypatch.setattr(layer, "_base_row_reader", lambda: (step, lambda a, b: reads.append(b - a) or read(a, b)))
     assert_rel(layer.dora_weight_norm("default"), _materialized_norm64(layer), 1e-6, "chunked")
+    assert sum(reads) == 41 and max(reads) == (41 if dtype == torch.float32 and not fifo else 1)
 
 
 def test_fresh_dora_adapter_is_the_identity(backend):
@@ -625,3 +629,32 @@ def test_bench_dora_rows_check_and_save_less_than_peft(torch_backend):
         assert theirs["vs_peft"] == 1.0 and ours["vs_peft"] is not None
         assert ours["saved_bytes"] < theirs["saved_bytes"] / 2
         assert ours["saved_bytes_qkv"] < theirs["saved_bytes_qkv"] / 3
+
+
+def test_merged_dora_converts_both_ways_and_unmerges():
+    """A DoRA adapter merged by peft converts to fastpeft (the merge-time norm comes along) and unmerges
+    back to W0; merged by fastpeft, it converts to peft and peft unmerges it."""
+    base = _dense_base(28, 21, torch.float32, False, seed=9)
+    w0 = base.weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(_Wrap(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"],
+                                                                 init_lora_weights=False, use_dora=True))
+    _perturb_magnitude(model.base_model.model.proj)
+    x = torch.randn(3, 28)
+    with torch.no_grad():
+        y = model(x)
+        model.base_model.model.proj.merge()
+        fastpeft.from_peft(model)
+        layer = model.base_model.model.proj
+        assert isinstance(layer, FastLoraLinear) and layer.merged_adapters == ["default"]
+        assert_rel(model(x), y, 1e-5, "merged, converted")
+        layer.unmerge()
+        assert_rel(layer.base_layer.weight, w0, 1e-6, "unmerged by fastpeft")
+        layer.merge()
+        fastpeft.to_peft(model)
+        layer = model.base_model.model.proj
+        assert type(layer).__name__ == "Linear" and layer.merged
+        layer.unmerge()
+        assert_rel(layer.base_layer.weight, w0, 1e-6, "unmerged by peft")
+        assert_rel(model(x), y, 1e-5, "unmerged output")

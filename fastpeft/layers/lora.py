@@ -536,14 +536,16 @@ class FastLoraLinear(nn.Module):
 
     def _base_row_reader(self):
         """(row step, read): ``read(start, stop)`` gives rows ``[start, stop)`` of W0 as (out, in) fp32; a
-        start must be a multiple of the step. Dense bases: a slice, upcast (a view for fp32)."""
+        start must be a multiple of the step. Dense bases: a slice, upcast; an fp32 (out, in) weight is read
+        as it is, in one block (a view: nothing to bound)."""
         weight = self.base_layer.weight
 
         def read(start: int, stop: int) -> torch.Tensor:
             rows = weight[:, start:stop].t() if self.fan_in_fan_out else weight[start:stop]
             return rows.float()
 
-        return 1, read
+        whole = weight.dtype == torch.float32 and not self.fan_in_fan_out
+        return (self.out_features if whole else 1), read
 
     @torch.no_grad()
     def _base_sq_and_proj(self, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -559,8 +561,8 @@ class FastLoraLinear(nn.Module):
         for start in range(0, self.out_features, rows):
             w = read(start, min(start + rows, self.out_features))
             projs.append(w @ A.t())
-            if sq is None:
-                sqs.append(w.square().sum(1))
+            if sq is None:  # (a reduction: no squared copy of the block)
+                sqs.append(torch.linalg.vector_norm(w, dim=1).square())
         proj = projs[0] if len(projs) == 1 else torch.cat(projs)
         if sq is None:
             sq = sqs[0] if len(sqs) == 1 else torch.cat(sqs)
