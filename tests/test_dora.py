@@ -346,6 +346,10 @@ def test_config_refusals_like_peft():
         peft.LoraConfig(use_dora=True, lora_bias=True)
     with pytest.raises(ValueError, match="lora_bias"):
         fastpeft.LoraConfig(use_dora=True, lora_bias=True)
+    with pytest.raises(ValueError):
+        peft.LoraConfig(use_dora=True, megatron_config={"tensor_model_parallel_size": 1})
+    with pytest.raises(ValueError, match="megatron_config"):
+        fastpeft.LoraConfig(use_dora=True, megatron_config={"tensor_model_parallel_size": 1})
     cfg = fastpeft.LoraConfig(r=4, use_dora=True)
     assert cfg.use_dora is True and cfg.to_dict()["use_dora"] is True and "use_dora" not in cfg.extra
 
