@@ -55,9 +55,10 @@ copy_out
 # 4-bit: decode GEMV N=1/4/16 (TARGETS.md §3) and the QLoRA layer fwd+bwd (§2); the GEMV's
 # autotune pick per shape is in the log (and collected in autotune-picks.txt at the end).
 # Then e2e: one training step of the TinyLlama-1.1B-shaped model, bf16 and NF4, vs peft (§5),
-# and mixed-adapter batches: 1/4/16/64 adapters vs single-adapter, peft adapter_names, frozen (§4).
+# and mixed-adapter batches: 1/4/16/64 adapters vs single-adapter, peft adapter_names, frozen (§4);
+# last, DoRA layers (fastpeft vs peft, p = 0 and 0.1).
 rc_quant=0
-for preset in ${QUANT_PRESETS-decode qlora mixed e2e}; do
+for preset in ${QUANT_PRESETS-decode qlora mixed e2e dora}; do
   stamp "bench $preset"
   extra=""
   case $preset in e2e*) extra="--dropout 0.05 0.1" ;; esac  # TARGETS.md §5: both sides at both dropouts

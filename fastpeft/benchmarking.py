@@ -13,7 +13,11 @@ Providers: ``frozen`` (``nn.Linear``, weight frozen: the floor), ``cublas``
 (``torch.mm`` alone: ``x Wᵀ``, and for fwdbwd also ``dy W``; cuBLAS on CUDA,
 so our GEMM can be quoted against it), ``peft`` (peft's LoRA with its default
 fp32 adapters), ``peft_bf16`` (peft with adapters in the base dtype), and
-``fastpeft`` / ``fastpeft_bf16`` (``FastLoraLinear`` likewise).
+``fastpeft`` / ``fastpeft_bf16`` (``FastLoraLinear`` likewise). DoRA rows
+(presets ``dora-tiny`` / ``dora``, or asked for by name): ``peft_dora`` and
+``fastpeft_dora`` (``use_dora=True``, fp32 adapters, the same magnitude in both,
+checked against each other with the magnitude's gradient ``dM`` too; their
+``vs_peft`` is against ``peft_dora``).
 
 Each row records the timing (``do_bench`` on CUDA, a wall clock on CPU), the
 bytes autograd saves for backward (one layer, and three layers sharing one
@@ -56,11 +60,14 @@ SHAPES: dict[str, tuple[int, int]] = {
     "64x96": (64, 96),  # CPU smoke size: runs in milliseconds
 }
 PROVIDERS = ("frozen", "cublas", "peft", "peft_bf16", "fastpeft", "fastpeft_bf16")
+DORA_PROVIDERS = ("peft_dora", "fastpeft_dora")
+LAYER_PROVIDERS = PROVIDERS + DORA_PROVIDERS  # what the layer presets accept (PROVIDERS: their default)
 MODES = ("fwd", "fwdbwd")
 # Relative-norm tolerance of the fastpeft-vs-peft check, by activation dtype: twice
 # DESIGN.md's bound against an exact reference, since both sides round independently.
 CHECK_TOL = {torch.float32: 2e-3, torch.float16: 4e-3, torch.bfloat16: 2e-2}
-_CHECKED_AGAINST = {"fastpeft": "peft", "fastpeft_bf16": "peft_bf16"}
+_CHECKED_AGAINST = {"fastpeft": "peft", "fastpeft_bf16": "peft_bf16", "fastpeft_dora": "peft_dora"}
+_PEFT_BASELINE = {"peft_dora": "peft_dora", "fastpeft_dora": "peft_dora"}  # vs_peft's row; "peft" otherwise
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -80,6 +87,9 @@ PRESETS: dict[str, Preset] = {
     # TARGETS.md's canonical layer cells.
     "layer": Preset(cells=(("4096x4096", 8192), ("4096x4096", 2048), ("4096x14336", 8192), ("14336x4096", 8192))),
 }
+_DORA_ROWS = ("frozen", "peft", "fastpeft", *DORA_PROVIDERS)
+PRESETS["dora-tiny"] = Preset(cells=PRESETS["tiny"].cells, providers=_DORA_ROWS)
+PRESETS["dora"] = Preset(cells=(("4096x4096", 8192), ("4096x14336", 8192)), providers=_DORA_ROWS)
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,7 @@ class LayerSpec:
     r: int
     lora_alpha: float
     dropout: float
+    use_dora: bool = False
 
 
 @dataclass
@@ -115,7 +126,7 @@ def _peft(spec: LayerSpec, base: nn.Linear, A: Tensor, B: Tensor, fp32_adapters:
     import peft  # optional: only the peft providers and the check need it
 
     config = peft.LoraConfig(r=spec.r, lora_alpha=spec.lora_alpha, lora_dropout=spec.dropout,
-                             target_modules=["0"], init_lora_weights=False)
+                             target_modules=["0"], init_lora_weights=False, use_dora=spec.use_dora)
     # The smallest model peft injects into: the Linear as module "0" of a Sequential.
     model = peft.get_peft_model(nn.Sequential(copy.deepcopy(base)), config, autocast_adapter_dtype=fp32_adapters)
     # Time peft's LoRA layer itself, not PeftModel.forward's kwargs plumbing around it.
@@ -126,7 +137,7 @@ def _peft(spec: LayerSpec, base: nn.Linear, A: Tensor, B: Tensor, fp32_adapters:
 def _fastpeft(spec: LayerSpec, base: nn.Linear, A: Tensor, B: Tensor, fp32_adapters: bool) -> Case:
     layer = FastLoraLinear.from_linear(copy.deepcopy(base), r=spec.r, lora_alpha=spec.lora_alpha,
                                        lora_dropout=spec.dropout, init_lora_weights=False,
-                                       autocast_adapter_dtype=fp32_adapters)
+                                       autocast_adapter_dtype=fp32_adapters, use_dora=spec.use_dora)
     return Case(layer, _load_adapters(layer, A, B), _dtype_name(layer.lora_A["default"].weight.dtype))
 
 
@@ -135,7 +146,14 @@ def _load_adapters(layer: nn.Module, A: Tensor, B: Tensor) -> list[Tensor]:
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     a.copy_(A)
     b.copy_(B)
-    return [a, b]
+    if "default" not in getattr(layer, "lora_magnitude_vector", {}):
+        return [a, b]
+    # DoRA: the same magnitude in every provider, off ‖W0 + sBA‖ by a few % per row (so k ≠ 1 matters)
+    m = layer.lora_magnitude_vector["default"].weight
+    w = layer.get_base_layer().weight.float()
+    norm = torch.linalg.vector_norm(w + layer.scaling["default"] * (B.float() @ A.float()), dim=1)
+    m.copy_(norm * (1 + 0.05 * torch.cos(torch.arange(norm.numel(), device=norm.device))))
+    return [a, b, m]
 
 
 BUILDERS: dict[str, Callable[[LayerSpec, nn.Linear, Tensor, Tensor], Case]] = {
@@ -145,7 +163,13 @@ BUILDERS: dict[str, Callable[[LayerSpec, nn.Linear, Tensor, Tensor], Case]] = {
     "peft_bf16": lambda *a: _peft(*a, fp32_adapters=False),
     "fastpeft": lambda *a: _fastpeft(*a, fp32_adapters=True),
     "fastpeft_bf16": lambda *a: _fastpeft(*a, fp32_adapters=False),
+    "peft_dora": lambda spec, *a: _peft(_dora(spec), *a, fp32_adapters=True),
+    "fastpeft_dora": lambda spec, *a: _fastpeft(_dora(spec), *a, fp32_adapters=True),
 }
+
+
+def _dora(spec: LayerSpec) -> LayerSpec:
+    return LayerSpec(spec.r, spec.lora_alpha, spec.dropout, use_dora=True)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -212,12 +236,12 @@ def compare_grads(ours: dict[str, Tensor], ref: dict[str, Tensor], tol: float) -
 
 
 def _forward_backward(case: Case, x: Tensor, dy: Tensor) -> tuple[int, dict[str, Tensor]]:
-    """One train-mode fwd+bwd: (saved bytes, {"y", "dx", "dA", "dB"})."""
+    """One train-mode fwd+bwd: (saved bytes, {"y", "dx", "dA", "dB"} and "dM", DoRA's magnitude)."""
     case.module.train()
     with SavedTensorCounter(exclude=case.module.parameters()) as saved:
         y = case.module(x)
     grads = torch.autograd.grad(y, [x, *case.adapters], dy)
-    return saved.nbytes, dict(zip(("y", "dx", "dA", "dB"), (y.detach(), *grads)))
+    return saved.nbytes, dict(zip(("y", "dx", "dA", "dB", "dM"), (y.detach(), *grads)))
 
 
 def _step(case: Case, mode: str, x: Tensor, dy: Tensor) -> Callable[[], None]:
@@ -340,11 +364,11 @@ def run(preset: str = "tiny", shapes: Sequence[str] | None = None, tokens: Seque
     mode, so those rows are measured once per cell with ``dropout`` ``None``.
     """
     grid = PRESETS[preset]
-    # the preset's providers by default; any of PROVIDERS when asked for (checked below with the modes)
+    # the preset's providers by default; any of LAYER_PROVIDERS when asked for (checked below with the modes)
     providers = tuple(_providers(None, grid.providers) if providers is None else providers)
     modes = tuple(modes or grid.modes)
     dropouts = tuple(grid.dropouts if dropouts is None else dropouts)
-    for given, known in ((providers, PROVIDERS), (modes, MODES)):
+    for given, known in ((providers, LAYER_PROVIDERS), (modes, MODES)):
         if set(given) - set(known):
             raise ValueError(f"unknown {sorted(set(given) - set(known))}; choose from {known}")
     dev, dt = resolve_device(device), _DTYPES[dtype or grid.dtype]
@@ -432,15 +456,17 @@ def _check(provider: str, spec: LayerSpec, base: nn.Linear, A: Tensor, B: Tensor
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Set ``vs_frozen`` (time / frozen's, same cell and mode) and ``vs_peft`` (/ peft's, same dropout too)."""
+    """Set ``vs_frozen`` (time / frozen's, same cell and mode) and ``vs_peft`` (/ peft's, same dropout too; DoRA
+    rows / ``peft_dora``'s)."""
     def key(r: dict, *extra: str) -> tuple:
         return (r["shape"], r["tokens"], r["mode"], *(r[k] for k in extra))
 
     frozen = {key(r): r["ms"] for r in rows if r["provider"] == "frozen"}
-    peft = {key(r, "dropout"): r["ms"] for r in rows if r["provider"] == "peft"}
+    peft = {(r["provider"], *key(r, "dropout")): r["ms"] for r in rows if r["provider"] in ("peft", "peft_dora")}
     for r in rows:
+        baseline = (_PEFT_BASELINE.get(r["provider"], "peft"), *key(r, "dropout"))
         r["vs_frozen"] = r["ms"] / frozen[key(r)] if key(r) in frozen else None
-        r["vs_peft"] = r["ms"] / peft[key(r, "dropout")] if key(r, "dropout") in peft else None
+        r["vs_peft"] = r["ms"] / peft[baseline] if baseline in peft else None
 
 
 def row_ok(row: dict) -> bool | None:

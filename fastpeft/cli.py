@@ -42,10 +42,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     from .bench_e2e import E2E_PROVIDERS
 
     all_providers = list(dict.fromkeys(
-        [*benchmarking.PROVIDERS, *benchmarking.DECODE_PROVIDERS, *benchmarking.QLORA_PROVIDERS, *E2E_PROVIDERS,
+        [*benchmarking.LAYER_PROVIDERS, *benchmarking.DECODE_PROVIDERS, *benchmarking.QLORA_PROVIDERS, *E2E_PROVIDERS,
          *benchmarking.MIXED_PROVIDERS]))
     p.add_argument("--providers", nargs="+", choices=all_providers, metavar="NAME",
-                   help=f"layer presets: {', '.join(benchmarking.PROVIDERS)}; decode: "
+                   help=f"layer presets: {', '.join(benchmarking.LAYER_PROVIDERS)}; decode: "
                         f"{', '.join(benchmarking.DECODE_PROVIDERS)}; qlora: {', '.join(benchmarking.QLORA_PROVIDERS)}")
     p.add_argument("--modes", nargs="+", choices=benchmarking.MODES, help="subset of fwd, fwdbwd")
     p.add_argument("--adapters", nargs="+", type=int, metavar="N",

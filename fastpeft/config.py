@@ -2,7 +2,7 @@
 
 A peft user keeps their configs: the fields fastpeft implements carry peft's names,
 defaults and meanings; the peft fields fastpeft does not implement are accepted
-only at their neutral value (e.g. ``use_dora=False``) and refused with a clear
+only at their neutral value (e.g. ``lora_bias=False``) and refused with a clear
 error otherwise; peft fields unknown to this version are kept verbatim and
 written back, never silently dropped.
 """
@@ -36,7 +36,6 @@ BIAS_CHOICES = ("none", "all", "lora_only")
 
 # peft LoraConfig fields fastpeft does not implement, with the values under which they change nothing.
 _NEUTRAL: dict[str, tuple] = {
-    "use_dora": (False, None),
     "lora_bias": (False, None),
     "target_parameters": (None, []),
     "trainable_token_indices": (None, [], {}),
@@ -123,6 +122,10 @@ class LoraConfig(AdapterConfigFile):
         bias: ``"none"``, ``"all"`` (every bias trains and is saved) or ``"lora_only"`` (biases of adapted layers).
         fan_in_fan_out: base stores its weight as (in, out) (GPT-2 ``Conv1D``); detected per layer anyway.
         use_rslora: rank-stabilized scaling ``lora_alpha / √r``.
+        use_dora: weight-decomposed LoRA (DoRA, Liu et al. 2024), as peft's: each adapted layer gets a
+            trainable magnitude vector ``m`` (one entry per output feature, initialized to the row norms of
+            ``W0 + scale·B·A``) and computes ``m / ‖W0 + scale·B·A‖_row ⊙ (x (W0 + scale·B·A)ᵀ) + b``, the
+            norm detached from the gradient. Saved as peft saves it (``<path>.lora_magnitude_vector``).
         init_lora_weights: ``True`` (A Kaiming-uniform, B zero), ``False`` (random B: not an identity),
             ``"gaussian"`` (A ~ N(0, 1/r)), or ``"pissa"`` (principal singular vectors; the base keeps the residual).
         rank_pattern / alpha_pattern: per-module overrides, ``{regex: value}`` matched against the name's tail.
@@ -147,6 +150,7 @@ class LoraConfig(AdapterConfigFile):
     bias: str = "none"
     fan_in_fan_out: bool = False
     use_rslora: bool = False
+    use_dora: bool = False
     init_lora_weights: bool | str = True
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -224,7 +228,7 @@ class LoraConfig(AdapterConfigFile):
 
 def _accept_peft_keywords(cls):
     """Let ``cls(...)`` take peft's LoraConfig keywords fastpeft does not implement, as peft users write
-    them (``LoraConfig(r=8, use_dora=False)``): kept in ``extra`` and checked to be neutral, like the
+    them (``LoraConfig(r=8, lora_bias=False)``): kept in ``extra`` and checked to be neutral, like the
     fields of a loaded ``adapter_config.json``. Other unknown keywords still raise ``TypeError``."""
     init = cls.__init__
 

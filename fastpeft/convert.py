@@ -1,8 +1,8 @@
 """Conversion between Hugging Face peft models and fastpeft layers.
 
 ``from_peft`` swaps, in place, every peft LoRA layer of a ``peft.PeftModel`` for a
-``FastLoraLinear`` that adopts the same parameter objects (nothing copied), the
-adapter names and the active adapter; the peft model keeps working (save,
+``FastLoraLinear`` that adopts the same parameter objects (nothing copied; DoRA's
+magnitude vectors included), the adapter names and the active adapter; the peft model keeps working (save,
 set_adapter, disable_adapter, merge_and_unload) with fused layers inside.
 ``to_peft`` goes back: peft layers on a converted peft model, or a fresh
 ``peft.PeftModel`` built from a fastpeft ``PeftModel``.
@@ -28,12 +28,13 @@ def _register_with_peft() -> None:
 
 
 def _adopt(layer: nn.Module, path: str) -> FastLoraLinear:
-    for flag in ("use_dora", "lora_bias"):
-        on = [n for n, v in getattr(layer, flag, {}).items() if v]
-        if on:
-            raise ValueError(f"{path}: peft option {flag} is on for adapter(s) {on}; fastpeft does not support it")
-    variants = getattr(layer, "lora_variant", {}) or {}
-    if any(v is not None for v in variants.values()):
+    on = [n for n, v in getattr(layer, "lora_bias", {}).items() if v]
+    if on:
+        raise ValueError(f"{path}: peft option lora_bias is on for adapter(s) {on}; fastpeft does not support it")
+    use_dora = {n: bool(v) for n, v in (getattr(layer, "use_dora", {}) or {}).items()}
+    variants = {n: v for n, v in (getattr(layer, "lora_variant", {}) or {}).items()
+                if v is not None and not (use_dora.get(n) and type(v).__name__ == "DoraLinearVariant")}
+    if variants:
         raise ValueError(f"{path}: peft LoRA variant {variants} is not supported by fastpeft")
     base = layer.get_base_layer()
     if _is_linear4bit(base):
@@ -45,6 +46,7 @@ def _adopt(layer: nn.Module, path: str) -> FastLoraLinear:
     new = cls.__new__(cls)
     nn.Module.__init__(new)
     new._fastpeft_adapter_names = None
+    new._init_adapter_state()
     if cls is FastLoraLinear:
         new.in_features, new.out_features, new.fan_in_fan_out = _base_shape(base)
     else:
@@ -56,6 +58,14 @@ def _adopt(layer: nn.Module, path: str) -> FastLoraLinear:
     new.lora_alpha = {n: layer.lora_alpha[n] for n in names}
     new.scaling = {n: float(layer.scaling[n]) for n in names}
     new.use_rslora = {n: bool(getattr(layer, "use_rslora", {}).get(n, False)) for n in names}
+    new.use_dora = {n: use_dora.get(n, False) for n in names}
+    if any(new.use_dora.values()):
+        # peft's ModuleDict of DoraLinearLayer modules, adopted as is: the same magnitude parameters under the
+        # same names (fastpeft reads only their ``weight``); the norms peft kept for merged DoRA adapters too
+        new.lora_magnitude_vector = layer.lora_magnitude_vector
+        caches = getattr(layer, "_caches", {})
+        new._dora_merged_norms = {n: caches[f"{n}-weight_norm"] for n in layer.merged_adapters
+                                  if f"{n}-weight_norm" in caches}
     new._active_adapters = list(layer.active_adapters)  # names this layer lacks are ignored, as in peft
     new.merged_adapters = list(layer.merged_adapters)
     new._disable_adapters = bool(layer.disable_adapters)
@@ -106,7 +116,8 @@ def _to_peft_layer(layer: FastLoraLinear) -> nn.Module:
         drop = layer.lora_dropout[n]
         return plora.LoraConfig(r=layer.r[n], lora_alpha=layer.lora_alpha[n],
                                 lora_dropout=float(getattr(drop, "p", 0.0)), use_rslora=layer.use_rslora[n],
-                                init_lora_weights=False, fan_in_fan_out=layer.fan_in_fan_out)
+                                init_lora_weights=False, fan_in_fan_out=layer.fan_in_fan_out,
+                                use_dora=layer.use_dora.get(n, False))
 
     first = names[0]
     new = cls(base, first, config=config(first), r=layer.r[first], lora_alpha=layer.lora_alpha[first])
@@ -117,6 +128,10 @@ def _to_peft_layer(layer: FastLoraLinear) -> nn.Module:
         new.lora_B[n] = layer.lora_B[n]
         new.lora_dropout[n] = layer.lora_dropout[n]
         new.scaling[n] = layer.scaling[n]
+        if layer.use_dora.get(n, False):  # peft's DoraLinearLayer keeps its place; the parameter is ours
+            new.lora_magnitude_vector[n].weight = layer.lora_magnitude_vector[n].weight
+            if n in layer._dora_merged_norms:
+                new._cache_store(f"{n}-weight_norm", layer._dora_merged_norms[n])
     new.set_adapter(layer.active_adapters)
     new.merged_adapters = list(layer.merged_adapters)
     new._disable_adapters = layer.disable_adapters

@@ -7,8 +7,9 @@ Three numbers side by side:
   a folk estimate, shown for reference;
 - fastpeft's component-wise estimate: base weights (their dtype, or ≈ 4.13
   bits for NF4 with double quantization) + trainable parameters, gradients and
-  AdamW state in fp32 (16 bytes each) + saved activations per layer and token
-  (fewer with activation checkpointing) + the logits and their loss;
+  AdamW state in fp32 (16 bytes each; ``--use-dora`` adds DoRA's magnitude, one
+  per output feature of each adapted layer) + saved activations per layer and
+  token (fewer with activation checkpointing) + the logits and their loss;
 - with ``--measure``, the peak measured over one real training step (CUDA
   allocator peak, or the growth of the process's peak RSS on CPU).
 
@@ -42,6 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--target-modules", default="all-linear")
+    p.add_argument("--use-dora", action="store_true", help="DoRA adapters (LoraConfig(use_dora=True))")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--measure", action="store_true", help="also run one training step and report the peak")
@@ -81,7 +83,7 @@ def _config(model: str | None):
     return AutoConfig.from_pretrained(model)
 
 
-def _peft_on_meta(config, method: str, r: int, targets: str):
+def _peft_on_meta(config, method: str, r: int, targets: str, use_dora: bool = False):
     """The model on the meta device with the method applied: exact parameter counts, no memory."""
     from transformers import AutoModelForCausalLM
 
@@ -91,15 +93,18 @@ def _peft_on_meta(config, method: str, r: int, targets: str):
         model = AutoModelForCausalLM.from_config(config)
         if method != "full":
             t = targets if targets == "all-linear" else [s.strip() for s in targets.split(",")]
-            model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=t))
+            model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=t, use_dora=use_dora))
     return model
 
 
 def estimate(config, method: str = "lora", batch_size: int = 8, seq_len: int = 512, r: int = 16,
              targets: str = "all-linear", dtype: torch.dtype = torch.bfloat16,
-             gradient_checkpointing: bool = False) -> Estimate:
-    """Component-wise training memory (bytes) of ``config`` under ``method``; see the module docstring."""
-    model = _peft_on_meta(config, method, r, targets)
+             gradient_checkpointing: bool = False, use_dora: bool = False) -> Estimate:
+    """Component-wise training memory (bytes) of ``config`` under ``method``; see the module docstring.
+    ``use_dora``: DoRA adapters (their magnitudes are counted as trainable parameters, and each adapted layer
+    keeps one more (tokens, out) tensor for the magnitude's gradient)."""
+    use_dora = use_dora and method != "full"
+    model = _peft_on_meta(config, method, r, targets, use_dora)
     d = torch.empty(0, dtype=dtype).element_size()
     params = trainable = 0
     weights = 0
@@ -130,6 +135,8 @@ def estimate(config, method: str = "lora", batch_size: int = 8, seq_len: int = 5
     per_token = d * (7 * h + 2 * kv + 3 * inter) + 2 * 4 * h
     if method != "full":
         per_token += 4 * r * 7
+    if use_dora:  # fastpeft's DoRA keeps y − b, (tokens, out) in the compute dtype, per adapted layer
+        per_token += d * (3 * h + 2 * kv + 2 * inter)
     if gradient_checkpointing:
         activations = tokens * (layers * d * h + per_token)
     else:
@@ -148,7 +155,7 @@ def _rss_peak() -> int:
 
 def measure(config, method: str = "lora", batch_size: int = 8, seq_len: int = 512, r: int = 16,
             targets: str = "all-linear", dtype: torch.dtype = torch.float32, device: str = "cpu",
-            gradient_checkpointing: bool = False) -> int:
+            gradient_checkpointing: bool = False, use_dora: bool = False) -> int:
     """Peak bytes of one AdamW training step (CUDA: allocator peak; CPU: growth of the peak RSS)."""
     from transformers import AutoModelForCausalLM
 
@@ -166,7 +173,7 @@ def measure(config, method: str = "lora", batch_size: int = 8, seq_len: int = 51
     model = AutoModelForCausalLM.from_config(config).to(device=dev, dtype=dtype)
     if method != "full":
         t = targets if targets == "all-linear" else [s.strip() for s in targets.split(",")]
-        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=t))
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=t, use_dora=use_dora))
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -209,7 +216,7 @@ def main(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, device)
     try:
         est = estimate(config, args.method, args.batch_size, args.seq_len, args.r, args.target_modules, dtype,
-                       args.gradient_checkpointing)
+                       args.gradient_checkpointing, args.use_dora)
     except ValueError as exc:  # e.g. --target-modules matching nothing
         raise SystemExit(f"fastpeft estimate: {exc}") from None
     if args.measure:
@@ -217,12 +224,13 @@ def main(args: argparse.Namespace) -> int:
             print("--measure runs LoRA on the unquantized base (the qlora estimate counts NF4 weights)",
                   file=sys.stderr)
         est.measured_peak = measure(config, args.method, args.batch_size, args.seq_len, args.r, args.target_modules,
-                                    dtype, str(device), args.gradient_checkpointing)
+                                    dtype, str(device), args.gradient_checkpointing, args.use_dora)
     if args.json:
         print(json.dumps(asdict(est), indent=2))
         return 0
     g = est.as_gib()
-    print(f"model: {args.model or 'embedded default'}  method: {args.method}  batch {args.batch_size} × "
+    print(f"model: {args.model or 'embedded default'}  method: {args.method}"
+          + (" (DoRA)" if args.use_dora and args.method != "full" else "") + f"  batch {args.batch_size} × "
           f"{args.seq_len} tokens  dtype {str(dtype).removeprefix('torch.')}"
           + ("  (activation checkpointing)" if args.gradient_checkpointing else ""))
     print(f"parameters: {est.params:,d} ({est.trainable:,d} trainable)")

@@ -263,7 +263,7 @@ def _resolve_targets(model: nn.Module, config: LoraConfig) -> list[str] | str:
     return targets
 
 
-_LORA_INTERNALS = ("base_layer", "lora_A", "lora_B", "original_module", "modules_to_save")
+_LORA_INTERNALS = ("base_layer", "lora_A", "lora_B", "lora_magnitude_vector", "original_module", "modules_to_save")
 
 
 def _is_inside_lora(model: nn.Module, name: str) -> bool:
@@ -384,7 +384,7 @@ class LoraModel(nn.Module):
             kw = dict(r=config.rank_pattern[r_key] if r_key else config.r,
                       lora_alpha=config.alpha_pattern[a_key] if a_key else config.lora_alpha,
                       lora_dropout=config.lora_dropout, init_lora_weights=config.init_lora_weights,
-                      use_rslora=config.use_rslora)
+                      use_rslora=config.use_rslora, use_dora=bool(config.use_dora))
             if isinstance(module, FastLoraLinear):
                 module.update_layer(adapter_name, **kw)
             elif _is_linear4bit(module):
@@ -822,6 +822,9 @@ def mixed_adapter_batch(model: nn.Module, adapter_names: list[str] | None, expan
     if unknown:
         raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}; this model has "
                          f"adapters {existing} (and '__base__' for the base model alone)")
+    dora = sorted({n for layer in layers for n, on in layer.use_dora.items() if on and n in adapter_names})
+    if dora:  # as peft: mixed batches are LoRA-only
+        raise ValueError(f"Cannot pass `adapter_names` when DoRA is enabled (DoRA adapter(s) {dora}).")
     original = _CheckedAdapterNames(adapter_names)
     names = _CheckedAdapterNames(n for n in adapter_names for _ in range(max(1, int(expand))))
     names.unexpanded = original

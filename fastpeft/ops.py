@@ -188,6 +188,47 @@ def _backward(ctx, dy, _dxa):
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("fastpeft::philox_dropout", mutates_args=())
+def _philox_dropout_op(x: Tensor, seed: Tensor, dropout_p: float) -> Tensor:
+    # The mask is regenerated from (seed, row·in + col) over x's rows (all leading dims flattened): the same
+    # stream the LoRA ops draw from, so with the same seed it drops exactly the elements they drop.
+    with torch.autocast(x.device.type, enabled=False):
+        return reference.apply_dropout(_flat(x), seed, dropout_p).reshape(x.shape).clone()
+
+
+@_philox_dropout_op.register_fake
+def _(x, seed, dropout_p):
+    return torch.empty_like(x)
+
+
+def _philox_dropout_setup(ctx, inputs, output):
+    _, seed, dropout_p = inputs
+    ctx.save_for_backward(seed)
+    ctx.dropout_p = dropout_p
+
+
+def _philox_dropout_backward(ctx, grad):
+    (seed,) = ctx.saved_tensors
+    return _philox_dropout_op(grad, seed, ctx.dropout_p), None, None
+
+
+_philox_dropout_op.register_autograd(_philox_dropout_backward, setup_context=_philox_dropout_setup)
+
+
+def philox_dropout(x: Tensor, dropout_p: float, seed: Tensor) -> Tensor:
+    """``m ⊙ x / (1 − p)`` with the keep-mask ``m`` of ``fastpeft.ops.lora_linear``'s dropout under the same
+    ``seed`` (Philox4x32-10 keyed by ``(seed, row·in + col)``; both backends agree bit for bit), as a new
+    tensor, differentiable in ``x``. Autograd keeps only the seed: backward regenerates the mask. Runs the
+    PyTorch Philox on every device (no fused kernel: DoRA's dropout path is its only user). Example::
+
+        seed = draw_seed(x.device)
+        xd = philox_dropout(x, 0.1, seed)   # the D(x) that lora_linear(x, ..., dropout_p=0.1, seed=seed) uses
+    """
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {dropout_p}")
+    return _philox_dropout_op(x, seed, float(dropout_p))
+
+
 def draw_seed(device: torch.device | str) -> Tensor:
     """A dropout seed from torch's generator on ``device`` (so ``torch.manual_seed`` fixes it)."""
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)

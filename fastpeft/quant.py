@@ -526,6 +526,39 @@ class Weight4bit:
             return dequantize_int4(self.packed, self.absmax, self.zeros, self.blocksize, self.in_features, dtype)
         return dequantize_4bit(self.packed, self.state(), dtype)
 
+    def row_step(self) -> int:
+        """The row granularity of ``row_slice``: NF4/FP4 blocks run over the flattened weight, so a slice
+        must start on a block boundary (``start · in_features`` a multiple of ``blocksize``); int4 groups
+        lie within a row (any row)."""
+        if self.quant_type == "int4":
+            return 1
+        return self.blocksize // math.gcd(self.in_features, self.blocksize)
+
+    def row_slice(self, start: int, stop: int, absmax: Tensor | None = None) -> Weight4bit:
+        """Rows ``[start, stop)`` as a ``Weight4bit`` over views of this one's tensors (no copy of the codes),
+        to decode a large weight a few rows at a time. ``start`` must be a multiple of ``row_step()``.
+        A double-quantized NF4/FP4 weight is sliced through its decoded fp32 absmax: pass ``absmax`` =
+        ``real_absmax(self.state())`` when slicing many times (computed here otherwise); the slice is then
+        single-level with exactly the values the nested statistics decode to. Example::
+
+            absmax = real_absmax(w4.state())
+            rows = w4.row_slice(0, 256, absmax).dequantize(torch.float32)   # == w4.dequantize(fp32)[:256]
+        """
+        if not 0 <= start <= stop <= self.out_features or start % self.row_step():
+            raise ValueError(f"row_slice({start}, {stop}) of a {self.out_features}-row weight: rows must be in "
+                             f"range and start a multiple of row_step() = {self.row_step()}")
+        rows = stop - start
+        if self.quant_type == "int4":
+            return Weight4bit(self.packed[start:stop], "int4", rows, self.in_features, self.blocksize,
+                              self.absmax[start:stop], zeros=self.zeros[start:stop], dtype=self.dtype)
+        if absmax is None:
+            absmax = real_absmax(self.state())
+        first, last = start * self.in_features, stop * self.in_features
+        return Weight4bit(_as_bytes(self.packed)[first // 2 : (last + 1) // 2], self.quant_type, rows,
+                          self.in_features, self.blocksize,
+                          absmax.reshape(-1)[first // self.blocksize : -(-last // self.blocksize)],
+                          code=self.code, dtype=self.dtype)
+
     def state(self) -> QuantState4bit:
         """An NF4/FP4 ``QuantState4bit`` over the same tensors."""
         state2 = None if not self.nested else NestedState(self.nested_absmax, self.nested_code, self.nested_blocksize)

@@ -1,6 +1,7 @@
 """Adapters on disk in peft's exact format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-Saved keys are peft's: ``base_model.model.<path>.lora_A.weight`` (the adapter name dropped),
+Saved keys are peft's: ``base_model.model.<path>.lora_A.weight`` (the adapter name dropped; DoRA's
+magnitude as ``base_model.model.<path>.lora_magnitude_vector``, without ``.weight``, as peft writes it),
 ``base_model.model.<path>.<param>`` for a ``modules_to_save`` module, and the biases
 ``bias="all"|"lora_only"`` asks for. Loading never unpickles unless the caller opts in,
 and then only with ``weights_only=True``.
@@ -23,7 +24,8 @@ if TYPE_CHECKING:
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
-_LORA_KEY = re.compile(r"\.(lora_A|lora_B)\.([^.]+)\.weight$")
+_LORA_KEY = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)\.([^.]+)\.weight$")
+_MAGNITUDE = "lora_magnitude_vector"
 
 
 def _wrappers(peft_model: PeftModel) -> dict[str, object]:
@@ -49,7 +51,8 @@ def adapter_state_dict(peft_model: PeftModel, adapter_name: str = "default",
         m = _LORA_KEY.search(key)
         if m:
             if m.group(2) == adapter_name:
-                out[key[: m.start()] + f".{m.group(1)}.weight"] = value
+                suffix = "" if m.group(1) == _MAGNITUDE else ".weight"
+                out[key[: m.start()] + f".{m.group(1)}{suffix}"] = value
             continue
         owner = next((w for w in wrappers if key.startswith(w + ".")), None)
         if owner is not None:
@@ -147,6 +150,8 @@ def load_adapter_state(peft_model: PeftModel, saved: dict[str, torch.Tensor], ad
     for key, value in saved.items():
         if key.endswith((".lora_A.weight", ".lora_B.weight")):
             target = key[: -len(".weight")] + f".{adapter_name}.weight"
+        elif key.endswith(f".{_MAGNITUDE}"):
+            target = f"{key}.{adapter_name}.weight"
         else:
             owner = next((w for w in wrappers if key.startswith(w + ".")), None)
             rest = key[len(owner) + 1:] if owner is not None else ""

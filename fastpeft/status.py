@@ -72,7 +72,9 @@ def _layer_status(name: str, module: nn.Module) -> TunerLayerStatus | None:
     from .model import ModulesToSaveWrapper
 
     if isinstance(module, FastLoraLinear):
-        per_adapter = {n: [*module.lora_A[n].parameters(), *module.lora_B[n].parameters()] for n in module.lora_A}
+        per_adapter = {n: [*module.lora_A[n].parameters(), *module.lora_B[n].parameters(),
+                           *(module.lora_magnitude_vector[n].parameters() if n in module.lora_magnitude_vector else ())]
+                       for n in module.lora_A}
         return TunerLayerStatus(name=name, module_type=f"fastpeft.{type(module).__name__}",
                                 enabled=not module.disable_adapters, active_adapters=list(module.active_adapters),
                                 merged_adapters=list(module.merged_adapters),

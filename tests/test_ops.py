@@ -227,3 +227,24 @@ def test_seed_is_validated():
     for bad in (7, torch.tensor([7], dtype=torch.int32), torch.tensor([1, 2]), torch.tensor(3.0)):
         with pytest.raises(ValueError, match="seed must be a one-element int64 tensor"):
             lora_linear(x, W, b, A, B, scale=1.0, dropout_p=0.1, seed=bad)
+
+
+def test_philox_dropout_drops_what_the_lora_op_drops(backend):
+    """``philox_dropout(x, p, seed)`` is the D(x) of ``lora_linear(..., dropout_p=p, seed=seed)``: with A = I
+    and B = I the op's LoRA term is D(x) itself. Backward applies the same mask; only the seed is kept."""
+    from fastpeft.ops import philox_dropout
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 9, 16, generator=g, requires_grad=True)
+    seed = draw_seed("cpu")
+    xd = philox_dropout(x, 0.3, seed)
+    eye = torch.eye(16)
+    op = lora_linear(x.detach(), torch.zeros(16, 16), None, eye, eye, scale=1.0, dropout_p=0.3, seed=seed)
+    assert_rel(xd.detach(), op, 1e-6, "D(x)")
+    keep = dropout_keep_mask(seed, 18, 16, 0.3).reshape(2, 9, 16)
+    assert torch.equal(xd == 0, ~keep & (x != 0))
+    dy = torch.randn(2, 9, 16, generator=g)
+    xd.backward(dy)
+    assert_rel(x.grad, torch.where(keep, dy / 0.7, 0.0), 1e-6, "backward")
+    with pytest.raises(ValueError, match="dropout probability"):
+        philox_dropout(x, 1.0, seed)

@@ -12,8 +12,11 @@ own PyTorch reference backend (``default``, reached here by redispatch), and the
   backend there and ``dequantize_4bit`` everywhere else.
 """
 
+import math
+
 import pytest
 import torch
+from torch import nn
 
 from fastpeft import quant as Q
 
@@ -323,3 +326,25 @@ def test_gpu_dequant_equals_bitsandbytes_cuda(quant_type, nested, dtype):
         ours = Q.dequantize_kernel(Q.Weight4bit.from_bnb(qb, sb), dtype)
         assert torch.equal(ours, BF.dequantize_4bit(qb, sb)), (shape, bs)
         assert torch.equal(Q.dequantize_4bit(qb, sb), ours), (shape, bs)
+
+
+@pytest.mark.parametrize("quant_type,blocksize,nested,fin,fout",
+                         [("nf4", 64, True, 96, 45), ("fp4", 32, False, 40, 33), ("nf4", 128, True, 72, 50),
+                          ("int4", 32, False, 64, 33)])
+def test_row_slice_decodes_the_same_rows(quant_type, blocksize, nested, fin, fout):
+    """Weight4bit.row_slice (views, the nested absmax decoded once): rows [a, b) decode exactly as the whole
+    weight's rows a…b-1, for slices starting on every allowed row (blocks straddling rows included)."""
+    torch.manual_seed(0)
+    w4 = Q.quantize_linear(nn.Linear(fin, fout), quant_type, blocksize, nested).weight4bit()
+    full = w4.dequantize(torch.float32)
+    step = w4.row_step()
+    assert step == (1 if quant_type == "int4" else blocksize // math.gcd(fin, blocksize))
+    absmax = None if quant_type == "int4" else Q.real_absmax(w4.state())
+    for start in range(0, fout, step):
+        stop = min(fout, start + 2 * step + 1)
+        part = w4.row_slice(start, stop, absmax)
+        assert part.packed.data_ptr() >= w4.packed.data_ptr()  # a view, no copy of the codes
+        assert torch.equal(part.dequantize(torch.float32), full[start:stop])
+    if step > 1:
+        with pytest.raises(ValueError, match="row_step"):
+            w4.row_slice(1, 3)

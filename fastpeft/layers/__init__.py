@@ -1,6 +1,6 @@
-from .lora import FastLoraLinear
+from .lora import DoraMagnitude, FastLoraLinear
 
-__all__ = ["FastLoraLinear"]
+__all__ = ["DoraMagnitude", "FastLoraLinear"]
 from .lora4bit import FastLoraLinear4bit  # noqa: E402
 
 __all__ += ["FastLoraLinear4bit"]

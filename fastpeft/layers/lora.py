@@ -5,6 +5,16 @@ Parameters and buffers carry peft's names and shapes (``base_layer.weight``,
 state dicts move between the two unchanged. The forward of the first active
 adapter is one fused op (``fastpeft.ops.lora_linear``); further active
 adapters, rare in training, are added with plain PyTorch.
+
+DoRA (``use_dora=True``, peft's weight-decomposed LoRA) adds ``lora_magnitude_vector.<adapter>.weight``
+(out,) and computes ``m / ‖W0 + s·B·A‖_row ⊙ (x W0ᵀ + s·x Aᵀ Bᵀ) + b`` (the norm detached, as in peft):
+at p = 0 or in eval that is the same fused op (without its bias) and one row scaling. The row norms
+come without the (out, in) matrix peft builds on every forward::
+
+    ‖W0_o + s·B_o A‖² = ‖W0_o‖² + 2s·B_o·(W0 Aᵀ)_o + s²·B_o (A Aᵀ) B_oᵀ
+
+``‖W0_o‖²`` is cached (W0 is frozen), ``W0 Aᵀ`` (out × r) reads W0 once, a bounded number of rows
+at a time (4-bit bases decode those rows only), the rest is r-sized; all in fp32.
 """
 
 from __future__ import annotations
@@ -17,11 +27,28 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..ops import lora_linear
+from ..ops import draw_seed, lora_linear, philox_dropout, to_autocast_dtype
 from ..ops_mixed import BASE as _BASE_NAME
 from ..ops_mixed import lora_linear_mixed, mixed_rows, stack_adapters
 
 _INIT_CHOICES = (True, False, "gaussian", "pissa")
+# Rows of W0 upcast (or decoded) to fp32 at once for DoRA's weight norm: bounds that temporary at
+# ~16 MiB instead of peft's full (out, in) fp32 matrix.
+_NORM_CHUNK_ELEMS = 1 << 22
+
+
+class DoraMagnitude(nn.Module):
+    """DoRA's trainable magnitude vector of one adapter: ``weight`` of shape (out_features,), initialized to
+    the row norms of ``W0 + scale·B·A``. Sits where peft keeps its ``DoraLinearLayer``
+    (``lora_magnitude_vector[adapter]``), so the parameter is ``lora_magnitude_vector.<adapter>.weight``
+    in both libraries."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+
+    def extra_repr(self) -> str:
+        return f"out_features={self.weight.shape[0]}"
 
 
 class Conv1DBase(nn.Module):
@@ -72,7 +99,8 @@ class FastLoraLinear(nn.Module):
     False: both keep nn.Linear's default init, so B ≠ 0; "pissa": A, B from the
     base weight's top-r singular triplets, the base keeps the residual, as peft).
     Adapter weights are fp32 on a half-precision base unless
-    ``autocast_adapter_dtype=False``. Output dtype is the input's.
+    ``autocast_adapter_dtype=False``. ``use_dora``: DoRA, as peft's (see the module docstring): a trainable
+    magnitude per output feature, ``lora_magnitude_vector.<adapter>.weight``. Output dtype is the input's.
 
     Example::
 
@@ -81,25 +109,25 @@ class FastLoraLinear(nn.Module):
     """
 
     # peft's BaseTunerLayer bookkeeping: which attributes hold per-adapter modules and values.
-    adapter_layer_names = ("lora_A", "lora_B")
+    adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int = 8,
                  lora_alpha: float = 8, lora_dropout: float = 0.0, use_rslora: bool = False,
-                 fan_in_fan_out: bool = False, init_lora_weights: bool | str = True,
+                 fan_in_fan_out: bool = False, init_lora_weights: bool | str = True, use_dora: bool = False,
                  adapter_name: str = "default", autocast_adapter_dtype: bool = True, device=None, dtype=None):
         super().__init__()
         base_cls = Conv1DBase if fan_in_fan_out else nn.Linear
         base = base_cls(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._wrap(base, adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                   use_rslora=use_rslora, init_lora_weights=init_lora_weights,
+                   use_rslora=use_rslora, init_lora_weights=init_lora_weights, use_dora=use_dora,
                    autocast_adapter_dtype=autocast_adapter_dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, *, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                     use_rslora: bool = False, fan_in_fan_out: bool | None = None,
                     init_lora_weights: bool | str = True, adapter_name: str = "default",
-                    autocast_adapter_dtype: bool = True) -> FastLoraLinear:
+                    autocast_adapter_dtype: bool = True, use_dora: bool = False) -> FastLoraLinear:
         """Wrap an existing ``nn.Linear`` (or transformers ``Conv1D``) without copying its weight.
 
         ``fan_in_fan_out`` is detected from the module type when not given.
@@ -109,7 +137,7 @@ class FastLoraLinear(nn.Module):
             raise ValueError(f"fan_in_fan_out={fan_in_fan_out} does not match the base layer "
                              f"{type(linear).__name__} (which needs fan_in_fan_out={detected})")
         return cls._wrapping(linear, adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                             use_rslora=use_rslora, init_lora_weights=init_lora_weights,
+                             use_rslora=use_rslora, init_lora_weights=init_lora_weights, use_dora=use_dora,
                              autocast_adapter_dtype=autocast_adapter_dtype)
 
     @classmethod
@@ -128,34 +156,45 @@ class FastLoraLinear(nn.Module):
         # Only the adapters train by default (peft's bias="none"); a caller may unfreeze the bias.
         for param in base.parameters():
             param.requires_grad_(False)
+        self._init_adapter_state()
+        self.update_layer(adapter_name, **adapter_kwargs)
+
+    def _init_adapter_state(self) -> None:
+        """The per-adapter containers (peft's names), empty; no adapter active, none merged."""
         self.lora_dropout = nn.ModuleDict()
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
+        self.use_dora: dict[str, bool] = {}
         self._active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
-        self.update_layer(adapter_name, **adapter_kwargs)
+        self._dora_merged_norms: dict[str, torch.Tensor] = {}  # ‖W0 + ΔW‖ at merge time, for unmerge
+        self._w0_sq_cache: tuple | None = None  # (key of the base weight, ‖W0_o‖² fp32)
 
     def update_layer(self, adapter_name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                      init_lora_weights: bool | str = True, use_rslora: bool = False,
-                     autocast_adapter_dtype: bool = True, config=None, **peft_kwargs) -> None:
+                     autocast_adapter_dtype: bool = True, config=None, use_dora: bool = False,
+                     **peft_kwargs) -> None:
         """Add (or replace) adapter ``adapter_name`` and make it the active one (peft's name).
 
+        ``use_dora``: a DoRA adapter, its magnitude initialized to the row norms of ``W0 + scale·B·A``
+        (after the init of A and B).
+
         Called by peft's own model code (on a model converted with ``fastpeft.from_peft``), it takes
-        peft's arguments: ``config`` (a LoraConfig) supplies dropout, init and rsLoRA, the adapter then
-        joins as peft's do (the active adapters stay active; the new one trains only if its config is
+        peft's arguments: ``config`` (a LoraConfig) supplies dropout, init, rsLoRA and DoRA, the adapter
+        then joins as peft's do (the active adapters stay active; the new one trains only if its config is
         not in inference mode and it is active), and further keywords (``target_name``, …) are accepted;
-        peft features fastpeft lacks (``use_dora``, ``lora_bias``) are refused by name."""
-        for flag in ("use_dora", "lora_bias"):
-            if getattr(config, flag, False) or peft_kwargs.get(flag):
-                raise ValueError(f"peft option {flag}=True is not supported by fastpeft's FastLoraLinear")
+        peft features fastpeft lacks (``lora_bias``) are refused by name."""
+        if getattr(config, "lora_bias", False) or peft_kwargs.get("lora_bias"):
+            raise ValueError("peft option lora_bias=True is not supported by fastpeft's FastLoraLinear")
         if config is not None:
             lora_dropout, init_lora_weights = config.lora_dropout, config.init_lora_weights
-            use_rslora = config.use_rslora
+            use_rslora, use_dora = config.use_rslora, bool(getattr(config, "use_dora", False))
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r!r}")
         if not 0.0 <= float(lora_dropout) < 1.0:
@@ -178,6 +217,14 @@ class FastLoraLinear(nn.Module):
         self.use_rslora[adapter_name] = bool(use_rslora)
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.reset_lora_parameters(adapter_name, init_lora_weights)
+        self.use_dora[adapter_name] = bool(use_dora)
+        self._dora_merged_norms.pop(adapter_name, None)
+        if use_dora:
+            # With the same norm code the forward uses: B = 0 gives m / ‖W0‖ = 1 exactly (an identity at init).
+            norm = self.dora_weight_norm(adapter_name)
+            self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm.to(dtype))
+        elif adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
         if config is None:
             self.set_adapter(adapter_name)
         else:  # peft's semantics: the active adapters stay as they are
@@ -254,17 +301,24 @@ class FastLoraLinear(nn.Module):
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in self.lora_A:
             train = name in names and not inference_mode
-            self.lora_A[name].weight.requires_grad_(train)
-            self.lora_B[name].weight.requires_grad_(train)
+            for param in self._adapter_parameters(name):
+                param.requires_grad_(train)
         self._active_adapters = names
+
+    def _adapter_parameters(self, name: str) -> list[torch.Tensor]:
+        """Adapter ``name``'s trainable tensors: A, B and (DoRA) the magnitude."""
+        params = [self.lora_A[name].weight, self.lora_B[name].weight]
+        if name in self.lora_magnitude_vector:
+            params += list(self.lora_magnitude_vector[name].parameters())
+        return params
 
     def set_requires_grad(self, adapter_names: str | Iterable[str], requires_grad: bool = True) -> None:
         """Switch training on or off for the named adapters of this layer (peft's method)."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in names:
             if name in self.lora_A:
-                self.lora_A[name].weight.requires_grad_(requires_grad)
-                self.lora_B[name].weight.requires_grad_(requires_grad)
+                for param in self._adapter_parameters(name):
+                    param.requires_grad_(requires_grad)
 
     def _get_available_adapters(self) -> set[str]:
         return set(self.lora_A.keys())
@@ -288,14 +342,6 @@ class FastLoraLinear(nn.Module):
         return {}
 
     @property
-    def lora_magnitude_vector(self) -> dict:
-        return {}
-
-    @property
-    def use_dora(self) -> dict[str, bool]:
-        return dict.fromkeys(self.lora_A, False)
-
-    @property
     def lora_bias(self) -> dict[str, bool]:
         return dict.fromkeys(self.lora_A, False)
 
@@ -314,12 +360,23 @@ class FastLoraLinear(nn.Module):
             if self._in_peft_model:
                 return
             raise ValueError(f"unknown adapter {adapter_name!r}; this layer has {list(self.lora_A.keys())}")
+        remerge = []
         if adapter_name in self.merged_adapters:
-            self._unmerge_one(adapter_name)
+            if any(self.use_dora.get(n, False) for n in self.merged_adapters):
+                # DoRA merges do not commute: take every merged adapter out, put the others back afterwards
+                remerge = [n for n in self.merged_adapters if n != adapter_name]
+                for name in reversed(list(self.merged_adapters)):
+                    self._unmerge_one(name)
+            else:
+                self._unmerge_one(adapter_name)
         for d in (self.lora_A, self.lora_B, self.lora_dropout):
             del d[adapter_name]
-        for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora):
-            del d[adapter_name]
+        if adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
+        for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.use_dora):
+            d.pop(adapter_name, None)
+        if remerge:
+            self.merge(adapter_names=remerge)
         self._active_adapters = [n for n in self._active_adapters if n != adapter_name]
         if not self._active_adapters and len(self.lora_A):
             self.set_adapter(next(iter(self.lora_A.keys())))
@@ -357,10 +414,56 @@ class FastLoraLinear(nn.Module):
         delta = (B @ A) * self.scaling[adapter_name]
         return delta.t() if self.fan_in_fan_out else delta
 
+    def _along_out(self, v: torch.Tensor) -> torch.Tensor:
+        """A per-output-feature vector shaped to scale a weight laid out as the base's."""
+        return v.view(1, -1) if self.fan_in_fan_out else v.view(-1, 1)
+
+    def _merge_math(self, w: torch.Tensor, name: str, w0: torch.Tensor | None, record: bool = True) -> torch.Tensor:
+        """``w`` (fp32, laid out as the base weight) with adapter ``name`` merged in. LoRA: ``w + ΔW``. DoRA,
+        as peft: ``m / ‖W0 + ΔW‖_row ⊙ (w + ΔW)``, the norm taken on the base without merged adapters
+        (``w0``, or ``w`` itself when None) and kept (``record``) for the unmerge."""
+        delta = self.get_delta_weight(name)
+        if not self.use_dora.get(name, False):
+            return w + delta
+        base = w if w0 is None else w0
+        norm = torch.linalg.vector_norm(base + delta, dim=0 if self.fan_in_fan_out else 1)
+        if record:
+            self._dora_merged_norms[name] = norm
+        factor = self.lora_magnitude_vector[name].weight.detach().float() / norm
+        return self._along_out(factor) * (w + delta)
+
+    def _unmerge_math(self, w: torch.Tensor, name: str) -> torch.Tensor:
+        """``w`` (fp32) with merged adapter ``name`` taken out again (DoRA: with the norm kept at merge)."""
+        delta = self.get_delta_weight(name)
+        if not self.use_dora.get(name, False):
+            return w - delta
+        factor = self.lora_magnitude_vector[name].weight.detach().float() / self._dora_merged_norms[name]
+        return w / self._along_out(factor) - delta
+
+    def _unmerged_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` (the current base weight, fp32) with every merged adapter taken out, in fp32 (nothing written)."""
+        for name in reversed(self.merged_adapters):
+            if name in self.lora_A:
+                w = self._unmerge_math(w, name)
+        return w
+
+    def _check_merged(self, w: torch.Tensor, name: str, safe_merge: bool) -> None:
+        if safe_merge and not torch.isfinite(w).all():
+            self._dora_merged_norms.pop(name, None)
+            raise ValueError(f"NaNs or infs detected in the merged weight of adapter {name!r}; "
+                             "the adapter seems to be broken")
+
+    def reset_dora_cache(self) -> None:
+        """Forget the cached ``‖W0_o‖²`` of DoRA's weight norm. fastpeft resets it itself (merge, unmerge) and
+        notices in-place changes and replacements of the base weight; call this only after writing into
+        the base weight through ``.data`` (which autograd's version counter does not see)."""
+        self._w0_sq_cache = None
+
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the active (or the named) adapters into the base weight; forward becomes the base alone.
 
+        DoRA adapters merge as in peft: ``W ← m / ‖W0 + ΔW‖_row ⊙ (W + ΔW)``, the norm kept for ``unmerge``.
         ``safe_merge`` checks the merged weight for NaN/inf before writing it.
         """
         names = self.active_adapters if adapter_names is None else list(adapter_names)
@@ -373,34 +476,43 @@ class FastLoraLinear(nn.Module):
                 continue
             if name not in self.lora_A:
                 raise ValueError(f"unknown adapter {name!r}; this layer has {list(self.lora_A.keys())}")
-            merged = weight.float() + self.get_delta_weight(name)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs or infs detected in the merged weight of adapter {name!r}; "
-                                 "the adapter seems to be broken")
+            w = weight.float()
+            w0 = self._unmerged_weight(w) if self.use_dora.get(name, False) and self.merged_adapters else None
+            merged = self._merge_math(w, name, w0)
+            self._check_merged(merged, name, safe_merge)
             weight.data.copy_(merged.to(weight.dtype))
             self.merged_adapters.append(name)
+        self.reset_dora_cache()
 
     def _unmerge_one(self, name: str) -> None:
         weight = self.base_layer.weight
-        weight.data.copy_((weight.float() - self.get_delta_weight(name)).to(weight.dtype))
+        weight.data.copy_(self._unmerge_math(weight.float(), name).to(weight.dtype))
+        self._dora_merged_norms.pop(name, None)
         self.merged_adapters.remove(name)
+        self.reset_dora_cache()
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract every merged adapter from the base weight again."""
+        """Take every merged adapter out of the base weight again (last merged first)."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         for name in reversed(list(self.merged_adapters)):
             self._unmerge_one(name)
 
+    def _pending_merge(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` (the current base weight, fp32) with the active adapters that are not merged merged in, in fp32."""
+        pending = [n for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters
+                   and not self._disable_adapters]
+        w0 = self._unmerged_weight(w) if self.merged_adapters else w
+        for name in pending:
+            w = self._merge_math(w, name, w0, record=False)
+        return w
+
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` (new tensors) holding the base weight with the active adapters merged."""
-        weight = self.base_layer.weight.float()
-        for name in self.active_adapters:
-            if name not in self.merged_adapters and not self._disable_adapters:
-                weight = weight + self.get_delta_weight(name)
+        weight = self._pending_merge(self.base_layer.weight.float())
         if self.fan_in_fan_out:
             weight = weight.t()
         bias = self.base_layer.bias
@@ -410,6 +522,77 @@ class FastLoraLinear(nn.Module):
         if bias is not None:
             lin.bias.copy_(bias)
         return lin
+
+    # ------------------------------------------------------------- DoRA norm
+    def _base_key(self) -> tuple | None:
+        """Identifies the base weight's current values for the ``‖W0_o‖²`` cache: the parameter object, its
+        storage and autograd's version counter (bumped by in-place writes, optimizers, ``load_state_dict``);
+        None where there is no version counter (inference tensors): no caching."""
+        w = self.base_layer.weight
+        try:
+            return (id(w), w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
+        except RuntimeError:
+            return None
+
+    def _base_row_reader(self):
+        """(row step, read): ``read(start, stop)`` gives rows ``[start, stop)`` of W0 as (out, in) fp32; a
+        start must be a multiple of the step. Dense bases: a slice, upcast; an fp32 (out, in) weight is read
+        as it is, in one block (a view: nothing to bound)."""
+        weight = self.base_layer.weight
+
+        def read(start: int, stop: int) -> torch.Tensor:
+            rows = weight[:, start:stop].t() if self.fan_in_fan_out else weight[start:stop]
+            return rows.float()
+
+        whole = weight.dtype == torch.float32 and not self.fan_in_fan_out
+        return (self.out_features if whole else 1), read
+
+    @torch.no_grad()
+    def _base_sq_and_proj(self, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(‖W0_o‖², W0 Aᵀ)`` in fp32, shapes (out,) and (out, r): W0 is read once, a bounded block of rows
+        at a time (``_NORM_CHUNK_ELEMS``), never as a whole fp32 (out, in) copy. ``‖W0_o‖²`` is cached while
+        the base weight is unchanged (not under torch.compile, where it is recomputed)."""
+        key = None if torch.compiler.is_compiling() else self._base_key()
+        cached = self._w0_sq_cache
+        sq = cached[1] if key is not None and cached is not None and cached[0] == key else None
+        step, read = self._base_row_reader()
+        rows = max(step, _NORM_CHUNK_ELEMS // max(self.in_features, 1) // step * step)
+        sqs, projs = [], []
+        for start in range(0, self.out_features, rows):
+            w = read(start, min(start + rows, self.out_features))
+            projs.append(w @ A.t())
+            if sq is None:  # (a reduction: no squared copy of the block)
+                sqs.append(torch.linalg.vector_norm(w, dim=1).square())
+        proj = projs[0] if len(projs) == 1 else torch.cat(projs)
+        if sq is None:
+            sq = sqs[0] if len(sqs) == 1 else torch.cat(sqs)
+            if key is not None:
+                self._w0_sq_cache = (key, sq)
+        return sq, proj
+
+    @torch.no_grad()
+    def dora_weight_norm(self, adapter_name: str) -> torch.Tensor:
+        """``‖W0 + scale·B·A‖`` per output feature (fp32, shape (out,), no gradient) — what peft computes by
+        forming the (out, in) matrix, here from ``‖W0_o‖² + 2s·Σ_r B_or (W0 Aᵀ)_or + s²·Σ_r (B (A Aᵀ))_or B_or``
+        (cached ``‖W0_o‖²``; ``W0 Aᵀ`` through the base's row reader), clamped at 0 before the square root.
+        Autocast is off inside: these fp32 matmuls stay fp32."""
+        A = self.lora_A[adapter_name].weight.float()
+        B = self.lora_B[adapter_name].weight.float()
+        s = float(self.scaling[adapter_name])
+        device = A.device.type
+        no_autocast = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) \
+            else contextlib.nullcontext()
+        with no_autocast:
+            sq, proj = self._base_sq_and_proj(A)
+            cross = (B * proj).sum(1)
+            quad = ((B @ (A @ A.t())) * B).sum(1)
+        return (sq + (2.0 * s) * cross + (s * s) * quad).clamp_min(0.0).sqrt()
+
+    def _dora_scale(self, adapter_name: str) -> torch.Tensor:
+        """``m / ‖W0 + scale·B·A‖_row`` (fp32, (out,)): differentiable in the magnitude only (the norm is
+        detached, as in peft and the DoRA paper §4.3)."""
+        magnitude = self.lora_magnitude_vector[adapter_name].weight
+        return magnitude.float() / self.dora_weight_norm(adapter_name)
 
     # ------------------------------------------------------------- forward
     _fastpeft_adapter_names = None  # per-sequence adapters handed over by fastpeft.model.mixed_adapter_batch
@@ -428,18 +611,76 @@ class FastLoraLinear(nn.Module):
         if not active:
             return self.base_layer(x, *args, **kwargs)
         first, *rest = active
-        y = self._fused_forward(x, first)
+        y = self._dora_forward(x, first) if self.use_dora.get(first, False) else self._fused_forward(x, first)
         for name in rest:  # further active adapters (rare): added unfused, as peft does
-            A = self.lora_A[name]
-            xd = self.lora_dropout[name](x.to(A.weight.dtype))
-            y = y + (self.lora_B[name](A(xd)) * self.scaling[name]).to(y.dtype)
+            y = self._chain_unfused(x, y, name)
         return y
 
-    def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """The base layer plus adapter ``name`` in one fused op (``fastpeft.ops.lora_linear``)."""
-        return lora_linear(x, self.base_weight_for_op(), self.base_layer.bias, self.lora_A[name].weight,
-                           self.lora_B[name].weight, scale=self.scaling[name], dropout_p=self._dropout_p(name),
-                           training=self.training, fan_in_fan_out=self.fan_in_fan_out)
+    def _fused_forward(self, x: torch.Tensor, name: str, with_bias: bool = True, dropout_p: float | None = None,
+                       seed: torch.Tensor | None = None) -> torch.Tensor:
+        """The base layer plus adapter ``name`` in one fused op (``fastpeft.ops.lora_linear``): with the
+        base's bias unless ``with_bias`` is False, with the adapter's dropout unless ``dropout_p`` is given."""
+        p = self._dropout_p(name) if dropout_p is None else dropout_p
+        return lora_linear(x, self.base_weight_for_op(), self.base_layer.bias if with_bias else None,
+                           self.lora_A[name].weight, self.lora_B[name].weight, scale=self.scaling[name],
+                           dropout_p=p, training=self.training, fan_in_fan_out=self.fan_in_fan_out, seed=seed)
+
+    def _op_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as the fused op computes with it (cast to autocast's dtype under autocast)."""
+        return to_autocast_dtype(x)
+
+    def _dora_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """DoRA adapter ``name`` on the base layer, peft's formula with ``k = m / ‖W0 + s·B·A‖_row`` (detached norm):
+
+        - p = 0 or eval: ``k ⊙ (x W0ᵀ + s·x Aᵀ Bᵀ) + b``, computed as ``y + (k − 1) ⊙ (y − b)`` on the fused
+          op's ``y = x W0ᵀ + b + s·x Aᵀ Bᵀ``: one op call and a row scaling (exactly the base at k = 1, and
+          the rounding of ``y − b`` in x's dtype is scaled by the small ``k − 1``); autograd keeps the op's
+          own tensors plus ``y − b`` ((N, out), x's dtype) for the magnitude's gradient.
+        - training with dropout p > 0: ``x W0ᵀ + b + (k − 1) ⊙ (D(x) W0ᵀ) + k·s·D(x) Aᵀ Bᵀ`` — peft's base
+          term sees x while its correction sees D(x), so this needs D(x)·W0ᵀ as well as x·W0ᵀ: written as
+          ``op(x; p, seed) + (k − 1) ⊙ op(D(x); p = 0)`` with D(x) materialized from the same seed (so both
+          ops drop the same elements). Cost over the p = 0 path: one more (N × in × out) GEMM in forward
+          and one in backward (dx through the second op), the rank-r terms twice, D(x) (N × in, x's dtype)
+          and a second (N, r) ``xa`` kept for backward, and the Philox mask generated by plain PyTorch for
+          D(x) (forward and backward) — peft's own formula runs the same two base GEMMs.
+        """
+        k = self._dora_scale(name)
+        p = self._dropout_p(name) if self.training else 0.0
+        if p == 0.0:
+            y = self._fused_forward(x, name, dropout_p=0.0)
+            bias = self.base_layer.bias
+            t = y if bias is None else y - bias.to(y.dtype)
+            return (y + t * (k - 1.0)).to(y.dtype)
+        xc = self._op_input(x)
+        seed = draw_seed(xc.device)
+        y = self._fused_forward(x, name, dropout_p=p, seed=seed)  # x W0ᵀ + b + s·D(x) Aᵀ Bᵀ
+        yd = self._fused_forward(philox_dropout(xc, p, seed), name, with_bias=False, dropout_p=0.0)
+        return (y + yd * (k - 1.0)).to(y.dtype)
+
+    def _base_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x W0ᵀ`` without bias, in plain PyTorch (the rare unfused DoRA path; W0 cast to x's dtype)."""
+        weight = self.base_layer.weight
+        w = weight.t() if self.fan_in_fan_out else weight
+        return torch.nn.functional.linear(x, w.to(x.dtype))
+
+    def _chain_unfused(self, x: torch.Tensor, y: torch.Tensor, name: str) -> torch.Tensor:
+        """``y`` (the layer's output so far, bias included) with a further active adapter applied, in plain
+        PyTorch, chained as peft chains them: LoRA adds ``s·B A D(x)``; DoRA (``k`` = m / ‖W0 + s·B·A‖_row)
+        gives ``b + k ⊙ (y − b + s·B A x)`` at p = 0 or in eval, and ``y + (k − 1) ⊙ D(x) W0ᵀ + k·s·B A D(x)``
+        in training with dropout (torch's dropout here, as peft)."""
+        A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        xc = x.to(A.weight.dtype)
+        drop = self.lora_dropout[name]
+        if not self.use_dora.get(name, False):
+            return y + (B(A(drop(xc))) * s).to(y.dtype)
+        k = self._dora_scale(name)
+        bias = self.base_layer.bias
+        if not self.training or not isinstance(drop, nn.Dropout):
+            rest = y.float() if bias is None else y.float() - bias.float()
+            out = k * (rest + s * B(A(xc)).float())
+            return (out if bias is None else out + bias.float()).to(y.dtype)
+        xd = drop(xc)
+        return (y + (k - 1.0) * self._base_matmul(xd).float() + k * s * B(A(xd)).float()).to(y.dtype)
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
         """One adapter per sequence (``x.shape[0]`` names; ``"__base__"`` = no adapter), as peft's
@@ -453,6 +694,9 @@ class FastLoraLinear(nn.Module):
         if self.merged:
             raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
                              "`unmerge_adapter` first.")
+        dora = sorted({n for n in names if self.use_dora.get(n, False)})
+        if dora:  # as peft: mixed batches are LoRA-only
+            raise ValueError(f"Cannot pass `adapter_names` when DoRA is enabled (DoRA adapter(s) {dora}).")
         if not getattr(adapter_names, "_fastpeft_model_checked", False) and not self._in_peft_model:
             unknown = sorted({n for n in names if n != _BASE_NAME and n not in self.lora_A})
             if unknown:
@@ -513,7 +757,8 @@ class FastLoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         parts = [f"{n}: r={self.r[n]}, lora_alpha={self.lora_alpha[n]}, scaling={self.scaling[n]:g}"
-                 + (", rslora" if self.use_rslora[n] else "") for n in self.lora_A]
+                 + (", rslora" if self.use_rslora[n] else "") + (", dora" if self.use_dora.get(n) else "")
+                 for n in self.lora_A]
         return f"in_features={self.in_features}, out_features={self.out_features}, " + "; ".join(parts)
 
     def __repr__(self) -> str:

@@ -15,9 +15,18 @@ import warnings
 import torch
 from torch import nn
 
-from ..ops import autocast_dtype
+from ..ops import autocast_dtype, to_autocast_dtype
 from ..ops4bit import lora_linear_4bit
-from ..quant import Linear4bit, QuantState4bit, Weight4bit, is_linear4bit, quantize_4bit, quantize_linear
+from ..quant import (
+    Linear4bit,
+    QuantState4bit,
+    Weight4bit,
+    dequantize_weight,
+    is_linear4bit,
+    quantize_4bit,
+    quantize_linear,
+    real_absmax,
+)
 from .lora import FastLoraLinear
 
 # Relative errors of re-quantizations collected by requantization_summary() (a stack: nested blocks).
@@ -69,7 +78,7 @@ class FastLoraLinear4bit(FastLoraLinear):
                     use_rslora: bool = False, fan_in_fan_out: bool | None = None,
                     init_lora_weights: bool | str = True, adapter_name: str = "default",
                     autocast_adapter_dtype: bool = True, quant_type: str = "nf4", blocksize: int = 64,
-                    compress_statistics: bool = True) -> FastLoraLinear4bit:
+                    compress_statistics: bool = True, use_dora: bool = False) -> FastLoraLinear4bit:
         """Wrap a bitsandbytes/fastpeft ``Linear4bit`` as it is, or quantize a plain ``nn.Linear`` first
         (fastpeft's quantizer; ``quant_type``/``blocksize``/``compress_statistics`` apply only then)."""
         if fan_in_fan_out:
@@ -79,7 +88,7 @@ class FastLoraLinear4bit(FastLoraLinear):
                 raise TypeError(f"FastLoraLinear4bit wraps a Linear4bit or an nn.Linear, got {type(linear).__name__}")
             linear = quantize_linear(linear, quant_type, blocksize, compress_statistics)
         return cls._wrapping(linear, adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                             use_rslora=use_rslora, init_lora_weights=init_lora_weights,
+                             use_rslora=use_rslora, init_lora_weights=init_lora_weights, use_dora=use_dora,
                              autocast_adapter_dtype=autocast_adapter_dtype)
 
     def _adopt_base(self, base: nn.Module) -> None:
@@ -92,15 +101,10 @@ class FastLoraLinear4bit(FastLoraLinear):
             raise TypeError(f"FastLoraLinear4bit wraps a 4-bit Linear, got {type(base).__name__}")
         self._adopt_base(base)
         self.base_layer = base
+        self._fastpeft_adapter_names = None
         for param in base.parameters():
             param.requires_grad_(False)
-        self.lora_dropout = nn.ModuleDict()
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-        self.r, self.lora_alpha, self.scaling, self.use_rslora = {}, {}, {}, {}
-        self._active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self._disable_adapters = False
+        self._init_adapter_state()
         self.update_layer(adapter_name, **adapter_kwargs)
 
     # ------------------------------------------------------------- weight
@@ -145,7 +149,8 @@ class FastLoraLinear4bit(FastLoraLinear):
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Add adapters into the 4-bit base: dequantize, add, re-quantize (warns: costs a 4-bit rounding)."""
+        """Add adapters into the 4-bit base: dequantize, merge (DoRA as in ``FastLoraLinear.merge``),
+        re-quantize once (warns: costs a 4-bit rounding)."""
         names = self.active_adapters if adapter_names is None else list(adapter_names)
         already = [n for n in names if n in self.merged_adapters]
         if already:
@@ -154,34 +159,57 @@ class FastLoraLinear4bit(FastLoraLinear):
         if not todo:
             return
         w = self.dequantized_weight()
+        w0 = self._unmerged_weight(w) if self.merged_adapters else w  # DoRA's norms: on the unmerged base
         for name in todo:
             if name not in self.lora_A:
                 raise ValueError(f"unknown adapter {name!r}; this layer has {list(self.lora_A.keys())}")
-            w = w + self.get_delta_weight(name)
-            if safe_merge and not torch.isfinite(w).all():
-                raise ValueError(f"NaNs or infs detected in the merged weight of adapter {name!r}; "
-                                 "the adapter seems to be broken")
+            w = self._merge_math(w, name, w0)
+            self._check_merged(w, name, safe_merge)
         self._requantize(w, "merging into")
         self.merged_adapters.extend(todo)
+        self.reset_dora_cache()
 
     def _unmerge_one(self, name: str) -> None:
-        self._requantize(self.dequantized_weight() - self.get_delta_weight(name), "unmerging from")
+        self._requantize(self._unmerge_math(self.dequantized_weight(), name), "unmerging from")
+        self._dora_merged_norms.pop(name, None)
         self.merged_adapters.remove(name)
+        self.reset_dora_cache()
 
     @torch.no_grad()
     def to_linear(self, dtype: torch.dtype = torch.bfloat16) -> nn.Linear:
         """A plain ``nn.Linear`` in ``dtype`` (bf16 by default): the decoded base plus the active unmerged
-        adapters, added in fp32 (no 4-bit rounding of the merge)."""
-        w = self.dequantized_weight()
-        for name in self.active_adapters:
-            if name in self.lora_A and name not in self.merged_adapters and not self._disable_adapters:
-                w = w + self.get_delta_weight(name)
+        adapters, merged in fp32 (no 4-bit rounding of the merge)."""
+        w = self._pending_merge(self.dequantized_weight())
         bias = self.base_layer.bias
         lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device, dtype=dtype)
         lin.weight.copy_(w.to(dtype))
         if bias is not None:
             lin.bias.copy_(bias)
         return lin
+
+    # ------------------------------------------------------------- DoRA norm
+    def _base_key(self) -> tuple | None:
+        """The 4-bit weight's identity for the ``‖W0_o‖²`` cache: the parameter (object, storage, version)
+        and its quantization statistics (the quant_state object and its absmax)."""
+        w = self.base_layer.weight
+        qs = getattr(w, "quant_state", None)
+        try:
+            absmax = getattr(qs, "absmax", None)
+            stats = () if absmax is None else (id(absmax), absmax.data_ptr(), absmax._version)
+            return (id(w), w.data_ptr(), w._version, id(qs), *stats, w.device)
+        except RuntimeError:
+            return None
+
+    def _base_row_reader(self):
+        """Rows of W0 decoded a block at a time (``Weight4bit.row_slice``, a double-quantized absmax decoded once
+        per call), each in the weight's original dtype as peft's dequantization gives it, then upcast."""
+        w4 = self.weight4bit()
+        absmax = None if w4.quant_type == "int4" else real_absmax(w4.state())
+
+        def read(start: int, stop: int) -> torch.Tensor:
+            return dequantize_weight(w4.row_slice(start, stop, absmax), w4.dtype).float()
+
+        return w4.row_step(), read
 
     def unload_base(self) -> nn.Module:
         """The base layer to put back when the model is unloaded (merged adapters already in it)."""
@@ -203,15 +231,27 @@ class FastLoraLinear4bit(FastLoraLinear):
                           f"to {x.dtype}", stacklevel=3)
         return dtype
 
-    def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def _fused_forward(self, x: torch.Tensor, name: str, with_bias: bool = True, dropout_p: float | None = None,
+                       seed: torch.Tensor | None = None) -> torch.Tensor:
         """The 4-bit base plus adapter ``name`` in one fused op (``fastpeft.ops4bit.lora_linear_4bit``), on x
-        cast to the base's compute dtype; the output in x's dtype."""
+        cast to the base's compute dtype; the output in x's dtype. ``with_bias``/``dropout_p``/``seed`` as in
+        ``FastLoraLinear._fused_forward``."""
         dtype = self._op_dtype(x)
         xc = x if dtype is None else x.to(dtype)
-        y = lora_linear_4bit(xc, self.weight4bit(), self.base_layer.bias, self.lora_A[name].weight,
-                             self.lora_B[name].weight, scale=self.scaling[name], dropout_p=self._dropout_p(name),
-                             training=self.training)
+        p = self._dropout_p(name) if dropout_p is None else dropout_p
+        y = lora_linear_4bit(xc, self.weight4bit(), self.base_layer.bias if with_bias else None,
+                             self.lora_A[name].weight, self.lora_B[name].weight, scale=self.scaling[name],
+                             dropout_p=p, training=self.training, seed=seed)
         return y if dtype is None else y.to(x.dtype)
+
+    def _op_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` cast to the dtype the 4-bit op computes in (see ``_op_dtype``)."""
+        dtype = self._op_dtype(x)
+        return to_autocast_dtype(x) if dtype is None else x.to(dtype)
+
+    def _base_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x W0ᵀ`` without bias, on the decoded weight (the rare unfused DoRA path)."""
+        return torch.nn.functional.linear(x, self.dequantized_weight(x.dtype))
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
         """``FastLoraLinear``'s mixed-adapter forward on x cast to the base's compute dtype; output in x's dtype."""
