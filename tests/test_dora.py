@@ -662,3 +662,44 @@ def test_merged_dora_converts_both_ways_and_unmerges():
         layer.unmerge()
         assert_rel(layer.base_layer.weight, w0, 1e-6, "unmerged by peft")
         assert_rel(model(x), y, 1e-5, "unmerged output")
+
+
+@pytest.mark.parametrize("kind", ["linear", "cat", "svd"])
+def test_add_weighted_adapter_of_dora_adapters_like_peft(kind):
+    """A combination of DoRA adapters is a DoRA adapter whose magnitude peft computes at its creation (from
+    the new adapter's init, drawn from torch's generator): the same tensors and logits here."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+
+    def base():
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2)
+        return transformers.AutoModelForCausalLM.from_config(cfg)
+
+    models = []
+    for lib in (peft, fastpeft):
+        config = dict(r=4, target_modules=["q_proj", "v_proj"], use_dora=True, init_lora_weights=False)
+        model = lib.get_peft_model(base(), lib.LoraConfig(**config))
+        torch.manual_seed(1)
+        model.add_adapter("b", lib.LoraConfig(**config))
+        models.append(model)
+    ref, ours = models
+    mine = dict(ours.named_parameters())
+    with torch.no_grad():
+        for name, tensor in ref.named_parameters():
+            if ".lora_" in name:
+                mine[name].copy_(tensor)
+    for model in (ref, ours):
+        torch.manual_seed(5)
+        model.add_weighted_adapter(["default", "b"], [0.7, 0.4], "mix", combination_type=kind)
+        model.set_adapter("mix")
+    assert ours.peft_config["mix"].use_dora
+    theirs, mine = dict(ref.named_parameters()), dict(ours.named_parameters())
+    new = [n for n in theirs if ".mix." in n]
+    assert len(new) == 6 and any("lora_magnitude_vector" in n for n in new)
+    for name in new:
+        torch.testing.assert_close(mine[name], theirs[name], rtol=1e-5, atol=1e-6)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
