@@ -875,6 +875,9 @@ def train(args: argparse.Namespace) -> TrainResult:
         _set_rng_state(state["rng"])
         if main_rank:
             print(f"resumed from {ckpt} at step {step}")
+    # the step whose checkpoint in ``out`` holds this run's state (a stop on a signal need not save it again)
+    saved_step = step if resume_from is not None and Path(resume_from[0]).resolve() == \
+        (out / f"checkpoint-{step}").resolve() else None
 
     def run_eval() -> dict:
         entry: dict = {"step": step}
@@ -973,8 +976,11 @@ def train(args: argparse.Namespace) -> TrainResult:
                     log["evals"].append(result)
                     if main_rank:
                         bar.write(f"step {step}: {result}")
-                if step % save_every == 0 and step < total_steps and main_rank:
-                    save_checkpoint(model, optimizer, out, step, epoch, index + 1, log, args.save_total_limit, tok)
+                if step % save_every == 0 and step < total_steps:
+                    if main_rank:
+                        save_checkpoint(model, optimizer, out, step, epoch, index + 1, log, args.save_total_limit,
+                                        tok)
+                    saved_step = step
                 if step >= total_steps:
                     done = True
                     break
@@ -992,7 +998,7 @@ def train(args: argparse.Namespace) -> TrainResult:
         ckpt = None
         if step > 0:
             ckpt = out / f"checkpoint-{step}"
-            if main_rank and not ckpt.exists():
+            if main_rank and saved_step != step:  # an earlier run's checkpoint-<step> is overwritten
                 save_checkpoint(model, optimizer, out, step, boundary[0], boundary[1], log, args.save_total_limit,
                                 tok, rng=boundary[2])
         bar.close()

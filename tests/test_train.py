@@ -600,3 +600,37 @@ def test_a_second_ctrl_c_interrupts_at_once_and_step_zero_saves_nothing(tmp_path
             stopper._handle(signal.SIGINT, None)
     exc = TrainingInterrupted(signal.SIGINT, 0, None)
     assert "stopped by SIGINT before step 1" in str(exc) and isinstance(exc, KeyboardInterrupt)
+
+
+def test_a_signal_overwrites_an_earlier_runs_checkpoint_at_that_step(tmp_path, monkeypatch):
+    """Resumed from checkpoint-2 with another --lr while the first run's checkpoint-4 is still there: a stop
+    after step 4 saves this run's step 4 (as a --save-steps checkpoint would), not the first run's."""
+    import signal
+
+    import fastpeft.train as train_module
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"upper: w{i} =", "response": f" W{i}"}) + "\n"
+                            for i in range(24)))
+    out = tmp_path / "run"
+    common = ["--data", str(data), "--eval-split", "0", "--max-steps", "6", "--batch-size", "4", "--no-progress",
+              "--output", str(out)]
+    train(parse_args([*common, "--save-steps", "2"]))
+    assert [s for s, _ in train_module.checkpoints(out)] == [2, 4]
+    calls = {"n": 0}
+    real_call = train_module.Collator.__call__
+
+    def counting_call(self, batch):  # the 2nd micro-batch after resuming at step 2 is step 4's
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_call(self, batch)
+
+    monkeypatch.setattr(train_module.Collator, "__call__", counting_call)
+    with pytest.raises(train_module.TrainingInterrupted) as stopped:
+        train(parse_args([*common, "--save-steps", "100", "--lr", "1e-2", "--resume", str(out / "checkpoint-2")]))
+    assert stopped.value.step == 4 and stopped.value.checkpoint == out / "checkpoint-4"
+    saved = json.loads((out / "checkpoint-4" / "train_log.json").read_text())
+    warmup = int(0.03 * 6)
+    assert saved["steps"][3]["lr"] == pytest.approx(1e-2 * train_module.cosine_lr(3, 6, warmup))
+    assert saved["args"]["lr"] == 1e-2
