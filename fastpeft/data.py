@@ -263,16 +263,29 @@ class Sample:
     labels: list[int]
 
 
-def auto_max_length(records: list[dict], tokenizer, cap: int = 4096) -> int:
-    """The seed notes' rule: 1.5 × the mean sample length, outliers (above the 98th percentile) removed."""
-    lengths = sorted(len(_full_ids(r, tokenizer)) for r in records)
+def auto_max_length(records: list[dict], tokenizer, cap: int = 4096, source: str = "data") -> int:
+    """The seed notes' rule: 1.5 × the mean sample length, outliers (above the 98th percentile) removed.
+    ``source`` names the file in errors (a conversation the chat template refuses)."""
+    lengths = sorted(len(_full_ids(r, tokenizer, f"{source}:{r.get('_line', i + 1)}")) for i, r in enumerate(records))
     keep = lengths[: max(1, int(len(lengths) * 0.98))]
     return int(min(cap, max(8, round(1.5 * sum(keep) / len(keep)))))
 
 
-def _full_ids(r: dict, tokenizer) -> list[int]:
+def _chat_segments(r: dict, tokenizer, where: str) -> list[tuple[list[int], bool]]:
+    """``tokenizer.chat_segments`` of a conversation record; whatever stops the chat template (its
+    ``raise_exception``, e.g. a system turn or roles that do not alternate) is a DataError naming ``where``."""
+    try:
+        return tokenizer.chat_segments(r["messages"])
+    except DataError as exc:
+        raise DataError(f"{where}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 — jinja2's TemplateError, transformers' ValueError, ...
+        raise DataError(f"{where}: the tokenizer's chat template refuses this conversation "
+                        f"({type(exc).__name__}: {exc})") from exc
+
+
+def _full_ids(r: dict, tokenizer, where: str = "data") -> list[int]:
     if "messages" in r:
-        return [i for ids, _ in tokenizer.chat_segments(r["messages"]) for i in ids]
+        return [i for ids, _ in _chat_segments(r, tokenizer, where) for i in ids]
     if "text" in r:
         return tokenizer.encode(r["text"], add_special_tokens=True) + [tokenizer.eos_token_id]
     return (tokenizer.encode(r["prompt"], add_special_tokens=True) + tokenizer.encode(r["response"])
@@ -286,7 +299,7 @@ def tokenize(records: list[dict], tokenizer, max_length: int, source: str = "dat
         where = f"{source}:{r.get('_line', i + 1)}"
         if "messages" in r:
             ids, labels = [], []
-            for piece, reply in tokenizer.chat_segments(r["messages"]):
+            for piece, reply in _chat_segments(r, tokenizer, where):
                 ids += piece
                 labels += piece if reply else [IGNORE_INDEX] * len(piece)
             ids, labels = ids[:max_length], labels[:max_length]

@@ -804,7 +804,8 @@ def train(args: argparse.Namespace) -> TrainResult:
             n_eval = int(len(rows) * args.eval_split) if len(rows) >= 20 else 0
             eval_rows = [rows[i] for i in order[:n_eval]]
             train_rows = [rows[i] for i in order[n_eval:]]
-    max_length = auto_max_length(train_rows, tok) if str(args.max_length) == "auto" else int(args.max_length)
+    max_length = auto_max_length(train_rows, tok, source=source) if str(args.max_length) == "auto" \
+        else int(args.max_length)
     train_samples = tokenize(train_rows, tok, max_length, source)
     eval_samples = tokenize(eval_rows, tok, max_length, args.eval_data or source) if eval_rows else []
     collator = Collator(tok.pad_token_id)

@@ -127,3 +127,21 @@ def test_train_on_conversations_then_generate_with_chat(tmp_path, capsys):
     assert "word w3" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="fastpeft generate: --system needs --chat"):
         cli.main(["generate", "--adapter", str(tmp_path / "run"), "--system", "terse", "--prompt", "x"])
+
+
+@pytest.mark.parametrize("max_length", ["auto", "64"])
+def test_a_conversation_the_template_refuses_names_the_line(tmp_path, capsys, max_length):
+    """Templates refuse some conversations (Gemma's and Mistral's a system turn, Llama 2's roles that do not
+    alternate): like other data errors, the message names the file and line and the command exits with 2."""
+    no_system = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                 "{{ raise_exception('System role not supported') }}{% endif %}"
+                 "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    model = tmp_path / "model"
+    chat_tokenizer(no_system).save_pretrained(model)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": CONVO[1:]}, {"messages": CONVO}])
+    code = cli.main(["train", "--model", str(model), "--data", data, "--max-length", max_length,
+                     "--output", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "d.jsonl:2: " in err and "System role not supported" in err
