@@ -200,6 +200,9 @@ def main(args: argparse.Namespace) -> int:
                 pieces = tok.chat_segments(turns, add_generation_prompt=True)
             except ValueError as exc:  # DataError: no chat template
                 raise SystemExit(f"fastpeft generate: --chat: {exc}") from None
+            except Exception as exc:  # noqa: BLE001 — the template's raise_exception (jinja2's TemplateError)
+                raise SystemExit(f"fastpeft generate: --chat: the tokenizer's chat template refuses these turns "
+                                 f"({type(exc).__name__}: {exc})") from None
             ids = torch.tensor([[i for piece, _ in pieces for i in piece]], device=device)
         else:
             ids = torch.tensor([tok.encode(prompt, add_special_tokens=True)], device=device)

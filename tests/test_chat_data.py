@@ -145,3 +145,22 @@ def test_a_conversation_the_template_refuses_names_the_line(tmp_path, capsys, ma
     err = capsys.readouterr().err
     assert code == 2, err
     assert "d.jsonl:2: " in err and "System role not supported" in err
+
+
+def test_generate_chat_names_what_the_template_refuses(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import fastpeft
+
+    no_system = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                 "{{ raise_exception('System role not supported') }}{% endif %}"
+                 "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok = chat_tokenizer(no_system)
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    fastpeft.get_peft_model(base, fastpeft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "ad")
+    tok.save_pretrained(tmp_path / "ad")
+    with pytest.raises(SystemExit, match="fastpeft generate: --chat: .*System role not supported"):
+        cli.main(["generate", "--adapter", str(tmp_path / "ad"), "--chat", "--system", "terse", "--prompt", "hi"])
