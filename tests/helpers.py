@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from fastpeft.reference import dropout_keep_mask
 
@@ -59,3 +60,22 @@ def assert_rule(ours, ref, lowp, factor=2.0, name=""):
     err = (ours.double() - ref).abs().max().item() if ours.numel() else 0.0
     base = (lowp.double() - ref).abs().max().item() if lowp.numel() else 0.0
     assert err <= factor * base + 1e-5, f"{name}: max error {err:.3e} > {factor}·{base:.3e} + 1e-5"
+
+
+class Wrap(nn.Module):
+    """A one-layer model whose layer is named ``proj`` (what peft's get_peft_model needs to wrap one layer)."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.proj = base
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def fwd_bwd(layer, x, dy):
+    """``(y, dx, {name: grad})`` of ``layer`` on a fresh leaf copy of ``x`` with output gradient ``dy``."""
+    x = x.detach().clone().requires_grad_()
+    y = layer(x)
+    y.backward(dy)
+    return y.detach(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters() if p.requires_grad}

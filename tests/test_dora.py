@@ -23,25 +23,16 @@ from fastpeft import FastLoraLinear
 from fastpeft.layers import lora as lora_layer
 from fastpeft.ops import draw_seed
 from fastpeft.reference import dropout_keep_mask
-from helpers import assert_rel, assert_rule
+from helpers import Wrap, assert_rel, assert_rule, fwd_bwd
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 
-class _Wrap(nn.Module):
-    def __init__(self, base):
-        super().__init__()
-        self.proj = base
-
-    def forward(self, x):
-        return self.proj(x)
-
-
 def _peft_layer(base, r, alpha, p=0.0, fifo=False, bias="none"):
     cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, target_modules=["proj"], init_lora_weights=False,
                           fan_in_fan_out=fifo, use_dora=True, bias=bias)
-    model = _Wrap(base)
+    model = Wrap(base)
     if type(base).__name__ == "Linear4bit":
         model.is_loaded_in_4bit = True  # what transformers sets: peft then uses its bnb Linear4bit layer
     with warnings.catch_warnings():
@@ -80,11 +71,17 @@ def _pair(fin, fout, r, alpha, dtype=torch.float32, fifo=False, bias_trainable=F
     return ref, ours
 
 
-def _fwd_bwd(layer, x, dy):
-    x = x.detach().clone().requires_grad_()
-    y = layer(x)
-    y.backward(dy)
-    return y.detach(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters() if p.requires_grad}
+def _assert_same_fwd_bwd(ours, ref, x, dy, n_grads=None, tol=1e-5):
+    """Output, dx and every parameter gradient of ``ours`` equal ``ref``'s (relative error ≤ ``tol``); returns
+    ``ours``' output."""
+    y_ref, dx_ref, g_ref = fwd_bwd(ref, x, dy)
+    y, dx, g = fwd_bwd(ours, x, dy)
+    assert_rel(y, y_ref, tol, "y")
+    assert_rel(dx, dx_ref, tol, "dx")
+    assert set(g) == set(g_ref) and (n_grads is None or len(g) == n_grads)
+    for name in g_ref:
+        assert_rel(g[name], g_ref[name], tol, name)
+    return y
 
 
 def _weights64(layer, name="default"):
@@ -140,9 +137,9 @@ def test_layer_matches_peft(backend, case):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(*prefix, fin, generator=g).to(dtype)
     dy = torch.randn(*prefix, fout, generator=g).to(dtype)
-    y_ref, dx_ref, g_ref = _fwd_bwd(ref, x, dy)
+    y_ref, dx_ref, g_ref = fwd_bwd(ref, x, dy)
     launches = _launches()
-    y, dx, g_ours = _fwd_bwd(ours, x, dy)
+    y, dx, g_ours = fwd_bwd(ours, x, dy)
     if backend == "triton":  # the kernels really ran (TESTING.md case 9)
         assert _launches() > launches
     assert y.dtype == y_ref.dtype == dtype and y.shape == (*prefix, fout)
@@ -182,7 +179,7 @@ def test_dropout_matches_fp64_reference_replaying_the_mask(backend, fifo):
     x = torch.randn(3, 5, fin, generator=g)
     dy = torch.randn(3, 5, fout, generator=g)
     torch.manual_seed(11)
-    y, dx, grads = _fwd_bwd(layer, x, dy)
+    y, dx, grads = fwd_bwd(layer, x, dy)
     torch.manual_seed(11)
     seed = draw_seed("cpu")  # the forward's first draw
     keep = dropout_keep_mask(seed, 15, fin, p)
@@ -259,7 +256,7 @@ def _two_adapter_pair(second_dora: bool, first_dora: bool = True):
     cfg = dict(target_modules=["proj"], init_lora_weights=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = peft.get_peft_model(_Wrap(copy.deepcopy(base)),
+        model = peft.get_peft_model(Wrap(copy.deepcopy(base)),
                                     peft.LoraConfig(r=4, lora_alpha=8, use_dora=first_dora, **cfg))
         model.add_adapter("other", peft.LoraConfig(r=3, lora_alpha=9, use_dora=second_dora, **cfg))
     ref = model.base_model.model.proj
@@ -280,13 +277,7 @@ def test_several_active_adapters_and_merges_like_peft(first_dora, second_dora):
     w0 = ours.base_layer.weight.detach().clone()
     x = torch.randn(2, 6, 26)
     dy = torch.randn(2, 6, 22)
-    y_ref, dx_ref, g_ref = _fwd_bwd(ref, x, dy)
-    y, dx, g = _fwd_bwd(ours, x, dy)
-    assert_rel(y, y_ref, 1e-5, "y")
-    assert_rel(dx, dx_ref, 1e-5, "dx")
-    assert set(g) == set(g_ref)
-    for name in g_ref:
-        assert_rel(g[name], g_ref[name], 1e-5, name)
+    y = _assert_same_fwd_bwd(ours, ref, x, dy)
     for layer in (ref, ours):
         layer.eval()
     with torch.no_grad():
@@ -513,13 +504,7 @@ def test_4bit_matches_peft(backend, monkeypatch, quant_type, nested):
     assert torch.equal(ours.lora_magnitude_vector["default"].weight, theirs.lora_magnitude_vector["default"].weight)
     x = torch.randn(4, 9, 72)
     dy = torch.randn(4, 9, 50)
-    y_ref, dx_ref, g_ref = _fwd_bwd(theirs, x, dy)
-    y, dx, g = _fwd_bwd(ours, x, dy)
-    assert_rel(y, y_ref, 1e-5, "y")
-    assert_rel(dx, dx_ref, 1e-5, "dx")
-    assert set(g) == set(g_ref) and len(g) == 3
-    for name in g_ref:
-        assert_rel(g[name], g_ref[name], 1e-5, name)
+    _assert_same_fwd_bwd(ours, theirs, x, dy, n_grads=3)
     # the norm, decoded a few rows at a time (blocks straddle rows: 72·r0 a multiple of 64), vs fp64
     w = ours.dequantized_weight().double()
     A, B = (t.weight.detach().double() for t in (ours.lora_A["default"], ours.lora_B["default"]))
@@ -642,7 +627,7 @@ def test_merged_dora_converts_both_ways_and_unmerges():
     w0 = base.weight.detach().clone()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = peft.get_peft_model(_Wrap(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"],
+        model = peft.get_peft_model(Wrap(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"],
                                                                  init_lora_weights=False, use_dora=True))
     _perturb_magnitude(model.base_model.model.proj)
     x = torch.randn(3, 28)

@@ -8,18 +8,9 @@ import torch
 from torch import nn
 
 from fastpeft import FastLoraLinear
-from helpers import assert_rel
+from helpers import Wrap, assert_rel, fwd_bwd
 
 peft = pytest.importorskip("peft")
-
-
-class _Wrap(nn.Module):
-    def __init__(self, base):
-        super().__init__()
-        self.proj = base
-
-    def forward(self, x):
-        return self.proj(x)
 
 
 def _peft_layer(base, r, alpha, p=0.0, rslora=False, fifo=False, bias="none"):
@@ -27,7 +18,7 @@ def _peft_layer(base, r, alpha, p=0.0, rslora=False, fifo=False, bias="none"):
                           init_lora_weights=False, fan_in_fan_out=fifo, bias=bias)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return peft.get_peft_model(_Wrap(base), cfg).base_model.model.proj
+        return peft.get_peft_model(Wrap(base), cfg).base_model.model.proj
 
 
 def _pair(fin, fout, r, alpha, dtype=torch.float32, rslora=False, fifo=False, bias_trainable=False):
@@ -49,14 +40,6 @@ def _pair(fin, fout, r, alpha, dtype=torch.float32, rslora=False, fifo=False, bi
     return ref, ours
 
 
-def _fwd_bwd(layer, x, dy):
-    x = x.detach().clone().requires_grad_()
-    y = layer(x)
-    y.backward(dy)
-    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.requires_grad}
-    return y.detach(), x.grad, grads
-
-
 CASES = [  # (fin, fout, r, alpha, x shape prefix, dtype, rslora, fifo, bias trainable)
     (37, 29, 8, 16, (3, 5), torch.float32, False, False, True),
     (64, 48, 1, 4, (1,), torch.float32, True, False, False),
@@ -75,8 +58,8 @@ def test_matches_peft(backend, case):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(*prefix, fin, generator=g).to(dtype)
     dy = torch.randn(*prefix, fout, generator=g).to(dtype)
-    y_ref, dx_ref, g_ref = _fwd_bwd(ref, x, dy)
-    y, dx, g_ours = _fwd_bwd(ours, x, dy)
+    y_ref, dx_ref, g_ref = fwd_bwd(ref, x, dy)
+    y, dx, g_ours = fwd_bwd(ours, x, dy)
     assert y.dtype == y_ref.dtype == dtype
     base_only = ours.base_layer(x)
     assert not torch.allclose(y, base_only), "adapter must change the output (B ≠ 0)"

@@ -159,6 +159,15 @@ CASES = {
 }
 
 
+
+def _saved_configs(ours, theirs, tmp_path, name: str) -> tuple[dict, dict]:
+    """The adapter_config.json fastpeft and peft write for adapter ``name`` (saved alone)."""
+    ours.save_pretrained(tmp_path, selected_adapters=[name])
+    theirs.save_pretrained(tmp_path / "peft", selected_adapters=[name])
+    return (json.loads((tmp_path / name / "adapter_config.json").read_text()),
+            json.loads((tmp_path / "peft" / name / "adapter_config.json").read_text()))
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_new_adapter_equals_peft(case, same_draws):
     adapters, weights, kwargs = CASES[case]
@@ -258,10 +267,7 @@ def test_rank_pattern_and_saved_config_load_in_peft(tmp_path, same_draws):
         assert_rel(B @ A * s, lb[path][1] @ lb[path][0] * lb[path][2], 1e-5, path)
     ref = _logits(theirs, "new")
     assert_rel(_logits(ours, "new"), ref, 1e-5, "logits")
-    ours.save_pretrained(tmp_path, selected_adapters=["new"])
-    theirs.save_pretrained(tmp_path / "peft", selected_adapters=["new"])
-    saved = json.loads((tmp_path / "new" / "adapter_config.json").read_text())
-    saved_peft = json.loads((tmp_path / "peft" / "new" / "adapter_config.json").read_text())
+    saved, saved_peft = _saved_configs(ours, theirs, tmp_path, "new")
     for field in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "init_lora_weights"):
         assert saved[field] == saved_peft[field], field
     assert sorted(saved["target_modules"]) == sorted(saved_peft["target_modules"])
@@ -284,10 +290,7 @@ def test_regex_targets_and_modules_to_save_like_peft(tmp_path, same_draws):
     assert torch.equal(head.modules_to_save["new"].weight, head.original_module.weight)
     assert not torch.equal(head.modules_to_save["x"].weight, head.original_module.weight)
     _assert_same_new_adapter(ours, theirs, "new", exact_factors=True)
-    ours.save_pretrained(tmp_path, selected_adapters=["new"])
-    theirs.save_pretrained(tmp_path / "peft", selected_adapters=["new"])
-    saved = json.loads((tmp_path / "new" / "adapter_config.json").read_text())
-    saved_peft = json.loads((tmp_path / "peft" / "new" / "adapter_config.json").read_text())
+    saved, saved_peft = _saved_configs(ours, theirs, tmp_path, "new")
     for field in ("r", "lora_alpha", "target_modules", "modules_to_save", "init_lora_weights"):
         assert saved[field] == saved_peft[field], field
 
