@@ -88,6 +88,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-modules", default="all-linear",
                    help="comma-separated module names, a regex, or all-linear")
     g.add_argument("--use-rslora", action="store_true")
+    g.add_argument("--use-dora", action="store_true",
+                   help="DoRA (lora/qlora): a trained magnitude per output feature beside A and B, as peft's "
+                        "use_dora")
     g.add_argument("--modules-to-save", default="auto",
                    help="comma-separated modules trained in full beside the adapter (any method), or none "
                         "(auto: the embeddings and head for LoRA/QLoRA on the embedded default, whose random "
@@ -428,13 +431,16 @@ def build_peft_model(model, args: argparse.Namespace, total_steps: int | None = 
         save = None if save.lower() == "none" else [m.strip() for m in save.split(",") if m.strip()]
     if is_lora:
         options = dict(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
-                       use_rslora=args.use_rslora, task_type="CAUSAL_LM", modules_to_save=save)
+                       use_rslora=args.use_rslora, use_dora=getattr(args, "use_dora", False), task_type="CAUSAL_LM",
+                       modules_to_save=save)
         config = LoraConfig(**{**options, **extra})
     else:
         import dataclasses
 
         from . import methods
 
+        if getattr(args, "use_dora", False):
+            raise ValueError("--use-dora applies to --method lora and qlora")
         key = args.method
         cls = methods.METHODS[key]
         applicable = {f.name for f in dataclasses.fields(cls)} | set(methods._ALIASES.get(key, {}))
@@ -659,11 +665,10 @@ def load_checkpoint(out: Path, resume: str) -> tuple[Path, dict]:
 
 
 # options that must not change across --resume: they shape the adapter, the base, or the data order
-RESUME_OPTIONS = ("model", "method", "r", "lora_alpha", "use_rslora", "target_modules", "modules_to_save",
-                  "num_virtual_tokens", "freeze_layers", "method_options", "load_in_4bit", "quantizer", "data",
-                  "eval_data", "eval_split", "prompt_field", "response_field", "text_field", "messages_field",
-                  "max_length",
-                  "group_by_length", "batch_size", "grad_accum", "seed")
+RESUME_OPTIONS = ("model", "method", "r", "lora_alpha", "use_rslora", "use_dora", "target_modules",
+                  "modules_to_save", "num_virtual_tokens", "freeze_layers", "method_options", "load_in_4bit",
+                  "quantizer", "data", "eval_data", "eval_split", "prompt_field", "response_field", "text_field",
+                  "messages_field", "max_length", "group_by_length", "batch_size", "grad_accum", "seed")
 
 
 def _resume_value(key: str, value: Any) -> Any:

@@ -634,3 +634,21 @@ def test_a_signal_overwrites_an_earlier_runs_checkpoint_at_that_step(tmp_path, m
     warmup = int(0.03 * 6)
     assert saved["steps"][3]["lr"] == pytest.approx(1e-2 * train_module.cosine_lr(3, 6, warmup))
     assert saved["args"]["lr"] == 1e-2
+
+
+def test_use_dora_trains_an_adapter_peft_loads(tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    result = train(_args(tmp_path, "--max-steps", "3", "--eval-generate", "0", "--use-dora", "--lr", "1e-2"))
+    out = result.output
+    assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
+    model = result.model.eval()
+    magnitudes = [p for n, p in model.named_parameters() if "lora_magnitude_vector" in n]
+    assert magnitudes and all(p.requires_grad for p in magnitudes)
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base_model"), out).eval()
+    ids = torch.tensor([TOK.encode("upper: abc =", add_special_tokens=True)])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    with pytest.raises(SystemExit, match="--use-dora applies to --method lora and qlora"):
+        train(_args(tmp_path / "ia3", "--method", "ia3", "--use-dora", "--max-steps", "1"))
