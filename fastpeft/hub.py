@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from typing import TYPE_CHECKING, Any
 
@@ -144,15 +145,22 @@ def push_to_hub(peft_model: nn.Module, repo_id: str, commit_message: str | None 
                 commit_description: str | None = None, tags: list[str] | None = None) -> Any:
     """Save the adapter(s) as ``save_pretrained`` does into a temporary folder and upload it to ``repo_id``
     (created if missing, ``private`` as asked; ``revision`` a branch, created if missing, unless ``create_pr``).
-    Only adapter files and the model card (with ``tags`` added) go up, never the base model's weights. Returns
-    huggingface_hub's commit info."""
+    Only adapter files and the model card (with ``tags`` added; a card the repo has keeps its text and metadata)
+    go up, never the base model's weights. Returns huggingface_hub's commit info."""
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
 
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     if revision is not None and not create_pr:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
+        # the repo's own card, which save_pretrained then updates (its text and metadata kept, as transformers'
+        # push_to_hub keeps it)
+        try:
+            shutil.copy(api.hf_hub_download(repo_id, "README.md", revision=revision), os.path.join(folder, "README.md"))
+        except (EntryNotFoundError, RevisionNotFoundError):  # a new repo or branch: a new card
+            pass
         peft_model.save_pretrained(folder, selected_adapters=selected_adapters, safe_serialization=safe_serialization)
         if tags:
             write_model_card(peft_model, folder, tags=tags)

@@ -291,8 +291,12 @@ def test_push_to_hub_uploads_the_adapter_only(tmp_path, monkeypatch):
         shutil.copytree(folder_path, tmp_path / "uploaded")
         return "commit-info"
 
+    def no_readme(self, repo_id, filename, **kwargs):  # a new repo: no README.md yet
+        raise huggingface_hub.errors.EntryNotFoundError(f"{repo_id} has no {filename}")
+
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(huggingface_hub.HfApi, "hf_hub_download", no_readme)
     monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", lambda *a, **k: pytest.fail("no branch asked"))
     torch.manual_seed(7)
     model = fastpeft.get_peft_model(tiny_base("org/base"), fastpeft.LoraConfig(
@@ -312,3 +316,32 @@ def test_push_to_hub_uploads_the_adapter_only(tmp_path, monkeypatch):
     assert "chat" in card_data(uploaded).tags
     ref = peft.PeftModel.from_pretrained(tiny_base(), os.fspath(uploaded))
     torch.testing.assert_close(logits(model.eval()), logits(ref), rtol=1e-5, atol=1e-6)
+
+
+def test_push_to_hub_keeps_the_repos_own_card(tmp_path, monkeypatch):
+    """A repo whose README.md its owner wrote on the Hub: the pushed card keeps that text and metadata (as
+    transformers' push_to_hub, which peft's uses, does) and gains peft's fields."""
+    remote = tmp_path / "remote_README.md"
+    remote.write_text("---\nlicense: mit\n---\n\n# My adapter\n\nWritten on the Hub.\n")
+    asked = {}
+
+    def hf_hub_download(self, repo_id, filename, revision=None, **kwargs):
+        asked["readme"] = (repo_id, filename, revision)
+        return os.fspath(remote)
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        shutil.copytree(folder_path, tmp_path / "uploaded")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
+                        lambda self, repo_id, **k: huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}"))
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", lambda *a, **k: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    model = fastpeft.get_peft_model(tiny_base("org/base"), fastpeft.LoraConfig(r=4, target_modules=["q_proj"]))
+    model.push_to_hub("me/my-lora", revision="dev", tags=["chat"])
+    assert asked["readme"] == ("me/my-lora", "README.md", "dev")
+    text = (tmp_path / "uploaded" / "README.md").read_text()
+    assert "Written on the Hub." in text and "# Adapter" not in text
+    data = card_data(tmp_path / "uploaded")
+    assert (data.license, data.library_name, data.base_model) == ("mit", "peft", "org/base")
+    assert {"chat", "lora"} <= set(data.tags)
