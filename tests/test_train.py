@@ -652,3 +652,25 @@ def test_use_dora_trains_an_adapter_peft_loads(tmp_path):
         torch.testing.assert_close(model(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
     with pytest.raises(SystemExit, match="--use-dora applies to --method lora and qlora"):
         train(_args(tmp_path / "ia3", "--method", "ia3", "--use-dora", "--max-steps", "1"))
+
+
+def test_a_signal_before_the_first_step_saves_nothing(tmp_path, monkeypatch):
+    import signal
+
+    import fastpeft.train as train_module
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"p{i}", "response": f" r{i}"}) + "\n" for i in range(16)))
+    real_call = train_module.Collator.__call__
+
+    def signalled_call(self, batch):  # the first micro-batch of step 1 (grad-accum 2)
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_call(self, batch)
+
+    monkeypatch.setattr(train_module.Collator, "__call__", signalled_call)
+    out = tmp_path / "run"
+    with pytest.raises(train_module.TrainingInterrupted, match="before step 1") as stopped:
+        train(parse_args(["--data", str(data), "--eval-split", "0", "--max-steps", "3", "--grad-accum", "2",
+                          "--batch-size", "4", "--no-progress", "--output", str(out)]))
+    assert (stopped.value.step, stopped.value.checkpoint) == (0, None)
+    assert train_module.checkpoints(out) == [] and not (out / "adapter_model.safetensors").exists()
