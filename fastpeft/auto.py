@@ -37,9 +37,8 @@ class _AutoPeftModel:
         import transformers
 
         from .config import read_config_dict
-        from .model import PeftModel
-
         from .hub import pop_hub_kwargs, resolve_adapter_path
+        from .model import PeftModel
 
         hub = pop_hub_kwargs(kwargs)
         # subfolder and revision name the adapter; token, cache_dir, ... serve the base model's download too
