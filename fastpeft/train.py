@@ -553,8 +553,9 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 class _StopOnSignal:
     """While active, SIGINT and SIGTERM only set ``signum`` (the loop stops at the next micro-batch, where the
-    model and optimizer are consistent); a second SIGINT interrupts at once. Outside the main thread (where
-    Python cannot install handlers) it does nothing."""
+    model and optimizer are consistent); a second SIGINT interrupts at once. A signal the process was started
+    ignoring (``nohup``, a background job's SIGINT) stays ignored. Outside the main thread (where Python cannot
+    install handlers) it does nothing."""
 
     def __init__(self):
         self.signum = 0
@@ -563,7 +564,10 @@ class _StopOnSignal:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
+                if signal.getsignal(sig) is signal.SIG_IGN:
+                    continue
+                # None: a handler not installed from Python (an embedding program's): give back the default
+                self._previous[sig] = signal.signal(sig, self._handle) or signal.SIG_DFL
         return self
 
     def _handle(self, signum, frame):

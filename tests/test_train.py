@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -594,10 +595,21 @@ def test_a_second_ctrl_c_interrupts_at_once_and_step_zero_saves_nothing(tmp_path
     from fastpeft.train import TrainingInterrupted, _StopOnSignal
 
     with _StopOnSignal() as stopper:
-        stopper._handle(signal.SIGINT, None)
+        os.kill(os.getpid(), signal.SIGINT)  # real signals: the handler runs in this (main) thread
         assert stopper.signum == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
-            stopper._handle(signal.SIGINT, None)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler raises at the next bytecode: never reached
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # a signal the process ignores (nohup, a background job's SIGINT) stays ignored
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _StopOnSignal() as stopper:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stopper.signum == 0
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
     exc = TrainingInterrupted(signal.SIGINT, 0, None)
     assert "stopped by SIGINT before step 1" in str(exc) and isinstance(exc, KeyboardInterrupt)
 
