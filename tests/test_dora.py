@@ -688,3 +688,37 @@ def test_add_weighted_adapter_of_dora_adapters_like_peft(kind):
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_dora_on_gpu_bf16_kernels_vs_fp64(monkeypatch, p):
+    """Compiled kernels, bf16 base and activations, fp32 adapter: output and gradients by TESTING.md's rule
+    against fp64 (replaying the mask for p > 0, which also checks that the PyTorch Philox of D(x) and the
+    kernels' mask agree on the GPU)."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    fin, fout, r, n = 256, 192, 16, 300
+    torch.manual_seed(2)
+    layer = FastLoraLinear.from_linear(nn.Linear(fin, fout).to(torch.bfloat16), r=r, lora_alpha=32, lora_dropout=p,
+                                       init_lora_weights=False, use_dora=True)
+    _perturb_magnitude(layer)
+    layer = layer.cuda()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, fin, generator=g).to(torch.bfloat16)
+    dy = torch.randn(n, fout, generator=g).to(torch.bfloat16)
+    launches = _launches()
+    torch.manual_seed(11)
+    y, dx, grads = fwd_bwd(layer, x.cuda(), dy.cuda())
+    assert _launches() > launches
+    keep = None
+    if p > 0:
+        torch.manual_seed(11)
+        keep = dropout_keep_mask(draw_seed("cuda").cpu(), n, fin, p)
+    weights = tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in _weights64(layer))
+    y64, grads64 = _ref_grads(x, weights, dy, keep=keep, p=p)
+    y_lp, grads_lp = _ref_grads(x, weights, dy, dtype=torch.bfloat16, keep=keep, p=p)
+    assert_rule(y.cpu(), y64, y_lp, 2.0, "y")
+    assert_rule(dx.cpu(), grads64[0], grads_lp[0], 3.0, "dx")
+    names = ["lora_A.default.weight", "lora_B.default.weight", "lora_magnitude_vector.default.weight"]
+    for name, g64, glp in zip(names, grads64[1:], grads_lp[1:]):
+        assert_rule(grads[name].cpu(), g64, glp, 3.0, name)
