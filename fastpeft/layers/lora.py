@@ -579,10 +579,11 @@ class FastLoraLinear(nn.Module):
         A = self.lora_A[adapter_name].weight.float()
         B = self.lora_B[adapter_name].weight.float()
         s = float(self.scaling[adapter_name])
+        # torch.is_autocast_enabled (not torch.amp.is_autocast_available: Dynamo in torch 2.11 cannot trace it
+        # under torch.compile); "meta" has no autocast to switch off (and is_autocast_enabled raises there)
         device = A.device.type
-        no_autocast = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) \
-            else contextlib.nullcontext()
-        with no_autocast:
+        on = device != "meta" and torch.is_autocast_enabled(device)
+        with torch.autocast(device, enabled=False) if on else contextlib.nullcontext():
             sq, proj = self._base_sq_and_proj(A)
             cross = (B * proj).sum(1)
             quad = ((B @ (A @ A.t())) * B).sum(1)
