@@ -316,6 +316,7 @@ class LoraModel(nn.Module):
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapter: str | list[str] = adapter_name
+        self._injected: list[str] = []  # adapted module names, in the order injections first reached them
         configs = config if isinstance(config, dict) else {adapter_name: config}
         for name, cfg in configs.items():
             self.inject_adapter(cfg, name)
@@ -342,8 +343,13 @@ class LoraModel(nn.Module):
 
     @property
     def targeted_module_names(self) -> list[str]:
-        """Names of the modules that carry LoRA adapters (peft's attribute), in module order."""
-        return [name for name, _ in self.lora_layers()]
+        """Names of the modules that carry LoRA layers (peft's attribute), in peft's order: as injections first
+        reached them (layers that came another way, e.g. through ``from_peft``, follow in module order)."""
+        present = [name for name, _ in self.lora_layers()]
+        known = set(present)
+        injected = [name for name in getattr(self, "_injected", []) if name in known]
+        seen = set(injected)
+        return injected + [name for name in present if name not in seen]
 
     def inject_adapter(self, config: LoraConfig, adapter_name: str, activate: bool = True) -> None:
         """Wrap every module ``config`` targets with adapter ``adapter_name`` (frozen base, peft's init)."""
@@ -404,6 +410,8 @@ class LoraModel(nn.Module):
                 raise ValueError(f"Target module {key!r} ({type(module).__name__}) is not supported by fastpeft: "
                                  "it adapts torch.nn.Linear, transformers' Conv1D and bitsandbytes' Linear4bit")
             matched.append(key)
+            if key not in self._injected:
+                self._injected.append(key)
         if not matched:
             existing = sorted({n.split(".")[-1] for n in names if _supported_base(model.get_submodule(n))})
             raise ValueError(f"Target modules {targets} not found in the base model. Please check the target "

@@ -235,6 +235,11 @@ def test_targeted_module_names_as_peft():
     ref = peft.get_peft_model(_llama(), peft.LoraConfig(**config))
     assert ours.targeted_module_names == ref.targeted_module_names
     assert len(ours.targeted_module_names) == 4
+    # a second adapter's new modules follow the first's, in injection order as peft keeps them
+    for model, lib in ((ours, fastpeft), (ref, peft)):
+        model.add_adapter("b", lib.LoraConfig(r=2, target_modules=["k_proj", "down_proj"]))
+    assert ours.targeted_module_names == ref.targeted_module_names
+    assert len(ours.targeted_module_names) == 6
 
 
 def test_targets_patterns_and_layer_selection_match_peft():
