@@ -1015,6 +1015,7 @@ def train(args: argparse.Namespace) -> TrainResult:
         if world > 1:
             import torch.distributed as dist
 
+            runner = None  # noqa: F841 - the DDP reducer goes first (see the end of this function)
             dist.barrier()
             dist.destroy_process_group()
         raise TrainingInterrupted(stopper.signum or signal.SIGTERM, step, ckpt)
@@ -1031,6 +1032,10 @@ def train(args: argparse.Namespace) -> TrainResult:
     if world > 1:
         import torch.distributed as dist
 
+        # The DDP wrapper is freed while the group is still registered: freed after destroy_process_group it
+        # would drop the group's last reference with the GIL held, and gloo's destructor can then wait forever
+        # on a thread that needs the GIL.
+        runner = None  # noqa: F841
         dist.barrier()
         dist.destroy_process_group()
     return TrainResult(out, log, model)

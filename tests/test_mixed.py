@@ -707,17 +707,33 @@ def test_mixed_batch_on_weights_made_under_inference_mode():
                                                 adapter_names=NAMES[:3]))
 
 
+def _in_one_process_group(tmp_path, run) -> None:
+    """``run()`` inside a one-process gloo group. Its DDP objects are gone (``run`` has returned) and every
+    queued collective has finished (a barrier, which releases the GIL) before the group is destroyed: a
+    DDP reducer freed after ``destroy_process_group`` drops the last reference to the group with the GIL
+    held, and the group's destructor then joins a gloo thread that waits for the GIL (a hang seen in CI)."""
+    import gc
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        run()
+    finally:
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def test_ddp_training_with_an_adapter_missing_from_a_batch(tmp_path):
     """Trainable adapters without rows in a batch get zero gradients, not none: DDP (default
     find_unused_parameters=False) keeps training when a batch lacks an adapter."""
-    import torch.distributed as dist
-
     ours, _ = _models()
     ours.train()
     for name, p in ours.named_parameters():
         p.requires_grad_("lora_" in name)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
+
+    def run():
         ddp = torch.nn.parallel.DistributedDataParallel(ours)
         opt = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.1)
         ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(4))
@@ -730,21 +746,19 @@ def test_ddp_training_with_an_adapter_missing_from_a_batch(tmp_path):
                     assert bool(p.grad.any()) == used, key  # zeros exactly where the batch lacks it
             opt.step()
             opt.zero_grad()
-    finally:
-        dist.destroy_process_group()
+
+    _in_one_process_group(tmp_path, run)
 
 
 def test_ddp_training_with_a_modules_to_save_copy_missing_from_a_batch(tmp_path):
     """A trainable modules_to_save copy (here lm_head's) without rows in a batch runs on zero rows: zero
     gradients, not None, so DDP with find_unused_parameters=False trains on."""
-    import torch.distributed as dist
-
     ours, _ = _models_with_head()
     ours.train()
     for name, p in ours.named_parameters():
         p.requires_grad_("lora_" in name or "modules_to_save" in name)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
+
+    def run():
         ddp = torch.nn.parallel.DistributedDataParallel(ours)
         ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(5))
         for names in (["default", "default"], ["other", "__base__"], ["default", "other"]):
@@ -756,5 +770,5 @@ def test_ddp_training_with_a_modules_to_save_copy_missing_from_a_batch(tmp_path)
                 assert p.grad is not None, key
                 assert bool(p.grad.any()) == used, key
             ours.zero_grad(set_to_none=True)
-    finally:
-        dist.destroy_process_group()
+
+    _in_one_process_group(tmp_path, run)
