@@ -18,11 +18,14 @@ import shutil
 import tempfile
 from typing import TYPE_CHECKING, Any
 
+from .config import CONFIG_NAME
+from .save import PICKLE_NAME, SAFETENSORS_NAME
+
 if TYPE_CHECKING:
     from torch import nn
 
 HUB_KWARGS = ("subfolder", "revision", "token", "cache_dir", "local_files_only", "force_download", "proxies")
-_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+_ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME)
 _TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.model",
                     "chat_template*")
 
@@ -66,7 +69,7 @@ def resolve_adapter_path(model_id: str | os.PathLike, subfolder: str | None = No
     try:
         # the safetensors weights; the pickle only when the repo has no safetensors (as peft, one weights file)
         root = download(_ADAPTER_FILES[:2] + (_TOKENIZER_FILES if with_tokenizer else ()))
-        if not os.path.isfile(os.path.join(root, prefix, _ADAPTER_FILES[1])):
+        if not os.path.isfile(os.path.join(root, prefix, SAFETENSORS_NAME)):
             root = download(_ADAPTER_FILES[2:])
     except HFValidationError:
         raise FileNotFoundError(f"adapter folder {path!r} does not exist (and it is not a Hub repo id)") from None
@@ -76,9 +79,9 @@ def resolve_adapter_path(model_id: str | os.PathLike, subfolder: str | None = No
             f"{path!r} is not a local adapter folder, and {where}the Hub repo {path!r} could not be read "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
     folder = os.path.join(root, prefix) if prefix else root
-    if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+    if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
         inside = f" in its subfolder {subfolder!r}" if subfolder else ""
-        raise FileNotFoundError(f"the Hub repo {path!r} has no adapter_config.json{inside}: it is not a peft "
+        raise FileNotFoundError(f"the Hub repo {path!r} has no {CONFIG_NAME}{inside}: it is not a peft "
                                 "adapter (a full model is loaded with transformers' from_pretrained)")
     return folder.rstrip("/")
 
