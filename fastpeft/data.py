@@ -133,9 +133,10 @@ class HFTokenizer:
                                 "the text before it; fastpeft cannot tell the assistant reply apart")
             pieces += [(context[len(done):], False), (full[len(context):], True)]
             done = full
-        tail = render(messages, add_generation_prompt)
-        if tail.startswith(done) and len(tail) > len(done):
-            pieces.append((tail[len(done):], False))
+        if add_generation_prompt or messages[-1]["role"] != "assistant":  # else the loop's last render is all
+            tail = render(messages, add_generation_prompt)
+            if tail.startswith(done) and len(tail) > len(done):
+                pieces.append((tail[len(done):], False))
         return [(self.tok.encode(text, add_special_tokens=False), reply) for text, reply in pieces if text]
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
