@@ -211,6 +211,7 @@ class SavedTensorCounter:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the distinct storages saved for backward so far (each storage counted once)."""
         return sum(s.nbytes() for s in self._storages.values())
 
 
@@ -310,6 +311,7 @@ def parse_shape(name: str) -> tuple[int, int]:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` is CUDA when present, else CPU; any other name as ``torch.device`` reads it."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)

@@ -97,12 +97,14 @@ class HFTokenizer:
         self.name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """The text's ids without the tokenizer's own special tokens; ``add_special_tokens`` prepends bos only."""
         ids = self.tok.encode(text, add_special_tokens=False)
         if add_special_tokens and self.bos_token_id is not None:
             ids = [self.bos_token_id, *ids]
         return ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """The text of ``ids`` (special tokens dropped unless asked)."""
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def chat_segments(self, messages: Sequence[dict], add_generation_prompt: bool = False
@@ -140,6 +142,7 @@ class HFTokenizer:
         return [(self.tok.encode(text, add_special_tokens=False), reply) for text, reply in pieces if text]
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Save the wrapped transformers tokenizer to ``directory``."""
         self.tok.save_pretrained(directory)
 
 

@@ -66,6 +66,7 @@ class Estimate:
     measured_peak: int | None = None
 
     def as_gib(self) -> dict:
+        """The estimate as a dict, byte counts in GiB (parameter counts left as they are)."""
         return {k: (round(v / 2**30, 4) if isinstance(v, int) and k not in ("params", "trainable") else v)
                 for k, v in asdict(self).items()}
 

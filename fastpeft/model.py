@@ -86,6 +86,7 @@ class ModulesToSaveWrapper(nn.Module):
 
     @property
     def active_adapter(self) -> str:
+        """The adapter whose copy of the module runs (peft's property)."""
         return self._active_adapter
 
     def set_adapter(self, adapter_name: str | list[str], train: bool = True) -> None:
@@ -99,6 +100,7 @@ class ModulesToSaveWrapper(nn.Module):
         self._active_adapter = adapter_name
 
     def enable_adapters(self, enabled: bool) -> None:
+        """``False``: run the original module instead of the adapter's copy."""
         self._disable_adapters = not enabled
 
     def _current(self) -> nn.Module:
@@ -109,6 +111,7 @@ class ModulesToSaveWrapper(nn.Module):
     _fastpeft_adapter_names = None  # set by mixed_adapter_batch for the length of one call
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The active adapter's copy (or, with ``adapter_names``, each row through its own adapter's copy)."""
         if adapter_names is None:
             adapter_names = self._fastpeft_adapter_names
         if adapter_names is None or self._disable_adapters:
@@ -324,11 +327,13 @@ class LoraModel(nn.Module):
     __getattr__ = delegating_getattr("model")
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """Run the wrapped model; ``adapter_names`` gives one adapter per sequence (peft's argument)."""
         with mixed_adapter_batch(self.model, adapter_names):
             return self.model(*args, **kwargs)
 
     @property
     def active_adapters(self) -> list[str]:
+        """The active adapters' names as a list (peft's property)."""
         a = self.active_adapter
         return [a] if isinstance(a, str) else list(a)
 
@@ -499,12 +504,14 @@ class LoraModel(nn.Module):
         self.active_adapter = names[0] if len(names) == 1 else names
 
     def enable_adapter_layers(self) -> None:
+        """Re-enable every LoRA layer and modules_to_save wrapper after ``disable_adapter_layers``."""
         for _, layer in self.lora_layers():
             layer.enable_adapters(True)
         for _, wrapper in self.modules_to_save_wrappers():
             wrapper.enable_adapters(True)
 
     def disable_adapter_layers(self) -> None:
+        """Run the base model only: every LoRA layer and modules_to_save wrapper is bypassed (nothing is deleted)."""
         for _, layer in self.lora_layers():
             layer.enable_adapters(False)
         for _, wrapper in self.modules_to_save_wrappers():
@@ -733,12 +740,14 @@ class LoraModel(nn.Module):
                 del wrapper.modules_to_save[adapter_name]
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Merge the given adapters (default: the active ones) into the base weights, layer by layer (peft's method)."""
         with _requantization_summary():
             for _, layer in self.lora_layers():
                 names = [n for n in (adapter_names or layer.active_adapters) if n in layer.lora_A]
                 layer.merge(safe_merge=safe_merge, adapter_names=names)
 
     def unmerge_adapter(self) -> None:
+        """Undo every merge: the base weights are restored and the adapters run unmerged again."""
         for _, layer in self.lora_layers():
             if layer.merged:
                 layer.unmerge()
@@ -986,18 +995,22 @@ class PeftModel(nn.Module):
 
     @property
     def peft_config(self) -> dict[str, LoraConfig]:
+        """Each adapter's config, by adapter name."""
         return self.base_model.peft_config
 
     @property
     def active_adapter(self) -> str | list[str]:
+        """The active adapter's name, or the list of names when several are active."""
         return self.base_model.active_adapter
 
     @property
     def active_adapters(self) -> list[str]:
+        """The active adapters' names as a list."""
         return self.base_model.active_adapters
 
     @property
     def active_peft_config(self) -> LoraConfig:
+        """The config of the (first) active adapter."""
         return self.peft_config[self.active_adapters[0]]
 
     @property

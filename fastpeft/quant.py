@@ -731,6 +731,7 @@ class Linear4bit(nn.Module):
         return dequantize_weight(self.weight4bit(), dtype or self.quant_state.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x Wᵀ + b``, the weight dequantized to the compute dtype (autocast's, else ``compute_dtype``, else x's)."""
         dtype = autocast_dtype(x) or self.compute_dtype or x.dtype
         w = self.dequantize(dtype)
         b = None if self.bias is None else self.bias.to(dtype)
@@ -861,6 +862,7 @@ class Linear4bit(nn.Module):
             self.weight.quant_state = self.quant_state
 
     def extra_repr(self) -> str:
+        """Sizes, bias, 4-bit format and blocksize."""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"quant_type={self.quant_type}, blocksize={self.blocksize}")
 

@@ -31,9 +31,11 @@ class Verdict:
 
     @property
     def ok(self) -> bool:
+        """Whether the measured value meets the bound."""
         return self.value >= self.bound if self.higher_is_better else self.value <= self.bound
 
     def line(self) -> str:
+        """One report line: PASS/MISS, the target, the measured value and its bound."""
         sign = "≥" if self.higher_is_better else "≤"
         verdict = "PASS" if self.ok else "MISS"
         return f"[{verdict}] §{self.section} {self.target}: {self.value:.3f} ({sign} {self.bound:g})"

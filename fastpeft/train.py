@@ -320,6 +320,7 @@ def resolve_device(name: str, command: str | None = None) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``--dtype`` as a torch dtype; ``auto`` is bf16 on a CUDA device that supports it, else fp32."""
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16

@@ -44,3 +44,34 @@ import fastpeft
 print('ok')
 """, ROOT)
     assert out.split() == ["False", "[]", "ok"]
+
+
+def _undocumented(module) -> list[str]:
+    """Public functions/classes of ``module.__all__`` without a docstring, and the public methods and
+    properties those classes define themselves (inherited ones are checked where they are defined)."""
+    import inspect
+
+    missing = []
+    for name in module.__all__:
+        obj = getattr(module, name)
+        if not (inspect.isfunction(obj) or inspect.isclass(obj)):
+            continue
+        if not inspect.getdoc(obj):
+            missing.append(name)
+        if not inspect.isclass(obj) or not obj.__module__.startswith("fastpeft"):
+            continue
+        for attr, value in vars(obj).items():
+            if attr.startswith("_"):
+                continue
+            func = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
+            func = func.fget if isinstance(func, property) else func
+            if inspect.isfunction(func) and not func.__doc__:
+                missing.append(f"{name}.{attr}")
+    return missing
+
+
+def test_every_public_name_has_a_docstring():
+    import fastpeft
+    import fastpeft.methods
+
+    assert _undocumented(fastpeft) == [] and _undocumented(fastpeft.methods) == []

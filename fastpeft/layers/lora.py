@@ -286,10 +286,12 @@ class FastLoraLinear(nn.Module):
 
     @property
     def active_adapters(self) -> list[str]:
+        """The names of the active adapters, in activation order (peft's property)."""
         return list(self._active_adapters)
 
     @property
     def active_adapter(self) -> str | list[str]:
+        """The active adapter's name, or the list of names when several are active (peft's property)."""
         return self._active_adapters[0] if len(self._active_adapters) == 1 else list(self._active_adapters)
 
     def set_adapter(self, adapter_names: str | Iterable[str], inference_mode: bool = False) -> None:
@@ -335,18 +337,22 @@ class FastLoraLinear(nn.Module):
 
     @property
     def lora_embedding_A(self) -> dict:
+        """Always empty: fastpeft adapts linear layers only (peft's attribute, for code that inspects it)."""
         return {}
 
     @property
     def lora_embedding_B(self) -> dict:
+        """Always empty: fastpeft adapts linear layers only (peft's attribute, for code that inspects it)."""
         return {}
 
     @property
     def lora_bias(self) -> dict[str, bool]:
+        """``False`` for every adapter: fastpeft's ``lora_B`` has no bias (peft's ``lora_bias=False``)."""
         return dict.fromkeys(self.lora_A, False)
 
     @property
     def lora_variant(self) -> dict:
+        """Always empty: DoRA is handled by this class itself (peft's attribute, for code that inspects it)."""
         return {}
 
     def get_base_weight(self) -> torch.Tensor:
@@ -405,6 +411,7 @@ class FastLoraLinear(nn.Module):
     # --------------------------------------------------------------- merge
     @property
     def merged(self) -> bool:
+        """Whether any adapter is merged into the base weight."""
         return bool(self.merged_adapters)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -599,6 +606,8 @@ class FastLoraLinear(nn.Module):
     _fastpeft_adapter_names = None  # per-sequence adapters handed over by fastpeft.model.mixed_adapter_batch
 
     def forward(self, x: torch.Tensor, *args, adapter_names: list[str] | None = None, **kwargs) -> torch.Tensor:
+        """The base layer plus every active adapter; ``adapter_names`` (one name per row of the batch, ``"__base__"``
+        for none) runs a mixed-adapter batch as peft's argument does."""
         if adapter_names is None:
             adapter_names = self._fastpeft_adapter_names
         if adapter_names is not None:
@@ -757,6 +766,7 @@ class FastLoraLinear(nn.Module):
         return float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
 
     def extra_repr(self) -> str:
+        """Each adapter's rank, alpha and scaling (and rsLoRA/DoRA), as peft's repr lists them."""
         parts = [f"{n}: r={self.r[n]}, lora_alpha={self.lora_alpha[n]}, scaling={self.scaling[n]:g}"
                  + (", rslora" if self.use_rslora[n] else "") + (", dora" if self.use_dora.get(n) else "")
                  for n in self.lora_A]
