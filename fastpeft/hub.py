@@ -147,16 +147,23 @@ def push_to_hub(peft_model: nn.Module, repo_id: str, commit_message: str | None 
                 safe_serialization: bool = True, selected_adapters: list[str] | None = None,
                 commit_description: str | None = None, tags: list[str] | None = None) -> Any:
     """Save the adapter(s) as ``save_pretrained`` does into a temporary folder and upload it to ``repo_id``
-    (created if missing, ``private`` as asked; ``revision`` a branch, created if missing, unless ``create_pr``).
+    (created if missing, ``private`` as asked; ``revision`` a branch, created if missing, or a ``refs/pr/N`` to add
+    to; with ``create_pr`` a pull request against that branch).
     Only adapter files and the model card (with ``tags`` added; a card the repo has keeps its text and metadata)
     go up, never the base model's weights. Returns huggingface_hub's commit info."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RevisionNotFoundError
 
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if revision is not None and not create_pr:
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    if revision is not None and not revision.startswith("refs/pr"):  # a PR ref exists already
+        try:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        except HfHubHTTPError as exc:
+            # a PR to someone else's repo: no right to make branches there; the branch must exist (the upload
+            # says so if it does not), as transformers' push_to_hub assumes
+            if not (create_pr and exc.response is not None and exc.response.status_code == 403):
+                raise
     with tempfile.TemporaryDirectory() as folder:
         # the repo's own card, which save_pretrained then updates (its text and metadata kept, as transformers'
         # push_to_hub keeps it)

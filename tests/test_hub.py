@@ -345,3 +345,49 @@ def test_push_to_hub_keeps_the_repos_own_card(tmp_path, monkeypatch):
     data = card_data(tmp_path / "uploaded")
     assert (data.license, data.library_name, data.base_model) == ("mit", "peft", "org/base")
     assert {"chat", "lora"} <= set(data.tags)
+
+
+def _forbidden(*args, **kwargs):
+    import requests
+
+    response = requests.Response()
+    response.status_code = 403
+    raise huggingface_hub.errors.HfHubHTTPError("403 Forbidden: no write access", response=response)
+
+
+@pytest.mark.parametrize("revision, create_pr, create_branch, branch_made, error", [
+    ("dev", False, None, "dev", None),
+    ("dev", True, None, "dev", None),  # a PR against a new branch: the branch is made first (transformers too)
+    ("refs/pr/3", False, None, None, None),  # adding to an open PR: its ref exists, no branch to make
+    (None, True, None, None, None),
+    ("dev", True, _forbidden, None, None),  # a PR to someone else's repo: no right to branch, the branch must exist
+    ("dev", False, _forbidden, None, huggingface_hub.errors.HfHubHTTPError),
+])
+def test_push_to_hub_branches_like_transformers(tmp_path, monkeypatch, revision, create_pr, create_branch,
+                                                branch_made, error):
+    made, uploaded = [], {}
+
+    def record_branch(self, repo_id, branch, exist_ok=False, **kwargs):
+        assert exist_ok
+        made.append(branch)
+
+    def upload_folder(self, repo_id, folder_path, revision=None, create_pr=False, **kwargs):
+        uploaded.update(revision=revision, create_pr=create_pr)
+
+    def no_readme(self, repo_id, filename, **kwargs):
+        raise huggingface_hub.errors.EntryNotFoundError(f"{repo_id} has no {filename}")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
+                        lambda self, repo_id, **k: huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}"))
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", create_branch or record_branch)
+    monkeypatch.setattr(huggingface_hub.HfApi, "hf_hub_download", no_readme)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    model = fastpeft.get_peft_model(tiny_base("org/base"), fastpeft.LoraConfig(r=4, target_modules=["q_proj"]))
+    if error is not None:
+        with pytest.raises(error, match="403"):
+            model.push_to_hub("me/my-lora", revision=revision, create_pr=create_pr)
+        assert uploaded == {}
+        return
+    model.push_to_hub("me/my-lora", revision=revision, create_pr=create_pr)
+    assert made == ([branch_made] if branch_made else [])
+    assert uploaded == {"revision": revision, "create_pr": create_pr}
