@@ -16,12 +16,21 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 IGNORE_INDEX = -100
+
+# transformers' marker of assistant tokens in a chat template: {% generation %} … {% endgeneration %}
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+class _NotPrefix(Exception):
+    """A chat template's renderings of growing prefixes of a conversation do not extend each other."""
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -111,35 +120,130 @@ class HFTokenizer:
                       ) -> list[tuple[list[int], bool]]:
         """A conversation laid out by the tokenizer's chat template, as ``(ids, is_assistant_reply)`` pieces.
 
-        The template is rendered for each growing prefix of the conversation: the text an assistant turn adds
-        beyond the prefix with the generation prompt is that reply (what the template puts after it, such as
-        an end-of-turn token, included); everything else is context. Each piece is tokenized on its own, so
-        the ids are those of the template's text cut at turn boundaries. A template whose renderings of
-        growing prefixes do not extend each other cannot be split this way and raises ``DataError``.
+        Which tokens are the assistant's, in this order of preference:
+
+        1. a template that marks them with ``{% generation %}`` (what TRL's ``assistant_only_loss`` requires):
+           transformers' own ``return_assistant_tokens_mask``;
+        2. a template whose renderings of growing prefixes of the conversation extend each other (most of
+           them): the text an assistant turn adds beyond the prefix with the generation prompt is the reply
+           (what the template puts after it, such as an end-of-turn token, included), each piece tokenized on
+           its own;
+        3. a template that rewrites earlier turns as the conversation grows (Qwen3's drops the reasoning of
+           replies before the last user turn): the conversation is rendered once, and each reply is what
+           follows the generation prompt's header up to the end of the reply's text (found in the rendering,
+           as written, stripped, or its answer after ``</think>``) and the end-of-turn text the template
+           writes after a reply (both learned from one-turn probes); a warning says so once. A reply whose
+           text cannot be found raises ``DataError``.
         """
-        if not getattr(self.tok, "chat_template", None):
+        template = self._template()
+        if self.tok.is_fast and _GENERATION_TAG.search(template):
+            return self._masked_segments(messages, add_generation_prompt)
+        try:
+            return self._prefix_segments(messages, add_generation_prompt)
+        except _NotPrefix:
+            if not self._warned_rewrites:
+                self._warned_rewrites = True
+                warnings.warn(f"the chat template of {self.name!r} rewrites earlier turns as a conversation grows; "
+                              "each assistant reply is found in the whole rendered conversation instead (learned: "
+                              "what follows the generation prompt up to the reply's end-of-turn text)", stacklevel=3)
+            return self._located_segments(messages, add_generation_prompt)
+
+    _warned_rewrites = False
+
+    def _template(self) -> str:
+        template = getattr(self.tok, "chat_template", None)
+        if isinstance(template, dict):  # several named templates: the default one renders
+            template = template.get("default")
+        if not template:
             raise DataError(f"the tokenizer {self.name!r} has no chat template; conversation records need one "
                             "(use a chat/instruct model's tokenizer, or prompt/response records)")
+        return template
 
-        def render(msgs, generation_prompt):
-            return self.tok.apply_chat_template(list(msgs), tokenize=False, add_generation_prompt=generation_prompt)
+    def _render(self, messages: Sequence[dict], generation_prompt: bool) -> str:
+        return self.tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
 
+    def _masked_segments(self, messages, add_generation_prompt):
+        out = self.tok.apply_chat_template(list(messages), tokenize=True, return_dict=True,
+                                           return_assistant_tokens_mask=True,
+                                           add_generation_prompt=add_generation_prompt)
+        pieces: list[tuple[list[int], bool]] = []
+        for token, mask in zip(out["input_ids"], out["assistant_masks"]):
+            if pieces and pieces[-1][1] == bool(mask):
+                pieces[-1][0].append(int(token))
+            else:
+                pieces.append(([int(token)], bool(mask)))
+        return pieces
+
+    def _prefix_segments(self, messages, add_generation_prompt):
         pieces: list[tuple[str, bool]] = []
         done = ""
         for k, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            context, full = render(messages[:k], True), render(messages[: k + 1], False)
+            context, full = self._render(messages[:k], True), self._render(messages[: k + 1], False)
             if not context.startswith(done) or not full.startswith(context):
-                raise DataError(f"the chat template of {self.name!r} renders turn {k} so that it does not extend "
-                                "the text before it; fastpeft cannot tell the assistant reply apart")
+                raise _NotPrefix
             pieces += [(context[len(done):], False), (full[len(context):], True)]
             done = full
         if add_generation_prompt or messages[-1]["role"] != "assistant":  # else the loop's last render is all
-            tail = render(messages, add_generation_prompt)
-            if tail.startswith(done) and len(tail) > len(done):
-                pieces.append((tail[len(done):], False))
+            tail = self._render(messages, add_generation_prompt)
+            if not tail.startswith(done):
+                raise _NotPrefix
+            pieces.append((tail[len(done):], False))
+        return self._encode_pieces(pieces)
+
+    def _encode_pieces(self, pieces: list[tuple[str, bool]]) -> list[tuple[list[int], bool]]:
         return [(self.tok.encode(text, add_special_tokens=False), reply) for text, reply in pieces if text]
+
+    def _probe(self) -> tuple[str, str]:
+        """(the generation prompt's text, the text after a reply) of this template, from one-turn probes;
+        empty strings where the template refuses the probe or the probe shows nothing."""
+        if not hasattr(self, "_probed"):
+            reply = "fastpeft-probe-reply"
+            header = suffix = ""
+            try:
+                user = [{"role": "user", "content": "fastpeft-probe-question"}]
+                with_prompt, without = self._render(user, True), self._render(user, False)
+                if with_prompt.startswith(without):
+                    header = with_prompt[len(without):]
+                one_turn = self._render(user + [{"role": "assistant", "content": reply}], False)
+                if reply in one_turn:
+                    suffix = one_turn[one_turn.rindex(reply) + len(reply):]
+            except Exception:  # noqa: BLE001 — a template that needs a system turn, other roles, ...
+                pass
+            self._probed = (header, suffix)
+        return self._probed
+
+    def _located_segments(self, messages, add_generation_prompt):
+        header, suffix = self._probe()
+        full = self._render(messages, add_generation_prompt)
+        pieces: list[tuple[str, bool]] = []
+        cursor = 0
+        for k, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            start = full.find(header, cursor) + len(header) if header and header in full[cursor:] else cursor
+            content = m["content"]
+            # the reply as written, stripped, or (a template dropping earlier reasoning) its answer after </think>
+            for text in (content, content.strip(), content.rpartition("</think>")[2].strip()):
+                at = full.find(text, start) if text else -1
+                if at >= 0:
+                    break
+            else:
+                raise DataError(f"the chat template of {self.name!r} rewrites earlier turns, and the text of turn {k} "
+                                "(assistant) does not appear in the rendered conversation; fastpeft cannot tell "
+                                "which tokens are the reply (a template marking them with {% generation %} can)")
+            end = at + len(text)
+            if suffix and full.startswith(suffix, end):
+                end += len(suffix)
+            elif suffix.strip() and full.startswith(suffix.strip(), end):
+                end += len(suffix.strip())
+            if not header or start == cursor:  # no header found: the reply is its text
+                start = at
+            pieces += [(full[cursor:start], False), (full[start:end], True)]
+            cursor = end
+        pieces.append((full[cursor:], False))
+        return self._encode_pieces(pieces)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Save the wrapped transformers tokenizer to ``directory``."""

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from fastpeft import cli
+from fastpeft.data import _GENERATION_TAG as GENERATION_TAG
 from fastpeft.data import IGNORE_INDEX, ByteTokenizer, DataError, HFTokenizer, read_records, tokenize
 from fastpeft.train import parse_args, train
 
@@ -85,14 +86,80 @@ def test_byte_tokenizer_learns_each_reply_and_its_eos():
     assert TOK.decode(learned, skip_special_tokens=False) == "Hello.<eos>4<eos>"
 
 
-def test_chat_template_labels_equal_transformers_assistant_mask():
-    fast = chat_tokenizer()
-    (sample,) = tokenize([{"messages": CONVO}], HFTokenizer(fast), 512)
-    ref = fast.apply_chat_template(CONVO, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+def untagged(template: str) -> str:
+    """The template without transformers' {% generation %} markers (what most models ship)."""
+    return template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+
+
+def assert_labels_equal_the_mask(template: str, convo=CONVO):
+    """fastpeft's labels with the untagged template equal transformers' assistant mask from the tagged one."""
+    ours = HFTokenizer(chat_tokenizer(untagged(template)))
+    assert not GENERATION_TAG.search(ours.tok.chat_template)
+    (sample,) = tokenize([{"messages": convo}], ours, 512)
+    ref = chat_tokenizer(template).apply_chat_template(convo, tokenize=True, return_dict=True,
+                                                       return_assistant_tokens_mask=True)
     assert sample.input_ids == list(ref["input_ids"])
     assert [label != IGNORE_INDEX for label in sample.labels] == [bool(m) for m in ref["assistant_masks"]]
     assert sum(m for m in ref["assistant_masks"]) > 0
     assert all(label in (IGNORE_INDEX, t) for t, label in zip(sample.input_ids, sample.labels))
+
+
+def test_chat_template_labels_equal_transformers_assistant_mask():
+    assert_labels_equal_the_mask(CHATML)
+
+
+# Written here after Qwen3's template: replies before the last user turn lose their reasoning, the replies after
+# it show theirs (empty if none) in a <think> block, so the rendering of a prefix is not a prefix of the whole.
+REWRITING = (
+    "{% set ns = namespace(last_user=-1) %}"
+    "{% for m in messages %}{% if m['role'] == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}"
+    "{% set answer = m['content'].split('</think>')[-1].lstrip('\n') %}"
+    "{% set thought = m['content'].split('</think>')[0].split('<think>')[-1].strip('\n') "
+    "if '</think>' in m['content'] else '' %}"
+    "<|im_start|>assistant\n{% generation %}"
+    "{% if loop.index0 > ns.last_user %}<think>\n{{ thought }}\n</think>\n\n{% endif %}"
+    "{{ answer }}<|im_end|>\n{% endgeneration %}"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("convo", [
+    CONVO,
+    CONVO[:3],  # one turn: the renderings of prefixes extend each other, the prefix method runs
+    CONVO[:3] + [{"role": "user", "content": "4 or 5?"}, {"role": "assistant", "content": "<think>sum</think>\n\n4"}],
+    CONVO[:2] + [{"role": "assistant", "content": "<think>greet</think>\n\nHello."}] + CONVO[3:],
+])
+def test_a_template_that_rewrites_earlier_turns_learns_what_its_generation_markers_mark(convo):
+    # the reply's text also in the next user turn ("4 or 5?") must not be taken for the reply
+    import warnings as w
+
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        assert_labels_equal_the_mask(REWRITING, convo)
+    rewrites = sum(m["role"] == "assistant" for m in convo) > 1
+    assert any("rewrites earlier turns" in str(c.message) for c in caught) == rewrites
+
+
+def test_generation_markers_are_used_when_the_template_has_them():
+    # markers that leave the end-of-turn token out: the labels follow them (the prefix method would learn it)
+    tagged = CHATML.replace("{{ m['content'] }}<|im_end|>\n{% endgeneration %}",
+                            "{{ m['content'] }}{% endgeneration %}<|im_end|>\n")
+    tok = chat_tokenizer(tagged)
+    (sample,) = tokenize([{"messages": CONVO}], HFTokenizer(tok), 512)
+    ref = tok.apply_chat_template(CONVO, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert [label != IGNORE_INDEX for label in sample.labels] == [bool(m) for m in ref["assistant_masks"]]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert end in sample.input_ids and all(label != end for label in sample.labels)
+
+
+def test_a_reply_the_rewriting_template_hides_is_refused():
+    hiding = REWRITING.replace("{{ answer }}", "{{ answer | upper }}")
+    convo = CONVO[:3] + [{"role": "user", "content": "and?"}, {"role": "assistant", "content": "bye"}]
+    with pytest.raises(DataError, match="text of turn 2 .assistant. does not appear"):
+        tokenize([{"messages": convo}], HFTokenizer(chat_tokenizer(untagged(hiding))), 512)
 
 
 def test_truncation_keeps_what_fits_and_refuses_a_conversation_with_no_reply_left():
@@ -102,15 +169,9 @@ def test_truncation_keeps_what_fits_and_refuses_a_conversation_with_no_reply_lef
         tokenize([{"messages": CONVO, "_line": 7}], TOK, 48, source="row")
 
 
-def test_tokenizer_without_chat_template_or_with_a_non_extending_one_is_refused():
+def test_tokenizer_without_chat_template_is_refused():
     with pytest.raises(DataError, match="has no chat template"):
         tokenize([{"messages": CONVO}], HFTokenizer(chat_tokenizer(template=None)), 512)
-    # a template that drops the system turn once replies exist: the rendered text does not grow by appending
-    odd = ("{% for m in messages %}{% if not (m['role'] == 'system' and messages|length > 2) %}"
-           "{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
-           "{% if add_generation_prompt %}assistant: {% endif %}")
-    with pytest.raises(DataError, match="does not extend"):
-        tokenize([{"messages": CONVO}], HFTokenizer(chat_tokenizer(template=odd)), 512)
 
 
 def test_train_on_conversations_then_generate_with_chat(tmp_path, capsys):
