@@ -379,11 +379,12 @@ def auto_max_length(records: list[dict], tokenizer, cap: int = 4096, source: str
     return int(min(cap, max(8, round(1.5 * sum(keep) / len(keep)))))
 
 
-def _chat_segments(r: dict, tokenizer, where: str) -> list[tuple[list[int], bool]]:
-    """``tokenizer.chat_segments`` of a conversation record; whatever stops the chat template (its
-    ``raise_exception``, e.g. a system turn or roles that do not alternate) is a DataError naming ``where``."""
+def chat_segments(tokenizer, messages: Sequence[dict], where: str, add_generation_prompt: bool = False
+                  ) -> list[tuple[list[int], bool]]:
+    """``tokenizer.chat_segments`` of a conversation; whatever stops the chat template (its ``raise_exception``,
+    e.g. a system turn or roles that do not alternate) is a DataError naming ``where``."""
     try:
-        return tokenizer.chat_segments(r["messages"])
+        return tokenizer.chat_segments(messages, add_generation_prompt=add_generation_prompt)
     except DataError as exc:
         raise DataError(f"{where}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 — jinja2's TemplateError, transformers' ValueError, ...
@@ -391,9 +392,18 @@ def _chat_segments(r: dict, tokenizer, where: str) -> list[tuple[list[int], bool
                         f"({type(exc).__name__}: {exc})") from exc
 
 
+def _record_segments(r: dict, tokenizer, where: str) -> list[tuple[list[int], bool]]:
+    """A conversation record's segments, kept in the record for the next call with the same tokenizer
+    (``--max-length auto`` measures them before ``tokenize`` uses them: the template renders once)."""
+    cached = r.get("_segments")
+    if cached is None or cached[0] is not tokenizer:
+        cached = r["_segments"] = (tokenizer, chat_segments(tokenizer, r["messages"], where))
+    return cached[1]
+
+
 def _full_ids(r: dict, tokenizer, where: str = "data") -> list[int]:
     if "messages" in r:
-        return [i for ids, _ in _chat_segments(r, tokenizer, where) for i in ids]
+        return [i for ids, _ in _record_segments(r, tokenizer, where) for i in ids]
     if "text" in r:
         return tokenizer.encode(r["text"], add_special_tokens=True) + [tokenizer.eos_token_id]
     return (tokenizer.encode(r["prompt"], add_special_tokens=True) + tokenizer.encode(r["response"])
@@ -407,9 +417,10 @@ def tokenize(records: list[dict], tokenizer, max_length: int, source: str = "dat
         where = f"{source}:{r.get('_line', i + 1)}"
         if "messages" in r:
             ids, labels = [], []
-            for piece, reply in _chat_segments(r, tokenizer, where):
+            for piece, reply in _record_segments(r, tokenizer, where):
                 ids += piece
                 labels += piece if reply else [IGNORE_INDEX] * len(piece)
+            del r["_segments"]  # the sample holds the tokens now
             ids, labels = ids[:max_length], labels[:max_length]
             if all(t == IGNORE_INDEX for t in labels[1:]):  # position 0 is never predicted
                 raise DataError(f"{where}: no assistant token falls within --max-length {max_length}; nothing "

@@ -169,6 +169,7 @@ def load(adapter: str, model_path: str | None = None, device: str | torch.device
 
 def main(args: argparse.Namespace) -> int:
     """CLI entry: ``fastpeft generate``."""
+    from .data import DataError, chat_segments
     from .train import resolve_device
 
     device = resolve_device(args.device, "fastpeft generate")
@@ -197,12 +198,9 @@ def main(args: argparse.Namespace) -> int:
             turns = ([{"role": "system", "content": args.system}] if args.system is not None else []) \
                 + [{"role": "user", "content": prompt}]
             try:
-                pieces = tok.chat_segments(turns, add_generation_prompt=True)
-            except ValueError as exc:  # DataError: no chat template
-                raise SystemExit(f"fastpeft generate: --chat: {exc}") from None
-            except Exception as exc:  # noqa: BLE001 — the template's raise_exception (jinja2's TemplateError)
-                raise SystemExit(f"fastpeft generate: --chat: the tokenizer's chat template refuses these turns "
-                                 f"({type(exc).__name__}: {exc})") from None
+                pieces = chat_segments(tok, turns, "--chat", add_generation_prompt=True)
+            except DataError as exc:  # no chat template, or the template refuses these turns
+                raise SystemExit(f"fastpeft generate: {exc}") from None
             ids = torch.tensor([[i for piece, _ in pieces for i in piece]], device=device)
         else:
             ids = torch.tensor([tok.encode(prompt, add_special_tokens=True)], device=device)

@@ -225,3 +225,17 @@ def test_generate_chat_names_what_the_template_refuses(tmp_path):
     tok.save_pretrained(tmp_path / "ad")
     with pytest.raises(SystemExit, match="fastpeft generate: --chat: .*System role not supported"):
         cli.main(["generate", "--adapter", str(tmp_path / "ad"), "--chat", "--system", "terse", "--prompt", "hi"])
+
+
+def test_max_length_auto_and_tokenize_render_each_conversation_once():
+    from fastpeft.data import auto_max_length
+
+    tok = HFTokenizer(chat_tokenizer(untagged(CHATML)))
+    renders = []
+    original = tok._render
+    tok._render = lambda *a, **k: (renders.append(1), original(*a, **k))[1]
+    rows = [{"messages": CONVO, "_line": i + 1} for i in range(3)]
+    samples = tokenize(rows, tok, auto_max_length(rows, tok))
+    assert len(renders) == 3 * 4  # per conversation: context and reply renders of its two assistant turns
+    assert samples[0] == tokenize([{"messages": CONVO}], HFTokenizer(chat_tokenizer(untagged(CHATML))), 512)[0]
+    assert all("_segments" not in r for r in rows)  # the samples hold the tokens; the records do not keep them
