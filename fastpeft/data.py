@@ -13,6 +13,7 @@ template, and only the assistant turns are learned (their end-of-turn tokens inc
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import random
@@ -365,16 +366,61 @@ def read_records(path: str | os.PathLike, prompt_field: str = "prompt", response
 
 @dataclass
 class Sample:
-    """One tokenized sample: ``input_ids`` and ``labels`` (-100 over the prompt)."""
+    """One tokenized sample: ``input_ids`` and ``labels`` (-100 over the prompt). A row of packed samples
+    (``pack``) also has ``position_ids``, restarting at 0 where each of its samples starts."""
 
     input_ids: list[int]
     labels: list[int]
+    position_ids: list[int] | None = None
 
 
-def auto_max_length(records: list[dict], tokenizer, cap: int = 4096, source: str = "data") -> int:
-    """The seed notes' rule: 1.5 × the mean sample length, outliers (above the 98th percentile) removed.
+def pack(samples: Sequence[Sample], length: int) -> list[Sample]:
+    """Samples packed into rows of at most ``length`` tokens (best-fit decreasing; deterministic).
+
+    Each row's ``position_ids`` restart at 0 where a sample starts, which transformers reads as separate
+    sequences: with no attention mask, each token attends only to its own sample (``--packing`` checks the
+    model does). The first label of each sample is -100: its first token is never predicted (as in an unpacked
+    batch, where position 0 has nothing before it), so no sample learns from the one packed before it.
+    Rows come out longest first; ``batches`` shuffles them.
+    """
+    if length < 1:
+        raise ValueError(f"pack: length must be ≥ 1, got {length}")
+    order = sorted(range(len(samples)), key=lambda i: (-len(samples[i].input_ids), i))
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (free tokens, row), sorted: the best fit is the first with enough room
+    for i in order:
+        n = len(samples[i].input_ids)
+        if n > length:
+            raise ValueError(f"pack: a sample of {n} tokens does not fit in rows of {length}")
+        k = bisect.bisect_left(room, (n, -1))
+        if k < len(room):
+            free, row = room.pop(k)
+        else:
+            free, row = length, len(rows)
+            rows.append([])
+        rows[row].append(i)
+        if free - n > 0:
+            bisect.insort(room, (free - n, row))
+    out = []
+    for members in rows:
+        ids, labels, positions = [], [], []
+        for i in members:
+            s = samples[i]
+            ids += s.input_ids
+            labels += [IGNORE_INDEX, *s.labels[1:]]
+            positions += range(len(s.input_ids))
+        out.append(Sample(ids, labels, positions))
+    return out
+
+
+def auto_max_length(records: list[dict], tokenizer, cap: int = 4096, source: str = "data",
+                    quantile: float | None = None) -> int:
+    """The seed notes' rule: 1.5 × the mean sample length, outliers (above the 98th percentile) removed; with
+    ``quantile`` (``--packing``: 0.98), that quantile of the lengths instead, so nearly every sample stays whole.
     ``source`` names the file in errors (a conversation the chat template refuses)."""
     lengths = sorted(len(_full_ids(r, tokenizer, f"{source}:{r.get('_line', i + 1)}")) for i, r in enumerate(records))
+    if quantile is not None:
+        return int(min(cap, max(8, lengths[min(len(lengths) - 1, int(len(lengths) * quantile))])))
     keep = lengths[: max(1, int(len(lengths) * 0.98))]
     return int(min(cap, max(8, round(1.5 * sum(keep) / len(keep)))))
 
@@ -450,7 +496,9 @@ def tokenize(records: list[dict], tokenizer, max_length: int, source: str = "dat
 class Collator:
     """Pads a batch to its longest sample: ``input_ids`` with pad, ``labels`` with -100, ``attention_mask``.
 
-    Samples are sorted by length (longest first) inside the batch, as the seed recipe does.
+    Samples are sorted by length (longest first) inside the batch, as the seed recipe does. A batch of packed
+    rows (``pack``) gets ``position_ids`` instead of ``attention_mask`` (transformers then keeps the packed
+    samples apart); a row's padding continues as a sequence of its own (positions from 0, labels -100).
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
@@ -467,12 +515,21 @@ class Collator:
             length = (length + m - 1) // m * m
         ids = torch.full((len(batch), length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
+        packed = batch[0].position_ids is not None
+        if packed != all(s.position_ids is not None for s in batch):
+            raise ValueError("a batch mixes packed rows and unpacked samples")
         mask = torch.zeros((len(batch), length), dtype=torch.long)
+        positions = torch.arange(length).repeat(len(batch), 1)
         for i, s in enumerate(batch):
             n = len(s.input_ids)
             ids[i, :n] = torch.tensor(s.input_ids)
             labels[i, :n] = torch.tensor(s.labels)
             mask[i, :n] = 1
+            if packed:
+                positions[i, :n] = torch.tensor(s.position_ids)
+                positions[i, n:] = torch.arange(length - n)
+        if packed:
+            return {"input_ids": ids, "labels": labels, "position_ids": positions}
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 

@@ -44,11 +44,13 @@ from .data import (
     auto_max_length,
     batches,
     default_task,
+    pack,
     read_records,
     tokenize,
 )
 
 METHODS = ("lora", "qlora", "prefix", "prompt", "ptuning", "bitfit", "freeze", "adapter", "ia3", "adalora")
+PROMPT_METHODS = ("prefix", "prompt", "ptuning")  # virtual tokens before the input
 DEFAULT_MODEL = "fastpeft:default"
 ASSETS = Path(__file__).parent / "assets"
 STATE_NAME = "trainer_state.pt"
@@ -80,6 +82,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "learned")
     g.add_argument("--max-length", default="auto", help="tokens per sample, or auto (1.5 × mean length)")
     g.add_argument("--group-by-length", action="store_true", help="batch samples of similar length")
+    g.add_argument("--packing", action="store_true",
+                   help="pack several samples into each row of --max-length tokens, each attending only to itself "
+                        "(position_ids restart per sample; no padding between them); --batch-size counts rows")
     g = p.add_argument_group("method")
     g.add_argument("--method", default="lora", choices=METHODS)
     g.add_argument("--r", type=int, default=16, help="LoRA rank")
@@ -275,6 +280,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit("fastpeft train: --resume and --overwrite-output-dir contradict each other")
     if args.method not in METHODS:
         raise bad("method", f"must be one of {', '.join(METHODS)}", args.method)
+    if getattr(args, "packing", False) and args.method in PROMPT_METHODS:
+        raise SystemExit(f"fastpeft train: --packing does not work with --method {args.method}: its virtual tokens "
+                         "come before the whole row, so packed samples would share them and see each other")
     method_options(args)
     resolve_device(args.device, "fastpeft train")
 
@@ -412,6 +420,35 @@ def check_method(args: argparse.Namespace, total_steps: int | None = None) -> No
         else:
             flag = f"--method {args.method}"
         raise SystemExit(f"fastpeft train: {flag}: {text}") from None
+
+
+def check_packing(model, device: torch.device, autocast: torch.dtype | None) -> None:
+    """Refuse ``--packing`` on a model whose attention lets packed samples see each other.
+
+    transformers keeps the samples of a packed row apart when it gets ``position_ids`` that restart and no
+    attention mask (its packed-sequence masks; flash-attention's varlen path), but a model's own attention code
+    may not. Two rows that share their second sample and differ in the first are run through the model: the
+    logits of the shared sample must not change."""
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    if vocab < 2:
+        return
+    g = torch.Generator().manual_seed(0)
+    first = torch.randint(vocab, (2, 6), generator=g)
+    shared = torch.randint(vocab, (1, 5), generator=g).expand(2, -1)
+    ids = torch.cat([first, shared], 1).to(device)
+    positions = torch.cat([torch.arange(6), torch.arange(5)]).repeat(2, 1).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _autocast(device, autocast):
+            logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits[:, 6:].float()
+    finally:
+        model.train(was_training)
+    scale = logits.abs().max().clamp_min(1e-6)
+    if not torch.isfinite(logits).all() or (logits[0] - logits[1]).abs().max() > 1e-2 * scale:
+        raise SystemExit("fastpeft train: --packing: this model's attention lets a packed sample see the samples "
+                         "before it in its row (its attention code ignores the position_ids restarts that "
+                         "transformers reads as separate sequences); train without --packing")
 
 
 def build_peft_model(model, args: argparse.Namespace, total_steps: int | None = None):
@@ -673,7 +710,7 @@ def load_checkpoint(out: Path, resume: str) -> tuple[Path, dict]:
 RESUME_OPTIONS = ("model", "method", "r", "lora_alpha", "use_rslora", "use_dora", "target_modules",
                   "modules_to_save", "num_virtual_tokens", "freeze_layers", "method_options", "load_in_4bit",
                   "quantizer", "data", "eval_data", "eval_split", "prompt_field", "response_field", "text_field",
-                  "messages_field", "max_length", "group_by_length", "batch_size", "grad_accum", "seed")
+                  "messages_field", "max_length", "group_by_length", "packing", "batch_size", "grad_accum", "seed")
 
 
 def _resume_value(key: str, value: Any) -> Any:
@@ -814,15 +851,21 @@ def train(args: argparse.Namespace) -> TrainResult:
             n_eval = int(len(rows) * args.eval_split) if len(rows) >= 20 else 0
             eval_rows = [rows[i] for i in order[:n_eval]]
             train_rows = [rows[i] for i in order[n_eval:]]
-    max_length = auto_max_length(train_rows, tok, source=source) if str(args.max_length) == "auto" \
-        else int(args.max_length)
+    packing = bool(getattr(args, "packing", False))
+    if str(args.max_length) != "auto":
+        max_length = int(args.max_length)
+    else:  # packed rows hold whole samples: auto keeps (nearly) every sample whole
+        max_length = auto_max_length(train_rows, tok, source=source, quantile=0.98 if packing else None)
     train_samples = tokenize(train_rows, tok, max_length, source)
     eval_samples = tokenize(eval_rows, tok, max_length, args.eval_data or source) if eval_rows else []
+    n_samples = len(train_samples)
+    if packing:
+        train_samples = pack(train_samples, max_length)
     collator = Collator(tok.pad_token_id)
     n_generate = args.eval_generate if args.eval_generate is not None else (100 if default_data else 0)
     gen_rows = [r for r in eval_rows if "prompt" in r][:n_generate]
 
-    micro_per_epoch = max(1, len(train_samples) // (args.batch_size * world))
+    micro_per_epoch = max(1, len(train_samples) // (args.batch_size * world))  # rows, when packed
     steps_per_epoch = max(1, micro_per_epoch // args.grad_accum)
     if args.max_steps is not None:
         total_steps = args.max_steps
@@ -853,6 +896,8 @@ def train(args: argparse.Namespace) -> TrainResult:
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     model.train()
+    if packing:
+        check_packing(model, device, autocast)
     runner = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -871,10 +916,13 @@ def train(args: argparse.Namespace) -> TrainResult:
 
     log: dict = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "device": str(device),
                  "dtype": str(dtype).removeprefix("torch."), "data": source, "max_length": max_length,
-                 "train_samples": len(train_samples), "eval_samples": len(eval_samples),
+                 "train_samples": n_samples, "eval_samples": len(eval_samples),
                  "trainable_params": trainable, "all_params": total, "total_steps": total_steps,
                  "world_size": world, "global_batch": args.batch_size * args.grad_accum * world,
                  "steps": [], "evals": []}
+    if packing:
+        log["packed_rows"] = len(train_samples)
+        log["packing_fill"] = round(sum(len(s.input_ids) for s in train_samples) / (len(train_samples) * max_length), 4)
     step, epoch, skip = 0, 0, 0
     if resume_from is not None:
         ckpt, state = resume_from
@@ -901,8 +949,9 @@ def train(args: argparse.Namespace) -> TrainResult:
     say = print if main_rank else (lambda *a, **k: None)
     say(f"fastpeft train: {args.method} on {getattr(model.config, '_name_or_path', '?')} "
           f"({total:,d} params, {trainable:,d} trainable = {100 * trainable / total:.2f}%), data {source}: "
-          f"{len(train_samples)} train / {len(eval_samples)} eval samples, max_length {max_length}, "
-          f"{total_steps} steps on {device} ({log['dtype']})")
+          f"{n_samples} train / {len(eval_samples)} eval samples, max_length {max_length}, "
+          + (f"packed into {log['packed_rows']} rows ({100 * log['packing_fill']:.0f}% full), " if packing else "")
+          + f"{total_steps} steps on {device} ({log['dtype']})")
     if step == 0:
         first = run_eval()
         log["evals"].append(first)
@@ -928,7 +977,8 @@ def train(args: argparse.Namespace) -> TrainResult:
             group = world * args.grad_accum  # every optimizer step takes grad_accum micro-batches on every rank
             epoch_batches = epoch_batches[: len(epoch_batches) // group * group]
             if not epoch_batches:
-                raise SystemExit(f"fastpeft train: {len(train_samples)} samples give no full step of batch "
+                what = f"{len(train_samples)} packed rows" if packing else f"{len(train_samples)} samples"
+                raise SystemExit(f"fastpeft train: {what} give no full step of batch "
                                  f"{args.batch_size} × grad-accum {args.grad_accum} × {world} process(es)")
             for index, batch in enumerate(epoch_batches):
                 if index < skip or index % world != rank:
@@ -938,10 +988,11 @@ def train(args: argparse.Namespace) -> TrainResult:
                 sync = runner.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()
                 with sync:
                     with _autocast(device, autocast):
-                        loss = runner(**inputs).loss
+                        # packed rows: no KV cache, which would turn transformers' packed-sequence masks off
+                        loss = (runner(**inputs, use_cache=False) if packing else runner(**inputs)).loss
                     (loss / args.grad_accum).backward()
                 loss_acc += loss.item() / args.grad_accum
-                tok_acc += int(inputs["attention_mask"].sum())
+                tok_acc += sum(len(s.input_ids) for s in batch)
                 micro += 1
                 in_step += 1
                 if micro % args.grad_accum:
