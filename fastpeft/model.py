@@ -961,6 +961,27 @@ class _ForwardDescriptor:
 
 
 # --------------------------------------------------------------------------- the user-facing wrapper
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts of ``module``, counted as peft counts them: a packed 4-bit weight
+    (bitsandbytes' ``Params4bit``) as the number of 4-bit values it holds, a DeepSpeed-partitioned one by its
+    ``ds_numel``."""
+    trainable, total = 0, 0
+    for param in module.parameters():
+        n = param.numel()
+        if n == 0 and hasattr(param, "ds_numel"):
+            n = param.ds_numel
+        if type(param).__name__ == "Params4bit":  # two 4-bit values per byte of whatever dtype stores them
+            if hasattr(param, "element_size"):
+                n *= 2 * param.element_size()
+            else:
+                storage = getattr(param, "quant_storage", None)
+                n *= 2 * (torch.empty(0, dtype=storage).element_size() if storage is not None else 1)
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
+
+
 class PeftModel(nn.Module):
     """A transformers model with fastpeft LoRA adapters, with peft's ``PeftModel`` API.
 
@@ -1027,20 +1048,7 @@ class PeftModel(nn.Module):
     # ----------------------------------------------------------------- parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) parameter counts, counted as peft counts them (4-bit weights as their element count)."""
-        trainable, total = 0, 0
-        for _, param in self.named_parameters():
-            n = param.numel()
-            if n == 0 and hasattr(param, "ds_numel"):
-                n = param.ds_numel
-            if type(param).__name__ == "Params4bit":
-                n = n * 2 * (param.element_size() if hasattr(param, "element_size") else 1)
-                storage = getattr(param, "quant_storage", None)
-                if storage is not None:
-                    n = param.numel() * 2 * torch.empty(0, dtype=storage).element_size()
-            total += n
-            if param.requires_grad:
-                trainable += n
-        return trainable, total
+        return count_parameters(self)
 
     def print_trainable_parameters(self) -> None:
         """Print ``trainable params: … || all params: … || trainable%: …`` (peft's wording)."""

@@ -108,7 +108,7 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
 
 def get_model_status(model: nn.Module) -> TunerModelStatus:
     """``model``'s adapter state summed over its layers (see the module docstring)."""
-    from .model import PeftModel
+    from .model import PeftModel, count_parameters
 
     layers = get_layer_status(model)
     if isinstance(model, PeftModel):
@@ -117,9 +117,12 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
         peft_types = {n: str(getattr(c, "peft_type", "LORA")) for n, c in model.peft_config.items()}
         trainable, total = model.get_nb_trainable_parameters()
     else:
-        base_type, adapter_type, peft_types = type(model).__name__, "None", {}
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
+        from transformers import PreTrainedModel
+
+        # peft's names: a transformers model by its class, any other module as "other"
+        base_type = type(model).__name__ if isinstance(model, PreTrainedModel) else "other"
+        adapter_type, peft_types = "None", {}
+        trainable, total = count_parameters(model)
     enabled = {s.enabled for s in layers}
     actives = {tuple(s.active_adapters) for s in layers}
     merged_all = {n for s in layers for n in s.merged_adapters}

@@ -14,6 +14,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 import fastpeft
 from helpers import assert_rel
@@ -482,6 +483,27 @@ def test_model_and_layer_status_like_peft():
     for x, y in zip(la, lb):
         assert (x.enabled, x.active_adapters, x.merged_adapters, x.requires_grad, x.available_adapters) == \
             (y.enabled, y.active_adapters, y.merged_adapters, y.requires_grad, y.available_adapters), x.name
+
+
+def test_model_status_of_a_model_holding_adapter_layers_like_peft():
+    """Not a PeftModel: the transformers model inside one (and any other module holding it), as peft reports it;
+    the 4-bit base's packed weights counted as peft counts them."""
+    pytest.importorskip("bitsandbytes")
+    ours, theirs, _, _ = _pair("llama")
+    for module_a, module_b in ((ours.base_model.model, theirs.base_model.model),
+                               (nn.Sequential(ours.base_model.model), nn.Sequential(theirs.base_model.model))):
+        a, b = fastpeft.get_model_status(module_a), peft.get_model_status(module_b)
+        for field in ("base_model_type", "adapter_model_type", "peft_types", "trainable_params", "total_params",
+                      "num_adapter_layers", "active_adapters", "available_adapters"):
+            assert getattr(a, field) == getattr(b, field), field
+    import bitsandbytes as bnb
+
+    holder = nn.Sequential(nn.Linear(64, 32), bnb.nn.Linear4bit(64, 32, bias=False, quant_type="nf4"))
+    holder[1].weight = bnb.nn.Params4bit(holder[1].weight.data, requires_grad=False, quant_type="nf4")
+    holder[1].weight.requires_grad_(False)
+    holder[0] = fastpeft.FastLoraLinear.from_linear(holder[0], r=2)
+    status = fastpeft.get_model_status(holder)
+    assert (status.trainable_params, status.total_params) == peft.PeftModel.get_nb_trainable_parameters(holder)
 
 
 def test_generate_passes_through():
