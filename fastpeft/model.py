@@ -1202,31 +1202,37 @@ class PeftModel(nn.Module):
         load_adapter_state(self, saved, adapter_name, where)
 
 
-_TRAINER_MODULES = ("transformers.trainer", "transformers.trainer_utils")
-
-
 def _let_transformers_trainer_see_fastpeft() -> None:
-    """Make transformers' ``Trainer`` treat fastpeft models as it treats peft's.
+    """Make transformers' ``Trainer`` — and trainers built on it that ask accelerate, such as TRL's
+    ``SFTTrainer`` — treat fastpeft models as they treat peft's.
 
-    The Trainer saves checkpoints and ``save_model`` through ``save_pretrained`` (adapter files), resumes
-    with ``load_adapter`` and reads the wrapped model's signature only for instances of peft's
+    transformers' Trainer saves checkpoints and ``save_model`` through ``save_pretrained`` (adapter files),
+    resumes with ``load_adapter`` and reads the wrapped model's signature only for instances of peft's
     ``PeftModel``: an ``isinstance`` against the name ``PeftModel`` in ``transformers.trainer`` and
     ``transformers.trainer_utils``. Anything else gets the whole state dict written as ``model.safetensors``
     (which fails outright for models with tied embeddings). With peft installed, the name is widened to
     the tuple (peft's class, fastpeft's ``PeftModel``), which ``isinstance`` accepts; peft's own models are
-    recognized as before. Called whenever a fastpeft model is created: modules already imported are
-    widened at once, and an import hook widens them when they are imported later (transformers imports
-    them lazily, e.g. at the first ``transformers.Trainer``).
-    Without peft installed the Trainer recognizes neither (it keeps its state-dict fallback).
+    recognized as before.
+
+    TRL asks ``accelerate.utils.is_peft_model`` instead (``isinstance`` against peft's class, imported
+    inside the function), and for a model it does not recognize it patches its fused LM head onto the
+    wrapper itself, whose ``base_model`` is the ``LoraModel``, not the transformer backbone the head needs
+    (the first training step fails), and it skips ``enable_input_require_grads`` under gradient
+    checkpointing. With peft installed, accelerate's public ``is_peft_model`` is replaced by one that also
+    accepts fastpeft models (see :func:`_widen_is_peft_model`).
+
+    Called whenever a fastpeft model is created: modules already imported are widened at once, and an
+    import hook widens them when they are imported later (transformers imports them lazily, e.g. at the
+    first ``transformers.Trainer``). Without peft installed neither library recognizes either kind of model.
     """
     import sys
 
-    for module_name in _TRAINER_MODULES:
+    for module_name, widen in _WIDENERS.items():
         module = sys.modules.get(module_name)
         if module is not None:
-            _widen_peft_model_name(module)
+            widen(module)
     if not any(isinstance(finder, _TrainerImportHook) for finder in sys.meta_path) \
-            and not all(name in sys.modules for name in _TRAINER_MODULES):
+            and not all(name in sys.modules for name in _WIDENERS):
         sys.meta_path.insert(0, _TrainerImportHook())
 
 
@@ -1239,14 +1245,57 @@ def _widen_peft_model_name(module) -> None:
         module.PeftModel = (*classes, PeftModel)
 
 
+def _widen_is_peft_model(module) -> None:
+    """Replace ``accelerate.utils.is_peft_model`` (``module``) by a function that returns what it returned and,
+    where peft is installed, also True for a fastpeft model (unwrapped from DDP / ``torch.compile`` /
+    DeepSpeed by accelerate's ``extract_model_from_parallel`` as the original does).
+
+    Modules that import the name after this (TRL's trainers are imported lazily, at the first
+    ``trl.SFTTrainer``) get the widened function. Modules that imported it before hold the original by
+    name: those outside accelerate are rebound once, here, so the import order of TRL and fastpeft does
+    not matter. accelerate's own modules (its FSDP state-dict helpers, which call peft's state-dict
+    functions on what they recognize) keep the original.
+    """
+    import importlib.util
+    import sys
+    import types
+
+    original = getattr(module, "is_peft_model", None)
+    if original is None or getattr(original, "_fastpeft_widened", False):
+        return
+    if importlib.util.find_spec("peft") is None:  # TRL imports peft's classes on its peft paths
+        return
+
+    def is_peft_model(model) -> bool:
+        if original(model):
+            return True
+        from accelerate.utils import extract_model_from_parallel
+
+        return isinstance(extract_model_from_parallel(model), PeftModel)
+
+    is_peft_model.__doc__ = original.__doc__
+    is_peft_model.__wrapped__ = original
+    is_peft_model._fastpeft_widened = True
+    module.is_peft_model = is_peft_model
+    for name, other in list(sys.modules.items()):
+        if not isinstance(other, types.ModuleType) or name == "accelerate" or name.startswith("accelerate."):
+            continue
+        if other.__dict__.get("is_peft_model") is original:
+            other.is_peft_model = is_peft_model
+
+
+_WIDENERS = {"transformers.trainer": _widen_peft_model_name, "transformers.trainer_utils": _widen_peft_model_name,
+             "accelerate.utils": _widen_is_peft_model}
+
+
 class _TrainerImportHook:
-    """A ``sys.meta_path`` finder that lets the usual finders find transformers' trainer modules and wraps
-    their loader so that ``_widen_peft_model_name`` runs right after the module is executed."""
+    """A ``sys.meta_path`` finder that lets the usual finders find the modules in ``_WIDENERS`` and wraps
+    their loader so that the module's widener runs right after the module is executed."""
 
     def find_spec(self, name, path=None, target=None):
         import sys
 
-        if name not in _TRAINER_MODULES:
+        if name not in _WIDENERS:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -1254,23 +1303,24 @@ class _TrainerImportHook:
             spec = finder.find_spec(name, path, target)
             if spec is not None:
                 if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _WideningLoader(spec.loader)
+                    spec.loader = _WideningLoader(spec.loader, _WIDENERS[name])
                 return spec
         return None
 
 
 class _WideningLoader:
-    """Loader wrapper: the wrapped loader's module, then ``_widen_peft_model_name`` on it."""
+    """Loader wrapper: the wrapped loader's module, then ``widen`` on it."""
 
-    def __init__(self, loader):
+    def __init__(self, loader, widen):
         self.loader = loader
+        self.widen = widen
 
     def create_module(self, spec):
         return self.loader.create_module(spec)
 
     def exec_module(self, module) -> None:
         self.loader.exec_module(module)
-        _widen_peft_model_name(module)
+        self.widen(module)
 
     def __getattr__(self, name):  # get_source, get_filename, ... of the real loader
         return getattr(self.loader, name)
