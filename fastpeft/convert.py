@@ -15,7 +15,7 @@ import warnings
 
 from torch import nn
 
-from .layers.lora import FastLoraLinear, _base_shape
+from .layers.lora import FastLoraLinear, _base_shape, _has_own_forward
 from .model import ModulesToSaveWrapper, PeftModel, _is_linear4bit, parent_of
 
 
@@ -49,6 +49,7 @@ def _adopt(layer: nn.Module, path: str) -> FastLoraLinear:
     new._init_adapter_state()
     if cls is FastLoraLinear:
         new.in_features, new.out_features, new.fan_in_fan_out = _base_shape(base)
+        new._opaque_base = _has_own_forward(base)
     else:
         new._adopt_base(base)
     new.base_layer = base

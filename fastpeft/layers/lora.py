@@ -78,6 +78,12 @@ def _is_conv1d(module: nn.Module) -> bool:
     )
 
 
+def _has_own_forward(base: nn.Module) -> bool:
+    """Whether ``base`` is an ``nn.Linear`` subclass with a forward of its own (bitsandbytes' 8-bit
+    ``Linear8bitLt``, fp8 or other quantized linears): its weight is not what it multiplies by."""
+    return isinstance(base, nn.Linear) and type(base).forward is not nn.Linear.forward
+
+
 def _base_shape(base: nn.Module) -> tuple[int, int, bool]:
     """(in_features, out_features, fan_in_fan_out) of a supported base layer."""
     if isinstance(base, nn.Linear):
@@ -152,6 +158,7 @@ class FastLoraLinear(nn.Module):
     def _wrap(self, base: nn.Module, adapter_name: str, **adapter_kwargs) -> None:
         self.in_features, self.out_features, self.fan_in_fan_out = _base_shape(base)
         self.base_layer = base
+        self._opaque_base = _has_own_forward(base)
         self._fastpeft_adapter_names = None  # an instance attribute from the start: no new compile guard later
         # Only the adapters train by default (peft's bias="none"); a caller may unfreeze the bias.
         for param in base.parameters():
@@ -202,6 +209,10 @@ class FastLoraLinear(nn.Module):
         if init_lora_weights not in _INIT_CHOICES:
             raise ValueError(f"init_lora_weights must be one of {_INIT_CHOICES} in FastLoraLinear, "
                              f"got {init_lora_weights!r}")
+        if use_dora:
+            self._refuse_opaque("DoRA")
+        if isinstance(init_lora_weights, str) and init_lora_weights != "gaussian":
+            self._refuse_opaque(f"init_lora_weights={init_lora_weights!r}")
         weight = self.base_layer.weight
         dtype = weight.dtype
         if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
@@ -473,6 +484,7 @@ class FastLoraLinear(nn.Module):
         DoRA adapters merge as in peft: ``W ← m / ‖W0 + ΔW‖_row ⊙ (W + ΔW)``, the norm kept for ``unmerge``.
         ``safe_merge`` checks the merged weight for NaN/inf before writing it.
         """
+        self._refuse_opaque("merge")
         names = self.active_adapters if adapter_names is None else list(adapter_names)
         already = [n for n in names if n in self.merged_adapters]
         if already:
@@ -519,6 +531,7 @@ class FastLoraLinear(nn.Module):
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` (new tensors) holding the base weight with the active adapters merged."""
+        self._refuse_opaque("to_linear")
         weight = self._pending_merge(self.base_layer.weight.float())
         if self.fan_in_fan_out:
             weight = weight.t()
@@ -604,6 +617,10 @@ class FastLoraLinear(nn.Module):
 
     # ------------------------------------------------------------- forward
     _fastpeft_adapter_names = None  # per-sequence adapters handed over by fastpeft.model.mixed_adapter_batch
+    # A base whose own forward computes its output (an nn.Linear subclass that overrides forward, e.g.
+    # bitsandbytes' 8-bit Linear8bitLt): the layer runs it and adds the adapters in plain PyTorch, as peft does,
+    # since the fused ops would multiply by its stored weight (int8 codes, for Linear8bitLt) instead.
+    _opaque_base = False
 
     def forward(self, x: torch.Tensor, *args, adapter_names: list[str] | None = None, **kwargs) -> torch.Tensor:
         """The base layer plus every active adapter; ``adapter_names`` (one name per row of the batch, ``"__base__"``
@@ -620,11 +637,23 @@ class FastLoraLinear(nn.Module):
         active = [n for n in self._active_adapters if n in self.lora_A]
         if not active:
             return self.base_layer(x, *args, **kwargs)
+        if self._opaque_base:
+            y = self.base_layer(x, *args, **kwargs)
+            for name in active:
+                y = self._chain_unfused(x, y, name)
+            return y
         first, *rest = active
         y = self._dora_forward(x, first) if self.use_dora.get(first, False) else self._fused_forward(x, first)
         for name in rest:  # further active adapters (rare): added unfused, as peft does
             y = self._chain_unfused(x, y, name)
         return y
+
+    def _refuse_opaque(self, what: str) -> None:
+        if self._opaque_base:
+            raise TypeError(f"{what} needs the base weight as a dense matrix, but the base layer "
+                            f"{type(self.base_layer).__name__} computes its own forward (e.g. bitsandbytes' 8-bit "
+                            "layer: its weight holds int8 codes); load the base in bf16/fp16 (or 4-bit, which "
+                            "fastpeft reads) for this")
 
     def _fused_forward(self, x: torch.Tensor, name: str, with_bias: bool = True, dropout_p: float | None = None,
                        seed: torch.Tensor | None = None) -> torch.Tensor:
@@ -717,6 +746,8 @@ class FastLoraLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__} expected input of shape (..., {self.in_features}), "
                              f"got {tuple(x.shape)}")
+        if self._opaque_base:
+            return self._mixed_batch_unfused(x, *args, names=names, **kwargs)
         weight = self.base_weight_for_op()
         present = [n for n in dict.fromkeys(names) if n in self.lora_A]
         if self.training and torch.is_grad_enabled():
@@ -752,10 +783,26 @@ class FastLoraLinear(nn.Module):
                                  dropout_ps=[self._dropout_p(n) for n in present], training=self.training,
                                  fan_in_fan_out=self.fan_in_fan_out)
 
+    def _mixed_batch_unfused(self, x: torch.Tensor, *args, names: list[str], **kwargs) -> torch.Tensor:
+        """A mixed-adapter batch on a base with its own forward: the base on every row, then each adapter on
+        its own rows in plain PyTorch (peft's loop)."""
+        y = self.base_layer(x, *args, **kwargs)
+        for name in dict.fromkeys(names):
+            if name not in self.lora_A:
+                continue
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            sub = x.index_select(0, rows)
+            y = y.index_add(0, rows, self._chain_unfused(sub, torch.zeros_like(y.index_select(0, rows)), name))
+        return y
+
     def base_weight_for_op(self) -> torch.Tensor:
         """The frozen base weight the fused ops read: this layer's own dense weight (the 4-bit layer
         returns its ``Weight4bit``, which the ops decode per call)."""
+        self._refuse_opaque("the fused op")
         weight = self.base_layer.weight
+        if not weight.dtype.is_floating_point:
+            raise TypeError(f"the base layer's weight is {weight.dtype}, not a float matrix fastpeft can multiply by "
+                            f"({type(self.base_layer).__name__}); wrap a bf16/fp16/fp32 or 4-bit base")
         if weight.requires_grad:
             raise RuntimeError("FastLoraLinear keeps its base weight frozen, but base_layer.weight.requires_grad "
                                "is True; call base_layer.weight.requires_grad_(False)")

@@ -1,0 +1,146 @@
+"""Bases whose own forward computes their output: ``nn.Linear`` subclasses that override ``forward``, above all
+bitsandbytes' 8-bit ``Linear8bitLt`` (``load_in_8bit=True``), whose weight holds int8 codes. fastpeft runs the base
+and adds the adapters in plain PyTorch, as peft does; the fused ops, which multiply by the stored weight, are
+never used on them. Compared with peft's own LoRA layers on the same base."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastpeft
+from helpers import assert_rel
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def _int8(linear: nn.Linear) -> nn.Module:
+    """``linear`` as bitsandbytes' 8-bit layer, quantized (on CPU, by moving it to the CPU)."""
+    q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                            has_fp16_weights=False)
+    q.weight = bnb.nn.Int8Params(linear.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    q = q.to("cpu")
+    assert q.weight.dtype == torch.int8
+    return q
+
+
+def _tiny_int8(seed: int = 0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(config)
+    for layer in model.model.layers:
+        for parent, name in ((layer.self_attn, "q_proj"), (layer.self_attn, "v_proj"), (layer.mlp, "down_proj")):
+            setattr(parent, name, _int8(getattr(parent, name)))
+    return model
+
+
+def _randomize_b(model):
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for name, p in sorted(model.named_parameters()):
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_int8_base_layer_matches_peft(dropout):
+    base = _int8(nn.Linear(48, 40))
+    ours = fastpeft.FastLoraLinear.from_linear(base, r=4, lora_alpha=8, lora_dropout=dropout)
+    from peft.tuners.lora.bnb import Linear8bitLt
+
+    theirs = Linear8bitLt(base, "default", peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout), r=4,
+                          lora_alpha=8)
+    with torch.no_grad():
+        theirs.lora_A["default"].weight.copy_(ours.lora_A["default"].weight)
+        ours.lora_B["default"].weight.normal_(std=0.1)
+        theirs.lora_B["default"].weight.copy_(ours.lora_B["default"].weight)
+    x = torch.randn(2, 5, 48)
+    outs, grads = [], []
+    for layer in (ours, theirs):
+        layer.train()
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(7)  # the same dropout mask: both draw it with torch's dropout on the same input
+        y = layer(xi)
+        y.backward(torch.ones_like(y))
+        outs.append(y.detach())
+        grads.append([xi.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad])
+    assert (outs[0] - base(x)).abs().max() > 1e-3  # the adapter contributes
+    assert_rel(outs[0], outs[1], 1e-6, "output")
+    for name, a, b in zip(("x", "A", "B"), *grads):
+        assert_rel(a, b, 1e-5, f"grad {name}")
+
+
+def test_int8_model_matches_peft_and_round_trips(tmp_path):
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    ours = fastpeft.get_peft_model(_tiny_int8(), fastpeft.LoraConfig(**config))
+    theirs = peft.get_peft_model(_tiny_int8(), peft.LoraConfig(**config))
+    _randomize_b(ours)
+    _randomize_b(theirs)
+    ids = torch.randint(0, 64, (2, 7))
+    la, lb = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
+    assert_rel(la, lb, 1e-5, "logits")
+    la.sum().backward()
+    lb.sum().backward()
+    pa = dict(ours.named_parameters())
+    for name, p in theirs.named_parameters():
+        if p.requires_grad:
+            assert_rel(pa[name].grad, p.grad, 1e-4, name)
+    theirs.save_pretrained(tmp_path / "peft")
+    loaded = fastpeft.PeftModel.from_pretrained(_tiny_int8(), tmp_path / "peft")  # in eval mode, as peft loads
+    with torch.no_grad():  # (bitsandbytes' int8 matmul rounds differently in eval mode)
+        assert_rel(loaded(input_ids=ids).logits, theirs.eval()(input_ids=ids).logits, 1e-5, "loaded by fastpeft")
+    # mixed batches: the base on every row, each adapter on its rows
+    for model in (ours, theirs):
+        torch.manual_seed(5)  # the same A for both
+        model.add_adapter("other", type(model.peft_config["default"])(**config))
+    _randomize_b(ours)
+    _randomize_b(theirs)
+    ours.eval()
+    theirs.eval()
+    names = ["other", "__base__"]
+    with torch.no_grad():
+        assert_rel(ours(input_ids=ids, adapter_names=names).logits, theirs(input_ids=ids, adapter_names=names).logits,
+                   1e-5, "mixed batch")
+
+
+def test_int8_base_refuses_what_needs_a_dense_weight():
+    layer = fastpeft.FastLoraLinear.from_linear(_int8(nn.Linear(16, 8)), r=2)
+    for action in (layer.merge, layer.to_linear):
+        with pytest.raises(TypeError, match="Linear8bitLt computes its own forward"):
+            action()
+    with pytest.raises(TypeError, match="DoRA needs the base weight"):
+        fastpeft.FastLoraLinear.from_linear(_int8(nn.Linear(16, 8)), r=2, use_dora=True)
+    with pytest.raises(TypeError, match="init_lora_weights='pissa' needs the base weight"):
+        fastpeft.FastLoraLinear.from_linear(_int8(nn.Linear(16, 8)), r=2, init_lora_weights="pissa")
+
+
+class _Doubling(nn.Linear):
+    """A linear layer whose forward is its own (here: twice the plain product)."""
+
+    def forward(self, x):
+        return 2 * F.linear(x, self.weight, self.bias)
+
+
+def test_a_linear_with_its_own_forward_keeps_it():
+    torch.manual_seed(0)
+    base = _Doubling(12, 6)
+    layer = fastpeft.FastLoraLinear.from_linear(base, r=2, lora_alpha=2)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    x = torch.randn(3, 12)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert_rel(layer(x), base(x) + x @ A.t() @ B.t(), 1e-6, "own forward kept")
+
+
+def test_a_quantized_weight_never_reaches_the_fused_op():
+    layer = fastpeft.FastLoraLinear.from_linear(nn.Linear(16, 8), r=2)
+    layer.base_layer.weight = nn.Parameter(torch.zeros(8, 16, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match="torch.int8, not a float matrix"):
+        layer(torch.randn(2, 16))
