@@ -144,3 +144,47 @@ def test_a_quantized_weight_never_reaches_the_fused_op():
     layer.base_layer.weight = nn.Parameter(torch.zeros(8, 16, dtype=torch.int8), requires_grad=False)
     with pytest.raises(TypeError, match="torch.int8, not a float matrix"):
         layer(torch.randn(2, 16))
+
+
+def test_a_layer_offloaded_by_accelerate_runs_its_hook_and_gets_real_adapters():
+    """``device_map`` offloading: the weight waits on the meta device and accelerate's hook loads it for each
+    forward. The adapter is made where the hook computes (not on meta) and added to the hooked forward."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 8)
+    x = torch.randn(3, 16)
+    plain = linear(x).detach()
+    weights = {k: v.detach().clone() for k, v in linear.state_dict().items()}
+    add_hook_to_module(linear, AlignDevicesHook(execution_device="cpu", offload=True, weights_map=weights))
+    assert linear.weight.device.type == "meta"
+    layer = fastpeft.FastLoraLinear.from_linear(linear, r=2, lora_alpha=4, init_lora_weights=False)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert A.device.type == "cpu" and B.device.type == "cpu"
+    y = layer(x)
+    assert_rel(y, plain + 2 * (x @ A.t() @ B.t()), 1e-6, "offloaded base")
+    y.sum().backward()
+    assert A.grad is not None and B.grad.abs().max() > 0
+
+
+def test_a_model_offloaded_by_accelerate_gives_the_unoffloaded_models_outputs():
+    from accelerate import cpu_offload
+
+    def tiny():
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2)
+        return transformers.LlamaForCausalLM(config).eval()
+
+    config = fastpeft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(1)
+    reference = fastpeft.get_peft_model(tiny(), config)
+    offloaded = tiny()
+    cpu_offload(offloaded, execution_device="cpu")
+    torch.manual_seed(1)
+    ours = fastpeft.get_peft_model(offloaded, config)
+    assert ours.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.device.type == "meta"
+    ours.load_state_dict({k: v for k, v in reference.state_dict().items() if "lora_" in k}, strict=False)
+    ids = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        assert_rel(ours(input_ids=ids).logits, reference(input_ids=ids).logits, 1e-5, "offloaded model")

@@ -79,8 +79,12 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def _has_own_forward(base: nn.Module) -> bool:
-    """Whether ``base`` is an ``nn.Linear`` subclass with a forward of its own (bitsandbytes' 8-bit
-    ``Linear8bitLt``, fp8 or other quantized linears): its weight is not what it multiplies by."""
+    """Whether ``base``'s output is not simply ``x Wᵀ + b`` with the weight it holds now: an ``nn.Linear``
+    subclass with a forward of its own (bitsandbytes' 8-bit ``Linear8bitLt``, fp8 or other quantized linears:
+    its weight holds codes), or a layer under an accelerate hook (``device_map`` offloading: its weight
+    stays on the meta device until the hook loads it for the forward)."""
+    if getattr(base, "_hf_hook", None) is not None:
+        return True
     return isinstance(base, nn.Linear) and type(base).forward is not nn.Linear.forward
 
 
@@ -219,7 +223,11 @@ class FastLoraLinear(nn.Module):
             dtype = torch.float32
         if not dtype.is_floating_point:
             dtype = torch.float32
-        kw = dict(device=weight.device, dtype=dtype)
+        device = weight.device
+        hook = getattr(self.base_layer, "_hf_hook", None)
+        if device.type == "meta" and hook is not None:  # offloaded by accelerate: where the hook computes
+            device = torch.device(getattr(hook, "execution_device", None) or "cpu")
+        kw = dict(device=device, dtype=dtype)
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **kw)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **kw)
