@@ -431,6 +431,11 @@ class LoraModel(nn.Module):
         adapted = [model.get_submodule(k) for k in matched]
         if any(isinstance(m, FastLoraLinear) and _is_conv1d(m.base_layer) for m in adapted):
             config.fan_in_fan_out = True
+        tied = [k for k, m in zip(matched, adapted) if _shares_input_embeddings(model, m)]
+        if tied:
+            warnings.warn(f"{tied} share their weight with the input embeddings (tie_word_embeddings=True); the "
+                          "adapter on them is their own, and merging it gives them their own weight first (the "
+                          "embeddings keep theirs; the config then says tie_word_embeddings=False)", stacklevel=3)
         self.peft_config[adapter_name] = config
         wrap_matching_modules(model, modules_to_save, adapter_name, _LORA_INTERNALS)
         self._mark_only_adapters_as_trainable()
@@ -742,9 +747,27 @@ class LoraModel(nn.Module):
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Merge the given adapters (default: the active ones) into the base weights, layer by layer (peft's method)."""
         with _requantization_summary():
-            for _, layer in self.lora_layers():
+            for key, layer in self.lora_layers():
                 names = [n for n in (adapter_names or layer.active_adapters) if n in layer.lora_A]
+                self._untie_before_merge(key, layer, names)
                 layer.merge(safe_merge=safe_merge, adapter_names=names)
+
+    def _untie_before_merge(self, key: str, layer: nn.Module, names: list[str]) -> None:
+        """A layer whose base weight is the input embeddings' (``lm_head`` under ``tie_word_embeddings``): a merge
+        writes into that weight and would change the embeddings too. The layer gets its own copy first and the
+        model's config stops tying them, so the merged model computes what the adapter model did (peft merges
+        into the shared weight, embeddings included, with a warning)."""
+        if not names or not _shares_input_embeddings(self.model, layer):
+            return
+        base = layer.base_layer
+        base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
+        config = getattr(self.model, "config", None)
+        for cfg in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)()) if c}.values():
+            if getattr(cfg, "tie_word_embeddings", False):
+                cfg.tie_word_embeddings = False
+        warnings.warn(f"{key} shared its weight with the input embeddings; it has its own copy now, so merging the "
+                      "adapter leaves the embeddings as they were (config.tie_word_embeddings is now False)",
+                      stacklevel=3)
 
     def unmerge_adapter(self) -> None:
         """Undo every merge: the base weights are restored and the adapters run unmerged again."""
@@ -772,6 +795,7 @@ class LoraModel(nn.Module):
             for key, layer in it:
                 if merge:
                     names = [n for n in (adapter_names or layer.active_adapters) if n in layer.lora_A]
+                    self._untie_before_merge(key, layer, names)
                     layer.merge(safe_merge=safe_merge, adapter_names=names)  # even when disabled, as peft
                 base = layer.base_layer
                 merged_4bit = getattr(layer, "unload_base", None)
@@ -784,6 +808,18 @@ class LoraModel(nn.Module):
             setattr(parent, child, wrapper._current() if merge or not wrapper._disable_adapters
                     else wrapper.original_module)
         return self.model
+
+
+def _shares_input_embeddings(model: nn.Module, layer: nn.Module) -> bool:
+    """Whether ``layer``'s base weight is the very parameter of ``model``'s input embeddings (a tied head)."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        embeddings = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return False
+    shared = getattr(embeddings, "weight", None)
+    base = getattr(layer, "base_layer", layer)
+    return shared is not None and getattr(base, "weight", None) is shared
 
 
 def _requantization_summary():

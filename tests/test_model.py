@@ -743,3 +743,39 @@ def test_to_peft_keeps_the_original_module_to_save():
     assert_rel(_logits(back, inputs), ref, 1e-5, "to_peft")
     with back.disable_adapter():
         assert_rel(_logits(back, inputs), ref_base, 1e-5, "to_peft keeps the original head")
+
+
+def test_merging_into_a_tied_head_leaves_the_embeddings_alone(tmp_path):
+    """lm_head tied to the input embeddings: the merged model (and its saved and reloaded copy) computes what the
+    adapter model did, and the embeddings keep their weights (merging into the shared weight would change the
+    input side too)."""
+    def tiny():
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+        return transformers.LlamaForCausalLM(config).eval()
+
+    ids = torch.randint(0, 64, (2, 6))
+    config = fastpeft.LoraConfig(r=4, target_modules=["lm_head", "q_proj"], init_lora_weights=False)
+    for how in ("merge_adapter", "merge_and_unload"):
+        torch.manual_seed(1)
+        with pytest.warns(UserWarning, match=r"\['lm_head'\] share their weight with the input embeddings"):
+            model = fastpeft.get_peft_model(tiny(), config)
+        base = model.get_base_model()
+        assert base.lm_head.base_layer.weight is base.model.embed_tokens.weight
+        embeddings = base.model.embed_tokens.weight.detach().clone()
+        with torch.no_grad():
+            expected = model(input_ids=ids).logits
+            with pytest.warns(UserWarning, match="lm_head shared its weight with the input embeddings"):
+                merged = getattr(model, how)()
+            if how == "merge_adapter":
+                assert_rel(model(input_ids=ids).logits, expected, 1e-5, "merged in place")
+                model.unmerge_adapter()
+                assert_rel(model(input_ids=ids).logits, expected, 1e-5, "unmerged")
+            else:
+                assert_rel(merged(input_ids=ids).logits, expected, 1e-5, "merge_and_unload")
+                assert merged.config.tie_word_embeddings is False
+                merged.save_pretrained(tmp_path / "merged")
+                reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+                assert_rel(reloaded(input_ids=ids).logits, expected, 1e-5, "reloaded")
+        assert torch.equal(base.model.embed_tokens.weight, embeddings)
