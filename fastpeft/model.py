@@ -761,10 +761,7 @@ class LoraModel(nn.Module):
             return
         base = layer.base_layer
         base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
-        config = getattr(self.model, "config", None)
-        for cfg in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)()) if c}.values():
-            if getattr(cfg, "tie_word_embeddings", False):
-                cfg.tie_word_embeddings = False
+        _untie_config_if_untied(self.model)
         warnings.warn(f"{key} shared its weight with the input embeddings; it has its own copy now, so merging the "
                       "adapter leaves the embeddings as they were (config.tie_word_embeddings is now False)",
                       stacklevel=3)
@@ -807,6 +804,8 @@ class LoraModel(nn.Module):
             parent, child = parent_of(self.model, key)
             setattr(parent, child, wrapper._current() if merge or not wrapper._disable_adapters
                     else wrapper.original_module)
+        if merge:  # a trained copy of a tied head (modules_to_save) no longer shares the embeddings' weight
+            _untie_config_if_untied(self.model)
         return self.model
 
 
@@ -820,6 +819,21 @@ def _shares_input_embeddings(model: nn.Module, layer: nn.Module) -> bool:
     shared = getattr(embeddings, "weight", None)
     base = getattr(layer, "base_layer", layer)
     return shared is not None and getattr(base, "weight", None) is shared
+
+
+def _untie_config_if_untied(model: nn.Module) -> None:
+    """``tie_word_embeddings=False`` in ``model``'s config when its output embeddings no longer share the input
+    embeddings' weight (as peft's merge sets it), so that the saved config describes the weights."""
+    try:
+        inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return
+    if inputs is None or outputs is None or getattr(outputs, "weight", None) is getattr(inputs, "weight", None):
+        return
+    config = getattr(model, "config", None)
+    for cfg in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)()) if c}.values():
+        if getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
 
 
 def _requantization_summary():

@@ -779,3 +779,25 @@ def test_merging_into_a_tied_head_leaves_the_embeddings_alone(tmp_path):
                 reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
                 assert_rel(reloaded(input_ids=ids).logits, expected, 1e-5, "reloaded")
         assert torch.equal(base.model.embed_tokens.weight, embeddings)
+
+
+def test_merging_a_trained_copy_of_a_tied_head_unties_the_config_like_peft(tmp_path):
+    def tiny():
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+        return transformers.LlamaForCausalLM(config).eval()
+
+    ids = torch.randint(0, 64, (2, 6))
+    for lib in (fastpeft, peft):
+        model = lib.get_peft_model(tiny(), lib.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".modules_to_save." in name:
+                    p.add_(0.1)  # the head's own copy trained away from the embeddings
+            expected = model(input_ids=ids).logits
+            merged = model.merge_and_unload()
+            assert merged.config.tie_word_embeddings is False, lib.__name__
+            merged.save_pretrained(tmp_path / lib.__name__)
+            reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / lib.__name__).eval()
+            assert_rel(reloaded(input_ids=ids).logits, expected, 1e-5, lib.__name__)
