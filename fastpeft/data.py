@@ -310,55 +310,107 @@ def _conversation(turns, where: str) -> list[dict]:
     return out
 
 
+# Stanford Alpaca's prompt (github.com/tatsu-lab/stanford_alpaca), for records with instruction/input/output
+ALPACA_PROMPT = ("Below is an instruction that describes a task{with_input}. Write a response that appropriately "
+                 "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")
+
+
+def alpaca_prompt(instruction: str, input_text: str = "") -> str:
+    """The Stanford Alpaca prompt of an instruction (and its input, when not empty); the response follows it."""
+    if input_text.strip():
+        return ALPACA_PROMPT.format(with_input=", paired with an input that provides further context",
+                                    instruction=instruction, input_block=f"### Input:\n{input_text}\n\n")
+    return ALPACA_PROMPT.format(with_input="", instruction=instruction, input_block="")
+
+
+def _json_objects(path: str) -> Iterator[tuple[object, str, int]]:
+    """(object, where, line) for each record of a JSONL file, or of a ``.json`` file holding one JSON array
+    (where: ``path:line`` for JSONL, ``path: item N`` for an array)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        lineno = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}:{lineno}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if path.endswith(".json") and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        for i, obj in enumerate(items):
+            yield obj, f"{path}: item {i}", i + 1
+        return
+    for lineno, line in enumerate(text.split("\n"), 1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+        yield obj, f"{path}:{lineno}", lineno
+
+
 def read_records(path: str | os.PathLike, prompt_field: str = "prompt", response_field: str = "response",
                  text_field: str = "text", messages_field: str = "messages") -> list[dict]:
-    """Read a JSONL file or a plain-text file (one sample a line). JSONL records are prompt/response pairs,
-    ``{"text": ...}``, or conversations: ``messages_field`` (default ``"messages"``, role/content turns) or
+    """Read a JSONL file (or a ``.json`` file holding one JSON array of records) or a plain-text file (one sample
+    a line). Records are prompt/response pairs (TRL's ``completion`` is read as the response when there is no
+    ``response``), ``{"text": ...}``, Alpaca's ``instruction``/``input``/``output`` (laid out with Stanford
+    Alpaca's prompt), or conversations: ``messages_field`` (default ``"messages"``, role/content turns) or
     ShareGPT's ``"conversations"`` (from/value turns).
 
-    Errors name the file and line: undecodable UTF-8, invalid JSON, a record without the fields, a malformed
-    conversation, an empty file.
+    Errors name the file and line (or array item): undecodable UTF-8, invalid JSON, a record without the
+    fields, a malformed conversation, an empty file.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"data file {path!r} does not exist")
     records: list[dict] = []
-    is_jsonl = path.endswith((".jsonl", ".json"))
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            if not is_jsonl:
-                records.append({"text": line, "_line": lineno})
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            turns = obj.get(messages_field, obj.get("conversations"))
-            if turns is not None:
-                records.append({"messages": _conversation(turns, f"{path}:{lineno}"), "_line": lineno})
-            elif prompt_field in obj or response_field in obj:
-                missing = [k for k in (prompt_field, response_field) if not isinstance(obj.get(k), str)]
-                if missing:
-                    raise DataError(f"{path}:{lineno}: field(s) {missing} missing or not a string "
-                                    f"(fields present: {sorted(obj)})")
-                records.append({"prompt": obj[prompt_field], "response": obj[response_field], "_line": lineno})
-            elif isinstance(obj.get(text_field), str):
-                if not obj[text_field].strip():
-                    raise DataError(f"{path}:{lineno}: empty text sample (field {text_field!r})")
-                records.append({"text": obj[text_field], "_line": lineno})
-            else:
-                raise DataError(f"{path}:{lineno}: needs string fields {prompt_field!r} and {response_field!r} "
-                                f"(or {text_field!r}, or a {messages_field!r} conversation); found {sorted(obj)} "
-                                "(set --prompt-field/--response-field/--messages-field)")
+    if not path.endswith((".jsonl", ".json")):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"{path}:{lineno}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+                line = line.rstrip("\r\n")
+                if line.strip():
+                    records.append({"text": line, "_line": lineno})
+        if not records:
+            raise DataError(f"data file {path!r} has no samples")
+        return records
+    for obj, where, lineno in _json_objects(path):
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        turns = obj.get(messages_field, obj.get("conversations"))
+        response_key = response_field
+        if response_field == "response" and "response" not in obj and "completion" in obj:
+            response_key = "completion"  # TRL's prompt-completion records
+        if turns is not None:
+            records.append({"messages": _conversation(turns, where), "_line": lineno, "_where": where})
+        elif prompt_field in obj or response_key in obj:
+            missing = [k for k in (prompt_field, response_key) if not isinstance(obj.get(k), str)]
+            if missing:
+                raise DataError(f"{where}: field(s) {missing} missing or not a string (fields present: {sorted(obj)})")
+            records.append({"prompt": obj[prompt_field], "response": obj[response_key], "_line": lineno,
+                            "_where": where})
+        elif "instruction" in obj and "output" in obj:
+            fields = {k: obj.get(k, "") for k in ("instruction", "input", "output")}
+            wrong = [k for k, v in fields.items() if not isinstance(v, str)]
+            if wrong:
+                raise DataError(f"{where}: Alpaca field(s) {wrong} not a string")
+            records.append({"prompt": alpaca_prompt(fields["instruction"], fields["input"]),
+                            "response": fields["output"], "_line": lineno, "_where": where})
+        elif isinstance(obj.get(text_field), str):
+            if not obj[text_field].strip():
+                raise DataError(f"{where}: empty text sample (field {text_field!r})")
+            records.append({"text": obj[text_field], "_line": lineno, "_where": where})
+        else:
+            raise DataError(f"{where}: needs string fields {prompt_field!r} and {response_field!r} "
+                            f"(or {text_field!r}, Alpaca's instruction/output, or a {messages_field!r} "
+                            f"conversation); found {sorted(obj)} (set --prompt-field/--response-field/"
+                            "--messages-field)")
     if not records:
         raise DataError(f"data file {path!r} has no samples")
     return records
@@ -418,7 +470,7 @@ def auto_max_length(records: list[dict], tokenizer, cap: int = 4096, source: str
     """The seed notes' rule: 1.5 × the mean sample length, outliers (above the 98th percentile) removed; with
     ``quantile`` (``--packing``: 0.98), that quantile of the lengths instead, so nearly every sample stays whole.
     ``source`` names the file in errors (a conversation the chat template refuses)."""
-    lengths = sorted(len(_full_ids(r, tokenizer, f"{source}:{r.get('_line', i + 1)}")) for i, r in enumerate(records))
+    lengths = sorted(len(_full_ids(r, tokenizer, _where(r, source, i))) for i, r in enumerate(records))
     if quantile is not None:
         return int(min(cap, max(8, lengths[min(len(lengths) - 1, int(len(lengths) * quantile))])))
     keep = lengths[: max(1, int(len(lengths) * 0.98))]
@@ -436,6 +488,11 @@ def chat_segments(tokenizer, messages: Sequence[dict], where: str, add_generatio
     except Exception as exc:  # noqa: BLE001 — jinja2's TemplateError, transformers' ValueError, ...
         raise DataError(f"{where}: the tokenizer's chat template refuses this conversation "
                         f"({type(exc).__name__}: {exc})") from exc
+
+
+def _where(r: dict, source: str, i: int) -> str:
+    """Where record ``r`` (the ``i``-th) came from, for errors: its file and line (or array item)."""
+    return r.get("_where") or f"{source}:{r.get('_line', i + 1)}"
 
 
 def _record_segments(r: dict, tokenizer, where: str) -> list[tuple[list[int], bool]]:
@@ -460,7 +517,7 @@ def tokenize(records: list[dict], tokenizer, max_length: int, source: str = "dat
     """Tokenize as the recipe says; a row whose prompt leaves no room for its response is an error naming it."""
     out = []
     for i, r in enumerate(records):
-        where = f"{source}:{r.get('_line', i + 1)}"
+        where = _where(r, source, i)
         if "messages" in r:
             ids, labels = [], []
             for piece, reply in _record_segments(r, tokenizer, where):

@@ -82,6 +82,35 @@ def test_bad_data_names_the_line(tmp_path, content, match):
         read_records(f)
 
 
+def test_json_arrays_trl_completions_and_alpaca_records(tmp_path):
+    rows = [{"prompt": "p", "completion": " c"},  # TRL's prompt-completion
+            {"instruction": "Add.", "input": "2 and 2", "output": "4"},  # Stanford Alpaca, with an input
+            {"instruction": "Greet.", "input": "", "output": "Hi"},
+            {"text": "plain"}]
+    array = tmp_path / "d.json"
+    array.write_text(json.dumps(rows, indent=2))  # one pretty-printed JSON array, as alpaca_data.json
+    lines = tmp_path / "d.jsonl"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    read = read_records(array)
+    assert [{k: v for k, v in r.items() if not k.startswith("_")} for r in read] == \
+        [{k: v for k, v in r.items() if not k.startswith("_")} for r in read_records(lines)]
+    assert (read[0]["prompt"], read[0]["response"]) == ("p", " c")
+    assert read[1]["prompt"] == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\nAdd.\n\n"
+        "### Input:\n2 and 2\n\n### Response:\n") and read[1]["response"] == "4"
+    assert read[2]["prompt"] == ("Below is an instruction that describes a task. Write a response that appropriately "
+                                 "completes the request.\n\n### Instruction:\nGreet.\n\n### Response:\n")
+    assert read[3] == {"text": "plain", "_line": 4, "_where": f"{array}: item 3"}
+    # errors name the array item, in reading and in tokenizing
+    array.write_text(json.dumps(rows[:1] + [{"instruction": "x", "output": 3}]))
+    with pytest.raises(DataError, match=r"d\.json: item 1: Alpaca field\(s\) \['output'\] not a string"):
+        read_records(array)
+    array.write_text(json.dumps([{"prompt": "p" * 20, "response": "r"}]))
+    with pytest.raises(DataError, match=r"d\.json: item 0: the prompt alone has 21 tokens"):
+        tokenize(read_records(array), TOK, max_length=8, source=str(array))
+
+
 def test_over_long_row_is_refused_by_the_command(tmp_path, capsys):
     f = tmp_path / "d.jsonl"
     rows = [{"prompt": "p" * 5, "response": "r"}] * 30 + [{"prompt": "q" * 200, "response": "r"}]
