@@ -578,8 +578,7 @@ def _adapter(folder):
     (1, "SIGTERM", 3),   # the signal arrives during step 3: that step completes, then checkpoint-3
     (2, "SIGINT", 5),    # during the first micro-batch of step 3: it is dropped, checkpoint-2, replayed on resume
 ])
-def test_a_signal_saves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch, grad_accum, signum, at_call,
-                                                          default_sigint):
+def test_a_signal_saves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch, grad_accum, signum, at_call):
     """A stopped run saves the last completed step (position and RNG as of that step), and --resume from it
     ends with the uninterrupted run's losses and adapter (dropout on, so the RNG state matters)."""
     import signal
@@ -619,10 +618,10 @@ def test_a_signal_saves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch,
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def default_sigint():
-    """Python's own SIGINT handler for the test, whatever the process started with (a shell's background job
-    starts with SIGINT ignored, and then Python installs none), the previous one restored after."""
+    """Python's own SIGINT handler for each test here, whatever the process started with (a shell's background
+    job starts with SIGINT ignored, and then Python installs none), the previous one restored after."""
     import signal
 
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -630,7 +629,7 @@ def default_sigint():
     signal.signal(signal.SIGINT, previous)
 
 
-def test_a_second_ctrl_c_interrupts_at_once_and_step_zero_saves_nothing(tmp_path, default_sigint):
+def test_a_second_ctrl_c_interrupts_at_once_and_step_zero_saves_nothing(tmp_path):
     import signal
 
     from fastpeft.train import TrainingInterrupted, _StopOnSignal
