@@ -79,3 +79,22 @@ def fwd_bwd(layer, x, dy):
     y = layer(x)
     y.backward(dy)
     return y.detach(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters() if p.requires_grad}
+
+
+def bpe_tokenizer(template: str | None, corpus: str, vocab_size: int = 400):
+    """A small byte-level BPE tokenizer trained here on ``corpus`` (nothing downloaded), with ChatML's special
+    tokens, ``<eos>`` as eos and pad, and ``template`` as its chat template."""
+    import pytest
+
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token=None))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size,
+                                             special_tokens=["<|im_start|>", "<|im_end|>", "<eos>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([corpus] * 20, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    fast.chat_template = template
+    return fast

@@ -12,6 +12,7 @@ from fastpeft import cli
 from fastpeft.data import _GENERATION_TAG as GENERATION_TAG
 from fastpeft.data import IGNORE_INDEX, ByteTokenizer, DataError, HFTokenizer, read_records, tokenize
 from fastpeft.train import parse_args, train
+from helpers import bpe_tokenizer
 
 TOK = ByteTokenizer()
 CONVO = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"},
@@ -30,18 +31,7 @@ CHATML = (
 
 def chat_tokenizer(template: str = CHATML):
     """A small byte-level BPE tokenizer built here (nothing downloaded), with ChatML's special tokens."""
-    tokenizers = pytest.importorskip("tokenizers")
-    transformers = pytest.importorskip("transformers")
-    model = tokenizers.models.BPE(unk_token=None)
-    tok = tokenizers.Tokenizer(model)
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=400, special_tokens=["<|im_start|>", "<|im_end|>", "<eos>"],
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["Be terse. hi Hello. 2+2? 4 assistant user system\n"] * 20, trainer)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
-    fast.chat_template = template
-    return fast
+    return bpe_tokenizer(template, "Be terse. hi Hello. 2+2? 4 assistant user system\n")
 
 
 def write_jsonl(path, rows):

@@ -745,22 +745,24 @@ def test_to_peft_keeps_the_original_module_to_save():
         assert_rel(_logits(back, inputs), ref_base, 1e-5, "to_peft keeps the original head")
 
 
+def _tied_tiny():
+    """A one-layer Llama whose lm_head is tied to its input embeddings."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
 def test_merging_into_a_tied_head_leaves_the_embeddings_alone(tmp_path):
     """lm_head tied to the input embeddings: the merged model (and its saved and reloaded copy) computes what the
     adapter model did, and the embeddings keep their weights (merging into the shared weight would change the
     input side too)."""
-    def tiny():
-        torch.manual_seed(0)
-        config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-        return transformers.LlamaForCausalLM(config).eval()
-
     ids = torch.randint(0, 64, (2, 6))
     config = fastpeft.LoraConfig(r=4, target_modules=["lm_head", "q_proj"], init_lora_weights=False)
     for how in ("merge_adapter", "merge_and_unload"):
         torch.manual_seed(1)
         with pytest.warns(UserWarning, match=r"\['lm_head'\] share their weight with the input embeddings"):
-            model = fastpeft.get_peft_model(tiny(), config)
+            model = fastpeft.get_peft_model(_tied_tiny(), config)
         base = model.get_base_model()
         assert base.lm_head.base_layer.weight is base.model.embed_tokens.weight
         embeddings = base.model.embed_tokens.weight.detach().clone()
@@ -782,15 +784,10 @@ def test_merging_into_a_tied_head_leaves_the_embeddings_alone(tmp_path):
 
 
 def test_merging_a_trained_copy_of_a_tied_head_unties_the_config_like_peft(tmp_path):
-    def tiny():
-        torch.manual_seed(0)
-        config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-        return transformers.LlamaForCausalLM(config).eval()
-
     ids = torch.randint(0, 64, (2, 6))
     for lib in (fastpeft, peft):
-        model = lib.get_peft_model(tiny(), lib.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+        model = lib.get_peft_model(_tied_tiny(), lib.LoraConfig(r=4, target_modules=["q_proj"],
+                                                              modules_to_save=["lm_head"]))
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if ".modules_to_save." in name:

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import fastpeft
+from helpers import bpe_tokenizer
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
 
 # ChatML with transformers' {% generation %} markers around what an assistant turn adds (assistant_only_loss)
 CHATML = (
@@ -33,15 +33,7 @@ LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_pr
 
 def _tokenizer():
     """A small byte-level BPE tokenizer built here (nothing downloaded), with ChatML's special tokens."""
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token=None))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>", "<eos>"],
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["What is 2+3? It is 5. Hello there, assistant user system\n"] * 20, trainer)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
-    fast.chat_template = CHATML
-    return fast
+    return bpe_tokenizer(CHATML, "What is 2+3? It is 5. Hello there, assistant user system\n", vocab_size=300)
 
 
 def _base(tok):
