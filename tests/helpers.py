@@ -81,6 +81,17 @@ def fwd_bwd(layer, x, dy):
     return y.detach(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters() if p.requires_grad}
 
 
+# ChatML with transformers' {% generation %} markers around what an assistant turn adds (the reference of
+# assistant-only labels, and what TRL's assistant_only_loss needs)
+CHATML = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}<|im_start|>assistant\n{% generation %}{{ m['content'] }}<|im_end|>\n"
+    "{% endgeneration %}"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
 def bpe_tokenizer(template: str | None, corpus: str, vocab_size: int = 400):
     """A small byte-level BPE tokenizer trained here on ``corpus`` (nothing downloaded), with ChatML's special
     tokens, ``<eos>`` as eos and pad, and ``template`` as its chat template."""

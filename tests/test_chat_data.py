@@ -12,21 +12,13 @@ from fastpeft import cli
 from fastpeft.data import _GENERATION_TAG as GENERATION_TAG
 from fastpeft.data import IGNORE_INDEX, ByteTokenizer, DataError, HFTokenizer, read_records, tokenize
 from fastpeft.train import parse_args, train
-from helpers import bpe_tokenizer
+from helpers import CHATML, bpe_tokenizer
 
 TOK = ByteTokenizer()
 CONVO = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"},
          {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"},
          {"role": "assistant", "content": "4"}]
 
-# ChatML with transformers' {% generation %} markers around what an assistant turn adds: the reference mask
-CHATML = (
-    "{% for m in messages %}"
-    "{% if m['role'] == 'assistant' %}<|im_start|>assistant\n{% generation %}{{ m['content'] }}<|im_end|>\n"
-    "{% endgeneration %}"
-    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def chat_tokenizer(template: str = CHATML):

@@ -12,21 +12,13 @@ import pytest
 import torch
 
 import fastpeft
-from helpers import bpe_tokenizer
+from helpers import CHATML, bpe_tokenizer
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-# ChatML with transformers' {% generation %} markers around what an assistant turn adds (assistant_only_loss)
-CHATML = (
-    "{% for m in messages %}"
-    "{% if m['role'] == 'assistant' %}<|im_start|>assistant\n{% generation %}{{ m['content'] }}<|im_end|>\n"
-    "{% endgeneration %}"
-    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
             task_type="CAUSAL_LM")
 
