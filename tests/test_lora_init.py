@@ -545,10 +545,14 @@ def test_bad_inits_raise_clear_errors():
                                        loftq_config={"loftq_bits": 4, "loftq_iter": 1})
 
 
-def test_meta_device_base_skips_the_data_dependent_init():
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora", "loftq"])
+def test_data_dependent_inits_run_on_the_meta_device(init):
+    """fastpeft train checks its options on a meta-device skeleton: every init must run on shapes alone."""
+    loftq = {"loftq_bits": 4, "loftq_iter": 2} if init == "loftq" else None
     with torch.device("meta"):
-        layer = FastLoraLinear.from_linear(nn.Linear(16, 8), r=2, init_lora_weights="olora")
-    assert layer.lora_A["default"].weight.device.type == "meta"
+        layer = FastLoraLinear.from_linear(nn.Linear(16, 8), r=2, init_lora_weights=init, loftq_config=loftq)
+    assert layer.lora_A["default"].weight.device.type == layer.base_layer.weight.device.type == "meta"
+    assert layer.lora_B["default"].weight.shape == (8, 2)
 
 
 def test_train_cli_takes_init_lora_weights():

@@ -254,7 +254,7 @@ class FastLoraLinear(nn.Module):
         ``fastpeft.layers.lora_init``): "pissa" / "pissa_niter_<K>" / "olora" (the base keeps the residual:
         the layer's function is unchanged) and "loftq" (``loftq_config`` required; the base becomes its NF4
         round trip). On a 4-bit base PiSSA and OLoRA decode the weight, and re-quantize the residual in
-        the base's own format. A base on the meta device is left as it is (nothing to read)."""
+        the base's own format. On the meta device (``fastpeft train``'s skeleton check) they run on shapes alone."""
         kind, niter = init_kind(init_lora_weights)
         if kind is False:
             return
@@ -262,8 +262,6 @@ class FastLoraLinear(nn.Module):
         if kind in BASE_MUTATING:
             if kind == "loftq":
                 loftq_config = check_loftq_config(loftq_config)
-            if self.base_layer.weight.device.type == "meta" or A.device.type == "meta":
-                return
             self._init_from_base(adapter_name, kind, niter, loftq_config)
             return
         if kind == "gaussian":
