@@ -40,9 +40,10 @@ from .auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
-from .config import LoraConfig, TaskType
+from .config import LoftQConfig, LoraConfig, TaskType
 from .convert import from_peft, to_peft
 from .layers import FastLoraLinear, FastLoraLinear4bit
+from .loftq import replace_lora_weights_loftq
 from .model import LoraModel, ModulesToSaveWrapper, PeftModel, get_peft_model
 from .ops import backend_for, lora_linear
 from .ops4bit import lora_linear_4bit
@@ -81,12 +82,14 @@ __all__ = [
     "dequantize_nf4",
     "lora_linear_4bit",
     "prepare_model_for_kbit_training",
+    "replace_lora_weights_loftq",
     "quantize_4bit",
     "quantize_fp4",
     "quantize_int4",
     "quantize_linear",
     "quantize_model",
     "quantize_nf4",
+    "LoftQConfig",
     "LoraConfig",
     "LoraModel",
     "ModulesToSaveWrapper",

@@ -13,8 +13,11 @@ import dataclasses
 import enum
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
+
+from .layers.lora_init import INIT_CHOICES, check_loftq_config, init_kind  # noqa: F401 - INIT_CHOICES re-exported
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -31,7 +34,6 @@ class TaskType(str, enum.Enum):
 
 TASK_TYPES = tuple(t.value for t in TaskType)
 
-INIT_CHOICES = (True, False, "gaussian", "pissa")
 BIAS_CHOICES = ("none", "all", "lora_only")
 
 # peft LoraConfig fields fastpeft does not implement, with the values under which they change nothing.
@@ -39,7 +41,6 @@ _NEUTRAL: dict[str, tuple] = {
     "lora_bias": (False, None),
     "target_parameters": (None, []),
     "trainable_token_indices": (None, [], {}),
-    "loftq_config": ({}, None),
     "eva_config": (None,),
     "corda_config": (None,),
     "lora_ga_config": (None,),
@@ -72,6 +73,23 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "deberta-v2": ["query_proj", "value_proj"],
     "distilbert": ["q_lin", "v_lin"],
 }
+
+
+@dataclass
+class LoftQConfig:
+    """peft's ``LoftQConfig``: the quantization of ``init_lora_weights="loftq"``.
+
+    Args:
+        loftq_bits: bits of the quantized base (4: NF4; the only value fastpeft implements).
+        loftq_iter: alternating quantize / SVD iterations (≥ 1).
+
+    Example::
+
+        config = LoraConfig(r=16, lora_alpha=16, init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_bits=4))
+    """
+
+    loftq_bits: int = 4
+    loftq_iter: int = 1
 
 
 class AdapterConfigFile:
@@ -127,7 +145,14 @@ class LoraConfig(AdapterConfigFile):
             ``W0 + scale·B·A``) and computes ``m / ‖W0 + scale·B·A‖_row ⊙ (x (W0 + scale·B·A)ᵀ) + b``, the
             norm detached from the gradient. Saved as peft saves it (``<path>.lora_magnitude_vector``).
         init_lora_weights: ``True`` (A Kaiming-uniform, B zero), ``False`` (random B: not an identity),
-            ``"gaussian"`` (A ~ N(0, 1/r)), or ``"pissa"`` (principal singular vectors; the base keeps the residual).
+            ``"gaussian"`` (A ~ N(0, 1/r)), ``"pissa"`` (principal singular vectors; the base keeps the residual),
+            ``"pissa_niter_<K>"`` (the same from ``torch.svd_lowrank`` with K iterations: fast, random),
+            ``"olora"`` (QR factors; the base keeps the residual) or ``"loftq"`` (with ``loftq_config``: the base
+            becomes its NF4 round trip, A and B the SVD of the quantization error). PiSSA and OLoRA also run on
+            4-bit bases (decoded, the residual re-quantized). See ``fastpeft.layers.lora_init``.
+        loftq_config: a ``LoftQConfig`` (fastpeft's or peft's) or its dict, stored as the dict
+            (``{"loftq_bits": 4, "loftq_iter": 1}``); required by ``"loftq"``, emptied (with peft's warning)
+            otherwise.
         rank_pattern / alpha_pattern: per-module overrides, ``{regex: value}`` matched against the name's tail.
         layers_to_transform / layers_pattern: restrict adaptation to these layer indices.
         task_type: ``"CAUSAL_LM"``, ``"SEQ_CLS"``, ``"SEQ_2_SEQ_LM"``, ``"TOKEN_CLS"``, … (or None).
@@ -152,6 +177,7 @@ class LoraConfig(AdapterConfigFile):
     use_rslora: bool = False
     use_dora: bool = False
     init_lora_weights: bool | str = True
+    loftq_config: dict[str, int] = field(default_factory=dict)
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     layers_to_transform: list[int] | int | None = None
@@ -176,9 +202,19 @@ class LoraConfig(AdapterConfigFile):
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.bias not in BIAS_CHOICES:
             raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
-        if self.init_lora_weights not in INIT_CHOICES:
-            raise ValueError(f"init_lora_weights={self.init_lora_weights!r} is not supported by fastpeft; "
-                             f"choose one of {INIT_CHOICES}")
+        kind, _ = init_kind(self.init_lora_weights)  # raises on an unknown value, listing the supported ones
+        if kind == "loftq":
+            self.loftq_config = check_loftq_config(self.loftq_config)
+        elif self.loftq_config:
+            self.loftq_config = {}
+            warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.",
+                          stacklevel=3)
+        elif self.loftq_config is None:
+            self.loftq_config = {}
+        if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and kind in ("pissa", "olora"):
+            warnings.warn("Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and PiSSA/OLoRA means that "
+                          "you won't be able to pass `path_initial_model_for_weight_conversion` to "
+                          "`save_pretrained` to restore the initial values of the base weights.", stacklevel=3)
         self._sort_collections(("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"))
         if isinstance(self.layers_to_transform, (set, tuple)):
             self.layers_to_transform = list(self.layers_to_transform)

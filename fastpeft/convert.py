@@ -16,6 +16,7 @@ import warnings
 from torch import nn
 
 from .layers.lora import FastLoraLinear, _base_shape, _has_own_forward
+from .layers.lora_init import mutates_base
 from .model import ModulesToSaveWrapper, PeftModel, _is_linear4bit, parent_of
 
 
@@ -181,7 +182,9 @@ def _fastpeft_to_peft(model: PeftModel) -> nn.Module:
     out = None
     for name, cfg in configs.items():
         d = cfg.to_dict()
-        d["init_lora_weights"] = True if d["init_lora_weights"] == "pissa" else d["init_lora_weights"]
+        # the base already holds the residual / quantized weight: peft must not run the init again
+        if mutates_base(d["init_lora_weights"]):
+            d["init_lora_weights"], d["loftq_config"] = True, {}
         pcfg = peft.LoraConfig(**{k: v for k, v in d.items() if k not in ("peft_type",)})
         if out is None:
             out = peft.get_peft_model(base, pcfg, adapter_name=name)

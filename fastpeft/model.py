@@ -23,6 +23,7 @@ from torch import nn
 
 from .config import DEFAULT_TARGET_MODULES, LoraConfig
 from .layers.lora import FastLoraLinear, _is_conv1d
+from .layers.lora_init import mutates_base
 from .merging import combine, warn_no_pruning
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -395,7 +396,8 @@ class LoraModel(nn.Module):
             kw = dict(r=config.rank_pattern[r_key] if r_key else config.r,
                       lora_alpha=config.alpha_pattern[a_key] if a_key else config.lora_alpha,
                       lora_dropout=config.lora_dropout, init_lora_weights=config.init_lora_weights,
-                      use_rslora=config.use_rslora, use_dora=bool(config.use_dora))
+                      use_rslora=config.use_rslora, use_dora=bool(config.use_dora),
+                      loftq_config=config.loftq_config or None)
             if isinstance(module, FastLoraLinear):
                 module.update_layer(adapter_name, **kw)
             elif _is_linear4bit(module):
@@ -601,9 +603,9 @@ class LoraModel(nn.Module):
         config = dataclasses.replace(first, r=new_rank, lora_alpha=new_rank, target_modules=target_modules,
                                      rank_pattern={}, alpha_pattern={}, extra=copy.deepcopy(first.extra))
         # The new weights are initialized as peft does (then overwritten), so torch's global generator is at
-        # the same point as in peft when the DARE masks are drawn: one seed, peft's result. Not "pissa",
-        # which would rewrite the base weights under the other adapters (its SVD draws nothing either).
-        init = False if config.init_lora_weights == "pissa" else config.init_lora_weights
+        # the same point as in peft when the DARE masks are drawn: one seed, peft's result. Not PiSSA, OLoRA
+        # or LoftQ, which would rewrite the base weights under the other adapters.
+        init = False if mutates_base(config.init_lora_weights) else config.init_lora_weights
         self.inject_adapter(dataclasses.replace(config, init_lora_weights=init), adapter_name, activate=False)
         self.peft_config[adapter_name].init_lora_weights = config.init_lora_weights
         self._freeze_adapter(adapter_name)
@@ -1141,11 +1143,22 @@ class PeftModel(nn.Module):
 
     # ----------------------------------------------------------------- save / load
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
-                        safe_serialization: bool = True, is_main_process: bool = True, **kwargs) -> None:
+                        safe_serialization: bool = True, is_main_process: bool = True,
+                        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
+                        **kwargs) -> None:
         """Write each adapter in peft's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
         ``state_dict=`` (peft's keyword: a full state dict gathered by the caller, as transformers' Trainer
         passes under DeepSpeed ZeRO-3 / FSDP) is read instead of the module's own parameters.
+
+        ``path_initial_model_for_weight_conversion``: the folder where this PiSSA/OLoRA adapter was saved
+        right after its initialization, before training. The adapter is then written converted, as peft
+        converts it, into a plain LoRA adapter of rank 2r for the original, unmodified base:
+        ``A' = [A; A0]``, ``B' = [B, −B0]`` (so ``s·B'A' = s·(BA − B0A0)``, the training's change of the
+        weight), with ``r`` and ``lora_alpha`` doubled (``lora_alpha·√2`` with rsLoRA: the same scale),
+        ``rank_pattern``/``alpha_pattern`` values doubled and ``init_lora_weights`` True. As peft, the
+        initial folder's ``adapter_config.json`` is rewritten with ``init_lora_weights`` True. Not with
+        rsLoRA plus rank/alpha patterns (peft refuses too) nor DoRA (the magnitude depends on the base).
 
         The ``"default"`` adapter goes to ``save_directory``, others to ``save_directory/<name>`` (peft's
         layout). Only the adapter weights (and ``modules_to_save``, and biases per ``bias``) are written, with
@@ -1162,6 +1175,13 @@ class PeftModel(nn.Module):
             raise ValueError(f"cannot save unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
         for name in names:
             out = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
+            if path_initial_model_for_weight_conversion is not None:
+                from .save import save_converted_adapter
+
+                save_converted_adapter(self, name, out, path_initial_model_for_weight_conversion,
+                                       safe_serialization=safe_serialization, write=is_main_process,
+                                       state_dict=kwargs.get("state_dict"))
+                continue
             # Every rank gathers (FSDP2-sharded weights need all ranks, as in peft); only the main one writes.
             save_adapter(self, name, out, safe_serialization=safe_serialization, write=is_main_process,
                          state_dict=kwargs.get("state_dict"))

@@ -88,6 +88,72 @@ def save_adapter(peft_model: PeftModel, adapter_name: str, save_directory: str |
     write_adapter_files(save_directory, state, peft_model.peft_config[adapter_name], safe_serialization)
 
 
+def save_converted_adapter(peft_model: PeftModel, adapter_name: str, save_directory: str | os.PathLike,
+                           initial_path: str | os.PathLike, safe_serialization: bool = True, write: bool = True,
+                           state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """``save_pretrained(..., path_initial_model_for_weight_conversion=initial_path)`` for one adapter: the
+    PiSSA/OLoRA adapter written as the plain rank-2r LoRA adapter of the original base (see
+    :func:`convert_to_lora_tensors`) with peft's converted config; ``initial_path``'s config rewritten with
+    ``init_lora_weights=True``, as peft does."""
+    import copy
+    import math
+
+    config = peft_model.peft_config[adapter_name]
+    state = adapter_state_dict(peft_model, adapter_name, state_dict)
+    if not write:
+        return
+    tensors = convert_to_lora_tensors(config, state, read_adapter_file(initial_path))
+    initial_config = copy.deepcopy(config)
+    initial_config.init_lora_weights = True
+    initial_config.save_pretrained(initial_path)
+    converted = copy.deepcopy(config)
+    converted.init_lora_weights = True
+    converted.r *= 2
+    converted.lora_alpha = converted.lora_alpha * (math.sqrt(2) if converted.use_rslora else 2)
+    converted.rank_pattern = {k: 2 * v for k, v in converted.rank_pattern.items()}
+    converted.alpha_pattern = {k: 2 * v for k, v in converted.alpha_pattern.items()}
+    write_adapter_files(save_directory, tensors, converted, safe_serialization)
+
+
+def convert_to_lora_tensors(config: Any, trained: dict[str, torch.Tensor],
+                            initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A trained PiSSA/OLoRA adapter (``trained``, saved keys) as a plain LoRA adapter for the original base,
+    given the adapter as initialized (``initial``): ``W_res + s·BA = W + s·(BA − B0A0)``, so
+    ``A' = [A; A0]`` (2r, in) and ``B' = [B, −B0]`` (out, 2r) at the same scale (peft's
+    ``subtract_mutated_init``). Tensors other than LoRA factors (modules_to_save, biases) are kept as
+    trained (peft drops them, losing a trained head). Raises ``ValueError`` when the conversion cannot hold
+    (rsLoRA with rank/alpha patterns, DoRA) or the initial adapter does not match."""
+    import warnings
+
+    from .layers.lora_init import init_kind
+
+    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        raise ValueError("Passing `path_initial_model_for_weight_conversion` to `save_pretrained` is not supported "
+                         "when using `rank_pattern` or `alpha_pattern` at the same time as `use_rslora=True`.")
+    if config.use_dora:
+        raise ValueError("`path_initial_model_for_weight_conversion` cannot convert a DoRA adapter: its magnitude is "
+                         "relative to the residual base, so no LoRA adapter on the original base reproduces it")
+    if init_kind(config.init_lora_weights)[0] not in ("pissa", "olora", True):
+        warnings.warn("`path_initial_model_for_weight_conversion` only works for converting a PiSSA/CorDA/OLoRA/"
+                      "LoRA-GA adapter to a LoRA adapter", stacklevel=4)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in trained.items():
+        is_a, is_b = key.endswith(".lora_A.weight"), key.endswith(".lora_B.weight")
+        if not (is_a or is_b):
+            out[key] = value
+            continue
+        start = initial.get(key)
+        if start is None:
+            raise ValueError(f"the initial adapter lacks {key!r}: was it saved from this model right after "
+                             "initialization?")
+        if start.shape != value.shape:
+            raise ValueError(f"the initial adapter's {key!r} has shape {tuple(start.shape)}, the trained one "
+                             f"{tuple(value.shape)}: not the same adapter")
+        start = start.to(device=value.device, dtype=value.dtype)
+        out[key] = torch.cat([value, start], dim=0) if is_a else torch.cat([value, -start], dim=1)
+    return out
+
+
 def write_adapter_files(save_directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: Any,
                         safe_serialization: bool = True) -> None:
     """Write ``tensors`` (as contiguous CPU copies) and ``config`` into ``save_directory`` (created if needed) in

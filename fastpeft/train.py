@@ -93,6 +93,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-modules", default="all-linear",
                    help="comma-separated module names, a regex, or all-linear")
     g.add_argument("--use-rslora", action="store_true")
+    g.add_argument("--init-lora-weights", default=True, type=_init_lora_weights, metavar="INIT",
+                   help="LoRA init (lora/qlora), peft's init_lora_weights: true (default), false, gaussian, pissa, "
+                        "pissa_niter_K (fast SVD, K iterations), olora, loftq (NF4 LoftQ with loftq_bits=4, "
+                        "loftq_iter=1; on a 4-bit base (--load-in-4bit/qlora) the adapters are fitted to the "
+                        "original weights of --model instead, as peft's replace_lora_weights_loftq)")
     g.add_argument("--use-dora", action="store_true",
                    help="DoRA (lora/qlora): a trained magnitude per output feature beside A and B, as peft's "
                         "use_dora")
@@ -137,6 +142,22 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML or JSON file whose keys mirror these flags")
 
 
+def _init_lora_weights(value: str) -> bool | str:
+    """``--init-lora-weights``: "true"/"false" as booleans, the other values of peft's ``init_lora_weights`` as
+    they are (checked)."""
+    from .layers.lora_init import init_kind
+
+    if isinstance(value, bool):
+        return value
+    if value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    try:
+        init_kind(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse ``fastpeft train`` flags, a ``--config`` file's values acting as defaults under explicit flags."""
     p = argparse.ArgumentParser(prog="fastpeft train")
@@ -175,6 +196,11 @@ def _config_value(action: argparse.Action, value: Any, where: str) -> Any:
         if not isinstance(value, bool):
             raise SystemExit(f"{where}: expected true or false, got {value!r}")
         return value
+    if action.dest == "init_lora_weights":  # true/false (YAML booleans too) or one of peft's init names
+        try:
+            return _init_lora_weights(value if isinstance(value, bool) else str(value))
+        except argparse.ArgumentTypeError as exc:
+            raise SystemExit(f"{where}: {exc}") from None
     if action.dest == "resume":  # --resume [CHECKPOINT]: true = the latest, false = a new run
         if isinstance(value, bool):
             return action.const if value else None
@@ -468,10 +494,25 @@ def build_peft_model(model, args: argparse.Namespace, total_steps: int | None = 
     elif isinstance(save, str):
         save = None if save.lower() == "none" else [m.strip() for m in save.split(",") if m.strip()]
     if is_lora:
+        init = getattr(args, "init_lora_weights", True)
+        from .quant import is_linear4bit
+
+        loftq_4bit = init == "loftq" and any(is_linear4bit(m) for m in model.modules())
         options = dict(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
                        use_rslora=args.use_rslora, use_dora=getattr(args, "use_dora", False), task_type="CAUSAL_LM",
-                       modules_to_save=save)
+                       modules_to_save=save, init_lora_weights=True if loftq_4bit else init)
+        if init == "loftq" and not loftq_4bit:
+            options["loftq_config"] = {"loftq_bits": 4, "loftq_iter": 1}
         config = LoraConfig(**{**options, **extra})
+        if loftq_4bit:  # the base is quantized already: LoftQ fits the adapters to the original weights
+            if args.model in (None, DEFAULT_MODEL):
+                raise ValueError("--init-lora-weights loftq on a 4-bit base reads the original weights from the "
+                                 "--model folder's safetensors; the embedded default model has none")
+            from .loftq import replace_lora_weights_loftq
+
+            peft_model = get_peft_model(model, config)
+            replace_lora_weights_loftq(peft_model, model_path=args.model)
+            return peft_model
     else:
         import dataclasses
 

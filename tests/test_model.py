@@ -587,7 +587,7 @@ def test_config_json_round_trip_keeps_unknown_fields(tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [("lora_bias", True), ("layer_replication", [[0, 1]]),
-                                         ("init_lora_weights", "olora")])
+                                         ("init_lora_weights", "corda")])
 def test_unsupported_peft_options_are_refused(tmp_path, field, value):
     data = fastpeft.LoraConfig(target_modules=["q_proj"]).to_dict()
     data[field] = value

@@ -30,8 +30,16 @@ from torch import nn
 from ..ops import draw_seed, lora_linear, philox_dropout, to_autocast_dtype
 from ..ops_mixed import BASE as _BASE_NAME
 from ..ops_mixed import lora_linear_mixed, mixed_rows, stack_adapters
+from .lora_init import (
+    BASE_MUTATING,
+    check_loftq_config,
+    init_kind,
+    loftq_factors,
+    mutates_base,
+    olora_factors,
+    pissa_factors,
+)
 
-_INIT_CHOICES = (True, False, "gaussian", "pissa")
 # Rows of W0 upcast (or decoded) to fp32 at once for DoRA's weight norm: bounds that temporary at
 # ~16 MiB instead of peft's full (out, in) fp32 matrix.
 _NORM_CHUNK_ELEMS = 1 << 22
@@ -106,8 +114,10 @@ class FastLoraLinear(nn.Module):
     ``alpha/√r`` instead of ``alpha/r``), ``fan_in_fan_out`` (base stores its
     weight as (in, out), as GPT-2's Conv1D), ``init_lora_weights`` (True:
     A kaiming-uniform(a=√5), B zeros; "gaussian": A ~ N(0, 1/r), B zeros;
-    False: both keep nn.Linear's default init, so B ≠ 0; "pissa": A, B from the
-    base weight's top-r singular triplets, the base keeps the residual, as peft).
+    False: both keep nn.Linear's default init, so B ≠ 0; "pissa" / "pissa_niter_<K>" / "olora": A, B from
+    the base weight's top-r singular triplets (full or fast SVD) or its QR factors, the base keeps the
+    residual; "loftq" with ``loftq_config``: the base becomes its NF4 round trip, A and B the SVD of the
+    quantization error; all as peft, see ``fastpeft.layers.lora_init``).
     Adapter weights are fp32 on a half-precision base unless
     ``autocast_adapter_dtype=False``. ``use_dora``: DoRA, as peft's (see the module docstring): a trainable
     magnitude per output feature, ``lora_magnitude_vector.<adapter>.weight``. Output dtype is the input's.
@@ -125,19 +135,21 @@ class FastLoraLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int = 8,
                  lora_alpha: float = 8, lora_dropout: float = 0.0, use_rslora: bool = False,
                  fan_in_fan_out: bool = False, init_lora_weights: bool | str = True, use_dora: bool = False,
-                 adapter_name: str = "default", autocast_adapter_dtype: bool = True, device=None, dtype=None):
+                 adapter_name: str = "default", autocast_adapter_dtype: bool = True, device=None, dtype=None,
+                 loftq_config: dict | None = None):
         super().__init__()
         base_cls = Conv1DBase if fan_in_fan_out else nn.Linear
         base = base_cls(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._wrap(base, adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                    use_rslora=use_rslora, init_lora_weights=init_lora_weights, use_dora=use_dora,
-                   autocast_adapter_dtype=autocast_adapter_dtype)
+                   autocast_adapter_dtype=autocast_adapter_dtype, loftq_config=loftq_config)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, *, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                     use_rslora: bool = False, fan_in_fan_out: bool | None = None,
                     init_lora_weights: bool | str = True, adapter_name: str = "default",
-                    autocast_adapter_dtype: bool = True, use_dora: bool = False) -> FastLoraLinear:
+                    autocast_adapter_dtype: bool = True, use_dora: bool = False,
+                    loftq_config: dict | None = None) -> FastLoraLinear:
         """Wrap an existing ``nn.Linear`` (or transformers ``Conv1D``) without copying its weight.
 
         ``fan_in_fan_out`` is detected from the module type when not given.
@@ -148,7 +160,7 @@ class FastLoraLinear(nn.Module):
                              f"{type(linear).__name__} (which needs fan_in_fan_out={detected})")
         return cls._wrapping(linear, adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                              use_rslora=use_rslora, init_lora_weights=init_lora_weights, use_dora=use_dora,
-                             autocast_adapter_dtype=autocast_adapter_dtype)
+                             autocast_adapter_dtype=autocast_adapter_dtype, loftq_config=loftq_config)
 
     @classmethod
     def _wrapping(cls, linear: nn.Module, adapter_name: str, **adapter_kwargs):
@@ -190,11 +202,12 @@ class FastLoraLinear(nn.Module):
     def update_layer(self, adapter_name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                      init_lora_weights: bool | str = True, use_rslora: bool = False,
                      autocast_adapter_dtype: bool = True, config=None, use_dora: bool = False,
-                     **peft_kwargs) -> None:
+                     loftq_config: dict | None = None, **peft_kwargs) -> None:
         """Add (or replace) adapter ``adapter_name`` and make it the active one (peft's name).
 
         ``use_dora``: a DoRA adapter, its magnitude initialized to the row norms of ``W0 + scale·B·A``
-        (after the init of A and B).
+        (after the init of A and B). ``init_lora_weights``: see ``reset_lora_parameters``; ``loftq_config``
+        (a ``LoftQConfig`` or its dict) goes with ``"loftq"``.
 
         Called by peft's own model code (on a model converted with ``fastpeft.from_peft``), it takes
         peft's arguments: ``config`` (a LoraConfig) supplies dropout, init, rsLoRA and DoRA, the adapter
@@ -206,16 +219,17 @@ class FastLoraLinear(nn.Module):
         if config is not None:
             lora_dropout, init_lora_weights = config.lora_dropout, config.init_lora_weights
             use_rslora, use_dora = config.use_rslora, bool(getattr(config, "use_dora", False))
+            loftq_config = getattr(config, "loftq_config", None) or loftq_config
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r!r}")
         if not 0.0 <= float(lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
-        if init_lora_weights not in _INIT_CHOICES:
-            raise ValueError(f"init_lora_weights must be one of {_INIT_CHOICES} in FastLoraLinear, "
-                             f"got {init_lora_weights!r}")
+        kind, _ = init_kind(init_lora_weights)  # raises on an unknown value, listing the supported ones
+        if kind == "loftq":
+            loftq_config = check_loftq_config(loftq_config)
         if use_dora:
             self._refuse_opaque("DoRA")
-        if isinstance(init_lora_weights, str) and init_lora_weights != "gaussian":
+        if mutates_base(init_lora_weights):
             self._refuse_opaque(f"init_lora_weights={init_lora_weights!r}")
         weight = self.base_layer.weight
         dtype = weight.dtype
@@ -235,7 +249,7 @@ class FastLoraLinear(nn.Module):
         self.lora_alpha[adapter_name] = lora_alpha
         self.use_rslora[adapter_name] = bool(use_rslora)
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-        self.reset_lora_parameters(adapter_name, init_lora_weights)
+        self.reset_lora_parameters(adapter_name, init_lora_weights, loftq_config)
         self.use_dora[adapter_name] = bool(use_dora)
         self._dora_merged_norms.pop(adapter_name, None)
         if use_dora:
@@ -253,40 +267,63 @@ class FastLoraLinear(nn.Module):
     add_adapter = update_layer
 
     @torch.no_grad()
-    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str = True) -> None:
-        """Initialize an adapter as peft does (see the class docstring)."""
-        if init_lora_weights is False:
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str = True,
+                              loftq_config: dict | None = None) -> None:
+        """Initialize an adapter as peft does: True (A Kaiming-uniform, B zeros), "gaussian" (A ~ N(0, 1/r),
+        B zeros), False (nn.Linear's defaults kept), or from the base weight, which is then rewritten (see
+        ``fastpeft.layers.lora_init``): "pissa" / "pissa_niter_<K>" / "olora" (the base keeps the residual:
+        the layer's function is unchanged) and "loftq" (``loftq_config`` required; the base becomes its NF4
+        round trip). On a 4-bit base PiSSA and OLoRA decode the weight, and re-quantize the residual in
+        the base's own format. On the meta device (``fastpeft train``'s skeleton check) they run on shapes alone."""
+        kind, niter = init_kind(init_lora_weights)
+        if kind is False:
             return
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
-        if init_lora_weights == "pissa":
-            self._pissa_init(adapter_name)
+        if kind in BASE_MUTATING:
+            if kind == "loftq":
+                loftq_config = check_loftq_config(loftq_config)
+            self._init_from_base(adapter_name, kind, niter, loftq_config)
             return
-        if init_lora_weights == "gaussian":
+        if kind == "gaussian":
             nn.init.normal_(A, std=1.0 / self.r[adapter_name])
         else:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         nn.init.zeros_(B)
 
+    def _pissa_init(self, adapter_name: str, niter: int | None = None) -> None:
+        """PiSSA on adapter ``adapter_name`` (``niter``: the fast ``svd_lowrank`` variant)."""
+        self._init_from_base(adapter_name, "pissa", niter, None)
+
     @torch.no_grad()
-    def _pissa_init(self, adapter_name: str) -> None:
-        # PiSSA (Meng et al. 2024): W = U S Vᵀ; B = U_r √S_r', A = √S_r' V_rᵀ with S' = S/scale, and the
-        # base keeps W − scale·B A, so the layer's output is unchanged at init.
-        base = self.base_layer.weight
-        if base.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError("PiSSA initialization needs a float32/float16/bfloat16 base weight, "
-                            f"got {base.dtype}; initialize before quantizing")
-        w = base.float()
-        if self.fan_in_fan_out:
-            w = w.t()
+    def _init_from_base(self, adapter_name: str, kind: str, niter: int | None, loftq_config: dict | None) -> None:
+        """PiSSA / OLoRA / LoftQ: A and B from the base weight (fp32, (out, in)), then the base rewritten:
+        ``W − (s·B) A`` for PiSSA and OLoRA (peft's order of operations), the NF4 round trip for LoftQ."""
         r, scale = self.r[adapter_name], self.scaling[adapter_name]
-        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
-        sr = (S[:r] / scale).sqrt()
-        A = sr[:, None] * Vh[:r]
-        B = U[:, :r] * sr[None, :]
+        w = self._init_read_base(kind)
+        if kind == "pissa":
+            A, B = pissa_factors(w, r, scale, niter)
+        elif kind == "olora":
+            A, B = olora_factors(w, r)
+        else:
+            q, A, B = loftq_factors(w, r, loftq_config["loftq_bits"], loftq_config["loftq_iter"])
         self.lora_A[adapter_name].weight.copy_(A)
         self.lora_B[adapter_name].weight.copy_(B)
-        residual = w - scale * (B @ A)
-        base.copy_((residual.t() if self.fan_in_fan_out else residual).to(base.dtype))
+        self._init_write_base(q if kind == "loftq" else w - (scale * B) @ A)
+
+    def _init_read_base(self, kind: str) -> torch.Tensor:
+        """The base weight as an fp32 (out, in) matrix for a data-dependent init (peft accepts fp32/fp16/bf16)."""
+        weight = self.base_layer.weight
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"init_lora_weights={kind!r} needs a float32/float16/bfloat16 base weight, got "
+                            f"{weight.dtype} in {type(self.base_layer).__name__}: initialize before quantizing "
+                            "(or use a fastpeft/bitsandbytes 4-bit base, which is decoded)")
+        w = weight.float()
+        return w.t() if self.fan_in_fan_out else w
+
+    def _init_write_base(self, w: torch.Tensor) -> None:
+        """Store the fp32 (out, in) matrix ``w`` as the base weight, in its own dtype and layout."""
+        weight = self.base_layer.weight
+        weight.copy_((w.t() if self.fan_in_fan_out else w).to(weight.dtype))
 
     # ------------------------------------------------------------ adapters
     def get_base_layer(self) -> nn.Module:

@@ -78,7 +78,8 @@ class FastLoraLinear4bit(FastLoraLinear):
                     use_rslora: bool = False, fan_in_fan_out: bool | None = None,
                     init_lora_weights: bool | str = True, adapter_name: str = "default",
                     autocast_adapter_dtype: bool = True, quant_type: str = "nf4", blocksize: int = 64,
-                    compress_statistics: bool = True, use_dora: bool = False) -> FastLoraLinear4bit:
+                    compress_statistics: bool = True, use_dora: bool = False,
+                    loftq_config: dict | None = None) -> FastLoraLinear4bit:
         """Wrap a bitsandbytes/fastpeft ``Linear4bit`` as it is, or quantize a plain ``nn.Linear`` first
         (fastpeft's quantizer; ``quant_type``/``blocksize``/``compress_statistics`` apply only then)."""
         if fan_in_fan_out:
@@ -89,7 +90,7 @@ class FastLoraLinear4bit(FastLoraLinear):
             linear = quantize_linear(linear, quant_type, blocksize, compress_statistics)
         return cls._wrapping(linear, adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                              use_rslora=use_rslora, init_lora_weights=init_lora_weights, use_dora=use_dora,
-                             autocast_adapter_dtype=autocast_adapter_dtype)
+                             autocast_adapter_dtype=autocast_adapter_dtype, loftq_config=loftq_config)
 
     def _adopt_base(self, base: nn.Module) -> None:
         """Shape fields from a 4-bit base (used when converting a peft layer)."""
@@ -122,8 +123,9 @@ class FastLoraLinear4bit(FastLoraLinear):
         return self.weight4bit().dequantize(dtype)
 
     @torch.no_grad()
-    def _requantize(self, w: torch.Tensor, what: str) -> None:
-        """Write ``w`` (fp32, out × in) into the 4-bit base in its own format, warning about the rounding."""
+    def _requantize(self, w: torch.Tensor, what: str | None) -> None:
+        """Write ``w`` (fp32, out × in) into the 4-bit base in its own format, warning about the rounding
+        (not when ``what`` is None: an init that re-quantizes by design)."""
         base = self.base_layer
         if isinstance(base, Linear4bit):
             base.set_weight(w)
@@ -138,6 +140,8 @@ class FastLoraLinear4bit(FastLoraLinear):
             base.weight.quant_state = st.to_bnb()
             if getattr(base, "quant_state", None) is not None:
                 base.quant_state = base.weight.quant_state
+        if what is None:
+            return
         got = self.dequantized_weight()
         err = ((got - w).norm() / w.norm().clamp_min(1e-30)).item()
         if _REQUANT_ERRORS:  # inside requantization_summary(): one warning for the whole model
@@ -186,6 +190,27 @@ class FastLoraLinear4bit(FastLoraLinear):
         if bias is not None:
             lin.bias.copy_(bias)
         return lin
+
+    # ------------------------------------------------------------- data-dependent inits
+    def _init_read_base(self, kind: str) -> torch.Tensor:
+        """The 4-bit base decoded as peft decodes a bitsandbytes weight for OLoRA (to its original dtype),
+        then upcast to fp32. LoftQ refuses a base that is already quantized."""
+        if kind == "loftq":
+            raise ValueError("init_lora_weights='loftq' quantizes a full-precision base itself; this base is "
+                             "already 4-bit. For a 4-bit model, use fastpeft.replace_lora_weights_loftq(model) "
+                             "with the original weights' safetensors (peft's replace_lora_weights_loftq)")
+        try:
+            w4 = self.weight4bit()
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise TypeError(f"init_lora_weights={kind!r} decodes the 4-bit base, which cannot be read here: "
+                            f"{exc}") from exc
+        return w4.dequantize(w4.dtype).float()
+
+    def _init_write_base(self, w: torch.Tensor) -> None:
+        """Re-quantize the fp32 (out, in) residual into the base in its own format (quant type, blocksize,
+        double quantization and original dtype kept), without the merge's rounding warning."""
+        self._requantize(w, None)
+        self.reset_dora_cache()
 
     # ------------------------------------------------------------- DoRA norm
     def _base_key(self) -> tuple | None:
