@@ -274,14 +274,12 @@ def test_default_targets_and_seq_cls_head_like_peft():
     assert_rel(_logits(ours, inputs), _logits(theirs, inputs), 1e-5, "bert default targets")
 
 
-def test_pissa_init_matches_peft():
-    ours, theirs, inputs, base = _pair("llama", init_lora_weights="pissa")
+def test_pissa_init_keeps_the_models_function():
+    # (_pair copies fastpeft's weights into peft's model: the comparison with peft's own PiSSA, built
+    # independently, is in test_lora_init)
+    ours, _, inputs, base = _pair("llama", init_lora_weights="pissa")
     fresh_out = _logits(_fresh(base), inputs)
-    pa = dict(ours.named_parameters())
-    for k, p in theirs.named_parameters():
-        assert_rel(pa[k], p, 1e-5, f"pissa {k}")
-    # pissa keeps the model's function at init (the base holds the residual)
-    assert_rel(_logits(ours, inputs), fresh_out, 1e-4, "pissa identity")
+    assert_rel(_logits(ours, inputs), fresh_out, 1e-4, "pissa identity")  # the base holds the residual
 
 
 def test_trained_pissa_adapter_reloads_onto_the_original_base(tmp_path):
