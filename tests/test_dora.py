@@ -320,6 +320,18 @@ def test_merge_unmerge_conv1d_and_safe_merge():
         assert not ours.merged and torch.equal(ours.base_layer.weight, before)
 
 
+def test_merged_dora_unmerges_after_the_layer_moved():
+    """The row norms kept at merge time are a plain dict beside the module, not moved by ``.to()``: a merged layer
+    moved to another device (here "meta", standing in for cuda → cpu) must still unmerge (before: a device
+    mismatch between the moved weight and the norm left behind)."""
+    layer = _pair(16, 12, 2, 4)[1]
+    with torch.no_grad():
+        layer.merge()
+        layer.to("meta")
+        layer.unmerge()
+    assert not layer.merged and layer.base_layer.weight.device.type == "meta"
+
+
 def test_mixed_batches_are_refused_like_peft():
     ref, ours = _pair(16, 12, 2, 4)
     for layer in (ref, ours):

@@ -437,7 +437,9 @@ class FastLoraLinear(nn.Module):
         delta = self.get_delta_weight(name)
         if not self.use_dora.get(name, False):
             return w - delta
-        factor = self.lora_magnitude_vector[name].weight.detach().float() / self._dora_merged_norms[name]
+        # (the norm kept at merge stays where it was computed: the layer may have moved to another device since)
+        norm = self._dora_merged_norms[name].to(w.device)
+        factor = self.lora_magnitude_vector[name].weight.detach().float() / norm
         return w / self._along_out(factor) - delta
 
     def _unmerged_weight(self, w: torch.Tensor) -> torch.Tensor:
