@@ -201,6 +201,60 @@ def test_dropout_matches_fp64_reference_replaying_the_mask(backend, fifo):
     assert_rel(y_eval.reshape(-1, fout), y_nodrop, 1e-5, "eval = no dropout")
 
 
+class _FixedDropout(nn.Dropout):
+    """nn.Dropout with a given keep-mask (replays the same mask every call)."""
+
+    def __init__(self, keep, p):
+        super().__init__(p)
+        self.keep = keep
+
+    def forward(self, x):
+        return torch.where(self.keep, x / (1.0 - self.p), torch.zeros((), dtype=x.dtype))
+
+
+def test_two_dora_adapters_with_dropout_match_fp64():
+    """Two active DoRA adapters in training with dropout: the first fused (its Philox mask), the second chained in
+    plain PyTorch as peft chains it — ``y + (k₂ − 1)·D₂(x) W0ᵀ + k₂·s₂·D₂(x) A₂ᵀ B₂ᵀ``, its norm on W0 alone —
+    output and every gradient against fp64 autograd replaying both masks (the second's injected)."""
+    fin, fout, n = 23, 19, 6
+    base = _dense_base(fin, fout, torch.float32, False, seed=8)
+    layer = FastLoraLinear.from_linear(base, r=3, lora_alpha=6, lora_dropout=0.3, init_lora_weights=False,
+                                       use_dora=True)
+    layer.update_layer("other", r=2, lora_alpha=5, lora_dropout=0.4, init_lora_weights=False, use_dora=True)
+    layer.set_adapter(["default", "other"])
+    g = torch.Generator().manual_seed(9)
+    keep2 = torch.rand(n, fin, generator=g) > 0.4
+    layer.lora_dropout["other"] = _FixedDropout(keep2, 0.4)
+    for name in ("default", "other"):
+        _perturb_magnitude(layer, name)
+    x = torch.randn(n, fin, generator=g)
+    dy = torch.randn(n, fout, generator=g)
+    torch.manual_seed(12)
+    y, dx, grads = fwd_bwd(layer, x, dy)
+    torch.manual_seed(12)
+    keep1 = dropout_keep_mask(draw_seed("cpu"), n, fin, 0.3)
+    w, bias = (t.detach().double() for t in (base.weight, base.bias))
+    leaves = {"x": x.double().requires_grad_()}
+    for name in ("default", "other"):
+        for part, t in (("A", layer.lora_A[name].weight), ("B", layer.lora_B[name].weight),
+                        ("m", layer.lora_magnitude_vector[name].weight)):
+            leaves[f"{part}.{name}"] = t.detach().double().requires_grad_()
+    y64 = dora_ref(leaves["x"], w, bias, leaves["A.default"], leaves["B.default"], leaves["m.default"],
+                   layer.scaling["default"], keep1, 0.3)
+    A2, B2, m2, s2 = leaves["A.other"], leaves["B.other"], leaves["m.other"], layer.scaling["other"]
+    k2 = m2 / torch.linalg.vector_norm(w + s2 * (B2 @ A2), dim=1).detach()
+    x2 = torch.where(keep2, leaves["x"] / 0.6, torch.zeros((), dtype=torch.float64))
+    y64 = y64 + (k2 - 1) * (x2 @ w.t()) + k2 * s2 * ((x2 @ A2.t()) @ B2.t())
+    y64.backward(dy.double())
+    assert_rel(y, y64, 1e-5, "y")
+    assert_rel(dx, leaves["x"].grad, 1e-5, "dx")
+    names = {"A": "lora_A.{}.weight", "B": "lora_B.{}.weight", "m": "lora_magnitude_vector.{}.weight"}
+    for key, leaf in leaves.items():
+        if key != "x":
+            part, name = key.split(".")
+            assert_rel(grads[names[part].format(name)], leaf.grad, 1e-5, key)
+
+
 def _materialized_norm64(layer, name="default"):
     w, _, A, B, _, s = _weights64(layer, name)
     return torch.linalg.vector_norm(w + s * (B @ A), dim=1)
