@@ -108,9 +108,12 @@ def estimate(config, method: str = "lora", batch_size: int = 8, seq_len: int = 5
     d = torch.empty(0, dtype=dtype).element_size()
     params = trainable = 0
     weights = 0
+    dora_out = 0  # Σ out_features of the DoRA layers: their magnitudes' sizes
     for name, p in model.named_parameters():
         n = p.numel()
         params += n
+        if "lora_magnitude_vector" in name:
+            dora_out += n
         if method == "full" or p.requires_grad:
             trainable += n
         is_linear_weight = p.dim() == 2 and "embed" not in name and "lm_head" not in name and "lora_" not in name
@@ -135,8 +138,9 @@ def estimate(config, method: str = "lora", batch_size: int = 8, seq_len: int = 5
     per_token = d * (7 * h + 2 * kv + 3 * inter) + 2 * 4 * h
     if method != "full":
         per_token += 4 * r * 7
-    if use_dora:  # fastpeft's DoRA keeps y − b, (tokens, out) in the compute dtype, per adapted layer
-        per_token += d * (3 * h + 2 * kv + 2 * inter)
+    if use_dora:  # fastpeft's DoRA keeps y − b, (tokens, out) in the compute dtype, per adapted layer (the
+        # targeted ones: their outputs summed, per model layer)
+        per_token += d * dora_out // layers
     if gradient_checkpointing:
         activations = tokens * (layers * d * h + per_token)
     else:

@@ -670,6 +670,19 @@ def test_estimate_counts_the_magnitudes(capsys):
     assert "(DoRA)" in capsys.readouterr().out
 
 
+def test_estimate_counts_dora_activations_of_the_targeted_layers_only():
+    """``--target-modules q_proj,v_proj --use-dora``: the (tokens, out) tensor DoRA keeps is counted for q and v only
+    (before: for all seven linear layers, whatever the targets)."""
+    from fastpeft.estimate import estimate
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    kw = dict(batch_size=2, seq_len=8, r=4, targets="q_proj,v_proj", dtype=torch.bfloat16)
+    lora, dora = estimate(cfg, "lora", **kw), estimate(cfg, "lora", use_dora=True, **kw)
+    assert dora.trainable - lora.trainable == 2 * (32 + 16)
+    assert dora.activations - lora.activations == (2 * 8) * 2 * 2 * (32 + 16)  # tokens × bf16 × layers × (q + v)
+
+
 def test_bench_dora_rows_check_and_save_less_than_peft(torch_backend):
     """``fastpeft bench --preset dora-tiny``: fastpeft's DoRA checked against peft's (magnitude gradient
     included), and the bytes autograd keeps for backward, one layer and q/k/v on one input, below peft's."""
