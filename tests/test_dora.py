@@ -683,6 +683,31 @@ def test_estimate_counts_dora_activations_of_the_targeted_layers_only():
     assert dora.activations - lora.activations == (2 * 8) * 2 * 2 * (32 + 16)  # tokens × bf16 × layers × (q + v)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_estimate_of_dora_is_what_a_dora_layer_keeps(torch_backend, p):
+    """The activation bytes per token ``estimate`` adds for DoRA over LoRA (one targeted q_proj, 32 → 32) equal what
+    a DoRA layer keeps for backward over a LoRA one, measured (slope over two token counts, bf16): y − b at p = 0;
+    D(x)·W0ᵀ, D(x) and D(x)·Aᵀ at p > 0 (before, dropout was not counted)."""
+    from fastpeft.benchmarking import SavedTensorCounter
+    from fastpeft.estimate import estimate
+
+    def kept(dora, n):
+        torch.manual_seed(0)
+        layer = FastLoraLinear(32, 32, r=4, lora_dropout=p, use_dora=dora, dtype=torch.bfloat16)
+        x = torch.randn(n, 32, dtype=torch.bfloat16, requires_grad=True)
+        with SavedTensorCounter(exclude=layer.parameters()) as saved:
+            y = layer(x)
+        del y
+        return saved.nbytes
+
+    measured = ((kept(True, 40) - kept(True, 10)) - (kept(False, 40) - kept(False, 10))) / 30
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    kw = dict(batch_size=2, seq_len=8, r=4, targets="q_proj", dtype=torch.bfloat16, lora_dropout=p)
+    lora, dora = estimate(cfg, "lora", **kw), estimate(cfg, "lora", use_dora=True, **kw)
+    assert (dora.activations - lora.activations) / 16 == measured > 0
+
+
 def test_bench_dora_rows_check_and_save_less_than_peft(torch_backend):
     """``fastpeft bench --preset dora-tiny``: fastpeft's DoRA checked against peft's (magnitude gradient
     included), and the bytes autograd keeps for backward, one layer and q/k/v on one input, below peft's."""
