@@ -11,6 +11,7 @@ bitsandbytes Linear4bit base, peft vs fastpeft.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import warnings
 
@@ -286,6 +287,39 @@ def test_norm_formula_vs_materialized_norm(monkeypatch, fifo, dtype):
     monkeypatch.setattr(layer, "_base_row_reader", lambda: (step, lambda a, b: reads.append(b - a) or read(a, b)))
     assert_rel(layer.dora_weight_norm("default"), _materialized_norm64(layer), 1e-6, "chunked")
     assert sum(reads) == 41 and max(reads) == (41 if dtype == torch.float32 and not fifo else 1)
+
+
+def test_norm_cache_not_fooled_by_a_new_weight_at_a_freed_address():
+    """The cached ‖W0_o‖² is keyed by the base weight's identity. A weight replaced twice between forwards
+    (``weight.data = …`` twice, or two ``load_state_dict(assign=True)``: neither bumps a version the key sees) can
+    land at the first one's freed address, and the allocator does reuse it; an (id, address, version) key then
+    gave the old weight's norms. Made deterministic here with a buffer that outlives the storages viewing it:
+    the second storage sits at the first one's address with other values."""
+    layer = FastLoraLinear(64, 48, r=2, init_lora_weights=False, use_dora=True)
+    buf = bytearray(48 * 64 * 4)
+    for how in ("data", "assign"):
+        torch.frombuffer(buf, dtype=torch.float32).copy_(torch.randn(48 * 64))
+        layer.base_layer.weight.data = torch.frombuffer(buf, dtype=torch.float32).view(48, 64)
+        assert_rel(layer.dora_weight_norm("default"), _materialized_norm64(layer), 1e-6, f"{how}: first")
+        layer.base_layer.weight.data = torch.zeros(48, 64)  # the first storage is freed (the buffer is not)
+        torch.frombuffer(buf, dtype=torch.float32).mul_(3.0)
+        w = torch.frombuffer(buf, dtype=torch.float32).view(48, 64)  # a new storage at the same address
+        if how == "data":
+            layer.base_layer.weight.data = w
+        else:
+            layer.load_state_dict({"base_layer.weight": w}, strict=False, assign=True)
+            layer.base_layer.weight.requires_grad_(False)
+        assert_rel(layer.dora_weight_norm("default"), _materialized_norm64(layer), 1e-6, f"{how}: second")
+    # the key's weak references do not travel: a copied or saved layer recomputes its own cache
+    layer.base_layer.weight.data = torch.randn(48, 64)
+    layer.dora_weight_norm("default")
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(layer), torch.load(buffer, weights_only=False)):
+        with torch.no_grad():
+            twin.base_layer.weight.mul_(0.5)
+        assert_rel(twin.dora_weight_norm("default"), _materialized_norm64(twin), 1e-6, "copy")
 
 
 def test_fresh_dora_adapter_is_the_identity(backend):
