@@ -432,6 +432,25 @@ def test_mixed_batches_are_refused_like_peft():
     ours(x, adapter_names=["__base__", "__base__"])  # the base alone is no DoRA batch
 
 
+def test_mixed_batch_training_gives_an_absent_dora_adapter_zero_gradients():
+    """A trainable DoRA adapter has no rows in a mixed batch (DoRA is refused there by name): like every trainable
+    adapter without rows, its parameters get zero gradients, not None — magnitude included, which DDP with
+    find_unused_parameters=False needs (before: the magnitude got no gradient). The output is unchanged."""
+    torch.manual_seed(0)
+    layer = FastLoraLinear(16, 12, r=2, init_lora_weights=False)
+    layer.update_layer("dora", r=2, init_lora_weights=False, use_dora=True)
+    layer.set_adapter(["default", "dora"])
+    x = torch.randn(2, 3, 16)
+    y = layer(x, adapter_names=["default", "__base__"])
+    y.sum().backward()
+    for name, p in layer.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, name
+            assert bool(p.grad.any()) == (".default." in name), name
+    layer.set_adapter("default")
+    assert torch.equal(layer(x, adapter_names=["default", "__base__"]), y)
+
+
 def test_config_refusals_like_peft():
     with pytest.raises(ValueError):
         peft.LoraConfig(use_dora=True, lora_bias=True)

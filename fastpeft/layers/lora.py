@@ -779,10 +779,15 @@ class FastLoraLinear(nn.Module):
             stacks = cache.get(skey)
             if stacks is None:
                 stacks = cache[skey] = stack_adapters(As, Bs)
-        return lora_linear_mixed(x, weight, self.base_layer.bias, As, Bs, None, rows=rows, stacks=stacks,
-                                 scales=[self.scaling[n] for n in present],
-                                 dropout_ps=[self._dropout_p(n) for n in present], training=self.training,
-                                 fan_in_fan_out=self.fan_in_fan_out)
+        y = lora_linear_mixed(x, weight, self.base_layer.bias, As, Bs, None, rows=rows, stacks=stacks,
+                              scales=[self.scaling[n] for n in present],
+                              dropout_ps=[self._dropout_p(n) for n in present], training=self.training,
+                              fan_in_fan_out=self.fan_in_fan_out)
+        for n in present:  # DoRA adapters are here only with zero rows (refused by name above): their magnitude
+            # gets its zero gradient too, through an empty slice (adds exactly 0; no NaN from dy can reach it)
+            if n in self.lora_magnitude_vector and torch.is_grad_enabled():
+                y = y + self.lora_magnitude_vector[n].weight[:0].sum().to(y.dtype)
+        return y
 
     def base_weight_for_op(self) -> torch.Tensor:
         """The frozen base weight the fused ops read: this layer's own dense weight (the 4-bit layer
