@@ -41,6 +41,7 @@ import platform
 import shlex
 import sys
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -177,12 +178,24 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 # ------------------------------------------------------------------- measures
+class _Saved:
+    """One tensor as autograd holds it between the counter's pack and unpack hooks (weakly referenced by the
+    counter: it lives exactly as long as the graph node that saved it)."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: Tensor):
+        self.tensor = tensor
+
+
 class SavedTensorCounter:
-    """Bytes autograd saves for backward inside a ``with`` block, each storage once.
+    """Bytes autograd keeps for backward from a ``with`` block, each storage once: what the graphs still
+    alive at the end of the block hold (a graph built and dropped inside it, e.g. peft's DoRA weight norm
+    through ``lora_B(lora_A(eye))``, keeps nothing for backward and is not counted).
 
     Tensors whose storage is one of ``exclude``'s (the parameters) are not
-    counted. Storages are held until the counter is dropped, so a freed one
-    cannot hand its address to a later tensor and be mistaken for it.
+    counted. The count is taken when the block ends, every counted storage
+    alive then (so no freed address can be mistaken for another tensor's).
 
     Example::
 
@@ -193,26 +206,39 @@ class SavedTensorCounter:
 
     def __init__(self, exclude: Iterable[Tensor] = ()):
         self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
-        self._storages: dict[int, torch.UntypedStorage] = {}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._saved: weakref.WeakSet[_Saved] = weakref.WeakSet()
+        self._nbytes: int | None = None
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda saved: saved.tensor)
 
-    def _pack(self, t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in self._excluded:
-            self._storages.setdefault(storage.data_ptr(), storage)
-        return t
+    def _pack(self, t: Tensor) -> _Saved:
+        # t.detach(): the same storage without t's grad_fn. Holding t itself would tie a saved output to its
+        # own graph node (output → grad_fn → _Saved → output), a cycle through C++ no collector frees.
+        saved = _Saved(t.detach())
+        self._saved.add(saved)
+        return saved
+
+    def _count(self) -> int:
+        storages: dict[int, int] = {}
+        for saved in list(self._saved):
+            storage = saved.tensor.untyped_storage()
+            if storage.data_ptr() not in self._excluded:
+                storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
 
     def __enter__(self) -> SavedTensorCounter:
+        self._nbytes = None
         self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
+        self._nbytes = self._count()
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the distinct storages saved for backward so far (each storage counted once)."""
-        return sum(s.nbytes() for s in self._storages.values())
+        """Bytes of the distinct storages saved for backward (each counted once) by graphs still alive: as
+        counted when the block ended (inside the block: those held now)."""
+        return self._count() if self._nbytes is None else self._nbytes
 
 
 def relative_error(ours: Tensor, ref: Tensor) -> float:

@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--target-modules", default="all-linear")
     p.add_argument("--use-dora", action="store_true", help="DoRA adapters (LoraConfig(use_dora=True))")
+    p.add_argument("--lora-dropout", type=float, default=0.0,
+                   help="LoRA dropout (fastpeft train's default: 0.05); with --use-dora, p > 0 keeps D(x) per layer")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--measure", action="store_true", help="also run one training step and report the peak")
@@ -100,10 +102,12 @@ def _peft_on_meta(config, method: str, r: int, targets: str, use_dora: bool = Fa
 
 def estimate(config, method: str = "lora", batch_size: int = 8, seq_len: int = 512, r: int = 16,
              targets: str = "all-linear", dtype: torch.dtype = torch.bfloat16,
-             gradient_checkpointing: bool = False, use_dora: bool = False) -> Estimate:
+             gradient_checkpointing: bool = False, use_dora: bool = False, lora_dropout: float = 0.0) -> Estimate:
     """Component-wise training memory (bytes) of ``config`` under ``method``; see the module docstring.
     ``use_dora``: DoRA adapters (their magnitudes are counted as trainable parameters, and each adapted layer
-    keeps one more (tokens, out) tensor for the magnitude's gradient)."""
+    keeps one more (tokens, out) tensor for the magnitude's gradient; with ``lora_dropout`` > 0 also the dropped
+    input D(x), (tokens, in), and its (tokens, r) projection). ``lora_dropout`` changes nothing else: fastpeft's
+    LoRA keeps no dropout mask."""
     use_dora = use_dora and method != "full"
     model = _peft_on_meta(config, method, r, targets, use_dora)
     d = torch.empty(0, dtype=dtype).element_size()
@@ -136,8 +140,12 @@ def estimate(config, method: str = "lora", batch_size: int = 8, seq_len: int = 5
     per_token = d * (7 * h + 2 * kv + 3 * inter) + 2 * 4 * h
     if method != "full":
         per_token += 4 * r * 7
-    if use_dora:  # fastpeft's DoRA keeps y − b, (tokens, out) in the compute dtype, per adapted layer
-        per_token += d * (3 * h + 2 * kv + 2 * inter)
+    if use_dora:  # per DoRA layer (the targeted ones, summed, per model layer), in the compute dtype:
+        dora = [m for m in model.modules() if "default" in getattr(m, "lora_magnitude_vector", {})]
+        # y − b, (tokens, out), for the magnitude's gradient (with dropout: D(x)·W0ᵀ instead) ...
+        per_token += d * sum(m.out_features for m in dora) // layers
+        if lora_dropout > 0:  # ... and with dropout D(x) (tokens, in) and its own (tokens, r) fp32 D(x)·Aᵀ
+            per_token += sum(d * m.in_features + 4 * r for m in dora) // layers
     if gradient_checkpointing:
         activations = tokens * (layers * d * h + per_token)
     else:
@@ -156,7 +164,7 @@ def _rss_peak() -> int:
 
 def measure(config, method: str = "lora", batch_size: int = 8, seq_len: int = 512, r: int = 16,
             targets: str = "all-linear", dtype: torch.dtype = torch.float32, device: str = "cpu",
-            gradient_checkpointing: bool = False, use_dora: bool = False) -> int:
+            gradient_checkpointing: bool = False, use_dora: bool = False, lora_dropout: float = 0.0) -> int:
     """Peak bytes of one AdamW training step (CUDA: allocator peak; CPU: growth of the peak RSS)."""
     from transformers import AutoModelForCausalLM
 
@@ -174,7 +182,8 @@ def measure(config, method: str = "lora", batch_size: int = 8, seq_len: int = 51
     model = AutoModelForCausalLM.from_config(config).to(device=dev, dtype=dtype)
     if method != "full":
         t = targets if targets == "all-linear" else [s.strip() for s in targets.split(",")]
-        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=t, use_dora=use_dora))
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=t, use_dora=use_dora,
+                                                 lora_dropout=lora_dropout))
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -206,6 +215,8 @@ def main(args: argparse.Namespace) -> int:
     for flag in ("batch_size", "seq_len", "r"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"fastpeft estimate: --{flag.replace('_', '-')} must be ≥ 1, got {getattr(args, flag)}")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        raise SystemExit(f"fastpeft estimate: --lora-dropout must be in [0, 1), got {args.lora_dropout}")
     if args.model is not None and not os.path.exists(args.model):
         raise SystemExit(f"fastpeft estimate: --model {args.model!r} is not a local folder or config.json "
                          "(fastpeft does not download models)")
@@ -217,7 +228,7 @@ def main(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, device)
     try:
         est = estimate(config, args.method, args.batch_size, args.seq_len, args.r, args.target_modules, dtype,
-                       args.gradient_checkpointing, args.use_dora)
+                       args.gradient_checkpointing, args.use_dora, args.lora_dropout)
     except ValueError as exc:  # e.g. --target-modules matching nothing
         raise SystemExit(f"fastpeft estimate: {exc}") from None
     if args.measure:
@@ -225,7 +236,8 @@ def main(args: argparse.Namespace) -> int:
             print("--measure runs LoRA on the unquantized base (the qlora estimate counts NF4 weights)",
                   file=sys.stderr)
         est.measured_peak = measure(config, args.method, args.batch_size, args.seq_len, args.r, args.target_modules,
-                                    dtype, str(device), args.gradient_checkpointing, args.use_dora)
+                                    dtype, str(device), args.gradient_checkpointing, args.use_dora,
+                                    args.lora_dropout)
     if args.json:
         print(json.dumps(asdict(est), indent=2))
         return 0

@@ -190,8 +190,9 @@ _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 @torch.library.custom_op("fastpeft::philox_dropout", mutates_args=())
 def _philox_dropout_op(x: Tensor, seed: Tensor, dropout_p: float) -> Tensor:
-    # The mask is regenerated from (seed, row·in + col) over x's rows (all leading dims flattened): the same
-    # stream the LoRA ops draw from, so with the same seed it drops exactly the elements they drop.
+    # The mask is regenerated from Philox keyed by (seed, column group, row) over x's rows (all leading dims
+    # flattened), as kernels/philox.py keys it: the same stream the LoRA ops draw from, so with the same seed
+    # it drops exactly the elements they drop.
     with torch.autocast(x.device.type, enabled=False):
         return reference.apply_dropout(_flat(x), seed, dropout_p).reshape(x.shape).clone()
 
@@ -217,7 +218,7 @@ _philox_dropout_op.register_autograd(_philox_dropout_backward, setup_context=_ph
 
 def philox_dropout(x: Tensor, dropout_p: float, seed: Tensor) -> Tensor:
     """``m ⊙ x / (1 − p)`` with the keep-mask ``m`` of ``fastpeft.ops.lora_linear``'s dropout under the same
-    ``seed`` (Philox4x32-10 keyed by ``(seed, row·in + col)``; both backends agree bit for bit), as a new
+    ``seed`` (Philox4x32-10 keyed by ``(seed, column group, row)``; both backends agree bit for bit), as a new
     tensor, differentiable in ``x``. Autograd keeps only the seed: backward regenerates the mask. Runs the
     PyTorch Philox on every device (no fused kernel: DoRA's dropout path is its only user). Example::
 

@@ -37,6 +37,19 @@ def test_saved_bytes_count_each_storage_once_and_skip_parameters():
     del y, z, e
 
 
+def test_saved_bytes_skip_graphs_freed_before_backward():
+    """Only what autograd still holds at the end of the block counts: a graph built and dropped inside it (peft's
+    DoRA runs lora_B(lora_A(eye(in))) for its weight norm, then detaches the result) keeps nothing for backward."""
+    x = torch.randn(10, 8, requires_grad=True)
+    w = torch.randn(64, 64, requires_grad=True)
+    with benchmarking.SavedTensorCounter() as saved:
+        transient = (w * 3.0).exp()  # saves its (64, 64) result ...
+        del transient  # ... freed with its graph before any backward
+        y = x.exp()  # saves its result, kept
+    assert saved.nbytes == y.numel() * 4
+    del y
+
+
 def test_frozen_linear_saves_nothing_beyond_its_weight():
     lin = nn.Linear(8, 4).requires_grad_(False)
     x = torch.randn(3, 8, requires_grad=True)

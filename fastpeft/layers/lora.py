@@ -22,10 +22,12 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+import weakref
 from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..ops import draw_seed, lora_linear, philox_dropout, to_autocast_dtype
 from ..ops_mixed import BASE as _BASE_NAME
@@ -43,6 +45,43 @@ from .lora_init import (
 # Rows of W0 upcast (or decoded) to fp32 at once for DoRA's weight norm: bounds that temporary at
 # ~16 MiB instead of peft's full (out, in) fp32 matrix.
 _NORM_CHUNK_ELEMS = 1 << 22
+
+
+class WeightStamp:
+    """What identifies tensors' current values for a cache (DoRA's cached ``‖W0_o‖²``), keeping none of them
+    alive: per tensor the object (weakly: a new tensor on a freed one's ``id`` is another object), its storage
+    (weakly, by ``StorageWeakRef``, which pins the storage's record: a new storage at a freed one's address is
+    another storage), its data pointer and autograd's version counter (bumped by in-place writes, optimizers,
+    ``load_state_dict``); plus plain ``extra`` values (dtype, device, …). A cached stamp ``==`` one taken now:
+    the same tensors, unchanged. (An (id, address, version) key was fooled by a weight replaced twice between
+    forwards: ``.data =`` keeps the version, and the allocator hands the freed address to the next weight.)
+    Raises RuntimeError (inference tensors: no version counter) or NotImplementedError (no storage)."""
+
+    __slots__ = ("_tensors", "_extra")
+
+    def __init__(self, tensors, extra=()):
+        self._tensors = [(weakref.ref(t), StorageWeakRef(t.untyped_storage()), t.data_ptr(), t._version)
+                         for t in tensors]
+        self._extra = tuple(extra)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, WeightStamp) or self._extra != other._extra \
+                or len(self._tensors) != len(other._tensors):
+            return False
+        for (ref, storage, ptr, version), (ref2, storage2, ptr2, version2) in zip(self._tensors, other._tensors):
+            t = ref()
+            if t is None or t is not ref2() or storage.expired() or storage.cdata != storage2.cdata \
+                    or (ptr, version) != (ptr2, version2):
+                return False
+        return True
+
+    __hash__ = None
+
+    def __reduce__(self):
+        # A copied or pickled stamp (a deep-copied or saved layer's cache) matches nothing, so the copy recomputes
+        # its cache; the weak references themselves cannot be copied (a copied StorageWeakRef would release the
+        # storage's weak reference twice) nor pickled.
+        return (WeightStamp, ((),))
 
 
 class DoraMagnitude(nn.Module):
@@ -500,7 +539,9 @@ class FastLoraLinear(nn.Module):
         delta = self.get_delta_weight(name)
         if not self.use_dora.get(name, False):
             return w - delta
-        factor = self.lora_magnitude_vector[name].weight.detach().float() / self._dora_merged_norms[name]
+        # (the norm kept at merge stays where it was computed: the layer may have moved to another device since)
+        norm = self._dora_merged_norms[name].to(w.device)
+        factor = self.lora_magnitude_vector[name].weight.detach().float() / norm
         return w / self._along_out(factor) - delta
 
     def _unmerged_weight(self, w: torch.Tensor) -> torch.Tensor:
@@ -589,14 +630,14 @@ class FastLoraLinear(nn.Module):
         return lin
 
     # ------------------------------------------------------------- DoRA norm
-    def _base_key(self) -> tuple | None:
-        """Identifies the base weight's current values for the ``‖W0_o‖²`` cache: the parameter object, its
-        storage and autograd's version counter (bumped by in-place writes, optimizers, ``load_state_dict``);
-        None where there is no version counter (inference tensors): no caching."""
+    def _base_key(self) -> WeightStamp | None:
+        """Identifies the base weight's current values for the ``‖W0_o‖²`` cache (``WeightStamp``: the
+        parameter, its storage, data pointer and version counter, dtype, device, shape); None where there is no
+        version counter (inference tensors) or no storage: no caching."""
         w = self.base_layer.weight
         try:
-            return (id(w), w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
-        except RuntimeError:
+            return WeightStamp([w], (w.dtype, w.device, tuple(w.shape)))
+        except (RuntimeError, NotImplementedError):
             return None
 
     def _base_row_reader(self):
@@ -823,10 +864,15 @@ class FastLoraLinear(nn.Module):
             stacks = cache.get(skey)
             if stacks is None:
                 stacks = cache[skey] = stack_adapters(As, Bs)
-        return lora_linear_mixed(x, weight, self.base_layer.bias, As, Bs, None, rows=rows, stacks=stacks,
-                                 scales=[self.scaling[n] for n in present],
-                                 dropout_ps=[self._dropout_p(n) for n in present], training=self.training,
-                                 fan_in_fan_out=self.fan_in_fan_out)
+        y = lora_linear_mixed(x, weight, self.base_layer.bias, As, Bs, None, rows=rows, stacks=stacks,
+                              scales=[self.scaling[n] for n in present],
+                              dropout_ps=[self._dropout_p(n) for n in present], training=self.training,
+                              fan_in_fan_out=self.fan_in_fan_out)
+        for n in present:  # DoRA adapters are here only with zero rows (refused by name above): their magnitude
+            # gets its zero gradient too, through an empty slice (adds exactly 0; no NaN from dy can reach it)
+            if n in self.lora_magnitude_vector and torch.is_grad_enabled():
+                y = y + self.lora_magnitude_vector[n].weight[:0].sum().to(y.dtype)
+        return y
 
     def _mixed_batch_unfused(self, x: torch.Tensor, *args, names: list[str], **kwargs) -> torch.Tensor:
         """A mixed-adapter batch on a base with its own forward: the base on every row, then each adapter on

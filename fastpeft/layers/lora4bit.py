@@ -27,7 +27,7 @@ from ..quant import (
     quantize_linear,
     real_absmax,
 )
-from .lora import FastLoraLinear
+from .lora import FastLoraLinear, WeightStamp
 
 # Relative errors of re-quantizations collected by requantization_summary() (a stack: nested blocks).
 _REQUANT_ERRORS: list[list[float]] = []
@@ -213,16 +213,17 @@ class FastLoraLinear4bit(FastLoraLinear):
         self.reset_dora_cache()
 
     # ------------------------------------------------------------- DoRA norm
-    def _base_key(self) -> tuple | None:
-        """The 4-bit weight's identity for the ``‖W0_o‖²`` cache: the parameter (object, storage, version)
-        and its quantization statistics (the quant_state object and its absmax)."""
+    def _base_key(self) -> WeightStamp | None:
+        """The 4-bit weight's identity for the ``‖W0_o‖²`` cache (``WeightStamp``): the packed parameter and its
+        quantization statistics (absmax or int4 scales, int4 zero points), the quant_state object, the dtype it
+        decodes to and the device."""
         w = self.base_layer.weight
         qs = getattr(w, "quant_state", None)
         try:
-            absmax = getattr(qs, "absmax", None)
-            stats = () if absmax is None else (id(absmax), absmax.data_ptr(), absmax._version)
-            return (id(w), w.data_ptr(), w._version, id(qs), *stats, w.device)
-        except RuntimeError:
+            stats = [t for t in (getattr(qs, "absmax", None), getattr(qs, "zeros", None))
+                     if isinstance(t, torch.Tensor)]
+            return WeightStamp([w, *stats], (id(qs), getattr(qs, "dtype", None), w.device))
+        except (RuntimeError, NotImplementedError):
             return None
 
     def _base_row_reader(self):
