@@ -42,7 +42,7 @@ from .auto import (
 )
 from .config import LoraConfig, TaskType
 from .convert import from_peft, to_peft
-from .layers import FastLoraLinear, FastLoraLinear4bit
+from .layers import FastLoraEmbedding, FastLoraLinear, FastLoraLinear4bit
 from .model import LoraModel, ModulesToSaveWrapper, PeftModel, get_peft_model
 from .ops import backend_for, lora_linear
 from .ops4bit import lora_linear_4bit
@@ -71,6 +71,7 @@ __all__ = [
     "AutoPeftModelForSeq2SeqLM",
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
+    "FastLoraEmbedding",
     "FastLoraLinear",
     "FastLoraLinear4bit",
     "Linear4bit",
