@@ -325,3 +325,21 @@ def test_dora_and_bad_input_on_embeddings_are_refused():
         layer(torch.tensor([[1, 2]]), adapter_names=["default", "default"])
     with pytest.raises(ValueError, match="unknown adapter"):
         layer(torch.tensor([[1, 2]]), adapter_names=["nope"])
+
+
+def test_bf16_base_keeps_fp32_adapters_and_rounds_like_peft():
+    kw = dict(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["embed_tokens"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = fastpeft.get_peft_model(_llama().to(torch.bfloat16), fastpeft.LoraConfig(**kw)).eval()
+        theirs = peft.get_peft_model(_llama().to(torch.bfloat16), peft.LoraConfig(**kw)).eval()
+    _copy(ours, theirs)
+    ea, eb = _emb(ours), _emb(theirs)
+    assert ea.lora_embedding_A["default"].dtype == eb.lora_embedding_A["default"].dtype == torch.float32
+    ids = torch.randint(0, V, (3, 5), generator=torch.Generator().manual_seed(4))
+    names = ["default", "__base__", "default"]
+    with torch.no_grad():
+        assert ea(ids).dtype == torch.bfloat16
+        assert torch.equal(ea(ids), eb(ids))
+        assert torch.equal(ea(ids, adapter_names=names), eb(ids, adapter_names=names))
+        assert not torch.equal(ea(ids), ea.base_layer(ids))

@@ -359,11 +359,13 @@ class FastLoraEmbedding(nn.Module):
         if not present:
             return y
         embed_scale = self._embed_scale()
+        out = y
         for name in present:
             rows = torch.tensor([i for i, n in enumerate(names) if n == name], dtype=torch.long, device=x.device)
             delta = self._adapter_output(x.index_select(0, rows), name, embed_scale)
-            y = y.index_add(0, rows, delta.to(y.dtype))
-        return y
+            # each row's sum in the wider dtype, rounded once to the base's (the rows are disjoint)
+            out = out.to(torch.promote_types(out.dtype, delta.dtype)).index_add(0, rows, delta)
+        return out.to(y.dtype)
 
     def extra_repr(self) -> str:
         """Each adapter's rank, alpha and scaling (and rsLoRA), as peft's repr lists them."""
