@@ -343,3 +343,23 @@ def test_bf16_base_keeps_fp32_adapters_and_rounds_like_peft():
         assert torch.equal(ea(ids), eb(ids))
         assert torch.equal(ea(ids, adapter_names=names), eb(ids, adapter_names=names))
         assert not torch.equal(ea(ids), ea.base_layer(ids))
+
+
+@pytest.mark.parametrize("how", ["merge_adapter", "merge_and_unload"])
+def test_merging_both_sides_of_a_tied_pair(how):
+    """LoRA on embed_tokens and on the lm_head tied to it: each merges into a weight of its own."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(1)
+        model = fastpeft.get_peft_model(_llama(tie=True), fastpeft.LoraConfig(
+            r=4, target_modules=["embed_tokens", "lm_head"], init_lora_weights=False))
+    base = model.get_base_model()
+    assert base.lm_head.base_layer.weight is base.model.embed_tokens.base_layer.weight
+    ids = torch.randint(0, V, (2, 6))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = _logits(model, ids)
+        merged = getattr(model, how)()
+        out = _logits(model if how == "merge_adapter" else merged, ids)
+    assert_rel(out, expected, 1e-5, how)
+    assert base.config.tie_word_embeddings is False
