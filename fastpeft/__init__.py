@@ -42,7 +42,7 @@ from .auto import (
 )
 from .config import LoftQConfig, LoraConfig, TaskType
 from .convert import from_peft, to_peft
-from .layers import FastLoraLinear, FastLoraLinear4bit
+from .layers import FastLoraEmbedding, FastLoraLinear, FastLoraLinear4bit
 from .loftq import replace_lora_weights_loftq
 from .model import LoraModel, ModulesToSaveWrapper, PeftModel, get_peft_model
 from .ops import backend_for, lora_linear
@@ -72,6 +72,7 @@ __all__ = [
     "AutoPeftModelForSeq2SeqLM",
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
+    "FastLoraEmbedding",
     "FastLoraLinear",
     "FastLoraLinear4bit",
     "Linear4bit",

@@ -80,7 +80,8 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     """Swap every peft LoRA ``Linear`` (nn.Linear, Conv1D and bitsandbytes Linear4bit bases) for fastpeft's, in place.
 
     Parameters are adopted, not copied; adapter names, ranks, scalings, dropout, merged state and the
-    active adapter are kept. Embedding/conv LoRA layers stay peft's (with a warning). Returns ``peft_model``.
+    active adapter are kept. Embedding/conv LoRA layers stay peft's (with a warning: an embedding lookup has
+    no fused kernel to gain, and peft's layer keeps working inside the peft model). Returns ``peft_model``.
     """
     from peft.tuners.lora import LoraLayer
 
@@ -97,8 +98,8 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         setattr(parent, child, _adopt(module, name))
         converted += 1
     if skipped:
-        warnings.warn(f"from_peft kept peft's layers for {skipped}: fastpeft fuses Linear/Conv1D/Linear4bit only",
-                      stacklevel=2)
+        warnings.warn(f"from_peft kept peft's layers for {skipped}: fastpeft fuses Linear/Conv1D/Linear4bit only "
+                      "(peft's embedding layer has nothing to fuse and stays as it is)", stacklevel=2)
     if converted == 0:
         raise ValueError("from_peft found no peft LoRA Linear layer to convert")
     return peft_model
@@ -169,7 +170,8 @@ def _fastpeft_to_peft(model: PeftModel) -> nn.Module:
     from .save import adapter_state_dict
 
     configs = {n: copy.deepcopy(c) for n, c in model.peft_config.items()}
-    states = {n: adapter_state_dict(model, n) for n in configs}
+    # (the base embedding weights stay where they are: the same model goes under peft's wrapper)
+    states = {n: adapter_state_dict(model, n, save_embedding_layers=False) for n in configs}
     active = model.active_adapters
     # modules_to_save: the base keeps its original module (the trained copies travel in the state dicts);
     # unload() alone would put the active copy in its place, and peft would then wrap that as the original

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_TARGET_MODULES, LoraConfig
+from .layers.embedding import FastLoraEmbedding, refuse_embedding_dora
 from .layers.lora import FastLoraLinear, _is_conv1d
 from .layers.lora_init import mutates_base
 from .merging import combine, warn_no_pruning
@@ -188,7 +189,25 @@ def _is_linear4bit(module: nn.Module) -> bool:
 
 
 def _is_lora_layer(module: nn.Module) -> bool:
-    return isinstance(module, FastLoraLinear) or hasattr(module, "lora_A") and hasattr(module, "base_layer")
+    return isinstance(module, (FastLoraLinear, FastLoraEmbedding)) \
+        or hasattr(module, "lora_A") and hasattr(module, "base_layer")
+
+
+_LORA_LAYERS = (FastLoraLinear, FastLoraEmbedding)
+
+
+def adapters_of(layer: nn.Module) -> nn.Module:
+    """The per-adapter container whose keys are the adapters a fastpeft LoRA layer holds: ``lora_A`` of a linear
+    layer, ``lora_embedding_A`` of an embedding layer."""
+    return layer.lora_embedding_A if isinstance(layer, FastLoraEmbedding) else layer.lora_A
+
+
+def adapter_factors(layer: nn.Module, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of one adapter of a fastpeft LoRA layer, laid out (r, in) and (out, r) (for an embedding: in =
+    num_embeddings, out = embedding_dim): the parameters themselves."""
+    if isinstance(layer, FastLoraEmbedding):
+        return layer.adapter_factors(adapter_name)
+    return layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
 
 
 def _pattern_key(pattern_keys: Iterable[str], key: str) -> str | None:
@@ -267,7 +286,8 @@ def _resolve_targets(model: nn.Module, config: LoraConfig) -> list[str] | str:
     return targets
 
 
-_LORA_INTERNALS = ("base_layer", "lora_A", "lora_B", "lora_magnitude_vector", "original_module", "modules_to_save")
+_LORA_INTERNALS = ("base_layer", "lora_A", "lora_B", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B",
+                   "original_module", "modules_to_save")
 
 
 def _is_inside_lora(model: nn.Module, name: str) -> bool:
@@ -339,9 +359,9 @@ class LoraModel(nn.Module):
         return [a] if isinstance(a, str) else list(a)
 
     # ----------------------------------------------------------------- injection
-    def lora_layers(self) -> Iterator[tuple[str, FastLoraLinear]]:
-        """(name, layer) for every fastpeft LoRA layer in the model."""
-        return named_modules_of(self.model, FastLoraLinear)
+    def lora_layers(self) -> Iterator[tuple[str, FastLoraLinear | FastLoraEmbedding]]:
+        """(name, layer) for every fastpeft LoRA layer in the model (linear, 4-bit and embedding layers)."""
+        return named_modules_of(self.model, _LORA_LAYERS)
 
     def modules_to_save_wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
         """(name, wrapper) for every ``modules_to_save`` wrapper in the model."""
@@ -383,13 +403,13 @@ class LoraModel(nn.Module):
 
         matched: list[str] = []
         names = [n for n, _ in model.named_modules() if n]
-        for key in names:
-            if _is_inside_lora(model, key):
-                continue
-            if _excluded(config, key) or _in_modules_to_save(modules_to_save, key):
-                continue
-            if not _targeted(config, targets, key):
-                continue
+        keys = [key for key in names if not _is_inside_lora(model, key) and not _excluded(config, key)
+                and not _in_modules_to_save(modules_to_save, key) and _targeted(config, targets, key)]
+        if config.use_dora:  # refused before anything is wrapped
+            for key in keys:
+                if isinstance(model.get_submodule(key), (nn.Embedding, FastLoraEmbedding)):
+                    refuse_embedding_dora(repr(key))
+        for key in keys:
             module = model.get_submodule(key)
             r_key = _pattern_key(config.rank_pattern, key)
             a_key = _pattern_key(config.alpha_pattern, key)
@@ -398,8 +418,12 @@ class LoraModel(nn.Module):
                       lora_dropout=config.lora_dropout, init_lora_weights=config.init_lora_weights,
                       use_rslora=config.use_rslora, use_dora=bool(config.use_dora),
                       loftq_config=config.loftq_config or None)
-            if isinstance(module, FastLoraLinear):
+            if isinstance(module, _LORA_LAYERS):
                 module.update_layer(adapter_name, **kw)
+            elif isinstance(module, nn.Embedding):
+                new = FastLoraEmbedding.from_embedding(module, adapter_name=adapter_name, **kw)
+                parent, child = parent_of(model, key)
+                setattr(parent, child, new)
             elif _is_linear4bit(module):
                 new = _wrap_4bit(module, adapter_name, kw)
                 parent, child = parent_of(model, key)
@@ -415,7 +439,8 @@ class LoraModel(nn.Module):
                 setattr(parent, child, new)
             else:
                 raise ValueError(f"Target module {key!r} ({type(module).__name__}) is not supported by fastpeft: "
-                                 "it adapts torch.nn.Linear, transformers' Conv1D and bitsandbytes' Linear4bit")
+                                 "it adapts torch.nn.Linear, transformers' Conv1D, bitsandbytes' Linear4bit and "
+                                 "torch.nn.Embedding")
             matched.append(key)
             if key not in self._injected:
                 self._injected.append(key)
@@ -434,6 +459,13 @@ class LoraModel(nn.Module):
         if any(isinstance(m, FastLoraLinear) and _is_conv1d(m.base_layer) for m in adapted):
             config.fan_in_fan_out = True
         tied = [k for k, m in zip(matched, adapted) if _shares_input_embeddings(model, m)]
+        tied_inputs = [k for k, m in zip(matched, adapted)
+                       if isinstance(m, FastLoraEmbedding) and _output_embeddings_share(model, m)]
+        if tied_inputs:
+            warnings.warn(f"{tied_inputs} share their weight with the output embeddings (tie_word_embeddings=True); "
+                          "the adapter on them changes the input side only, and merging it gives them their own "
+                          "weight first (the head keeps its own; the config then says tie_word_embeddings=False)",
+                          stacklevel=3)
         if tied:
             warnings.warn(f"{tied} share their weight with the input embeddings (tie_word_embeddings=True); the "
                           "adapter on them is their own, and merging it gives them their own weight first (the "
@@ -465,7 +497,7 @@ class LoraModel(nn.Module):
                         param.requires_grad_(True)
             else:  # lora_only
                 for _, layer in self.lora_layers():
-                    if layer.base_layer.bias is not None:
+                    if getattr(layer.base_layer, "bias", None) is not None:
                         layer.base_layer.bias.requires_grad_(True)
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
@@ -502,7 +534,7 @@ class LoraModel(nn.Module):
                 warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.",
                               stacklevel=2)
                 layer.unmerge()
-            layer.set_adapter([n for n in names if n in layer.lora_A], inference_mode=inference_mode)
+            layer.set_adapter([n for n in names if n in adapters_of(layer)], inference_mode=inference_mode)
         for _, wrapper in self.modules_to_save_wrappers():
             wrapper.set_adapter([n for n in names if n in wrapper.modules_to_save][:1], train=not inference_mode)
         if inference_mode:
@@ -530,7 +562,7 @@ class LoraModel(nn.Module):
             raise ValueError(f"Adapter {adapter_name} does not exist; this model has {list(self.peft_config)}")
         del self.peft_config[adapter_name]
         for _, layer in self.lora_layers():
-            if adapter_name in layer.lora_A:
+            if adapter_name in adapters_of(layer):
                 layer.delete_adapter(adapter_name)
         for _, wrapper in self.modules_to_save_wrappers():
             if adapter_name in wrapper.modules_to_save:
@@ -612,9 +644,9 @@ class LoraModel(nn.Module):
         try:
             with torch.no_grad():
                 for key, layer in self.lora_layers():
-                    if adapter_name not in layer.lora_A:
+                    if adapter_name not in adapters_of(layer):
                         continue
-                    present = [(a, w) for a, w in zip(adapters, weights) if a in layer.lora_A]
+                    present = [(a, w) for a, w in zip(adapters, weights) if a in adapters_of(layer)]
                     if not present:  # e.g. a union of target_modules under adapters[0]'s layers_to_transform
                         raise ValueError(f"the new adapter's config (adapter {adapters[0]!r}'s with target_modules "
                                          f"{target_modules!r}) adapts {key!r}, but none of {list(adapters)} does")
@@ -625,7 +657,7 @@ class LoraModel(nn.Module):
                                                  majority_sign_method, svd_clamp, svd_full_matrices, svd_driver)
                     else:
                         A, B = self._merged_factors(key, layer, present, rule, density, majority_sign_method)
-                    new_A, new_B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+                    new_A, new_B = adapter_factors(layer, adapter_name)
                     new_A.zero_()
                     new_B.zero_()
                     new_A[: A.shape[0]].copy_(A)  # a smaller rank than new_rank is padded with zeros
@@ -691,8 +723,8 @@ class LoraModel(nn.Module):
     @staticmethod
     def _cat_factors(layer: FastLoraLinear, present: list[tuple[str, float]]) -> tuple[torch.Tensor, torch.Tensor]:
         """The adapters side by side: A's stacked (each times its weight and scale), B's concatenated."""
-        A = torch.cat([layer.lora_A[a].weight.float() * (w * layer.scaling[a]) for a, w in present], dim=0)
-        B = torch.cat([layer.lora_B[a].weight.float() for a, _ in present], dim=1)
+        A = torch.cat([adapter_factors(layer, a)[0].float() * (w * layer.scaling[a]) for a, w in present], dim=0)
+        B = torch.cat([adapter_factors(layer, a)[1].float() for a, _ in present], dim=1)
         return A, B
 
     @staticmethod
@@ -702,7 +734,7 @@ class LoraModel(nn.Module):
         # get_delta_weight: scale·B·A in the base weight's layout (the layout the pruning masks are drawn in)
         delta = combine([layer.get_delta_weight(a) for a, _ in present], [w for _, w in present], rule,
                         density, majority_sign_method)
-        if layer.fan_in_fan_out:
+        if layer.fan_in_fan_out or isinstance(layer, FastLoraEmbedding):  # back to B·A's (out, in) layout
             delta = delta.t()
         if new_rank > min(delta.shape):
             raise ValueError(f"svd rank {new_rank} is larger than the {tuple(delta.shape)} update of {key!r} "
@@ -719,15 +751,15 @@ class LoraModel(nn.Module):
     def _merged_factors(key, layer, present, rule, density, majority_sign_method) -> tuple[torch.Tensor, torch.Tensor]:
         """The A's and the B's each merged by ``rule``, the weight times scale split as a square root over
         the two (its sign on A)."""
-        shapes = {a: tuple(layer.lora_A[a].weight.shape) for a, _ in present}
+        shapes = {a: tuple(adapter_factors(layer, a)[0].shape) for a, _ in present}
         if len(set(shapes.values())) > 1:
             raise ValueError(f"combination rule {rule!r} needs the same rank in every adapter, but {key!r} has "
                              f"ranks {({a: s[0] for a, s in shapes.items()})}")
         scaled = [w * layer.scaling[a] for a, w in present]
         root = [math.sqrt(abs(x)) for x in scaled]
-        A = combine([layer.lora_A[a].weight for a, _ in present], [r if x >= 0 else -r for r, x in zip(root, scaled)],
-                    rule, density, majority_sign_method)
-        B = combine([layer.lora_B[a].weight for a, _ in present], root, rule, density, majority_sign_method)
+        A = combine([adapter_factors(layer, a)[0] for a, _ in present],
+                    [r if x >= 0 else -r for r, x in zip(root, scaled)], rule, density, majority_sign_method)
+        B = combine([adapter_factors(layer, a)[1] for a, _ in present], root, rule, density, majority_sign_method)
         return A, B
 
     def _discard_adapter(self, adapter_name: str) -> None:
@@ -735,10 +767,10 @@ class LoraModel(nn.Module):
         alone adapted gives its base layer back."""
         self.peft_config.pop(adapter_name, None)
         for key, layer in list(self.lora_layers()):
-            if adapter_name not in layer.lora_A:
+            if adapter_name not in adapters_of(layer):
                 continue
             layer.delete_adapter(adapter_name)
-            if not len(layer.lora_A):
+            if not len(adapters_of(layer)):
                 unload_base = getattr(layer, "unload_base", None)
                 parent, child = parent_of(self.model, key)
                 setattr(parent, child, unload_base() if callable(unload_base) else layer.base_layer)
@@ -750,7 +782,7 @@ class LoraModel(nn.Module):
         """Merge the given adapters (default: the active ones) into the base weights, layer by layer (peft's method)."""
         with _requantization_summary():
             for key, layer in self.lora_layers():
-                names = [n for n in (adapter_names or layer.active_adapters) if n in layer.lora_A]
+                names = [n for n in (adapter_names or layer.active_adapters) if n in adapters_of(layer)]
                 self._untie_before_merge(key, layer, names)
                 layer.merge(safe_merge=safe_merge, adapter_names=names)
 
@@ -759,14 +791,22 @@ class LoraModel(nn.Module):
         writes into that weight and would change the embeddings too. The layer gets its own copy first and the
         model's config stops tying them, so the merged model computes what the adapter model did (peft merges
         into the shared weight, embeddings included, with a warning)."""
-        if not names or not _shares_input_embeddings(self.model, layer):
+        if not names:
+            return
+        if isinstance(layer, FastLoraEmbedding):  # the input side of a tied pair: the head must stay as it was
+            if not _output_embeddings_share(self.model, layer):
+                return
+            message = (f"{key} shared its weight with the output embeddings (a tied head); it has its own copy now, "
+                       "so merging the adapter leaves the head as it was (config.tie_word_embeddings is now False)")
+        elif _shares_input_embeddings(self.model, layer):
+            message = (f"{key} shared its weight with the input embeddings; it has its own copy now, so merging the "
+                       "adapter leaves the embeddings as they were (config.tie_word_embeddings is now False)")
+        else:
             return
         base = layer.base_layer
         base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
         _untie_config_if_untied(self.model)
-        warnings.warn(f"{key} shared its weight with the input embeddings; it has its own copy now, so merging the "
-                      "adapter leaves the embeddings as they were (config.tie_word_embeddings is now False)",
-                      stacklevel=3)
+        warnings.warn(message, stacklevel=3)
 
     def unmerge_adapter(self) -> None:
         """Undo every merge: the base weights are restored and the adapters run unmerged again."""
@@ -793,7 +833,7 @@ class LoraModel(nn.Module):
         with _requantization_summary():
             for key, layer in it:
                 if merge:
-                    names = [n for n in (adapter_names or layer.active_adapters) if n in layer.lora_A]
+                    names = [n for n in (adapter_names or layer.active_adapters) if n in adapters_of(layer)]
                     self._untie_before_merge(key, layer, names)
                     layer.merge(safe_merge=safe_merge, adapter_names=names)  # even when disabled, as peft
                 base = layer.base_layer
@@ -812,7 +852,10 @@ class LoraModel(nn.Module):
 
 
 def _shares_input_embeddings(model: nn.Module, layer: nn.Module) -> bool:
-    """Whether ``layer``'s base weight is the very parameter of ``model``'s input embeddings (a tied head)."""
+    """Whether ``layer``'s base weight is the very parameter of ``model``'s input embeddings (a tied head; never
+    the input embeddings' own LoRA layer)."""
+    if isinstance(layer, FastLoraEmbedding):
+        return False
     get = getattr(model, "get_input_embeddings", None)
     try:
         embeddings = get() if callable(get) else None
@@ -821,6 +864,18 @@ def _shares_input_embeddings(model: nn.Module, layer: nn.Module) -> bool:
     shared = getattr(embeddings, "weight", None)
     base = getattr(layer, "base_layer", layer)
     return shared is not None and getattr(base, "weight", None) is shared
+
+
+def _output_embeddings_share(model: nn.Module, layer: nn.Module) -> bool:
+    """Whether ``model``'s output embeddings (its head, LoRA-wrapped or not) hold the very parameter that is
+    ``layer``'s base weight (an input embedding under ``tie_word_embeddings``)."""
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        head = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return False
+    weight = getattr(getattr(head, "base_layer", head), "weight", None)
+    return weight is not None and weight is getattr(getattr(layer, "base_layer", layer), "weight", None)
 
 
 def _untie_config_if_untied(model: nn.Module) -> None:
@@ -885,8 +940,8 @@ def mixed_adapter_batch(model: nn.Module, adapter_names: list[str] | None, expan
     if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)) \
             or not all(isinstance(n, str) for n in adapter_names):
         raise TypeError(f"adapter_names must be a list of adapter names (str), got {adapter_names!r}")
-    layers = [m for m in model.modules() if isinstance(m, FastLoraLinear)]
-    existing = sorted({n for layer in layers for n in layer.lora_A})
+    layers = [m for m in model.modules() if isinstance(m, _LORA_LAYERS)]
+    existing = sorted({n for layer in layers for n in adapters_of(layer)})
     unknown = sorted({n for n in adapter_names if n != "__base__"} - set(existing))
     if unknown:
         raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}; this model has "
@@ -937,7 +992,7 @@ def _install_adapter_names(model: nn.Module, names: list[str], lora_only: bool =
     """Hand ``names`` to every LoRA layer (and modules_to_save wrapper) of ``model``: each layer called
     without ``adapter_names`` uses them until the returned handle is removed. A plain attribute rather
     than a forward hook, so that ``torch.compile`` traces the call whole (``fullgraph=True``)."""
-    kinds = (FastLoraLinear,) if lora_only else (FastLoraLinear, ModulesToSaveWrapper)
+    kinds = _LORA_LAYERS if lora_only else (*_LORA_LAYERS, ModulesToSaveWrapper)
     saved = []
     for m in model.modules():
         if isinstance(m, kinds):
@@ -1160,6 +1215,9 @@ class PeftModel(nn.Module):
         initial folder's ``adapter_config.json`` is rewritten with ``init_lora_weights`` True. Not with
         rsLoRA plus rank/alpha patterns (peft refuses too) nor DoRA (the magnitude depends on the base).
 
+        ``save_embedding_layers`` (peft's keyword, default ``"auto"``): with ``embed_tokens``/``lm_head`` in
+        ``target_modules`` the LoRA-wrapped embeddings' base weights are written too, as peft writes them.
+
         The ``"default"`` adapter goes to ``save_directory``, others to ``save_directory/<name>`` (peft's
         layout). Only the adapter weights (and ``modules_to_save``, and biases per ``bias``) are written, with
         peft's model card (``README.md``: ``library_name: peft``, the base model) in ``save_directory``.
@@ -1184,7 +1242,8 @@ class PeftModel(nn.Module):
                 continue
             # Every rank gathers (FSDP2-sharded weights need all ranks, as in peft); only the main one writes.
             save_adapter(self, name, out, safe_serialization=safe_serialization, write=is_main_process,
-                         state_dict=kwargs.get("state_dict"))
+                         state_dict=kwargs.get("state_dict"),
+                         save_embedding_layers=kwargs.get("save_embedding_layers", "auto"))
         if is_main_process:
             os.makedirs(save_directory, exist_ok=True)
             write_model_card(self, save_directory)

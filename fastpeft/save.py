@@ -1,16 +1,21 @@
 """Adapters on disk in peft's exact format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 Saved keys are peft's: ``base_model.model.<path>.lora_A.weight`` (the adapter name dropped; DoRA's
-magnitude as ``base_model.model.<path>.lora_magnitude_vector``, without ``.weight``, as peft writes it),
+magnitude as ``base_model.model.<path>.lora_magnitude_vector``, without ``.weight``, as peft writes it;
+an embedding layer's ``base_model.model.<path>.lora_embedding_A`` / ``lora_embedding_B``, plain parameters),
 ``base_model.model.<path>.<param>`` for a ``modules_to_save`` module, and the biases
-``bias="all"|"lora_only"`` asks for. Loading never unpickles unless the caller opts in,
-and then only with ``weights_only=True``.
+``bias="all"|"lora_only"`` asks for. As peft (``save_embedding_layers="auto"``), an adapter whose
+``target_modules`` name ``embed_tokens`` or ``lm_head`` also carries the base weights of the LoRA-wrapped input and
+output embeddings (``<path>.base_layer.weight``), with peft's warning; ``save_embedding_layers=False`` leaves them out.
+(peft's other "auto" case, a vocabulary resized against the Hub config, is not checked.) Loading never unpickles
+unless the caller opts in, and then only with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,6 +31,8 @@ SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 _LORA_KEY = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)\.([^.]+)\.weight$")
 _MAGNITUDE = "lora_magnitude_vector"
+_EMBEDDING_KEY = re.compile(r"\.(lora_embedding_A|lora_embedding_B)\.([^.]+)$")
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # peft's names for save_embedding_layers="auto"
 
 
 def _wrappers(peft_model: PeftModel) -> dict[str, object]:
@@ -34,13 +41,47 @@ def _wrappers(peft_model: PeftModel) -> dict[str, object]:
     return {name: m for name, m in peft_model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
 
 
+def _embedding_is_targeted(peft_model: PeftModel, config: Any) -> bool:
+    """peft's test for ``save_embedding_layers="auto"``: ``target_modules`` names one of ``EMBEDDING_LAYER_NAMES``
+    (a list), or (a regex other than "all-linear") matches a module of the model ending in one."""
+    targets = getattr(config, "target_modules", None)
+    if isinstance(targets, str):
+        if targets.lower() == "all-linear":
+            return False
+        model = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+        return any(re.fullmatch(targets, k) for k, _ in model.named_modules()
+                   if any(re.match(rf"(.*\.)?{e}$", k) for e in EMBEDDING_LAYER_NAMES))
+    return bool(targets) and any(e in targets for e in EMBEDDING_LAYER_NAMES)
+
+
+def _embedding_base_prefixes(peft_model: PeftModel) -> list[str]:
+    """Name prefixes of the base layers of the LoRA-wrapped input and output embeddings."""
+    from torch import nn
+
+    prefixes = []
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            layer = getattr(peft_model, get)()
+        except (AttributeError, NotImplementedError):
+            continue
+        base = getattr(layer, "base_layer", None)
+        if isinstance(base, (nn.Linear, nn.Embedding)):
+            name = next((n for n, m in peft_model.named_modules() if m is base), None)
+            if name:
+                prefixes.append(f"{name}.")
+    return prefixes
+
+
 def adapter_state_dict(peft_model: PeftModel, adapter_name: str = "default",
-                       state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                       state_dict: dict[str, torch.Tensor] | None = None,
+                       save_embedding_layers: bool | str = "auto") -> dict[str, torch.Tensor]:
     """The tensors ``save_pretrained`` writes for one adapter, under peft's saved key names.
 
     ``state_dict``: the model's full state dict as gathered by the caller (transformers' Trainer passes it
     under DeepSpeed ZeRO-3 / FSDP, where the module's own parameters are partitioned), instead of
-    ``peft_model.state_dict()``."""
+    ``peft_model.state_dict()``. ``save_embedding_layers`` (peft's argument): ``"auto"`` adds the LoRA-wrapped
+    embeddings' base weights when ``target_modules`` names ``embed_tokens``/``lm_head`` (see the module
+    docstring), ``True`` always, ``False`` never."""
     if adapter_name not in peft_model.peft_config:
         raise ValueError(f"unknown adapter {adapter_name!r}; this model has {list(peft_model.peft_config)}")
     config = peft_model.peft_config[adapter_name]
@@ -48,6 +89,11 @@ def adapter_state_dict(peft_model: PeftModel, adapter_name: str = "default",
     wrappers = _wrappers(peft_model)
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
+        m = _EMBEDDING_KEY.search(key)
+        if m:
+            if m.group(2) == adapter_name:
+                out[key[: m.start()] + f".{m.group(1)}"] = value
+            continue
         m = _LORA_KEY.search(key)
         if m:
             if m.group(2) == adapter_name:
@@ -68,6 +114,14 @@ def adapter_state_dict(peft_model: PeftModel, adapter_name: str = "default",
                 layer = peft_model.get_submodule(key[: -len(".base_layer.bias")])
                 if adapter_name in getattr(layer, "lora_A", {}):
                     out[key] = value
+    if save_embedding_layers == "auto":
+        save_embedding_layers = _embedding_is_targeted(peft_model, config)
+        if save_embedding_layers:
+            warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.",
+                          stacklevel=3)
+    if save_embedding_layers:
+        for prefix in _embedding_base_prefixes(peft_model):
+            out.update({k: v for k, v in state.items() if k.startswith(prefix)})
     # FSDP2 (fully_shard) holds parameters as sharded DTensors: gather each kept one into a full tensor.
     # full_tensor() is collective, so every rank must call this (save_pretrained does, whatever its
     # is_main_process); the keys come in state-dict order, the same on every rank.
@@ -76,13 +130,14 @@ def adapter_state_dict(peft_model: PeftModel, adapter_name: str = "default",
 
 def save_adapter(peft_model: PeftModel, adapter_name: str, save_directory: str | os.PathLike,
                  safe_serialization: bool = True, write: bool = True,
-                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
+                 state_dict: dict[str, torch.Tensor] | None = None,
+                 save_embedding_layers: bool | str = "auto") -> None:
     """Write one adapter's config and weights into ``save_directory``.
 
     With ``write=False`` only the collective part runs (gathering FSDP2-sharded weights), for the
     ranks that take part in a distributed save without writing.
     """
-    state = adapter_state_dict(peft_model, adapter_name, state_dict)
+    state = adapter_state_dict(peft_model, adapter_name, state_dict, save_embedding_layers)
     if not write:
         return
     write_adapter_files(save_directory, state, peft_model.peft_config[adapter_name], safe_serialization)
@@ -216,6 +271,8 @@ def load_adapter_state(peft_model: PeftModel, saved: dict[str, torch.Tensor], ad
     for key, value in saved.items():
         if key.endswith((".lora_A.weight", ".lora_B.weight")):
             target = key[: -len(".weight")] + f".{adapter_name}.weight"
+        elif key.endswith((".lora_embedding_A", ".lora_embedding_B")):
+            target = f"{key}.{adapter_name}"
         elif key.endswith(f".{_MAGNITUDE}"):
             target = f"{key}.{adapter_name}.weight"
         else:
@@ -231,6 +288,7 @@ def load_adapter_state(peft_model: PeftModel, saved: dict[str, torch.Tensor], ad
                 target = key
         mapped[target] = (key, value)
     expected = [k for k in state if _LORA_KEY.search(k) and _LORA_KEY.search(k).group(2) == adapter_name]
+    expected += [k for k in state if _EMBEDDING_KEY.search(k) and _EMBEDDING_KEY.search(k).group(2) == adapter_name]
     expected += [k for k in state if any(k.startswith(f"{w}.modules_to_save.{adapter_name}.") for w in wrappers)]
     missing = [k for k in expected if k not in mapped]
     if missing:
@@ -245,9 +303,10 @@ def load_adapter_state(peft_model: PeftModel, saved: dict[str, torch.Tensor], ad
             dest = state[target]
             if dest.shape != value.shape:
                 hint = ""
-                if ".lora_A." in target or ".lora_B." in target:
-                    saved_r = value.shape[0] if ".lora_A." in target else value.shape[-1]
-                    model_r = dest.shape[0] if ".lora_A." in target else dest.shape[-1]
+                if any(f".{p}." in target for p in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")):
+                    first = ".lora_A." in target or ".lora_embedding_A." in target
+                    saved_r = value.shape[0] if first else value.shape[-1]
+                    model_r = dest.shape[0] if first else dest.shape[-1]
                     hint = f" (rank mismatch: the file has r={saved_r}, the model's config r={model_r})"
                 raise ValueError(f"shape mismatch for {saved_key!r}: file has {tuple(value.shape)}, model expects "
                                  f"{tuple(dest.shape)}{hint}")
@@ -255,12 +314,14 @@ def load_adapter_state(peft_model: PeftModel, saved: dict[str, torch.Tensor], ad
 
 
 def get_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None,
-                              adapter_name: str = "default") -> dict[str, torch.Tensor]:
+                              adapter_name: str = "default",
+                              save_embedding_layers: bool | str = "auto") -> dict[str, torch.Tensor]:
     """peft's function of the same name: the tensors ``save_pretrained`` writes for ``adapter_name``, under
-    peft's saved key names (LoRA: read from ``state_dict`` when given, else from the model)."""
+    peft's saved key names (LoRA: read from ``state_dict`` when given, else from the model; embedding base
+    weights per ``save_embedding_layers``, as peft)."""
     if hasattr(model, "adapter_state_dict"):  # the other methods' models
         return model.adapter_state_dict(adapter_name)
-    return adapter_state_dict(model, adapter_name, state_dict)
+    return adapter_state_dict(model, adapter_name, state_dict, save_embedding_layers)
 
 
 def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, torch.Tensor],

@@ -68,9 +68,18 @@ def _grads(per_adapter: dict[str, list]) -> dict[str, Union[bool, Irregular]]:
 
 
 def _layer_status(name: str, module: nn.Module) -> TunerLayerStatus | None:
+    from .layers.embedding import FastLoraEmbedding
     from .layers.lora import FastLoraLinear
     from .model import ModulesToSaveWrapper
 
+    if isinstance(module, FastLoraEmbedding):
+        per_adapter = {n: list(module.adapter_factors(n)) for n in module.lora_embedding_A}
+        return TunerLayerStatus(name=name, module_type=f"fastpeft.{type(module).__name__}",
+                                enabled=not module.disable_adapters, active_adapters=list(module.active_adapters),
+                                merged_adapters=list(module.merged_adapters),
+                                requires_grad=_grads(per_adapter),
+                                available_adapters=sorted(module.lora_embedding_A),
+                                devices={n: sorted({p.device.type for p in ps}) for n, ps in per_adapter.items()})
     if isinstance(module, FastLoraLinear):
         per_adapter = {n: [*module.lora_A[n].parameters(), *module.lora_B[n].parameters(),
                            *(module.lora_magnitude_vector[n].parameters() if n in module.lora_magnitude_vector else ())]

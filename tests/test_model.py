@@ -617,8 +617,8 @@ def test_bad_configs():
         fastpeft.LoraConfig.from_dict({"peft_type": "IA3"})
     with pytest.raises(ValueError, match=r"not found in the base model.*q_proj"):
         fastpeft.get_peft_model(_llama(), fastpeft.LoraConfig(target_modules=["nonexistent"]))
-    with pytest.raises(ValueError, match="not supported"):
-        fastpeft.get_peft_model(_llama(), fastpeft.LoraConfig(target_modules=["embed_tokens"]))
+    with pytest.raises(ValueError, match=r"'model.norm' \(LlamaRMSNorm\) is not supported"):
+        fastpeft.get_peft_model(_llama(), fastpeft.LoraConfig(target_modules=["norm"]))
 
 
 def test_bad_adapter_files(tmp_path):
