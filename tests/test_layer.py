@@ -189,7 +189,7 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="wraps nn.Linear or transformers' Conv1D, got Conv2d"):
         FastLoraLinear.from_linear(nn.Conv2d(3, 3, 1))
     with pytest.raises(ValueError, match="init_lora_weights"):
-        FastLoraLinear(8, 8, init_lora_weights="olora")
+        FastLoraLinear(8, 8, init_lora_weights="corda")
     layer = FastLoraLinear(8, 8)
     with pytest.raises(ValueError, match=r"expected input of shape \(\.\.\., 8\)"):
         layer(torch.randn(2, 7))
