@@ -16,6 +16,7 @@ launch (``OutOfResources``). Registers and spills come from ``cuobjdump --dump-r
 Run without TRITON_INTERPRET. Prints one line per compiled specialization and a summary table.
 """
 
+# ruff: noqa: B023  (each lambda runs at once inside _each, in its own loop iteration)
 from __future__ import annotations
 
 import argparse
@@ -26,6 +27,8 @@ import sys
 import time
 import traceback
 
+# Compile this checkout's kernels (not those of an installed fastpeft): the repository root goes first.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ["FASTPEFT_AUTOTUNE"] = "0"
 
@@ -87,7 +90,8 @@ def _run_no_launch(self, *args, grid, warmup, **kwargs):
                    fits=md.shared <= H200_SMEM, scratch=getattr(md, "global_scratch_size", 0))
         RECORDS.append(rec)
         print(f"{'ok  ' if rec['fits'] else 'SMEM'} {rec['kernel']:<24} smem={md.shared:>6} w={md.num_warps} "
-              f"s={md.num_stages} regs={regs} stack={spill} scratch={rec['scratch']} {rec['secs']:.1f}s [{_CURRENT['tag']}]", flush=True)
+              f"s={md.num_stages} regs={regs} stack={spill} scratch={rec['scratch']} {rec['secs']:.1f}s "
+              f"[{_CURRENT['tag']}]", flush=True)
     return kernel
 
 
@@ -115,13 +119,14 @@ def _resources(kernel):
 
 
 # The launchers, imported after the driver stand-in is active and with the interpreter off.
-import fastpeft.kernels.lora_linear as LL  # noqa: E402
+import fastpeft.kernels.dequant4bit as DQ  # noqa: E402
 import fastpeft.kernels.lora_gemm_tma as TM  # noqa: E402
 import fastpeft.kernels.lora_gemv4bit as GV  # noqa: E402
-import fastpeft.kernels.dequant4bit as DQ  # noqa: E402
+import fastpeft.kernels.lora_linear as LL  # noqa: E402
 import fastpeft.kernels.lora_mixed as MX  # noqa: E402
 from fastpeft.kernels.configs import down_configs, gemm_configs, reduce_configs  # noqa: E402
 
+print(f"kernels from {os.path.dirname(LL.__file__)}, triton {triton.__version__}, target {TARGET}", flush=True)
 LL._num_sms = lambda device: H200_SMS  # the persistent grid's NUM_SMS as on the H200
 MX._num_sms = LL._num_sms
 
@@ -149,7 +154,7 @@ def _each(label, fn, cfgs, full):
             traceback.print_exc(limit=3)
 
 
-def core(full, dtypes, ranks, shapes):
+def core(full, dtypes, ranks, shapes, adapter_dtype=FP32):
     seed = torch.tensor([1234], dtype=torch.int64)
     for (M, K, N) in shapes:
         for dt in dtypes:
@@ -158,11 +163,11 @@ def core(full, dtypes, ranks, shapes):
             bias = _t(N, dtype=dt)
             dy = _t(M, N, dtype=dt)
             for r in ranks:
-                A = _t(r, K)
-                B = _t(N, r)
+                A = _t(r, K, dtype=adapter_dtype)  # fp32 by default; bf16 after model.to(torch.bfloat16)
+                B = _t(N, r, dtype=adapter_dtype)
                 xa = _t(M, r)
                 dS = _t(M, r)
-                lab = f"{DT[dt]} M{M} K{K} N{N} r{r}"
+                lab = f"{DT[dt]} M{M} K{K} N{N} r{r}" + ("" if adapter_dtype == FP32 else f" A/B {DT[adapter_dtype]}")
                 # forward: xa = D(x) Aᵀ (p = 0 and p > 0), y = x W0ᵀ + b + xa (sB)ᵀ
                 for drop in (False, True):
                     _each(f"down {lab} drop={drop}",
@@ -210,10 +215,14 @@ def _tma_ok(x, w, out):
     return TM._aligned(x, 1) and TM._aligned(out, 1) and (TM._aligned(w, 1) or TM._aligned(w, 0))
 
 
-def quant4(full, dtypes):
-    # 4-bit GEMV: NF4 plain/nested, int4; N = 1, 2(→2), 4, 16 rows; aligned and odd in_features.
+QUANT_SHAPES = ((4096, 4096, 64), (300, 4096, 128), (96, 200, 64))
+CORE_SHAPES = ((257, 4096, 4096), (77, 45, 131))
+
+
+def quant4(full, dtypes, shapes=QUANT_SHAPES, kinds=("nf4", "nf4-nested", "int4")):
+    # 4-bit GEMV: NF4 plain/nested, int4; N = 1, 4, 16 rows; aligned and odd in_features.
     code = torch.linspace(-1, 1, 16)
-    for (out_f, in_f, bs) in ((4096, 4096, 64), (300, 4096, 128), (96, 200, 64)):
+    for (out_f, in_f, bs) in shapes:
         numel = out_f * in_f
         packed = torch.zeros((numel + 1) // 2, dtype=torch.uint8)
         absmax = torch.rand(triton.cdiv(numel, bs))
@@ -228,14 +237,17 @@ def quant4(full, dtypes):
                 bias = _t(out_f, dtype=dt)
                 lab = f"{DT[dt]} {out_f}x{in_f} bs{bs} N{n}"
                 cfgs = GV.gemv4bit_configs(False)
-                _each(f"gemv nf4 {lab}", lambda c: GV.lora_gemv_4bit(x, packed, absmax, code, bs, out_f, in_f,
+                if "nf4" in kinds:
+                    _each(f"gemv nf4 {lab}", lambda c: GV.lora_gemv_4bit(x, packed, absmax, code, bs, out_f, in_f,
                                                                      bias=bias, xa=xa, lora_B=B, scale=2.0, config=c),
                       cfgs, full)
-                _each(f"gemv nf4-nested {lab}",
+                if "nf4-nested" in kinds:
+                    _each(f"gemv nf4-nested {lab}",
                       lambda c: GV.lora_gemv_4bit(x, packed, a8, code, bs, out_f, in_f, nested_code=ncode,
-                                                  nested_absmax=nabs, nested_offset=torch.tensor([0.01]), config=c),
+                                                  nested_absmax=nabs, nested_offset=torch.tensor([0.01]), bias=bias,
+                                                  xa=xa, lora_B=B, scale=2.0, config=c),
                       cfgs, full)
-                if in_f % 2 == 0:
+                if in_f % 2 == 0 and "int4" in kinds:
                     g = 128
                     pk = torch.zeros(out_f, in_f // 2, dtype=torch.uint8)
                     sc = torch.rand(out_f, triton.cdiv(in_f, g), dtype=FP16)
@@ -279,10 +291,12 @@ def mixed(full, dtypes):
                       lambda c: MX.mixed_reduce(_t(M, R), x, perm, seg, scale, n, thr=thr, seed=seed, dropout=drop,
                                                 config=c),
                       reduce_configs(False), full)
-            _each(f"mixed up y {lab}", lambda c: MX.mixed_up_(torch.empty(M, N, dtype=dt), _t(M, R), B.transpose(1, 2),
-                                                              idx, perm, scale, config=c), MX.up_configs(False), full)
-            _each(f"mixed reduce dB {lab}", lambda c: MX.mixed_reduce(_t(M, R), dy, perm, seg, scale, n,
-                                                                      transpose_out=True, config=c),
+            _each(f"mixed up y {lab}",
+                  lambda c: MX.mixed_up_(torch.empty(M, N, dtype=dt), _t(M, R), B.transpose(1, 2), idx, perm, scale,
+                                         config=c),
+                  MX.up_configs(False), full)
+            _each(f"mixed reduce dB {lab}",
+                  lambda c: MX.mixed_reduce(_t(M, R), dy, perm, seg, scale, n, transpose_out=True, config=c),
                   reduce_configs(False), full)
 
 
@@ -292,13 +306,20 @@ def main():
     ap.add_argument("--only", nargs="*", default=["core", "quant4", "mixed"])
     ap.add_argument("--dtypes", nargs="*", default=["bf16", "fp16", "fp32"])
     ap.add_argument("--ranks", nargs="*", type=int, default=[1, 8, 64, 256])
+    ap.add_argument("--core-shapes", nargs="*", default=None, help="MxKxN of the core passes (default: "
+                    + " ".join("x".join(map(str, s)) for s in CORE_SHAPES) + ")")
+    ap.add_argument("--quant-shapes", nargs="*", default=None, help="OUTxINxBLOCKSIZE of the 4-bit kernels")
+    ap.add_argument("--adapters", default="fp32", choices=["fp32", "bf16", "fp16"], help="lora_A/lora_B dtype")
+    ap.add_argument("--quant-kinds", nargs="*", default=["nf4", "nf4-nested", "int4"])
     args = ap.parse_args()
     dtypes = [{"bf16": BF16, "fp16": FP16, "fp32": FP32}[d] for d in args.dtypes]
     t0 = time.time()
     if "core" in args.only:
-        core(args.all, dtypes, args.ranks, [(257, 4096, 4096), (77, 45, 131)])
+        shapes = [tuple(map(int, s.split("x"))) for s in args.core_shapes] if args.core_shapes else CORE_SHAPES
+        core(args.all, dtypes, args.ranks, shapes, {"bf16": BF16, "fp16": FP16, "fp32": FP32}[args.adapters])
     if "quant4" in args.only:
-        quant4(args.all, dtypes)
+        qs = [tuple(map(int, s.split("x"))) for s in args.quant_shapes] if args.quant_shapes else QUANT_SHAPES
+        quant4(args.all, dtypes, qs, tuple(args.quant_kinds))
     if "mixed" in args.only:
         mixed(args.all, dtypes)
     ok = [r for r in RECORDS if r["ok"]]
