@@ -68,6 +68,7 @@ class _FakeDriver:
 _driver.set_active(_FakeDriver())
 
 RECORDS: list[dict] = []
+RAISE_OVER_SMEM = False  # --untuned: a kernel over the limit raises OutOfResources, as its first launch would
 _CURRENT = {"tag": ""}
 _orig_run = JITFunction.run
 
@@ -82,6 +83,10 @@ def _run_no_launch(self, *args, grid, warmup, **kwargs):
                             err=f"{type(err).__name__}: {str(err)[:2000]}", secs=time.time() - t0))
         print(f"FAIL {self.fn.__name__} [{_CURRENT['tag']}]: {type(err).__name__}: {str(err)[:600]}", flush=True)
         return None
+    if RAISE_OVER_SMEM and len(self.device_caches[0][0]) == before and kernel is not None \
+            and kernel.metadata.shared > H200_SMEM:  # a cached kernel over the limit fails at every launch
+        from triton.runtime.errors import OutOfResources
+        raise OutOfResources(kernel.metadata.shared, H200_SMEM, "shared memory")
     if len(self.device_caches[0][0]) > before:  # newly compiled (not a cache hit)
         md = kernel.metadata
         regs, spill = _resources(kernel)
@@ -89,6 +94,10 @@ def _run_no_launch(self, *args, grid, warmup, **kwargs):
                    stages=md.num_stages, regs=regs, spill=spill, secs=time.time() - t0,
                    fits=md.shared <= H200_SMEM, scratch=getattr(md, "global_scratch_size", 0))
         RECORDS.append(rec)
+        if RAISE_OVER_SMEM and not rec["fits"]:
+            print(f"  (launch would raise OutOfResources: {md.shared} B > {H200_SMEM} B)", flush=True)
+            from triton.runtime.errors import OutOfResources
+            raise OutOfResources(md.shared, H200_SMEM, "shared memory")
         print(f"{'ok  ' if rec['fits'] else 'SMEM'} {rec['kernel']:<24} smem={md.shared:>6} w={md.num_warps} "
               f"s={md.num_stages} regs={regs} stack={spill} scratch={rec['scratch']} {rec['secs']:.1f}s "
               f"[{_CURRENT['tag']}]", flush=True)
@@ -300,10 +309,38 @@ def mixed(full, dtypes):
                   reduce_configs(False), full)
 
 
+def untuned(dtypes, ranks):
+    """The launch path of the gpu tests (FASTPEFT_AUTOTUNE=0, no forced config): each op's first config that
+    fits, a config over the shared-memory limit raising OutOfResources as on the device (the launcher then
+    takes the next). The TMA GEMM is taken where the device's dispatch would take it (aligned 16-bit
+    operands, more than 32 rows). A launch that still fails is a finding."""
+    global RAISE_OVER_SMEM
+    RAISE_OVER_SMEM = True
+    LL.tma_supported = lambda x, w, out: x.dtype == w.dtype and x.element_size() in (2, 4) and _tma_ok(x, w, out)
+    LL.interpreting = lambda: False
+    seed = torch.tensor([5], dtype=torch.int64)
+    for (M, fin, fout) in ((16, 4096, 4096), (1000, 4096, 4096), (77, 45, 123)):
+        for dt in dtypes:
+            for r in ranks:
+                for p in (0.0, 0.1):
+                    x, W, b = _t(M, fin, dtype=dt), _t(fout, fin, dtype=dt), _t(fout, dtype=dt)
+                    A, B, dy = _t(r, fin), _t(fout, r), _t(M, fout, dtype=dt)
+                    thr = round(p * 65536)
+                    _CURRENT["tag"] = f"untuned lora_linear {DT[dt]} M{M} {fin}->{fout} r{r} p{p}"
+                    try:
+                        y, xa = LL.lora_linear_forward(x, W, b, A, B, seed, 2.0, p, False, thr)
+                        LL.lora_linear_backward(dy, x, W, A, B, xa, seed, 2.0, p, False, thr, need_dbias=True)
+                    except Exception as err:
+                        RECORDS.append(dict(kernel="(launch)", tag=_CURRENT["tag"], ok=False,
+                                            err=f"{type(err).__name__}: {err}", secs=0.0))
+                        print(f"FAIL launch [{_CURRENT['tag']}]: {type(err).__name__}: {str(err)[:300]}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--all", action="store_true", help="every autotune config (default: the first of each list)")
-    ap.add_argument("--only", nargs="*", default=["core", "quant4", "mixed"])
+    ap.add_argument("--only", nargs="*", default=["core", "quant4", "mixed"],
+                    help="core, quant4, mixed, and/or untuned (the FASTPEFT_AUTOTUNE=0 launch path of lora_linear)")
     ap.add_argument("--dtypes", nargs="*", default=["bf16", "fp16", "fp32"])
     ap.add_argument("--ranks", nargs="*", type=int, default=[1, 8, 64, 256])
     ap.add_argument("--core-shapes", nargs="*", default=None, help="MxKxN of the core passes (default: "
@@ -322,6 +359,8 @@ def main():
         quant4(args.all, dtypes, qs, tuple(args.quant_kinds))
     if "mixed" in args.only:
         mixed(args.all, dtypes)
+    if "untuned" in args.only:
+        untuned(dtypes, args.ranks)
     ok = [r for r in RECORDS if r["ok"]]
     bad = [r for r in RECORDS if not r["ok"]]
     print("\n== summary ==")
