@@ -10,11 +10,30 @@
 #   QUANT_PRESETS="decode-tiny qlora-tiny e2e-tiny mixed-tiny" ...  # 4-bit, e2e, mixed at CPU sizes ("" skips)
 # bitsandbytes is not on the device: run bench/prepare_device.sh here first and carry .whl
 # (run(command="bash bench/gpu_run.sh", carry=[".whl"], timeout_s=600)).
+# The whole script keeps inside BUDGET_S seconds (default 560, for a 600 s call): each step gets at most
+# what is left (less a margin for the summary at the end), and a step with under 30 s left is skipped, so
+# the script always reaches its summary and exit codes instead of being killed mid-benchmark.
+# PYTHON (default python3: on the device image "python3" is the interpreter that holds PyTorch; a bare
+# "python"/"pip"/"pytest" may not be on PATH there) runs every Python step, pip and pytest as modules.
 set -u
 cd "$(dirname "$0")/.." || exit 1
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1  # a step stopped at its time limit still leaves its output in the logs
+t_start=$(date +%s)
+budget=${BUDGET_S:-560}
+left() { echo $((budget - 20 - ($(date +%s) - t_start))); }  # 20 s kept for the summary
+# limit SECONDS: the smaller of SECONDS and what is left; 0 when under 30 s is left (skip the step).
+limit() { local l; l=$(left); [ "$l" -lt 30 ] && { echo 0; return; }; [ "$1" -lt "$l" ] && echo "$1" || echo "$l"; }
+# bounded SECONDS CMD...: CMD under `timeout` for at most limit SECONDS; skipped (status 124) when no time is
+# left — never `timeout 0`, which would mean no limit at all.
+bounded() {
+  local t; t=$(limit "$1"); shift
+  if [ "$t" = 0 ]; then echo "skipped (out of time): $*"; return 124; fi
+  timeout -k 10 "$t" "$@"
+}
 out="${OUT:-bench/results}"
 mkdir -p "$out" bench/results
-device=$(python -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")' \
+device=$($PY -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")' \
          | tr 'A-Z' 'a-z' | tr -cs 'a-z0-9' '-' | sed 's/-*$//')
 name="bench/results/${device}-$(date -u +%Y%m%dT%H%M%SZ)"
 bench_args=${BENCH_ARGS:---preset layer}
@@ -23,7 +42,7 @@ stamp() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$out/timeline.txt"; }
 
 # No internet on the GPU box: no build isolation, no dependency resolution.
 stamp install
-pip install --no-deps --no-build-isolation -e . >"$out/pip.log" 2>&1; rc_pip=$?
+timeout 120 $PY -m pip install --no-deps --no-build-isolation --no-index -e . >"$out/pip.log" 2>&1; rc_pip=$?
 if [ "$rc_pip" != 0 ]; then
   # Used from the checkout instead (fastpeft maps kernels/ to fastpeft.kernels itself then).
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -32,23 +51,43 @@ fi
 if [ -d .whl/site ]; then  # bitsandbytes unpacked by bench/prepare_device.sh
   export PYTHONPATH="$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-python -c 'import bitsandbytes as b; print("bitsandbytes", b.__version__)' >>"$out/pip.log" 2>&1
+$PY -c 'import bitsandbytes as b; print("bitsandbytes", b.__version__)' >>"$out/pip.log" 2>&1
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1
-python -c 'import torch, triton; print(torch.__version__, triton.__version__)' >>"$out/pip.log" 2>&1
+$PY -c 'import torch, triton; print(torch.__version__, triton.__version__)' >>"$out/pip.log" 2>&1
 
 stamp gpu-tests
 # Correctness only: one config per launch (FASTPEFT_AUTOTUNE=0), not a compile of every autotune
 # config for every shape; the tests that force each config in turn still do so, and the benchmarks
 # below autotune (their compiled kernels land in the same on-disk Triton cache).
-# Bounded (TESTS_TIMEOUT seconds, default 240) so that a slow compile storm leaves the benchmarks time.
-FASTPEFT_AUTOTUNE=0 timeout "${TESTS_TIMEOUT:-240}" pytest -m gpu tests -q -p no:cacheprovider -rs \
-  --junitxml="$out/junit-gpu.xml" 2>&1 | tee "$out/pytest-gpu.log"
+# Bounded (TESTS_TIMEOUT seconds, default 300) so that a slow compile storm leaves the benchmarks time.
+# Estimate (pre-GPU review, from bench/aot_compile.py): the kernel files need ~100 distinct compiles
+# (TMA every-config 16, forced GEMV configs 27, mixed 26, dequant 12, the rest ~20) at ~1–4 s each on
+# that machine, plus ~15 s of imports: ~200–250 s, so 240 s left the model-level tests nothing.
+# The kernel tests first, so a run stopped at the limit has them; then the model-level ones (Inductor,
+# torchrun DDP, autocast, checkpointing, DoRA: they compile the most), in the rest of TESTS_TIMEOUT.
+# (pytest sorts files under a directory argument, so the order needs two runs.)
+kernel_tests="tests/test_kernels.py tests/test_gemv4bit.py tests/test_quant.py tests/test_mixed.py"
+tests_budget=${TESTS_TIMEOUT:-300}
+t_tests=$(date +%s)
+# shellcheck disable=SC2086  # kernel_tests is a list of words
+FASTPEFT_AUTOTUNE=0 bounded "$tests_budget" $PY -m pytest -m gpu $kernel_tests -q -p no:cacheprovider -rs \
+  --durations=15 --junitxml="$out/junit-gpu-kernels.xml" 2>&1 | tee "$out/pytest-gpu.log"
 rc_tests=${PIPESTATUS[0]}
+rest=$((tests_budget - ($(date +%s) - t_tests)))
+if [ "$rest" -ge 30 ]; then
+  # shellcheck disable=SC2046  # one --ignore per kernel test file
+  FASTPEFT_AUTOTUNE=0 bounded "$rest" $PY -m pytest -m gpu tests $(printf -- '--ignore=%s ' $kernel_tests) -q \
+    -p no:cacheprovider -rs --durations=15 --junitxml="$out/junit-gpu-model.xml" 2>&1 | tee -a "$out/pytest-gpu.log"
+  rc_tests=$((rc_tests || PIPESTATUS[0]))
+else
+  stamp "model-level gpu tests skipped: ${rest}s left of TESTS_TIMEOUT=$tests_budget"
+  rc_tests=1
+fi
 
 # The canonical cells (TARGETS.md), with the autotuner's choices in the log.
 stamp bench
 # shellcheck disable=SC2086  # bench_args is a list of words
-TRITON_PRINT_AUTOTUNING=1 python -m fastpeft bench $bench_args --out "$name.json" --plot "$name.png" 2>&1 | tee "$out/bench.log"
+TRITON_PRINT_AUTOTUNING=1 bounded 600 $PY -m fastpeft bench $bench_args --out "$name.json" --plot "$name.png" 2>&1 | tee "$out/bench.log"
 rc_bench=${PIPESTATUS[0]}
 copy_out
 
@@ -63,7 +102,7 @@ for preset in ${QUANT_PRESETS-decode qlora mixed e2e dora}; do
   extra=""
   case $preset in e2e*) extra="--dropout 0.05 0.1" ;; esac  # TARGETS.md §5: both sides at both dropouts
   # shellcheck disable=SC2086
-  TRITON_PRINT_AUTOTUNING=1 python -m fastpeft bench --preset "$preset" $extra --out "$name-$preset.json" \
+  TRITON_PRINT_AUTOTUNING=1 bounded 600 $PY -m fastpeft bench --preset "$preset" $extra --out "$name-$preset.json" \
       --plot "$name-$preset.png" 2>&1 \
     | tee "$out/bench-$preset.log"
   rc_quant=$((rc_quant || PIPESTATUS[0]))
@@ -77,7 +116,7 @@ if [ "${SKIP_VARIANTS:-0}" != 1 ]; then
     stamp "variant $variant"
     tag=$(echo "$variant" | tr 'A-Z=' 'a-z-')
     # shellcheck disable=SC2086
-    env "$variant" TRITON_PRINT_AUTOTUNING=1 python -m fastpeft bench $bench_args --providers frozen cublas fastpeft \
+    bounded 600 env "$variant" TRITON_PRINT_AUTOTUNING=1 $PY -m fastpeft bench $bench_args --providers frozen cublas fastpeft \
         --dropout 0.1 --no-check --out "$name-$tag.json" 2>&1 | tee "$out/bench-$tag.log"
     rc_var=$((rc_var || PIPESTATUS[0]))
     copy_out
@@ -87,14 +126,14 @@ fi
 rc_pybench=0
 if [ "${SKIP_PYTEST_BENCH:-0}" != 1 ]; then
   stamp pytest-benchmark
-  pytest bench -q -p no:cacheprovider --benchmark-json="$name-pytest-benchmark.json" 2>&1 | tee "$out/pytest-bench.log"
+  bounded 600 $PY -m pytest bench -q -p no:cacheprovider --benchmark-json="$name-pytest-benchmark.json" 2>&1 | tee "$out/pytest-bench.log"
   rc_pybench=${PIPESTATUS[0]}
   copy_out
 fi
 
 stamp done
 # TARGETS.md's ratios, PASS/MISS, from every result file of this run (informational: no exit code).
-python -m fastpeft targets "$name"*.json >"$out/targets.txt" 2>&1; cat "$out/targets.txt"
+timeout 15 $PY -m fastpeft targets "$name"*.json >"$out/targets.txt" 2>&1; cat "$out/targets.txt"
 grep -h -B3 "best config" "$out"/bench*.log >"$out/autotune-picks.txt" 2>/dev/null  # function, key, pick
 echo "pip=$rc_pip gpu_tests=$rc_tests bench=$rc_bench quant=$rc_quant variants=$rc_var pytest_bench=$rc_pybench" \
   | tee "$out/exit-codes.txt"

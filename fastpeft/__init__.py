@@ -14,11 +14,18 @@ def _kernels_from_source_tree() -> None:
     import os
     import sys
 
-    if "fastpeft.kernels" in sys.modules or importlib.util.find_spec("fastpeft.kernels") is not None:
+    if "fastpeft.kernels" in sys.modules:
         return
     folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
     init = os.path.join(folder, "__init__.py")
-    if not os.path.isfile(init):
+    # This checkout's own kernels (beside this package, with lora_linear.py: not Hugging Face's ``kernels``).
+    ours = os.path.isfile(init) and os.path.isfile(os.path.join(folder, "lora_linear.py"))
+    found = importlib.util.find_spec("fastpeft.kernels")
+    # An editable install of *another* checkout maps fastpeft.kernels to that checkout's folder: with this
+    # package taken from PYTHONPATH (a git worktree, say), its kernels must come from the same tree.
+    if found is not None and not (ours and found.origin and os.path.realpath(found.origin) != os.path.realpath(init)):
+        return
+    if not ours:
         return
     spec = importlib.util.spec_from_file_location("fastpeft.kernels", init, submodule_search_locations=[folder])
     module = importlib.util.module_from_spec(spec)

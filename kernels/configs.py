@@ -59,8 +59,29 @@ def down_configs(interpret: bool | None = None) -> list[triton.Config]:
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_stages=s, num_warps=w)
         for bm, bk, s, w in [(64, 128, 3, 4), (128, 64, 3, 4), (128, 128, 3, 8), (64, 64, 4, 4),
-                             (32, 128, 4, 4), (16, 256, 4, 4), (256, 64, 3, 8)]
+                             (32, 128, 4, 4), (16, 256, 4, 4), (256, 64, 3, 8), DOWN_WIDE_RANK]
     ]
+
+
+# (BLOCK_M, BLOCK_K, stages, warps) of the down pass's small-footprint config, kept only for BLOCK_R ≥ 128
+# (r > 64). Compiled for sm90 (triton 3.6, bench/aot_compile.py), the other configs need 216–458 KB of shared
+# memory there: the (BLOCK_K, BLOCK_R) fp32 tile of A dominates. Few tokens (M ≤ 32: only 32×128 and 16×256
+# remain after keep_for_rows) with fp32 activations, or bf16 ones with dropout, had no config under the
+# H200's 227 KB, so every launch raised OutOfResources. BLOCK_M = 32 sits in both row regimes.
+DOWN_WIDE_RANK = (32, 64, 2, 4)
+
+
+def _is_down_wide_rank(cfg: triton.Config) -> bool:
+    return (cfg.kwargs.get("BLOCK_M"), cfg.kwargs.get("BLOCK_K"), cfg.num_stages, cfg.num_warps) == DOWN_WIDE_RANK
+
+
+def keep_for_down(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Autotune prune of the down pass: ``keep_for_rows``, plus the small-footprint config when the
+    rank block is wide (BLOCK_R ≥ 128), where it may be the only one that fits in shared memory."""
+    block_r = named_args.get("BLOCK_R", kwargs.get("BLOCK_R", 0))
+    if block_r < 128:
+        configs = [c for c in configs if not _is_down_wide_rank(c)] or configs
+    return keep_for_rows(configs, named_args, **kwargs)
 
 
 def reduce_configs(interpret: bool | None = None) -> list[triton.Config]:

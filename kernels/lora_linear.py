@@ -52,6 +52,7 @@ from .configs import (
     down_configs,
     gemm_configs,
     interpreting,
+    keep_for_down,
     keep_for_rows,
     reduce_configs,
 )
@@ -249,7 +250,8 @@ _gemm_tuned = triton.autotune(configs=gemm_configs(), key=["M_KEY", "N", "K", "R
                               prune_configs_by=_PRUNE)(_lora_gemm_kernel)
 _gemm_tma_tuned = triton.autotune(configs=tma_configs(), key=["M_KEY", "N", "K", "R", "MASK_LORA", "W_KN"])(
     _lora_gemm_tma_kernel)
-_down_tuned = triton.autotune(configs=down_configs(), key=["M_KEY", "K", "R"], prune_configs_by=_PRUNE)(
+_down_tuned = triton.autotune(configs=down_configs(), key=["M_KEY", "K", "R"],
+                              prune_configs_by={"early_config_prune": keep_for_down})(
     _lora_down_kernel)
 _reduce_tuned = triton.autotune(configs=reduce_configs(), key=["M_KEY", "K", "R"])(_lora_reduce_kernel)
 # dx is updated in place: tuning runs must start from the same dx each time.

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import down_configs, interpreting, keep_for_rows, reduce_configs
+from .configs import down_configs, interpreting, keep_for_down, keep_for_rows, reduce_configs
 from .lora_linear import (
     LAUNCHES,
     _block_r,
@@ -213,7 +213,8 @@ def up_configs(interpret: bool | None = None) -> list[triton.Config]:
 
 
 _PRUNE = {"early_config_prune": keep_for_rows}
-_down_tuned = triton.autotune(configs=down_configs(), key=["M_KEY", "K", "R", "DROPOUT"], prune_configs_by=_PRUNE)(
+_down_tuned = triton.autotune(configs=down_configs(), key=["M_KEY", "K", "R", "DROPOUT"],
+                              prune_configs_by={"early_config_prune": keep_for_down})(
     _mixed_down_kernel)
 # out is updated in place: tuning runs must start from the same out each time.
 _up_tuned = triton.autotune(configs=up_configs(), key=["M_KEY", "N", "R", "DROPOUT"], prune_configs_by=_PRUNE,
