@@ -19,10 +19,8 @@ not match it).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +28,7 @@ from torch import nn
 
 from ..ops_mixed import BASE as _BASE_NAME
 from .lora_init import init_kind
+from .switches import AdapterSwitches
 
 # init_lora_weights: any value the linear layers take (fastpeft.layers.lora_init); a config that asks PiSSA or
 # OLoRA for its linear targets also reaches embedding targets, which peft then initializes as for True. LoftQ,
@@ -43,7 +42,7 @@ def refuse_embedding_dora(where: str) -> None:
                      "for it (a separate adapter without use_dora)")
 
 
-class FastLoraEmbedding(nn.Module):
+class FastLoraEmbedding(AdapterSwitches, nn.Module):
     """LoRA on a frozen embedding layer: ``base(x) + scale · embedding(x, Aᵀ) Bᵀ`` (peft's ``lora.Embedding``).
 
     Args mirror peft's ``LoraConfig``: ``r`` (rank, ≥ 1), ``lora_alpha``, ``lora_dropout`` (kept, not
@@ -171,37 +170,15 @@ class FastLoraEmbedding(nn.Module):
         """The base embedding's ``padding_idx``."""
         return self.base_layer.padding_idx
 
-    @property
-    def active_adapters(self) -> list[str]:
-        """The names of the active adapters, in activation order (peft's property)."""
-        return list(self._active_adapters)
+    def _adapter_names(self) -> list[str]:
+        return list(self.lora_embedding_A.keys())
 
-    @property
-    def active_adapter(self) -> str | list[str]:
-        """The active adapter's name, or the list of names when several are active (peft's property)."""
-        return self._active_adapters[0] if len(self._active_adapters) == 1 else list(self._active_adapters)
+    def _adapter_parameters(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.adapter_factors(name)
 
     def adapter_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (r, num_embeddings), B (embedding_dim, r)) of ``adapter_name``: the parameters themselves."""
         return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
-
-    def set_adapter(self, adapter_names: str | Iterable[str], inference_mode: bool = False) -> None:
-        """Activate one adapter or several (summed); only active adapters train, as in peft. Names this layer
-        does not hold stay in the list and are ignored by the forward (peft's behaviour)."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for name in self.lora_embedding_A:
-            train = name in names and not inference_mode
-            for param in self.adapter_factors(name):
-                param.requires_grad_(train)
-        self._active_adapters = names
-
-    def set_requires_grad(self, adapter_names: str | Iterable[str], requires_grad: bool = True) -> None:
-        """Switch training on or off for the named adapters of this layer (peft's method)."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for name in names:
-            if name in self.lora_embedding_A:
-                for param in self.adapter_factors(name):
-                    param.requires_grad_(requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter (unmerging it first if merged)."""
@@ -216,33 +193,6 @@ class FastLoraEmbedding(nn.Module):
         self._active_adapters = [n for n in self._active_adapters if n != adapter_name]
         if not self._active_adapters and len(self.lora_embedding_A):
             self.set_adapter(next(iter(self.lora_embedding_A.keys())))
-
-    @property
-    def disable_adapters(self) -> bool:
-        """True while the adapters are switched off (forward = base layer only)."""
-        return self._disable_adapters
-
-    def enable_adapters(self, enabled: bool) -> None:
-        """Switch the adapters on or off (peft's method); disabling unmerges merged adapters."""
-        if not enabled and self.merged:
-            self.unmerge()
-        self._disable_adapters = not enabled
-
-    @contextlib.contextmanager
-    def disable_adapter(self):
-        """Context manager: run the base embedding alone inside the block."""
-        before = self._disable_adapters
-        self.enable_adapters(False)
-        try:
-            yield self
-        finally:
-            self.enable_adapters(not before)
-
-    # --------------------------------------------------------------- merge
-    @property
-    def merged(self) -> bool:
-        """Whether any adapter is merged into the base weight."""
-        return bool(self.merged_adapters)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``scale · (B A)ᵀ`` in fp32, shaped as the base weight (num_embeddings, embedding_dim)."""

@@ -23,7 +23,6 @@ import contextlib
 import math
 import warnings
 import weakref
-from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -41,6 +40,7 @@ from .lora_init import (
     olora_factors,
     pissa_factors,
 )
+from .switches import AdapterSwitches
 
 # Rows of W0 upcast (or decoded) to fp32 at once for DoRA's weight norm: bounds that temporary at
 # ~16 MiB instead of peft's full (out, in) fp32 matrix.
@@ -145,7 +145,7 @@ def _base_shape(base: nn.Module) -> tuple[int, int, bool]:
     raise TypeError(f"FastLoraLinear wraps nn.Linear or transformers' Conv1D, got {type(base).__name__}")
 
 
-class FastLoraLinear(nn.Module):
+class FastLoraLinear(AdapterSwitches, nn.Module):
     """LoRA on a frozen linear layer: ``y = base(x) + scale · B(A(dropout(x))))``, fused.
 
     Args mirror peft's ``LoraConfig``: ``r`` (rank, ≥ 1), ``lora_alpha``,
@@ -379,28 +379,8 @@ class FastLoraLinear(nn.Module):
         """The base layer's bias."""
         return self.base_layer.bias
 
-    @property
-    def active_adapters(self) -> list[str]:
-        """The names of the active adapters, in activation order (peft's property)."""
-        return list(self._active_adapters)
-
-    @property
-    def active_adapter(self) -> str | list[str]:
-        """The active adapter's name, or the list of names when several are active (peft's property)."""
-        return self._active_adapters[0] if len(self._active_adapters) == 1 else list(self._active_adapters)
-
-    def set_adapter(self, adapter_names: str | Iterable[str], inference_mode: bool = False) -> None:
-        """Activate one adapter or several (summed); only active adapters train, as in peft.
-
-        Names this layer does not hold are kept in the active list and ignored by the forward (peft's
-        behaviour, so one model-wide call works when adapters target different layers).
-        """
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for name in self.lora_A:
-            train = name in names and not inference_mode
-            for param in self._adapter_parameters(name):
-                param.requires_grad_(train)
-        self._active_adapters = names
+    def _adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
 
     def _adapter_parameters(self, name: str) -> list[torch.Tensor]:
         """Adapter ``name``'s trainable tensors: A, B and (DoRA) the magnitude."""
@@ -408,14 +388,6 @@ class FastLoraLinear(nn.Module):
         if name in self.lora_magnitude_vector:
             params += list(self.lora_magnitude_vector[name].parameters())
         return params
-
-    def set_requires_grad(self, adapter_names: str | Iterable[str], requires_grad: bool = True) -> None:
-        """Switch training on or off for the named adapters of this layer (peft's method)."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for name in names:
-            if name in self.lora_A:
-                for param in self._adapter_parameters(name):
-                    param.requires_grad_(requires_grad)
 
     def _get_available_adapters(self) -> set[str]:
         return set(self.lora_A.keys())
@@ -481,33 +453,6 @@ class FastLoraLinear(nn.Module):
         self._active_adapters = [n for n in self._active_adapters if n != adapter_name]
         if not self._active_adapters and len(self.lora_A):
             self.set_adapter(next(iter(self.lora_A.keys())))
-
-    @property
-    def disable_adapters(self) -> bool:
-        """True while the adapters are switched off (forward = base layer only)."""
-        return self._disable_adapters
-
-    def enable_adapters(self, enabled: bool) -> None:
-        """Switch the adapters on or off (peft's method); disabling unmerges merged adapters."""
-        if not enabled and self.merged:
-            self.unmerge()
-        self._disable_adapters = not enabled
-
-    @contextlib.contextmanager
-    def disable_adapter(self):
-        """Context manager: run the base layer alone inside the block."""
-        before = self._disable_adapters
-        self.enable_adapters(False)
-        try:
-            yield self
-        finally:
-            self.enable_adapters(not before)
-
-    # --------------------------------------------------------------- merge
-    @property
-    def merged(self) -> bool:
-        """Whether any adapter is merged into the base weight."""
-        return bool(self.merged_adapters)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``scale · B A`` in fp32, laid out like the base weight ((in, out) with fan_in_fan_out)."""
