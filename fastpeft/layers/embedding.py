@@ -156,15 +156,6 @@ class FastLoraEmbedding(AdapterSwitches, nn.Module):
     add_adapter = update_layer
 
     # ------------------------------------------------------------ adapters
-    def get_base_layer(self) -> nn.Module:
-        """The wrapped embedding (peft's method)."""
-        return self.base_layer
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base embedding's weight (as peft's LoRA layers expose it; transformers' tying reads it)."""
-        return self.base_layer.weight
-
     @property
     def padding_idx(self) -> int | None:
         """The base embedding's ``padding_idx``."""
@@ -190,9 +181,7 @@ class FastLoraEmbedding(AdapterSwitches, nn.Module):
             del d[adapter_name]
         for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.use_dora):
             d.pop(adapter_name, None)
-        self._active_adapters = [n for n in self._active_adapters if n != adapter_name]
-        if not self._active_adapters and len(self.lora_embedding_A):
-            self.set_adapter(next(iter(self.lora_embedding_A.keys())))
+        self._forget_active(adapter_name)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``scale · (B A)ᵀ`` in fp32, shaped as the base weight (num_embeddings, embedding_dim)."""
@@ -224,15 +213,6 @@ class FastLoraEmbedding(AdapterSwitches, nn.Module):
         weight = self.base_layer.weight
         weight.data.copy_((weight.float() - self.get_delta_weight(name)).to(weight.dtype))
         self.merged_adapters.remove(name)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Take every merged adapter out of the base weight again (last merged first)."""
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
-            return
-        for name in reversed(list(self.merged_adapters)):
-            self._unmerge_one(name)
 
     # ------------------------------------------------------------- forward
     _fastpeft_adapter_names = None  # per-sequence adapters handed over by fastpeft.model.mixed_adapter_batch

@@ -365,15 +365,6 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
         weight.copy_((w.t() if self.fan_in_fan_out else w).to(weight.dtype))
 
     # ------------------------------------------------------------ adapters
-    def get_base_layer(self) -> nn.Module:
-        """The wrapped base layer (peft's method)."""
-        return self.base_layer
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's weight (as peft's LoRA layers expose it)."""
-        return self.base_layer.weight
-
     @property
     def bias(self) -> torch.Tensor | None:
         """The base layer's bias."""
@@ -450,9 +441,7 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
             d.pop(adapter_name, None)
         if remerge:
             self.merge(adapter_names=remerge)
-        self._active_adapters = [n for n in self._active_adapters if n != adapter_name]
-        if not self._active_adapters and len(self.lora_A):
-            self.set_adapter(next(iter(self.lora_A.keys())))
+        self._forget_active(adapter_name)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``scale · B A`` in fp32, laid out like the base weight ((in, out) with fan_in_fan_out)."""
@@ -540,15 +529,6 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
         self._dora_merged_norms.pop(name, None)
         self.merged_adapters.remove(name)
         self.reset_dora_cache()
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Take every merged adapter out of the base weight again (last merged first)."""
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
-            return
-        for name in reversed(list(self.merged_adapters)):
-            self._unmerge_one(name)
 
     def _pending_merge(self, w: torch.Tensor) -> torch.Tensor:
         """``w`` (the current base weight, fp32) with the active adapters that are not merged merged in, in fp32."""

@@ -1,19 +1,34 @@
-"""What fastpeft's adapter layers (``FastLoraLinear``, ``FastLoraEmbedding``) share: which adapters are active,
-which train, switching them off, and whether one is merged — peft's ``BaseTunerLayer`` methods of those names.
+"""What fastpeft's adapter layers (``FastLoraLinear``, ``FastLoraEmbedding``) share: the wrapped base, which
+adapters are active, which train, switching them off, and whether one is merged — peft's ``BaseTunerLayer``
+methods of those names.
 
-A layer using ``AdapterSwitches`` keeps ``_active_adapters`` (a list), ``_disable_adapters`` (a bool) and
-``merged_adapters`` (a list), and names its adapters and their trainable tensors through
-``_adapter_names()`` and ``_adapter_parameters(name)``; it has its own ``unmerge()``.
+A layer using ``AdapterSwitches`` keeps ``base_layer``, ``_active_adapters`` (a list), ``_disable_adapters`` (a
+bool) and ``merged_adapters`` (a list), names its adapters and their trainable tensors through
+``_adapter_names()`` and ``_adapter_parameters(name)``, and takes one merged adapter out with
+``_unmerge_one(name)``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable
+
+import torch
+from torch import nn
 
 
 class AdapterSwitches:
     """Adapter activation, trainability and on/off switching for a fastpeft adapter layer (see the module)."""
+
+    def get_base_layer(self) -> nn.Module:
+        """The wrapped base layer (peft's method)."""
+        return self.base_layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (as peft's LoRA layers expose it; transformers' tying reads it)."""
+        return self.base_layer.weight
 
     @property
     def active_adapters(self) -> list[str]:
@@ -68,7 +83,24 @@ class AdapterSwitches:
         finally:
             self.enable_adapters(not before)
 
+    def _forget_active(self, adapter_name: str) -> None:
+        """After deleting ``adapter_name``: it leaves the active list; with none left, the first remaining
+        adapter becomes active (peft's behaviour)."""
+        self._active_adapters = [n for n in self._active_adapters if n != adapter_name]
+        names = self._adapter_names()
+        if not self._active_adapters and names:
+            self.set_adapter(names[0])
+
     @property
     def merged(self) -> bool:
         """Whether any adapter is merged into the base weight."""
         return bool(self.merged_adapters)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take every merged adapter out of the base weight again (last merged first)."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        for name in reversed(list(self.merged_adapters)):
+            self._unmerge_one(name)
