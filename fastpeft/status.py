@@ -68,27 +68,17 @@ def _grads(per_adapter: dict[str, list]) -> dict[str, Union[bool, Irregular]]:
 
 
 def _layer_status(name: str, module: nn.Module) -> TunerLayerStatus | None:
-    from .layers.embedding import FastLoraEmbedding
-    from .layers.lora import FastLoraLinear
+    from .layers.switches import AdapterSwitches
     from .model import ModulesToSaveWrapper
 
-    if isinstance(module, FastLoraEmbedding):
-        per_adapter = {n: list(module.adapter_factors(n)) for n in module.lora_embedding_A}
+    if isinstance(module, AdapterSwitches):  # FastLoraLinear (4-bit too), FastLoraEmbedding
+        names = module._adapter_names()
+        per_adapter = {n: list(module._adapter_parameters(n)) for n in names}
         return TunerLayerStatus(name=name, module_type=f"fastpeft.{type(module).__name__}",
                                 enabled=not module.disable_adapters, active_adapters=list(module.active_adapters),
                                 merged_adapters=list(module.merged_adapters),
                                 requires_grad=_grads(per_adapter),
-                                available_adapters=sorted(module.lora_embedding_A),
-                                devices={n: sorted({p.device.type for p in ps}) for n, ps in per_adapter.items()})
-    if isinstance(module, FastLoraLinear):
-        per_adapter = {n: [*module.lora_A[n].parameters(), *module.lora_B[n].parameters(),
-                           *(module.lora_magnitude_vector[n].parameters() if n in module.lora_magnitude_vector else ())]
-                       for n in module.lora_A}
-        return TunerLayerStatus(name=name, module_type=f"fastpeft.{type(module).__name__}",
-                                enabled=not module.disable_adapters, active_adapters=list(module.active_adapters),
-                                merged_adapters=list(module.merged_adapters),
-                                requires_grad=_grads(per_adapter),
-                                available_adapters=sorted(module.lora_A),
+                                available_adapters=sorted(names),
                                 devices={n: sorted({p.device.type for p in ps}) for n, ps in per_adapter.items()})
     if isinstance(module, ModulesToSaveWrapper):
         per_adapter = {n: list(m.parameters()) for n, m in module.modules_to_save.items()}
