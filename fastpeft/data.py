@@ -323,16 +323,29 @@ def alpaca_prompt(instruction: str, input_text: str = "") -> str:
     return ALPACA_PROMPT.format(with_input="", instruction=instruction, input_block="")
 
 
-def _json_objects(path: str) -> Iterator[tuple[object, str, int]]:
-    """(object, where, line) for each record of a JSONL file, or of a ``.json`` file holding one JSON array
-    (where: ``path:line`` for JSONL, ``path: item N`` for an array)."""
+def _read_utf8(path: str) -> str:
+    """The file's text; undecodable UTF-8 is a DataError naming the line (and the byte in the file)."""
     with open(path, "rb") as f:
         raw = f.read()
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         lineno = raw.count(b"\n", 0, exc.start) + 1
         raise DataError(f"{path}:{lineno}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
+def _lines(text: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) of ``text``'s non-blank lines, line ends removed."""
+    for lineno, line in enumerate(text.split("\n"), 1):
+        line = line.rstrip("\r")
+        if line.strip():
+            yield lineno, line
+
+
+def _json_objects(path: str) -> Iterator[tuple[object, str, int]]:
+    """(object, where, line) for each record of a JSONL file, or of a ``.json`` file holding one JSON array
+    (where: ``path:line`` for JSONL, ``path: item N`` for an array)."""
+    text = _read_utf8(path)
     if path.endswith(".json") and text.lstrip().startswith("["):
         try:
             items = json.loads(text)
@@ -341,10 +354,7 @@ def _json_objects(path: str) -> Iterator[tuple[object, str, int]]:
         for i, obj in enumerate(items):
             yield obj, f"{path}: item {i}", i + 1
         return
-    for lineno, line in enumerate(text.split("\n"), 1):
-        line = line.rstrip("\r")
-        if not line.strip():
-            continue
+    for lineno, line in _lines(text):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -368,15 +378,7 @@ def read_records(path: str | os.PathLike, prompt_field: str = "prompt", response
         raise DataError(f"data file {path!r} does not exist")
     records: list[dict] = []
     if not path.endswith((".jsonl", ".json")):
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-                line = line.rstrip("\r\n")
-                if line.strip():
-                    records.append({"text": line, "_line": lineno})
+        records = [{"text": line, "_line": lineno} for lineno, line in _lines(_read_utf8(path))]
         if not records:
             raise DataError(f"data file {path!r} has no samples")
         return records
