@@ -109,3 +109,23 @@ def bpe_tokenizer(template: str | None, corpus: str, vocab_size: int = 400):
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
     fast.chat_template = template
     return fast
+
+
+def tiny_llama(vocab_size: int = 96, **overrides):
+    """A tiny random Llama-style causal LM (2 layers, hidden 32, grouped-query attention: 4 heads, 2 kv heads);
+    ``overrides`` change its config."""
+    import transformers
+
+    cfg = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg.update(overrides)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
+
+
+def tiny_gpt2(vocab_size: int = 96):
+    """A tiny random GPT-2 (Conv1D layers, biases), dropout off."""
+    import transformers
+
+    cfg = transformers.GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
+    return transformers.GPT2LMHeadModel(cfg)

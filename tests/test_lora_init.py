@@ -20,7 +20,7 @@ from torch import nn
 import fastpeft
 from fastpeft import quant as Q
 from fastpeft.layers import FastLoraLinear, FastLoraLinear4bit
-from helpers import Wrap, assert_rel
+from helpers import Wrap, assert_rel, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -31,23 +31,17 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 def _llama():
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_llama(V)
 
 
 def _llama64():
     # in_features multiples of 64: bitsandbytes 0.50's CPU dequantize_4bit (which peft's LoftQ calls here) is
     # wrong for some other widths (e.g. (32, 32), (64, 96)); fastpeft's decoder is right for all
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_llama(V, hidden_size=64, intermediate_size=128)
 
 
 def _gpt2():
-    cfg = transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
-                                  embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
-    return transformers.GPT2LMHeadModel(cfg)
+    return tiny_gpt2(V)
 
 
 FACTORIES = {"llama": (_llama, TARGETS), "llama64": (_llama64, TARGETS), "gpt2": (_gpt2, ["c_attn", "c_proj"])}

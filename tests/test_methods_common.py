@@ -8,6 +8,7 @@ import torch
 
 import fastpeft
 from fastpeft import methods
+from helpers import tiny_gpt2, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -16,16 +17,12 @@ V = 96
 
 def llama():
     """Tiny Llama-style causal LM (grouped-query attention: 4 heads, 2 kv heads)."""
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_llama(V)
 
 
 def gpt2():
     """Tiny GPT-2 (Conv1D layers, biases)."""
-    cfg = transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
-                                  embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
-    return transformers.GPT2LMHeadModel(cfg)
+    return tiny_gpt2(V)
 
 
 def t5():

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import fastpeft
-from helpers import assert_rel
+from helpers import assert_rel, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -26,9 +26,7 @@ V = 96  # vocab
 
 
 def _llama():
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_llama(V)
 
 
 def _qwen2():
@@ -38,9 +36,7 @@ def _qwen2():
 
 
 def _gpt2():
-    cfg = transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
-    return transformers.GPT2LMHeadModel(cfg)
+    return tiny_gpt2(V)
 
 
 def _bloom():
