@@ -19,11 +19,30 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def autotune_mode() -> str:
+    """How a launch without a forced config picks one, from ``FASTPEFT_AUTOTUNE``:
+
+    - ``"tune"`` (``1``, the default): the autotuner times every config left after the shape's pruning;
+    - ``"first"`` (``0``): the first pruned config that fits the device, untimed — for correctness runs,
+      where every timed config is one more compile;
+    - ``"warm"`` (``warm``): compile every pruned config the autotuner would time (no launch), then launch
+      as ``"first"``. Processes run this way in parallel fill Triton's on-disk cache, so a later timed run
+      (``"tune"``) compiles nothing: ``fastpeft bench --compile-only``, used by ``bench/gpu_run.sh``.
+    """
+    value = os.environ.get("FASTPEFT_AUTOTUNE", "1").strip().lower()
+    if value == "0":
+        return "first"
+    if value == "warm":
+        return "warm"
+    if value not in ("", "1"):
+        raise ValueError(f"FASTPEFT_AUTOTUNE must be 1, 0 or warm, got {value!r}")
+    return "tune"
+
+
 def autotuning() -> bool:
-    """False under ``FASTPEFT_AUTOTUNE=0``: each launch takes the first (pruned) config that fits the
-    device instead of timing them all — for correctness runs, where every timed config is one more
-    compile. Benchmarks and training keep autotuning (the default)."""
-    return os.environ.get("FASTPEFT_AUTOTUNE", "1").strip() != "0"
+    """True when launches time every pruned config (``FASTPEFT_AUTOTUNE=1``, the default); see
+    ``autotune_mode``."""
+    return autotune_mode() == "tune"
 
 
 def _cfg(bm, bn, bk, group, stages, warps, **extra):

@@ -44,10 +44,12 @@ from collections import Counter
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.errors import OutOfResources
+from triton.compiler.errors import CompileTimeAssertionFailure
+from triton.runtime.errors import OutOfResources, PTXASError
 
 from .configs import (
     REDUCE_ROW_UNIT,
+    autotune_mode,
     autotuning,
     down_configs,
     gemm_configs,
@@ -266,6 +268,8 @@ def _m_key(m: int) -> int:
 
 def _launch(tuned, raw, grid, args, kwargs, config):
     if config is None and not autotuning():
+        if autotune_mode() == "warm":
+            _compile_pruned(tuned, raw, grid, args, kwargs)
         _launch_untuned(tuned, raw, grid, args, kwargs)
         return
     if config is None:
@@ -276,13 +280,36 @@ def _launch(tuned, raw, grid, args, kwargs, config):
     raw[grid](*args, **kwargs, **config.all_kwargs())
 
 
-def _launch_untuned(tuned, raw, grid, args, kwargs):
-    """``FASTPEFT_AUTOTUNE=0``: the autotuner's own pruning, then the first config that fits the device
-    (a config over the shared-memory or register limit raises OutOfResources, as the autotuner skips)."""
+def _pruned(tuned, raw, args, kwargs) -> list:
+    """The configs the autotuner would time for these arguments: its list after its own prune."""
     candidates = tuned.configs
     prune = getattr(tuned, "early_config_prune", None)
     if prune is not None:
         candidates = prune(candidates, {**dict(zip(raw.arg_names, args)), **kwargs}) or candidates
+    return candidates
+
+
+def _compile_pruned(tuned, raw, grid, args, kwargs):
+    """``FASTPEFT_AUTOTUNE=warm``: compile (never launch) each config the autotuner would time, with the
+    arguments it would pass, so each lands in Triton's on-disk cache under the key the timed run looks up.
+    Each config's pre-hook runs first, as before the autotuner's timed call of it (the TMA configs set
+    their descriptors' block shapes there: part of the compiled signature). A config that fails to
+    compile is skipped, as the autotuner skips it (its timing is infinite)."""
+    if not hasattr(raw, "warmup") or interpreting():  # the interpreter compiles nothing
+        return
+    for cfg in _pruned(tuned, raw, args, kwargs):
+        try:
+            if cfg.pre_hook is not None:  # e.g. the TMA configs set their descriptors' block shapes
+                cfg.pre_hook({**dict(zip(raw.arg_names, args)), **kwargs, **cfg.kwargs})
+            raw.warmup(*args, grid=grid, **kwargs, **cfg.all_kwargs())
+        except (OutOfResources, CompileTimeAssertionFailure, PTXASError):
+            continue
+
+
+def _launch_untuned(tuned, raw, grid, args, kwargs):
+    """``FASTPEFT_AUTOTUNE=0``: the autotuner's own pruning, then the first config that fits the device
+    (a config over the shared-memory or register limit raises OutOfResources, as the autotuner skips)."""
+    candidates = _pruned(tuned, raw, args, kwargs)
     for i, cfg in enumerate(candidates):
         try:
             _launch(tuned, raw, grid, args, kwargs, cfg)

@@ -456,6 +456,71 @@ def test_untuned_launch_prunes_then_skips_configs_that_do_not_fit(monkeypatch):
         LL._launch(AllTooBig(), Raw(), (1,), (None,), {"M_KEY": 4096}, None)
 
 
+def test_warm_launch_compiles_every_pruned_config_then_launches_the_first_that_fits(monkeypatch):
+    """FASTPEFT_AUTOTUNE=warm (fastpeft bench --compile-only): each config the autotuner would time is compiled
+    with its pre-hook run first (the TMA configs set descriptor block shapes there) and never launched; one that
+    fails to compile is skipped; then the launch is FASTPEFT_AUTOTUNE=0's."""
+    from triton.runtime.errors import OutOfResources, PTXASError
+
+    from fastpeft.kernels import lora_linear as LL
+
+    events = []
+
+    class Raw:
+        arg_names = ["x_ptr", "M_KEY"]
+
+        def warmup(self, *args, grid, **kw):
+            events.append(("compile", kw["BLOCK_M"], kw["num_warps"], hooked.get(kw["BLOCK_M"])))
+            if kw["BLOCK_M"] == 32:
+                raise PTXASError("ptxas failed")
+
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                if kw["BLOCK_M"] == 128:
+                    raise OutOfResources(300_000, 232_448, "shared memory")
+                events.append(("launch", kw["BLOCK_M"]))
+            return run
+
+    hooked = {}
+
+    def hook(nargs):
+        hooked[nargs["BLOCK_M"]] = nargs["M_KEY"]
+
+    class Tuned:
+        configs = [triton.Config({"BLOCK_M": m}, num_warps=w, pre_hook=hook) for m, w in
+                   ((16, 4), (128, 8), (32, 4), (64, 4))]
+
+        @staticmethod
+        def early_config_prune(cfgs, named, **kw):
+            return [c for c in cfgs if (c.kwargs["BLOCK_M"] <= 16) == (named["M_KEY"] <= 16)]
+
+        def __getitem__(self, grid):
+            raise AssertionError("the autotuner must not time anything")
+
+    monkeypatch.setattr(LL, "interpreting", lambda: False)
+    monkeypatch.setenv("FASTPEFT_AUTOTUNE", "warm")
+    LL._launch(Tuned(), Raw(), (1,), (None,), {"M_KEY": 4096}, None)
+    assert events == [("compile", 128, 8, 4096), ("compile", 32, 4, 4096), ("compile", 64, 4, 4096),
+                      ("launch", 32)]  # the compile error did not stop the pass; 128 does not fit: 32 launches
+    events.clear()
+    monkeypatch.setenv("FASTPEFT_AUTOTUNE", "0")
+    LL._launch(Tuned(), Raw(), (1,), (None,), {"M_KEY": 4096}, None)
+    assert events == [("launch", 32)]  # no compile-only pass outside warm mode
+
+
+def test_autotune_mode_reads_fastpeft_autotune(monkeypatch):
+    from fastpeft.kernels import configs as C
+
+    for value, mode in (("1", "tune"), ("", "tune"), ("0", "first"), ("warm", "warm"), (" WARM ", "warm")):
+        monkeypatch.setenv("FASTPEFT_AUTOTUNE", value)
+        assert C.autotune_mode() == mode and C.autotuning() == (mode == "tune")
+    monkeypatch.delenv("FASTPEFT_AUTOTUNE")
+    assert C.autotune_mode() == "tune"
+    monkeypatch.setenv("FASTPEFT_AUTOTUNE", "fast")
+    with pytest.raises(ValueError, match="FASTPEFT_AUTOTUNE"):
+        C.autotune_mode()
+
+
 def test_fp32_results_use_fp32_accurate_dots(monkeypatch):
     """xa, dS, dA, dB are fp32 results: from half activations their dots run 3×TF32 (one TF32 pass would
     leave ~2⁻¹¹ operand error, far above peft's fp32 LoRA branch); folds into a half output keep TF32."""
