@@ -99,6 +99,10 @@ def _measure(model, shape: dict, device: torch.device) -> tuple[float, float, fl
         return out.loss.detach()
 
     first = float(step())
+    from .benchmarking import compile_only
+
+    if compile_only():  # one step compiled every kernel this model launches: nothing to time
+        return float("nan"), first, None, first
     loss = step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

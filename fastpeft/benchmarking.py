@@ -289,6 +289,41 @@ def _step(case: Case, mode: str, x: Tensor, dy: Tensor) -> Callable[[], None]:
     return lambda: torch.autograd.grad(module(x), inputs, dy)
 
 
+# ``fastpeft bench --compile-only``: every step runs once, untimed (see ``compile_only``).
+_COMPILE_ONLY = False
+
+
+def compile_only(on: bool | None = None) -> bool:
+    """Whether the harness only warms Triton's kernel cache; ``compile_only(True)`` turns it on.
+
+    On, every timed step runs exactly once and untimed (``time_step`` returns NaN timings), peak memory is
+    not measured, and ``FASTPEFT_AUTOTUNE=warm`` makes each kernel launch compile every config the
+    autotuner would time. Several such processes run side by side (one per preset or cell) fill the
+    on-disk cache in parallel, so the timed run that follows compiles nothing (``bench/gpu_run.sh``).
+    """
+    global _COMPILE_ONLY
+    if on is not None:
+        _COMPILE_ONLY = bool(on)
+        if on:
+            import os
+
+            os.environ["FASTPEFT_AUTOTUNE"] = "warm"
+    return _COMPILE_ONLY
+
+
+def triton_cache_entries() -> int | None:
+    """How many compiled kernels Triton's on-disk cache holds (``None`` when it cannot be read)."""
+    try:
+        from triton import knobs
+
+        root = Path(knobs.cache.dir)
+    except Exception:
+        return None
+    if not root.is_dir():
+        return 0
+    return sum(1 for _ in root.glob("*/__grp__*.json"))
+
+
 def time_step(step: Callable[[], object], device: torch.device, warmup_ms: float = 25,
               rep_ms: float = 120) -> dict:
     """Median and p20/p80 of ``step`` in ms, plus the raw samples.
@@ -297,6 +332,12 @@ def time_step(step: Callable[[], object], device: torch.device, warmup_ms: float
     call), since a wall clock around asynchronous kernels lies. Elsewhere: a
     wall clock over as many calls as fit in ``rep_ms`` (5 to 50).
     """
+    if _COMPILE_ONLY:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        nan = float("nan")
+        return {"timer": "compile-only", "ms": nan, "ms_p20": nan, "ms_p80": nan, "times_ms": []}
     if device.type == "cuda":
         from triton.testing import do_bench
 
@@ -314,7 +355,7 @@ def time_step(step: Callable[[], object], device: torch.device, warmup_ms: float
 
 
 def _peak_bytes(step: Callable[[], object], device: torch.device) -> int | None:
-    if device.type != "cuda":
+    if device.type != "cuda" or _COMPILE_ONLY:
         return None
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)

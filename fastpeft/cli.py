@@ -59,6 +59,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-check", action="store_true", help="skip the gradient check against peft")
     p.add_argument("--out", type=Path, help="results JSON (default: bench/results/<device>-<UTC time>.json)")
     p.add_argument("--plot", type=Path, help="also write a PNG bar chart of time / frozen")
+    p.add_argument("--compile-only", action="store_true",
+                   help="only fill Triton's on-disk kernel cache: run every step once, untimed, compiling every "
+                        "autotune config the timed run would try (FASTPEFT_AUTOTUNE=warm), and run the same "
+                        "checks; no result file. Run several side by side before the timed runs "
+                        "(bench/gpu_run.sh does)")
     p.set_defaults(func=_bench)
 
 
@@ -99,6 +104,9 @@ def _bench(args: argparse.Namespace) -> int:
     _check_bench_args(args)
     device = resolve_device(args.device, "fastpeft bench")
     preset = args.preset or ("layer" if device.type == "cuda" else "tiny")
+    if args.compile_only:
+        benchmarking.compile_only(True)  # the check still runs: its launches (p = 0) are the timed run's too
+        args.cache_before = benchmarking.triton_cache_entries()
     if preset in benchmarking.QUANT_PRESETS:
         return _bench_quant(args, preset, device)
     if preset.startswith("e2e"):
@@ -122,6 +130,14 @@ def _report(args: argparse.Namespace, rows: list[dict], table: str, plot=None, f
     """
     from . import targets
 
+    if benchmarking.compile_only():
+        before, after = getattr(args, "cache_before", None), benchmarking.triton_cache_entries()
+        grown = f" (+{after - before})" if before is not None and after is not None else ""
+        print(f"compile-only: {len(rows)} rows ran once, untimed; Triton's cache holds {after} kernels{grown}; "
+              "no result file written")
+        for r in failed if describe is not None else ():
+            print(describe(r), file=sys.stderr)
+        return 1 if failed else 0
     print(table)
     verdicts = targets.evaluate(rows)
     if verdicts:  # informational here: a missed target is reported, not an error of the run
