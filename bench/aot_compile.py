@@ -64,6 +64,14 @@ class _FakeDriver:
     def is_active(self):
         return True
 
+    def get_benchmarker(self):
+        """The autotuner's timer (``--only bench-tuned``): one call of the config, which compiles it (or finds
+        it in the on-disk cache) and launches nothing; every config "takes" 1 ms."""
+        def bench(kernel_call, quantiles=None, **kwargs):
+            kernel_call()
+            return [1.0, 1.0, 1.0] if quantiles else 1.0
+        return bench
+
 
 _driver.set_active(_FakeDriver())
 
@@ -107,6 +115,12 @@ def _run_no_launch(self, *args, grid, warmup, **kwargs):
 JITFunction.run = _run_no_launch
 
 _CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def _cache_entries() -> int:
+    """Compiled kernels in Triton's on-disk cache (one ``__grp__*.json`` each)."""
+    root = triton.knobs.cache.dir
+    return sum(f.startswith("__grp__") for _, _, files in os.walk(root) for f in files) if os.path.isdir(root) else 0
 
 
 def _resources(kernel):
@@ -336,11 +350,39 @@ def untuned(dtypes, ranks):
                         print(f"FAIL launch [{_CURRENT['tag']}]: {type(err).__name__}: {str(err)[:300]}", flush=True)
 
 
+def bench(argv: str, compile_only: bool = True) -> int:
+    """``fastpeft bench ARGV --compile-only`` through the real harness, ops and launchers, on CPU tensors: what
+    one warm-up process of bench/gpu_run.sh compiles on the device (FASTPEFT_AUTOTUNE=warm: every config the
+    autotuner would time, after its prune, for every launch the preset makes). The TMA GEMM is taken where
+    the device's dispatch would take it, as in ``untuned``."""
+    import shlex
+
+    import fastpeft.ops as OPS
+    import fastpeft.ops4bit as OPS4
+    import fastpeft.ops_mixed as OPSM
+    from fastpeft import cli
+
+    for mod in (OPS, OPS4, OPSM):  # the kernels on CPU tensors, as they run on CUDA ones there
+        if hasattr(mod, "backend_for"):
+            mod.backend_for = lambda t: "triton"
+    LL.tma_supported = lambda x, w, out: x.dtype == w.dtype and x.element_size() in (2, 4) and _tma_ok(x, w, out)
+    for mod in (LL, MX, GV, DQ):
+        if hasattr(mod, "interpreting"):
+            mod.interpreting = lambda: False
+    _CURRENT["tag"] = f"bench {argv}"
+    # Outputs are never computed under the stand-in driver, so the harness's own checks fail: the exit status
+    # is printed, not counted as a compile failure.
+    return cli.main(["bench", *shlex.split(argv), *(["--compile-only"] if compile_only else []), "--device", "cpu"])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--all", action="store_true", help="every autotune config (default: the first of each list)")
     ap.add_argument("--only", nargs="*", default=["core", "quant4", "mixed"],
-                    help="core, quant4, mixed, and/or untuned (the FASTPEFT_AUTOTUNE=0 launch path of lora_linear)")
+                    help="core, quant4, mixed, untuned (the FASTPEFT_AUTOTUNE=0 launch path of lora_linear), bench "
+                         "(a `fastpeft bench --compile-only` run, see --bench) and/or bench-tuned (the same "
+                         "bench's autotuner path: run it after bench into one TRITON_CACHE_DIR to check that "
+                         "the warm-up compiled every kernel it looks up)")
     ap.add_argument("--dtypes", nargs="*", default=["bf16", "fp16", "fp32"])
     ap.add_argument("--ranks", nargs="*", type=int, default=[1, 8, 64, 256])
     ap.add_argument("--core-shapes", nargs="*", default=None, help="MxKxN of the core passes (default: "
@@ -348,6 +390,8 @@ def main():
     ap.add_argument("--quant-shapes", nargs="*", default=None, help="OUTxINxBLOCKSIZE of the 4-bit kernels")
     ap.add_argument("--adapters", default="fp32", choices=["fp32", "bf16", "fp16"], help="lora_A/lora_B dtype")
     ap.add_argument("--quant-kinds", nargs="*", default=["nf4", "nf4-nested", "int4"])
+    ap.add_argument("--bench", metavar="ARGS", help="with --only bench: the `fastpeft bench` arguments whose "
+                    "compile-only warm-up to replay (e.g. \"--preset tiny --dtype bf16\")")
     args = ap.parse_args()
     dtypes = [{"bf16": BF16, "fp16": FP16, "fp32": FP32}[d] for d in args.dtypes]
     t0 = time.time()
@@ -361,10 +405,21 @@ def main():
         mixed(args.all, dtypes)
     if "untuned" in args.only:
         untuned(dtypes, args.ranks)
+    cache_before = _cache_entries()
+    for mode in ("bench", "bench-tuned"):
+        if mode in args.only:
+            # bench: the compile-only warm-up (FASTPEFT_AUTOTUNE=warm); bench-tuned: the timed run's autotuner
+            # path (every pruned config "timed" at 1 ms). Run bench-tuned after a bench run into the same
+            # TRITON_CACHE_DIR: "new in the on-disk cache: 0" means the warm-up compiled every key it looks up.
+            if mode == "bench-tuned":
+                os.environ["FASTPEFT_AUTOTUNE"] = "1"
+            rc = bench(args.bench or "--preset tiny", compile_only=mode == "bench")
+            print(f"(fastpeft bench exited {rc}: its checks read outputs the stand-in driver never computes)")
     ok = [r for r in RECORDS if r["ok"]]
     bad = [r for r in RECORDS if not r["ok"]]
     print("\n== summary ==")
-    print(f"compiled {len(ok)} specializations in {time.time() - t0:.0f}s; failures: {len(bad)}")
+    print(f"compiled {len(ok)} specializations in {time.time() - t0:.0f}s; failures: {len(bad)}; "
+          f"new in the on-disk cache ({triton.knobs.cache.dir}): {_cache_entries() - cache_before}")
     by = {}
     for r in ok:
         k = r["kernel"]

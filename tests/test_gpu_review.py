@@ -99,3 +99,65 @@ FOO=bar bounded 5 bash -c 'echo "FOO=$FOO"'
     assert "skipped (out of time): echo ran" in out and "rc=124" in out
     assert "ran" not in out.replace("(out of time): echo ran", "")
     assert "FOO=bar" in out
+
+
+def test_compile_only_warm_up_compiles_every_kernel_the_timed_run_looks_up(tmp_path):
+    """bench/gpu_run.sh fills Triton's on-disk cache with `fastpeft bench --compile-only` processes in parallel,
+    then times. Compiled for sm90 on CPU (bench/aot_compile.py's stand-in driver, the real harness, ops and
+    launchers): after the warm-up, the timed run's autotuner path finds every kernel it looks up in the cache
+    (the TMA configs' pre-hooks, which set the descriptors' block shapes, must run before each compile)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTPEFT_AUTOTUNE")}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
+    args = "--preset tiny --modes fwd --providers fastpeft_bf16"
+    found = []
+    for mode in ("bench", "bench-tuned"):
+        proc = subprocess.run([sys.executable, str(ROOT / "bench" / "aot_compile.py"), "--only", mode, "--bench", args],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        m = re.search(r"compiled (\d+) specializations .* failures: (\d+); new in the on-disk cache \(.*\): (\d+)",
+                      proc.stdout)
+        assert m, proc.stdout[-2000:]
+        found.append(tuple(int(v) for v in m.groups()))
+    (warm_n, warm_fail, warm_new), (tuned_n, tuned_fail, tuned_new) = found
+    assert warm_fail == tuned_fail == 0
+    assert warm_n == warm_new > 1  # every autotune config of each launch compiled, not only the first
+    assert tuned_n == warm_n and tuned_new == 0  # ... and nothing left for the timed run to compile
+
+
+def test_shard_option_splits_the_selected_tests_into_disjoint_slices():
+    """pytest --shard I/N (tests/conftest.py): bench/gpu_run.sh runs the gpu tests in N parallel processes."""
+    target = "tests/test_targets.py"
+
+    def collect(*extra):
+        proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                               target, *extra], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        return proc, [line for line in proc.stdout.splitlines() if "::" in line]
+
+    _, everything = collect()
+    assert len(everything) >= 3
+    slices = [collect("--shard", f"{i}/3")[1] for i in range(3)]
+    assert all(slices) and sum(slices, []) == everything  # contiguous, disjoint, complete, in order
+    proc, _ = collect("--shard", "3/3")
+    assert proc.returncode != 0 and "0..N-1" in proc.stderr + proc.stdout
+
+
+def test_bench_compile_only_runs_each_step_once_and_writes_no_result(tmp_path):
+    out = tmp_path / "r.json"
+    env = {k: v for k, v in os.environ.items() if k != "FASTPEFT_AUTOTUNE"}
+    proc = subprocess.run([sys.executable, "-m", "fastpeft", "bench", "--preset", "tiny", "--device", "cpu",
+                           "--providers", "fastpeft", "--compile-only", "--out", str(out)], cwd=tmp_path,
+                          env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "compile-only: 3 rows ran once, untimed" in proc.stdout and not out.exists()
+
+
+def test_time_step_in_compile_only_mode_calls_the_step_once(monkeypatch):
+    import torch
+
+    from fastpeft import benchmarking as BM
+
+    calls = []
+    monkeypatch.setattr(BM, "_COMPILE_ONLY", True)
+    row = BM.time_step(lambda: calls.append(1), torch.device("cpu"))
+    assert calls == [1] and row["timer"] == "compile-only" and row["ms"] != row["ms"]  # NaN
+    assert BM._peak_bytes(lambda: calls.append(1), torch.device("cpu")) is None and calls == [1]
