@@ -7,6 +7,7 @@
 #   bash bench/gpu_run.sh                              # from the repository root, or anywhere
 #   BENCH_ARGS="--preset tiny" bash bench/gpu_run.sh   # other `fastpeft bench` arguments (a dry run on CPU)
 #   SKIP_VARIANTS=1 SKIP_PYTEST_BENCH=1 bash bench/gpu_run.sh
+#   TEST_SHARDS=4 MODEL_SHARDS=3 SKIP_WARM=0 ...      # parallel slices of the gpu tests; compile-only warm-ups
 #   QUANT_PRESETS="decode-tiny qlora-tiny e2e-tiny mixed-tiny" ...  # 4-bit, e2e, mixed at CPU sizes ("" skips)
 # bitsandbytes is not on the device: run bench/prepare_device.sh here first and carry .whl
 # (run(command="bash bench/gpu_run.sh", carry=[".whl"], timeout_s=600)).
@@ -55,34 +56,77 @@ $PY -c 'import bitsandbytes as b; print("bitsandbytes", b.__version__)' >>"$out/
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1
 $PY -c 'import torch, triton; print(torch.__version__, triton.__version__)' >>"$out/pip.log" 2>&1
 
-stamp gpu-tests
-# Correctness only: one config per launch (FASTPEFT_AUTOTUNE=0), not a compile of every autotune
-# config for every shape; the tests that force each config in turn still do so, and the benchmarks
-# below autotune (their compiled kernels land in the same on-disk Triton cache).
-# Bounded (TESTS_TIMEOUT seconds, default 300) so that a slow compile storm leaves the benchmarks time.
-# Estimate (pre-GPU review, from bench/aot_compile.py): the kernel files need ~100 distinct compiles
-# (TMA every-config 16, forced GEMV configs 27, mixed 26, dequant 12, the rest ~20) at ~1–4 s each on
-# that machine, plus ~15 s of imports: ~200–250 s, so 240 s left the model-level tests nothing.
-# The kernel tests first, so a run stopped at the limit has them; then the model-level ones (Inductor,
-# torchrun DDP, autocast, checkpointing, DoRA: they compile the most), in the rest of TESTS_TIMEOUT.
-# (pytest sorts files under a directory argument, so the order needs two runs.)
+# Parallel phase (16 cores there; Triton compiles one kernel at a time per process). Side by side:
+# - the kernel gpu tests in TEST_SHARDS slices (pytest --shard I/N, tests/conftest.py): their results are
+#   the results. Correctness only: one config per launch (FASTPEFT_AUTOTUNE=0);
+# - one compile-only warm-up (fastpeft bench --compile-only: every autotune config each launch of that run
+#   would time, compiled, nothing timed) per slice of each timed run below, filling Triton's on-disk cache,
+#   so the timed runs afterwards compile nothing and do not share the GPU with anything. On CPU,
+#   bench/aot_compile.py --only bench, then --only bench-tuned into one TRITON_CACHE_DIR, checks that a
+#   warm-up compiles every kernel its timed run looks up ("new in the on-disk cache: 0").
+# Before this phase, one serial call spent an estimated
+# 200–250 s compiling for the kernel tests alone and ~2–3 min compiling inside the layer bench's autotuning.
 kernel_tests="tests/test_kernels.py tests/test_gemv4bit.py tests/test_quant.py tests/test_mixed.py"
 tests_budget=${TESTS_TIMEOUT:-300}
 t_tests=$(date +%s)
-# shellcheck disable=SC2086  # kernel_tests is a list of words
-FASTPEFT_AUTOTUNE=0 bounded "$tests_budget" $PY -m pytest -m gpu $kernel_tests -q -p no:cacheprovider -rs \
-  --durations=15 --junitxml="$out/junit-gpu-kernels.xml" 2>&1 | tee "$out/pytest-gpu.log"
-rc_tests=${PIPESTATUS[0]}
-rest=$((tests_budget - ($(date +%s) - t_tests)))
-if [ "$rest" -ge 30 ]; then
-  # shellcheck disable=SC2046  # one --ignore per kernel test file
-  FASTPEFT_AUTOTUNE=0 bounded "$rest" $PY -m pytest -m gpu tests $(printf -- '--ignore=%s ' $kernel_tests) -q \
-    -p no:cacheprovider -rs --durations=15 --junitxml="$out/junit-gpu-model.xml" 2>&1 | tee -a "$out/pytest-gpu.log"
-  rc_tests=$((rc_tests || PIPESTATUS[0]))
-else
-  stamp "model-level gpu tests skipped: ${rest}s left of TESTS_TIMEOUT=$tests_budget"
-  rc_tests=1
+stamp "parallel: kernel gpu tests (${TEST_SHARDS:-4} slices) + compile-only warm-ups"
+jobs_pids=()
+shards=${TEST_SHARDS:-4}
+for i in $(seq 0 $((shards - 1))); do
+  # shellcheck disable=SC2086  # kernel_tests is a list of words
+  FASTPEFT_AUTOTUNE=0 bounded "$tests_budget" $PY -m pytest -m gpu $kernel_tests -q -p no:cacheprovider -rs \
+    --shard "$i/$shards" --durations=10 --junitxml="$out/junit-gpu-kernels-$i.xml" \
+    >"$out/pytest-gpu-kernels-$i.log" 2>&1 &
+  jobs_pids+=($!)
+done
+warm_pids=()
+warm() {  # warm TAG [VAR=value ...] -- BENCH ARGS...: one compile-only warm-up in the background
+  local tag=$1; shift
+  local envs=()
+  while [ "$1" != "--" ]; do envs+=("$1"); shift; done
+  shift
+  # shellcheck disable=SC2086
+  bounded "$tests_budget" env ${envs[@]+"${envs[@]}"} $PY -m fastpeft bench "$@" --compile-only >"$out/warm-$tag.log" 2>&1 &
+  warm_pids+=($!)
+}
+if [ "${SKIP_WARM:-0}" != 1 ]; then
+  for prov in fastpeft fastpeft_bf16; do
+    for p in 0.1 0.0; do
+      # shellcheck disable=SC2086  # bench_args is a list of words
+      warm "layer-$prov-$p" -- $bench_args --providers $prov --dropout $p
+    done
+  done
+  for preset in ${QUANT_PRESETS-decode qlora mixed e2e dora}; do
+    case $preset in
+      e2e*) warm "$preset-0.05" -- --preset "$preset" --dropout 0.05; warm "$preset-0.1" -- --preset "$preset" --dropout 0.1 ;;
+      dora*) warm "$preset-0.1" -- --preset "$preset" --dropout 0.1; warm "$preset-0.0" -- --preset "$preset" --dropout 0.0 ;;
+      *) warm "$preset" -- --preset "$preset" ;;
+    esac
+  done
+  if [ "${SKIP_VARIANTS:-0}" != 1 ]; then
+    for variant in "FASTPEFT_DX_DROPOUT=epilogue" "FASTPEFT_GEMM=pointer"; do
+      # shellcheck disable=SC2086
+      warm "$(echo "$variant" | tr 'A-Z=' 'a-z-')" "$variant" -- $bench_args --providers fastpeft --dropout 0.1 --no-check
+    done
+  fi
 fi
+# The model-level gpu tests (Inductor, torchrun DDP, autocast, checkpointing, DoRA) in MODEL_SHARDS slices,
+# in the same phase: nothing waits on anything else, and all of it ends within TESTS_TIMEOUT.
+mshards=${MODEL_SHARDS:-3}
+for i in $(seq 0 $((mshards - 1))); do
+  # shellcheck disable=SC2046  # one --ignore per kernel test file
+  FASTPEFT_AUTOTUNE=0 bounded "$tests_budget" $PY -m pytest -m gpu tests $(printf -- '--ignore=%s ' $kernel_tests) \
+    -q -p no:cacheprovider -rs --shard "$i/$mshards" --durations=10 --junitxml="$out/junit-gpu-model-$i.xml" \
+    >"$out/pytest-gpu-model-$i.log" 2>&1 &
+  jobs_pids+=($!)
+done
+rc_tests=0
+for pid in "${jobs_pids[@]}"; do wait "$pid" || rc_tests=1; done
+cat "$out"/pytest-gpu-kernels-*.log "$out"/pytest-gpu-model-*.log >"$out/pytest-gpu.log" 2>/dev/null
+rc_warm=0
+for pid in "${warm_pids[@]}"; do wait "$pid" || rc_warm=1; done
+stamp "parallel phase done in $(($(date +%s) - t_tests))s (gpu tests rc=$rc_tests, warm-ups rc=$rc_warm)"
+grep -h -E "passed|failed|error|skipped" "$out"/pytest-gpu-*.log | grep -E "^(=|[0-9])" | tee "$out/pytest-gpu-summary.txt"
 
 # The canonical cells (TARGETS.md), with the autotuner's choices in the log.
 stamp bench
@@ -135,6 +179,6 @@ stamp done
 # TARGETS.md's ratios, PASS/MISS, from every result file of this run (informational: no exit code).
 timeout 15 $PY -m fastpeft targets "$name"*.json >"$out/targets.txt" 2>&1; cat "$out/targets.txt"
 grep -h -B3 "best config" "$out"/bench*.log >"$out/autotune-picks.txt" 2>/dev/null  # function, key, pick
-echo "pip=$rc_pip gpu_tests=$rc_tests bench=$rc_bench quant=$rc_quant variants=$rc_var pytest_bench=$rc_pybench" \
+echo "pip=$rc_pip gpu_tests=$rc_tests warm=$rc_warm bench=$rc_bench quant=$rc_quant variants=$rc_var pytest_bench=$rc_pybench" \
   | tee "$out/exit-codes.txt"
 exit $((rc_pip || rc_tests || rc_bench || rc_quant || rc_var || rc_pybench))

@@ -38,7 +38,34 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "interp: launches Triton kernels on CPU tensors (needs TRITON_INTERPRET=1)")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--shard", metavar="I/N", default=None,
+                     help="run only slice I (0-based) of N contiguous slices of the selected tests, so N processes "
+                          "run a suite in parallel (bench/gpu_run.sh: the gpu tests, compiling side by side)")
+
+
+def _shard(spec: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in spec.split("/"))
+    except ValueError:
+        raise pytest.UsageError(f"--shard takes I/N (e.g. 0/4), got {spec!r}") from None
+    if not 0 <= i < n:
+        raise pytest.UsageError(f"--shard {spec}: I must be in 0..N-1")
+    return i, n
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k have deselected: the slices split what is left
 def pytest_collection_modifyitems(config, items):
+    spec = config.getoption("--shard")
+    if spec:
+        i, n = _shard(spec)
+        # Contiguous slices keep a file's neighbouring parametrizations (same kernels, same specializations)
+        # in one process, so parallel shards rarely compile the same kernel twice.
+        lo, hi = i * len(items) // n, (i + 1) * len(items) // n
+        dropped = items[:lo] + items[hi:]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+        items[:] = items[lo:hi]
     no_gpu = pytest.mark.skip(reason="needs a CUDA device and compiled kernels (TRITON_INTERPRET unset)")
     no_interp = pytest.mark.skip(reason="kernels on CPU tensors need TRITON_INTERPRET=1 (set it to run these here)")
     for item in items:
