@@ -472,3 +472,20 @@ def test_opaque_int8_base_like_peft():
         mixed = ours(x, adapter_names=["default", "other"])
         ours.set_adapter("default")
         assert_rel(mixed[:1], ours(x[:1]), 1e-6, "mixed row with lora_bias")
+
+
+def test_compiles_without_graph_break():
+    """The effective bias is built outside the fused op: torch.compile(fullgraph=True) still sees one graph, and
+    the bias gradient is eager's."""
+    torch.manual_seed(0)
+    layer = FastLoraLinear(32, 24, r=4, init_lora_weights=False, lora_bias=True)
+    x = torch.randn(5, 32)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    y_c = compiled(x)
+    y_c.pow(2).sum().backward()
+    grad_c = layer.lora_B["default"].bias.grad.clone()
+    layer.zero_grad()
+    y_e = layer(x)
+    y_e.pow(2).sum().backward()
+    assert torch.equal(y_c, y_e)
+    assert_rel(grad_c, layer.lora_B["default"].bias.grad, 1e-6, "db_B")
