@@ -441,6 +441,15 @@ def test_4bit_layer_like_peft_and_merge():
         with pytest.warns(UserWarning):
             ours.unmerge()
         assert_rel(ours.base_layer.bias, b0, 1e-6, "unmerged bias")
+    # a mixed batch on the 4-bit base (fastpeft's fused mixed op): each row its own adapter's bias
+    ours.update_layer("nobias", r=2, lora_alpha=2, init_lora_weights=False)
+    with torch.no_grad():
+        mixed = ours(x, adapter_names=["default", "nobias", "__base__"])
+        ours.set_adapter("default")
+        assert_rel(mixed[:1], ours(x[:1]), 1e-5, "default row")
+        ours.set_adapter("nobias")
+        assert_rel(mixed[1:2], ours(x[1:2]), 1e-5, "nobias row")
+        assert_rel(mixed[2:], nn.functional.linear(x[2:], ours.dequantized_weight(), b0), 1e-5, "base row")
 
 
 def test_opaque_int8_base_like_peft():
@@ -489,3 +498,19 @@ def test_compiles_without_graph_break():
     y_e.pow(2).sum().backward()
     assert torch.equal(y_c, y_e)
     assert_rel(grad_c, layer.lora_B["default"].bias.grad, 1e-6, "db_B")
+
+
+def test_mixed_batch_training_gives_absent_adapters_a_zero_bias_gradient(backend):
+    """In training every trainable adapter takes part in the op (DDP finds all its parameters used): one with no
+    row in the batch gets zero gradients, its lora_B bias included; the other's bias gradient is scale · Σ dy of
+    its own rows."""
+    torch.manual_seed(0)
+    layer = FastLoraLinear(20, 14, r=3, lora_alpha=6, init_lora_weights=False, lora_bias=True)
+    layer.update_layer("b", r=2, lora_alpha=2, init_lora_weights=False, lora_bias=True)
+    layer.set_adapter(["default", "b"])
+    layer.train()
+    x, dy = torch.randn(3, 4, 20), torch.randn(3, 4, 14)
+    layer(x, adapter_names=["default", "__base__", "default"]).backward(dy)
+    assert layer.lora_B["b"].bias.grad is not None and not layer.lora_B["b"].bias.grad.any()
+    expected = layer.scaling["default"] * (dy[0] + dy[2]).sum(0)
+    assert_rel(layer.lora_B["default"].bias.grad, expected, 1e-6, "db_B")
