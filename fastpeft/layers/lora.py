@@ -324,11 +324,12 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str = True,
                               loftq_config: dict | None = None) -> None:
         """Initialize an adapter as peft does: True (A Kaiming-uniform, B and its bias zeros), "gaussian"
-        (A ~ N(0, 1/r), B and its bias zeros), False (nn.Linear's defaults kept), or from the base weight, which is then rewritten (see
-        ``fastpeft.layers.lora_init``): "pissa" / "pissa_niter_<K>" / "olora" (the base keeps the residual:
-        the layer's function is unchanged) and "loftq" (``loftq_config`` required; the base becomes its NF4
-        round trip). On a 4-bit base PiSSA and OLoRA decode the weight, and re-quantize the residual in
-        the base's own format. On the meta device (``fastpeft train``'s skeleton check) they run on shapes alone."""
+        (A ~ N(0, 1/r), B and its bias zeros), False (nn.Linear's defaults kept), or from the base weight,
+        which is then rewritten (see ``fastpeft.layers.lora_init``): "pissa" / "pissa_niter_<K>" / "olora"
+        (the base keeps the residual: the layer's function is unchanged) and "loftq" (``loftq_config``
+        required; the base becomes its NF4 round trip). On a 4-bit base PiSSA and OLoRA decode the weight,
+        and re-quantize the residual in the base's own format. On the meta device (``fastpeft train``'s
+        skeleton check) they run on shapes alone."""
         kind, niter = init_kind(init_lora_weights)
         if kind is False:
             return
