@@ -2,7 +2,7 @@
 
 A peft user keeps their configs: the fields fastpeft implements carry peft's names,
 defaults and meanings; the peft fields fastpeft does not implement are accepted
-only at their neutral value (e.g. ``lora_bias=False``) and refused with a clear
+only at their neutral value (e.g. ``layer_replication=None``) and refused with a clear
 error otherwise; peft fields unknown to this version are kept verbatim and
 written back, never silently dropped.
 """
@@ -38,7 +38,6 @@ BIAS_CHOICES = ("none", "all", "lora_only")
 
 # peft LoraConfig fields fastpeft does not implement, with the values under which they change nothing.
 _NEUTRAL: dict[str, tuple] = {
-    "lora_bias": (False, None),
     "target_parameters": (None, []),
     "trainable_token_indices": (None, [], {}),
     "eva_config": (None,),
@@ -144,6 +143,12 @@ class LoraConfig(AdapterConfigFile):
             trainable magnitude vector ``m`` (one entry per output feature, initialized to the row norms of
             ``W0 + scale·B·A``) and computes ``m / ‖W0 + scale·B·A‖_row ⊙ (x (W0 + scale·B·A)ᵀ) + b``, the
             norm detached from the gradient. Saved as peft saves it (``<path>.lora_magnitude_vector``).
+        lora_bias: give each adapted linear layer's ``lora_B`` a trainable bias ``b_B`` (peft's option): the
+            layer adds ``scale·(B A D(x) + b_B)`` (dropout never touches ``b_B``), zero at init with
+            ``init_lora_weights=True`` (nn.Linear's default init with False), merged into the base bias as
+            ``b + scale·b_B`` (impossible on a base without bias, as in peft). Saved as
+            ``<path>.lora_B.bias``. As peft: only with ``init_lora_weights`` True or False, not with DoRA,
+            not on embeddings.
         init_lora_weights: ``True`` (A Kaiming-uniform, B zero), ``False`` (random B: not an identity),
             ``"gaussian"`` (A ~ N(0, 1/r)), ``"pissa"`` (principal singular vectors; the base keeps the residual),
             ``"pissa_niter_<K>"`` (the same from ``torch.svd_lowrank`` with K iterations: fast, random),
@@ -176,6 +181,7 @@ class LoraConfig(AdapterConfigFile):
     fan_in_fan_out: bool = False
     use_rslora: bool = False
     use_dora: bool = False
+    lora_bias: bool = False
     init_lora_weights: bool | str = True
     loftq_config: dict[str, int] = field(default_factory=dict)
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -203,6 +209,15 @@ class LoraConfig(AdapterConfigFile):
         if self.bias not in BIAS_CHOICES:
             raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
         kind, _ = init_kind(self.init_lora_weights)  # raises on an unknown value, listing the supported ones
+        if self.lora_bias is None:  # (accepted as "off", as it was while the option was refused)
+            self.lora_bias = False
+        if self.lora_bias:  # peft's checks, with peft's messages
+            if self.init_lora_weights not in (True, False):
+                raise ValueError("The argument lora_bias=True is only supported with init_lora_weights=True or "
+                                 f"False, got init_lora_weights={self.init_lora_weights} instead.")
+            if self.use_dora:
+                raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass "
+                                 "use_dora=False")
         if kind == "loftq":
             self.loftq_config = check_loftq_config(self.loftq_config)
         elif self.loftq_config:
@@ -264,7 +279,7 @@ class LoraConfig(AdapterConfigFile):
 
 def _accept_peft_keywords(cls):
     """Let ``cls(...)`` take peft's LoraConfig keywords fastpeft does not implement, as peft users write
-    them (``LoraConfig(r=8, lora_bias=False)``): kept in ``extra`` and checked to be neutral, like the
+    them (``LoraConfig(r=8, layer_replication=None)``): kept in ``extra`` and checked to be neutral, like the
     fields of a loaded ``adapter_config.json``. Other unknown keywords still raise ``TypeError``."""
     init = cls.__init__
 

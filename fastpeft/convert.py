@@ -29,9 +29,8 @@ def _register_with_peft() -> None:
 
 
 def _adopt(layer: nn.Module, path: str) -> FastLoraLinear:
-    on = [n for n, v in getattr(layer, "lora_bias", {}).items() if v]
-    if on:
-        raise ValueError(f"{path}: peft option lora_bias is on for adapter(s) {on}; fastpeft does not support it")
+    # lora_bias: peft's lora_B modules carry their bias; they are adopted as they are (FastLoraLinear reads
+    # ``lora_bias`` from them)
     use_dora = {n: bool(v) for n, v in (getattr(layer, "use_dora", {}) or {}).items()}
     variants = {n: v for n, v in (getattr(layer, "lora_variant", {}) or {}).items()
                 if v is not None and not (use_dora.get(n) and type(v).__name__ == "DoraLinearVariant")}
@@ -120,7 +119,7 @@ def _to_peft_layer(layer: FastLoraLinear) -> nn.Module:
         return plora.LoraConfig(r=layer.r[n], lora_alpha=layer.lora_alpha[n],
                                 lora_dropout=float(getattr(drop, "p", 0.0)), use_rslora=layer.use_rslora[n],
                                 init_lora_weights=False, fan_in_fan_out=layer.fan_in_fan_out,
-                                use_dora=layer.use_dora.get(n, False))
+                                use_dora=layer.use_dora.get(n, False), lora_bias=layer.lora_bias[n])
 
     first = names[0]
     new = cls(base, first, config=config(first), r=layer.r[first], lora_alpha=layer.lora_alpha[first])

@@ -409,6 +409,14 @@ class LoraModel(nn.Module):
             for key in keys:
                 if isinstance(model.get_submodule(key), (nn.Embedding, FastLoraEmbedding)):
                     refuse_embedding_dora(repr(key))
+        lora_bias = bool(getattr(config, "lora_bias", False))
+        if lora_bias:  # peft refuses it on embeddings too (while injecting); here before anything is wrapped
+            for key in keys:
+                module = model.get_submodule(key)
+                if isinstance(module, (nn.Embedding, FastLoraEmbedding)):
+                    raise ValueError(f"lora_bias=True is not supported for the embedding layer {key!r} "
+                                     f"({type(module).__name__}), as in peft; drop it from target_modules or use "
+                                     "an adapter without lora_bias for it")
         for key in keys:
             module = model.get_submodule(key)
             r_key = _pattern_key(config.rank_pattern, key)
@@ -418,6 +426,8 @@ class LoraModel(nn.Module):
                       lora_dropout=config.lora_dropout, init_lora_weights=config.init_lora_weights,
                       use_rslora=config.use_rslora, use_dora=bool(config.use_dora),
                       loftq_config=config.loftq_config or None)
+            if lora_bias:
+                kw["lora_bias"] = True
             if isinstance(module, _LORA_LAYERS):
                 module.update_layer(adapter_name, **kw)
             elif isinstance(module, nn.Embedding):
@@ -617,6 +627,10 @@ class LoraModel(nn.Module):
         so). Adapters with different ``target_modules`` combine where they exist; ``modules_to_save`` of
         more than one of ``adapters`` on the same module is refused.
 
+        ``lora_bias``: as in peft, only ``lora_A``/``lora_B`` weights are combined. The new adapter takes
+        ``lora_bias`` from ``adapters[0]``'s config, and its ``lora_B.bias`` keeps its initialization (zeros
+        with ``init_lora_weights=True``); the source adapters' biases are not carried over (a warning says so).
+
         Example::
 
             model.add_weighted_adapter(["math", "code"], [0.7, 0.3], "both", combination_type="cat")
@@ -631,6 +645,14 @@ class LoraModel(nn.Module):
         build, rule = self._COMBINATIONS[combination_type]
         if rule is not None:
             warn_no_pruning(density, rule)
+        with_bias = [a for a in adapters if getattr(self.peft_config[a], "lora_bias", False)]
+        if with_bias:
+            new_has = bool(getattr(self.peft_config[adapters[0]], "lora_bias", False))
+            fate = ("keeps its initialization" if new_has
+                    else f"does not exist (it takes lora_bias=False from {adapters[0]!r})")
+            warnings.warn(f"add_weighted_adapter combines lora_A/lora_B only (as peft): the lora_B biases of "
+                          f"{with_bias} (lora_bias=True) are not carried into {adapter_name!r}, whose lora_B.bias "
+                          f"{fate}", stacklevel=2)
         first = self.peft_config[adapters[0]]
         config = dataclasses.replace(first, r=new_rank, lora_alpha=new_rank, target_modules=target_modules,
                                      rank_pattern={}, alpha_pattern={}, extra=copy.deepcopy(first.extra))

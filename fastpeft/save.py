@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
-_LORA_KEY = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)\.([^.]+)\.weight$")
+_LORA_KEY = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)\.([^.]+)\.(weight|bias)$")
 _MAGNITUDE = "lora_magnitude_vector"
 _EMBEDDING_KEY = re.compile(r"\.(lora_embedding_A|lora_embedding_B)\.([^.]+)$")
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # peft's names for save_embedding_layers="auto"
@@ -97,7 +97,7 @@ def adapter_state_dict(peft_model: PeftModel, adapter_name: str = "default",
         m = _LORA_KEY.search(key)
         if m:
             if m.group(2) == adapter_name:
-                suffix = "" if m.group(1) == _MAGNITUDE else ".weight"
+                suffix = "" if m.group(1) == _MAGNITUDE else f".{m.group(3)}"  # lora_B.bias with lora_bias
                 out[key[: m.start()] + f".{m.group(1)}{suffix}"] = value
             continue
         owner = next((w for w in wrappers if key.startswith(w + ".")), None)
@@ -271,6 +271,8 @@ def load_adapter_state(peft_model: PeftModel, saved: dict[str, torch.Tensor], ad
     for key, value in saved.items():
         if key.endswith((".lora_A.weight", ".lora_B.weight")):
             target = key[: -len(".weight")] + f".{adapter_name}.weight"
+        elif key.endswith(".lora_B.bias"):  # lora_bias=True
+            target = key[: -len(".bias")] + f".{adapter_name}.bias"
         elif key.endswith((".lora_embedding_A", ".lora_embedding_B")):
             target = f"{key}.{adapter_name}"
         elif key.endswith(f".{_MAGNITUDE}"):

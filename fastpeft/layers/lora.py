@@ -159,7 +159,9 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
     quantization error; all as peft, see ``fastpeft.layers.lora_init``).
     Adapter weights are fp32 on a half-precision base unless
     ``autocast_adapter_dtype=False``. ``use_dora``: DoRA, as peft's (see the module docstring): a trainable
-    magnitude per output feature, ``lora_magnitude_vector.<adapter>.weight``. Output dtype is the input's.
+    magnitude per output feature, ``lora_magnitude_vector.<adapter>.weight``. ``lora_bias``: ``lora_B`` gets a
+    bias ``b_B`` (peft's ``lora_bias=True``), added as ``scale·b_B`` (never dropped out), zero at init with
+    ``init_lora_weights=True``; the fused op takes the effective bias ``b + scale·b_B``. Output dtype is the input's.
 
     Example::
 
@@ -175,20 +177,20 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
                  lora_alpha: float = 8, lora_dropout: float = 0.0, use_rslora: bool = False,
                  fan_in_fan_out: bool = False, init_lora_weights: bool | str = True, use_dora: bool = False,
                  adapter_name: str = "default", autocast_adapter_dtype: bool = True, device=None, dtype=None,
-                 loftq_config: dict | None = None):
+                 loftq_config: dict | None = None, lora_bias: bool = False):
         super().__init__()
         base_cls = Conv1DBase if fan_in_fan_out else nn.Linear
         base = base_cls(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._wrap(base, adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                    use_rslora=use_rslora, init_lora_weights=init_lora_weights, use_dora=use_dora,
-                   autocast_adapter_dtype=autocast_adapter_dtype, loftq_config=loftq_config)
+                   autocast_adapter_dtype=autocast_adapter_dtype, loftq_config=loftq_config, lora_bias=lora_bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, *, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                     use_rslora: bool = False, fan_in_fan_out: bool | None = None,
                     init_lora_weights: bool | str = True, adapter_name: str = "default",
                     autocast_adapter_dtype: bool = True, use_dora: bool = False,
-                    loftq_config: dict | None = None) -> FastLoraLinear:
+                    loftq_config: dict | None = None, lora_bias: bool = False) -> FastLoraLinear:
         """Wrap an existing ``nn.Linear`` (or transformers ``Conv1D``) without copying its weight.
 
         ``fan_in_fan_out`` is detected from the module type when not given.
@@ -199,7 +201,8 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
                              f"{type(linear).__name__} (which needs fan_in_fan_out={detected})")
         return cls._wrapping(linear, adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                              use_rslora=use_rslora, init_lora_weights=init_lora_weights, use_dora=use_dora,
-                             autocast_adapter_dtype=autocast_adapter_dtype, loftq_config=loftq_config)
+                             autocast_adapter_dtype=autocast_adapter_dtype, loftq_config=loftq_config,
+                             lora_bias=lora_bias)
 
     @classmethod
     def _wrapping(cls, linear: nn.Module, adapter_name: str, **adapter_kwargs):
@@ -241,24 +244,24 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
     def update_layer(self, adapter_name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                      init_lora_weights: bool | str = True, use_rslora: bool = False,
                      autocast_adapter_dtype: bool = True, config=None, use_dora: bool = False,
-                     loftq_config: dict | None = None, **peft_kwargs) -> None:
+                     loftq_config: dict | None = None, lora_bias: bool = False, **peft_kwargs) -> None:
         """Add (or replace) adapter ``adapter_name`` and make it the active one (peft's name).
 
         ``use_dora``: a DoRA adapter, its magnitude initialized to the row norms of ``W0 + scale·B·A``
         (after the init of A and B). ``init_lora_weights``: see ``reset_lora_parameters``; ``loftq_config``
-        (a ``LoftQConfig`` or its dict) goes with ``"loftq"``.
+        (a ``LoftQConfig`` or its dict) goes with ``"loftq"``. ``lora_bias``: ``lora_B`` gets a bias (peft's
+        option; not with DoRA nor with an init from the base weight; a base without bias warns, as in peft,
+        that merging will be impossible).
 
         Called by peft's own model code (on a model converted with ``fastpeft.from_peft``), it takes
         peft's arguments: ``config`` (a LoraConfig) supplies dropout, init, rsLoRA and DoRA, the adapter
         then joins as peft's do (the active adapters stay active; the new one trains only if its config is
-        not in inference mode and it is active), and further keywords (``target_name``, …) are accepted;
-        peft features fastpeft lacks (``lora_bias``) are refused by name."""
-        if getattr(config, "lora_bias", False) or peft_kwargs.get("lora_bias"):
-            raise ValueError("peft option lora_bias=True is not supported by fastpeft's FastLoraLinear")
+        not in inference mode and it is active), and further keywords (``target_name``, …) are accepted."""
         if config is not None:
             lora_dropout, init_lora_weights = config.lora_dropout, config.init_lora_weights
             use_rslora, use_dora = config.use_rslora, bool(getattr(config, "use_dora", False))
             loftq_config = getattr(config, "loftq_config", None) or loftq_config
+            lora_bias = bool(getattr(config, "lora_bias", False))
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r!r}")
         if not 0.0 <= float(lora_dropout) < 1.0:
@@ -270,6 +273,17 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
             self._refuse_opaque("DoRA")
         if mutates_base(init_lora_weights):
             self._refuse_opaque(f"init_lora_weights={init_lora_weights!r}")
+        lora_bias = bool(lora_bias)
+        if lora_bias:
+            if use_dora:  # peft's LoraConfig refuses the pair with this message
+                raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
+            if kind in BASE_MUTATING:
+                raise ValueError("The argument lora_bias=True is only supported with init_lora_weights=True or "
+                                 f"False, got init_lora_weights={init_lora_weights} instead.")
+            if getattr(self.base_layer, "bias", None) is None:
+                warnings.warn(f"`lora_bias=True` was passed but the targeted layer of type "
+                              f"{type(self.base_layer).__name__} has no bias. This means that merging LoRA weights "
+                              "won't be possible.", stacklevel=2)
         weight = self.base_layer.weight
         dtype = weight.dtype
         if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
@@ -283,7 +297,8 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
         kw = dict(device=device, dtype=dtype)
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **kw)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **kw)
+        # (as peft's: nn.Linear(..., bias=lora_bias), so torch's generator is drawn from as in peft)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias, **kw)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.use_rslora[adapter_name] = bool(use_rslora)
@@ -308,12 +323,13 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
     @torch.no_grad()
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str = True,
                               loftq_config: dict | None = None) -> None:
-        """Initialize an adapter as peft does: True (A Kaiming-uniform, B zeros), "gaussian" (A ~ N(0, 1/r),
-        B zeros), False (nn.Linear's defaults kept), or from the base weight, which is then rewritten (see
-        ``fastpeft.layers.lora_init``): "pissa" / "pissa_niter_<K>" / "olora" (the base keeps the residual:
-        the layer's function is unchanged) and "loftq" (``loftq_config`` required; the base becomes its NF4
-        round trip). On a 4-bit base PiSSA and OLoRA decode the weight, and re-quantize the residual in
-        the base's own format. On the meta device (``fastpeft train``'s skeleton check) they run on shapes alone."""
+        """Initialize an adapter as peft does: True (A Kaiming-uniform, B and its bias zeros), "gaussian"
+        (A ~ N(0, 1/r), B and its bias zeros), False (nn.Linear's defaults kept), or from the base weight,
+        which is then rewritten (see ``fastpeft.layers.lora_init``): "pissa" / "pissa_niter_<K>" / "olora"
+        (the base keeps the residual: the layer's function is unchanged) and "loftq" (``loftq_config``
+        required; the base becomes its NF4 round trip). On a 4-bit base PiSSA and OLoRA decode the weight,
+        and re-quantize the residual in the base's own format. On the meta device (``fastpeft train``'s
+        skeleton check) they run on shapes alone."""
         kind, niter = init_kind(init_lora_weights)
         if kind is False:
             return
@@ -328,6 +344,8 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
         else:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         nn.init.zeros_(B)
+        if self.lora_B[adapter_name].bias is not None:
+            nn.init.zeros_(self.lora_B[adapter_name].bias)
 
     def _pissa_init(self, adapter_name: str, niter: int | None = None) -> None:
         """PiSSA on adapter ``adapter_name`` (``niter``: the fast ``svd_lowrank`` variant)."""
@@ -374,8 +392,10 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
         return list(self.lora_A.keys())
 
     def _adapter_parameters(self, name: str) -> list[torch.Tensor]:
-        """Adapter ``name``'s trainable tensors: A, B and (DoRA) the magnitude."""
+        """Adapter ``name``'s trainable tensors: A, B, B's bias (``lora_bias``) and (DoRA) the magnitude."""
         params = [self.lora_A[name].weight, self.lora_B[name].weight]
+        if self.lora_B[name].bias is not None:
+            params.append(self.lora_B[name].bias)
         if name in self.lora_magnitude_vector:
             params += list(self.lora_magnitude_vector[name].parameters())
         return params
@@ -405,8 +425,24 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
 
     @property
     def lora_bias(self) -> dict[str, bool]:
-        """``False`` for every adapter: fastpeft's ``lora_B`` has no bias (peft's ``lora_bias=False``)."""
-        return dict.fromkeys(self.lora_A, False)
+        """Per adapter, whether its ``lora_B`` has a bias (peft's ``lora_bias`` dict, read from the modules)."""
+        return {n: self.lora_B[n].bias is not None for n in self.lora_A}
+
+    def _scaled_lora_bias(self, name: str) -> torch.Tensor | None:
+        """``scale · b_B`` of adapter ``name`` (differentiable, B's dtype), None without ``lora_bias``."""
+        bias = self.lora_B[name].bias
+        return None if bias is None else bias * self.scaling[name]
+
+    def _effective_bias(self, name: str) -> torch.Tensor | None:
+        """The bias the fused op adds for adapter ``name``: the base's bias plus ``scale · b_B`` (fp32, built
+        with autograd so the op's bias gradient reaches ``lora_B.bias``, and the base bias only if it requires
+        grad); the base's bias alone without ``lora_bias``."""
+        base = self.base_layer.bias
+        extra = self._scaled_lora_bias(name)
+        if extra is None:
+            return base
+        extra = extra.float()
+        return extra if base is None else base.float() + extra
 
     @property
     def lora_variant(self) -> dict:
@@ -485,6 +521,31 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
                 w = self._unmerge_math(w, name)
         return w
 
+    def _check_bias_mergeable(self, names: list[str]) -> None:
+        """Raise (before anything is written) if one of ``names`` has a ``lora_B`` bias but the base has none
+        to merge it into (peft's error; peft raises it after writing the merged weight)."""
+        if getattr(self.base_layer, "bias", None) is None \
+                and any(n in self.lora_B and self.lora_B[n].bias is not None for n in names):
+            raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
+
+    def _merged_bias(self, name: str, safe_merge: bool, sign: float = 1.0) -> torch.Tensor | None:
+        """The base bias with adapter ``name``'s ``scale · b_B`` added (``sign`` -1: taken out), in fp32, None
+        when the adapter has no ``lora_B`` bias; NaN/inf raise under ``safe_merge``."""
+        extra = self._scaled_lora_bias(name)
+        if extra is None:
+            return None
+        new = self.base_layer.bias.detach().float() + sign * extra.detach().float()
+        if safe_merge and not torch.isfinite(new).all():
+            raise ValueError(f"NaNs or infs detected in the merged bias of adapter {name!r}; "
+                             "the adapter seems to be broken")
+        return new
+
+    def _write_bias(self, new: torch.Tensor | None) -> None:
+        """Store ``new`` (fp32) as the base bias in its own dtype (nothing when None)."""
+        if new is not None:
+            bias = self.base_layer.bias
+            bias.data.copy_(new.to(bias.dtype))
+
     def _check_merged(self, w: torch.Tensor, name: str, safe_merge: bool) -> None:
         if safe_merge and not torch.isfinite(w).all():
             self._dora_merged_norms.pop(name, None)
@@ -502,13 +563,16 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
         """Add the active (or the named) adapters into the base weight; forward becomes the base alone.
 
         DoRA adapters merge as in peft: ``W ← m / ‖W0 + ΔW‖_row ⊙ (W + ΔW)``, the norm kept for ``unmerge``.
-        ``safe_merge`` checks the merged weight for NaN/inf before writing it.
+        A ``lora_B`` bias (``lora_bias``) goes into the base bias: ``b ← b + scale·b_B`` (a base without bias
+        raises RuntimeError, as in peft, here before anything is written).
+        ``safe_merge`` checks the merged weight (and bias) for NaN/inf before writing it.
         """
         self._refuse_opaque("merge")
         names = self.active_adapters if adapter_names is None else list(adapter_names)
         already = [n for n in names if n in self.merged_adapters]
         if already:
             warnings.warn(f"Already merged adapters {already}; merging them again is skipped.", stacklevel=2)
+        self._check_bias_mergeable([n for n in names if n not in self.merged_adapters])
         weight = self.base_layer.weight
         for name in names:
             if name in self.merged_adapters:
@@ -519,13 +583,16 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
             w0 = self._unmerged_weight(w) if self.use_dora.get(name, False) and self.merged_adapters else None
             merged = self._merge_math(w, name, w0)
             self._check_merged(merged, name, safe_merge)
+            new_bias = self._merged_bias(name, safe_merge)
             weight.data.copy_(merged.to(weight.dtype))
+            self._write_bias(new_bias)
             self.merged_adapters.append(name)
         self.reset_dora_cache()
 
     def _unmerge_one(self, name: str) -> None:
         weight = self.base_layer.weight
         weight.data.copy_(self._unmerge_math(weight.float(), name).to(weight.dtype))
+        self._write_bias(self._merged_bias(name, False, sign=-1.0))
         self._dora_merged_norms.pop(name, None)
         self.merged_adapters.remove(name)
         self.reset_dora_cache()
@@ -541,18 +608,33 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` (new tensors) holding the base weight with the active adapters merged."""
+        """A plain ``nn.Linear`` (new tensors) holding the base weight with the active adapters merged (their
+        ``lora_B`` biases too: the new layer gets a bias if one of them has one, even on a base without)."""
         self._refuse_opaque("to_linear")
         weight = self._pending_merge(self.base_layer.weight.float())
         if self.fan_in_fan_out:
             weight = weight.t()
-        bias = self.base_layer.bias
+        bias = self._pending_bias()
         dtype = self.base_layer.weight.dtype
         lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=weight.device, dtype=dtype)
         lin.weight.copy_(weight.to(dtype))
         if bias is not None:
             lin.bias.copy_(bias)
         return lin
+
+    def _pending_bias(self) -> torch.Tensor | None:
+        """The base bias (fp32) plus ``scale · b_B`` of the active, unmerged adapters with a ``lora_B`` bias
+        (``to_linear``'s bias); None when neither exists."""
+        bias = self.base_layer.bias
+        out = None if bias is None else bias.detach().float()
+        if self._disable_adapters:
+            return out
+        for name in self.active_adapters:
+            if name in self.lora_A and name not in self.merged_adapters:
+                extra = self._scaled_lora_bias(name)
+                if extra is not None:
+                    out = extra.detach().float() if out is None else out + extra.detach().float()
+        return out
 
     # ------------------------------------------------------------- DoRA norm
     def _base_key(self) -> WeightStamp | None:
@@ -669,9 +751,10 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
     def _fused_forward(self, x: torch.Tensor, name: str, with_bias: bool = True, dropout_p: float | None = None,
                        seed: torch.Tensor | None = None) -> torch.Tensor:
         """The base layer plus adapter ``name`` in one fused op (``fastpeft.ops.lora_linear``): with the
-        base's bias unless ``with_bias`` is False, with the adapter's dropout unless ``dropout_p`` is given."""
+        base's bias (plus ``scale · b_B`` with ``lora_bias``) unless ``with_bias`` is False, with the adapter's
+        dropout unless ``dropout_p`` is given."""
         p = self._dropout_p(name) if dropout_p is None else dropout_p
-        return lora_linear(x, self.base_weight_for_op(), self.base_layer.bias if with_bias else None,
+        return lora_linear(x, self.base_weight_for_op(), self._effective_bias(name) if with_bias else None,
                            self.lora_A[name].weight, self.lora_B[name].weight, scale=self.scaling[name],
                            dropout_p=p, training=self.training, fan_in_fan_out=self.fan_in_fan_out, seed=seed)
 
@@ -793,11 +876,28 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
                               scales=[self.scaling[n] for n in present],
                               dropout_ps=[self._dropout_p(n) for n in present], training=self.training,
                               fan_in_fan_out=self.fan_in_fan_out)
+        if any(self.lora_B[n].bias is not None for n in present):
+            y = self._add_row_lora_bias(y, names, present)
         for n in present:  # DoRA adapters are here only with zero rows (refused by name above): their magnitude
             # gets its zero gradient too, through an empty slice (adds exactly 0; no NaN from dy can reach it)
             if n in self.lora_magnitude_vector and torch.is_grad_enabled():
                 y = y + self.lora_magnitude_vector[n].weight[:0].sum().to(y.dtype)
         return y
+
+    def _add_row_lora_bias(self, y: torch.Tensor, names: list[str], present: list[str]) -> torch.Tensor:
+        """``y`` with each sequence's own adapter's ``scale · b_B`` added (``lora_bias``; none for ``"__base__"``
+        rows and adapters without a bias), in fp32 then cast back once. Every adapter in ``present`` takes part,
+        so one without rows gets a zero gradient for its bias (as for its A and B)."""
+        out = self.out_features
+        ref = self.lora_A[present[0]].weight
+        table = [self._scaled_lora_bias(n) for n in present]
+        table = [torch.zeros(out, device=ref.device) if t is None else t.float() for t in table]
+        table.append(torch.zeros(out, device=ref.device))  # rows with no adapter here
+        pos = {n: i for i, n in enumerate(present)}
+        index = torch.tensor([pos.get(n, len(present)) for n in names], device=y.device)
+        rows = torch.stack(table).to(y.device).index_select(0, index)
+        rows = rows.view(len(names), *([1] * (y.dim() - 2)), out)
+        return (y.float() + rows).to(y.dtype)
 
     def _mixed_batch_unfused(self, x: torch.Tensor, *args, names: list[str], **kwargs) -> torch.Tensor:
         """A mixed-adapter batch on a base with its own forward: the base on every row, then each adapter on
@@ -832,6 +932,7 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
         """Each adapter's rank, alpha and scaling (and rsLoRA/DoRA), as peft's repr lists them."""
         parts = [f"{n}: r={self.r[n]}, lora_alpha={self.lora_alpha[n]}, scaling={self.scaling[n]:g}"
                  + (", rslora" if self.use_rslora[n] else "") + (", dora" if self.use_dora.get(n) else "")
+                 + (", lora_bias" if self.lora_B[n].bias is not None else "")
                  for n in self.lora_A]
         return f"in_features={self.in_features}, out_features={self.out_features}, " + "; ".join(parts)
 

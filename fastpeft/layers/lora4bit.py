@@ -79,7 +79,7 @@ class FastLoraLinear4bit(FastLoraLinear):
                     init_lora_weights: bool | str = True, adapter_name: str = "default",
                     autocast_adapter_dtype: bool = True, quant_type: str = "nf4", blocksize: int = 64,
                     compress_statistics: bool = True, use_dora: bool = False,
-                    loftq_config: dict | None = None) -> FastLoraLinear4bit:
+                    loftq_config: dict | None = None, lora_bias: bool = False) -> FastLoraLinear4bit:
         """Wrap a bitsandbytes/fastpeft ``Linear4bit`` as it is, or quantize a plain ``nn.Linear`` first
         (fastpeft's quantizer; ``quant_type``/``blocksize``/``compress_statistics`` apply only then)."""
         if fan_in_fan_out:
@@ -90,7 +90,8 @@ class FastLoraLinear4bit(FastLoraLinear):
             linear = quantize_linear(linear, quant_type, blocksize, compress_statistics)
         return cls._wrapping(linear, adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                              use_rslora=use_rslora, init_lora_weights=init_lora_weights, use_dora=use_dora,
-                             autocast_adapter_dtype=autocast_adapter_dtype, loftq_config=loftq_config)
+                             autocast_adapter_dtype=autocast_adapter_dtype, loftq_config=loftq_config,
+                             lora_bias=lora_bias)
 
     def _adopt_base(self, base: nn.Module) -> None:
         """Shape fields from a 4-bit base (used when converting a peft layer)."""
@@ -154,7 +155,9 @@ class FastLoraLinear4bit(FastLoraLinear):
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add adapters into the 4-bit base: dequantize, merge (DoRA as in ``FastLoraLinear.merge``),
-        re-quantize once (warns: costs a 4-bit rounding)."""
+        re-quantize once (warns: costs a 4-bit rounding). A ``lora_B`` bias goes into the base bias as
+        ``b + scale·b_B``, as ``FastLoraLinear.merge`` (peft's 4-bit layer adds ``b_B`` unscaled, which
+        does not match its own forward)."""
         names = self.active_adapters if adapter_names is None else list(adapter_names)
         already = [n for n in names if n in self.merged_adapters]
         if already:
@@ -162,19 +165,30 @@ class FastLoraLinear4bit(FastLoraLinear):
         todo = [n for n in names if n not in self.merged_adapters]
         if not todo:
             return
+        self._check_bias_mergeable(todo)
         w = self.dequantized_weight()
         w0 = self._unmerged_weight(w) if self.merged_adapters else w  # DoRA's norms: on the unmerged base
+        bias = None if self.base_layer.bias is None else self.base_layer.bias.detach().float()
         for name in todo:
             if name not in self.lora_A:
                 raise ValueError(f"unknown adapter {name!r}; this layer has {list(self.lora_A.keys())}")
             w = self._merge_math(w, name, w0)
             self._check_merged(w, name, safe_merge)
+            extra = self._scaled_lora_bias(name)
+            if extra is not None:
+                bias = bias + extra.detach().float()
+                if safe_merge and not torch.isfinite(bias).all():
+                    raise ValueError(f"NaNs or infs detected in the merged bias of adapter {name!r}; "
+                                     "the adapter seems to be broken")
         self._requantize(w, "merging into")
+        if bias is not None:
+            self._write_bias(bias)
         self.merged_adapters.extend(todo)
         self.reset_dora_cache()
 
     def _unmerge_one(self, name: str) -> None:
         self._requantize(self._unmerge_math(self.dequantized_weight(), name), "unmerging from")
+        self._write_bias(self._merged_bias(name, False, sign=-1.0))
         self._dora_merged_norms.pop(name, None)
         self.merged_adapters.remove(name)
         self.reset_dora_cache()
@@ -184,7 +198,7 @@ class FastLoraLinear4bit(FastLoraLinear):
         """A plain ``nn.Linear`` in ``dtype`` (bf16 by default): the decoded base plus the active unmerged
         adapters, merged in fp32 (no 4-bit rounding of the merge)."""
         w = self._pending_merge(self.dequantized_weight())
-        bias = self.base_layer.bias
+        bias = self._pending_bias()
         lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device, dtype=dtype)
         lin.weight.copy_(w.to(dtype))
         if bias is not None:
@@ -265,7 +279,7 @@ class FastLoraLinear4bit(FastLoraLinear):
         dtype = self._op_dtype(x)
         xc = x if dtype is None else x.to(dtype)
         p = self._dropout_p(name) if dropout_p is None else dropout_p
-        y = lora_linear_4bit(xc, self.weight4bit(), self.base_layer.bias if with_bias else None,
+        y = lora_linear_4bit(xc, self.weight4bit(), self._effective_bias(name) if with_bias else None,
                              self.lora_A[name].weight, self.lora_B[name].weight, scale=self.scaling[name],
                              dropout_p=p, training=self.training, seed=seed)
         return y if dtype is None else y.to(x.dtype)
