@@ -322,6 +322,58 @@ def test_norm_cache_not_fooled_by_a_new_weight_at_a_freed_address():
         assert_rel(twin.dora_weight_norm("default"), _materialized_norm64(twin), 1e-6, "copy")
 
 
+def test_norm_reused_without_autograd_until_w0_a_b_or_the_scale_change(monkeypatch):
+    """Under torch.no_grad (generation, evaluation) the whole norm ‖W0 + sBA‖ is kept: a second forward reads
+    W0 only in its GEMM. It is recomputed after an optimizer step, an in-place change of A, B or W0, a new
+    scale, load_state_dict, and always with autograd on (training); the outputs equal a fresh layer's."""
+    torch.manual_seed(0)
+    layer = FastLoraLinear(40, 24, r=4, lora_alpha=8, init_lora_weights=False, use_dora=True).eval()
+    computed = []
+    inner = layer._dora_weight_norm
+    monkeypatch.setattr(layer, "_dora_weight_norm", lambda name: computed.append(name) or inner(name))
+    x = torch.randn(5, 40)
+
+    def fresh():  # the same weights in a layer with nothing cached
+        twin = FastLoraLinear(40, 24, r=4, lora_alpha=8, init_lora_weights=False, use_dora=True).eval()
+        twin.load_state_dict(layer.state_dict())
+        twin.scaling.update(layer.scaling)
+        with torch.no_grad():
+            return twin(x)
+
+    def out():
+        with torch.no_grad():
+            return layer(x)
+
+    y = out()
+    assert len(computed) == 1 and torch.equal(out(), y) and len(computed) == 1  # reused
+    torch.testing.assert_close(y, fresh(), rtol=0, atol=0)
+    layer(x)  # autograd on: recomputed, and nothing cached by it
+    layer(x)
+    assert len(computed) == 3
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.3)
+    layer.train()
+    layer(x).pow(2).sum().backward()
+    opt.step()  # moves A, B and the magnitude in place
+    layer.eval()
+    n = len(computed)
+    y2 = out()
+    assert len(computed) == n + 1 and not torch.equal(y2, y)
+    torch.testing.assert_close(y2, fresh(), rtol=0, atol=0)
+    changes = [lambda: layer.lora_A["default"].weight.mul_(1.5), lambda: layer.lora_B["default"].weight.add_(0.1),
+               lambda: layer.base_layer.weight.mul_(0.5),
+               lambda: layer.scaling.update(default=layer.scaling["default"] * 2),
+               lambda: layer.load_state_dict({k: v * 0.9 for k, v in layer.state_dict().items()})]
+    for i, change in enumerate(changes):
+        with torch.no_grad():
+            change()
+        n = len(computed)
+        yi = out()
+        assert len(computed) == n + 1, i
+        torch.testing.assert_close(yi, fresh(), rtol=0, atol=0)
+        out()
+        assert len(computed) == n + 1, i  # and kept again
+
+
 def test_fresh_dora_adapter_is_the_identity(backend):
     """B = 0 at peft's default init: m = ‖W0‖ exactly as the forward computes it, so the output is the base's."""
     torch.manual_seed(0)

@@ -240,6 +240,9 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
         self._disable_adapters = False
         self._dora_merged_norms: dict[str, torch.Tensor] = {}  # ‖W0 + ΔW‖ at merge time, for unmerge
         self._w0_sq_cache: tuple | None = None  # (key of the base weight, ‖W0_o‖² fp32)
+        # adapter → (keys of W0, A, B and the scale, ‖W0 + s·B·A‖ fp32): DoRA's whole norm, reused only with
+        # autograd off (generation, eval loops), where nothing changes between forwards
+        self._dora_norm_cache: dict[str, tuple] = {}
 
     def update_layer(self, adapter_name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                      init_lora_weights: bool | str = True, use_rslora: bool = False,
@@ -553,10 +556,12 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
                              "the adapter seems to be broken")
 
     def reset_dora_cache(self) -> None:
-        """Forget the cached ``‖W0_o‖²`` of DoRA's weight norm. fastpeft resets it itself (merge, unmerge) and
-        notices in-place changes and replacements of the base weight; call this only after writing into
-        the base weight through ``.data`` (which autograd's version counter does not see)."""
+        """Forget the cached ``‖W0_o‖²`` of DoRA's weight norm, and the norms cached under ``torch.no_grad``.
+        fastpeft resets them itself (merge, unmerge) and notices in-place changes and replacements of the base
+        weight and of ``lora_A``/``lora_B``; call this only after writing into one of them through ``.data``
+        (which autograd's version counter does not see)."""
         self._w0_sq_cache = None
+        self.__dict__.setdefault("_dora_norm_cache", {}).clear()
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -683,12 +688,41 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
                 self._w0_sq_cache = (key, sq)
         return sq, proj
 
-    @torch.no_grad()
+    def _dora_norm_key(self, adapter_name: str) -> tuple | None:
+        """What the whole DoRA norm of ``adapter_name`` depends on (W0, A, B as ``WeightStamp``s, the scale), or
+        None — no reuse — with autograd on (training: A and B change every step), under torch.compile, or
+        without version counters (inference tensors)."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        base = self._base_key()
+        if base is None:
+            return None
+        try:
+            lora = WeightStamp([self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight],
+                               (float(self.scaling[adapter_name]),))
+        except (RuntimeError, NotImplementedError):
+            return None
+        return base, lora
+
     def dora_weight_norm(self, adapter_name: str) -> torch.Tensor:
         """``‖W0 + scale·B·A‖`` per output feature (fp32, shape (out,), no gradient) — what peft computes by
         forming the (out, in) matrix, here from ``‖W0_o‖² + 2s·Σ_r B_or (W0 Aᵀ)_or + s²·Σ_r (B (A Aᵀ))_or B_or``
         (cached ``‖W0_o‖²``; ``W0 Aᵀ`` through the base's row reader), clamped at 0 before the square root.
-        Autocast is off inside: these fp32 matmuls stay fp32."""
+        Under ``torch.no_grad`` (generation, evaluation) the norm itself is kept and reused while W0, A, B
+        and the scale are unchanged, so a DoRA layer then reads W0 once per forward (its GEMM), as a LoRA
+        layer does, instead of twice. Autocast is off inside: these fp32 matmuls stay fp32."""
+        key = self._dora_norm_key(adapter_name)
+        cache = self.__dict__.setdefault("_dora_norm_cache", {})
+        hit = cache.get(adapter_name)
+        if key is not None and hit is not None and hit[0] == key:
+            return hit[1]
+        with torch.no_grad():
+            norm = self._dora_weight_norm(adapter_name)
+        if key is not None:
+            cache[adapter_name] = (key, norm)
+        return norm
+
+    def _dora_weight_norm(self, adapter_name: str) -> torch.Tensor:
         A = self.lora_A[adapter_name].weight.float()
         B = self.lora_B[adapter_name].weight.float()
         s = float(self.scaling[adapter_name])
