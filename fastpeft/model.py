@@ -1098,7 +1098,19 @@ class PeftModel(nn.Module):
 
     def __new__(cls, *args, **kwargs):
         _let_transformers_trainer_see_fastpeft()
-        return super().__new__(cls)
+        config = args[1] if len(args) > 1 else kwargs.get("peft_config")
+        target = cls
+        if config is not None and not isinstance(config, LoraConfig):
+            # as peft's PeftModel(model, config) / PeftModelForCausalLM(model, config): any method's config
+            from .tasks import is_dispatching_class, model_class_for
+
+            if is_dispatching_class(cls):
+                target = model_class_for(config, task=None if cls is PeftModel else cls)
+                if cls is PeftModel:  # peft's PeftModel(...) is a PeftModel whatever the task type
+                    from .methods import _coerce_config, _method_class
+
+                    target = _method_class(_coerce_config(config))
+        return super().__new__(target)
 
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default"):
         super().__init__()
@@ -1290,7 +1302,10 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         # The init runs as in training (the saved A and B then replace its adapter weights): for PiSSA it is
         # what turns the base into the residual W - scale·B0·A0 the adapter was trained on, as in peft.
-        peft_model = cls(model, config, adapter_name)
+        from .tasks import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+
+        # as peft: the task type's class (PeftModelForCausalLM, ...), else the class this was called on
+        peft_model = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type or "", cls)(model, config, adapter_name)
         from .save import load_adapter_weights
 
         load_adapter_weights(peft_model, model_id, adapter_name, allow_pickle=allow_pickle)
@@ -1478,4 +1493,7 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
         raise ValueError("model is already a fastpeft PeftModel; use model.add_adapter(name, config)")
     if type(model).__module__.startswith("peft."):
         raise ValueError("model is a peft PeftModel; convert it with fastpeft.from_peft(model) instead")
-    return PeftModel(model, peft_config, adapter_name)
+    from .tasks import with_task
+
+    # peft's task class for the config's task_type (PeftModelForCausalLM, ...), else PeftModel
+    return with_task(PeftModel, peft_config.task_type)(model, peft_config, adapter_name)
