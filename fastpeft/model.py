@@ -1175,6 +1175,58 @@ class PeftModel(nn.Module):
         pct = 100 * trainable / total if total else 0.0
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}")
 
+    @property
+    def base_model_torch_dtype(self) -> torch.dtype | None:
+        """The wrapped model's ``dtype`` (peft's property), or None when it has none."""
+        return getattr(self.get_base_model(), "dtype", None)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Switch training on (default) or off for the named adapters' weights (and modules_to_save copies),
+        whether or not they are active (peft's method). Not for prompt learning, as in peft."""
+        if getattr(self.active_peft_config, "is_prompt_learning", False):
+            raise TypeError("Setting `requires_grad` is not supported for prompt learning methods like "
+                            f"{self.active_peft_config.peft_type}.")
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
+        setter = getattr(type(self.base_model), "set_requires_grad", None)
+        if setter is None:
+            raise NotImplementedError(f"set_requires_grad is not implemented for {self.peft_type} in fastpeft")
+        setter(self.base_model, names, requires_grad)
+
+    def get_layer_status(self) -> list:
+        """Each adapter layer's state (peft's method; see :func:`fastpeft.get_layer_status`)."""
+        from .status import get_layer_status
+
+        return get_layer_status(self)
+
+    def get_model_status(self):
+        """The adapters' state summed over the model (peft's method; see :func:`fastpeft.get_model_status`)."""
+        from .status import get_model_status
+
+        return get_model_status(self)
+
+    def create_or_update_model_card(self, output_dir: str | os.PathLike) -> None:
+        """Write or update ``output_dir/README.md`` as ``save_pretrained`` does (peft's method): ``library_name:
+        peft``, the base model, tags; a card already there keeps its text."""
+        from .hub import write_model_card
+
+        os.makedirs(output_dir, exist_ok=True)
+        write_model_card(self, output_dir)
+
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
+        """peft's method: unless ``model`` is quantized, make its input embeddings' output require grad (through
+        transformers' ``enable_input_require_grads``, else a forward hook), so that checkpointed blocks get a
+        gradient with a frozen base. Returns ``model``."""
+        if not any(getattr(model, flag, False) for flag in ("is_loaded_in_8bit", "is_loaded_in_4bit",
+                                                             "is_quantized")):
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+            elif hasattr(model, "get_input_embeddings"):
+                model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+        return model
+
     # ----------------------------------------------------------------- adapters
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False) -> None:
         """Inject another adapter; the active adapter does not change (as in peft)."""

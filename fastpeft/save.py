@@ -321,17 +321,45 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
     weights per ``save_embedding_layers``, as peft)."""
     if hasattr(model, "adapter_state_dict"):  # the other methods' models
         return model.adapter_state_dict(adapter_name)
+    _check_plain_model(model, adapter_name)
     return adapter_state_dict(model, adapter_name, state_dict, save_embedding_layers)
 
 
+def _check_plain_model(model: nn.Module, adapter_name: str) -> None:
+    """A model that is no fastpeft ``PeftModel`` (``inject_adapter_in_model``'s result) must hold LoRA adapters
+    (``model.peft_config``) and ``adapter_name`` among them; raise naming what is wrong otherwise."""
+    from .model import PeftModel
+
+    if isinstance(model, PeftModel):
+        return
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or not configs:
+        raise ValueError(f"{type(model).__name__} holds no fastpeft adapter (no peft_config): build it with "
+                         "fastpeft.get_peft_model or fastpeft.inject_adapter_in_model")
+    if adapter_name not in configs:
+        raise ValueError(f"unknown adapter {adapter_name!r}; this model has {list(configs)}")
+    config = configs[adapter_name]
+    if getattr(config, "peft_type", "LORA") != "LORA":
+        raise NotImplementedError(f"the state dict of a {config.peft_type} adapter injected into a plain model is "
+                                  "not implemented in fastpeft (LoRA is); use fastpeft.get_peft_model for it")
+
+
 def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, torch.Tensor],
-                              adapter_name: str = "default"):
+                              adapter_name: str = "default", low_cpu_mem_usage: bool = False):
     """peft's function of the same name: load tensors under peft's saved key names (as
     :func:`get_peft_model_state_dict` returns them, or an adapter file holds them) into ``adapter_name``.
+    ``model``: a fastpeft ``PeftModel``, or a plain model with LoRA layers from ``inject_adapter_in_model``.
 
     Strict, unlike peft's: a missing, unexpected or mis-shaped tensor raises ``ValueError`` naming it.
-    Returns the load result (empty missing / unexpected keys)."""
+    ``low_cpu_mem_usage`` (peft's: assign instead of copy into meta-device weights) changes nothing here:
+    fastpeft's adapter weights are real tensors, copied into. Returns the load result (empty missing /
+    unexpected keys)."""
     from torch.nn.modules.module import _IncompatibleKeys
 
-    model._load_adapter_state(peft_model_state_dict, adapter_name, "the given adapter state dict")
+    where = "the given adapter state dict"
+    if not hasattr(model, "_load_adapter_state"):  # a plain model with injected LoRA layers
+        _check_plain_model(model, adapter_name)
+        load_adapter_state(model, peft_model_state_dict, adapter_name, where)
+        return _IncompatibleKeys([], [])
+    model._load_adapter_state(peft_model_state_dict, adapter_name, where)
     return _IncompatibleKeys([], [])
