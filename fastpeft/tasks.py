@@ -86,10 +86,38 @@ def with_task(model_class: type, task: type | str | None) -> type:
         return task
     key = (model_class, task)
     if key not in _COMBINED:
+        # named as the task class; found by pickle under its own qualified name (see the module __getattr__)
         _COMBINED[key] = type(task.__name__, (model_class, task), {
-            "__module__": __name__, "__qualname__": task.__qualname__,
+            "__module__": __name__, "__qualname__": f"{model_class.__name__}{_SEP}{task.__name__}",
             "__doc__": f"{model_class.__name__} as peft's {task.__name__} (see :mod:`fastpeft.tasks`)."})
     return _COMBINED[key]
+
+
+_SEP = "__as__"
+
+
+def _method_model_classes() -> dict[str, type]:
+    """fastpeft's model classes of the other methods, by name."""
+    from .methods import adalora, bottleneck, ia3, prompt, select  # noqa: F401 - defines the classes
+
+    found, todo = {}, [PeftModel]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub.__module__.startswith("fastpeft.methods.") and sub.__name__ not in found:
+                found[sub.__name__] = sub
+            todo.append(sub)
+    return found
+
+
+def __getattr__(name: str):
+    """``<MethodClass>__as__<TaskClass>``: the class :func:`with_task` makes (so that pickle finds it by name)."""
+    base_name, sep, task_name = name.partition(_SEP)
+    if sep:
+        task = next((t for t in _TASK_CLASSES if t.__name__ == task_name), None)
+        base = _method_model_classes().get(base_name)
+        if task is not None and base is not None:
+            return with_task(base, task)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def model_class_for(config: Any, task: type | None = None) -> type:

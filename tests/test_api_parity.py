@@ -361,3 +361,14 @@ def test_top_level_names_exist():
              *(cls.__name__ for cls in peft.MODEL_TYPE_TO_PEFT_MODEL_MAPPING.values())]
     assert all(hasattr(peft, n) for n in names)
     assert [n for n in names if n not in fastpeft.__all__] == []
+
+
+def test_method_task_class_pickles(tmp_path):
+    """torch.save / torch.load of a whole model whose class derives from a method's class and a task class (as
+    before the task classes existed, when such a model was an IA3PeftModel)."""
+    model = fastpeft.get_peft_model(tiny_llama(V), fastpeft.IA3Config(target_modules=["k_proj"], feedforward_modules=[],
+                                                                      task_type="CAUSAL_LM"))
+    torch.save(model, tmp_path / "m.pt")
+    back = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert type(back) is type(model) and isinstance(back, fastpeft.PeftModelForCausalLM)
+    torch.testing.assert_close(run(back.eval(), "CAUSAL_LM"), run(model.eval(), "CAUSAL_LM"))
