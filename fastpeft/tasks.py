@@ -27,9 +27,25 @@ class PeftModelForCausalLM(PeftModel):
     """peft's ``PeftModelForCausalLM``: a :class:`fastpeft.PeftModel` for ``task_type="CAUSAL_LM"`` (``generate``
     with the adapter applied, as the base class)."""
 
+    @property
+    def base_model_prepare_inputs_for_generation(self):
+        """The wrapped transformers model's own ``prepare_inputs_for_generation`` (peft's attribute)."""
+        return self.get_base_model().prepare_inputs_for_generation
+
 
 class PeftModelForSeq2SeqLM(PeftModel):
     """peft's ``PeftModelForSeq2SeqLM``: a :class:`fastpeft.PeftModel` for ``task_type="SEQ_2_SEQ_LM"``."""
+
+    @property
+    def base_model_prepare_inputs_for_generation(self):
+        """The wrapped transformers model's own ``prepare_inputs_for_generation`` (peft's attribute)."""
+        return self.get_base_model().prepare_inputs_for_generation
+
+    @property
+    def base_model_prepare_encoder_decoder_kwargs_for_generation(self):
+        """The wrapped transformers model's own ``_prepare_encoder_decoder_kwargs_for_generation`` (peft's
+        attribute)."""
+        return self.get_base_model()._prepare_encoder_decoder_kwargs_for_generation
 
 
 class PeftModelForSequenceClassification(PeftModel):

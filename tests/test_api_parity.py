@@ -89,6 +89,12 @@ def test_get_peft_model_returns_peft_task_class(task, tmp_path):
     assert type(ours).__name__ == type(theirs).__name__
     assert isinstance(ours, getattr(fastpeft, type(theirs).__name__)) and isinstance(ours, fastpeft.PeftModel)
     assert fastpeft.MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task] is type(ours)
+    for name in ("base_model_prepare_inputs_for_generation",
+                 "base_model_prepare_encoder_decoder_kwargs_for_generation"):
+        assert hasattr(ours, name) == hasattr(theirs, name), name
+        if hasattr(theirs, name):
+            assert getattr(ours, name).__func__ is getattr(theirs, name).__func__, name  # the base model's method
+            assert getattr(ours, name).__self__ is ours.get_base_model(), name
     state = perturbed_state(theirs)
     assert set(fastpeft.get_peft_model_state_dict(ours)) == set(state)
     peft.set_peft_model_state_dict(theirs, state)
