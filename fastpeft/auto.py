@@ -12,7 +12,10 @@ class from the config's ``base_model_name_or_path`` (further keyword arguments g
 ``cache_dir`` and ``local_files_only`` serve both downloads; the base is read at the config's own ``revision``,
 if it records one, as peft does). If the adapter folder holds a tokenizer whose
 vocabulary is larger than the base's embeddings, the embeddings are resized first, as peft does. Then
-``PeftModel.from_pretrained`` (any method fastpeft implements, LoRA or not).
+``PeftModel.from_pretrained`` (any method fastpeft implements, LoRA or not), which returns peft's task class for
+the adapter's ``task_type`` (``PeftModelForCausalLM``, …; see :mod:`fastpeft.tasks`). As peft, a loader whose task
+does not match the adapter's ``task_type`` is refused (``AutoPeftModelForCausalLM`` for a SEQ_CLS adapter, or
+``AutoPeftModel`` for any adapter with a task type).
 """
 
 from __future__ import annotations
