@@ -1104,12 +1104,12 @@ class PeftModel(nn.Module):
             # as peft's PeftModel(model, config) / PeftModelForCausalLM(model, config): any method's config
             from .tasks import is_dispatching_class, model_class_for
 
-            if is_dispatching_class(cls):
-                target = model_class_for(config, task=None if cls is PeftModel else cls)
-                if cls is PeftModel:  # peft's PeftModel(...) is a PeftModel whatever the task type
-                    from .methods import _coerce_config, _method_class
+            if cls is PeftModel:  # peft's PeftModel(...) is no task class, whatever the task type
+                from .methods import _coerce_config, _method_class
 
-                    target = _method_class(_coerce_config(config))
+                target = _method_class(_coerce_config(config))
+            elif is_dispatching_class(cls):  # PeftModelForCausalLM(model, IA3Config(...)), ...
+                target = model_class_for(config, task=cls)
         return super().__new__(target)
 
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default"):
