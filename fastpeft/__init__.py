@@ -42,6 +42,7 @@ _kernels_from_source_tree()
 # The imports below come after the kernels are importable (E402 is ignored for this file).
 from .api import (
     PEFT_TYPE_TO_CONFIG_MAPPING,
+    PeftConfig,
     PeftType,
     cast_mixed_precision_params,
     get_peft_config,
@@ -103,6 +104,7 @@ __all__ = [
     "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
+    "PeftConfig",
     "PeftType",
     "cast_mixed_precision_params",
     "get_peft_config",

@@ -75,6 +75,52 @@ def get_peft_config(config_dict: dict[str, Any]):
     return PEFT_TYPE_TO_CONFIG_MAPPING[peft_type].from_dict(dict(config_dict))
 
 
+def _config_bases() -> tuple[type, ...]:
+    from .methods.configs import MethodConfig
+
+    return (LoraConfig, MethodConfig)
+
+
+class _PeftConfigMeta(type):
+    """``isinstance(config, PeftConfig)`` / ``issubclass(cls, PeftConfig)`` hold for every fastpeft config."""
+
+    def __instancecheck__(cls, obj: Any) -> bool:
+        return isinstance(obj, _config_bases())
+
+    def __subclasscheck__(cls, sub: type) -> bool:
+        return isinstance(sub, type) and (sub is cls or issubclass(sub, _config_bases()))
+
+
+class PeftConfig(metaclass=_PeftConfigMeta):
+    """peft's ``PeftConfig`` as users call it: ``PeftConfig.from_pretrained(adapter)`` reads any adapter's
+    ``adapter_config.json`` into the config class its ``peft_type`` names, and ``isinstance(config, PeftConfig)``
+    holds for every fastpeft config (``LoraConfig``, ``IA3Config``, ...). Not built directly (build a method's
+    config); fastpeft's configs do not inherit from it."""
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("fastpeft.PeftConfig is not built directly: build the method's config (LoraConfig, "
+                        "IA3Config, ...) or read one with PeftConfig.from_pretrained(adapter)")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
+                        **kwargs):
+        """The config in ``pretrained_model_name_or_path`` (a folder, an ``adapter_config.json`` or a Hub repo id,
+        with peft's Hub keywords ``revision``, ``token``, ``cache_dir``, ...), as the class its ``peft_type`` names.
+        Other keywords are refused: as peft's documentation says, set attributes on the returned config."""
+        from .config import read_config_dict
+        from .hub import pop_hub_kwargs, resolve_adapter_path
+
+        hub = pop_hub_kwargs(kwargs)
+        kwargs.pop("user_agent", None)  # peft's download label: nothing to do with the config
+        if kwargs:
+            raise TypeError(f"PeftConfig.from_pretrained got keyword(s) {sorted(kwargs)}; the saved values win in "
+                            "peft, so set attributes on the returned config instead")
+        path = resolve_adapter_path(pretrained_model_name_or_path, subfolder=subfolder, **hub)
+        data = read_config_dict(path)
+        data.setdefault("peft_type", "LORA")
+        return get_peft_config(data)
+
+
 def _modules_named_by(state_dict: dict[str, torch.Tensor], prefix: str) -> set[str]:
     """peft's reading of a state dict: the module names before ``.<prefix>`` in its keys."""
     return {k.rsplit("." + prefix, 1)[0].removeprefix("_orig_mod.") for k in state_dict}

@@ -272,6 +272,29 @@ def test_get_peft_config_matches_peft(make):
             assert mine[key] == (sorted(value) if isinstance(value, set) else getattr(value, "value", value)), key
 
 
+@pytest.mark.parametrize("method", ["lora", "ia3", "prompt"])
+def test_peft_config_from_pretrained_matches_peft(method, tmp_path):
+    """PeftConfig.from_pretrained(adapter folder): the class peft_type names, its fields; isinstance holds."""
+    if method == "lora":
+        make = lambda m: m.LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")  # noqa: E731
+    elif method == "ia3":
+        make = lambda m: m.IA3Config(target_modules=["k_proj"], feedforward_modules=[])  # noqa: E731
+    else:
+        make = lambda m: m.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM")  # noqa: E731
+    peft.get_peft_model(tiny_llama(V), make(peft)).save_pretrained(tmp_path)
+    ours = fastpeft.PeftConfig.from_pretrained(tmp_path)
+    theirs = peft.PeftConfig.from_pretrained(str(tmp_path))
+    assert type(ours).__name__ == type(theirs).__name__
+    assert isinstance(ours, fastpeft.PeftConfig) and issubclass(type(ours), fastpeft.PeftConfig)
+    assert (ours.peft_type, ours.task_type, ours.base_model_name_or_path, ours.inference_mode) == \
+        (theirs.peft_type.value, theirs.task_type, theirs.base_model_name_or_path, theirs.inference_mode)
+    assert not isinstance(theirs, fastpeft.PeftConfig) and not isinstance(object(), fastpeft.PeftConfig)
+    with pytest.raises(TypeError, match="set attributes on the returned config"):
+        fastpeft.PeftConfig.from_pretrained(tmp_path, inference_mode=False)
+    with pytest.raises(TypeError, match="not built directly"):
+        fastpeft.PeftConfig()
+
+
 def test_get_peft_config_errors():
     with pytest.raises(ValueError, match="no 'peft_type'"):
         fastpeft.get_peft_config({"r": 4})
@@ -362,6 +385,7 @@ def test_auto_peft_model_new_tasks(task, auto, tmp_path):
 def test_top_level_names_exist():
     """The peft names this module covers are importable from fastpeft and listed in __all__."""
     names = ["inject_adapter_in_model", "load_peft_weights", "get_peft_config", "cast_mixed_precision_params",
+             "PeftConfig",
              "AutoPeftModelForFeatureExtraction", "AutoPeftModelForQuestionAnswering", "PeftType",
              "MODEL_TYPE_TO_PEFT_MODEL_MAPPING", "PEFT_TYPE_TO_CONFIG_MAPPING",
              *(cls.__name__ for cls in peft.MODEL_TYPE_TO_PEFT_MODEL_MAPPING.values())]
