@@ -1528,7 +1528,9 @@ def _saved_peft_type(model_id: str | os.PathLike) -> str:
     return str(read_config_dict(model_id).get("peft_type") or "LORA")
 
 
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> PeftModel:
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", mixed: bool = False,
+                   autocast_adapter_dtype: bool = True, revision: str | None = None,
+                   low_cpu_mem_usage: bool = False) -> PeftModel:
     """Wrap ``model`` with fastpeft LoRA layers as ``peft.get_peft_model`` does (peft's names, freezing, API).
 
     Example::
@@ -1536,7 +1538,26 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
         from fastpeft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
         model.print_trainable_parameters()
+
+    peft's further keywords: ``revision`` (the base model's, recorded in the config; a different one already there
+    is overwritten with a warning, as peft); ``autocast_adapter_dtype=True`` is fastpeft's behaviour anyway (adapter
+    weights in fp32 on fp16/bf16 bases); ``False`` and ``mixed=True`` (peft's ``PeftMixedModel``) are not
+    implemented and raise; ``low_cpu_mem_usage=True`` warns that the adapter weights are created as usual.
     """
+    if mixed:
+        raise NotImplementedError("get_peft_model(mixed=True) (peft's PeftMixedModel, adapters of several methods "
+                                  "in one model) is not implemented in fastpeft")
+    if not autocast_adapter_dtype:
+        raise NotImplementedError("get_peft_model(autocast_adapter_dtype=False) is not implemented in fastpeft: its "
+                                  "adapter weights are kept in fp32 on fp16/bf16 bases (peft's default)")
+    if low_cpu_mem_usage:
+        warnings.warn("low_cpu_mem_usage=True: fastpeft creates the adapter weights on the base layers' device "
+                      "(peft creates them empty on the meta device)", stacklevel=2)
+    if revision is not None:
+        if getattr(peft_config, "revision", None) is not None and peft_config.revision != revision:
+            warnings.warn(f"peft config has already set base model revision to {peft_config.revision}, "
+                          f"overwriting with revision {revision}", stacklevel=2)
+        peft_config.revision = revision
     if not isinstance(peft_config, LoraConfig):
         from .methods import get_method_model
 

@@ -402,3 +402,23 @@ def test_method_task_class_pickles(tmp_path):
     back = torch.load(tmp_path / "m.pt", weights_only=False)
     assert type(back) is type(model) and isinstance(back, fastpeft.PeftModelForCausalLM)
     torch.testing.assert_close(run(back.eval(), "CAUSAL_LM"), run(model.eval(), "CAUSAL_LM"))
+
+
+def test_get_peft_model_keywords_match_peft(tmp_path):
+    """peft's get_peft_model keywords: revision recorded in the saved config (a different one warned about and
+    replaced), the others refused or warned about by name."""
+    for lib, folder in ((fastpeft, tmp_path / "ours"), (peft, tmp_path / "theirs")):
+        config = lib.LoraConfig(r=2, target_modules=["q_proj"], revision="v1")
+        with pytest.warns(UserWarning, match="overwriting with revision v2"):
+            model = lib.get_peft_model(tiny_llama(V), config, revision="v2")
+        model.save_pretrained(folder)
+    assert fastpeft.PeftConfig.from_pretrained(tmp_path / "ours").revision == \
+        peft.PeftConfig.from_pretrained(str(tmp_path / "theirs")).revision == "v2"
+    with pytest.raises(NotImplementedError, match="mixed=True"):
+        fastpeft.get_peft_model(tiny_llama(V), fastpeft.LoraConfig(r=2, target_modules=["q_proj"]), mixed=True)
+    with pytest.raises(NotImplementedError, match="autocast_adapter_dtype=False"):
+        fastpeft.get_peft_model(tiny_llama(V), fastpeft.LoraConfig(r=2, target_modules=["q_proj"]),
+                                autocast_adapter_dtype=False)
+    with pytest.warns(UserWarning, match="low_cpu_mem_usage"):
+        fastpeft.get_peft_model(tiny_llama(V), fastpeft.LoraConfig(r=2, target_modules=["q_proj"]),
+                                low_cpu_mem_usage=True)
