@@ -135,7 +135,8 @@ def inject_adapter_in_model(peft_config, model: nn.Module, adapter_name: str = "
     As peft: the base parameters are frozen and the adapter trainable (unless ``inference_mode``),
     ``modules_to_save`` are wrapped, and ``model.peft_config`` holds ``{adapter_name: config}`` (adapters injected
     by earlier calls kept), so ``get_peft_model_state_dict(model)`` and ``set_peft_model_state_dict(model, ...)``
-    work on the plain model (LoRA; keys relative to ``model``). Prompt-learning configs are refused, as in peft.
+    work on the plain model (keys relative to ``model``). Prompt-learning configs are refused, as in peft; several
+    adapters in one plain model are LoRA only (fastpeft's other methods hold one adapter per model).
 
     ``state_dict``: adapt the modules its keys name (``<module>.lora_A.weight``, ...; only the keys are read)
     instead of the config's ``target_modules``, warning where the two disagree, as peft (LoRA only).
@@ -162,6 +163,11 @@ def inject_adapter_in_model(peft_config, model: nn.Module, adapter_name: str = "
         warnings.warn("low_cpu_mem_usage=True: fastpeft creates the adapter weights on the base layers' device "
                       "(peft creates them empty on the meta device); loading weights into them works the same",
                       stacklevel=2)
+    if existing and (not isinstance(peft_config, LoraConfig)
+                     or any(_peft_type(c) != "LORA" for c in existing.values())):
+        raise NotImplementedError(f"this model already holds adapters {list(existing)}; fastpeft injects further "
+                                  "adapters into a plain model for LoRA only (its other methods hold one adapter "
+                                  "per model)")
     if isinstance(peft_config, LoraConfig):
         tuner = _inject_lora(peft_config, model, adapter_name, state_dict)
     else:
@@ -180,6 +186,8 @@ def inject_adapter_in_model(peft_config, model: nn.Module, adapter_name: str = "
         import copy
 
         tuner = tuner_class(model, copy.copy(config), adapter_name)
+        # kept (outside the module tree) for get_peft_model_state_dict / set_peft_model_state_dict on the model
+        model._fastpeft_method_tuners = {adapter_name: tuner}
     model.peft_config = {**existing, **tuner.peft_config}
     return model
 

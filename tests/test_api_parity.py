@@ -210,8 +210,15 @@ def test_inject_adapter_in_model_other_methods_and_refusals():
     ours = fastpeft.inject_adapter_in_model(fastpeft.IA3Config(**kw), base_ours)
     theirs = peft.inject_adapter_in_model(peft.IA3Config(**kw), base_theirs)
     assert _trainable(ours) == _trainable(theirs) and list(ours.peft_config) == ["default"]
-    with pytest.raises(NotImplementedError, match="IA3"):
-        fastpeft.get_peft_model_state_dict(ours)
+    state = perturbed_state(theirs)
+    assert set(fastpeft.get_peft_model_state_dict(ours)) == set(state)
+    peft.set_peft_model_state_dict(theirs, state)
+    fastpeft.set_peft_model_state_dict(ours, state)
+    torch.testing.assert_close(run(ours, "CAUSAL_LM"), run(theirs, "CAUSAL_LM"), rtol=1e-5, atol=1e-6)
+    got = fastpeft.get_peft_model_state_dict(ours)
+    assert all(torch.equal(got[k], state[k]) for k in state)
+    with pytest.raises(NotImplementedError, match="LoRA only"):
+        fastpeft.inject_adapter_in_model(fastpeft.LoraConfig(r=2, target_modules=["q_proj"]), ours, "other")
     with pytest.raises(ValueError, match="prompt learning"):
         peft.inject_adapter_in_model(peft.PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"),
                                      tiny_llama(V))
