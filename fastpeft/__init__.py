@@ -40,9 +40,20 @@ def _kernels_from_source_tree() -> None:
 _kernels_from_source_tree()
 
 # The imports below come after the kernels are importable (E402 is ignored for this file).
+from .api import (
+    PEFT_TYPE_TO_CONFIG_MAPPING,
+    PeftConfig,
+    PeftType,
+    cast_mixed_precision_params,
+    get_peft_config,
+    inject_adapter_in_model,
+    load_peft_weights,
+)
 from .auto import (
     AutoPeftModel,
     AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
     AutoPeftModelForSeq2SeqLM,
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
@@ -71,9 +82,34 @@ from .quant import (
 )
 from .save import get_peft_model_state_dict, set_peft_model_state_dict
 from .status import get_layer_status, get_model_status
+from .tasks import (
+    MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+)
 
 __version__ = "0.1.0"
 __all__ = [
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
+    "PEFT_TYPE_TO_CONFIG_MAPPING",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftConfig",
+    "PeftType",
+    "cast_mixed_precision_params",
+    "get_peft_config",
+    "inject_adapter_in_model",
+    "load_peft_weights",
     "AutoPeftModel",
     "AutoPeftModelForCausalLM",
     "AutoPeftModelForSeq2SeqLM",

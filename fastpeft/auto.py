@@ -12,7 +12,10 @@ class from the config's ``base_model_name_or_path`` (further keyword arguments g
 ``cache_dir`` and ``local_files_only`` serve both downloads; the base is read at the config's own ``revision``,
 if it records one, as peft does). If the adapter folder holds a tokenizer whose
 vocabulary is larger than the base's embeddings, the embeddings are resized first, as peft does. Then
-``PeftModel.from_pretrained`` (any method fastpeft implements, LoRA or not).
+``PeftModel.from_pretrained`` (any method fastpeft implements, LoRA or not), which returns peft's task class for
+the adapter's ``task_type`` (``PeftModelForCausalLM``, …; see :mod:`fastpeft.tasks`). As peft, a loader whose task
+does not match the adapter's ``task_type`` is refused (``AutoPeftModelForCausalLM`` for a SEQ_CLS adapter, or
+``AutoPeftModel`` for any adapter with a task type).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch import nn
 
 class _AutoPeftModel:
     _auto_class = "AutoModel"
+    _task_class: str | None = None  # the name of the task class (fastpeft.tasks) this loader returns
 
     def __init__(self, *args, **kwargs):
         raise OSError(f"{type(self).__name__} is built with {type(self).__name__}.from_pretrained(adapter_path)")
@@ -45,6 +49,7 @@ class _AutoPeftModel:
         kwargs.update({k: v for k, v in hub.items() if k not in ("subfolder", "revision")})
         path = resolve_adapter_path(pretrained_model_name_or_path, with_tokenizer=True, **hub)
         saved = read_config_dict(path)
+        _check_task_type(cls, saved.get("task_type"))
         base_path = saved.get("base_model_name_or_path")
         if not base_path:
             raise ValueError(f"{path}/adapter_config.json names no base_model_name_or_path; load the base model "
@@ -61,6 +66,23 @@ class _AutoPeftModel:
                                          config=config, allow_pickle=allow_pickle)
 
 
+def _check_task_type(cls: type, task_type: str | None) -> None:
+    """peft's checks: ``AutoPeftModel`` refuses an adapter with a task type, and ``AutoPeftModelFor<X>`` one whose
+    task type belongs to another class (the error names both)."""
+    from .tasks import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+
+    if task_type is None:
+        return
+    if cls._auto_class == "AutoModel" and cls._task_class is None:
+        raise ValueError("Cannot use `AutoPeftModel` with a task type, please use a specific class for your task "
+                         f"type. (e.g. `AutoPeftModelForCausalLM` for `task_type='CAUSAL_LM'`); this adapter has "
+                         f"task_type={task_type!r}")
+    expected = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(task_type)
+    if expected is not None and cls._task_class != expected.__name__:
+        raise ValueError(f"Expected target PEFT class: {expected.__name__}, but you have asked for: "
+                         f"{cls._task_class} make sure that you are loading the correct model for your task type.")
+
+
 class AutoPeftModel(_AutoPeftModel):
     """Base (``transformers.AutoModel``) + adapter in one call, as peft's ``AutoPeftModel``."""
 
@@ -69,21 +91,39 @@ class AutoPeftModelForCausalLM(_AutoPeftModel):
     """Base (``transformers.AutoModelForCausalLM``) + adapter in one call, as peft's class of that name."""
 
     _auto_class = "AutoModelForCausalLM"
+    _task_class = "PeftModelForCausalLM"
 
 
 class AutoPeftModelForSeq2SeqLM(_AutoPeftModel):
     """Base (``transformers.AutoModelForSeq2SeqLM``) + adapter in one call, as peft's class of that name."""
 
     _auto_class = "AutoModelForSeq2SeqLM"
+    _task_class = "PeftModelForSeq2SeqLM"
 
 
 class AutoPeftModelForSequenceClassification(_AutoPeftModel):
     """Base (``transformers.AutoModelForSequenceClassification``) + adapter, as peft's class of that name."""
 
     _auto_class = "AutoModelForSequenceClassification"
+    _task_class = "PeftModelForSequenceClassification"
 
 
 class AutoPeftModelForTokenClassification(_AutoPeftModel):
     """Base (``transformers.AutoModelForTokenClassification``) + adapter, as peft's class of that name."""
 
     _auto_class = "AutoModelForTokenClassification"
+    _task_class = "PeftModelForTokenClassification"
+
+
+class AutoPeftModelForQuestionAnswering(_AutoPeftModel):
+    """Base (``transformers.AutoModelForQuestionAnswering``) + adapter, as peft's class of that name."""
+
+    _auto_class = "AutoModelForQuestionAnswering"
+    _task_class = "PeftModelForQuestionAnswering"
+
+
+class AutoPeftModelForFeatureExtraction(_AutoPeftModel):
+    """Base (``transformers.AutoModel``) + adapter, as peft's class of that name."""
+
+    _auto_class = "AutoModel"
+    _task_class = "PeftModelForFeatureExtraction"

@@ -1120,7 +1120,19 @@ class PeftModel(nn.Module):
 
     def __new__(cls, *args, **kwargs):
         _let_transformers_trainer_see_fastpeft()
-        return super().__new__(cls)
+        config = args[1] if len(args) > 1 else kwargs.get("peft_config")
+        target = cls
+        if config is not None and not isinstance(config, LoraConfig):
+            # as peft's PeftModel(model, config) / PeftModelForCausalLM(model, config): any method's config
+            from .tasks import is_dispatching_class, model_class_for
+
+            if cls is PeftModel:  # peft's PeftModel(...) is no task class, whatever the task type
+                from .methods import _coerce_config, _method_class
+
+                target = _method_class(_coerce_config(config))
+            elif is_dispatching_class(cls):  # PeftModelForCausalLM(model, IA3Config(...)), ...
+                target = model_class_for(config, task=cls)
+        return super().__new__(target)
 
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default"):
         super().__init__()
@@ -1184,6 +1196,58 @@ class PeftModel(nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         pct = 100 * trainable / total if total else 0.0
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}")
+
+    @property
+    def base_model_torch_dtype(self) -> torch.dtype | None:
+        """The wrapped model's ``dtype`` (peft's property), or None when it has none."""
+        return getattr(self.get_base_model(), "dtype", None)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Switch training on (default) or off for the named adapters' weights (and modules_to_save copies),
+        whether or not they are active (peft's method). Not for prompt learning, as in peft."""
+        if getattr(self.active_peft_config, "is_prompt_learning", False):
+            raise TypeError("Setting `requires_grad` is not supported for prompt learning methods like "
+                            f"{self.active_peft_config.peft_type}.")
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
+        setter = getattr(type(self.base_model), "set_requires_grad", None)
+        if setter is None:
+            raise NotImplementedError(f"set_requires_grad is not implemented for {self.peft_type} in fastpeft")
+        setter(self.base_model, names, requires_grad)
+
+    def get_layer_status(self) -> list:
+        """Each adapter layer's state (peft's method; see :func:`fastpeft.get_layer_status`)."""
+        from .status import get_layer_status
+
+        return get_layer_status(self)
+
+    def get_model_status(self):
+        """The adapters' state summed over the model (peft's method; see :func:`fastpeft.get_model_status`)."""
+        from .status import get_model_status
+
+        return get_model_status(self)
+
+    def create_or_update_model_card(self, output_dir: str | os.PathLike) -> None:
+        """Write or update ``output_dir/README.md`` as ``save_pretrained`` does (peft's method): ``library_name:
+        peft``, the base model, tags; a card already there keeps its text."""
+        from .hub import write_model_card
+
+        os.makedirs(output_dir, exist_ok=True)
+        write_model_card(self, output_dir)
+
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
+        """peft's method: unless ``model`` is quantized, make its input embeddings' output require grad (through
+        transformers' ``enable_input_require_grads``, else a forward hook), so that checkpointed blocks get a
+        gradient with a frozen base. Returns ``model``."""
+        if not any(getattr(model, flag, False) for flag in ("is_loaded_in_8bit", "is_loaded_in_4bit",
+                                                             "is_quantized")):
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+            elif hasattr(model, "get_input_embeddings"):
+                model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+        return model
 
     # ----------------------------------------------------------------- adapters
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False) -> None:
@@ -1312,7 +1376,10 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         # The init runs as in training (the saved A and B then replace its adapter weights): for PiSSA it is
         # what turns the base into the residual W - scale·B0·A0 the adapter was trained on, as in peft.
-        peft_model = cls(model, config, adapter_name)
+        from .tasks import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+
+        # as peft: the task type's class (PeftModelForCausalLM, ...), else the class this was called on
+        peft_model = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type or "", cls)(model, config, adapter_name)
         from .save import load_adapter_weights
 
         load_adapter_weights(peft_model, model_id, adapter_name, allow_pickle=allow_pickle)
@@ -1483,7 +1550,9 @@ def _saved_peft_type(model_id: str | os.PathLike) -> str:
     return str(read_config_dict(model_id).get("peft_type") or "LORA")
 
 
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> PeftModel:
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", mixed: bool = False,
+                   autocast_adapter_dtype: bool = True, revision: str | None = None,
+                   low_cpu_mem_usage: bool = False) -> PeftModel:
     """Wrap ``model`` with fastpeft LoRA layers as ``peft.get_peft_model`` does (peft's names, freezing, API).
 
     Example::
@@ -1491,7 +1560,26 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
         from fastpeft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
         model.print_trainable_parameters()
+
+    peft's further keywords: ``revision`` (the base model's, recorded in the config; a different one already there
+    is overwritten with a warning, as peft); ``autocast_adapter_dtype=True`` is fastpeft's behaviour anyway (adapter
+    weights in fp32 on fp16/bf16 bases); ``False`` and ``mixed=True`` (peft's ``PeftMixedModel``) are not
+    implemented and raise; ``low_cpu_mem_usage=True`` warns that the adapter weights are created as usual.
     """
+    if mixed:
+        raise NotImplementedError("get_peft_model(mixed=True) (peft's PeftMixedModel, adapters of several methods "
+                                  "in one model) is not implemented in fastpeft")
+    if not autocast_adapter_dtype:
+        raise NotImplementedError("get_peft_model(autocast_adapter_dtype=False) is not implemented in fastpeft: its "
+                                  "adapter weights are kept in fp32 on fp16/bf16 bases (peft's default)")
+    if low_cpu_mem_usage:
+        warnings.warn("low_cpu_mem_usage=True: fastpeft creates the adapter weights on the base layers' device "
+                      "(peft creates them empty on the meta device)", stacklevel=2)
+    if revision is not None:
+        if getattr(peft_config, "revision", None) is not None and peft_config.revision != revision:
+            warnings.warn(f"peft config has already set base model revision to {peft_config.revision}, "
+                          f"overwriting with revision {revision}", stacklevel=2)
+        peft_config.revision = revision
     if not isinstance(peft_config, LoraConfig):
         from .methods import get_method_model
 
@@ -1500,4 +1588,7 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
         raise ValueError("model is already a fastpeft PeftModel; use model.add_adapter(name, config)")
     if type(model).__module__.startswith("peft."):
         raise ValueError("model is a peft PeftModel; convert it with fastpeft.from_peft(model) instead")
-    return PeftModel(model, peft_config, adapter_name)
+    from .tasks import with_task
+
+    # peft's task class for the config's task_type (PeftModelForCausalLM, ...), else PeftModel
+    return with_task(PeftModel, peft_config.task_type)(model, peft_config, adapter_name)

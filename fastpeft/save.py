@@ -323,17 +323,72 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
     weights per ``save_embedding_layers``, as peft)."""
     if hasattr(model, "adapter_state_dict"):  # the other methods' models
         return model.adapter_state_dict(adapter_name)
+    if _check_plain_model(model, adapter_name) is not None:  # a method injected into a plain model
+        from .methods.base import tuner_state_dict
+
+        holder = _method_holder(model, adapter_name)
+        return {k[len(_HELD):]: v for k, v in tuner_state_dict(holder, adapter_name).items()}
     return adapter_state_dict(model, adapter_name, state_dict, save_embedding_layers)
 
 
+_HELD = "base_model.model."  # the key prefix of a model inside a PeftModel
+
+
+def _method_holder(model: nn.Module, adapter_name: str) -> nn.Module:
+    """A throwaway ``PeftModel``-shaped module (``.base_model`` = the tuner ``inject_adapter_in_model`` kept on
+    ``model``), so that a method's state-dict functions see the keys they expect."""
+    from torch import nn
+
+    holder = nn.Module()
+    holder.base_model = model._fastpeft_method_tuners[adapter_name]
+    return holder
+
+
+def _check_plain_model(model: nn.Module, adapter_name: str) -> object | None:
+    """A model that is no fastpeft ``PeftModel`` (``inject_adapter_in_model``'s result) must hold adapters
+    (``model.peft_config``) and ``adapter_name`` among them; raise naming what is wrong otherwise. Returns the
+    tuner that ``inject_adapter_in_model`` kept for a non-LoRA method's adapter, else None (LoRA)."""
+    from .model import PeftModel
+
+    if isinstance(model, PeftModel):
+        return None
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or not configs:
+        raise ValueError(f"{type(model).__name__} holds no fastpeft adapter (no peft_config): build it with "
+                         "fastpeft.get_peft_model or fastpeft.inject_adapter_in_model")
+    if adapter_name not in configs:
+        raise ValueError(f"unknown adapter {adapter_name!r}; this model has {list(configs)}")
+    config = configs[adapter_name]
+    if getattr(config, "peft_type", "LORA") == "LORA":
+        return None
+    tuner = getattr(model, "_fastpeft_method_tuners", {}).get(adapter_name)
+    if tuner is None:
+        raise ValueError(f"the {config.peft_type} adapter {adapter_name!r} of this model was not injected by "
+                         "fastpeft.inject_adapter_in_model; fastpeft cannot read its state dict")
+    return tuner
+
+
 def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, torch.Tensor],
-                              adapter_name: str = "default"):
+                              adapter_name: str = "default", low_cpu_mem_usage: bool = False):
     """peft's function of the same name: load tensors under peft's saved key names (as
     :func:`get_peft_model_state_dict` returns them, or an adapter file holds them) into ``adapter_name``.
+    ``model``: a fastpeft ``PeftModel``, or a plain model with LoRA layers from ``inject_adapter_in_model``.
 
     Strict, unlike peft's: a missing, unexpected or mis-shaped tensor raises ``ValueError`` naming it.
-    Returns the load result (empty missing / unexpected keys)."""
+    ``low_cpu_mem_usage`` (peft's: assign instead of copy into meta-device weights) changes nothing here:
+    fastpeft's adapter weights are real tensors, copied into. Returns the load result (empty missing /
+    unexpected keys)."""
     from torch.nn.modules.module import _IncompatibleKeys
 
-    model._load_adapter_state(peft_model_state_dict, adapter_name, "the given adapter state dict")
+    where = "the given adapter state dict"
+    if not hasattr(model, "_load_adapter_state"):  # a plain model with injected adapter layers
+        if _check_plain_model(model, adapter_name) is None:
+            load_adapter_state(model, peft_model_state_dict, adapter_name, where)
+        else:
+            from .methods.base import load_tuner_state
+
+            held = {_HELD + k: v for k, v in peft_model_state_dict.items()}
+            load_tuner_state(_method_holder(model, adapter_name), held, adapter_name, where)
+        return _IncompatibleKeys([], [])
+    model._load_adapter_state(peft_model_state_dict, adapter_name, where)
     return _IncompatibleKeys([], [])

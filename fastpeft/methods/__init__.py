@@ -79,6 +79,13 @@ _ALIASES: dict[str, dict[str, str]] = {
 
 
 def _model_class(config: MethodConfig):
+    """The method's model class as the task class of ``config.task_type`` (see :mod:`fastpeft.tasks`)."""
+    from ..tasks import with_task
+
+    return with_task(_method_class(config), config.task_type)
+
+
+def _method_class(config: MethodConfig):
     peft_type = config.peft_type
     if config.is_prompt_learning:
         from .prompt import PromptLearningPeftModel
@@ -130,9 +137,9 @@ def get_method_model(model: nn.Module, config, adapter_name: str = "default") ->
     config = copy.copy(_coerce_config(config))
     if type(model).__module__.startswith("peft."):
         raise ValueError("model is already a peft PeftModel; pass the plain transformers model")
-    from .base import MethodPeftModel
+    from ..model import PeftModel
 
-    if isinstance(model, MethodPeftModel) or type(model).__name__ in ("PeftModel", "PromptLearningPeftModel"):
+    if isinstance(model, PeftModel):
         raise ValueError("model is already a fastpeft PeftModel; pass the plain transformers model")
     if not adapter_name or "." in adapter_name:
         raise ValueError(f"invalid adapter name {adapter_name!r}")

@@ -392,6 +392,26 @@ class MethodTuner(nn.Module):
         for _, wrapper in self.modules_to_save_wrappers():
             wrapper.enable_adapters(False)
 
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Switch training on or off for the named adapters' layer weights and modules_to_save copies (peft's
+        method); not for methods that train the base model's own parameters (BitFit, Freeze)."""
+        if not self.supports_disable:
+            raise NotImplementedError(f"set_requires_grad is not available for {self.method_label}: it trains the "
+                                      "base model's own parameters, not adapter weights")
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for _, layer in self.adapter_layers():
+            for pname in layer.adapter_param_names:
+                if pname == "ranknum":  # AdaLoRA's rank count: a constant, never trained (as in peft)
+                    continue
+                container = getattr(layer, pname)
+                for name in names:
+                    if name in container:
+                        container[name].requires_grad_(requires_grad)
+        for _, wrapper in self.modules_to_save_wrappers():
+            for name in names:
+                if name in wrapper.modules_to_save:
+                    wrapper.modules_to_save[name].requires_grad_(requires_grad)
+
     supports_disable = True  # False: the method trains the base model's own parameters in place
     method_label = "this method"  # the method's name in error messages
 
