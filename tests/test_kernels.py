@@ -508,6 +508,39 @@ def test_warm_launch_compiles_every_pruned_config_then_launches_the_first_that_f
     assert events == [("launch", 32)]  # no compile-only pass outside warm mode
 
 
+@pytest.mark.gpu
+def test_warm_process_leaves_a_tuned_process_nothing_to_compile_on_the_gpu(tmp_path):
+    """On the device, as bench/gpu_run.sh uses it: a FASTPEFT_AUTOTUNE=warm process (correct results) fills the
+    on-disk cache, and a later autotuning process of the same layer compiles nothing new."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import torch, fastpeft, triton
+torch.manual_seed(0)
+layer = fastpeft.FastLoraLinear(1024, 768, r=16, lora_alpha=32, lora_dropout=0.1, init_lora_weights=False,
+                                device="cuda", dtype=torch.bfloat16).train()
+x = torch.randn(256, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+layer(x).float().pow(2).sum().backward()
+torch.cuda.synchronize()
+assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+
+    def entries():
+        return sum(f.startswith("__grp__") for _, _, files in os.walk(tmp_path) for f in files)
+
+    counts = []
+    for mode in ("warm", "1"):
+        proc = subprocess.run([sys.executable, "-c", code], env={**env, "FASTPEFT_AUTOTUNE": mode},
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        counts.append(entries())
+    assert counts[0] > 4 and counts[1] == counts[0], counts
+
+
 def test_autotune_mode_reads_fastpeft_autotune(monkeypatch):
     from fastpeft.kernels import configs as C
 
