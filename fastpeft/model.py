@@ -335,7 +335,8 @@ class LoraModel(nn.Module):
 
     prefix = "lora_"
 
-    def __init__(self, model: nn.Module, config: LoraConfig | dict[str, LoraConfig], adapter_name: str = "default"):
+    def __init__(self, model: nn.Module, config: LoraConfig | dict[str, LoraConfig], adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True):
         super().__init__()
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
@@ -343,7 +344,7 @@ class LoraModel(nn.Module):
         self._injected: list[str] = []  # adapted module names, in the order injections first reached them
         configs = config if isinstance(config, dict) else {adapter_name: config}
         for name, cfg in configs.items():
-            self.inject_adapter(cfg, name)
+            self.inject_adapter(cfg, name, autocast_adapter_dtype=autocast_adapter_dtype)
 
     __getattr__ = delegating_getattr("model")
 
@@ -377,8 +378,11 @@ class LoraModel(nn.Module):
         seen = set(injected)
         return injected + [name for name in present if name not in seen]
 
-    def inject_adapter(self, config: LoraConfig, adapter_name: str, activate: bool = True) -> None:
-        """Wrap every module ``config`` targets with adapter ``adapter_name`` (frozen base, peft's init)."""
+    def inject_adapter(self, config: LoraConfig, adapter_name: str, activate: bool = True,
+                       autocast_adapter_dtype: bool = True) -> None:
+        """Wrap every module ``config`` targets with adapter ``adapter_name`` (frozen base, peft's init).
+        ``autocast_adapter_dtype`` (peft's argument): adapter weights in fp32 on fp16/bf16 bases (the default);
+        ``False`` keeps them in the base's dtype."""
         if not isinstance(config, LoraConfig):
             raise TypeError(f"fastpeft injects LoraConfig adapters, got {type(config).__name__}")
         if adapter_name in self.peft_config:
@@ -425,7 +429,7 @@ class LoraModel(nn.Module):
                       lora_alpha=config.alpha_pattern[a_key] if a_key else config.lora_alpha,
                       lora_dropout=config.lora_dropout, init_lora_weights=config.init_lora_weights,
                       use_rslora=config.use_rslora, use_dora=bool(config.use_dora),
-                      loftq_config=config.loftq_config or None)
+                      loftq_config=config.loftq_config or None, autocast_adapter_dtype=autocast_adapter_dtype)
             if lora_bias:
                 kw["lora_bias"] = True
             if isinstance(module, _LORA_LAYERS):
@@ -1134,9 +1138,10 @@ class PeftModel(nn.Module):
                 target = model_class_for(config, task=cls)
         return super().__new__(target)
 
-    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default"):
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True):
         super().__init__()
-        self.base_model = LoraModel(model, peft_config, adapter_name)
+        self.base_model = LoraModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         record_base_model_name(self.base_model.peft_config[adapter_name], model)
 
     __getattr__ = delegating_getattr("base_model")
@@ -1352,10 +1357,11 @@ class PeftModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
                         is_trainable: bool = False, config: LoraConfig | None = None,
-                        allow_pickle: bool = False, **kwargs) -> PeftModel:
+                        allow_pickle: bool = False, autocast_adapter_dtype: bool = True, **kwargs) -> PeftModel:
         """Load a peft-format adapter onto ``model``: a local folder or a Hub repo id (peft's keywords
         ``subfolder``, ``revision``, ``token``, ``cache_dir``, ``local_files_only``; see :mod:`fastpeft.hub`).
-        Safetensors; pickles only with ``allow_pickle``. Non-LoRA adapters go to their method's model."""
+        Safetensors; pickles only with ``allow_pickle``. Non-LoRA adapters go to their method's model.
+        ``autocast_adapter_dtype=False`` (LoRA): the adapter weights stay in the base's dtype (peft's argument)."""
         from .hub import pop_hub_kwargs, resolve_adapter_path
 
         model_id = resolve_adapter_path(model_id, **pop_hub_kwargs(kwargs))
@@ -1379,7 +1385,8 @@ class PeftModel(nn.Module):
         from .tasks import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 
         # as peft: the task type's class (PeftModelForCausalLM, ...), else the class this was called on
-        peft_model = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type or "", cls)(model, config, adapter_name)
+        peft_model = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type or "", cls)(
+            model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         from .save import load_adapter_weights
 
         load_adapter_weights(peft_model, model_id, adapter_name, allow_pickle=allow_pickle)
@@ -1562,16 +1569,14 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
         model.print_trainable_parameters()
 
     peft's further keywords: ``revision`` (the base model's, recorded in the config; a different one already there
-    is overwritten with a warning, as peft); ``autocast_adapter_dtype=True`` is fastpeft's behaviour anyway (adapter
-    weights in fp32 on fp16/bf16 bases); ``False`` and ``mixed=True`` (peft's ``PeftMixedModel``) are not
-    implemented and raise; ``low_cpu_mem_usage=True`` warns that the adapter weights are created as usual.
+    is overwritten with a warning, as peft); ``autocast_adapter_dtype`` (LoRA adapters in fp32 on fp16/bf16 bases, the
+    default; ``False`` keeps them in the base's dtype, as peft); ``mixed=True`` (peft's ``PeftMixedModel``) and
+    ``autocast_adapter_dtype=False`` with a method other than LoRA are not implemented and raise;
+    ``low_cpu_mem_usage=True`` warns that the adapter weights are created as usual.
     """
     if mixed:
         raise NotImplementedError("get_peft_model(mixed=True) (peft's PeftMixedModel, adapters of several methods "
                                   "in one model) is not implemented in fastpeft")
-    if not autocast_adapter_dtype:
-        raise NotImplementedError("get_peft_model(autocast_adapter_dtype=False) is not implemented in fastpeft: its "
-                                  "adapter weights are kept in fp32 on fp16/bf16 bases (peft's default)")
     if low_cpu_mem_usage:
         warnings.warn("low_cpu_mem_usage=True: fastpeft creates the adapter weights on the base layers' device "
                       "(peft creates them empty on the meta device)", stacklevel=2)
@@ -1581,6 +1586,9 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
                           f"overwriting with revision {revision}", stacklevel=2)
         peft_config.revision = revision
     if not isinstance(peft_config, LoraConfig):
+        if not autocast_adapter_dtype:
+            raise NotImplementedError(f"get_peft_model(autocast_adapter_dtype=False) is implemented for LoRA only, "
+                                      f"not for {type(peft_config).__name__}")
         from .methods import get_method_model
 
         return get_method_model(model, peft_config, adapter_name)
@@ -1591,4 +1599,5 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     from .tasks import with_task
 
     # peft's task class for the config's task_type (PeftModelForCausalLM, ...), else PeftModel
-    return with_task(PeftModel, peft_config.task_type)(model, peft_config, adapter_name)
+    return with_task(PeftModel, peft_config.task_type)(model, peft_config, adapter_name,
+                                                        autocast_adapter_dtype=autocast_adapter_dtype)

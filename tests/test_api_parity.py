@@ -424,8 +424,36 @@ def test_get_peft_model_keywords_match_peft(tmp_path):
     with pytest.raises(NotImplementedError, match="mixed=True"):
         fastpeft.get_peft_model(tiny_llama(V), fastpeft.LoraConfig(r=2, target_modules=["q_proj"]), mixed=True)
     with pytest.raises(NotImplementedError, match="autocast_adapter_dtype=False"):
-        fastpeft.get_peft_model(tiny_llama(V), fastpeft.LoraConfig(r=2, target_modules=["q_proj"]),
+        fastpeft.get_peft_model(tiny_llama(V), fastpeft.IA3Config(target_modules=["k_proj"], feedforward_modules=[]),
                                 autocast_adapter_dtype=False)
     with pytest.warns(UserWarning, match="low_cpu_mem_usage"):
         fastpeft.get_peft_model(tiny_llama(V), fastpeft.LoraConfig(r=2, target_modules=["q_proj"]),
                                 low_cpu_mem_usage=True)
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_autocast_adapter_dtype_like_peft(tmp_path, autocast):
+    """get_peft_model / from_pretrained(autocast_adapter_dtype=...) on a bf16 model: fp32 adapters by default,
+    bf16 ones with False — peft's dtypes, and the same bf16 logits as peft's model from the same weights."""
+    models = {}
+    for lib in (fastpeft, peft):
+        torch.manual_seed(0)
+        base = tiny_llama(V).to(torch.bfloat16)
+        models[lib] = lib.get_peft_model(base, lib.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                              init_lora_weights=False),
+                                         autocast_adapter_dtype=autocast)
+    want = torch.float32 if autocast else torch.bfloat16
+    for lib, model in models.items():
+        dtypes = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
+        assert dtypes == {want}, (lib.__name__, dtypes)
+    ids = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = (models[lib].eval()(input_ids=ids).logits.float() for lib in (fastpeft, peft))
+    torch.testing.assert_close(ours, theirs, rtol=2e-2, atol=2e-2)
+    models[peft].save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    back = fastpeft.PeftModel.from_pretrained(tiny_llama(V).to(torch.bfloat16), tmp_path,
+                                              autocast_adapter_dtype=autocast)
+    assert {p.dtype for n, p in back.named_parameters() if "lora_" in n} == {want}
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits.float(), theirs, rtol=2e-2, atol=2e-2)
