@@ -27,6 +27,7 @@ import json
 import os
 import resource
 import sys
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -44,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--target-modules", default="all-linear")
     p.add_argument("--use-dora", action="store_true", help="DoRA adapters (LoraConfig(use_dora=True))")
+    p.add_argument("--lora-bias", action="store_true", help="a bias on each lora_B (LoraConfig(lora_bias=True))")
     p.add_argument("--lora-dropout", type=float, default=0.0,
                    help="LoRA dropout (fastpeft train's default: 0.05); with --use-dora, p > 0 keeps D(x) per layer")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
@@ -86,30 +88,41 @@ def _config(model: str | None):
     return AutoConfig.from_pretrained(model)
 
 
-def _peft_on_meta(config, method: str, r: int, targets: str, use_dora: bool = False):
+def _lora_config(r: int, targets: str, use_dora: bool, lora_bias: bool, lora_dropout: float = 0.0):
+    from . import LoraConfig
+
+    t = targets if targets == "all-linear" else [s.strip() for s in targets.split(",")]
+    return LoraConfig(r=r, lora_alpha=2 * r, target_modules=t, use_dora=use_dora, lora_bias=lora_bias,
+                      lora_dropout=lora_dropout)
+
+
+def _peft_on_meta(config, method: str, r: int, targets: str, use_dora: bool = False, lora_bias: bool = False):
     """The model on the meta device with the method applied: exact parameter counts, no memory."""
     from transformers import AutoModelForCausalLM
 
-    from . import LoraConfig, get_peft_model
+    from . import get_peft_model
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
         if method != "full":
-            t = targets if targets == "all-linear" else [s.strip() for s in targets.split(",")]
-            model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=t, use_dora=use_dora))
+            with warnings.catch_warnings():  # lora_bias on bias-free layers: "merging won't be possible", per layer
+                warnings.filterwarnings("ignore", message="`lora_bias=True` was passed")
+                model = get_peft_model(model, _lora_config(r, targets, use_dora, lora_bias))
     return model
 
 
 def estimate(config, method: str = "lora", batch_size: int = 8, seq_len: int = 512, r: int = 16,
              targets: str = "all-linear", dtype: torch.dtype = torch.bfloat16,
-             gradient_checkpointing: bool = False, use_dora: bool = False, lora_dropout: float = 0.0) -> Estimate:
+             gradient_checkpointing: bool = False, use_dora: bool = False, lora_dropout: float = 0.0,
+             lora_bias: bool = False) -> Estimate:
     """Component-wise training memory (bytes) of ``config`` under ``method``; see the module docstring.
     ``use_dora``: DoRA adapters (their magnitudes are counted as trainable parameters, and each adapted layer
     keeps one more (tokens, out) tensor for the magnitude's gradient; with ``lora_dropout`` > 0 also the dropped
     input D(x), (tokens, in), and its (tokens, r) projection). ``lora_dropout`` changes nothing else: fastpeft's
-    LoRA keeps no dropout mask."""
+    LoRA keeps no dropout mask. ``lora_bias``: each adapted layer's ``lora_B`` bias (out_features trainable
+    parameters) is counted."""
     use_dora = use_dora and method != "full"
-    model = _peft_on_meta(config, method, r, targets, use_dora)
+    model = _peft_on_meta(config, method, r, targets, use_dora, lora_bias and method != "full")
     d = torch.empty(0, dtype=dtype).element_size()
     params = trainable = 0
     weights = 0
@@ -164,11 +177,12 @@ def _rss_peak() -> int:
 
 def measure(config, method: str = "lora", batch_size: int = 8, seq_len: int = 512, r: int = 16,
             targets: str = "all-linear", dtype: torch.dtype = torch.float32, device: str = "cpu",
-            gradient_checkpointing: bool = False, use_dora: bool = False, lora_dropout: float = 0.0) -> int:
+            gradient_checkpointing: bool = False, use_dora: bool = False, lora_dropout: float = 0.0,
+            lora_bias: bool = False) -> int:
     """Peak bytes of one AdamW training step (CUDA: allocator peak; CPU: growth of the peak RSS)."""
     from transformers import AutoModelForCausalLM
 
-    from . import LoraConfig, get_peft_model
+    from . import get_peft_model
 
     dev = torch.device(device)
     gc.collect()
@@ -181,9 +195,9 @@ def measure(config, method: str = "lora", batch_size: int = 8, seq_len: int = 51
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to(device=dev, dtype=dtype)
     if method != "full":
-        t = targets if targets == "all-linear" else [s.strip() for s in targets.split(",")]
-        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=t, use_dora=use_dora,
-                                                 lora_dropout=lora_dropout))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`lora_bias=True` was passed")
+            model = get_peft_model(model, _lora_config(r, targets, use_dora, lora_bias, lora_dropout))
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -228,7 +242,7 @@ def main(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, device)
     try:
         est = estimate(config, args.method, args.batch_size, args.seq_len, args.r, args.target_modules, dtype,
-                       args.gradient_checkpointing, args.use_dora, args.lora_dropout)
+                       args.gradient_checkpointing, args.use_dora, args.lora_dropout, args.lora_bias)
     except ValueError as exc:  # e.g. --target-modules matching nothing
         raise SystemExit(f"fastpeft estimate: {exc}") from None
     if args.measure:
@@ -237,7 +251,7 @@ def main(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         est.measured_peak = measure(config, args.method, args.batch_size, args.seq_len, args.r, args.target_modules,
                                     dtype, str(device), args.gradient_checkpointing, args.use_dora,
-                                    args.lora_dropout)
+                                    args.lora_dropout, args.lora_bias)
     if args.json:
         print(json.dumps(asdict(est), indent=2))
         return 0

@@ -514,3 +514,24 @@ def test_mixed_batch_training_gives_absent_adapters_a_zero_bias_gradient(backend
     assert layer.lora_B["b"].bias.grad is not None and not layer.lora_B["b"].bias.grad.any()
     expected = layer.scaling["default"] * (dy[0] + dy[2]).sum(0)
     assert_rel(layer.lora_B["default"].bias.grad, expected, 1e-6, "db_B")
+
+
+def test_estimate_counts_the_lora_b_biases(capsys):
+    """``fastpeft estimate --lora-bias``: one trainable bias entry per output feature of each adapted layer."""
+    import transformers
+
+    from fastpeft import cli
+    from fastpeft.estimate import estimate
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    kw = dict(batch_size=2, seq_len=8, r=4, dtype=torch.bfloat16)
+    plain, biased = estimate(cfg, "lora", **kw), estimate(cfg, "lora", lora_bias=True, **kw)
+    outs = 2 * (3 * 32 + 2 * 16 + 2 * 64)  # q, o, down: h; k, v: kv; gate, up: intermediate — 2 layers
+    assert biased.trainable - plain.trainable == outs
+    assert biased.trainable_state - plain.trainable_state == 12 * outs
+    qv = estimate(cfg, "lora", targets="q_proj,v_proj", lora_bias=True, **kw)
+    assert qv.trainable - estimate(cfg, "lora", targets="q_proj,v_proj", **kw).trainable == 2 * (32 + 16)
+    assert cli.main(["estimate", "--batch-size", "2", "--seq-len", "16", "--lora-bias"]) == 0
+    with pytest.raises(SystemExit, match="DoRA"):
+        cli.main(["estimate", "--batch-size", "2", "--seq-len", "16", "--lora-bias", "--use-dora"])
