@@ -297,7 +297,10 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
         hook = getattr(self.base_layer, "_hf_hook", None)
         if device.type == "meta" and hook is not None:  # offloaded by accelerate: where the hook computes
             device = torch.device(getattr(hook, "execution_device", None) or "cpu")
-        kw = dict(device=device, dtype=dtype)
+        # Created and initialized in fp32, then cast to a half dtype (autocast_adapter_dtype=False), as peft does:
+        # the same seed gives peft's values (a bf16 draw is not an fp32 draw rounded).
+        init_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        kw = dict(device=device, dtype=init_dtype)
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **kw)
         # (as peft's: nn.Linear(..., bias=lora_bias), so torch's generator is drawn from as in peft)
@@ -307,6 +310,9 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
         self.use_rslora[adapter_name] = bool(use_rslora)
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.reset_lora_parameters(adapter_name, init_lora_weights, loftq_config)
+        if init_dtype != dtype:
+            self.lora_A[adapter_name].to(dtype)
+            self.lora_B[adapter_name].to(dtype)
         self.use_dora[adapter_name] = bool(use_dora)
         self._dora_merged_norms.pop(adapter_name, None)
         if use_dora:
@@ -711,6 +717,9 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
         Under ``torch.no_grad`` (generation, evaluation) the norm itself is kept and reused while W0, A, B
         and the scale are unchanged, so a DoRA layer then reads W0 once per forward (its GEMM), as a LoRA
         layer does, instead of twice. Autocast is off inside: these fp32 matmuls stay fp32."""
+        if torch.compiler.is_compiling():  # (no Python-side cache inside a compiled graph)
+            with torch.no_grad():
+                return self._dora_weight_norm(adapter_name)
         key = self._dora_norm_key(adapter_name)
         cache = self.__dict__.setdefault("_dora_norm_cache", {})
         hit = cache.get(adapter_name)
