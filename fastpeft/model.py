@@ -385,12 +385,12 @@ class LoraModel(nn.Module):
     @property
     def targeted_parameter_names(self) -> list[str]:
         """``<module path>.<parameter name>`` of every parameter adapted through ``target_parameters`` (peft's
-        attribute), in module order."""
-        names = []
+        attribute), in the order injections first reached them."""
+        present = set()
         for key, layer in self.lora_layers():
             if isinstance(layer, FastLoraParamWrapper):
-                names.append(f"{_strip_base_layer(key)}.{layer.parameter_name}")
-        return sorted(set(names), key=names.index)
+                present.add(f"{_strip_base_layer(key)}.{layer.parameter_name}")
+        return [name for name in getattr(self, "_injected_params", []) if name in present]
 
     def inject_adapter(self, config: LoraConfig, adapter_name: str, activate: bool = True,
                        autocast_adapter_dtype: bool = True) -> None:
@@ -474,6 +474,8 @@ class LoraModel(nn.Module):
             if key not in self._injected:
                 self._injected.append(key)
         _wrap_parameters(model, config, adapter_name, param_targets, autocast_adapter_dtype)
+        self._injected_params = list(dict.fromkeys([*getattr(self, "_injected_params", []),
+                                                    *(key for _, _, key in param_targets)]))
         if matched or param_targets:  # peft's warnings when one kind of target matched nothing
             if targets and not matched:
                 warnings.warn(f"target_modules={config.target_modules} were set but no module was matched.",
@@ -490,7 +492,7 @@ class LoraModel(nn.Module):
                              f"modules and try again. Linear modules in this model: {existing}")
         # As peft, the saved config names what was adapted: the model type's default targets for None, the
         # adapted modules' full names for "all-linear", and fan_in_fan_out for Conv1D targets.
-        if config.target_modules is None and targets:
+        if config.target_modules is None:  # (no default for the model type with target_parameters: [] as peft)
             config.target_modules = sorted(targets)
         elif isinstance(config.target_modules, str) \
                 and config.target_modules.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND:
@@ -958,7 +960,11 @@ def _match_parameters(tuner: LoraModel, model: nn.Module, config: LoraConfig, ad
                                  "parameters only (use peft for this adapter)")
             found.append((module_name, param_name, key))
     if found:
+        # peft resets fan_in_fan_out to False on the first nn.Linear of target_modules, before the parameters
+        linear_first = any(isinstance(model.get_submodule(k), (nn.Linear, FastLoraLinear)) for k in module_keys)
         for field_name, what in _PARAM_REFUSED:
+            if field_name == "fan_in_fan_out" and linear_first:
+                continue
             if getattr(config, field_name, False):
                 raise ValueError(f"lora.ParamWrapper does not work with {what}.")
         if config.init_lora_weights not in (True, False, "gaussian"):

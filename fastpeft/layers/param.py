@@ -167,16 +167,18 @@ class FastLoraParamWrapper(AdapterSwitches, nn.Module):
 
     @contextlib.contextmanager
     def _swapped(self, value: torch.Tensor):
-        """Inside the block the owning module's ``parameter_name`` reads ``value`` (a tensor in the graph)."""
+        """Inside the block the owning module's ``parameter_name`` reads ``value`` (a tensor in the graph): an
+        instance attribute, found before ``nn.Module.__getattr__`` looks in ``_parameters``, so the parameter
+        itself stays registered where it was (state dict, order, optimizer)."""
         module = self.get_base_layer()
         name = self.parameter_name
-        param = module._parameters.pop(name)
+        if name in module.__dict__:
+            raise RuntimeError(f"{type(module).__name__}.{name} is already swapped (a wrapper entered twice?)")
+        module.__dict__[name] = value
         try:
-            object.__setattr__(module, name, value)
             yield
         finally:
             module.__dict__.pop(name, None)
-            module._parameters[name] = param
 
     # ----------------------------------------------------------------- forward / merge
     def forward(self, *args: Any, **kwargs: Any):
