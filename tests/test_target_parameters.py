@@ -259,3 +259,19 @@ def test_target_parameters_written_and_read_back_by_the_config(tmp_path):
     config.save_pretrained(tmp_path)
     assert fastpeft.LoraConfig.from_pretrained(tmp_path).target_parameters == EXPERTS
     assert peft.LoraConfig.from_pretrained(tmp_path).target_parameters == EXPERTS
+
+
+def test_from_peft_keeps_param_wrappers_and_to_peft_carries_them():
+    ours, theirs, ids = _pair(target_parameters=[*EXPERTS, "self_attn.o_proj.weight"])
+    expected = _logits(theirs, ids)
+    with pytest.warns(UserWarning, match="ParamWrapper"):
+        fastpeft.from_peft(theirs)
+    assert type(theirs.get_submodule(EXP)).__name__ == "ParamWrapper"  # not taken for a linear layer
+    assert type(theirs.get_submodule("base_model.model.model.layers.0.self_attn.o_proj")).__name__ == "ParamWrapper"
+    assert_rel(_logits(theirs, ids), expected, 1e-6, "after from_peft")
+    expected = _logits(ours, ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = fastpeft.to_peft(ours)
+    assert type(converted.get_submodule(EXP)).__name__ == "ParamWrapper"
+    assert_rel(_logits(converted, ids), expected, 1e-6, "after to_peft")

@@ -136,7 +136,8 @@ class FastLoraParamWrapper(AdapterSwitches, nn.Module):
         """(A as (E, r, in), B as (E, out, r)) of one adapter."""
         A = self.lora_A[adapter_name].weight
         B = self.lora_B[adapter_name].weight
-        return A.reshape(self.num_experts, -1, A.shape[-1]), B.reshape(B.shape[0], -1, self.num_experts).permute(2, 0, 1)
+        A3 = A.reshape(self.num_experts, -1, A.shape[-1])
+        return A3, B.reshape(B.shape[0], -1, self.num_experts).permute(2, 0, 1)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``scale·ΔW`` laid out as the parameter (peft's method), in the parameter's dtype."""
