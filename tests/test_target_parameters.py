@@ -275,3 +275,22 @@ def test_from_peft_keeps_param_wrappers_and_to_peft_carries_them():
         converted = fastpeft.to_peft(ours)
     assert type(converted.get_submodule(EXP)).__name__ == "ParamWrapper"
     assert_rel(_logits(converted, ids), expected, 1e-6, "after to_peft")
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_bf16_base_adapter_dtype_init_and_logits_like_peft(autocast):
+    """bf16 experts: the adapters are fp32 (autocast_adapter_dtype=True, peft's default, holding peft's
+    bf16-rounded init) or bf16; state and logits equal peft's."""
+    kw = dict(r=2, target_modules=[], target_parameters=EXPERTS, init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(1)
+        ours = fastpeft.get_peft_model(_qwen3_moe().to(torch.bfloat16), fastpeft.LoraConfig(**kw),
+                                       autocast_adapter_dtype=autocast)
+        torch.manual_seed(1)
+        theirs = peft.get_peft_model(_qwen3_moe().to(torch.bfloat16), peft.LoraConfig(**kw),
+                                     autocast_adapter_dtype=autocast)
+    assert ours.get_submodule(EXP).lora_A["default"].weight.dtype == (torch.float32 if autocast else torch.bfloat16)
+    _assert_same_state(ours, theirs)
+    ids = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(_logits(ours, ids), _logits(theirs, ids))

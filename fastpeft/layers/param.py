@@ -113,12 +113,14 @@ class FastLoraParamWrapper(AdapterSwitches, nn.Module):
         elif init_lora_weights == "gaussian":
             nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / r)
             nn.init.zeros_(self.lora_B[adapter_name].weight)
+        # as peft: to the parameter's device and dtype, then (fp16/bf16, autocast_adapter_dtype) up to fp32, so a
+        # seeded init holds peft's (half-rounded) values
         param = self.get_param()
         dtype = param.dtype if param.dtype.is_floating_point else None
-        if dtype in (torch.float16, torch.bfloat16) and autocast_adapter_dtype:
-            dtype = torch.float32
         for holder in (self.lora_A, self.lora_B):
             holder[adapter_name].to(device=param.device, dtype=dtype)
+            if dtype in (torch.float16, torch.bfloat16) and autocast_adapter_dtype:
+                holder[adapter_name].float()
         self.set_adapter(self.active_adapters)
 
     def delete_adapter(self, adapter_name: str) -> None:
