@@ -38,7 +38,6 @@ BIAS_CHOICES = ("none", "all", "lora_only")
 
 # peft LoraConfig fields fastpeft does not implement, with the values under which they change nothing.
 _NEUTRAL: dict[str, tuple] = {
-    "target_parameters": (None, []),
     "trainable_token_indices": (None, [], {}),
     "eva_config": (None,),
     "corda_config": (None,),
@@ -133,6 +132,14 @@ class LoraConfig(AdapterConfigFile):
             parts (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``), a regex string matched with
             ``re.fullmatch`` against the whole name, or ``"all-linear"`` (every linear layer except the
             output head). ``None`` picks peft's default for the model type.
+        target_parameters: parameters to adapt directly (peft's option, e.g. MoE expert stacks:
+            ``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``): a list of names, each matched against
+            ``<module path>.<parameter name>`` exactly or as its dot-separated tail; 2-D ``(out, in)`` and 3-D
+            ``(experts, out, in)`` parameters (``(experts, in, out)`` on modules with ``is_transposed``), ``r``
+            per expert. Works beside ``target_modules`` (``target_modules=[]`` for none). As in peft:
+            ``exclude_modules`` / ``layers_to_transform`` do not apply to it, it refuses ``lora_dropout``,
+            ``fan_in_fan_out``, ``lora_bias``, DoRA and mixed adapter batches, and every adapter of a model must
+            target the same parameters. See ``fastpeft.layers.param``.
         exclude_modules: names (list, suffix match) or regex (string) never adapted.
         modules_to_save: modules trained in full and saved with the adapter (e.g. a classifier head);
             for ``task_type="SEQ_CLS"``/``"TOKEN_CLS"`` the head (``classifier``/``score``) is added as peft does.
@@ -175,6 +182,7 @@ class LoraConfig(AdapterConfigFile):
     lora_alpha: float = 8
     lora_dropout: float = 0.0
     target_modules: list[str] | str | None = None
+    target_parameters: list[str] | None = None
     exclude_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None
     bias: str = "none"
@@ -230,6 +238,15 @@ class LoraConfig(AdapterConfigFile):
             warnings.warn("Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and PiSSA/OLoRA means that "
                           "you won't be able to pass `path_initial_model_for_weight_conversion` to "
                           "`save_pretrained` to restore the initial values of the base weights.", stacklevel=3)
+        if isinstance(self.target_parameters, str):
+            raise TypeError("`target_parameters` must be a list of strings or None.")
+        if isinstance(self.target_parameters, (set, tuple)):
+            self.target_parameters = sorted(self.target_parameters) if isinstance(self.target_parameters, set) \
+                else list(self.target_parameters)
+        if self.target_parameters is not None and (not isinstance(self.target_parameters, list) or not all(
+                isinstance(t, str) and t for t in self.target_parameters)):
+            raise TypeError(f"`target_parameters` must be a list of non-empty strings or None, got "
+                            f"{self.target_parameters!r}")
         self._sort_collections(("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"))
         if isinstance(self.layers_to_transform, (set, tuple)):
             self.layers_to_transform = list(self.layers_to_transform)

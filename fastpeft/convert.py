@@ -90,6 +90,9 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         if not isinstance(module, LoraLayer) or isinstance(module, FastLoraLinear):
             continue
         base = module.get_base_layer()
+        if type(module).__name__ == "ParamWrapper":  # target_parameters: peft's layer stays (nothing to fuse)
+            skipped.append(f"{name} (ParamWrapper of {type(base).__name__}.{module.parameter_name})")
+            continue
         if not (isinstance(base, nn.Linear) or type(base).__name__ == "Conv1D" or _is_linear4bit(base)):
             skipped.append(f"{name} ({type(base).__name__})")
             continue

@@ -25,6 +25,7 @@ from .config import DEFAULT_TARGET_MODULES, LoraConfig
 from .layers.embedding import FastLoraEmbedding, refuse_embedding_dora
 from .layers.lora import FastLoraLinear, _is_conv1d
 from .layers.lora_init import mutates_base
+from .layers.param import FastLoraParamWrapper
 from .merging import combine, warn_no_pruning
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -193,7 +194,8 @@ def _is_lora_layer(module: nn.Module) -> bool:
         or hasattr(module, "lora_A") and hasattr(module, "base_layer")
 
 
-_LORA_LAYERS = (FastLoraLinear, FastLoraEmbedding)
+_MODULE_LORA_LAYERS = (FastLoraLinear, FastLoraEmbedding)  # the layers target_modules adapts
+_LORA_LAYERS = (*_MODULE_LORA_LAYERS, FastLoraParamWrapper)
 
 
 def adapters_of(layer: nn.Module) -> nn.Module:
@@ -263,6 +265,8 @@ def _resolve_targets(model: nn.Module, config: LoraConfig) -> list[str] | str:
     if targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in DEFAULT_TARGET_MODULES:
+            if config.target_parameters:  # as peft: the parameters alone are targeted
+                return []
             raise ValueError(f"target_modules is None and fastpeft has no default for model type {model_type!r}; "
                              "pass target_modules (a list of names, a regex, or 'all-linear')")
         return list(DEFAULT_TARGET_MODULES[model_type])
@@ -372,11 +376,21 @@ class LoraModel(nn.Module):
     def targeted_module_names(self) -> list[str]:
         """Names of the modules that carry LoRA layers (peft's attribute), in peft's order: as injections first
         reached them (layers that came another way, e.g. through ``from_peft``, follow in module order)."""
-        present = [name for name, _ in self.lora_layers()]
+        present = [name for name, layer in self.lora_layers() if not isinstance(layer, FastLoraParamWrapper)]
         known = set(present)
         injected = [name for name in getattr(self, "_injected", []) if name in known]
         seen = set(injected)
         return injected + [name for name in present if name not in seen]
+
+    @property
+    def targeted_parameter_names(self) -> list[str]:
+        """``<module path>.<parameter name>`` of every parameter adapted through ``target_parameters`` (peft's
+        attribute), in the order injections first reached them."""
+        present = set()
+        for key, layer in self.lora_layers():
+            if isinstance(layer, FastLoraParamWrapper):
+                present.add(f"{_strip_base_layer(key)}.{layer.parameter_name}")
+        return [name for name in getattr(self, "_injected_params", []) if name in present]
 
     def inject_adapter(self, config: LoraConfig, adapter_name: str, activate: bool = True,
                        autocast_adapter_dtype: bool = True) -> None:
@@ -409,6 +423,7 @@ class LoraModel(nn.Module):
         names = [n for n, _ in model.named_modules() if n]
         keys = [key for key in names if not _is_inside_lora(model, key) and not _excluded(config, key)
                 and not _in_modules_to_save(modules_to_save, key) and _targeted(config, targets, key)]
+        param_targets = _match_parameters(self, model, config, adapter_name, keys)  # checked before any wrapping
         if config.use_dora:  # refused before anything is wrapped
             for key in keys:
                 if isinstance(model.get_submodule(key), (nn.Embedding, FastLoraEmbedding)):
@@ -432,7 +447,7 @@ class LoraModel(nn.Module):
                       loftq_config=config.loftq_config or None, autocast_adapter_dtype=autocast_adapter_dtype)
             if lora_bias:
                 kw["lora_bias"] = True
-            if isinstance(module, _LORA_LAYERS):
+            if isinstance(module, _MODULE_LORA_LAYERS):
                 module.update_layer(adapter_name, **kw)
             elif isinstance(module, nn.Embedding):
                 new = FastLoraEmbedding.from_embedding(module, adapter_name=adapter_name, **kw)
@@ -458,13 +473,26 @@ class LoraModel(nn.Module):
             matched.append(key)
             if key not in self._injected:
                 self._injected.append(key)
-        if not matched:
+        _wrap_parameters(model, config, adapter_name, param_targets, autocast_adapter_dtype)
+        self._injected_params = list(dict.fromkeys([*getattr(self, "_injected_params", []),
+                                                    *(key for _, _, key in param_targets)]))
+        if matched or param_targets:  # peft's warnings when one kind of target matched nothing
+            if targets and not matched:
+                warnings.warn(f"target_modules={config.target_modules} were set but no module was matched.",
+                              RuntimeWarning, stacklevel=3)
+            elif config.target_parameters and not param_targets:
+                warnings.warn(f"target_parameters={config.target_parameters} were set but no parameter was "
+                              "matched.", RuntimeWarning, stacklevel=3)
+        elif not targets:
+            raise ValueError("No `target_modules` passed but also no `target_parameters` found. Please check the "
+                             f"values for these arguments (target_parameters={config.target_parameters}).")
+        if not matched and not param_targets:
             existing = sorted({n.split(".")[-1] for n in names if _supported_base(model.get_submodule(n))})
             raise ValueError(f"Target modules {targets} not found in the base model. Please check the target "
                              f"modules and try again. Linear modules in this model: {existing}")
         # As peft, the saved config names what was adapted: the model type's default targets for None, the
         # adapted modules' full names for "all-linear", and fan_in_fan_out for Conv1D targets.
-        if config.target_modules is None:
+        if config.target_modules is None:  # (no default for the model type with target_parameters: [] as peft)
             config.target_modules = sorted(targets)
         elif isinstance(config.target_modules, str) \
                 and config.target_modules.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND:
@@ -700,6 +728,10 @@ class LoraModel(nn.Module):
             raise ValueError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
         adapters = list(adapters)
         for adapter in adapters:
+            if getattr(self.peft_config.get(adapter), "target_parameters", None):  # as peft
+                raise ValueError("add_weighted_adapter does not support targeting nn.Parameter (problematic "
+                                 f"adapter '{adapter}')")
+        for adapter in adapters:
             if adapter not in self.peft_config:
                 raise ValueError(f"Adapter {adapter} does not exist; this model has {list(self.peft_config)}")
         if len(list(weights)) != len(adapters):
@@ -852,6 +884,9 @@ class LoraModel(nn.Module):
     def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None,
                 progressbar: bool = False) -> nn.Module:
         layers = list(self.lora_layers())
+        # nested parameter wrappers: the inner one (its name longer) first, so that each is replaced in place
+        layers = [x for x in layers if not isinstance(x[1], FastLoraParamWrapper)] + \
+            [x for x in reversed(layers) if isinstance(x[1], FastLoraParamWrapper)]
         it = layers
         if progressbar:
             from tqdm.auto import tqdm
@@ -875,6 +910,90 @@ class LoraModel(nn.Module):
         if merge:  # a trained copy of a tied head (modules_to_save) no longer shares the embeddings' weight
             _untie_config_if_untied(self.model)
         return self.model
+
+
+# --------------------------------------------------------------------------- target_parameters
+_PARAM_REFUSED = (("lora_dropout", "lora_dropout != 0"), ("fan_in_fan_out", "fan_in_fan_out"),
+                  ("lora_bias", "lora_bias=True"), ("use_dora", "use_dora=True"))
+
+
+def _strip_base_layer(name: str) -> str:
+    """``name`` without its ``.base_layer`` parts (the path of the module as it was before wrapping)."""
+    return ".".join(p for p in name.split(".") if p != "base_layer")
+
+
+def _match_parameters(tuner: LoraModel, model: nn.Module, config: LoraConfig, adapter_name: str,
+                      module_keys: list[str]) -> list[tuple[str, str, str]]:
+    """(module path to wrap at, parameter name, ``<unwrapped path>.<parameter>``) for every parameter
+    ``config.target_parameters`` names (peft's matching: the key itself or its dot-separated tail), in module
+    order; raises, before anything is wrapped, on what peft refuses."""
+    wanted = config.target_parameters
+    if not wanted:
+        return []
+    for other_name, other in tuner.peft_config.items():  # peft's rule for several adapters
+        theirs = getattr(other, "target_parameters", None)
+        if theirs and set(theirs) != set(wanted):
+            raise ValueError("When using multiple adapters with `target_parameters`, all adapters must target the "
+                             f"same set of parameters, but got {sorted(set(wanted))} for the new adapter and "
+                             f"{sorted(set(theirs))} for adapter '{other_name}'.")
+    found = []
+    for module_name, module in list(model.named_modules()):
+        if isinstance(module, FastLoraParamWrapper):
+            continue
+        unwrapped = _strip_base_layer(module_name)
+        for param_name, _ in module.named_parameters(recurse=False):
+            key = f"{unwrapped}.{param_name}"
+            if not (key in wanted or any(key.endswith(f".{t}") for t in wanted)):
+                continue
+            if module_name == "":
+                raise ValueError("Targeting an nn.Parameter on the top-level module is not supported (parameter "
+                                 f"'{param_name}'). ")
+            holder = model.get_submodule(unwrapped)
+            if isinstance(holder, _MODULE_LORA_LAYERS) or unwrapped in module_keys:
+                raise ValueError(f"Trying to wrap an `nn.Parameter` of layer '{unwrapped}' of type "
+                                 f"{type(module).__name__}, which is not a valid target. Make sure that this layer "
+                                 "is not also targeted with `target_modules`. For some models, PEFT will do this "
+                                 "automatically, try setting `target_modules=[]` to prevent it.")
+            if type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4", "Params4bit") \
+                    or type(getattr(module, param_name)).__name__ == "Params4bit":
+                raise ValueError(f"target_parameters: {key!r} is a 4-bit parameter; fastpeft adapts full-precision "
+                                 "parameters only (use peft for this adapter)")
+            found.append((module_name, param_name, key))
+    if found:
+        # peft resets fan_in_fan_out to False on the first nn.Linear of target_modules, before the parameters
+        linear_first = any(isinstance(model.get_submodule(k), (nn.Linear, FastLoraLinear)) for k in module_keys)
+        for field_name, what in _PARAM_REFUSED:
+            if field_name == "fan_in_fan_out" and linear_first:
+                continue
+            if getattr(config, field_name, False):
+                raise ValueError(f"lora.ParamWrapper does not work with {what}.")
+        if config.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"init_lora_weights={config.init_lora_weights!r} is not supported by fastpeft with "
+                             "target_parameters (supported: True, False, 'gaussian'); use peft for this adapter")
+    return found
+
+
+def _wrap_parameters(model: nn.Module, config: LoraConfig, adapter_name: str, found: list[tuple[str, str, str]],
+                     autocast_adapter_dtype: bool) -> None:
+    """Wrap the parameters ``_match_parameters`` found, as peft nests them: a parameter already wrapped for another
+    adapter gets the new adapter on its wrapper, a further parameter of the same module wraps the module's current
+    wrapper."""
+    for module_name, param_name, key in found:
+        r_key = _pattern_key(config.rank_pattern, key)
+        a_key = _pattern_key(config.alpha_pattern, key)
+        kw = dict(r=config.rank_pattern[r_key] if r_key else config.r,
+                  lora_alpha=config.alpha_pattern[a_key] if a_key else config.lora_alpha,
+                  init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora,
+                  autocast_adapter_dtype=autocast_adapter_dtype)
+        existing = model.get_submodule(_strip_base_layer(module_name))
+        while isinstance(existing, FastLoraParamWrapper) and existing.parameter_name != param_name:
+            existing = existing.base_layer
+        if isinstance(existing, FastLoraParamWrapper):
+            existing.update_layer(adapter_name, **kw)
+            continue
+        target = model.get_submodule(module_name)
+        parent, child = parent_of(model, module_name)
+        setattr(parent, child, FastLoraParamWrapper(target, param_name, adapter_name=adapter_name, **kw))
 
 
 def _shares_input_embeddings(model: nn.Module, layer: nn.Module) -> bool:
@@ -967,6 +1086,9 @@ def mixed_adapter_batch(model: nn.Module, adapter_names: list[str] | None, expan
             or not all(isinstance(n, str) for n in adapter_names):
         raise TypeError(f"adapter_names must be a list of adapter names (str), got {adapter_names!r}")
     layers = [m for m in model.modules() if isinstance(m, _LORA_LAYERS)]
+    if any(isinstance(m, FastLoraParamWrapper) for m in layers):  # as peft
+        raise ValueError("lora.ParamWrapper does not support mixed adapter batches yet (this model has adapters "
+                         "on target_parameters).")
     existing = sorted({n for layer in layers for n in adapters_of(layer)})
     unknown = sorted({n for n in adapter_names if n != "__base__"} - set(existing))
     if unknown:
