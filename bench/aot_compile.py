@@ -117,12 +117,6 @@ JITFunction.run = _run_no_launch
 _CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def _cache_entries() -> int:
-    """Compiled kernels in Triton's on-disk cache (one ``__grp__*.json`` each)."""
-    root = triton.knobs.cache.dir
-    return sum(f.startswith("__grp__") for _, _, files in os.walk(root) for f in files) if os.path.isdir(root) else 0
-
-
 def _resources(kernel):
     """(registers, spill bytes) of a compiled kernel's cubin, or (None, None)."""
     cubin = kernel.asm.get("cubin")
@@ -411,7 +405,9 @@ def main():
         mixed(args.all, dtypes)
     if "untuned" in args.only:
         untuned(dtypes, args.ranks)
-    cache_before = _cache_entries()
+    from fastpeft.benchmarking import triton_cache_entries
+
+    cache_before = triton_cache_entries()
     for mode in ("bench", "bench-tuned"):
         if mode in args.only:
             # bench: the compile-only warm-up (FASTPEFT_AUTOTUNE=warm); bench-tuned: the timed run's autotuner
@@ -425,7 +421,7 @@ def main():
     bad = [r for r in RECORDS if not r["ok"]]
     print("\n== summary ==")
     print(f"compiled {len(ok)} specializations in {time.time() - t0:.0f}s; failures: {len(bad)}; "
-          f"new in the on-disk cache ({triton.knobs.cache.dir}): {_cache_entries() - cache_before}")
+          f"new in the on-disk cache ({triton.knobs.cache.dir}): {triton_cache_entries() - cache_before}")
     by = {}
     for r in ok:
         k = r["kernel"]

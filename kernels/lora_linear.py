@@ -50,7 +50,6 @@ from triton.runtime.errors import OutOfResources, PTXASError
 from .configs import (
     REDUCE_ROW_UNIT,
     autotune_mode,
-    autotuning,
     down_configs,
     gemm_configs,
     interpreting,
@@ -267,17 +266,23 @@ def _m_key(m: int) -> int:
 
 
 def _launch(tuned, raw, grid, args, kwargs, config):
-    if config is None and not autotuning():
-        if autotune_mode() == "warm":
+    if config is None:
+        mode = autotune_mode()
+        if mode == "tune":
+            tuned[grid](*args, **kwargs)
+            return
+        if mode == "warm":
             _compile_pruned(tuned, raw, grid, args, kwargs)
         _launch_untuned(tuned, raw, grid, args, kwargs)
         return
-    if config is None:
-        tuned[grid](*args, **kwargs)
-        return
+    _pre_hook(config, raw, args, kwargs)
+    raw[grid](*args, **kwargs, **config.all_kwargs())
+
+
+def _pre_hook(config, raw, args, kwargs) -> None:
+    """Run ``config``'s pre-hook (if any) on the launch's named arguments, as the autotuner does before a call."""
     if config.pre_hook is not None:
         config.pre_hook({**dict(zip(raw.arg_names, args)), **kwargs, **config.kwargs})
-    raw[grid](*args, **kwargs, **config.all_kwargs())
 
 
 def _pruned(tuned, raw, args, kwargs) -> list:
@@ -299,8 +304,7 @@ def _compile_pruned(tuned, raw, grid, args, kwargs):
         return
     for cfg in _pruned(tuned, raw, args, kwargs):
         try:
-            if cfg.pre_hook is not None:  # e.g. the TMA configs set their descriptors' block shapes
-                cfg.pre_hook({**dict(zip(raw.arg_names, args)), **kwargs, **cfg.kwargs})
+            _pre_hook(cfg, raw, args, kwargs)  # e.g. the TMA configs set their descriptors' block shapes
             raw.warmup(*args, grid=grid, **kwargs, **cfg.all_kwargs())
         except (OutOfResources, CompileTimeAssertionFailure, PTXASError):
             continue
