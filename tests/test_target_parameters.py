@@ -166,7 +166,7 @@ def test_save_and_load_both_ways(model, tmp_path):
         warnings.simplefilter("ignore")
         peft_loaded = peft.PeftModel.from_pretrained(MODELS[model](), tmp_path / "ours").eval()
         ours_loaded = fastpeft.PeftModel.from_pretrained(MODELS[model](), tmp_path / "theirs").eval()
-    assert ours_loaded.peft_config["default"].target_parameters == EXPERTS
+    assert sorted(ours_loaded.peft_config["default"].target_parameters) == sorted(EXPERTS)
     assert_rel(_logits(peft_loaded, ids), expected, 1e-6, "peft loads fastpeft's adapter")
     assert_rel(_logits(ours_loaded, ids), expected, 1e-6, "fastpeft loads peft's adapter")
 
