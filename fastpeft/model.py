@@ -1026,7 +1026,7 @@ def _plan_trainable_tokens(model: nn.Module, config: LoraConfig, lora_keys: list
     if weights_tied and not mismatch and emb_name is not None and any(n == emb_name for n, _, _ in plan):
         for n in tied_names:
             m = model.get_submodule(n)
-            if _is_lora_layer(m):
+            if _is_lora_layer(m) or n in lora_keys:
                 raise ValueError(f"{n!r} shares its weight with the input embeddings (tie_word_embeddings=True) and is "
                                  "adapted by LoRA; trainable_token_indices on the embeddings cannot be tied to it. "
                                  "Leave it out of target_modules or untie the embeddings.")
