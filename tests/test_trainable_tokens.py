@@ -262,3 +262,12 @@ def test_loading_a_file_with_other_rows_count_fails_clearly(tmp_path):
     with pytest.raises(ValueError, match="shape mismatch"):
         fastpeft.PeftModel.from_pretrained(_llama(), tmp_path)
     assert os.path.isfile(tmp_path / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_to_peft_keeps_the_rows(tie):
+    ours, theirs = _pair(tie)
+    ids = _ids()
+    converted = fastpeft.to_peft(ours)
+    assert isinstance(converted, peft.PeftModel)
+    torch.testing.assert_close(converted(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=0, atol=0)
