@@ -429,7 +429,7 @@ class LoraModel(nn.Module):
         keys = [key for key in names if not _is_inside_lora(model, key) and not _excluded(config, key)
                 and not _in_modules_to_save(modules_to_save, key) and _targeted(config, targets, key)]
         param_targets = _match_parameters(self, model, config, adapter_name, keys)  # checked before any wrapping
-        token_plan = _plan_trainable_tokens(model, config, keys, modules_to_save)  # idem
+        token_plan = _plan_trainable_tokens(model, config, keys, modules_to_save)  # checked before wrapping
         if config.use_dora:  # refused before anything is wrapped
             for key in keys:
                 if isinstance(model.get_submodule(key), (nn.Embedding, FastLoraEmbedding)):
@@ -1003,7 +1003,7 @@ def _plan_trainable_tokens(model: nn.Module, config: LoraConfig, lora_keys: list
             if not mismatch:
                 skip = set(pair) & set(tied_names)
     plan = []
-    for name, (ids, key) in resolved.items():
+    for name, (ids, _key) in resolved.items():
         if name in skip:
             continue
         module = model.get_submodule(name)
