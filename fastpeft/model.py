@@ -414,7 +414,7 @@ class LoraModel(nn.Module):
         # Adding an adapter keeps the other adapters' trainability as it was (peft's add_adapter); the new one
         # trains only if it becomes the active adapter and its config is not in inference mode.
         before = {id(p): p.requires_grad for n, p in model.named_parameters()
-                  if self.prefix in n or ".modules_to_save." in n or _TOKEN_DELTA in n}  # the other adapters' own weights
+                  if self.prefix in n or ".modules_to_save." in n or _TOKEN_DELTA in n}  # other adapters' weights
         targets = _resolve_targets(model, config)
         extra_save = _CLASSIFIER_HEADS.get(config.task_type or "", [])
         if extra_save:

@@ -204,8 +204,9 @@ class TrainableTokensLayer(nn.Module):
 
 class TrainableTokensWrapper(nn.Module):
     """peft's ``TrainableTokensWrapper`` (same layout: ``<module>.token_adapter.base_layer`` /
-    ``<module>.token_adapter.trainable_tokens_delta``): put in place of the embedding (or tied head) whose rows train. ``.weight`` is the weight with the active
-    adapter's rows in place, other attributes are the wrapped layer's.
+    ``<module>.token_adapter.trainable_tokens_delta``): put in place of the embedding (or tied head) whose rows
+    train. ``.weight`` is the weight with the active adapter's rows in place, other attributes are the wrapped
+    layer's.
 
     Args:
         module: the layer to wrap (``nn.Embedding``; ``nn.Linear`` without bias).
