@@ -38,7 +38,6 @@ BIAS_CHOICES = ("none", "all", "lora_only")
 
 # peft LoraConfig fields fastpeft does not implement, with the values under which they change nothing.
 _NEUTRAL: dict[str, tuple] = {
-    "trainable_token_indices": (None, [], {}),
     "eva_config": (None,),
     "corda_config": (None,),
     "lora_ga_config": (None,),
@@ -140,6 +139,13 @@ class LoraConfig(AdapterConfigFile):
             ``exclude_modules`` / ``layers_to_transform`` do not apply to it, it refuses ``lora_dropout``,
             ``fan_in_fan_out``, ``lora_bias``, DoRA and mixed adapter batches, and every adapter of a model must
             target the same parameters. See ``fastpeft.layers.param``.
+        trainable_token_indices: train only these rows of an embedding (peft's option, e.g. for new special
+            tokens): a list of token ids (the model's input embeddings) or ``{module name: [ids]}`` (the name matched
+            as a ``target_modules`` list entry is: exactly or as a dot-separated tail). Each row's trained value
+            replaces the original (saved as ``<path>.token_adapter.trainable_tokens_delta``); under
+            ``tie_word_embeddings`` the output head follows the input embeddings. Works beside LoRA on other
+            layers; not on a layer that is also in ``target_modules`` or ``modules_to_save``. Ids must be in
+            range and listed once. See ``fastpeft.layers.tokens``.
         exclude_modules: names (list, suffix match) or regex (string) never adapted.
         modules_to_save: modules trained in full and saved with the adapter (e.g. a classifier head);
             for ``task_type="SEQ_CLS"``/``"TOKEN_CLS"`` the head (``classifier``/``score``) is added as peft does.
@@ -183,6 +189,7 @@ class LoraConfig(AdapterConfigFile):
     lora_dropout: float = 0.0
     target_modules: list[str] | str | None = None
     target_parameters: list[str] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     exclude_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None
     bias: str = "none"
@@ -247,6 +254,7 @@ class LoraConfig(AdapterConfigFile):
                 isinstance(t, str) and t for t in self.target_parameters)):
             raise TypeError(f"`target_parameters` must be a list of non-empty strings or None, got "
                             f"{self.target_parameters!r}")
+        self.trainable_token_indices = _check_trainable_token_indices(self.trainable_token_indices)
         self._sort_collections(("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"))
         if isinstance(self.layers_to_transform, (set, tuple)):
             self.layers_to_transform = list(self.layers_to_transform)
@@ -337,6 +345,33 @@ def write_config_json(data: dict[str, Any], save_directory: str | os.PathLike) -
     with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=True, default=_json_default)
         f.write("\n")
+
+
+def _check_trainable_token_indices(value: Any) -> list[int] | dict[str, list[int]] | None:
+    """``trainable_token_indices`` checked (a list of non-negative ints, each once, or a dict of module name -> such
+    a list), tuples made lists; the ids' upper bound is checked against the layer when the adapter is injected."""
+    if value is None:
+        return None
+
+    def ids(v: Any, where: str) -> list[int]:
+        if isinstance(v, tuple):
+            v = list(v)
+        if not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+            raise TypeError(f"trainable_token_indices{where} must be a list of ints, got {v!r}")
+        neg = [i for i in v if i < 0]
+        if neg:
+            raise ValueError(f"trainable_token_indices{where} must be non-negative token ids, got {neg}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"trainable_token_indices{where} lists {sorted({i for i in v if v.count(i) > 1})} "
+                             "more than once")
+        return v
+
+    if isinstance(value, dict):
+        for key in value:
+            if not isinstance(key, str) or not key:
+                raise TypeError(f"trainable_token_indices keys must be module names (str), got {key!r}")
+        return {k: ids(v, f"[{k!r}]") for k, v in value.items()}
+    return ids(value, "")
 
 
 def _check_neutral(key: str, value: Any) -> None:

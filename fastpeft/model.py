@@ -26,6 +26,7 @@ from .layers.embedding import FastLoraEmbedding, refuse_embedding_dora
 from .layers.lora import FastLoraLinear, _is_conv1d
 from .layers.lora_init import mutates_base
 from .layers.param import FastLoraParamWrapper
+from .layers.tokens import TrainableTokensWrapper, check_token_indices
 from .merging import combine, warn_no_pruning
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -368,6 +369,10 @@ class LoraModel(nn.Module):
         """(name, layer) for every fastpeft LoRA layer in the model (linear, 4-bit and embedding layers)."""
         return named_modules_of(self.model, _LORA_LAYERS)
 
+    def token_wrappers(self) -> Iterator[tuple[str, TrainableTokensWrapper]]:
+        """(name, wrapper) for every ``trainable_token_indices`` wrapper in the model (tied heads included)."""
+        return named_modules_of(self.model, TrainableTokensWrapper)
+
     def modules_to_save_wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
         """(name, wrapper) for every ``modules_to_save`` wrapper in the model."""
         return named_modules_of(self.model, ModulesToSaveWrapper)
@@ -409,7 +414,7 @@ class LoraModel(nn.Module):
         # Adding an adapter keeps the other adapters' trainability as it was (peft's add_adapter); the new one
         # trains only if it becomes the active adapter and its config is not in inference mode.
         before = {id(p): p.requires_grad for n, p in model.named_parameters()
-                  if self.prefix in n or ".modules_to_save." in n}  # the other adapters' own weights
+                  if self.prefix in n or ".modules_to_save." in n or _TOKEN_DELTA in n}  # other adapters' weights
         targets = _resolve_targets(model, config)
         extra_save = _CLASSIFIER_HEADS.get(config.task_type or "", [])
         if extra_save:
@@ -424,6 +429,7 @@ class LoraModel(nn.Module):
         keys = [key for key in names if not _is_inside_lora(model, key) and not _excluded(config, key)
                 and not _in_modules_to_save(modules_to_save, key) and _targeted(config, targets, key)]
         param_targets = _match_parameters(self, model, config, adapter_name, keys)  # checked before any wrapping
+        token_plan = _plan_trainable_tokens(model, config, keys, modules_to_save)  # checked before wrapping
         if config.use_dora:  # refused before anything is wrapped
             for key in keys:
                 if isinstance(model.get_submodule(key), (nn.Embedding, FastLoraEmbedding)):
@@ -514,6 +520,7 @@ class LoraModel(nn.Module):
                           "embeddings keep theirs; the config then says tie_word_embeddings=False)", stacklevel=3)
         self.peft_config[adapter_name] = config
         wrap_matching_modules(model, modules_to_save, adapter_name, _LORA_INTERNALS)
+        _wrap_trainable_tokens(model, adapter_name, token_plan)
         self._mark_only_adapters_as_trainable()
         if activate and not previous_active:
             self.set_adapter(adapter_name)
@@ -527,7 +534,7 @@ class LoraModel(nn.Module):
 
     def _mark_only_adapters_as_trainable(self) -> None:
         for name, param in self.model.named_parameters():
-            if self.prefix not in name and ".modules_to_save." not in name:
+            if self.prefix not in name and ".modules_to_save." not in name and _TOKEN_DELTA not in name:
                 param.requires_grad_(False)
         for adapter in self.active_adapters:
             cfg = self.peft_config.get(adapter)
@@ -552,6 +559,8 @@ class LoraModel(nn.Module):
             for n in names:
                 if n in wrapper.modules_to_save:
                     wrapper.modules_to_save[n].requires_grad_(requires_grad)
+        for _, wrapper in self.token_wrappers():
+            wrapper.set_requires_grad(names, requires_grad)
 
     def _freeze_adapter(self, adapter_name: str) -> None:
         for name, param in self.model.named_parameters():
@@ -571,6 +580,11 @@ class LoraModel(nn.Module):
             if len(held) > 1:
                 raise ValueError(f"adapters {held} each have a modules_to_save copy of the same module; only one "
                                  "of them can be active at a time (as in peft)")
+        for _, wrapper in self.token_wrappers():
+            held = [n for n in names if n in wrapper.adapters]
+            if len(held) > 1:
+                raise ValueError(f"Only one adapter can be set at a time for trainable tokens, got {len(held)}: "
+                                 f"{held} (as in peft)")
         for _, layer in self.lora_layers():
             if layer.merged:
                 warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.",
@@ -579,6 +593,8 @@ class LoraModel(nn.Module):
             layer.set_adapter([n for n in names if n in adapters_of(layer)], inference_mode=inference_mode)
         for _, wrapper in self.modules_to_save_wrappers():
             wrapper.set_adapter([n for n in names if n in wrapper.modules_to_save][:1], train=not inference_mode)
+        for _, wrapper in self.token_wrappers():
+            wrapper.set_adapter(names, train=not inference_mode)
         if inference_mode:
             for n in names:
                 self._freeze_adapter(n)
@@ -590,12 +606,16 @@ class LoraModel(nn.Module):
             layer.enable_adapters(True)
         for _, wrapper in self.modules_to_save_wrappers():
             wrapper.enable_adapters(True)
+        for _, wrapper in self.token_wrappers():
+            wrapper.enable_adapters(True)
 
     def disable_adapter_layers(self) -> None:
         """Run the base model only: every LoRA layer and modules_to_save wrapper is bypassed (nothing is deleted)."""
         for _, layer in self.lora_layers():
             layer.enable_adapters(False)
         for _, wrapper in self.modules_to_save_wrappers():
+            wrapper.enable_adapters(False)
+        for _, wrapper in self.token_wrappers():
             wrapper.enable_adapters(False)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -609,6 +629,8 @@ class LoraModel(nn.Module):
         for _, wrapper in self.modules_to_save_wrappers():
             if adapter_name in wrapper.modules_to_save:
                 del wrapper.modules_to_save[adapter_name]
+        for _, wrapper in self.token_wrappers():
+            wrapper.delete_adapter(adapter_name)
         remaining = [a for a in self.active_adapters if a != adapter_name] or list(self.peft_config)[:1]
         if remaining:
             self.set_adapter(remaining)
@@ -843,6 +865,8 @@ class LoraModel(nn.Module):
                 names = [n for n in (adapter_names or layer.active_adapters) if n in adapters_of(layer)]
                 self._untie_before_merge(key, layer, names)
                 layer.merge(safe_merge=safe_merge, adapter_names=names)
+        for _, wrapper in self.token_wrappers():  # a tied head writes the same rows into the shared weight
+            wrapper.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def _untie_before_merge(self, key: str, layer: nn.Module, names: list[str]) -> None:
         """A layer whose base weight is the input embeddings' (``lm_head`` under ``tie_word_embeddings``): a merge
@@ -871,6 +895,8 @@ class LoraModel(nn.Module):
         for _, layer in self.lora_layers():
             if layer.merged:
                 layer.unmerge()
+        for _, wrapper in self.token_wrappers():
+            wrapper.unmerge()
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: list[str] | None = None) -> nn.Module:
@@ -907,9 +933,119 @@ class LoraModel(nn.Module):
             parent, child = parent_of(self.model, key)
             setattr(parent, child, wrapper._current() if merge or not wrapper._disable_adapters
                     else wrapper.original_module)
+        for key, wrapper in list(self.token_wrappers()):  # as peft: even when disabled, merge writes the rows
+            if merge:
+                wrapper.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            parent, child = parent_of(self.model, key)
+            setattr(parent, child, wrapper.original_module)
         if merge:  # a trained copy of a tied head (modules_to_save) no longer shares the embeddings' weight
             _untie_config_if_untied(self.model)
         return self.model
+
+
+# --------------------------------------------------------------------------- trainable_token_indices
+_TOKEN_DELTA = ".trainable_tokens_delta."
+
+
+def _name_matches(name: str, key: str) -> bool:
+    return name == key or name.endswith("." + key)
+
+
+def _plan_trainable_tokens(model: nn.Module, config: LoraConfig, lora_keys: list[str],
+                           modules_to_save: list[str]) -> list[tuple[str, list[int], str | None]]:
+    """What ``config.trainable_token_indices`` wraps, as peft: ``(module name, ids, None)`` for each layer whose rows
+    train and ``(head name, ids, embeddings name)`` for each head tied to the input embeddings that follows them.
+    Everything is checked (targets found, layer types, ids in range, no clash with LoRA or modules_to_save) before
+    anything is wrapped."""
+    tti = config.trainable_token_indices
+    if tti is None:
+        return []
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    emb_name = next((n for n, m in model.named_modules() if m is embeddings and n), None) if embeddings is not None \
+        else None
+    wanted = dict(tti) if isinstance(tti, dict) else {emb_name or "embed_tokens": list(tti)}
+    for key in wanted:
+        if any(_name_matches(key, m) or m == key for m in modules_to_save):
+            raise ValueError("The embedding layer is already marked to be trained fully, either specify "
+                             f'`modules_to_save=[..., "{key}", ...]` or `trainable_tokens={{\'{key}\': x}}` but '
+                             "not both.")
+    names = [n for n, _ in model.named_modules(remove_duplicate=False) if n and ".token_adapter" not in n
+             and not _is_inside_lora(model, n)]
+    resolved: dict[str, tuple[list[int], str]] = {}
+    for key, ids in wanted.items():
+        found = [n for n in names if _name_matches(n, key)]
+        if not found:
+            raise ValueError(f"Target modules {{{key!r}}} not found in the base model (trainable_token_indices). "
+                             "Please check the target modules and try again.")
+        for name in found:
+            resolved[name] = (ids, key)
+    # the heads tied to the input embeddings (computed before anything is wrapped)
+    weights_tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    emb_weight = getattr(embeddings.original_module if isinstance(embeddings, TrainableTokensWrapper) else embeddings,
+                         "weight", None) if embeddings is not None else None
+    tied_names = []
+    if weights_tied and emb_weight is not None:
+        for n, m in model.named_modules():
+            if not n or m is embeddings or ".token_adapter" in n:
+                continue
+            if isinstance(m, TrainableTokensWrapper) and m.is_tied:
+                tied_names.append(n)
+            elif isinstance(m, nn.Linear) and m.weight is emb_weight:
+                tied_names.append(n)
+            elif _is_lora_layer(m) and getattr(getattr(m, "base_layer", None), "weight", None) is emb_weight:
+                tied_names.append(n)
+    # peft: several targets that are the tied pair with the same ids -> the head just follows the embeddings
+    skip, mismatch = set(), False
+    if len(resolved) > 1 and weights_tied:
+        pair = [n for n in resolved if n == emb_name or n in tied_names]
+        if len(pair) >= 2:
+            mismatch = not all(resolved[n][0] == resolved[pair[0]][0] for n in pair[1:])
+            if not mismatch:
+                skip = set(pair) & set(tied_names)
+    plan = []
+    for name, (ids, _key) in resolved.items():
+        if name in skip:
+            continue
+        module = model.get_submodule(name)
+        if name in lora_keys or _is_lora_layer(module) or isinstance(module, (ModulesToSaveWrapper,)):
+            kind = "lora.Embedding" if isinstance(module, nn.Embedding) or isinstance(module, FastLoraEmbedding) \
+                else type(module).__name__
+            raise TypeError(f"trainable_token_indices cannot be applied to modules of type {kind} ({name!r} is also "
+                            "adapted by LoRA or modules_to_save)")
+        base = module.original_module if isinstance(module, TrainableTokensWrapper) else module
+        if isinstance(module, TrainableTokensWrapper) and module.is_tied:
+            raise ValueError(f"{name!r} follows the input embeddings' trainable tokens (tied weights); give the "
+                             "indices to the input embeddings instead")
+        if not isinstance(base, (nn.Embedding, nn.Linear)):
+            raise TypeError(f"trainable_token_indices cannot be applied to modules of type {type(base)}")
+        if isinstance(base, nn.Linear) and base.bias is not None:
+            raise ValueError(f"trainable_token_indices on {name!r}: an nn.Linear with a bias is not supported (peft's "
+                             "token layer computes it without its bias)")
+        check_token_indices(ids, base.weight.shape[0], repr(name))
+        plan.append((name, list(ids), None))
+    if weights_tied and not mismatch and emb_name is not None and any(n == emb_name for n, _, _ in plan):
+        for n in tied_names:
+            m = model.get_submodule(n)
+            if _is_lora_layer(m) or n in lora_keys:
+                raise ValueError(f"{n!r} shares its weight with the input embeddings (tie_word_embeddings=True) and is "
+                                 "adapted by LoRA; trainable_token_indices on the embeddings cannot be tied to it. "
+                                 "Leave it out of target_modules or untie the embeddings.")
+            plan.append((n, [], emb_name))
+    return plan
+
+
+def _wrap_trainable_tokens(model: nn.Module, adapter_name: str,
+                           plan: list[tuple[str, list[int], str | None]]) -> None:
+    """Carry out ``_plan_trainable_tokens``: wrap (or add ``adapter_name`` to the wrapper of) each layer, then tie the
+    heads to the input embeddings' token layer."""
+    for name, ids, tied_to in plan:
+        module = model.get_submodule(name)
+        if isinstance(module, TrainableTokensWrapper):
+            module.update(adapter_name, ids)
+            continue
+        tied = model.get_submodule(tied_to).token_adapter if tied_to is not None else None
+        parent, child = parent_of(model, name)
+        setattr(parent, child, TrainableTokensWrapper(module, adapter_name, ids, tied_adapter=tied))
 
 
 # --------------------------------------------------------------------------- target_parameters
@@ -1086,6 +1222,9 @@ def mixed_adapter_batch(model: nn.Module, adapter_names: list[str] | None, expan
             or not all(isinstance(n, str) for n in adapter_names):
         raise TypeError(f"adapter_names must be a list of adapter names (str), got {adapter_names!r}")
     layers = [m for m in model.modules() if isinstance(m, _LORA_LAYERS)]
+    if any(isinstance(m, TrainableTokensWrapper) for m in model.modules()):
+        raise ValueError("fastpeft does not support mixed adapter batches (adapter_names) on a model with "
+                         "trainable_token_indices; use peft for this")
     if any(isinstance(m, FastLoraParamWrapper) for m in layers):  # as peft
         raise ValueError("lora.ParamWrapper does not support mixed adapter batches yet (this model has adapters "
                          "on target_parameters).")

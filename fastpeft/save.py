@@ -32,6 +32,7 @@ PICKLE_NAME = "adapter_model.bin"
 _LORA_KEY = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)\.([^.]+)\.(weight|bias)$")
 _MAGNITUDE = "lora_magnitude_vector"
 _EMBEDDING_KEY = re.compile(r"\.(lora_embedding_A|lora_embedding_B)\.([^.]+)$")
+_TOKENS_KEY = re.compile(r"\.token_adapter\.trainable_tokens_delta\.([^.]+)$")  # trainable_token_indices
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # peft's names for save_embedding_layers="auto"
 
 
@@ -39,6 +40,18 @@ def _wrappers(peft_model: PeftModel) -> dict[str, object]:
     from .model import ModulesToSaveWrapper
 
     return {name: m for name, m in peft_model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+
+
+def _token_key_of(peft_model: PeftModel, key: str, adapter_name: str) -> str | None:
+    """The saved name (adapter name dropped) of state-dict key ``key`` if it is ``adapter_name``'s trainable-token
+    rows on a wrapper of its own (a head tied to the embeddings saves nothing, as in peft), else None."""
+    m = _TOKENS_KEY.search(key)
+    if not m or m.group(1) != adapter_name:
+        return None
+    wrapper = peft_model.get_submodule(key[: m.start()])
+    if getattr(wrapper, "is_tied", False):
+        return None
+    return key[: -len(adapter_name) - 1]
 
 
 def _embedding_is_targeted(peft_model: PeftModel, config: Any) -> bool:
@@ -89,6 +102,11 @@ def adapter_state_dict(peft_model: PeftModel, adapter_name: str = "default",
     wrappers = _wrappers(peft_model)
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
+        if _TOKENS_KEY.search(key):
+            saved_key = _token_key_of(peft_model, key, adapter_name)
+            if saved_key is not None:
+                out[saved_key] = value
+            continue
         m = _EMBEDDING_KEY.search(key)
         if m:
             if m.group(2) == adapter_name:
@@ -114,8 +132,9 @@ def adapter_state_dict(peft_model: PeftModel, adapter_name: str = "default",
                 layer = peft_model.get_submodule(key[: -len(".base_layer.bias")])
                 if adapter_name in getattr(layer, "lora_A", {}):
                     out[key] = value
-    if save_embedding_layers == "auto":
-        save_embedding_layers = _embedding_is_targeted(peft_model, config)
+    if save_embedding_layers == "auto":  # (peft: never with trainable tokens, which exist to keep the file small)
+        save_embedding_layers = _embedding_is_targeted(peft_model, config) \
+            and getattr(config, "trainable_token_indices", None) is None
         if save_embedding_layers:
             warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.",
                           stacklevel=3)
@@ -277,6 +296,8 @@ def load_adapter_state(peft_model: PeftModel, saved: dict[str, torch.Tensor], ad
             target = f"{key}.{adapter_name}"
         elif key.endswith(f".{_MAGNITUDE}"):
             target = f"{key}.{adapter_name}.weight"
+        elif key.endswith(".token_adapter.trainable_tokens_delta"):
+            target = f"{key}.{adapter_name}"
         else:
             owner = next((w for w in wrappers if key.startswith(w + ".")), None)
             rest = key[len(owner) + 1:] if owner is not None else ""
@@ -292,6 +313,7 @@ def load_adapter_state(peft_model: PeftModel, saved: dict[str, torch.Tensor], ad
     expected = [k for k in state if _LORA_KEY.search(k) and _LORA_KEY.search(k).group(2) == adapter_name]
     expected += [k for k in state if _EMBEDDING_KEY.search(k) and _EMBEDDING_KEY.search(k).group(2) == adapter_name]
     expected += [k for k in state if any(k.startswith(f"{w}.modules_to_save.{adapter_name}.") for w in wrappers)]
+    expected += [k for k in state if _token_key_of(peft_model, k, adapter_name) is not None]
     missing = [k for k in expected if k not in mapped]
     if missing:
         raise ValueError(f"{where} lacks {len(missing)} tensor(s) the model expects "
