@@ -131,12 +131,9 @@ class _IncrementalSVD:
 
     def partial_fit(self, X: torch.Tensor) -> None:
         """One incremental step on the (samples, features) batch ``X`` (fp32 or fp64; not modified)."""
-        n, f = X.shape
-        if self.k > f:
-            raise ValueError(f"EVA needs {self.k} components (round(r * rho)) but the layer has only {f} input "
-                             "features; lower r or rho")
         if X.dtype not in (torch.float32, torch.float64):
             X = X.float()
+        n = X.shape[0]
         mean, var, total = self._moments(X)
         if self.components_ is None:
             X = X.clone()
@@ -227,6 +224,9 @@ class _SVDHook(_Hook):
     def __call__(self, module, args, output):
         previous = None if self.svd.components_ is None else self.svd.components_.clone()
         x = self.rows(args)
+        if self.k > x.size(1):
+            raise ValueError(f"EVA needs {self.k} components (round(r * rho)) for layer {self.name} but its input has "
+                             f"only {x.size(1)} features; lower r or rho")
         if x.size(0) < self.k:  # (peft prints this and goes on to the next batch)
             self.skipped += 1
             return
