@@ -338,3 +338,27 @@ def test_bad_input_raises_clear_errors():
     sd = fastpeft.get_eva_state_dict(model(), batches, show_progress_bar=False)
     with pytest.warns(UserWarning, match="dataloader is not read"):
         fastpeft.initialize_lora_eva_weights(model(), batches, eva_state_dict=sd)
+
+
+def test_train_cli_runs_eva_on_the_training_batches(tmp_path):
+    from fastpeft.train import build_default_model, parse_args, train
+
+    rows = [{"prompt": f"what is {i}+{i % 7}?", "response": f" {i + i % 7}"} for i in range(32)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "o"
+    args = parse_args(["--data", str(tmp_path / "d.jsonl"), "--eval-split", "0", "--batch-size", "8", "--max-steps",
+                       "1", "--r", "4", "--output", str(out), "--no-progress", "--init-lora-weights", "eva",
+                       "--method-options", json.dumps({"eva_config": {"tau": 0.98}}),
+                       "--target-modules", "q_proj,v_proj,down_proj", "--modules-to-save", "none"])
+    assert args.init_lora_weights == "eva"
+    train(args)
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["init_lora_weights"] == "eva" and saved["eva_config"]["rho"] == 2.0 and saved["eva_config"]["tau"] == 0.98
+    assert saved["rank_pattern"], "EVA redistributed no rank: it did not run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(build_default_model(), out)
+    ranks = {n.replace("base_model.model.", ""): m.r["default"] for n, m in loaded.named_modules()
+             if isinstance(m, peft.tuners.lora.LoraLayer)}
+    for name, rank in saved["rank_pattern"].items():
+        assert ranks[name] == rank
