@@ -271,8 +271,8 @@ def _eva_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, FastLora
 
 def _base_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """For a model without adapters: the linear layers ``get_peft_model(model, config)`` would adapt."""
-    from .model import _excluded, _in_modules_to_save, _is_linear4bit, _resolve_targets, _targeted
     from .layers.lora import _is_conv1d
+    from .model import _excluded, _in_modules_to_save, _is_linear4bit, _resolve_targets, _targeted
 
     targets = _resolve_targets(model, config)
     mts = list(config.modules_to_save or [])

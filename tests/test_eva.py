@@ -108,7 +108,7 @@ def test_eva_matches_peft(eva_kw, targets):
             A = layer.lora_A["default"].weight
             assert torch.allclose(A @ A.t(), torch.eye(A.shape[0]), atol=1e-4), name  # orthonormal vectors
             assert layer.scaling["default"] == pytest.approx(
-                (2.0 if eva_kw.get("adjust_scaling_factors", True) else 8 / layer.r["default"]))
+                2.0 if eva_kw.get("adjust_scaling_factors", True) else 8 / layer.r["default"])
 
 
 def test_long_target_lists_are_condensed_as_peft_does(tmp_path):
@@ -353,7 +353,8 @@ def test_train_cli_runs_eva_on_the_training_batches(tmp_path):
     assert args.init_lora_weights == "eva"
     train(args)
     saved = json.loads((out / "adapter_config.json").read_text())
-    assert saved["init_lora_weights"] == "eva" and saved["eva_config"]["rho"] == 2.0 and saved["eva_config"]["tau"] == 0.98
+    assert saved["init_lora_weights"] == "eva"
+    assert saved["eva_config"]["rho"] == 2.0 and saved["eva_config"]["tau"] == 0.98
     assert saved["rank_pattern"], "EVA redistributed no rank: it did not run"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -30,8 +30,8 @@ LOFTQ_BITS = (4,)
 def init_kind(value) -> tuple[bool | str, int | None]:
     """``(kind, niter)`` for a valid ``init_lora_weights`` value: ``kind`` is True, False, "gaussian", "pissa",
     "olora", "loftq" or "eva" (data-driven, see ``fastpeft.eva``: at creation B is zero and A keeps
-    nn.Linear's init, as in peft, until ``initialize_lora_eva_weights`` sets A), ``niter`` the iteration count of ``"pissa_niter_<K>"`` (None otherwise). Raises
-    ``ValueError`` naming the supported values for anything else."""
+    nn.Linear's init, as in peft, until ``initialize_lora_eva_weights`` sets A), ``niter`` the iteration count
+    of ``"pissa_niter_<K>"`` (None otherwise). Raises ``ValueError`` naming the supported values for anything else."""
     if value is True or value is False:
         return value, None
     if isinstance(value, str):
