@@ -58,8 +58,9 @@ from .auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
-from .config import LoftQConfig, LoraConfig, TaskType
+from .config import EvaConfig, LoftQConfig, LoraConfig, TaskType
 from .convert import from_peft, to_peft
+from .eva import get_eva_state_dict, initialize_lora_eva_weights
 from .layers import FastLoraEmbedding, FastLoraLinear, FastLoraLinear4bit
 from .loftq import replace_lora_weights_loftq
 from .model import LoraModel, ModulesToSaveWrapper, PeftModel, get_peft_model
@@ -133,6 +134,9 @@ __all__ = [
     "quantize_linear",
     "quantize_model",
     "quantize_nf4",
+    "EvaConfig",
+    "get_eva_state_dict",
+    "initialize_lora_eva_weights",
     "LoftQConfig",
     "LoraConfig",
     "LoraModel",

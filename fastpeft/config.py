@@ -38,7 +38,6 @@ BIAS_CHOICES = ("none", "all", "lora_only")
 
 # peft LoraConfig fields fastpeft does not implement, with the values under which they change nothing.
 _NEUTRAL: dict[str, tuple] = {
-    "eva_config": (None,),
     "corda_config": (None,),
     "lora_ga_config": (None,),
     "velora_config": (None,),
@@ -87,6 +86,59 @@ class LoftQConfig:
 
     loftq_bits: int = 4
     loftq_iter: int = 1
+
+
+@dataclass
+class EvaConfig:
+    """peft's ``EvaConfig``: the settings of ``init_lora_weights="eva"`` (Explained Variance Adaptation,
+    Paischer et al. 2024), read by :func:`fastpeft.initialize_lora_eva_weights` / :func:`fastpeft.get_eva_state_dict`.
+
+    Args:
+        rho: rank redistribution (≥ 1): a layer may get up to ``round(r · rho)`` of the total budget
+            (the sum of the layers' ranks); 1.0 keeps every layer at its rank.
+        tau: cosine-similarity threshold (in [0, 1]) between two successive estimates of a layer's right-singular
+            vectors at which they count as converged (the data loop stops when all needed ones have).
+        use_label_mask: leave out the positions whose ``labels`` equal ``label_mask_value``.
+        label_mask_value: the ignored label (-100).
+        whiten: divide each singular vector by the square root of its singular value.
+        adjust_scaling_factors: after redistribution, ``lora_alpha`` of a layer whose rank changed from r to r' is
+            multiplied by r'/r (so its scale ``alpha / r`` stays the same); recorded in ``alpha_pattern``.
+
+    Example::
+
+        config = LoraConfig(r=16, target_modules="all-linear", init_lora_weights="eva", eva_config=EvaConfig(rho=2.0))
+    """
+
+    rho: float = 2.0
+    tau: float = 0.99
+    use_label_mask: bool = True
+    label_mask_value: int = -100
+    whiten: bool = False
+    adjust_scaling_factors: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or self.rho < 1.0:
+            raise ValueError(f"`rho` must be >= 1.0, got {self.rho!r}")
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0.0 <= self.tau <= 1.0:
+            raise ValueError(f"`tau` must be between 0.0 and 1.0, got {self.tau!r}")
+
+
+def check_eva_config(eva_config) -> EvaConfig | None:
+    """``eva_config`` as fastpeft's ``EvaConfig``: None, an ``EvaConfig`` (fastpeft's or peft's) or its dict (as
+    ``adapter_config.json`` stores it); unknown fields raise ``ValueError``."""
+    if eva_config is None or isinstance(eva_config, EvaConfig):
+        return eva_config
+    if isinstance(eva_config, dict):
+        data = dict(eva_config)
+    elif dataclasses.is_dataclass(eva_config) and type(eva_config).__name__ == "EvaConfig":  # peft's
+        data = dataclasses.asdict(eva_config)
+    else:
+        raise TypeError(f"eva_config must be an EvaConfig, its dict or None, got {type(eva_config).__name__}")
+    names = {f.name for f in dataclasses.fields(EvaConfig)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown eva_config field(s) {unknown}; EvaConfig has {sorted(names)}")
+    return EvaConfig(**data)
 
 
 class AdapterConfigFile:
@@ -165,12 +217,17 @@ class LoraConfig(AdapterConfigFile):
         init_lora_weights: ``True`` (A Kaiming-uniform, B zero), ``False`` (random B: not an identity),
             ``"gaussian"`` (A ~ N(0, 1/r)), ``"pissa"`` (principal singular vectors; the base keeps the residual),
             ``"pissa_niter_<K>"`` (the same from ``torch.svd_lowrank`` with K iterations: fast, random),
-            ``"olora"`` (QR factors; the base keeps the residual) or ``"loftq"`` (with ``loftq_config``: the base
-            becomes its NF4 round trip, A and B the SVD of the quantization error). PiSSA and OLoRA also run on
+            ``"olora"`` (QR factors; the base keeps the residual), ``"loftq"`` (with ``loftq_config``: the base
+            becomes its NF4 round trip, A and B the SVD of the quantization error) or ``"eva"`` (B zero; A set from
+            data by ``fastpeft.initialize_lora_eva_weights``, see ``eva_config``). PiSSA and OLoRA also run on
             4-bit bases (decoded, the residual re-quantized). See ``fastpeft.layers.lora_init``.
         loftq_config: a ``LoftQConfig`` (fastpeft's or peft's) or its dict, stored as the dict
             (``{"loftq_bits": 4, "loftq_iter": 1}``); required by ``"loftq"``, emptied (with peft's warning)
             otherwise.
+        eva_config: an ``EvaConfig`` (or its dict) for ``init_lora_weights="eva"`` (the default one, with peft's
+            warning, when omitted); saved as its dict. EVA (data-driven: A from the right-singular vectors of
+            each layer's inputs over a dataloader, ranks redistributed) then runs with
+            ``fastpeft.initialize_lora_eva_weights(model, dataloader)``; see ``fastpeft.eva``.
         rank_pattern / alpha_pattern: per-module overrides, ``{regex: value}`` matched against the name's tail.
         layers_to_transform / layers_pattern: restrict adaptation to these layer indices.
         task_type: ``"CAUSAL_LM"``, ``"SEQ_CLS"``, ``"SEQ_2_SEQ_LM"``, ``"TOKEN_CLS"``, … (or None).
@@ -199,6 +256,7 @@ class LoraConfig(AdapterConfigFile):
     lora_bias: bool = False
     init_lora_weights: bool | str = True
     loftq_config: dict[str, int] = field(default_factory=dict)
+    eva_config: EvaConfig | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     layers_to_transform: list[int] | int | None = None
@@ -241,6 +299,14 @@ class LoraConfig(AdapterConfigFile):
                           stacklevel=3)
         elif self.loftq_config is None:
             self.loftq_config = {}
+        self.eva_config = check_eva_config(self.eva_config)
+        if kind == "eva" and self.eva_config is None:  # peft's warnings
+            warnings.warn("`init_lora_weights` is 'eva' but `eva_config` is not specified. Using default EVA config.",
+                          stacklevel=3)
+            self.eva_config = EvaConfig()
+        elif kind != "eva" and self.eva_config is not None:
+            warnings.warn("`eva_config` specified but will be ignored when `init_lora_weights` is not 'eva'.",
+                          stacklevel=3)
         if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and kind in ("pissa", "olora"):
             warnings.warn("Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and PiSSA/OLoRA means that "
                           "you won't be able to pass `path_initial_model_for_weight_conversion` to "
@@ -280,6 +346,8 @@ class LoraConfig(AdapterConfigFile):
         for name in ("target_modules", "exclude_modules", "modules_to_save"):
             if isinstance(out.get(name), (set, tuple)):
                 out[name] = sorted(out[name])
+        if isinstance(out.get("eva_config"), EvaConfig):
+            out["eva_config"] = dataclasses.asdict(out["eva_config"])
         return out
 
     @classmethod

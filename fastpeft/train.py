@@ -97,7 +97,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="LoRA init (lora/qlora), peft's init_lora_weights: true (default), false, gaussian, pissa, "
                         "pissa_niter_K (fast SVD, K iterations), olora, loftq (NF4 LoftQ with loftq_bits=4, "
                         "loftq_iter=1; on a 4-bit base (--load-in-4bit/qlora) the adapters are fitted to the "
-                        "original weights of --model instead, as peft's replace_lora_weights_loftq)")
+                        "original weights of --model instead, as peft's replace_lora_weights_loftq), eva (A from "
+                        "the SVD of each layer's inputs over the training batches, ranks redistributed; EvaConfig "
+                        "fields through --method-options '{\"eva_config\": {...}}'; one process)")
     g.add_argument("--use-dora", action="store_true",
                    help="DoRA (lora/qlora): a trained magnitude per output feature beside A and B, as peft's "
                         "use_dora")
@@ -477,6 +479,42 @@ def check_packing(model, device: torch.device, autocast: torch.dtype | None) -> 
                          "transformers reads as separate sequences); train without --packing")
 
 
+class _EvaBatches:
+    """The first epoch's training batches, collated (and moved to ``device``) as they are read: the sized,
+    re-iterable dataloader EVA cycles over."""
+
+    def __init__(self, samples, args: argparse.Namespace, collator, device):
+        self.samples, self.args, self.collator, self.device = samples, args, collator, device
+        self.n = sum(1 for _ in batches(samples, args.batch_size, args.seed, 0, args.group_by_length))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        a = self.args
+        for batch in batches(self.samples, a.batch_size, a.seed, 0, a.group_by_length):
+            yield {n: t.to(self.device) for n, t in self.collator(batch).items()}
+
+
+def eva_init(model, args: argparse.Namespace, samples, collator, device, autocast, packing: bool, world: int,
+             show_progress_bar: bool = True) -> None:
+    """``--init-lora-weights eva``: ``fastpeft.initialize_lora_eva_weights`` over the training batches (the
+    first epoch's order, as the run reads them; default ``EvaConfig``; one process only). Deterministic, so a
+    ``--resume`` redoes it and gets the same ranks before the checkpoint's weights are loaded."""
+    from .eva import initialize_lora_eva_weights
+
+    if world > 1:
+        raise SystemExit("fastpeft train: --init-lora-weights eva runs on a single process (initialize the adapter "
+                         "with fastpeft.initialize_lora_eva_weights, save it, and train from there)")
+
+    def forward(m, inputs):
+        with _autocast(device, autocast):
+            return m(**inputs, use_cache=False) if packing else m(**inputs)
+
+    initialize_lora_eva_weights(model, _EvaBatches(samples, args, collator, device), forward_fn=forward,
+                                show_progress_bar=show_progress_bar)
+
+
 def build_peft_model(model, args: argparse.Namespace, total_steps: int | None = None):
     """Wrap ``model`` for ``args.method`` through ``fastpeft.get_peft_model``."""
     from . import LoraConfig, get_peft_model
@@ -503,6 +541,8 @@ def build_peft_model(model, args: argparse.Namespace, total_steps: int | None = 
                        modules_to_save=save, init_lora_weights=True if loftq_4bit else init)
         if init == "loftq" and not loftq_4bit:
             options["loftq_config"] = {"loftq_bits": 4, "loftq_iter": 1}
+        if init == "eva":  # peft's defaults (--method-options '{"eva_config": {"rho": 1.0}}' changes them)
+            options["eva_config"] = {}
         config = LoraConfig(**{**options, **extra})
         if loftq_4bit:  # the base is quantized already: LoftQ fits the adapters to the original weights
             if args.model in (None, DEFAULT_MODEL):
@@ -932,6 +972,9 @@ def train(args: argparse.Namespace) -> TrainResult:
 
     # method
     model = build_peft_model(model, args, total_steps)
+    if args.method in ("lora", "qlora") and getattr(args, "init_lora_weights", True) == "eva":
+        eva_init(model, args, train_samples, collator, device, autocast, packing, world,
+                 show_progress_bar=not args.no_progress and main_rank)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):

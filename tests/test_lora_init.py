@@ -517,7 +517,7 @@ def test_trained_adapters_load_across_libraries(tmp_path, peft_loftq_cpu, init):
 
 # ----------------------------------------------------------------------------- errors
 def test_bad_inits_raise_clear_errors():
-    for bad in ("pissa_niter_", "pissa_niter_x", "PiSSA", "corda", "eva"):
+    for bad in ("pissa_niter_", "pissa_niter_x", "PiSSA", "corda", "EVA"):
         with pytest.raises(ValueError, match="not supported by fastpeft"):
             fastpeft.LoraConfig(init_lora_weights=bad)
         with pytest.raises(ValueError, match="not supported by fastpeft"):

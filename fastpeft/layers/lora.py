@@ -348,6 +348,9 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
                 loftq_config = check_loftq_config(loftq_config)
             self._init_from_base(adapter_name, kind, niter, loftq_config)
             return
+        if kind == "eva":  # as peft: A keeps nn.Linear's init until initialize_lora_eva_weights sets it
+            nn.init.zeros_(B)
+            return
         if kind == "gaussian":
             nn.init.normal_(A, std=1.0 / self.r[adapter_name])
         else:

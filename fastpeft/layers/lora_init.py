@@ -20,7 +20,7 @@ import re
 import torch
 
 # The values of ``init_lora_weights`` fastpeft implements ("pissa_niter_<K>" stands for the pattern).
-INIT_CHOICES = (True, False, "gaussian", "pissa", "pissa_niter_<K>", "olora", "loftq")
+INIT_CHOICES = (True, False, "gaussian", "pissa", "pissa_niter_<K>", "olora", "loftq", "eva")
 # Inits that rewrite the base weight (the adapter then only fits the base it was initialized on).
 BASE_MUTATING = ("pissa", "olora", "loftq")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
@@ -29,12 +29,13 @@ LOFTQ_BITS = (4,)
 
 def init_kind(value) -> tuple[bool | str, int | None]:
     """``(kind, niter)`` for a valid ``init_lora_weights`` value: ``kind`` is True, False, "gaussian", "pissa",
-    "olora" or "loftq", ``niter`` the iteration count of ``"pissa_niter_<K>"`` (None otherwise). Raises
-    ``ValueError`` naming the supported values for anything else."""
+    "olora", "loftq" or "eva" (data-driven, see ``fastpeft.eva``: at creation B is zero and A keeps
+    nn.Linear's init, as in peft, until ``initialize_lora_eva_weights`` sets A), ``niter`` the iteration count
+    of ``"pissa_niter_<K>"`` (None otherwise). Raises ``ValueError`` naming the supported values for anything else."""
     if value is True or value is False:
         return value, None
     if isinstance(value, str):
-        if value in ("gaussian", "pissa", "loftq"):
+        if value in ("gaussian", "pissa", "loftq", "eva"):
             return value, None
         if value.lower() == "olora":  # peft compares this one case-insensitively
             return "olora", None
