@@ -61,6 +61,12 @@ from .auto import (
 from .config import EvaConfig, LoftQConfig, LoraConfig, TaskType
 from .convert import from_peft, to_peft
 from .eva import get_eva_state_dict, initialize_lora_eva_weights
+from .hotswap import (
+    check_hotswap_configs_compatible,
+    hotswap_adapter,
+    hotswap_adapter_from_state_dict,
+    prepare_model_for_compiled_hotswap,
+)
 from .layers import FastLoraEmbedding, FastLoraLinear, FastLoraLinear4bit
 from .loftq import replace_lora_weights_loftq
 from .model import LoraModel, ModulesToSaveWrapper, PeftModel, get_peft_model
@@ -137,6 +143,10 @@ __all__ = [
     "EvaConfig",
     "get_eva_state_dict",
     "initialize_lora_eva_weights",
+    "check_hotswap_configs_compatible",
+    "hotswap_adapter",
+    "hotswap_adapter_from_state_dict",
+    "prepare_model_for_compiled_hotswap",
     "LoftQConfig",
     "LoraConfig",
     "LoraModel",

@@ -280,11 +280,12 @@ def load_adapter_weights(peft_model: PeftModel, path: str | os.PathLike, adapter
     load_adapter_state(peft_model, saved, adapter_name, f"adapter file in {os.fspath(path)!r}")
 
 
-def load_adapter_state(peft_model: PeftModel, saved: dict[str, torch.Tensor], adapter_name: str,
-                       where: str = "the state dict") -> None:
-    """Copy tensors under peft's saved names into ``peft_model``'s adapter ``adapter_name``, strictly
-    (missing, unexpected or mis-shaped tensors raise ``ValueError`` naming them and ``where``)."""
-    state = peft_model.state_dict(keep_vars=True)
+def map_saved_keys(peft_model: PeftModel, saved: dict[str, torch.Tensor], adapter_name: str,
+                   state: dict[str, torch.Tensor] | None = None) -> dict[str, tuple[str, torch.Tensor]]:
+    """Where each of a saved adapter's tensors (peft's saved key names) goes in ``peft_model`` as adapter
+    ``adapter_name``: ``{model state-dict key: (saved key, tensor)}``. Keys are mapped, not checked: a target
+    the model lacks is the caller's to report."""
+    state = peft_model.state_dict(keep_vars=True) if state is None else state
     wrappers = _wrappers(peft_model)
     mapped: dict[str, tuple[str, torch.Tensor]] = {}
     for key, value in saved.items():
@@ -310,6 +311,16 @@ def load_adapter_state(peft_model: PeftModel, saved: dict[str, torch.Tensor], ad
             else:
                 target = key
         mapped[target] = (key, value)
+    return mapped
+
+
+def load_adapter_state(peft_model: PeftModel, saved: dict[str, torch.Tensor], adapter_name: str,
+                       where: str = "the state dict") -> None:
+    """Copy tensors under peft's saved names into ``peft_model``'s adapter ``adapter_name``, strictly
+    (missing, unexpected or mis-shaped tensors raise ``ValueError`` naming them and ``where``)."""
+    state = peft_model.state_dict(keep_vars=True)
+    wrappers = _wrappers(peft_model)
+    mapped = map_saved_keys(peft_model, saved, adapter_name, state)
     expected = [k for k in state if _LORA_KEY.search(k) and _LORA_KEY.search(k).group(2) == adapter_name]
     expected += [k for k in state if _EMBEDDING_KEY.search(k) and _EMBEDDING_KEY.search(k).group(2) == adapter_name]
     expected += [k for k in state if any(k.startswith(f"{w}.modules_to_save.{adapter_name}.") for w in wrappers)]
