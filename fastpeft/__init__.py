@@ -58,6 +58,7 @@ from .auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
+from .base_state import get_base_model_state_dict, set_base_model_state_dict
 from .config import EvaConfig, LoftQConfig, LoraConfig, TaskType
 from .convert import from_peft, to_peft
 from .eva import get_eva_state_dict, initialize_lora_eva_weights
@@ -157,6 +158,8 @@ __all__ = [
     "from_peft",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "get_base_model_state_dict",
+    "set_base_model_state_dict",
     "get_layer_status",
     "get_model_status",
     "set_peft_model_state_dict",
