@@ -27,7 +27,8 @@ def _llama(**overrides):
 
 CASES = {
     "lora": (_llama, dict(r=2, target_modules=["q_proj", "v_proj"])),
-    "lora+embed+mts": (_llama, dict(r=2, target_modules=["q_proj", "embed_tokens"], modules_to_save=["norm"])),
+    "lora+embed+mts": (_llama, dict(r=2, target_modules=["q_proj", "embed_tokens"],
+                                    modules_to_save=["norm"])),
     "dora": (_llama, dict(r=2, target_modules=["k_proj", "down_proj"], use_dora=True)),
     "tokens-tied": (lambda: _llama(tie_word_embeddings=True),
                     dict(r=2, target_modules=["q_proj"], trainable_token_indices=[1, 5])),
@@ -83,8 +84,8 @@ def test_strict_errors_and_non_strict_result():
     first = next(iter(sd))
     partial = {k: v for k, v in sd.items() if k != first}
     partial["not.a.key"] = torch.zeros(1)
-    with pytest.raises(RuntimeError, match=rf"(?s)Missing key\(s\) in state_dict: \['{first}'\].*Unexpected key\(s\) in "
-                                           r"state_dict: \['not.a.key'\]"):
+    with pytest.raises(RuntimeError, match=rf"(?s)Missing key\(s\) in state_dict: \['{first}'\].*"
+                                           r"Unexpected key\(s\) in state_dict: \['not.a.key'\]"):
         fastpeft.set_base_model_state_dict(model, partial)
     result = fastpeft.set_base_model_state_dict(model, partial, strict=False)
     assert (result.missing_keys, result.unexpected_keys) == ([first], ["not.a.key"])
