@@ -32,8 +32,8 @@ CASES = {
     "dora": (_llama, dict(r=2, target_modules=["k_proj", "down_proj"], use_dora=True)),
     "tokens-tied": (lambda: _llama(tie_word_embeddings=True),
                     dict(r=2, target_modules=["q_proj"], trainable_token_indices=[1, 5])),
-    "gpt2-conv1d-bias": (lambda: (torch.manual_seed(0), tiny_gpt2(V).eval())[1], dict(r=2, target_modules=["c_attn", "c_fc"], bias="all",
-                                                           fan_in_fan_out=True)),
+    "gpt2-conv1d-bias": (lambda: (torch.manual_seed(0), tiny_gpt2(V).eval())[1],
+                         dict(r=2, target_modules=["c_attn", "c_fc"], bias="all", fan_in_fan_out=True)),
 }
 
 
