@@ -2,7 +2,7 @@
 
 A peft user keeps their configs: the fields fastpeft implements carry peft's names,
 defaults and meanings; the peft fields fastpeft does not implement are accepted
-only at their neutral value (e.g. ``layer_replication=None``) and refused with a clear
+only at their neutral value (e.g. ``megatron_config=None``) and refused with a clear
 error otherwise; peft fields unknown to this version are kept verbatim and
 written back, never silently dropped.
 """
@@ -45,7 +45,6 @@ _NEUTRAL: dict[str, tuple] = {
     "arrow_config": (None,),
     "kasa_config": (None,),
     "megatron_config": (None,),
-    "layer_replication": (None, []),
     "alora_invocation_tokens": (None,),
     "use_qalora": (False, None),
     "use_bdlora": (None, False),
@@ -230,6 +229,11 @@ class LoraConfig(AdapterConfigFile):
             ``fastpeft.initialize_lora_eva_weights(model, dataloader)``; see ``fastpeft.eva``.
         rank_pattern / alpha_pattern: per-module overrides, ``{regex: value}`` matched against the name's tail.
         layers_to_transform / layers_pattern: restrict adaptation to these layer indices.
+        layer_replication: ``[[start, end], ...]``: before the adapters are injected, the decoder's layer list
+            becomes the concatenation of these ranges of the original layers (``[[0, 4], [2, 5]]``: layers 0, 1,
+            2, 3, 2, 3, 4), the copies sharing the originals' weights, each with its own adapters (peft's option,
+            for growing a model by repeating layers). Such a model cannot merge its adapters (see
+            ``fastpeft.replication``).
         task_type: ``"CAUSAL_LM"``, ``"SEQ_CLS"``, ``"SEQ_2_SEQ_LM"``, ``"TOKEN_CLS"``, … (or None).
         inference_mode: adapters load frozen.
         base_model_name_or_path, revision: recorded in ``adapter_config.json`` on save.
@@ -261,6 +265,7 @@ class LoraConfig(AdapterConfigFile):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
+    layer_replication: list[list[int]] | None = None
     task_type: str | None = None
     inference_mode: bool = False
     base_model_name_or_path: str | None = None
@@ -321,6 +326,7 @@ class LoraConfig(AdapterConfigFile):
             raise TypeError(f"`target_parameters` must be a list of non-empty strings or None, got "
                             f"{self.target_parameters!r}")
         self.trainable_token_indices = _check_trainable_token_indices(self.trainable_token_indices)
+        self.layer_replication = _check_layer_replication(self.layer_replication)
         self._sort_collections(("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"))
         if isinstance(self.layers_to_transform, (set, tuple)):
             self.layers_to_transform = list(self.layers_to_transform)
@@ -372,7 +378,7 @@ class LoraConfig(AdapterConfigFile):
 
 def _accept_peft_keywords(cls):
     """Let ``cls(...)`` take peft's LoraConfig keywords fastpeft does not implement, as peft users write
-    them (``LoraConfig(r=8, layer_replication=None)``): kept in ``extra`` and checked to be neutral, like the
+    them (``LoraConfig(r=8, megatron_config=None)``): kept in ``extra`` and checked to be neutral, like the
     fields of a loaded ``adapter_config.json``. Other unknown keywords still raise ``TypeError``."""
     init = cls.__init__
 
@@ -440,6 +446,24 @@ def _check_trainable_token_indices(value: Any) -> list[int] | dict[str, list[int
                 raise TypeError(f"trainable_token_indices keys must be module names (str), got {key!r}")
         return {k: ids(v, f"[{k!r}]") for k, v in value.items()}
     return ids(value, "")
+
+
+def _check_layer_replication(value: Any) -> list[list[int]] | None:
+    """``layer_replication`` checked: None (or empty: None) or ``[start, end)`` pairs of layer indices with
+    ``0 <= start < end``, as lists; the model's layer count is checked when the layers are replicated."""
+    if value is None or (isinstance(value, (list, tuple)) and not value):
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"layer_replication must be a list of [start, end] pairs, got {value!r}")
+    out = []
+    for pair in value:
+        ok = isinstance(pair, (list, tuple)) and len(pair) == 2 \
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in pair)
+        if not ok or not 0 <= pair[0] < pair[1]:
+            raise ValueError(f"layer_replication must be [start, end] pairs with 0 <= start < end, got {pair!r} "
+                             f"in {value!r}")
+        out.append([int(pair[0]), int(pair[1])])
+    return out
 
 
 def _check_neutral(key: str, value: Any) -> None:

@@ -189,11 +189,14 @@ def _fastpeft_to_peft(model: PeftModel) -> nn.Module:
         # the base already holds the residual / quantized weight: peft must not run the init again
         if mutates_base(d["init_lora_weights"]):
             d["init_lora_weights"], d["loftq_config"] = True, {}
+        # layer_replication: the base's layers are replicated already; peft would replicate them again
+        replication = d.pop("layer_replication", None)
         pcfg = peft.LoraConfig(**{k: v for k, v in d.items() if k not in ("peft_type",)})
         if out is None:
             out = peft.get_peft_model(base, pcfg, adapter_name=name)
         else:
             out.add_adapter(name, pcfg)
+        out.peft_config[name].layer_replication = replication  # (written to adapter_config.json, as before)
         result = set_peft_model_state_dict(out, states[name], adapter_name=name)
         bad = [k for k in getattr(result, "unexpected_keys", []) if name in k or "lora_" in k]
         if bad:

@@ -410,6 +410,10 @@ class LoraModel(nn.Module):
             raise ValueError(f"invalid adapter name {adapter_name!r}")
         config = copy.deepcopy(config)
         model = self.model
+        if config.layer_replication:
+            from .replication import replicate_layers
+
+            replicate_layers(model, config.layer_replication)
         previous_active = [a for a in self.active_adapters if a in self.peft_config]
         # Adding an adapter keeps the other adapters' trainability as it was (peft's add_adapter); the new one
         # trains only if it becomes the active adapter and its config is not in inference mode.
@@ -860,6 +864,9 @@ class LoraModel(nn.Module):
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Merge the given adapters (default: the active ones) into the base weights, layer by layer (peft's method)."""
+        from .replication import check_merge_allowed
+
+        check_merge_allowed(self.model)
         with _requantization_summary():
             for key, layer in self.lora_layers():
                 names = [n for n in (adapter_names or layer.active_adapters) if n in adapters_of(layer)]
@@ -909,6 +916,10 @@ class LoraModel(nn.Module):
 
     def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None,
                 progressbar: bool = False) -> nn.Module:
+        if merge:
+            from .replication import check_merge_allowed
+
+            check_merge_allowed(self.model)
         layers = list(self.lora_layers())
         # nested parameter wrappers: the inner one (its name longer) first, so that each is replaced in place
         layers = [x for x in layers if not isinstance(x[1], FastLoraParamWrapper)] + \
