@@ -408,6 +408,9 @@ class LoraModel(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} already exists; pick another name or delete it first")
         if not adapter_name or "." in adapter_name or adapter_name == "__base__":
             raise ValueError(f"invalid adapter name {adapter_name!r}")
+        if self.peft_config and config.bias != "none":  # peft's rule (the base biases are shared by all adapters)
+            raise ValueError("LoraModel supports only 1 adapter with bias. When using multiple adapters, set bias to "
+                             "'none' for all adapters.")
         config = copy.deepcopy(config)
         model = self.model
         if config.layer_replication:
@@ -548,9 +551,9 @@ class LoraModel(nn.Module):
                 for name, param in self.model.named_parameters():
                     if "bias" in name and ".original_module." not in name:
                         param.requires_grad_(True)
-            else:  # lora_only
+            else:  # lora_only: the base biases of the layers this adapter adapts (what its file saves)
                 for _, layer in self.lora_layers():
-                    if getattr(layer.base_layer, "bias", None) is not None:
+                    if adapter in adapters_of(layer) and getattr(layer.base_layer, "bias", None) is not None:
                         layer.base_layer.bias.requires_grad_(True)
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:

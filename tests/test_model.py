@@ -792,3 +792,28 @@ def test_merging_a_trained_copy_of_a_tied_head_unties_the_config_like_peft(tmp_p
             merged.save_pretrained(tmp_path / lib.__name__)
             reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / lib.__name__).eval()
             assert_rel(reloaded(input_ids=ids).logits, expected, 1e-5, lib.__name__)
+
+
+def test_bias_options_with_several_adapters_like_peft():
+    """``bias="lora_only"`` trains the base biases of the layers *its* adapter adapts (those its file saves), not
+    of layers only another adapter wraps; a second adapter with a bias option is refused with peft's error."""
+    def trainable_biases(model):
+        return sorted(n.replace("base_model.model.transformer.", "") for n, p in model.named_parameters()
+                      if p.requires_grad and "bias" in n and "h.0." in n)
+
+    first = dict(r=1, target_modules=["c_attn"], bias="lora_only", fan_in_fan_out=True)
+    second = dict(r=1, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+    got = []
+    for lib in (fastpeft, peft):
+        torch.manual_seed(0)
+        model = lib.get_peft_model(tiny_gpt2(), lib.LoraConfig(**first))
+        model.add_adapter("other", lib.LoraConfig(**second))
+        states = [trainable_biases(model)]
+        for active in (["other", "default"], "other", "default"):
+            model.base_model.set_adapter(active)
+            states.append(trainable_biases(model))
+        got.append(states)
+        with pytest.raises(ValueError, match="supports only 1 adapter with bias"):
+            model.add_adapter("third", lib.LoraConfig(r=1, target_modules=["c_fc"], bias="all", fan_in_fan_out=True))
+    assert got[0] == got[1]
+    assert got[0][0] == ["h.0.attn.c_attn.base_layer.bias"]
