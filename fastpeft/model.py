@@ -408,7 +408,8 @@ class LoraModel(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} already exists; pick another name or delete it first")
         if not adapter_name or "." in adapter_name or adapter_name == "__base__":
             raise ValueError(f"invalid adapter name {adapter_name!r}")
-        if self.peft_config and config.bias != "none":  # peft's rule (the base biases are shared by all adapters)
+        if config.bias != "none" and any(c.bias != "none" for c in self.peft_config.values()):
+            # peft's rule: the base biases are shared by all adapters, so only one adapter may train them
             raise ValueError("LoraModel supports only 1 adapter with bias. When using multiple adapters, set bias to "
                              "'none' for all adapters.")
         config = copy.deepcopy(config)

@@ -310,6 +310,11 @@ def map_saved_keys(peft_model: PeftModel, saved: dict[str, torch.Tensor], adapte
                 target = f"{owner}.modules_to_save.{adapter_name}.{rest[len('modules_to_save.'):]}"
             else:
                 target = key
+        if target not in state and key.endswith(".base_layer.bias") \
+                and key[: -len(".base_layer.bias")] + ".bias" in state:
+            # peft's bias="lora_only" file of a model with several adapters also holds the base biases of layers
+            # only the other adapters wrapped; here such a layer is not wrapped: its own bias
+            target = key[: -len(".base_layer.bias")] + ".bias"
         mapped[target] = (key, value)
     return mapped
 

@@ -796,7 +796,8 @@ def test_merging_a_trained_copy_of_a_tied_head_unties_the_config_like_peft(tmp_p
 
 def test_bias_options_with_several_adapters_like_peft():
     """``bias="lora_only"`` trains the base biases of the layers *its* adapter adapts (those its file saves), not
-    of layers only another adapter wraps; a second adapter with a bias option is refused with peft's error."""
+    of layers only another adapter wraps; a second adapter with a bias option is refused with peft's error (one
+    without bias next to it is not)."""
     def trainable_biases(model):
         return sorted(n.replace("base_model.model.transformer.", "") for n, p in model.named_parameters()
                       if p.requires_grad and "bias" in n and "h.0." in n)
@@ -815,5 +816,33 @@ def test_bias_options_with_several_adapters_like_peft():
         got.append(states)
         with pytest.raises(ValueError, match="supports only 1 adapter with bias"):
             model.add_adapter("third", lib.LoraConfig(r=1, target_modules=["c_fc"], bias="all", fan_in_fan_out=True))
+        model.delete_adapter("default")
+        model.add_adapter("third", lib.LoraConfig(r=1, target_modules=["c_fc"], bias="all", fan_in_fan_out=True))
     assert got[0] == got[1]
     assert got[0][0] == ["h.0.attn.c_attn.base_layer.bias"]
+
+
+def test_peft_lora_only_file_of_a_model_with_several_adapters_loads(tmp_path):
+    """peft's ``bias="lora_only"`` file also holds the base biases of layers only another adapter wrapped
+    (``<layer>.base_layer.bias``); loaded alone, those layers are not wrapped: the keys go to their own biases."""
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=1, target_modules=["c_proj"], bias="lora_only",
+                                                              fan_in_fan_out=True, init_lora_weights=False))
+    theirs.add_adapter("other", peft.LoraConfig(r=1, target_modules=["c_attn"], fan_in_fan_out=True))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if name.endswith("base_layer.bias"):  # (what the file holds)
+                p.add_(0.5)
+    theirs.save_pretrained(tmp_path)
+    saved = peft.utils.load_peft_weights(tmp_path, device="cpu")
+    assert any(".c_attn.base_layer.bias" in k for k in saved)  # the other adapter's layer
+    torch.manual_seed(0)
+    ours = fastpeft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path).eval()
+    state = ours.state_dict()
+    for key, value in saved.items():
+        if ".c_attn.base_layer.bias" in key:
+            assert torch.equal(state[key.replace(".base_layer.bias", ".bias")], value), key
+    ids = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(1))
+    theirs.base_model.set_adapter("default")
+    with torch.no_grad():
+        assert_rel(ours(input_ids=ids).logits, theirs.eval()(input_ids=ids).logits, 1e-6, "logits")
