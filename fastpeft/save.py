@@ -129,8 +129,10 @@ def adapter_state_dict(peft_model: PeftModel, adapter_name: str = "default",
             if config.bias == "all":
                 out[key] = value
             elif config.bias == "lora_only" and key.endswith(".base_layer.bias"):
+                # peft's file: the base bias of every LoRA layer, whichever adapter wraps it (only this adapter's
+                # own layers' biases train; the others are written as they are)
                 layer = peft_model.get_submodule(key[: -len(".base_layer.bias")])
-                if adapter_name in getattr(layer, "lora_A", {}):
+                if getattr(layer, "lora_A", None):
                     out[key] = value
     if save_embedding_layers == "auto":  # (peft: never with trainable tokens, which exist to keep the file small)
         save_embedding_layers = _embedding_is_targeted(peft_model, config) \

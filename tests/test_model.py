@@ -804,11 +804,12 @@ def test_bias_options_with_several_adapters_like_peft():
 
     first = dict(r=1, target_modules=["c_attn"], bias="lora_only", fan_in_fan_out=True)
     second = dict(r=1, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
-    got = []
+    got, files = [], []
     for lib in (fastpeft, peft):
         torch.manual_seed(0)
         model = lib.get_peft_model(tiny_gpt2(), lib.LoraConfig(**first))
         model.add_adapter("other", lib.LoraConfig(**second))
+        files.append(sorted(lib.get_peft_model_state_dict(model)))  # peft's file: every LoRA layer's base bias
         states = [trainable_biases(model)]
         for active in (["other", "default"], "other", "default"):
             model.base_model.set_adapter(active)
@@ -820,6 +821,7 @@ def test_bias_options_with_several_adapters_like_peft():
         model.add_adapter("third", lib.LoraConfig(r=1, target_modules=["c_fc"], bias="all", fan_in_fan_out=True))
     assert got[0] == got[1]
     assert got[0][0] == ["h.0.attn.c_attn.base_layer.bias"]
+    assert files[0] == files[1] and any(".c_fc.base_layer.bias" in k for k in files[0])
 
 
 def test_peft_lora_only_file_of_a_model_with_several_adapters_loads(tmp_path):
