@@ -48,7 +48,6 @@ _NEUTRAL: dict[str, tuple] = {
     "alora_invocation_tokens": (None,),
     "use_qalora": (False, None),
     "use_bdlora": (None, False),
-    "ensure_weight_tying": (False, None),
 }
 
 # Further peft LoraConfig fields that only describe (versions, auto mapping) or tune features fastpeft lacks:
@@ -200,6 +199,15 @@ class LoraConfig(AdapterConfigFile):
         exclude_modules: names (list, suffix match) or regex (string) never adapted.
         modules_to_save: modules trained in full and saved with the adapter (e.g. a classifier head);
             for ``task_type="SEQ_CLS"``/``"TOKEN_CLS"`` the head (``classifier``/``score``) is added as peft does.
+        ensure_weight_tying: on a model whose output head shares the input embeddings' weight
+            (``tie_word_embeddings=True``), tie the adapters of the two as well (peft's option, as peft does it):
+            ``target_modules`` naming ``embed_tokens`` or ``lm_head`` gives LoRA to the input embeddings (their
+            name is added to ``target_modules``, the head's removed) and the head a LoRA layer whose ``lora_A`` /
+            ``lora_B`` are ``lora_embedding_B``ᵀ / ``lora_embedding_A``ᵀ (the same memory: one update moves both);
+            ``modules_to_save`` naming either copies the input embeddings (their name replaces the head's) and the
+            head's copy shares that copy's weight; ``trainable_token_indices`` on a tied pair with different ids
+            is refused. Saved keys and ``adapter_config.json`` are peft's. A model without tied weights gets
+            peft's warning and nothing is tied. See ``fastpeft.model`` (``_tie_adapters``).
         bias: ``"none"``, ``"all"`` (every bias trains and is saved) or ``"lora_only"`` (biases of adapted layers).
         fan_in_fan_out: base stores its weight as (in, out) (GPT-2 ``Conv1D``); detected per layer anyway.
         use_rslora: rank-stabilized scaling ``lora_alpha / √r``.
@@ -253,6 +261,7 @@ class LoraConfig(AdapterConfigFile):
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     exclude_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None
+    ensure_weight_tying: bool = False
     bias: str = "none"
     fan_in_fan_out: bool = False
     use_rslora: bool = False

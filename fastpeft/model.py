@@ -24,7 +24,7 @@ from torch import nn
 from .config import DEFAULT_TARGET_MODULES, LoraConfig
 from .layers.embedding import FastLoraEmbedding, refuse_embedding_dora
 from .layers.lora import FastLoraLinear, _is_conv1d
-from .layers.lora_init import mutates_base
+from .layers.lora_init import init_kind, mutates_base
 from .layers.param import FastLoraParamWrapper
 from .layers.tokens import TrainableTokensWrapper, check_token_indices
 from .merging import combine, warn_no_pruning
@@ -72,18 +72,26 @@ class ModulesToSaveWrapper(nn.Module):
     adapter is active and adapters are enabled.
     """
 
-    def __init__(self, module_to_save: nn.Module, adapter_name: str):
+    def __init__(self, module_to_save: nn.Module, adapter_name: str, tied_module: nn.Module | None = None):
         super().__init__()
         self.original_module = module_to_save
         self.modules_to_save = nn.ModuleDict()
         self._active_adapter = adapter_name
         self._disable_adapters = False
         self._fastpeft_adapter_names = None
-        self.update(adapter_name)
+        self.update(adapter_name, tied_module=tied_module)
 
-    def update(self, adapter_name: str) -> None:
-        """Add a trainable copy of the original module for ``adapter_name``."""
-        copy_ = copy.deepcopy(self.original_module)
+    def update(self, adapter_name: str, tied_module: nn.Module | None = None) -> None:
+        """Add a trainable copy of the original module for ``adapter_name``. ``tied_module`` (peft's argument,
+        ``ensure_weight_tying``): the input embeddings' copy; this module's copy is then an ``nn.Linear`` without
+        bias whose weight is that copy's weight (the same parameter: the head follows the embeddings)."""
+        if tied_module is not None:
+            out_features, in_features = tied_module.weight.shape
+            copy_ = nn.Linear(in_features, out_features, bias=False,  # (draws from torch's generator as peft's)
+                              device=tied_module.weight.device, dtype=tied_module.weight.dtype)
+            copy_.weight = tied_module.weight
+        else:
+            copy_ = copy.deepcopy(self.original_module)
         copy_.requires_grad_(True)
         self.modules_to_save[adapter_name] = copy_
         self.original_module.requires_grad_(False)
@@ -316,20 +324,20 @@ def named_modules_of(model: nn.Module, kind: type | tuple[type, ...]) -> Iterato
 
 
 def wrap_matching_modules(model: nn.Module, names: list[str], adapter_name: str,
-                          skip_parts: tuple[str, ...]) -> list[str]:
+                          skip_parts: tuple[str, ...], tied_module: nn.Module | None = None) -> list[str]:
     """Put every module of ``model`` whose name is, or ends with, one of ``names`` in a ``ModulesToSaveWrapper``
     (one already wrapped gets a copy for ``adapter_name``), passing over names with a part in ``skip_parts``;
-    returns the wrapped names."""
+    returns the wrapped names. ``tied_module``: see ``ModulesToSaveWrapper.update``."""
     wrapped = []
     for key in [n for n, _ in model.named_modules() if n] if names else []:
         if any(p in skip_parts for p in key.split(".")) or not any(key == m or key.endswith(f".{m}") for m in names):
             continue
         module = model.get_submodule(key)
         if isinstance(module, ModulesToSaveWrapper):
-            module.update(adapter_name)
+            module.update(adapter_name, tied_module=tied_module)
         else:
             parent, child = parent_of(model, key)
-            setattr(parent, child, ModulesToSaveWrapper(module, adapter_name))
+            setattr(parent, child, ModulesToSaveWrapper(module, adapter_name, tied_module=tied_module))
         wrapped.append(key)
     return wrapped
 
@@ -432,10 +440,20 @@ class LoraModel(nn.Module):
         if modules_to_save != (config.modules_to_save or []) and modules_to_save:
             config.modules_to_save = modules_to_save
 
+        # ensure_weight_tying (peft's): may rewrite target_modules / modules_to_save, as peft does, before matching
+        modules_to_save, modules_to_tie, targets_to_tie = _plan_weight_tying(model, config, modules_to_save)
+        if targets_to_tie:
+            targets = _resolve_targets(model, config)
+
         matched: list[str] = []
         names = [n for n, _ in model.named_modules() if n]
+        # the layers tied to the input embeddings get an adapter tied to theirs, after all others (as peft)
+        tie_keys = [key for key in names if targets_to_tie and not _is_inside_lora(model, key)
+                    and any(key == t or key.endswith(f".{t}") for t in targets_to_tie)]
         keys = [key for key in names if not _is_inside_lora(model, key) and not _excluded(config, key)
-                and not _in_modules_to_save(modules_to_save, key) and _targeted(config, targets, key)]
+                and not _in_modules_to_save(modules_to_save, key) and _targeted(config, targets, key)
+                and key not in tie_keys]
+        _check_weight_tying(model, config, keys, tie_keys, modules_to_tie)
         param_targets = _match_parameters(self, model, config, adapter_name, keys)  # checked before any wrapping
         token_plan = _plan_trainable_tokens(model, config, keys, modules_to_save)  # checked before wrapping
         if config.use_dora:  # refused before anything is wrapped
@@ -450,8 +468,8 @@ class LoraModel(nn.Module):
                     raise ValueError(f"lora_bias=True is not supported for the embedding layer {key!r} "
                                      f"({type(module).__name__}), as in peft; drop it from target_modules or use "
                                      "an adapter without lora_bias for it")
-        for key in keys:
-            module = model.get_submodule(key)
+
+        def layer_kwargs(key: str) -> dict[str, Any]:
             r_key = _pattern_key(config.rank_pattern, key)
             a_key = _pattern_key(config.alpha_pattern, key)
             kw = dict(r=config.rank_pattern[r_key] if r_key else config.r,
@@ -461,6 +479,11 @@ class LoraModel(nn.Module):
                       loftq_config=config.loftq_config or None, autocast_adapter_dtype=autocast_adapter_dtype)
             if lora_bias:
                 kw["lora_bias"] = True
+            return kw
+
+        for key in keys:
+            module = model.get_submodule(key)
+            kw = layer_kwargs(key)
             if isinstance(module, _MODULE_LORA_LAYERS):
                 module.update_layer(adapter_name, **kw)
             elif isinstance(module, nn.Embedding):
@@ -488,6 +511,18 @@ class LoraModel(nn.Module):
             if key not in self._injected:
                 self._injected.append(key)
         _wrap_parameters(model, config, adapter_name, param_targets, autocast_adapter_dtype)
+        for key in tie_keys:  # ensure_weight_tying: lora_A / lora_B over the embeddings' lora_embedding_B / _A
+            emb_A, emb_B = model.get_input_embeddings().adapter_factors(adapter_name)  # (r, V), (D, r)
+            kw = dict(layer_kwargs(key), tied_adapter={"lora_A": emb_B.t(), "lora_B": emb_A.t()})
+            module = model.get_submodule(key)
+            if isinstance(module, FastLoraLinear):
+                module.update_layer(adapter_name, **kw)
+            else:
+                parent, child = parent_of(model, key)
+                setattr(parent, child, FastLoraLinear._wrapping(module, adapter_name, **kw))
+            matched.append(key)
+            if key not in self._injected:
+                self._injected.append(key)
         self._injected_params = list(dict.fromkeys([*getattr(self, "_injected_params", []),
                                                     *(key for _, _, key in param_targets)]))
         if matched or param_targets:  # peft's warnings when one kind of target matched nothing
@@ -514,9 +549,9 @@ class LoraModel(nn.Module):
         adapted = [model.get_submodule(k) for k in matched]
         if any(isinstance(m, FastLoraLinear) and _is_conv1d(m.base_layer) for m in adapted):
             config.fan_in_fan_out = True
-        tied = [k for k, m in zip(matched, adapted) if _shares_input_embeddings(model, m)]
-        tied_inputs = [k for k, m in zip(matched, adapted)
-                       if isinstance(m, FastLoraEmbedding) and _output_embeddings_share(model, m)]
+        tied = [k for k, m in zip(matched, adapted) if _shares_input_embeddings(model, m) and k not in tie_keys]
+        tied_inputs = [k for k, m in zip(matched, adapted) if not tie_keys
+                       and isinstance(m, FastLoraEmbedding) and _output_embeddings_share(model, m)]
         if tied_inputs:
             warnings.warn(f"{tied_inputs} share their weight with the output embeddings (tie_word_embeddings=True); "
                           "the adapter on them changes the input side only, and merging it gives them their own "
@@ -528,6 +563,13 @@ class LoraModel(nn.Module):
                           "embeddings keep theirs; the config then says tie_word_embeddings=False)", stacklevel=3)
         self.peft_config[adapter_name] = config
         wrap_matching_modules(model, modules_to_save, adapter_name, _LORA_INTERNALS)
+        if modules_to_tie:  # ensure_weight_tying: the tied layers' copies share the input embeddings' copy
+            embeddings = model.get_input_embeddings()
+            if not isinstance(embeddings, ModulesToSaveWrapper) or adapter_name not in embeddings.modules_to_save:
+                raise ValueError("ensure_weight_tying with modules_to_save: the input embeddings were not wrapped "
+                                 f"for adapter {adapter_name!r}; cannot tie {sorted(modules_to_tie)} to them")
+            wrap_matching_modules(model, sorted(modules_to_tie), adapter_name, _LORA_INTERNALS,
+                                  tied_module=embeddings.modules_to_save[adapter_name])
         _wrap_trainable_tokens(model, adapter_name, token_plan)
         self._mark_only_adapters_as_trainable()
         if activate and not previous_active:
@@ -958,6 +1000,125 @@ class LoraModel(nn.Module):
         return self.model
 
 
+# --------------------------------------------------------------------------- ensure_weight_tying
+_EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # peft's names: a tied layer "is part of the adapter"
+_WRAPPER_PARTS = ("base_layer", "original_module", "token_adapter")  # wrappers' infixes before the wrapped layer
+
+
+def _unwrapped_name(name: str) -> str:
+    """``name`` without fastpeft's (and peft's) wrapper infixes: the layer's path as it was before wrapping."""
+    return ".".join(p for p in name.split(".") if p not in _WRAPPER_PARTS)
+
+
+def _input_embeddings(model: nn.Module) -> tuple[str | None, nn.Module | None]:
+    """(name, module) of ``model``'s input embeddings (wrapper or not), or (None, None)."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        embeddings = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None, None
+    if embeddings is None:
+        return None, None
+    return next((n for n, m in model.named_modules() if m is embeddings and n), None), embeddings
+
+
+def _module_names_tied_with_embedding(model: nn.Module) -> list[str]:
+    """The names (before wrapping) of the layers that hold the input embeddings' very weight (``lm_head`` under
+    ``tie_word_embeddings``), as peft's ``_get_module_names_tied_with_embedding``: none when the model's config
+    says ``tie_word_embeddings=False``."""
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", None) is False:
+        return []
+    emb_name, embeddings = _input_embeddings(model)
+    if embeddings is None:
+        return []
+    weight = None
+    for n, m in embeddings.named_modules():  # the wrapped embedding's own weight (not a modules_to_save copy)
+        if "modules_to_save" not in n.split(".") and isinstance(m, nn.Embedding):
+            weight = m.weight
+            break
+    if weight is None:
+        return []
+    names = set()
+    for n, m in model.named_modules(remove_duplicate=False):
+        if n and m._parameters.get("weight") is weight and "modules_to_save" not in n.split("."):
+            names.add(_unwrapped_name(n))
+    names.discard(_unwrapped_name(emb_name or ""))
+    return sorted(names)
+
+
+def _plan_weight_tying(model: nn.Module, config: LoraConfig,
+                       modules_to_save: list[str]) -> tuple[list[str], set[str], set[str]]:
+    """peft's ``_check_tied_modules`` for ``ensure_weight_tying=True``: ``(modules_to_save, modules to tie to the
+    input embeddings' modules_to_save copy, layers to give a LoRA adapter tied to the input embeddings' one)``.
+    As peft, ``config`` is rewritten: the input embeddings' name joins ``modules_to_save`` (or ``target_modules``:
+    a list gains it, a regex becomes ``(?:regex|^name$)``) and the tied layers' names leave it; peft's warnings
+    when nothing can be tied."""
+    if not config.ensure_weight_tying:
+        return modules_to_save, set(), set()
+    in_save = any(m.split(".")[-1] in _EMBEDDING_LAYER_NAMES for m in modules_to_save)
+    raw = config.target_modules
+    if isinstance(raw, str):
+        in_targets = any(re.fullmatch(raw, e) for e in _EMBEDDING_LAYER_NAMES)
+    else:
+        in_targets = any(m.split(".")[-1] in _EMBEDDING_LAYER_NAMES for m in (raw or []))
+    tied = _module_names_tied_with_embedding(model)
+    if not tied:
+        warnings.warn("You have requested `ensure_weight_tying`, but no tied modules were found in the model",
+                      stacklevel=4)
+        return modules_to_save, set(), set()
+    if not (in_save or in_targets):
+        warnings.warn("You have requested `ensure_weight_tying`, but no tied modules are added in either "
+                      "`modules_to_save` or `target_modules`", stacklevel=4)
+        return modules_to_save, set(), set()
+    emb_name = _unwrapped_name(_input_embeddings(model)[0] or "")
+
+    def drop_tied(names: list[str]) -> list[str]:
+        names = list(names)
+        for key in tied:  # (peft: the first entry naming each tied layer leaves)
+            for m in names:
+                if re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", key):
+                    names.remove(m)
+                    break
+        return names
+
+    if in_save:
+        save = drop_tied([*modules_to_save, *([emb_name] if emb_name not in modules_to_save else [])])
+        config.modules_to_save = save
+        return save, set(tied), set()
+    if isinstance(raw, str):
+        config.target_modules = rf"(?:{raw}|^{re.escape(emb_name)}$)"
+    else:
+        config.target_modules = sorted(drop_tied(sorted({*raw, emb_name})))
+    return modules_to_save, set(), set(tied)
+
+
+def _check_weight_tying(model: nn.Module, config: LoraConfig, keys: list[str], tie_keys: list[str],
+                        modules_to_tie: set[str]) -> None:
+    """Refuse, before anything is wrapped, what ``ensure_weight_tying`` cannot tie."""
+    emb_name, _ = _input_embeddings(model)
+    if tie_keys:
+        if emb_name not in keys:
+            raise ValueError(f"ensure_weight_tying=True: {tie_keys} share the input embeddings' weight, but the input "
+                             f"embeddings ({emb_name!r}) get no LoRA adapter here (excluded, in modules_to_save or "
+                             "left out by layers_to_transform?), so there is no adapter to tie them to")
+        kind, _ = init_kind(config.init_lora_weights)
+        if mutates_base(config.init_lora_weights) or kind == "eva":
+            raise ValueError(f"ensure_weight_tying=True with LoRA on the tied layers {tie_keys} supports "
+                             "init_lora_weights True, False or 'gaussian' only (the tied factors are the input "
+                             f"embeddings' adapter), got {config.init_lora_weights!r}")
+        for key in tie_keys:
+            module = model.get_submodule(key)
+            base = module.base_layer if isinstance(module, FastLoraLinear) else module
+            if not isinstance(base, nn.Linear) or _is_conv1d(base) or _is_linear4bit(base):
+                raise ValueError(f"ensure_weight_tying=True: {key!r} ({type(base).__name__}) shares the input "
+                                 "embeddings' weight but only an nn.Linear can carry a LoRA adapter tied to theirs")
+    for key in keys:
+        if any(key == m or key.endswith(f".{m}") for m in modules_to_tie):
+            raise ValueError(f"ensure_weight_tying=True: {key!r} is in target_modules but also follows the input "
+                             "embeddings' modules_to_save copy (it shares their weight); leave it out of "
+                             "target_modules")
+
+
 # --------------------------------------------------------------------------- trainable_token_indices
 _TOKEN_DELTA = ".trainable_tokens_delta."
 
@@ -1015,8 +1176,16 @@ def _plan_trainable_tokens(model: nn.Module, config: LoraConfig, lora_keys: list
         pair = [n for n in resolved if n == emb_name or n in tied_names]
         if len(pair) >= 2:
             mismatch = not all(resolved[n][0] == resolved[pair[0]][0] for n in pair[1:])
+            if mismatch and config.ensure_weight_tying:  # peft's error
+                info = ", ".join(f"{resolved[n][1]}: {resolved[n][0]}" for n in pair)
+                raise ValueError("Cannot ensure weight tying when different token indices are specified for tied "
+                                 f"layers. Conflicting layers: {info}. Please use the same indices for all tied "
+                                 "layers or set ensure_weight_tying=False.")
             if not mismatch:
                 skip = set(pair) & set(tied_names)
+    if config.ensure_weight_tying and not weights_tied:  # peft's warning
+        warnings.warn("ensure_weight_tying=True but the model does not have tied weights (tie_word_embeddings=False). "
+                      "Weight tying will not be applied for trainable_token_indices.", stacklevel=4)
     plan = []
     for name, (ids, _key) in resolved.items():
         if name in skip:

@@ -247,7 +247,8 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
     def update_layer(self, adapter_name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                      init_lora_weights: bool | str = True, use_rslora: bool = False,
                      autocast_adapter_dtype: bool = True, config=None, use_dora: bool = False,
-                     loftq_config: dict | None = None, lora_bias: bool = False, **peft_kwargs) -> None:
+                     loftq_config: dict | None = None, lora_bias: bool = False, tied_adapter: dict | None = None,
+                     **peft_kwargs) -> None:
         """Add (or replace) adapter ``adapter_name`` and make it the active one (peft's name).
 
         ``use_dora``: a DoRA adapter, its magnitude initialized to the row norms of ``W0 + scale·B·A``
@@ -259,7 +260,25 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
         Called by peft's own model code (on a model converted with ``fastpeft.from_peft``), it takes
         peft's arguments: ``config`` (a LoraConfig) supplies dropout, init, rsLoRA and DoRA, the adapter
         then joins as peft's do (the active adapters stay active; the new one trains only if its config is
-        not in inference mode and it is active), and further keywords (``target_name``, …) are accepted."""
+        not in inference mode and it is active), and further keywords (``target_name``, …) are accepted.
+
+        ``tied_adapter`` (peft's argument, ``LoraConfig(ensure_weight_tying=True)``): ``{"lora_A": tensor,
+        "lora_B": tensor}``, the transposed factors of the tied input embeddings' adapter; ``lora_A`` /
+        ``lora_B`` become new parameters over that very memory (so an update of either side moves both), then
+        are initialized as usual, in place, as peft does (with ``init_lora_weights=True`` the embeddings'
+        ``lora_embedding_B`` thus ends up Kaiming-uniform and ``lora_embedding_A`` zero)."""
+        if tied_adapter:
+            if use_dora or lora_bias or mutates_base(init_lora_weights) or init_kind(init_lora_weights)[0] == "eva":
+                raise ValueError("an adapter tied to the input embeddings' adapter (ensure_weight_tying=True) "
+                                 "supports plain LoRA with init_lora_weights True/False/'gaussian' only (no DoRA, "
+                                 f"lora_bias or init from the base weight); got init_lora_weights="
+                                 f"{init_lora_weights!r}, use_dora={use_dora}, lora_bias={lora_bias}")
+            tied_A, tied_B = tied_adapter["lora_A"], tied_adapter["lora_B"]
+            if tuple(tied_A.shape) != (r, self.in_features) or tuple(tied_B.shape) != (self.out_features, r):
+                raise ValueError(f"the tied adapter's factors {tuple(tied_A.shape)} / {tuple(tied_B.shape)} do not "
+                                 f"fit this layer's lora_A ({r}, {self.in_features}) / lora_B ({self.out_features}, "
+                                 f"{r}) (ensure_weight_tying needs the same r for the embeddings and the head: "
+                                 "check rank_pattern)")
         if config is not None:
             lora_dropout, init_lora_weights = config.lora_dropout, config.init_lora_weights
             use_rslora, use_dora = config.use_rslora, bool(getattr(config, "use_dora", False))
@@ -305,6 +324,10 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **kw)
         # (as peft's: nn.Linear(..., bias=lora_bias), so torch's generator is drawn from as in peft)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias, **kw)
+        if tied_adapter:  # the embeddings' memory itself (peft's tying), initialized below in place
+            self.lora_A[adapter_name].weight = nn.Parameter(tied_A)
+            self.lora_B[adapter_name].weight = nn.Parameter(tied_B)
+            init_dtype = dtype = tied_A.dtype
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.use_rslora[adapter_name] = bool(use_rslora)
