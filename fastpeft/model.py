@@ -914,12 +914,33 @@ class LoraModel(nn.Module):
 
         check_merge_allowed(self.model)
         with _requantization_summary():
-            for key, layer in self.lora_layers():
+            for key, layer in _embeddings_first(self.lora_layers()):
                 names = [n for n in (adapter_names or layer.active_adapters) if n in adapters_of(layer)]
-                self._untie_before_merge(key, layer, names)
-                layer.merge(safe_merge=safe_merge, adapter_names=names)
+                self._merge_layer(key, layer, names, safe_merge, adapter_names)
         for _, wrapper in self.token_wrappers():  # a tied head writes the same rows into the shared weight
             wrapper.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def _merge_layer(self, key: str, layer: nn.Module, names: list[str], safe_merge: bool,
+                     adapter_names: list[str] | None) -> None:
+        """Merge ``names`` into ``layer``. A pair tied by ``ensure_weight_tying`` (the head's adapters over the
+        input embeddings' memory, one weight for both) merges once, through the embeddings, and stays tied: the
+        two deltas are the same matrix (peft merges it twice into the shared weight)."""
+        head_tied = _tied_to_embeddings(self.model, layer)
+        if head_tied and names and set(names) <= head_tied:
+            emb = _input_embeddings(self.model)[1]
+            if all(n in emb.merged_adapters for n in names):
+                for n in names:
+                    if n not in layer.merged_adapters:
+                        layer.merge_through_tie(n)
+                return
+        if isinstance(layer, FastLoraEmbedding) and names:
+            head = _output_embeddings(self.model)
+            tied = _tied_to_embeddings(self.model, head) if head is not None else set()
+            if tied and set(names) <= tied and set(names) <= set(adapter_names or head.active_adapters):
+                layer.merge(safe_merge=safe_merge, adapter_names=names)  # into the shared weight: the head follows
+                return
+        self._untie_before_merge(key, layer, names)
+        layer.merge(safe_merge=safe_merge, adapter_names=names)
 
     def _untie_before_merge(self, key: str, layer: nn.Module, names: list[str]) -> None:
         """A layer whose base weight is the input embeddings' (``lm_head`` under ``tie_word_embeddings``): a merge
@@ -975,11 +996,11 @@ class LoraModel(nn.Module):
             from tqdm.auto import tqdm
             it = tqdm(layers, desc="Unloading " + ("and merging " if merge else "") + "model")
         with _requantization_summary():
-            for key, layer in it:
-                if merge:
+            if merge:
+                for key, layer in _embeddings_first(layers):
                     names = [n for n in (adapter_names or layer.active_adapters) if n in adapters_of(layer)]
-                    self._untie_before_merge(key, layer, names)
-                    layer.merge(safe_merge=safe_merge, adapter_names=names)  # even when disabled, as peft
+                    self._merge_layer(key, layer, names, safe_merge, adapter_names)  # even when disabled, as peft
+            for key, layer in it:
                 base = layer.base_layer
                 merged_4bit = getattr(layer, "unload_base", None)
                 if callable(merged_4bit):
@@ -1329,6 +1350,38 @@ def _shares_input_embeddings(model: nn.Module, layer: nn.Module) -> bool:
     shared = getattr(embeddings, "weight", None)
     base = getattr(layer, "base_layer", layer)
     return shared is not None and getattr(base, "weight", None) is shared
+
+
+def _embeddings_first(layers) -> list:
+    """(name, layer) pairs with the LoRA embedding layers first (a tied head merges after its embeddings)."""
+    layers = list(layers)
+    return [x for x in layers if isinstance(x[1], FastLoraEmbedding)] + \
+        [x for x in layers if not isinstance(x[1], FastLoraEmbedding)]
+
+
+def _output_embeddings(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _tied_to_embeddings(model: nn.Module, layer: nn.Module) -> set[str]:
+    """The adapters of ``layer`` (a LoRA linear head sharing the input embeddings' weight) whose factors are the
+    input embeddings' LoRA factors' memory (``ensure_weight_tying``); empty for any other layer."""
+    if not isinstance(layer, FastLoraLinear) or not _shares_input_embeddings(model, layer):
+        return set()
+    emb = _input_embeddings(model)[1]
+    if not isinstance(emb, FastLoraEmbedding):
+        return set()
+    return {n for n in layer.lora_A if n in emb.lora_embedding_A
+            and _same_memory(layer.lora_A[n].weight, emb.lora_embedding_B[n])
+            and _same_memory(layer.lora_B[n].weight, emb.lora_embedding_A[n])}
 
 
 def _output_embeddings_share(model: nn.Module, layer: nn.Module) -> bool:

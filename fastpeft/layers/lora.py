@@ -626,7 +626,19 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
             self.merged_adapters.append(name)
         self.reset_dora_cache()
 
+    def merge_through_tie(self, name: str) -> None:
+        """Count adapter ``name`` as merged without writing: its delta is already in the base weight, which this
+        layer shares with the input embeddings whose adapter it is tied to (``ensure_weight_tying``) and into
+        which they merged it. ``unmerge`` then leaves the weight to them as well."""
+        self.merged_adapters.append(name)
+        self._merged_through_tie = {*getattr(self, "_merged_through_tie", ()), name}
+
     def _unmerge_one(self, name: str) -> None:
+        through_tie = getattr(self, "_merged_through_tie", None)
+        if through_tie and name in through_tie:
+            through_tie.discard(name)
+            self.merged_adapters.remove(name)
+            return
         weight = self.base_layer.weight
         weight.data.copy_(self._unmerge_math(weight.float(), name).to(weight.dtype))
         self._write_bias(self._merged_bias(name, False, sign=-1.0))
