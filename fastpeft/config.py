@@ -298,6 +298,10 @@ class LoraConfig(AdapterConfigFile):
         kind, _ = init_kind(self.init_lora_weights)  # raises on an unknown value, listing the supported ones
         if self.lora_bias is None:  # (accepted as "off", as it was while the option was refused)
             self.lora_bias = False
+        if self.ensure_weight_tying is None:  # (likewise)
+            self.ensure_weight_tying = False
+        if not isinstance(self.ensure_weight_tying, bool):
+            raise TypeError(f"ensure_weight_tying must be a bool, got {self.ensure_weight_tying!r}")
         if self.lora_bias:  # peft's checks, with peft's messages
             if self.init_lora_weights not in (True, False):
                 raise ValueError("The argument lora_bias=True is only supported with init_lora_weights=True or "
