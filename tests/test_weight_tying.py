@@ -111,6 +111,7 @@ def test_lora_tied_like_peft(case, init):
     tm = ct.target_modules
     assert co.target_modules == (tm if isinstance(tm, str) else sorted(tm))
     assert _trainable(ours) == _trainable(theirs)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
     so, st = ours.state_dict(), theirs.state_dict()
     assert list(so) == list(st)
     for k in so:  # the same seeded init, the embeddings' B re-initialized through the head as peft does
@@ -217,6 +218,7 @@ def test_modules_to_save_tied_like_peft(tmp_path, case):
     assert head.modules_to_save["default"].weight is emb.modules_to_save["default"].weight
     assert emb.original_module.weight is head.original_module.weight  # the base stays as it was
     assert _trainable(ours) == _trainable(theirs)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
     so, st = ours.state_dict(), theirs.state_dict()
     assert list(so) == list(st)
     for k in so:
@@ -320,3 +322,50 @@ def test_refusals_are_clear():
         _build(fastpeft, target_modules=["embed_tokens", "q_proj"], exclude_modules=["embed_tokens"])
     with pytest.raises(ValueError, match="init_lora_weights True, False or 'gaussian' only"):
         _build(fastpeft, target_modules=["embed_tokens"], init_lora_weights="olora")
+
+
+def test_bf16_base_keeps_the_tie_with_fp32_adapters():
+    # peft's autocast_adapter_dtype re-creates each adapter parameter in fp32 one by one, which gives the head its
+    # own copies (the tie is lost); fastpeft builds the head's factors over the embeddings' fp32 ones
+    def bf16(lib):
+        torch.manual_seed(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return lib.get_peft_model(_llama().to(torch.bfloat16),
+                                      lib.LoraConfig(**_kw(target_modules=["q_proj", "embed_tokens"])))
+    ours, theirs = bf16(fastpeft), bf16(peft)
+    _assert_lora_tied(ours)
+    assert ours.base_model.model.lm_head.lora_A["default"].weight.dtype == torch.float32
+    so, st = ours.state_dict(), theirs.state_dict()
+    for k in so:  # (peft's embedding factors pass through bf16 before going back to fp32: rounded)
+        assert so[k].dtype == st[k].dtype, k
+        torch.testing.assert_close(so[k], st[k], rtol=1e-2, atol=1e-3, msg=k)
+    ids = _ids()
+    torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("extra", [dict(target_modules=["q_proj", "embed_tokens"]),
+                                   dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"])])
+def test_to_peft_and_from_peft_keep_the_tie(extra):
+    ours, _ = _pair(**extra)
+    _perturb(ours)
+    ids = _ids()
+    want = ours(input_ids=ids).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = fastpeft.to_peft(ours)
+    emb, head = theirs.base_model.model.model.embed_tokens, theirs.base_model.model.lm_head
+    if "modules_to_save" in extra:
+        assert head.modules_to_save["default"].weight is emb.modules_to_save["default"].weight
+    else:
+        assert _same_memory(head.lora_A["default"].weight, emb.lora_embedding_B["default"])
+    torch.testing.assert_close(theirs(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+    if "modules_to_save" not in extra:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            back = fastpeft.from_peft(theirs)
+        head = back.base_model.model.lm_head  # (from_peft keeps peft's embedding layer)
+        assert isinstance(head, FastLoraLinear)
+        assert _same_memory(head.lora_A["default"].weight, emb.lora_embedding_B["default"])
+        assert _same_memory(head.lora_B["default"].weight, emb.lora_embedding_A["default"])
+        torch.testing.assert_close(back(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
