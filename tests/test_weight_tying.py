@@ -322,6 +322,22 @@ def test_refusals_are_clear():
         _build(fastpeft, target_modules=["embed_tokens", "q_proj"], exclude_modules=["embed_tokens"])
     with pytest.raises(ValueError, match="init_lora_weights True, False or 'gaussian' only"):
         _build(fastpeft, target_modules=["embed_tokens"], init_lora_weights="olora")
+    with pytest.raises(ValueError, match="also follows the input embeddings' modules_to_save copy"):
+        _build(fastpeft, target_modules=["lm_head"], modules_to_save=["embed_tokens"])
+
+
+def test_weighted_adapter_of_tied_adapters_stays_tied():
+    # (peft 0.21.2 raises KeyError here)
+    ours, _ = _pair(target_modules=["q_proj", "embed_tokens"], init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours.add_adapter("b", fastpeft.LoraConfig(**_kw(target_modules=["embed_tokens"], init_lora_weights=False)))
+    ours.add_weighted_adapter(["default", "b"], [0.5, 0.7], "c", combination_type="cat")
+    _assert_lora_tied(ours, "c")
+    emb, head = ours.base_model.model.model.embed_tokens, ours.base_model.model.lm_head
+    want = 0.5 * emb.get_delta_weight("default") + 0.7 * emb.get_delta_weight("b")
+    torch.testing.assert_close(emb.get_delta_weight("c"), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(head.get_delta_weight("c"), want, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_base_keeps_the_tie_with_fp32_adapters():
