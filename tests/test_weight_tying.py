@@ -385,3 +385,22 @@ def test_to_peft_and_from_peft_keep_the_tie(extra):
         assert _same_memory(head.lora_A["default"].weight, emb.lora_embedding_B["default"])
         assert _same_memory(head.lora_B["default"].weight, emb.lora_embedding_A["default"])
         torch.testing.assert_close(back(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_modules_to_save_second_adapter_tied_on_its_own():
+    # (peft 0.21.2's add_adapter gives the head an untied copy here and the embeddings none)
+    ours, _ = _pair(target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours.add_adapter("b", fastpeft.LoraConfig(**_kw(target_modules=["q_proj"], modules_to_save=["lm_head"])))
+    assert ours.peft_config["b"].modules_to_save == ["model.embed_tokens"]
+    emb, head = ours.base_model.model.model.embed_tokens, ours.base_model.model.lm_head
+    for name in ("default", "b"):
+        assert head.modules_to_save[name].weight is emb.modules_to_save[name].weight
+    with torch.no_grad():
+        emb.modules_to_save["b"].weight.add_(1.0)
+    ids = _ids()
+    ours.set_adapter("b")
+    out_b = ours(input_ids=ids).logits
+    ours.set_adapter("default")
+    assert not torch.allclose(out_b, ours(input_ids=ids).logits)
