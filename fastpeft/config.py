@@ -207,7 +207,8 @@ class LoraConfig(AdapterConfigFile):
             ``modules_to_save`` naming either copies the input embeddings (their name replaces the head's) and the
             head's copy shares that copy's weight; ``trainable_token_indices`` on a tied pair with different ids
             is refused. Saved keys and ``adapter_config.json`` are peft's. A model without tied weights gets
-            peft's warning and nothing is tied. See ``fastpeft.model`` (``_tie_adapters``).
+            peft's warning and nothing is tied. Merging a tied LoRA pair adds its delta once to the shared
+            weight, which stays shared. See ``fastpeft.model._plan_weight_tying``.
         bias: ``"none"``, ``"all"`` (every bias trains and is saved) or ``"lora_only"`` (biases of adapted layers).
         fan_in_fan_out: base stores its weight as (in, out) (GPT-2 ``Conv1D``); detected per layer anyway.
         use_rslora: rank-stabilized scaling ``lora_alpha / √r``.
