@@ -404,3 +404,44 @@ def test_modules_to_save_second_adapter_tied_on_its_own():
     out_b = ours(input_ids=ids).logits
     ours.set_adapter("default")
     assert not torch.allclose(out_b, ours(input_ids=ids).logits)
+
+
+def _qwen2():
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=True)
+    return transformers.Qwen2ForCausalLM(cfg).eval()
+
+
+def _gemma():  # scaled word embeddings (embed_scale)
+    torch.manual_seed(0)
+    cfg = transformers.GemmaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   head_dim=8, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=64, tie_word_embeddings=True)
+    return transformers.GemmaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("make", [_qwen2, _gemma])
+@pytest.mark.parametrize("extra", [dict(target_modules=["q_proj", "lm_head"]),
+                                   dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"])])
+def test_other_architectures_like_peft(make, extra):
+    models = []
+    for lib in (fastpeft, peft):
+        torch.manual_seed(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            models.append(lib.get_peft_model(make(), lib.LoraConfig(**_kw(init_lora_weights=False, **extra))))
+    ours, theirs = models
+    so, st = ours.state_dict(), theirs.state_dict()
+    assert list(so) == list(st)
+    for k in so:
+        assert torch.equal(so[k], st[k]), k
+    ids = _ids()
+    want = theirs(input_ids=ids).logits
+    torch.testing.assert_close(ours(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+    if "modules_to_save" not in extra:
+        _assert_lora_tied(ours)
+        merged = ours.merge_and_unload()
+        assert merged.lm_head.weight is merged.model.embed_tokens.weight
+        torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
