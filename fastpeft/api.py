@@ -194,7 +194,7 @@ def inject_adapter_in_model(peft_config, model: nn.Module, adapter_name: str = "
 
 def _inject_lora(config: LoraConfig, model: nn.Module, adapter_name: str,
                  state_dict: dict[str, torch.Tensor] | None):
-    from .model import LoraModel, _excluded, _is_inside_lora, _resolve_targets, _targeted
+    from .model import LoraModel, _excluded, _is_inside_lora, _plan_weight_tying, _resolve_targets, _targeted
 
     if state_dict is None:
         return LoraModel(model, config, adapter_name)
@@ -218,7 +218,13 @@ def _inject_lora(config: LoraConfig, model: nn.Module, adapter_name: str,
         if only_state:
             msg += f"The state_dict contained these additional target modules: {only_state}. "
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
-    # inject exactly the named modules, then give the stored config the user's targeting fields back
+    # inject exactly the named modules, then give the stored config the user's targeting fields back (with
+    # ensure_weight_tying: as peft rewrites them, the input embeddings' name in and the tied head's out)
+    if config.ensure_weight_tying:
+        config = copy.deepcopy(config)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the injection below warns)
+            _plan_weight_tying(model, config, list(config.modules_to_save or []))
     exact = copy.deepcopy(config)
     exact.target_modules = wanted
     exact.exclude_modules = None

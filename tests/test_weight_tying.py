@@ -445,3 +445,26 @@ def test_other_architectures_like_peft(make, extra):
         merged = ours.merge_and_unload()
         assert merged.lm_head.weight is merged.model.embed_tokens.weight
         torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_inject_adapter_in_model_like_peft():
+    states, models = {}, {}
+    for lib in (fastpeft, peft):
+        torch.manual_seed(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            models[lib] = lib.inject_adapter_in_model(
+                lib.LoraConfig(**_kw(target_modules=["q_proj", "embed_tokens"], init_lora_weights=False)), _llama())
+        states[lib] = lib.get_peft_model_state_dict(models[lib])
+    so, st = states[fastpeft], states[peft]
+    assert sorted(so) == sorted(st) and all(torch.equal(so[k], st[k]) for k in so)
+    assert models[fastpeft].peft_config["default"].target_modules == sorted(
+        models[peft].peft_config["default"].target_modules)
+    # from a state dict (its keys choose the layers): tied as well, the config rewritten as peft's
+    lora_only = {k: v for k, v in st.items() if "base_layer" not in k}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = fastpeft.inject_adapter_in_model(
+            fastpeft.LoraConfig(**_kw(target_modules=["q_proj", "embed_tokens"])), _llama(), state_dict=lora_only)
+    assert _same_memory(model.lm_head.lora_A["default"].weight, model.model.embed_tokens.lora_embedding_B["default"])
+    assert model.peft_config["default"].target_modules == sorted(models[peft].peft_config["default"].target_modules)
