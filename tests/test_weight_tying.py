@@ -468,3 +468,21 @@ def test_inject_adapter_in_model_like_peft():
             fastpeft.LoraConfig(**_kw(target_modules=["q_proj", "embed_tokens"])), _llama(), state_dict=lora_only)
     assert _same_memory(model.lm_head.lora_A["default"].weight, model.model.embed_tokens.lora_embedding_B["default"])
     assert model.peft_config["default"].target_modules == sorted(models[peft].peft_config["default"].target_modules)
+
+
+def test_tied_head_through_the_triton_kernels(triton_backend):
+    # the head's factors are transposed views of the embeddings' (strided, not contiguous): the fused kernels
+    # (interpreted on CPU; compiled on a GPU) read them by their strides and give the reference's numbers
+    ours, theirs = _pair(target_modules=["embed_tokens"], init_lora_weights=False)
+    head = ours.base_model.model.lm_head
+    assert not head.lora_A["default"].weight.is_contiguous()
+    ids = _ids()
+    lo, lt = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
+    torch.testing.assert_close(lo, lt, rtol=1e-4, atol=1e-4)
+    dy = torch.randn_like(lo)
+    (lo * dy).sum().backward()
+    (lt * dy).sum().backward()
+    gt = dict(theirs.named_parameters())
+    for n, p in ours.named_parameters():
+        if p.requires_grad:
+            assert_rel(p.grad, gt[n].grad, 1e-4, n)
