@@ -1235,6 +1235,13 @@ def _plan_trainable_tokens(model: nn.Module, config: LoraConfig, lora_keys: list
                 raise ValueError(f"{n!r} shares its weight with the input embeddings (tie_word_embeddings=True) and is "
                                  "adapted by LoRA; trainable_token_indices on the embeddings cannot be tied to it. "
                                  "Leave it out of target_modules or untie the embeddings.")
+            if isinstance(m, ModulesToSaveWrapper) or any(_name_matches(n, k) or n == k for k in modules_to_save):
+                # (peft nests its modules_to_save wrapper inside the token wrapper: a head both fully trained and
+                # following the embeddings' rows)
+                raise ValueError(f"{n!r} shares its weight with the input embeddings (tie_word_embeddings=True) and is "
+                                 "in modules_to_save (a trained copy of the whole layer); trainable_token_indices on "
+                                 "the embeddings cannot be tied to it. Leave it out of modules_to_save or untie the "
+                                 "embeddings.")
             plan.append((n, [], emb_name))
     return plan
 

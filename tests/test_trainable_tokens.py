@@ -244,6 +244,23 @@ def test_bad_input_raises_before_anything_is_wrapped(kw, err, match):
     assert not any(isinstance(m, TrainableTokensWrapper) or hasattr(m, "lora_A") for m in model.modules())
 
 
+def test_a_tied_head_in_modules_to_save_is_refused_before_anything_is_wrapped():
+    """The head follows the embeddings' rows and would be a fully trained copy: contradictory (peft nests its
+    modules_to_save wrapper inside the token wrapper); refused, naming both options, with the model untouched."""
+    for first in (None, dict(target_modules=["q_proj"])):
+        model = _llama(True)
+        kw = _kw(modules_to_save=["lm_head"])
+        if first is not None:  # the same as a second adapter
+            model = fastpeft.get_peft_model(model, fastpeft.LoraConfig(**first))
+        before = sorted(n for n, _ in model.named_modules())
+        with pytest.raises(ValueError, match="'lm_head' shares its weight.*in modules_to_save"):
+            if first is None:
+                fastpeft.get_peft_model(model, fastpeft.LoraConfig(**kw))
+            else:
+                model.add_adapter("other", fastpeft.LoraConfig(**kw))
+        assert sorted(n for n, _ in model.named_modules()) == before
+
+
 def test_lora_on_a_tied_head_and_mixed_batches_refused():
     with pytest.raises(ValueError, match="tie_word_embeddings"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
