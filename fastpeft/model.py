@@ -591,8 +591,12 @@ class LoraModel(nn.Module):
             if cfg is None or cfg.bias == "none":
                 continue
             if cfg.bias == "all":
+                # peft's rule: every bias, a modules_to_save wrapper's original module too unless one of the
+                # active adapters has its own copy there (then the original is not in use)
+                unused = {f"{n}.original_module." for n, w in self.modules_to_save_wrappers()
+                          if any(a in w.modules_to_save for a in self.active_adapters)}
                 for name, param in self.model.named_parameters():
-                    if "bias" in name and ".original_module." not in name:
+                    if "bias" in name and not any(name.startswith(u) for u in unused):
                         param.requires_grad_(True)
             else:  # lora_only: the base biases of the layers this adapter adapts (what its file saves)
                 for _, layer in self.lora_layers():

@@ -124,6 +124,14 @@ def adapter_state_dict(peft_model: PeftModel, adapter_name: str = "default",
             prefix = f"modules_to_save.{adapter_name}."
             if rest.startswith(prefix):
                 out[f"{owner}.{rest[len(prefix):]}"] = value
+            if config.bias == "all" and key.endswith(".bias"):
+                # peft's bias="all" file: every bias, also the original module's (in use, and trained, while
+                # another adapter's copy is inactive) and this adapter's copy once more under
+                # "<owner>.modules_to_save.<param>"
+                if rest.startswith("original_module."):
+                    out[key] = value
+                elif rest.startswith(prefix):
+                    out[f"{owner}.modules_to_save.{rest[len(prefix):]}"] = value
             continue
         if key.endswith("bias") and ".lora_" not in key:
             if config.bias == "all":
@@ -317,6 +325,10 @@ def map_saved_keys(peft_model: PeftModel, saved: dict[str, torch.Tensor], adapte
             # peft's bias="lora_only" file of a model with several adapters also holds the base biases of layers
             # only the other adapters wrapped; here such a layer is not wrapped: its own bias
             target = key[: -len(".base_layer.bias")] + ".bias"
+        elif target not in state and ".original_module." in key and key.replace(".original_module.", ".") in state:
+            # peft's bias="all" file holds a modules_to_save wrapper's original bias, also where the wrapper
+            # belonged to another adapter: here the module is not wrapped
+            target = key.replace(".original_module.", ".")
         mapped[target] = (key, value)
     return mapped
 

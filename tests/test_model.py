@@ -848,3 +848,26 @@ def test_peft_lora_only_file_of_a_model_with_several_adapters_loads(tmp_path):
     theirs.base_model.set_adapter("default")
     with torch.no_grad():
         assert_rel(ours(input_ids=ids).logits, theirs.eval()(input_ids=ids).logits, 1e-6, "logits")
+
+
+@pytest.mark.parametrize("case", ["own copy", "another adapter's copy"])
+def test_bias_all_with_modules_to_save_saves_and_trains_like_peft(case):
+    """``bias="all"`` next to a modules_to_save wrapper: peft's file holds the original module's bias (in use while
+    no active adapter has a copy there, and then trained) and the adapter's own copy once more as
+    ``<module>.modules_to_save.bias``; fastpeft writes the same keys and trains the same biases."""
+    if case == "own copy":
+        configs = [dict(r=1, target_modules=["c_attn"], bias="all", modules_to_save=["ln_f"], fan_in_fan_out=True)]
+    else:
+        configs = [dict(r=1, target_modules=["c_attn"], modules_to_save=["ln_f"], fan_in_fan_out=True),
+                   dict(r=1, target_modules=["c_proj"], bias="all", fan_in_fan_out=True)]
+    got = []
+    for lib in (fastpeft, peft):
+        torch.manual_seed(0)
+        model = lib.get_peft_model(tiny_gpt2(), lib.LoraConfig(**configs[0]))
+        for i, kw in enumerate(configs[1:], 1):
+            model.add_adapter(f"a{i}", lib.LoraConfig(**kw))
+        model.base_model.set_adapter(list(model.peft_config)[-1])
+        files = {a: sorted(lib.get_peft_model_state_dict(model, adapter_name=a)) for a in model.peft_config}
+        got.append((files, sorted(n for n, p in model.named_parameters() if p.requires_grad and "ln_f" in n)))
+    assert got[0] == got[1]
+    assert any(k.endswith("ln_f.original_module.bias") for k in got[0][0][list(got[0][0])[-1]])
