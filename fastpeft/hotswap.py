@@ -22,9 +22,11 @@ Differences from peft 0.21, all on purpose:
   on it. ``prepare_model_for_compiled_hotswap`` therefore *fixes* each layer's scale instead of turning it into a
   tensor, and a later swap to a different scale multiplies the new ``lora_B`` (and its bias) by
   ``new_scale / fixed_scale``: the layer computes ``fixed·(ratio·B)·A = new_scale·B·A``. Outputs are the new
-  adapter's; the stored ``lora_B`` differs from the file by that factor (saving the model afterwards writes an
-  adapter that, under the model's config, computes the same thing). Without the preparation the float is
-  replaced, as peft does (a compiled model then recompiles once for the new value).
+  adapter's; the stored ``lora_B`` differs from the file by that factor. Saving the model afterwards writes an
+  adapter that computes the same thing under the model's config only while that config still gives the fixed
+  scales: not after ``config=`` raised its ``r`` to ``target_rank`` (peft's bookkeeping; neither library's
+  save after a swap reproduces the swapped-in adapter then). Without the preparation the float is replaced, as
+  peft does (a compiled model then recompiles once for the new value).
 - ``rank_pattern``/``alpha_pattern`` are matched against the module's name, as when the adapter was created
   (peft's hot-swap matches them against the parameter's full key, where a module-name pattern never matches).
 - A swap to another rank on an unprepared model replaces the factors by the new adapter's exactly (shape
@@ -124,6 +126,16 @@ def _module_name(key_module: str) -> str:
         if key_module.startswith(prefix):
             key_module = key_module[len(prefix):]
     return key_module
+
+
+def _pattern_name(layer_name: str, layer: nn.Module) -> str:
+    """What ``rank_pattern``/``alpha_pattern`` were matched against when ``layer`` was created: the module's name
+    in the base model, and for a ``target_parameters`` wrapper ``<module>.<parameter name>``."""
+    from .layers.param import FastLoraParamWrapper
+    from .model import _strip_base_layer
+
+    name = _module_name(_strip_base_layer(layer_name))
+    return f"{name}.{layer.parameter_name}" if isinstance(layer, FastLoraParamWrapper) else name
 
 
 def _scale_for(config: Any, module: str) -> float:
@@ -255,8 +267,18 @@ def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: dict[str, torc
     # plan everything first: a swap that fails part-way would leave a mix of two adapters
     lora_keys = {k: p for k in state if (p := _parse(k)) is not None and p["adapter"] == adapter_name}
     others = [k for k in new if k not in lora_keys]
+    from .save import _token_key_of
+
+    # (a head tied to the embeddings holds their token rows under a second key, never saved: not owned)
     owned = {k for k in state if f".modules_to_save.{adapter_name}." in k
-             or k.endswith(f".trainable_tokens_delta.{adapter_name}")}
+             or (k.endswith(f".trainable_tokens_delta.{adapter_name}") and _token_key_of(inner, k, adapter_name))}
+    old_config = (getattr(inner, "peft_config", None) or {}).get(adapter_name)
+    old_rows = getattr(old_config, "trainable_token_indices", None)
+    if owned and old_rows != getattr(config, "trainable_token_indices", None):
+        raise ValueError(f"the new adapter trains other token rows (trainable_token_indices="
+                         f"{getattr(config, 'trainable_token_indices', None)!r}) than adapter {adapter_name!r} "
+                         f"({old_rows!r}): the rows are part of the layers, so hot-swapping cannot change them; load "
+                         "the adapter with load_adapter instead")
     lacking = sorted(owned - set(new))
     if lacking:
         raise ValueError(f"the new adapter lacks {len(lacking)} tensor(s) of adapter {adapter_name!r} outside its "
@@ -276,11 +298,17 @@ def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: dict[str, torc
         value = new.get(key)
         plan.append((layer_name, layer, p["kind"], p["param"], value))
         if value is not None:
-            touched[layer_name] = (layer, _scale_for(config, _module_name(layer_name)))
+            touched[layer_name] = (layer, _scale_for(config, _pattern_name(layer_name, layer)))
     for layer_name, layer, kind, param, value in plan:
         if kind == "lora_magnitude_vector" and value is None and layer_name in touched:
             raise ValueError(f"the new adapter has LoRA factors but no DoRA magnitude at {layer_name!r}")
-        if value is None or kind == "lora_magnitude_vector" or param == "bias":
+        if value is None:
+            continue
+        if kind == "lora_magnitude_vector" or param == "bias":  # (copied as they are: no broadcasting)
+            current = _factor(layer, kind, adapter_name, param)
+            if value.shape != current.shape:
+                raise ValueError(f"shape mismatch at {layer_name!r} ({kind}.{param}): the new adapter has "
+                                 f"{tuple(value.shape)}, the model {tuple(current.shape)}")
             continue
         current = _factor(layer, kind, adapter_name, param)
         experts = _experts(layer)
@@ -311,11 +339,13 @@ def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: dict[str, torc
                 current.data = value.clone()
                 layer.r[adapter_name] = _rank(value, kind, experts)
         for layer, scale in touched.values():
-            fixed = getattr(layer, "_hotswap_fixed_scaling", {}).get(adapter_name)
-            if fixed is None:
+            if adapter_name not in getattr(layer, "_hotswap_fixed_scaling", {}):
                 layer.scaling[adapter_name] = scale
-            elif scale != fixed:  # fold the new scale into B (and its bias): fixed·(ratio·B) = scale·B
-                ratio = scale / fixed
+            elif scale != layer.scaling[adapter_name]:
+                # fold the new scale into B (and its bias) against the scale the layer computes with (its fixed
+                # one; an adapter deleted and added again since the preparation has its own):
+                # fixed·(ratio·B) = scale·B
+                ratio = scale / layer.scaling[adapter_name]
                 b_kind = "lora_embedding_B" if _is_embedding(layer) else "lora_B"
                 _factor(layer, b_kind, adapter_name, None if b_kind == "lora_embedding_B" else "weight").mul_(ratio)
                 if b_kind == "lora_B" and layer.lora_B[adapter_name].bias is not None:

@@ -296,3 +296,91 @@ def test_gpu_inductor_triton_model_swaps_without_recompiling(adapters):
                 assert_rel(logits(compiled), logits(load(adapters[name])), 1e-5, name)
     finally:
         torch._dynamo.reset()
+
+
+def test_trainable_tokens_swap_same_rows_tied_or_not_and_refuse_other_rows(tmp_path):
+    """Token rows swap with the adapter when both train the same rows (a tied head follows the embeddings' rows);
+    other rows are refused before anything changes (the rows belong to the layers)."""
+    for tie in (False, True):
+        def base(tie=tie):
+            torch.manual_seed(0)
+            return tiny_llama(V, tie_word_embeddings=tie).eval()
+
+        paths = {}
+        for name, seed, rows in (("a", 1, [1, 2, 3]), ("b", 2, [1, 2, 3]), ("c", 3, [10, 20, 30])):
+            torch.manual_seed(seed)
+            model = fastpeft.get_peft_model(base(), fastpeft.LoraConfig(
+                r=2, target_modules=QV, init_lora_weights=False, trainable_token_indices=rows))
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.add_(torch.randn_like(p) * 0.1)
+            paths[name] = tmp_path / f"{name}{tie}"
+            model.save_pretrained(paths[name])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = fastpeft.PeftModel.from_pretrained(base(), paths["a"]).eval()
+        fastpeft.hotswap_adapter(model, paths["b"], adapter_name="default", torch_device="cpu")
+        assert_rel(_logits(model), _peft_logits(paths["b"], base()), 1e-6, f"tie={tie}")
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match="other token rows"):
+            fastpeft.hotswap_adapter(model, paths["c"], adapter_name="default", torch_device="cpu")
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_target_parameters_patterns_name_the_parameter(tmp_path):
+    """rank_pattern / alpha_pattern keyed by the expert parameter's name give its scale, as at injection."""
+    cfg = transformers.Qwen3MoeConfig(vocab_size=V, hidden_size=16, intermediate_size=24, moe_intermediate_size=8,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                      num_experts=4, num_experts_per_tok=2, max_position_embeddings=32)
+
+    def base():
+        torch.manual_seed(0)
+        return transformers.Qwen3MoeForCausalLM(cfg).eval()
+
+    paths = {}
+    for name, seed in (("x", 1), ("y", 2)):
+        torch.manual_seed(seed)
+        model = fastpeft.get_peft_model(base(), fastpeft.LoraConfig(
+            r=2, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj"],
+            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+            alpha_pattern={"down_proj": 16}, rank_pattern={"gate_up_proj": 3}))
+        paths[name] = tmp_path / name
+        model.save_pretrained(paths[name])
+    for prepare in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = fastpeft.PeftModel.from_pretrained(base(), paths["x"]).eval()
+        if prepare:
+            fastpeft.prepare_model_for_compiled_hotswap(model)
+        fastpeft.hotswap_adapter(model, paths["y"], adapter_name="default", torch_device="cpu")
+        assert_rel(_logits(model), _peft_logits(paths["y"], base()), 1e-6, f"prepared={prepare}")
+
+
+def test_an_adapter_added_again_after_the_preparation_swaps_right(adapters):
+    """The fold uses the scale the layer computes with, not the one recorded at preparation."""
+    model = _load(adapters["a"])
+    fastpeft.prepare_model_for_compiled_hotswap(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.load_adapter(adapters["wide"], adapter_name="tmp")
+        model.delete_adapter("default")
+        model.load_adapter(adapters["wide"], adapter_name="default")
+    model.base_model.set_adapter("default")
+    model.delete_adapter("tmp")
+    fastpeft.hotswap_adapter(model, adapters["b"], adapter_name="default", torch_device="cpu")
+    assert_rel(_logits(model), _peft_logits(adapters["b"]), 1e-6, "after re-adding")
+
+
+def test_a_misshaped_magnitude_or_bias_changes_nothing(tmp_path):
+    path = _save(tmp_path, "d", 1, r=2, lora_alpha=4, target_modules=QV, use_dora=True)
+    model = _load(path)
+    state = {k: v.clone() for k, v in model.state_dict().items() if ".default." in k}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    key = next(k for k in state if k.endswith("lora_magnitude_vector.default.weight"))
+    for bad in (state[key][:1], torch.cat([state[key], state[key][:1]])):
+        with pytest.raises(ValueError, match="shape mismatch"):
+            fastpeft.hotswap_adapter_from_state_dict(model, {**state, key: bad}, "default",
+                                                     fastpeft.LoraConfig(r=2, lora_alpha=4, target_modules=QV,
+                                                                         use_dora=True))
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
