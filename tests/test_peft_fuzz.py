@@ -111,6 +111,12 @@ def _case(seed, tmp_path):
     tie = kind == "llama" and rng.random() < 0.3
     configs = [_config(rng, kind) for _ in range(rng.choice([1, 2, 3]))]
     names = ["default"] + [f"a{i}" for i in range(1, len(configs))]
+    # Merged models are compared with peft's merged ones (peft's merge of DoRA and lora_bias adapters active
+    # together differs from its unmerged output; fastpeft merges as peft does), except where an embedding tied to
+    # the head gets LoRA: peft merges into the shared weight and changes the head too, fastpeft gives the head its
+    # own copy first (README), so its merged model is compared with the unmerged output.
+    tied_embedding = tie and any("embed_tokens" in c["target_modules"] for c in configs
+                                 if isinstance(c["target_modules"], list))
     ours, theirs = _both(lambda: fastpeft.get_peft_model(_base(kind, tie), fastpeft.LoraConfig(**configs[0])),
                          lambda: peft.get_peft_model(_base(kind, tie), peft.LoraConfig(**configs[0])), "create")
     for name, kw in zip(names[1:], configs[1:]):
@@ -152,8 +158,7 @@ def _case(seed, tmp_path):
     expected = _logits(theirs)
     if rng.random() < 0.5:
         _both(ours.merge_adapter, theirs.merge_adapter, "merge_adapter")
-        _close(_logits(ours), _logits(theirs), 1e-4, "merged")  # (peft's merge of DoRA + lora_bias adapters
-        # active together differs from its unmerged output; fastpeft merges as peft does)
+        _close(_logits(ours), expected if tied_embedding else _logits(theirs), 1e-4, "merged")
         ours.unmerge_adapter()
         theirs.unmerge_adapter()
         _close(_logits(ours), expected, 1e-5, "unmerged")
@@ -171,14 +176,15 @@ def _case(seed, tmp_path):
         rest = [a for a in active if a != victim] or [n for n in names if n != victim][:1]
         act = rest if len(rest) > 1 else rest[0]
         _both(lambda: ours.base_model.set_adapter(act), lambda: theirs.base_model.set_adapter(act), "set again")
-        _close(_logits(ours), _logits(theirs), 1e-5, "after delete")
+        _close(*_both(lambda: _logits(ours), lambda: _logits(theirs), "forward after delete"), 1e-5, "after delete")
+    expected = _logits(theirs)
     merged, merged_peft = _both(ours.merge_and_unload, lambda: copy.deepcopy(theirs).merge_and_unload(),
                                 "merge_and_unload")
-    _close(_logits(merged), _logits(merged_peft), 1e-4, "merge_and_unload")
+    _close(_logits(merged), expected if tied_embedding else _logits(merged_peft), 1e-4, "merge_and_unload")
 
 
 # seeds whose case runs every step (the others end early where both libraries refuse a combination or peft fails)
-@pytest.mark.parametrize("seed", [0, 3, 9, 12, 19, 26, 27, 36, 44, 46, 50, 67, 69, 72])
+@pytest.mark.parametrize("seed", [0, 3, 9, 12, 19, 26, 27, 36, 44, 46, 50, 67, 69, 72, 137, 239])
 def test_random_option_combinations_match_peft(seed, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
