@@ -129,3 +129,17 @@ def tiny_gpt2(vocab_size: int = 96):
     cfg = transformers.GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
     return transformers.GPT2LMHeadModel(cfg)
+
+
+def grads_match(ours, theirs, lo, lt, tol=1e-5):
+    """Backward from the same random cotangent through the logits ``lo`` of ``ours`` and ``lt`` of ``theirs``:
+    the trained parameters have the same names and gradients within ``tol``; returns ``ours``' gradients by name."""
+    dy = torch.randn_like(lo)
+    (lo * dy).sum().backward()
+    (lt * dy).sum().backward()
+    go = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    gt = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    assert list(go) == list(gt)
+    for n in go:
+        assert_rel(go[n], gt[n], tol, n)
+    return go

@@ -166,16 +166,18 @@ def test_dora_lora_bias_and_embedding_swaps(tmp_path):
             assert_rel(_logits(model), _peft_logits(paths[name]), 1e-6, name)
 
 
-def test_target_parameters_padding_keeps_the_expert_layout(tmp_path):
-    """LoRA on MoE expert parameters (A: experts × r rows, B: r × experts columns): padded and swapped."""
+def _moe_base():
+    """A tiny Qwen3-MoE (4 experts) with fixed weights."""
     cfg = transformers.Qwen3MoeConfig(vocab_size=V, hidden_size=16, intermediate_size=24, moe_intermediate_size=8,
                                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
                                       num_experts=4, num_experts_per_tok=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    return transformers.Qwen3MoeForCausalLM(cfg).eval()
 
-    def base():
-        torch.manual_seed(0)
-        return transformers.Qwen3MoeForCausalLM(cfg).eval()
 
+def test_target_parameters_padding_keeps_the_expert_layout(tmp_path):
+    """LoRA on MoE expert parameters (A: experts × r rows, B: r × experts columns): padded and swapped."""
+    base = _moe_base
     paths = {}
     for name, seed, r, alpha in (("x", 1, 2, 4), ("y", 2, 3, 2)):
         torch.manual_seed(seed)
@@ -330,14 +332,7 @@ def test_trainable_tokens_swap_same_rows_tied_or_not_and_refuse_other_rows(tmp_p
 
 def test_target_parameters_patterns_name_the_parameter(tmp_path):
     """rank_pattern / alpha_pattern keyed by the expert parameter's name give its scale, as at injection."""
-    cfg = transformers.Qwen3MoeConfig(vocab_size=V, hidden_size=16, intermediate_size=24, moe_intermediate_size=8,
-                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                                      num_experts=4, num_experts_per_tok=2, max_position_embeddings=32)
-
-    def base():
-        torch.manual_seed(0)
-        return transformers.Qwen3MoeForCausalLM(cfg).eval()
-
+    base = _moe_base
     paths = {}
     for name, seed in (("x", 1), ("y", 2)):
         torch.manual_seed(seed)

@@ -12,7 +12,7 @@ import torch
 import fastpeft
 from fastpeft.layers.embedding import FastLoraEmbedding
 from fastpeft.layers.lora import FastLoraLinear
-from helpers import assert_rel
+from helpers import assert_rel, grads_match, tiny_llama
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -30,10 +30,16 @@ SAVE_CASES = {"embed": ["embed_tokens"], "head": ["lm_head"]}
 
 def _llama(tie=True):
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=tie)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama(V, tie_word_embeddings=tie).eval()
+
+
+def _same_forward_and_grads(ours, theirs):
+    """Logits equal, then one backward each from the same cotangent: the trained names and gradients equal
+    peft's; returns fastpeft's gradients by name."""
+    ids = _ids()
+    lo, lt = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
+    torch.testing.assert_close(lo, lt, rtol=1e-5, atol=1e-5)
+    return grads_match(ours, theirs, lo, lt)
 
 
 def _kw(**overrides):
@@ -119,17 +125,7 @@ def test_lora_tied_like_peft(case, init):
     if init is True:
         assert not ours.base_model.model.model.embed_tokens.lora_embedding_A["default"].any()
 
-    ids = _ids()
-    lo, lt = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
-    torch.testing.assert_close(lo, lt, rtol=1e-5, atol=1e-5)
-    dy = torch.randn_like(lo)
-    (lo * dy).sum().backward()
-    (lt * dy).sum().backward()
-    go = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
-    gt = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    assert list(go) == list(gt)
-    for n in go:
-        assert_rel(go[n], gt[n], 1e-5, n)
+    go = _same_forward_and_grads(ours, theirs)
     assert go[f"{PRE}lm_head.lora_B.default.weight"].abs().sum() > 0
 
     # an optimizer step on both sides of the shared memory: the same numbers as peft, still one memory
@@ -224,17 +220,8 @@ def test_modules_to_save_tied_like_peft(tmp_path, case):
     for k in so:
         assert torch.equal(so[k], st[k]), k
 
+    _same_forward_and_grads(ours, theirs)
     ids = _ids()
-    lo, lt = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
-    torch.testing.assert_close(lo, lt, rtol=1e-5, atol=1e-5)
-    dy = torch.randn_like(lo)
-    (lo * dy).sum().backward()
-    (lt * dy).sum().backward()
-    go = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
-    gt = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    assert list(go) == list(gt)
-    for n in go:
-        assert_rel(go[n], gt[n], 1e-5, n)
     for m in (ours, theirs):
         torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1).step()
     assert head.modules_to_save["default"].weight is emb.modules_to_save["default"].weight
@@ -484,10 +471,4 @@ def test_tied_head_through_the_triton_kernels(triton_backend):
     ids = _ids()
     lo, lt = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
     torch.testing.assert_close(lo, lt, rtol=1e-4, atol=1e-4)
-    dy = torch.randn_like(lo)
-    (lo * dy).sum().backward()
-    (lt * dy).sum().backward()
-    gt = dict(theirs.named_parameters())
-    for n, p in ours.named_parameters():
-        if p.requires_grad:
-            assert_rel(p.grad, gt[n].grad, 1e-4, n)
+    grads_match(ours, theirs, lo, lt, 1e-4)
