@@ -125,3 +125,35 @@ def test_merge_unmerge_disable_like_peft(factory):
 
     ours, theirs, state = _pair(factory)  # random A, E, B (init_lora_weights=False): a visible update
     check_merge_unmerge_like_peft(ours, theirs, fresh(factory, state), batch(factory, labels=False), SVDLinear)
+
+
+@pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])
+def test_orthogonality_penalty_where_peft_adds_it(task_type):
+    """peft adds AdaLoRA's penalty to ``loss`` in its task classes only (a model without ``task_type`` is a plain
+    ``PeftModel``, whose forward calls the transformers model itself); fastpeft's loss is peft's in both cases."""
+    from helpers import tiny_gpt2
+
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(5))
+    kw = dict(target_modules=["c_fc"], lora_alpha=8, init_lora_weights=False, fan_in_fan_out=True,
+              task_type=task_type, **SCHEDULE)
+    models = []
+    for lib in (fastpeft, peft):
+        torch.manual_seed(0)
+        models.append(lib.get_peft_model(tiny_gpt2(), lib.AdaLoraConfig(**kw)))
+    ours, theirs = models
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p) * 0.2)
+    fastpeft.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs))
+    out_o, out_t = ours(input_ids=ids, labels=ids), theirs(input_ids=ids, labels=ids)
+    assert_rel(out_o.loss, out_t.loss, 1e-6, "loss")
+    logits = out_o.logits
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert (out_o.loss - ce).abs().item() > 1e-3 if task_type else (out_o.loss - ce).abs().item() < 1e-6
+    out_o.loss.backward()
+    out_t.loss.backward()
+    grads_t = dict(theirs.named_parameters())
+    for n, p in ours.named_parameters():
+        if p.requires_grad:
+            assert_rel(p.grad, grads_t[n].grad, 1e-4, n)

@@ -437,9 +437,14 @@ class MethodPeftModel(_LoraPeftModel):
 
     @property
     def forward(self):
-        """Runs the method's model (AdaLoRA adds its orthogonality penalty to ``loss``); the signature is the
-        wrapped transformers model's."""
-        return SignedForward(self.base_model, self.base_model.model.forward)
+        """Runs the method's model; the signature is the wrapped transformers model's. As in peft, a task class
+        (``task_type`` set: ``PeftModelForCausalLM``, ...) runs the method's tuner, where AdaLoRA adds its
+        orthogonality penalty to ``loss``; a model without a task type runs the transformers model itself (peft's
+        ``PeftModel.forward`` calls ``get_base_model()``), so its loss has no penalty."""
+        from ..tasks import _TASK_CLASSES
+
+        impl = self.base_model if isinstance(self, tuple(_TASK_CLASSES)) else self.base_model.model
+        return SignedForward(impl, self.base_model.model.forward)
 
     def generate(self, *args, **kwargs):
         """``generate`` of the wrapped model, with the method applied."""
