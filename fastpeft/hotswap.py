@@ -50,6 +50,9 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
+from .layers import FastLoraEmbedding
+from .layers.param import FastLoraParamWrapper
+from .model import _LORA_LAYERS, _pattern_key, _strip_base_layer, adapter_factors, named_modules_of
 
 # Config fields that change the output beyond the tensors and scale, so two adapters must agree on them (peft's).
 CONFIG_KEYS_TO_CHECK = {"LORA": ["use_rslora", "lora_dropout", "alpha_pattern", "use_dora"]}
@@ -74,18 +77,7 @@ def _is_compiled(model: nn.Module) -> bool:
     return hasattr(model, "_orig_mod") or bool(getattr(model, "_compiled_call_impl", None))
 
 
-def _lora_layers(model: nn.Module):
-    from .layers import FastLoraEmbedding, FastLoraLinear
-    from .layers.param import FastLoraParamWrapper
-
-    for name, module in model.named_modules():
-        if isinstance(module, (FastLoraLinear, FastLoraEmbedding, FastLoraParamWrapper)):
-            yield name, module
-
-
 def _is_embedding(layer: nn.Module) -> bool:
-    from .layers import FastLoraEmbedding
-
     return isinstance(layer, FastLoraEmbedding)
 
 
@@ -131,17 +123,12 @@ def _module_name(key_module: str) -> str:
 def _pattern_name(layer_name: str, layer: nn.Module) -> str:
     """What ``rank_pattern``/``alpha_pattern`` were matched against when ``layer`` was created: the module's name
     in the base model, and for a ``target_parameters`` wrapper ``<module>.<parameter name>``."""
-    from .layers.param import FastLoraParamWrapper
-    from .model import _strip_base_layer
-
     name = _module_name(_strip_base_layer(layer_name))
     return f"{name}.{layer.parameter_name}" if isinstance(layer, FastLoraParamWrapper) else name
 
 
 def _scale_for(config: Any, module: str) -> float:
     """``alpha/r`` (or ``alpha/√r``) of ``module`` under ``config``, its patterns matched as at injection."""
-    from .model import _pattern_key
-
     rank_pattern = getattr(config, "rank_pattern", None) or {}
     alpha_pattern = getattr(config, "alpha_pattern", None) or {}
     rk, ak = _pattern_key(rank_pattern, module), _pattern_key(alpha_pattern, module)
@@ -202,18 +189,15 @@ def prepare_model_for_compiled_hotswap(model: nn.Module, *, target_rank: int | N
     if target_rank is not None and (isinstance(target_rank, bool) or not isinstance(target_rank, int)
                                     or target_rank < 1):
         raise ValueError(f"target_rank must be a positive int, got {target_rank!r}")
-    layers = list(_lora_layers(_unwrap(model)))
+    layers = list(named_modules_of(_unwrap(model), _LORA_LAYERS))
     if not layers:
         raise ValueError("No adapter layers found on the model, make sure call `prepare_model_for_compiled_hotswap` "
                          "after loading the first adapter and before loading the second adapter.")
     for name, layer in layers:
         if target_rank is not None:
             experts = _experts(layer)
-            kinds = ("lora_embedding_A", "lora_embedding_B") if _is_embedding(layer) else ("lora_A", "lora_B")
             for adapter in list(layer.r):
-                for kind in kinds:
-                    holder = getattr(layer, kind)
-                    weight = holder[adapter] if kind.startswith("lora_embedding") else holder[adapter].weight
+                for kind, weight in zip(("A", "B"), adapter_factors(layer, adapter)):
                     if _rank(weight, kind, experts) > target_rank:
                         raise ValueError(f"Trying to pad the adapter {adapter!r} of {name!r} to the target rank "
                                          f"{target_rank}, but its rank is larger ({_rank(weight, kind, experts)}). "
@@ -251,7 +235,7 @@ def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: dict[str, torc
     if parameter_prefix != "lora_":
         raise ValueError(f"fastpeft hot-swaps LoRA adapters only (parameter_prefix 'lora_'), got {parameter_prefix!r}")
     inner = _unwrap(model)
-    layers = dict(_lora_layers(inner))
+    layers = dict(named_modules_of(inner, _LORA_LAYERS))
     if not any(adapter_name in layer.r for layer in layers.values()):
         known = sorted({a for layer in layers.values() for a in layer.r})
         raise ValueError(f"no adapter {adapter_name!r} to hot-swap; this model has {known}")
@@ -346,10 +330,10 @@ def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: dict[str, torc
                 # one; an adapter deleted and added again since the preparation has its own):
                 # fixed·(ratio·B) = scale·B
                 ratio = scale / layer.scaling[adapter_name]
-                b_kind = "lora_embedding_B" if _is_embedding(layer) else "lora_B"
-                _factor(layer, b_kind, adapter_name, None if b_kind == "lora_embedding_B" else "weight").mul_(ratio)
-                if b_kind == "lora_B" and layer.lora_B[adapter_name].bias is not None:
-                    layer.lora_B[adapter_name].bias.mul_(ratio)
+                adapter_factors(layer, adapter_name)[1].mul_(ratio)
+                bias = None if _is_embedding(layer) else layer.lora_B[adapter_name].bias
+                if bias is not None:
+                    bias.mul_(ratio)
         for _, layer, kind, _, value in plan:  # DoRA layers the new adapter does not target
             if kind == "lora_magnitude_vector" and value is None:
                 magnitude = layer.lora_magnitude_vector[adapter_name].weight
