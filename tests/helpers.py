@@ -131,6 +131,18 @@ def tiny_gpt2(vocab_size: int = 96):
     return transformers.GPT2LMHeadModel(cfg)
 
 
+def tiny_qwen3_moe(vocab_size: int = 96, num_hidden_layers: int = 2):
+    """A tiny random Qwen3-MoE (4 experts, 2 per token; hidden 16), in eval mode, drawn after ``manual_seed(0)``."""
+    import transformers
+
+    cfg = transformers.Qwen3MoeConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=24,
+                                      moe_intermediate_size=8, num_hidden_layers=num_hidden_layers,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=4,
+                                      num_experts_per_tok=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    return transformers.Qwen3MoeForCausalLM(cfg).eval()
+
+
 def grads_match(ours, theirs, lo, lt, tol=1e-5):
     """Backward from the same random cotangent through the logits ``lo`` of ``ours`` and ``lt`` of ``theirs``:
     the trained parameters have the same names and gradients within ``tol``; returns ``ours``' gradients by name."""

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fastpeft
-from helpers import assert_rel, tiny_llama
+from helpers import assert_rel, tiny_llama, tiny_qwen3_moe
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -167,12 +167,8 @@ def test_dora_lora_bias_and_embedding_swaps(tmp_path):
 
 
 def _moe_base():
-    """A tiny Qwen3-MoE (4 experts) with fixed weights."""
-    cfg = transformers.Qwen3MoeConfig(vocab_size=V, hidden_size=16, intermediate_size=24, moe_intermediate_size=8,
-                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                                      num_experts=4, num_experts_per_tok=2, max_position_embeddings=32)
-    torch.manual_seed(0)
-    return transformers.Qwen3MoeForCausalLM(cfg).eval()
+    """A tiny one-layer Qwen3-MoE (4 experts) with fixed weights."""
+    return tiny_qwen3_moe(V, num_hidden_layers=1)
 
 
 def test_target_parameters_padding_keeps_the_expert_layout(tmp_path):

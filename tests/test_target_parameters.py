@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastpeft
-from helpers import assert_rel
+from helpers import assert_rel, tiny_qwen3_moe
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -22,11 +22,7 @@ EXP = "base_model.model.model.layers.0.mlp.experts"
 
 
 def _qwen3_moe():
-    cfg = transformers.Qwen3MoeConfig(vocab_size=V, hidden_size=16, intermediate_size=24, moe_intermediate_size=8,
-                                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                                      num_experts=4, num_experts_per_tok=2, max_position_embeddings=32)
-    torch.manual_seed(0)
-    return transformers.Qwen3MoeForCausalLM(cfg).eval()
+    return tiny_qwen3_moe(V)
 
 
 def _gpt_oss():
