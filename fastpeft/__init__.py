@@ -68,7 +68,7 @@ from .hotswap import (
     hotswap_adapter_from_state_dict,
     prepare_model_for_compiled_hotswap,
 )
-from .layers import FastLoraEmbedding, FastLoraLinear, FastLoraLinear4bit
+from .layers import FastLoraConv, FastLoraEmbedding, FastLoraLinear, FastLoraLinear4bit
 from .loftq import replace_lora_weights_loftq
 from .model import LoraModel, ModulesToSaveWrapper, PeftModel, get_peft_model
 from .ops import backend_for, lora_linear
@@ -123,6 +123,7 @@ __all__ = [
     "AutoPeftModelForSeq2SeqLM",
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
+    "FastLoraConv",
     "FastLoraEmbedding",
     "FastLoraLinear",
     "FastLoraLinear4bit",

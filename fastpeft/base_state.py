@@ -19,13 +19,13 @@ from torch import Tensor, nn
 def _kinds() -> tuple[tuple[type, ...], dict[type, str]]:
     """(adapter layers, whose ``base_layer`` is the original module; {wrapper class: the child holding the
     original module})."""
-    from .layers import FastLoraEmbedding, FastLoraLinear
+    from .layers import FastLoraConv, FastLoraEmbedding, FastLoraLinear
     from .layers.param import FastLoraParamWrapper
     from .layers.tokens import TrainableTokensLayer, TrainableTokensWrapper
     from .methods.base import AdapterLayer
     from .model import ModulesToSaveWrapper
 
-    layers = (FastLoraLinear, FastLoraEmbedding, FastLoraParamWrapper, TrainableTokensLayer, AdapterLayer)
+    layers = (FastLoraLinear, FastLoraEmbedding, FastLoraConv, FastLoraParamWrapper, TrainableTokensLayer, AdapterLayer)
     return layers, {ModulesToSaveWrapper: "original_module", TrainableTokensWrapper: "token_adapter"}
 
 

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .layers import FastLoraEmbedding
+from .layers import FastLoraConv, FastLoraEmbedding
 from .layers.param import FastLoraParamWrapper
 from .model import _LORA_LAYERS, _pattern_key, _strip_base_layer, adapter_factors, named_modules_of
 
@@ -90,10 +90,19 @@ def _factor(layer: nn.Module, kind: str, adapter: str, param: str | None) -> tor
     return holder if param is None else getattr(holder, param)
 
 
+def _rank_dim(tensor: torch.Tensor, kind: str) -> int:
+    """Where an A-type factor (first) or a B-type factor (last; a convolution's (out, r, 1, …): second) holds
+    its rank."""
+    if kind.endswith("A"):
+        return 0
+    return 1 if tensor.dim() > 2 else tensor.dim() - 1
+
+
 def _rank(tensor: torch.Tensor, kind: str, experts: int) -> int:
-    """The rank of an A-type (rank first) or B-type (rank last) factor; ``target_parameters`` factors hold
-    ``r·experts`` there (A: experts × r rows, B: r × experts columns, rank index major)."""
-    return (tensor.shape[0] if kind.endswith("A") else tensor.shape[-1]) // experts
+    """The rank of an A-type (rank first) or B-type (rank last; second for a convolution) factor;
+    ``target_parameters`` factors hold ``r·experts`` there (A: experts × r rows, B: r × experts columns, rank
+    index major)."""
+    return tensor.shape[_rank_dim(tensor, kind)] // experts
 
 
 def _pad_rank(tensor: torch.Tensor, kind: str, experts: int, target: int) -> torch.Tensor:
@@ -101,15 +110,28 @@ def _pad_rank(tensor: torch.Tensor, kind: str, experts: int, target: int) -> tor
     r = _rank(tensor, kind, experts)
     if r > target:
         raise ValueError(f"cannot pad a rank-{r} factor to rank {target}")
-    if kind.endswith("A"):  # (experts·r, in) as (experts, r, in)
-        view = tensor.reshape(experts, r, tensor.shape[-1])
-        out = view.new_zeros(experts, target, tensor.shape[-1])
+    if kind.endswith("A"):  # (experts·r, in, …) as (experts, r, in·…)
+        rest = tensor.shape[1:]
+        view = tensor.reshape(experts, r, -1)
+        out = view.new_zeros(experts, target, view.shape[-1])
         out[:, :r] = view
-        return out.reshape(experts * target, tensor.shape[-1])
+        return out.reshape(experts * target, *rest)
+    if tensor.dim() > 2:  # a convolution's (out, r, 1, …)
+        out = tensor.new_zeros(tensor.shape[0], target, *tensor.shape[2:])
+        out[:, :r] = tensor
+        return out
     view = tensor.reshape(tensor.shape[0], r, experts)  # (out, r·experts) as (out, r, experts)
     out = view.new_zeros(tensor.shape[0], target, experts)
     out[:, :r] = view
     return out.reshape(tensor.shape[0], target * experts)
+
+
+def _refuse_grouped(name: str, layer: nn.Module) -> None:
+    """Hot-swapping a grouped convolution's LoRA is refused (its B holds r/groups per group)."""
+    if getattr(getattr(layer, "base_layer", None), "groups", 1) > 1 and isinstance(layer, FastLoraConv):
+        raise ValueError(f"hot-swapping the LoRA adapter of the grouped convolution {name!r} (groups="
+                         f"{layer.base_layer.groups}) is not supported by fastpeft; load the adapter with "
+                         "load_adapter instead")
 
 
 def _module_name(key_module: str) -> str:
@@ -194,6 +216,7 @@ def prepare_model_for_compiled_hotswap(model: nn.Module, *, target_rank: int | N
         raise ValueError("No adapter layers found on the model, make sure call `prepare_model_for_compiled_hotswap` "
                          "after loading the first adapter and before loading the second adapter.")
     for name, layer in layers:
+        _refuse_grouped(name, layer)
         if target_rank is not None:
             experts = _experts(layer)
             for adapter in list(layer.r):
@@ -279,6 +302,7 @@ def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: dict[str, torc
         layer = layers.get(layer_name)
         if layer is None:
             raise ValueError(f"{key!r} does not belong to a fastpeft LoRA layer")
+        _refuse_grouped(layer_name, layer)
         value = new.get(key)
         plan.append((layer_name, layer, p["kind"], p["param"], value))
         if value is not None:
@@ -301,8 +325,8 @@ def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: dict[str, torc
             raise ValueError(f"the new adapter has rank {r_new} at {layer_name!r}, above the rank {r_now} the model "
                              "was prepared for: call prepare_model_for_compiled_hotswap with a target_rank of at "
                              f"least {r_new}")
-        other_dims = [d for i, d in enumerate(value.shape) if i != (0 if kind.endswith("A") else value.dim() - 1)]
-        now_dims = [d for i, d in enumerate(current.shape) if i != (0 if kind.endswith("A") else current.dim() - 1)]
+        other_dims = [d for i, d in enumerate(value.shape) if i != _rank_dim(value, kind)]
+        now_dims = [d for i, d in enumerate(current.shape) if i != _rank_dim(current, kind)]
         if other_dims != now_dims:
             raise ValueError(f"shape mismatch at {layer_name!r} ({kind}): the new adapter has {tuple(value.shape)}, "
                              f"the model {tuple(current.shape)}")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_TARGET_MODULES, LoraConfig
+from .layers.conv import FastLoraConv, is_plain_conv
 from .layers.embedding import FastLoraEmbedding, refuse_embedding_dora
 from .layers.lora import FastLoraLinear, _is_conv1d
 from .layers.lora_init import init_kind, mutates_base
@@ -199,11 +200,11 @@ def _is_linear4bit(module: nn.Module) -> bool:
 
 
 def _is_lora_layer(module: nn.Module) -> bool:
-    return isinstance(module, (FastLoraLinear, FastLoraEmbedding)) \
+    return isinstance(module, (FastLoraLinear, FastLoraEmbedding, FastLoraConv)) \
         or hasattr(module, "lora_A") and hasattr(module, "base_layer")
 
 
-_MODULE_LORA_LAYERS = (FastLoraLinear, FastLoraEmbedding)  # the layers target_modules adapts
+_MODULE_LORA_LAYERS = (FastLoraLinear, FastLoraEmbedding, FastLoraConv)  # the layers target_modules adapts
 _LORA_LAYERS = (*_MODULE_LORA_LAYERS, FastLoraParamWrapper)
 
 
@@ -490,6 +491,11 @@ class LoraModel(nn.Module):
                 new = FastLoraEmbedding.from_embedding(module, adapter_name=adapter_name, **kw)
                 parent, child = parent_of(model, key)
                 setattr(parent, child, new)
+            elif is_plain_conv(module):
+                kw.pop("loftq_config", None)
+                new = FastLoraConv.from_conv(module, adapter_name=adapter_name, **kw)
+                parent, child = parent_of(model, key)
+                setattr(parent, child, new)
             elif _is_linear4bit(module):
                 new = _wrap_4bit(module, adapter_name, kw)
                 parent, child = parent_of(model, key)
@@ -505,8 +511,8 @@ class LoraModel(nn.Module):
                 setattr(parent, child, new)
             else:
                 raise ValueError(f"Target module {key!r} ({type(module).__name__}) is not supported by fastpeft: "
-                                 "it adapts torch.nn.Linear, transformers' Conv1D, bitsandbytes' Linear4bit and "
-                                 "torch.nn.Embedding")
+                                 "it adapts torch.nn.Linear, transformers' Conv1D, bitsandbytes' Linear4bit, "
+                                 "torch.nn.Embedding and torch.nn.Conv1d/Conv2d/Conv3d")
             matched.append(key)
             if key not in self._injected:
                 self._injected.append(key)
@@ -870,6 +876,9 @@ class LoraModel(nn.Module):
                         density, majority_sign_method)
         if layer.fan_in_fan_out or isinstance(layer, FastLoraEmbedding):  # back to B·A's (out, in) layout
             delta = delta.t()
+        conv_shape = tuple(delta.shape) if isinstance(layer, FastLoraConv) else None
+        if conv_shape is not None:  # ΔW[o, i, κ] = Σ B[o, r] A[r, i, κ]: a matrix over (out, in·κ)
+            delta = delta.flatten(1)
         if new_rank > min(delta.shape):
             raise ValueError(f"svd rank {new_rank} is larger than the {tuple(delta.shape)} update of {key!r} "
                              "allows; pass a smaller svd_rank")
@@ -879,6 +888,9 @@ class LoraModel(nn.Module):
         if clamp is not None:
             hi = torch.quantile(torch.cat([B.flatten(), A.flatten()]), clamp)
             B, A = B.clamp(-hi, hi), A.clamp(-hi, hi)
+        if conv_shape is not None:
+            A = A.reshape(new_rank, *conv_shape[1:])
+            B = B.reshape(*B.shape, *([1] * (len(conv_shape) - 2)))
         return A, B
 
     @staticmethod
