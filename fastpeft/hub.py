@@ -62,9 +62,22 @@ def resolve_adapter_path(model_id: str | os.PathLike, subfolder: str | None = No
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
 
     def download(names: tuple[str, ...]) -> str:
-        return snapshot_download(path, revision=revision, token=token, cache_dir=cache_dir,
-                                 local_files_only=local_files_only, force_download=force_download, proxies=proxies,
-                                 allow_patterns=[prefix + name for name in names])
+        kwargs = dict(revision=revision, token=token, cache_dir=cache_dir, force_download=force_download,
+                      proxies=proxies, allow_patterns=[prefix + name for name in names])
+        try:
+            return snapshot_download(path, local_files_only=local_files_only, **kwargs)
+        except HFValidationError:
+            raise
+        except Exception:
+            # Hub unreachable (offline, no network): a snapshot already in the cache still serves, as transformers'
+            # loaders fall back to it (huggingface_hub 1.x does not for a commit-hash revision by itself)
+            if local_files_only or force_download:
+                raise
+            try:
+                return snapshot_download(path, local_files_only=True, **kwargs)
+            except Exception:
+                pass
+            raise
 
     try:
         # the safetensors weights; the pickle only when the repo has no safetensors (as peft, one weights file)

@@ -91,7 +91,9 @@ def test_get_peft_model_returns_peft_task_class(task, tmp_path):
     assert fastpeft.MODEL_TYPE_TO_PEFT_MODEL_MAPPING[task] is type(ours)
     for name in ("base_model_prepare_inputs_for_generation",
                  "base_model_prepare_encoder_decoder_kwargs_for_generation"):
-        assert hasattr(ours, name) == hasattr(theirs, name), name
+        # (peft 0.21 dropped base_model_prepare_encoder_decoder_kwargs_for_generation; fastpeft keeps it, as a
+        # property, wherever the transformers model has the method: older transformers, e.g. 5.17)
+        assert hasattr(ours, name) >= hasattr(theirs, name), name
         if hasattr(theirs, name):
             assert getattr(ours, name).__func__ is getattr(theirs, name).__func__, name  # the base model's method
             assert getattr(ours, name).__self__ is ours.get_base_model(), name

@@ -379,3 +379,54 @@ def test_hotswap_onto_convolutions_pads_ranks_and_matches_peft(tmp_path):
     _, _, grouped = _twins({"target_modules": ["c2"]}, model_kwargs={"groups": 2})
     with pytest.raises(ValueError, match="grouped convolution"):
         fastpeft.prepare_model_for_compiled_hotswap(grouped, target_rank=8)
+
+
+def test_transformers_resnet_trains_like_peft(tmp_path):
+    """A transformers image classifier (ResNet: every convolution named ``convolution``) with LoRA on its convolutions
+    and a trained head (modules_to_save): a few optimizer steps give peft's weights and losses; the saved adapter
+    loads into peft."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                       num_labels=3, layer_type="bottleneck")
+    torch.manual_seed(0)
+    base = transformers.ResNetForImageClassification(config)
+    kw = dict(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["convolution"], modules_to_save=["classifier"])
+    models = []
+    for lib in (peft, fastpeft):
+        torch.manual_seed(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            models.append(lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(**kw)))
+    p, f = models
+    assert sum(isinstance(m, FastLoraConv) for m in f.modules()) == 8
+    assert sorted(n for n, q in p.named_parameters() if q.requires_grad) == \
+        sorted(n for n, q in f.named_parameters() if q.requires_grad)
+    f.load_state_dict(p.state_dict())
+    g = torch.Generator().manual_seed(2)
+    pixels, labels = torch.randn(4, 3, 32, 32, generator=g), torch.tensor([0, 2, 1, 2])
+    opts = [torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-2) for m in (p, f)]
+    for step in range(3):
+        losses = []
+        for model, opt in zip((p, f), opts):
+            model.train()
+            torch.manual_seed(10 + step)  # the same dropout masks (nn.Dropout in both, same call order)
+            loss = model(pixel_values=pixels, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        assert losses[1] == pytest.approx(losses[0], rel=1e-5, abs=1e-6)
+    fs = f.state_dict()
+    for key, value in p.state_dict().items():
+        torch.testing.assert_close(fs[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    # (BatchNorm's running statistics moved in training: they are the base's, in neither library's adapter file,
+    # so both files are loaded onto the untouched base)
+    f.save_pretrained(tmp_path / "fast")
+    p.save_pretrained(tmp_path / "peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from_fast = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "fast").eval()
+        from_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(from_fast(pixel_values=pixels).logits, from_peft(pixel_values=pixels).logits,
+                                   rtol=1e-4, atol=1e-5)
