@@ -430,3 +430,30 @@ def test_transformers_resnet_trains_like_peft(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(from_fast(pixel_values=pixels).logits, from_peft(pixel_values=pixels).logits,
                                    rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("option", ["lora", "dora"])
+def test_gpu_bf16_convolutions_match_peft(option):
+    """On a GPU (cuDNN, bf16 base, fp32 adapters; the linear head through the compiled kernels): peft's outputs and
+    gradients within bf16 rounding."""
+    torch.manual_seed(0)
+    base = TinyCNN().to("cuda", torch.bfloat16)
+    kw = {"r": 4, "lora_alpha": 8, "target_modules": ["c1", "c2", "c3", "lin"], **OPTIONS[option]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
+        f = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(**kw))
+    _random_adapters(p)
+    f.load_state_dict(p.state_dict())
+    x = torch.randn(8, 3, 64, device="cuda", dtype=torch.bfloat16)
+    yp, yf = p(x), f(x)
+    assert yf.dtype == torch.bfloat16
+    torch.testing.assert_close(yf.float(), yp.float(), rtol=2e-2, atol=2e-2)
+    yp.float().square().sum().backward()
+    yf.float().square().sum().backward()
+    fp = dict(f.named_parameters())
+    for name, param in p.named_parameters():
+        if param.requires_grad:
+            ref = param.grad.float()
+            assert (fp[name].grad.float() - ref).norm() <= 3e-2 * ref.norm() + 1e-4, name
