@@ -49,12 +49,14 @@ if [ "$rc_pip" != 0 ]; then
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   echo "pip install failed (rc=$rc_pip): running from the checkout with PYTHONPATH" | tee -a "$out/pip.log"
 fi
-if [ -d .whl/site ]; then  # bitsandbytes unpacked by bench/prepare_device.sh
+if [ -d .whl/site ]; then  # bitsandbytes and peft unpacked by bench/prepare_device.sh
   export PYTHONPATH="$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 $PY -c 'import bitsandbytes as b; print("bitsandbytes", b.__version__)' >>"$out/pip.log" 2>&1
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1
 $PY -c 'import torch, triton; print(torch.__version__, triton.__version__)' >>"$out/pip.log" 2>&1
+$PY -c 'import peft, transformers; print("peft", peft.__version__, peft.__file__, "transformers", transformers.__version__)' \
+  >>"$out/pip.log" 2>&1
 
 # Parallel phase (16 cores there; Triton compiles one kernel at a time per process). Side by side:
 # - the kernel gpu tests in TEST_SHARDS slices (pytest --shard I/N, tests/conftest.py): their results are

@@ -2,7 +2,7 @@
 # Run here (with network), once, before the GPU call: the device machine reaches no registry and
 # has no bitsandbytes. This unpacks bitsandbytes 0.50.2 (it ships a CUDA 13.0 library, matching
 # the device's torch 2.11+cu130) into .whl/site, keeping only the CUDA 13 and CPU libraries so the
-# carried tree stays far under the 64 MiB limit. gpu_run.sh puts .whl/site on PYTHONPATH.
+# carried tree stays far under the 64 MiB limit, and peft 0.21.2 beside it. gpu_run.sh puts .whl/site on PYTHONPATH.
 #   bash bench/prepare_device.sh
 #   run(command="bash bench/gpu_run.sh", carry=[".whl"], timeout_s=600)
 set -eu
@@ -22,5 +22,9 @@ with zipfile.ZipFile(whl) as z:
             continue  # other CUDA/ROCm builds: not loadable on the device anyway
         z.extract(name, ".whl/site")
 PY
+# peft, pinned to the version the suite is written against (pure Python; the device image's own peft may be
+# another version, whose behaviour the peft-comparing gpu tests would then measure instead)
+python3 -m pip download -q --no-deps --only-binary=:all: -d .whl/dl "peft==${PEFT_VERSION:-0.21.2}"
+python3 -c 'import glob, zipfile; zipfile.ZipFile(glob.glob(".whl/dl/peft-*.whl")[0]).extractall(".whl/site")'
 rm -rf .whl/dl
 du -sh .whl
