@@ -38,18 +38,26 @@ class TinyCNN(nn.Module):
         return self.lin(h.mean((2, 3))) + h3.flatten(1).mean(1, keepdim=True)
 
 
+def _wrap_both(base: nn.Module, kw: dict, seed: int | None = None):
+    """peft's and fastpeft's LoraConfig(**kw) on two copies of ``base`` (each drawn after ``manual_seed(seed)``
+    when given), warnings silenced."""
+    models = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lib in (peft, fastpeft):
+            if seed is not None:
+                torch.manual_seed(seed)
+            models.append(lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(**kw)))
+    return models
+
+
 def _twins(config_kwargs: dict, *, seed: int = 0, model_kwargs: dict | None = None, same_init: bool = True):
     """The same TinyCNN wrapped by peft and by fastpeft, drawn under the same seed (``same_init``: the adapter
     weights are then equal without copying); fastpeft then loads peft's state dict (its keys are peft's)."""
     torch.manual_seed(seed)
     base = TinyCNN(**(model_kwargs or {}))
     kw = {"r": 4, "lora_alpha": 8, "target_modules": ["c1", "c2", "c3", "lin"], **config_kwargs}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(seed + 1)
-        p = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
-        torch.manual_seed(seed + 1)
-        f = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(**kw))
+    p, f = _wrap_both(base, kw, seed + 1)
     ps, fs = p.state_dict(), f.state_dict()
     assert set(ps) == set(fs)
     if same_init:
@@ -57,6 +65,13 @@ def _twins(config_kwargs: dict, *, seed: int = 0, model_kwargs: dict | None = No
             assert torch.allclose(ps[key].float(), fs[key].float(), rtol=1e-6, atol=1e-7), key
     f.load_state_dict(ps)
     return base, p, f
+
+
+def _load(lib, base: nn.Module, path) -> nn.Module:
+    """``lib.PeftModel.from_pretrained`` onto a copy of ``base``, in eval mode (warnings silenced)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return lib.PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
 
 
 def _random_adapters(model: nn.Module, seed: int = 5) -> None:
@@ -125,10 +140,7 @@ def test_matches_peft_outputs_gradients_merge_and_files(option, tmp_path):
     f.save_pretrained(tmp_path / "fast")
     p.unmerge_adapter()
     p.save_pretrained(tmp_path / "peft")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from_fast = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "fast").eval()
-        from_peft = fastpeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+    from_fast, from_peft = _load(peft, base, tmp_path / "fast"), _load(fastpeft, base, tmp_path / "peft")
     with torch.no_grad():
         torch.testing.assert_close(from_fast(x), y, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(from_peft(x), y, rtol=1e-5, atol=1e-5)
@@ -157,10 +169,7 @@ def test_bf16_base_fp32_adapters_like_peft():
     torch.manual_seed(0)
     base = TinyCNN().to(torch.bfloat16)
     kw = dict(r=4, lora_alpha=8, target_modules=["c1", "c2"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        p = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
-        f = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(**kw))
+    p, f = _wrap_both(base, kw)
     _random_adapters(p)
     f.load_state_dict(p.state_dict())
     layer = f.base_model.model.c2
@@ -391,13 +400,7 @@ def test_transformers_resnet_trains_like_peft(tmp_path):
     torch.manual_seed(0)
     base = transformers.ResNetForImageClassification(config)
     kw = dict(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["convolution"], modules_to_save=["classifier"])
-    models = []
-    for lib in (peft, fastpeft):
-        torch.manual_seed(1)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            models.append(lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(**kw)))
-    p, f = models
+    p, f = _wrap_both(base, kw, seed=1)
     assert sum(isinstance(m, FastLoraConv) for m in f.modules()) == 8
     assert sorted(n for n, q in p.named_parameters() if q.requires_grad) == \
         sorted(n for n, q in f.named_parameters() if q.requires_grad)
@@ -423,10 +426,7 @@ def test_transformers_resnet_trains_like_peft(tmp_path):
     # so both files are loaded onto the untouched base)
     f.save_pretrained(tmp_path / "fast")
     p.save_pretrained(tmp_path / "peft")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from_fast = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "fast").eval()
-        from_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+    from_fast, from_peft = _load(peft, base, tmp_path / "fast"), _load(peft, base, tmp_path / "peft")
     with torch.no_grad():
         torch.testing.assert_close(from_fast(pixel_values=pixels).logits, from_peft(pixel_values=pixels).logits,
                                    rtol=1e-4, atol=1e-5)
@@ -440,10 +440,7 @@ def test_gpu_bf16_convolutions_match_peft(option):
     torch.manual_seed(0)
     base = TinyCNN().to("cuda", torch.bfloat16)
     kw = {"r": 4, "lora_alpha": 8, "target_modules": ["c1", "c2", "c3", "lin"], **OPTIONS[option]}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        p = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
-        f = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(**kw))
+    p, f = _wrap_both(base, kw)
     _random_adapters(p)
     f.load_state_dict(p.state_dict())
     x = torch.randn(8, 3, 64, device="cuda", dtype=torch.bfloat16)

@@ -36,9 +36,8 @@ import warnings
 import torch
 from torch import nn
 
-from ..ops_mixed import BASE as _BASE_NAME
 from .lora import DoraMagnitude
-from .switches import AdapterSwitches
+from .switches import AdapterSwitches, init_lora_state
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -87,20 +86,8 @@ class FastLoraConv(AdapterSwitches, nn.Module):
         self._fastpeft_adapter_names = None
         for param in base_layer.parameters():
             param.requires_grad_(False)
-        self.lora_dropout = nn.ModuleDict()
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.use_rslora: dict[str, bool] = {}
-        self.use_dora: dict[str, bool] = {}
+        init_lora_state(self)
         self.lora_bias: dict[str, bool] = {}
-        self._dora_merged_norms: dict[str, torch.Tensor] = {}
-        self._active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self._disable_adapters = False
         self.update_layer(adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                           use_rslora=use_rslora, init_lora_weights=init_lora_weights, use_dora=use_dora,
                           lora_bias=lora_bias, autocast_adapter_dtype=autocast_adapter_dtype, **peft_kwargs)
@@ -191,11 +178,7 @@ class FastLoraConv(AdapterSwitches, nn.Module):
             with torch.no_grad():
                 norm = self._weight_norm(adapter_name).to(dtype)
             self.lora_magnitude_vector[adapter_name] = DoraMagnitude(nn.Parameter(norm))
-        if config is None:
-            self.set_adapter(adapter_name)
-        else:
-            self.set_adapter(self._active_adapters or [adapter_name],
-                             inference_mode=bool(getattr(config, "inference_mode", False)))
+        self._activate_added(adapter_name, config)
 
     add_adapter = update_layer
 
@@ -380,41 +363,17 @@ class FastLoraConv(AdapterSwitches, nn.Module):
     def forward(self, x: torch.Tensor, *args, adapter_names: list[str] | None = None, **kwargs) -> torch.Tensor:
         """The base convolution plus every active adapter; ``adapter_names`` (one name per sample of the batch,
         ``"__base__"`` for none) runs a mixed-adapter batch as peft's argument does."""
-        if adapter_names is None:
-            adapter_names = self._fastpeft_adapter_names
-        if adapter_names is not None:
-            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        y = self.base_layer(x, *args, **kwargs)
-        if self._disable_adapters or self.merged:
-            return y
-        active = [n for n in self._active_adapters if n in self.lora_A]
-        if not active:
-            return y
-        out = y
+        return self._plain_forward(x, args, kwargs, adapter_names)
+
+    def _apply_adapters(self, x: torch.Tensor, y: torch.Tensor, active: list[str]) -> torch.Tensor:
         for name in active:
-            out = self._chain(x, out, name)
-        return out.to(y.dtype)
+            y = self._chain(x, y, name)
+        return y
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
         """One adapter per sample of ``x`` (``"__base__"`` = none), as peft's ``adapter_names``, in eval and in
         training: the base on every sample, each adapter's output added to its own samples."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        batched = x.dim() == self._kernel_dim
-        if not batched or len(names) != x.shape[0]:
-            unexpanded = getattr(adapter_names, "unexpanded", None)  # an encoder's input during beam search
-            if batched and unexpanded is not None and len(unexpanded) == x.shape[0]:
-                names = list(unexpanded)
-        if not batched or len(names) != x.shape[0]:
-            raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
-                             f"{len(names)} and {x.shape[0] if batched else 'an unbatched input'} respectively.")
-        if self.merged:
-            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
-                             "`unmerge_adapter` first.")
-        if not getattr(adapter_names, "_fastpeft_model_checked", False):
-            unknown = sorted({n for n in names if n != _BASE_NAME and n not in self.lora_A})
-            if unknown:
-                raise ValueError(f"unknown adapter(s) {unknown} in adapter_names; this layer has "
-                                 f"{list(self.lora_A)} (and {_BASE_NAME!r} for the base layer alone)")
+        names = self._mixed_names(x, adapter_names, self.lora_A, batched=x.dim() == self._kernel_dim)
         dora = sorted({n for n in names if self.use_dora.get(n, False)})
         if dora:  # as peft: mixed batches are LoRA-only
             raise ValueError(f"Cannot pass `adapter_names` when DoRA is enabled (DoRA adapter(s) {dora}).")

@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops_mixed import BASE as _BASE_NAME
 from .lora_init import init_kind
 from .switches import AdapterSwitches
 
@@ -147,11 +146,7 @@ class FastLoraEmbedding(AdapterSwitches, nn.Module):
         self.use_rslora[adapter_name] = bool(use_rslora)
         self.use_dora[adapter_name] = False
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-        if config is None:
-            self.set_adapter(adapter_name)
-        else:
-            self.set_adapter(self._active_adapters or [adapter_name],
-                             inference_mode=bool(getattr(config, "inference_mode", False)))
+        self._activate_added(adapter_name, config)
 
     add_adapter = update_layer
 
@@ -245,41 +240,18 @@ class FastLoraEmbedding(AdapterSwitches, nn.Module):
     def forward(self, x: torch.Tensor, *args, adapter_names: list[str] | None = None, **kwargs) -> torch.Tensor:
         """The base embedding plus every active adapter; ``adapter_names`` (one name per row of the batch,
         ``"__base__"`` for none) runs a mixed-adapter batch as peft's argument does."""
-        if adapter_names is None:
-            adapter_names = self._fastpeft_adapter_names
-        if adapter_names is not None:
-            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        y = self.base_layer(x, *args, **kwargs)
-        if self._disable_adapters or self.merged:
-            return y
-        active = [n for n in self._active_adapters if n in self.lora_embedding_A]
-        if not active:
-            return y
+        return self._plain_forward(x, args, kwargs, adapter_names)
+
+    def _apply_adapters(self, x: torch.Tensor, y: torch.Tensor, active: list[str]) -> torch.Tensor:
         embed_scale = self._embed_scale()
-        out = y
         for name in active:
-            out = out + self._adapter_output(x, name, embed_scale)
-        return out.to(y.dtype)
+            y = y + self._adapter_output(x, name, embed_scale)
+        return y
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
         """One adapter per row of ``x`` (``"__base__"`` = none), as peft's ``adapter_names``, in eval and in
         training: the base on every row, each adapter's output added to its own rows."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        if x.dim() >= 1 and len(names) != x.shape[0]:
-            unexpanded = getattr(adapter_names, "unexpanded", None)  # an encoder's input during beam search
-            if unexpanded is not None and len(unexpanded) == x.shape[0]:
-                names = list(unexpanded)
-        if x.dim() < 1 or len(names) != x.shape[0]:
-            raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
-                             f"{len(names)} and {x.shape[0] if x.dim() else 0} respectively.")
-        if self.merged:
-            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
-                             "`unmerge_adapter` first.")
-        if not getattr(adapter_names, "_fastpeft_model_checked", False):
-            unknown = sorted({n for n in names if n != _BASE_NAME and n not in self.lora_embedding_A})
-            if unknown:
-                raise ValueError(f"unknown adapter(s) {unknown} in adapter_names; this layer has "
-                                 f"{list(self.lora_embedding_A)} (and {_BASE_NAME!r} for the base layer alone)")
+        names = self._mixed_names(x, adapter_names, self.lora_embedding_A, batched=x.dim() >= 1)
         y = self.base_layer(x, *args, **kwargs)
         if self._disable_adapters:
             return y

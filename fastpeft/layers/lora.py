@@ -40,7 +40,7 @@ from .lora_init import (
     olora_factors,
     pissa_factors,
 )
-from .switches import AdapterSwitches
+from .switches import AdapterSwitches, init_lora_state
 
 # Rows of W0 upcast (or decoded) to fp32 at once for DoRA's weight norm: bounds that temporary at
 # ~16 MiB instead of peft's full (out, in) fp32 matrix.
@@ -226,19 +226,7 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
 
     def _init_adapter_state(self) -> None:
         """The per-adapter containers (peft's names), empty; no adapter active, none merged."""
-        self.lora_dropout = nn.ModuleDict()
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.use_rslora: dict[str, bool] = {}
-        self.use_dora: dict[str, bool] = {}
-        self._active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self._disable_adapters = False
-        self._dora_merged_norms: dict[str, torch.Tensor] = {}  # ‖W0 + ΔW‖ at merge time, for unmerge
+        init_lora_state(self)
         self._w0_sq_cache: tuple | None = None  # (key of the base weight, ‖W0_o‖² fp32)
         # adapter → (keys of W0, A, B and the scale, ‖W0 + s·B·A‖ fp32): DoRA's whole norm, reused only with
         # autograd off (generation, eval loops), where nothing changes between forwards
@@ -344,11 +332,7 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
             self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm.to(dtype))
         elif adapter_name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[adapter_name]
-        if config is None:
-            self.set_adapter(adapter_name)
-        else:  # peft's semantics: the active adapters stay as they are
-            self.set_adapter(self._active_adapters or [adapter_name],
-                             inference_mode=bool(getattr(config, "inference_mode", False)))
+        self._activate_added(adapter_name, config)
 
     add_adapter = update_layer
 

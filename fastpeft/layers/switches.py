@@ -17,6 +17,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..ops_mixed import BASE as _BASE_NAME
+
 
 class AdapterSwitches:
     """Adapter activation, trainability and on/off switching for a fastpeft adapter layer (see the module)."""
@@ -52,6 +54,16 @@ class AdapterSwitches:
             for param in self._adapter_parameters(name):
                 param.requires_grad_(train)
         self._active_adapters = names
+
+    def _activate_added(self, adapter_name: str, config) -> None:
+        """After ``update_layer`` added ``adapter_name``: without a ``config`` it becomes the active adapter; with
+        one (peft's semantics) the active adapters stay as they are (the new one if there were none), and a
+        config in inference mode leaves it frozen."""
+        if config is None:
+            self.set_adapter(adapter_name)
+        else:
+            self.set_adapter(self._active_adapters or [adapter_name],
+                             inference_mode=bool(getattr(config, "inference_mode", False)))
 
     def set_requires_grad(self, adapter_names: str | Iterable[str], requires_grad: bool = True) -> None:
         """Switch training on or off for the named adapters of this layer (peft's method)."""
@@ -104,3 +116,61 @@ class AdapterSwitches:
             return
         for name in reversed(list(self.merged_adapters)):
             self._unmerge_one(name)
+
+    def _plain_forward(self, x: torch.Tensor, args: tuple, kwargs: dict, adapter_names) -> torch.Tensor:
+        """The forward of a layer computed in plain PyTorch: a mixed-adapter batch when ``adapter_names`` (or the
+        names the model-level hook handed over) are given; else the base, plus ``_apply_adapters(x, y, active)``
+        for the active adapters the layer holds (none while disabled or merged), in the base output's dtype."""
+        if adapter_names is None:
+            adapter_names = self._fastpeft_adapter_names
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        y = self.base_layer(x, *args, **kwargs)
+        if self._disable_adapters or self.merged:
+            return y
+        held = set(self._adapter_names())
+        active = [n for n in self._active_adapters if n in held]
+        if not active:
+            return y
+        return self._apply_adapters(x, y, active).to(y.dtype)
+
+    def _mixed_names(self, x: torch.Tensor, adapter_names, held, batched: bool) -> list[str]:
+        """``adapter_names`` (peft's mixed-batch argument) checked against ``x`` as a list with one name per sample:
+        the count (an encoder's input during beam search may take the unexpanded names), no merged adapter, and
+        (unless the model-level hook checked them) no name the layer lacks (``held``: the names it has).
+        ``batched``: whether ``x`` has a batch dimension at all."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if batched and len(names) != x.shape[0]:
+            unexpanded = getattr(adapter_names, "unexpanded", None)
+            if unexpanded is not None and len(unexpanded) == x.shape[0]:
+                names = list(unexpanded)
+        if not batched or len(names) != x.shape[0]:
+            raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
+                             f"{len(names)} and {x.shape[0] if batched else 'an unbatched input'} respectively.")
+        if self.merged:
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                             "`unmerge_adapter` first.")
+        if not getattr(adapter_names, "_fastpeft_model_checked", False):
+            unknown = sorted({n for n in names if n != _BASE_NAME and n not in held})
+            if unknown:
+                raise ValueError(f"unknown adapter(s) {unknown} in adapter_names; this layer has {list(held)} (and "
+                                 f"{_BASE_NAME!r} for the base layer alone)")
+        return names
+
+
+def init_lora_state(layer: nn.Module) -> None:
+    """The per-adapter containers a LoRA layer with ``lora_A``/``lora_B`` modules keeps (peft's names), empty;
+    no adapter active, none merged."""
+    layer.lora_dropout = nn.ModuleDict()
+    layer.lora_A = nn.ModuleDict()
+    layer.lora_B = nn.ModuleDict()
+    layer.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
+    layer.r = {}
+    layer.lora_alpha = {}
+    layer.scaling = {}
+    layer.use_rslora = {}
+    layer.use_dora = {}
+    layer._active_adapters = []
+    layer.merged_adapters = []
+    layer._disable_adapters = False
+    layer._dora_merged_norms = {}  # ‖W0 + ΔW‖ at merge time, for unmerge
