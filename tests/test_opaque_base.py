@@ -5,6 +5,8 @@ never used on them. Compared with peft's own LoRA layers on the same base."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -188,3 +190,84 @@ def test_a_model_offloaded_by_accelerate_gives_the_unoffloaded_models_outputs():
     ids = torch.randint(0, 64, (2, 6))
     with torch.no_grad():
         assert_rel(ours(input_ids=ids).logits, reference(input_ids=ids).logits, 1e-5, "offloaded model")
+
+
+class _CodesTensor(torch.Tensor):
+    """A stand-in for a quantized weight held as a tensor subclass (torchao's ``Int8Tensor`` and kin): ``F.linear``
+    works through it, but it refuses custom operators and raw matrix products, as such subclasses refuse the
+    operators they do not implement."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) \
+                or func in (torch.matmul, torch.mm, torch.addmm, torch.Tensor.__matmul__):
+            raise NotImplementedError(f"_CodesTensor does not implement {func}")
+        if func is F.linear:  # a plain output, as a quantized weight's linear gives
+            with torch._C.DisableTorchFunctionSubclass():
+                plain = [a.as_subclass(torch.Tensor) if isinstance(a, cls) else a for a in args]
+                return func(*plain, **(kwargs or {}))
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def _codes_linear(linear: nn.Linear) -> nn.Linear:
+    linear.weight = nn.Parameter(linear.weight.detach().as_subclass(_CodesTensor), requires_grad=False)
+    assert type(linear.weight) is _CodesTensor
+    return linear
+
+
+def test_tensor_subclass_weight_runs_the_base_forward_like_peft():
+    """A weight that is a tensor subclass only the base's own forward can multiply by: fastpeft adds its adapters
+    around ``base(x)`` (as peft does) instead of handing the weight to its fused op; outputs and gradients equal
+    peft's, and merging is refused with a clear error."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    base = transformers.LlamaForCausalLM(config)
+    models = []
+    for lib in (peft, fastpeft):
+        copied = copy.deepcopy(base)  # (before the swap: the stand-in subclass does not deep-copy)
+        for layer in copied.model.layers:
+            _codes_linear(layer.self_attn.q_proj)
+            _codes_linear(layer.mlp.down_proj)
+        kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj", "v_proj"], init_lora_weights=False)
+        models.append(lib.get_peft_model(copied, lib.LoraConfig(**kw)))
+    p, f = models
+    assert type(f.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight) is _CodesTensor
+    f.load_state_dict(p.state_dict())
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    yp, yf = p(ids).logits, f(ids).logits
+    assert_rel(yf, yp, 1e-5)
+    yp.square().sum().backward()
+    yf.square().sum().backward()
+    theirs = dict(p.named_parameters())
+    for name, param in f.named_parameters():
+        if param.requires_grad:
+            assert_rel(param.grad, theirs[name].grad, 1e-5)
+    with pytest.raises(TypeError, match="dense matrix"):
+        f.merge_adapter()
+
+
+def test_torchao_int8_weights_like_peft():
+    """torchao's own int8 weight-only quantization (``quantize_``), where installed: outputs and gradients as peft's
+    ``TorchaoLoraLinear``."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    base = transformers.LlamaForCausalLM(config)
+    quantize_(base, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and "lm_head" not in fqn)
+    kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    p = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
+    f = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(**kw))
+    f.load_state_dict(p.state_dict())
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    yp, yf = p(ids).logits, f(ids).logits
+    assert_rel(yf, yp, 1e-5)
+    yp.square().sum().backward()
+    yf.square().sum().backward()
+    theirs = dict(p.named_parameters())
+    for name, param in f.named_parameters():
+        if param.requires_grad:
+            assert_rel(param.grad, theirs[name].grad, 1e-5)

@@ -128,11 +128,23 @@ def _is_conv1d(module: nn.Module) -> bool:
 def _has_own_forward(base: nn.Module) -> bool:
     """Whether ``base``'s output is not simply ``x Wᵀ + b`` with the weight it holds now: an ``nn.Linear``
     subclass with a forward of its own (bitsandbytes' 8-bit ``Linear8bitLt``, fp8 or other quantized linears:
-    its weight holds codes), or a layer under an accelerate hook (``device_map`` offloading: its weight
-    stays on the meta device until the hook loads it for the forward)."""
+    its weight holds codes), a weight that is a tensor subclass (torchao's quantized tensors), or a layer under an
+    accelerate hook (``device_map`` offloading: its weight stays on the meta device until the hook loads it for
+    the forward)."""
     if getattr(base, "_hf_hook", None) is not None:
         return True
+    if _subclass_weight(getattr(base, "weight", None)):
+        return True
     return isinstance(base, nn.Linear) and type(base).forward is not nn.Linear.forward
+
+
+def _subclass_weight(weight) -> bool:
+    """Whether ``weight`` is a tensor subclass that only its layer's own forward knows how to multiply by (torchao's
+    quantized tensors, e.g. ``Int8Tensor`` after ``quantize_(model, Int8WeightOnlyConfig())``): anything but a plain
+    tensor / parameter, other than a DTensor (FSDP2 and tensor parallelism hand plain tensors to the forward)."""
+    if not isinstance(weight, torch.Tensor) or type(weight) in (torch.Tensor, nn.Parameter):
+        return False
+    return not any(cls.__name__ == "DTensor" for cls in type(weight).__mro__)
 
 
 def _base_shape(base: nn.Module) -> tuple[int, int, bool]:
@@ -810,8 +822,8 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
         if self._opaque_base:
             raise TypeError(f"{what} needs the base weight as a dense matrix, but the base layer "
                             f"{type(self.base_layer).__name__} computes its own forward (e.g. bitsandbytes' 8-bit "
-                            "layer: its weight holds int8 codes); load the base in bf16/fp16 (or 4-bit, which "
-                            "fastpeft reads) for this")
+                            "layer, or a torchao-quantized weight: its weight holds codes); load the base in "
+                            "bf16/fp16 (or bitsandbytes 4-bit, which fastpeft reads) for this")
 
     def _fused_forward(self, x: torch.Tensor, name: str, with_bias: bool = True, dropout_p: float | None = None,
                        seed: torch.Tensor | None = None) -> torch.Tensor:
