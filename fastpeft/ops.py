@@ -69,6 +69,24 @@ def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def op_output(t: Tensor, shape) -> Tensor:
+    """``t`` (a tensor the op made) with ``shape``, as a tensor of its own rather than a view of ``t``: the same
+    memory, no copy. A custom op's output that is a view cannot be modified in place by the caller (autograd
+    refuses it: "a view ... created inside a custom Function"), and models do that to linear outputs (Falcon's
+    ``mlp_output += attention_output``)."""
+    shape = tuple(shape)
+    if tuple(t.shape) == shape and t._base is None:
+        return t
+    if not t.is_contiguous():
+        t = t.contiguous()
+    out = t.new_empty(0)
+    stride, acc = [], 1
+    for size in reversed(shape):
+        stride.append(acc)
+        acc *= max(size, 1)
+    return out.set_(t.untyped_storage(), t.storage_offset(), shape, tuple(reversed(stride)))
+
+
 def _out_features(weight: Tensor, fan_in_fan_out: bool) -> int:
     return weight.shape[1] if fan_in_fan_out else weight.shape[0]
 
@@ -92,7 +110,7 @@ def _forward_impl(x, x2d, weight, bias, lora_A, lora_B, seed, scale, dropout_p, 
     else:
         y, xa = reference.lora_linear_forward(x2d, weight, bias, lora_A, lora_B, seed, scale, dropout_p,
                                               fan_in_fan_out)
-    return y.reshape(*x.shape[:-1], y.shape[-1]), xa
+    return op_output(y, (*x.shape[:-1], y.shape[-1])), op_output(xa, xa.shape)
 
 
 def fake_forward(x: Tensor, in_features: int, out_features: int, rank: int) -> tuple[Tensor, Tensor]:
@@ -147,7 +165,7 @@ def op_grads(x: Tensor, grads) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     empty tensor for each gradient not computed (custom ops cannot return None)."""
     dx, dA, dB, dbias = grads
     empty = x.new_empty(0)
-    return (empty if dx is None else dx.reshape(x.shape),
+    return (empty if dx is None else op_output(dx, x.shape),
             empty.clone() if dA is None else dA,
             empty.clone() if dB is None else dB,
             empty.clone() if dbias is None else dbias)

@@ -39,6 +39,7 @@ from .ops import (
     fake_backward,
     fake_forward,
     op_grads,
+    op_output,
     to_autocast_dtype,
 )
 from .quant import Weight4bit, dequantize_kernel
@@ -104,7 +105,7 @@ def _lora_linear_4bit_op(x: Tensor, packed: Tensor, absmax: Tensor, code: Option
         else:
             y, xa = reference.lora_linear_forward(x2d, w4.dequantize(x.dtype), bias, lora_A, lora_B, seed, scale,
                                                   dropout_p, False)
-    return y.reshape(*x.shape[:-1], out_features), xa
+    return op_output(y, (*x.shape[:-1], out_features)), op_output(xa, xa.shape)
 
 
 @_lora_linear_4bit_op.register_fake
@@ -193,7 +194,7 @@ def _lora_linear_4bit_decode_op(x: Tensor, packed: Tensor, absmax: Tensor, code:
                           nested_offset=offset) if nested_code is not None else {}
             y = _kernels.lora_gemv_4bit(x2d, packed, absmax, code, blocksize, out_features, in_features, bias=b,
                                         xa=xa, lora_B=lora_B, scale=scale, **nested)
-    return y.reshape(*x.shape[:-1], out_features)
+    return op_output(y, (*x.shape[:-1], out_features))
 
 
 @_lora_linear_4bit_decode_op.register_fake

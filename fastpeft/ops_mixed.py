@@ -36,6 +36,7 @@ from .ops import (
     fake_backward,
     fake_forward,
     op_grads,
+    op_output,
     to_autocast_dtype,
 )
 from .quant import Weight4bit
@@ -144,7 +145,7 @@ def _forward_impl(x, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed, sca
         else:
             y, xa = torch_mixed_forward(x2d, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed, scales,
                                         dropout_ps, fan_in_fan_out)
-    return y.reshape(*x.shape[:-1], y.shape[-1]), xa
+    return op_output(y, (*x.shape[:-1], y.shape[-1])), op_output(xa, xa.shape)
 
 
 @_lora_mixed_op.register_fake

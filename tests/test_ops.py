@@ -248,3 +248,38 @@ def test_philox_dropout_drops_what_the_lora_op_drops(backend):
     assert_rel(x.grad, torch.where(keep, dy / 0.7, 0.0), 1e-6, "backward")
     with pytest.raises(ValueError, match="dropout probability"):
         philox_dropout(x, 1.0, seed)
+
+
+@pytest.mark.parametrize("N", [(6,), (2, 3)])
+def test_outputs_can_be_modified_in_place(backend, N):
+    """The ops' outputs are tensors of their own, not views made inside the custom Function, so a model may add into
+    them in place (Falcon: ``mlp_output += attention_output``); the gradients then are those of the out-of-place
+    sum. Dense, 4-bit and mixed-adapter ops, 2-D and 3-D inputs."""
+    import torch.nn as nn
+
+    from fastpeft import FastLoraLinear
+    from fastpeft import quant as Q
+    from fastpeft.layers import FastLoraLinear4bit
+
+    torch.manual_seed(0)
+    dense = FastLoraLinear(37, 29, r=5, init_lora_weights=False)
+    quantized = FastLoraLinear4bit.from_linear(Q.quantize_linear(nn.Linear(64, 24), "nf4", blocksize=32), r=4,
+                                               init_lora_weights=False)
+    mixed = FastLoraLinear(37, 29, r=5, init_lora_weights=False)
+    mixed.add_adapter("other", r=3, init_lora_weights=False)
+    cases = [(dense, 37, {}), (quantized, 64, {}), (mixed, 37, {"adapter_names": (["other", "default"] * 3)[:N[0]]})]
+    for layer, fin, kw in cases:
+        x = torch.randn(*N, fin)
+        extra = torch.randn(*N, layer.out_features)
+        grads = []
+        for in_place in (False, True):
+            layer.zero_grad(set_to_none=True)
+            y = layer(x, **kw)
+            if in_place:
+                y += extra
+            else:
+                y = y + extra
+            y.square().sum().backward()
+            grads.append([p.grad.clone() for p in layer.parameters() if p.requires_grad])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b)

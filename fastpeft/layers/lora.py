@@ -135,7 +135,14 @@ def _has_own_forward(base: nn.Module) -> bool:
         return True
     if _subclass_weight(getattr(base, "weight", None)):
         return True
+    if type(base).__name__ in _PLAIN_LINEAR_SUBCLASSES and type(base).__module__.startswith("transformers."):
+        return False
     return isinstance(base, nn.Linear) and type(base).forward is not nn.Linear.forward
+
+
+# transformers' nn.Linear subclasses whose own forward computes exactly ``x Wᵀ + b`` (Falcon's: ``x @ W.T + b``):
+# the fused op, merging and the weight-reading inits apply to them as to nn.Linear (peft merges them too)
+_PLAIN_LINEAR_SUBCLASSES = ("FalconLinear",)
 
 
 def _subclass_weight(weight) -> bool:
