@@ -212,6 +212,25 @@ def test_several_adapters_match_peft(kind, tmp_path):
                                rtol=1e-6, atol=1e-6)
 
 
+def test_merge_and_unload_named_adapter_matches_peft():
+    """``merge_and_unload(adapter_names=["b"])`` merges ``b`` although ``default`` is active, as in peft."""
+    x = _inputs()
+    for kind, second in (("tokens", dict(token_indices=[39, 66])), ("ln", dict(task_type="CAUSAL_LM"))):
+        ours, theirs = _make(kind)
+        ours.add_adapter("b", (fastpeft.TrainableTokensConfig if kind == "tokens" else fastpeft.LNTuningConfig)(
+            **second))
+        theirs.add_adapter("b", (peft.TrainableTokensConfig if kind == "tokens" else peft.LNTuningConfig)(**second))
+        ours.set_adapter("b")
+        theirs.set_adapter("b")
+        _perturb_and_sync(ours, theirs, seed=6)
+        ours.set_adapter("default")
+        theirs.set_adapter("default")
+        m_ours = ours.merge_and_unload(adapter_names=["b"])
+        m_theirs = theirs.merge_and_unload(adapter_names=["b"])
+        assert not torch.allclose(_logits(m_ours, x), _logits(_base(), x))
+        torch.testing.assert_close(_logits(m_ours, x), _logits(m_theirs, x), rtol=1e-6, atol=1e-6)
+
+
 def test_ln_adapter_on_fewer_layers_runs_base_elsewhere():
     """Deliberate difference: with an LN adapter active that has no copy in some adapted layer, peft fails there
     (KeyError); fastpeft runs that layer's base module."""

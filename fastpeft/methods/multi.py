@@ -46,6 +46,16 @@ class MultiAdapterTuner(MethodTuner):
         self.set_adapter(self.active_adapter, inference_mode=bool(self.peft_config[self.active_adapter]
                                                                   .inference_mode))
 
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge ``adapter_names`` (default: the active adapter) into every layer and return the plain model."""
+        for key, layer in list(self.adapter_layers()):
+            if not layer.merged:
+                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            self.replace_module(key, layer.base_layer)
+        for key, wrapper in list(self.modules_to_save_wrappers()):
+            self.replace_module(key, wrapper._current())
+        return self.model
+
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         """Make ``adapter_name`` the active adapter: its weights train (unless ``inference_mode``), others freeze."""
         for _, layer in self.adapter_layers():
@@ -84,6 +94,12 @@ class MultiAdapterPeftModel(MethodPeftModel):
             raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or choose another name")
         self.base_model.add_adapter(config, adapter_name)
         record_base_model_name(config, self.base_model.model)
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge ``adapter_names`` (default: the active adapter) into the base layers and return the plain
+        transformers model (peft's arguments; ``progressbar`` is accepted and ignored)."""
+        return self.base_model.merge_and_unload(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         """Make ``adapter_name`` active (one at a time): its weights train unless ``inference_mode=True``."""
