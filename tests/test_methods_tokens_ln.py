@@ -360,3 +360,28 @@ def test_configs_exported_and_peft_type():
     assert fastpeft.TrainableTokensConfig(token_indices=[1]).peft_type == fastpeft.PeftType.TRAINABLE_TOKENS
     assert fastpeft.LNTuningConfig().peft_type == fastpeft.PeftType.LN_TUNING
     assert os.fspath(fastpeft.methods.build_config("ln_tuning", target_modules=["norm"]).target_modules[0]) == "norm"
+
+
+@pytest.mark.parametrize("tie,targets", [(False, ["embed_tokens", "lm_head"]), (False, ["lm_head"]),
+                                         (True, ["lm_head"]), (True, r".*embed_tokens")])
+def test_tokens_other_targets_match_peft(tie, targets):
+    ours, theirs = _make("tokens", tie, target_modules=targets)
+    assert set(_trainable(ours)) == set(_trainable(theirs))
+    assert set(fastpeft.get_peft_model_state_dict(ours)) == set(peft.get_peft_model_state_dict(theirs))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    _perturb_and_sync(ours, theirs)
+    x = _inputs()
+    torch.testing.assert_close(_logits(ours, x), _logits(theirs, x), rtol=1e-6, atol=1e-6)
+
+
+def test_tokens_tied_head_targeted_too_follows_embeddings(tmp_path):
+    """Deliberate difference: with tied embeddings, targeting ``lm_head`` as well gives it the embeddings' rows
+    (one trained delta, the head tied); peft 0.21.2 builds a layer there that fails in forward."""
+    ours = fastpeft.get_peft_model(_base(True), fastpeft.TrainableTokensConfig(
+        token_indices=IDS, target_modules=["embed_tokens", "lm_head"]))
+    assert set(_trainable(ours)) == {"base_model.model.model.embed_tokens.trainable_tokens_delta.default"}
+    assert ours.base_model.model.lm_head.tied_adapter is ours.base_model.model.model.embed_tokens
+    plain = fastpeft.get_peft_model(_base(True), fastpeft.TrainableTokensConfig(token_indices=IDS))
+    _perturb_and_sync(ours, plain)
+    x = _inputs()
+    torch.testing.assert_close(_logits(ours, x), _logits(plain, x), rtol=0, atol=0)

@@ -101,7 +101,9 @@ class TrainableTokensTuner(MultiAdapterTuner):
             if module is emb or any(p in ("base_layer",) + _INTERNAL_PARTS for p in key.split(".")):
                 continue
             if isinstance(module, TokensLayer):
-                continue
+                if module.tied_adapter is not None:
+                    continue
+                module = module.base_layer  # a head targeted itself: it follows the embeddings instead (as peft)
             if isinstance(module, nn.Linear) and module.weight is emb.base_layer.weight:
                 head = TokensLayer(module, tied_adapter=emb)
                 head.active_adapters = list(emb.active_adapters)
