@@ -385,3 +385,24 @@ def test_tokens_tied_head_targeted_too_follows_embeddings(tmp_path):
     _perturb_and_sync(ours, plain)
     x = _inputs()
     torch.testing.assert_close(_logits(ours, x), _logits(plain, x), rtol=0, atol=0)
+
+
+def test_ln_on_gpt2_layernorm_matches_peft(tmp_path):
+    """nn.LayerNorm (weight and bias) on GPT-2 with peft's default targets (ln_1, ln_2, ln_f)."""
+    from helpers import tiny_gpt2
+
+    torch.manual_seed(0)
+    a = tiny_gpt2(V).eval()
+    b = tiny_gpt2(V).eval()
+    b.load_state_dict(a.state_dict())
+    ours = fastpeft.get_peft_model(a, fastpeft.LNTuningConfig(task_type="CAUSAL_LM"))
+    theirs = peft.get_peft_model(b, peft.LNTuningConfig(task_type="CAUSAL_LM"))
+    assert set(_trainable(ours)) == set(_trainable(theirs)) and len(_trainable(ours)) == 10
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    _perturb_and_sync(ours, theirs)
+    x = _inputs()
+    torch.testing.assert_close(_logits(ours, x), _logits(theirs, x), rtol=1e-6, atol=1e-6)
+    ours.save_pretrained(tmp_path)
+    torch.manual_seed(0)  # the same base weights as ``a``
+    loaded = peft.PeftModel.from_pretrained(tiny_gpt2(V).eval(), tmp_path)
+    torch.testing.assert_close(_logits(loaded, x), _logits(ours, x), rtol=1e-6, atol=1e-6)
