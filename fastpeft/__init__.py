@@ -176,9 +176,11 @@ from .methods import (  # noqa: E402
     BottleneckConfig,
     FreezeConfig,
     IA3Config,
+    LNTuningConfig,
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptTuningConfig,
+    TrainableTokensConfig,
     build_config,
 )
 
@@ -188,8 +190,10 @@ __all__ += [
     "BottleneckConfig",
     "FreezeConfig",
     "IA3Config",
+    "LNTuningConfig",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptTuningConfig",
+    "TrainableTokensConfig",
     "build_config",
 ]

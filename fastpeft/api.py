@@ -38,6 +38,8 @@ class PeftType(str, enum.Enum):
     BOTTLENECK = "BOTTLENECK"
     BITFIT = "BITFIT"
     FREEZE = "FREEZE"
+    TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
+    LN_TUNING = "LN_TUNING"
 
 
 def _config_classes() -> dict[PeftType, type]:

@@ -1,4 +1,5 @@
-"""The PEFT methods other than LoRA (prompt, prefix, P-tuning, BitFit, Freeze, adapters, IA3, AdaLoRA).
+"""The PEFT methods other than LoRA (prompt, prefix, P-tuning, BitFit, Freeze, adapters, IA3, AdaLoRA, standalone
+trainable tokens, LayerNorm tuning).
 
 ``fastpeft.get_peft_model`` and ``fastpeft.PeftModel.from_pretrained`` hand every non-LoRA config to
 :func:`get_method_model` / :func:`from_pretrained` here. Each method runs in plain PyTorch, behind peft's API,
@@ -29,10 +30,12 @@ from .configs import (
     BottleneckConfig,
     FreezeConfig,
     IA3Config,
+    LNTuningConfig,
     MethodConfig,
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptTuningConfig,
+    TrainableTokensConfig,
     config_from_dict,
 )
 
@@ -42,11 +45,13 @@ __all__ = [
     "BottleneckConfig",
     "FreezeConfig",
     "IA3Config",
+    "LNTuningConfig",
     "METHODS",
     "MethodConfig",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptTuningConfig",
+    "TrainableTokensConfig",
     "build_config",
     "from_pretrained",
     "get_method_model",
@@ -63,6 +68,8 @@ METHODS: dict[str, type[MethodConfig]] = {
     "adapter": BottleneckConfig,
     "ia3": IA3Config,
     "adalora": AdaLoraConfig,
+    "trainable_tokens": TrainableTokensConfig,
+    "ln_tuning": LNTuningConfig,
 }
 
 # short option names accepted by build_config, per method
@@ -75,6 +82,8 @@ _ALIASES: dict[str, dict[str, str]] = {
     "adalora": {"r": "init_r", "alpha": "lora_alpha", "dropout": "lora_dropout"},
     "ia3": {},
     "bitfit": {},
+    "trainable_tokens": {},
+    "ln_tuning": {},
 }
 
 
@@ -111,6 +120,14 @@ def _method_class(config: MethodConfig):
         from .adalora import AdaLoraPeftModel
 
         return AdaLoraPeftModel
+    if peft_type == "TRAINABLE_TOKENS":
+        from .trainable_tokens import TrainableTokensPeftModel
+
+        return TrainableTokensPeftModel
+    if peft_type == "LN_TUNING":
+        from .ln_tuning import LNTuningPeftModel
+
+        return LNTuningPeftModel
     raise TypeError(f"fastpeft has no model for peft_type {peft_type!r}")
 
 
@@ -166,7 +183,8 @@ def from_pretrained(model: nn.Module, model_id: str | os.PathLike, peft_type: st
 
 
 def build_config(method: str, **options) -> MethodConfig:
-    """The config for ``method`` (``prefix|prompt|ptuning|bitfit|freeze|adapter|ia3|adalora``) from CLI options.
+    """The config for ``method`` (``prefix|prompt|ptuning|bitfit|freeze|adapter|ia3|adalora|trainable_tokens|
+    ln_tuning``) from CLI options.
 
     Options are the config's own field names (``num_virtual_tokens``, ``target_modules``, ``task_type``, …) plus a
     few short spellings: ``r`` (bottleneck size for ``adapter``, ``init_r`` for ``adalora``), ``alpha``,

@@ -469,9 +469,61 @@ class FreezeConfig(MethodConfig):
                 raise ValueError("FreezeConfig trains nothing: set num_trainable_layers and/or trainable_modules")
 
 
+# =========================================================================== trainable tokens, LayerNorm tuning
+@dataclass
+class TrainableTokensConfig(MethodConfig):
+    """Standalone trainable tokens: only the rows ``token_indices`` of the embedding train (peft's
+    ``TrainableTokensConfig``, ``peft_type="TRAINABLE_TOKENS"``).
+
+    Args:
+        token_indices: the rows (token ids) to train; each in ``[0, num_embeddings)``.
+        target_modules: the layer(s) to adapt (a list matched on the name's dot-separated tail, or a regex matched
+            on the whole name); None picks the model's input embeddings (``get_input_embeddings()``, else
+            ``"embed_tokens"``), saved as that module's name, as peft saves it. A head tied to those embeddings
+            follows them (it uses the same trained rows).
+        init_weights: start the rows from the embedding's own values (a no-op until trained); False draws them
+            from N(0, 1).
+    """
+
+    PEFT_TYPE: ClassVar[str] = "TRAINABLE_TOKENS"
+
+    token_indices: list[int] = field(default_factory=list)
+    target_modules: list[str] | str | None = None
+    init_weights: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.token_indices, (tuple, range)):
+            self.token_indices = list(self.token_indices)
+        if not isinstance(self.token_indices, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in self.token_indices):
+            raise TypeError(f"token_indices must be a list of ints, got {self.token_indices!r}")
+
+
+@dataclass
+class LNTuningConfig(MethodConfig):
+    """LayerNorm tuning (Zhao et al. 2023): a trainable copy of each targeted normalization layer (LayerNorm,
+    RMSNorm, …) replaces it while the adapter is active (peft's ``LNTuningConfig``, ``peft_type="LN_TUNING"``).
+
+    Args:
+        target_modules: the layers to copy and train (a list matched on the name's dot-separated tail, or a regex
+            matched on the whole name); None picks peft's default for the model type (Llama: ``input_layernorm``,
+            ``post_attention_layernorm``, ``norm``).
+        exclude_modules: never adapted.
+        modules_to_save: modules trained in full and saved (the classifier head is added for SEQ_CLS/TOKEN_CLS).
+    """
+
+    PEFT_TYPE: ClassVar[str] = "LN_TUNING"
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+
+
 CONFIG_CLASSES: dict[str, type[MethodConfig]] = {
     cls.PEFT_TYPE: cls for cls in (PromptTuningConfig, PromptEncoderConfig, PrefixTuningConfig, IA3Config,
-                                   AdaLoraConfig, BottleneckConfig, BitFitConfig, FreezeConfig)
+                                   AdaLoraConfig, BottleneckConfig, BitFitConfig, FreezeConfig,
+                                   TrainableTokensConfig, LNTuningConfig)
 }
 
 
