@@ -1462,6 +1462,21 @@ class _CheckedAdapterNames(list):
         self.rows_cache: dict = {}
 
 
+def adapter_folders(model: nn.Module, save_directory: str | os.PathLike,
+                    selected_adapters: list[str] | None) -> list[tuple[str, str]]:
+    """``(adapter name, folder)`` for each adapter ``save_pretrained`` writes (``selected_adapters``, default all):
+    peft's layout, ``"default"`` in ``save_directory`` and the others in ``save_directory/<name>``. Raises
+    ValueError for a path that is a file or a name the model lacks."""
+    if os.path.isfile(save_directory):
+        raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+    names = list(model.peft_config) if selected_adapters is None else list(selected_adapters)
+    unknown = [n for n in names if n not in model.peft_config]
+    if unknown:
+        raise ValueError(f"cannot save unknown adapter(s) {unknown}; this model has {list(model.peft_config)}")
+    return [(name, os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name))
+            for name in names]
+
+
 @contextlib.contextmanager
 def mixed_adapter_batch(model: nn.Module, adapter_names: list[str] | None, expand: int = 1):
     """Inside the block every fastpeft LoRA layer of ``model`` gets ``adapter_names`` (one adapter per
@@ -1837,14 +1852,7 @@ class PeftModel(nn.Module):
         from .hub import write_model_card
         from .save import save_adapter
 
-        if os.path.isfile(save_directory):
-            raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
-        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise ValueError(f"cannot save unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
-        for name in names:
-            out = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
+        for name, out in adapter_folders(self, save_directory, selected_adapters):
             if path_initial_model_for_weight_conversion is not None:
                 from .save import save_converted_adapter
 

@@ -215,6 +215,20 @@ def _codes_linear(linear: nn.Linear) -> nn.Linear:
     return linear
 
 
+def _same_as_peft(p: nn.Module, f: nn.Module) -> None:
+    """fastpeft's model ``f`` with peft's adapter weights: peft's logits and LoRA gradients (to 1e-5)."""
+    f.load_state_dict(p.state_dict())
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    yp, yf = p(ids).logits, f(ids).logits
+    assert_rel(yf, yp, 1e-5)
+    yp.square().sum().backward()
+    yf.square().sum().backward()
+    theirs = dict(p.named_parameters())
+    for name, param in f.named_parameters():
+        if param.requires_grad:
+            assert_rel(param.grad, theirs[name].grad, 1e-5)
+
+
 def test_tensor_subclass_weight_runs_the_base_forward_like_peft():
     """A weight that is a tensor subclass only the base's own forward can multiply by: fastpeft adds its adapters
     around ``base(x)`` (as peft does) instead of handing the weight to its fused op; outputs and gradients equal
@@ -233,16 +247,7 @@ def test_tensor_subclass_weight_runs_the_base_forward_like_peft():
         models.append(lib.get_peft_model(copied, lib.LoraConfig(**kw)))
     p, f = models
     assert type(f.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight) is _CodesTensor
-    f.load_state_dict(p.state_dict())
-    ids = torch.tensor([[1, 5, 9, 3, 7]])
-    yp, yf = p(ids).logits, f(ids).logits
-    assert_rel(yf, yp, 1e-5)
-    yp.square().sum().backward()
-    yf.square().sum().backward()
-    theirs = dict(p.named_parameters())
-    for name, param in f.named_parameters():
-        if param.requires_grad:
-            assert_rel(param.grad, theirs[name].grad, 1e-5)
+    _same_as_peft(p, f)
     with pytest.raises(TypeError, match="dense matrix"):
         f.merge_adapter()
 
@@ -261,13 +266,4 @@ def test_torchao_int8_weights_like_peft():
     kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
     p = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
     f = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(**kw))
-    f.load_state_dict(p.state_dict())
-    ids = torch.tensor([[1, 5, 9, 3, 7]])
-    yp, yf = p(ids).logits, f(ids).logits
-    assert_rel(yf, yp, 1e-5)
-    yp.square().sum().backward()
-    yf.square().sum().backward()
-    theirs = dict(p.named_parameters())
-    for name, param in f.named_parameters():
-        if param.requires_grad:
-            assert_rel(param.grad, theirs[name].grad, 1e-5)
+    _same_as_peft(p, f)

@@ -14,7 +14,7 @@ import warnings
 import torch
 from torch import nn
 
-from .base import AdapterLayer, MethodPeftModel, matches
+from .base import AdapterLayer, matches
 from .configs import LNTuningConfig
 from .multi import MultiAdapterPeftModel, MultiAdapterTuner
 
@@ -153,7 +153,3 @@ class LNTuningPeftModel(MultiAdapterPeftModel):
     """A transformers model whose normalization layers train as copies (peft's layout and saved format)."""
 
     tuner_class = LNTuningTuner
-
-    def __init__(self, model: nn.Module, peft_config: LNTuningConfig, adapter_name: str = "default"):
-        MethodPeftModel.__init__(self, model, peft_config, adapter_name)
-        self.base_model.set_adapter(adapter_name, inference_mode=bool(peft_config.inference_mode))

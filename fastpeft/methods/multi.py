@@ -79,6 +79,10 @@ class MultiAdapterPeftModel(MethodPeftModel):
 
     tuner_class: type[MultiAdapterTuner] = MultiAdapterTuner
 
+    def __init__(self, model: nn.Module, peft_config, adapter_name: str = "default"):
+        MethodPeftModel.__init__(self, model, peft_config, adapter_name)
+        self.base_model.set_adapter(adapter_name, inference_mode=bool(peft_config.inference_mode))
+
     def add_adapter(self, adapter_name: str, peft_config, low_cpu_mem_usage: bool = False) -> None:
         """Add another adapter of the same method; it starts inactive and frozen (peft's ``add_adapter``)."""
         from . import _coerce_config
@@ -147,15 +151,9 @@ class MultiAdapterPeftModel(MethodPeftModel):
         """Write each adapter (``selected_adapters``, default all) in peft's format: ``"default"`` into
         ``save_directory``, the others into ``save_directory/<name>``."""
         from ..hub import write_model_card
+        from ..model import adapter_folders
 
-        if os.path.isfile(save_directory):
-            raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
-        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise ValueError(f"cannot save unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
-        for name in names:
-            out = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
+        for name, out in adapter_folders(self, save_directory, selected_adapters):
             save_one_adapter(self, name, out, safe_serialization, is_main_process)
         if is_main_process:
             os.makedirs(save_directory, exist_ok=True)

@@ -15,7 +15,7 @@ import contextlib
 from torch import nn
 
 from ..layers.tokens import TrainableTokensLayer, check_token_indices
-from .base import MethodPeftModel, matches
+from .base import matches
 from .configs import TrainableTokensConfig
 from .multi import MultiAdapterPeftModel, MultiAdapterTuner
 
@@ -125,7 +125,3 @@ class TrainableTokensPeftModel(MultiAdapterPeftModel):
     """A transformers model where only some rows of the embedding train (peft's layout and saved format)."""
 
     tuner_class = TrainableTokensTuner
-
-    def __init__(self, model: nn.Module, peft_config: TrainableTokensConfig, adapter_name: str = "default"):
-        MethodPeftModel.__init__(self, model, peft_config, adapter_name)
-        self.base_model.set_adapter(adapter_name, inference_mode=bool(peft_config.inference_mode))
