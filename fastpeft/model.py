@@ -673,9 +673,14 @@ class LoraModel(nn.Module):
             wrapper.enable_adapters(False)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter from every layer; if it was active, the first remaining one becomes active."""
+        """Remove an adapter from every layer (a merged one is refused, as in peft); if it was the only active one,
+        the first remaining one in sorted order becomes active (peft's choice)."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist; this model has {list(self.peft_config)}")
+        if any(adapter_name in getattr(layer, "merged_adapters", ()) for _, layer in self.lora_layers()):
+            raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them "
+                             "first.")  # peft's check and message
+        was_active = adapter_name in self.active_adapters
         del self.peft_config[adapter_name]
         for _, layer in self.lora_layers():
             if adapter_name in adapters_of(layer):
@@ -685,7 +690,10 @@ class LoraModel(nn.Module):
                 del wrapper.modules_to_save[adapter_name]
         for _, wrapper in self.token_wrappers():
             wrapper.delete_adapter(adapter_name)
-        remaining = [a for a in self.active_adapters if a != adapter_name] or list(self.peft_config)[:1]
+        if not was_active:  # as peft: an inactive adapter goes without touching activity or requires_grad
+            return
+        # as peft: the other active adapters stay, else the first remaining adapter in sorted order
+        remaining = [a for a in self.active_adapters if a != adapter_name] or sorted(self.peft_config)[:1]
         if remaining:
             self.set_adapter(remaining)
 
