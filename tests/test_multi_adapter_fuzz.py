@@ -104,6 +104,13 @@ def _merged(model):
 def _check(ours, theirs, what):
     assert list(ours.peft_config) == list(theirs.peft_config), f"{what}: peft_config keys"
     assert ours.active_adapters == theirs.active_adapters, f"{what}: active_adapters"
+    for name, theirs_cfg in theirs.peft_config.items():
+        ours_cfg = ours.peft_config[name]
+        for field in ("r", "lora_alpha", "use_rslora", "modules_to_save", "inference_mode"):
+            a, b = getattr(ours_cfg, field), getattr(theirs_cfg, field)
+            assert a == b or (field == "modules_to_save" and set(a or ()) == set(b or ())), \
+                f"{what}: peft_config[{name!r}].{field} {a!r} vs {b!r}"
+        assert set(ours_cfg.target_modules) == set(theirs_cfg.target_modules), f"{what}: {name} target_modules"
     # peft's set_adapter freezes only the previously active modules_to_save copy, so a copy made trainable
     # while inactive (load_adapter(is_trainable=True), set_requires_grad) stays trainable; fastpeft freezes every
     # inactive copy, as set_adapter does for the LoRA weights of inactive adapters (these get no gradient anyway)
