@@ -427,6 +427,7 @@ class LoraModel(nn.Module):
 
             replicate_layers(model, config.layer_replication)
         previous_active = [a for a in self.active_adapters if a in self.peft_config]
+        first_adapter = not self.peft_config
         # Adding an adapter keeps the other adapters' trainability as it was (peft's add_adapter); the new one
         # trains only if it becomes the active adapter and its config is not in inference mode.
         before = {id(p): p.requires_grad for n, p in model.named_parameters()
@@ -572,10 +573,10 @@ class LoraModel(nn.Module):
                                   tied_module=embeddings.modules_to_save[adapter_name])
         _wrap_trainable_tokens(model, adapter_name, token_plan)
         self._mark_only_adapters_as_trainable()
-        if activate and not previous_active:
+        if not previous_active and (activate or first_adapter):
             self.set_adapter(adapter_name)
-        else:
-            self.set_adapter(previous_active or [adapter_name])
+        else:  # (none active after set_adapter([]): as peft, a new adapter leaves it so)
+            self.set_adapter(previous_active)
         for param in model.parameters():
             if id(param) in before:
                 param.requires_grad_(before[id(param)])
@@ -1694,8 +1695,10 @@ class PeftModel(nn.Module):
 
     @property
     def active_peft_config(self) -> LoraConfig:
-        """The config of the (first) active adapter."""
-        return self.peft_config[self.active_adapters[0]]
+        """The config of the (first) active adapter; with none active (``set_adapter([])``), the first adapter's
+        (peft then reads the last adapter ``PeftModel.set_adapter`` named)."""
+        active = self.active_adapters
+        return self.peft_config[active[0]] if active else next(iter(self.peft_config.values()))
 
     @property
     def peft_type(self) -> str:

@@ -12,6 +12,7 @@ case (see ``_Stop``).
 
 from __future__ import annotations
 
+import copy
 import random
 import warnings
 
@@ -140,6 +141,10 @@ def _step(rng, ours, theirs, kind, tmp_path, i, log):
             _randomize(ours, theirs, name)
     elif op == "set":
         pick = rng.sample(names, rng.randint(1, min(3, len(names))))
+        if rng.random() < 0.05 and not any(".modules_to_save." in k for k, _ in theirs.named_parameters()):
+            # no adapter active (the base model's output). peft refuses [] where a modules_to_save wrapper exists
+            # ("Please specify at least one adapter to set"), a side effect of the wrapper's check; not drawn
+            pick = []
         # an unknown name only through PeftModel.set_adapter: peft's LoraModel.set_adapter does not check names
         # (it activates a name no layer has); fastpeft refuses it at both levels
         unknown = rng.random() < 0.05
@@ -170,8 +175,9 @@ def _step(rng, ours, theirs, kind, tmp_path, i, log):
         if any(list(m.active_adapters) != list(theirs.active_adapters) for m in layers):
             raise _Stop(f"{log[-1]}: peft's layers activated different adapters")
     elif op == "merge":
-        log.append("merge_adapter()")
-        _both(ours.merge_adapter, theirs.merge_adapter, log[-1])
+        which = rng.sample(names, rng.randint(1, len(names))) if rng.random() < 0.3 else None
+        log.append(f"merge_adapter({which})")
+        _both(lambda: ours.base_model.merge_adapter(which), lambda: theirs.base_model.merge_adapter(which), log[-1])
     elif op == "unmerge":
         log.append("unmerge_adapter()")
         _both(ours.unmerge_adapter, theirs.unmerge_adapter, log[-1])
@@ -285,15 +291,24 @@ def _case(seed, tmp_path):
             _check(ours, theirs, log[-1])
         if rng.random() < 0.5:  # the end: the plain model back, merged (active adapters) or not
             merge = rng.random() < 0.7
-            log.append("merge_and_unload()" if merge else "unload()")
-            # (unload leaves merged adapters in the weights, in both libraries)
-            expected = _logits(theirs) if merge or _merged(theirs) else _logits(_base(kind))
-            out = _both(ours.merge_and_unload if merge else ours.unload,
-                        theirs.merge_and_unload if merge else theirs.unload, log[-1])
+            which = rng.sample(list(theirs.peft_config), 1) if merge and rng.random() < 0.3 else None
+            log.append(f"merge_and_unload(adapter_names={which})" if merge else "unload()")
+            # the output the plain model must give: only when nothing is merged (a merged model runs its merged
+            # adapters only, and merge_and_unload adds the active ones; unload keeps what is merged, in both)
+            expected = None
+            if which and not _merged(theirs):  # the adapter model with that adapter alone
+                theirs_copy = copy.deepcopy(theirs)
+                theirs_copy.base_model.set_adapter(which)
+                expected = _logits(theirs_copy)
+            elif not _merged(theirs):
+                expected = _logits(theirs) if merge else _logits(_base(kind))
+            out = _both(lambda: ours.merge_and_unload(adapter_names=which) if merge else ours.unload(),
+                        lambda: theirs.merge_and_unload(adapter_names=which) if merge else theirs.unload(), log[-1])
             if out is not None:
                 assert not any("lora" in n or "modules_to_save" in n for n, _ in out[0].named_modules()), log[-1]
                 _close(_logits(out[0]), _logits(out[1]), 1e-4, log[-1])
-                _close(_logits(out[0]), expected, 1e-4, f"{log[-1]} against the adapter model")
+                if expected is not None:
+                    _close(_logits(out[0]), expected, 1e-4, f"{log[-1]} against the adapter model")
     except _Stop as stop:
         log.append(f"stopped: {stop}")
     except Exception as exc:  # noqa: BLE001 - a mismatch or an unexpected error: with the steps that led there
@@ -361,3 +376,22 @@ def test_delete_merged_adapter_is_refused():
     ours.delete_adapter("default")
     theirs.delete_adapter("default")
     _check(ours, theirs, "delete after unmerge")
+
+
+def test_no_active_adapter_after_set_adapter_empty_list(tmp_path):
+    """``set_adapter([])`` (the base model's output): saving, set_requires_grad and adding adapters work as in
+    peft (fastpeft raised IndexError in the first two and activated the added adapter)."""
+    ours, theirs = _pair()
+    for model in (ours, theirs):
+        model.base_model.set_adapter([])
+    _check(ours, theirs, "set_adapter([])")
+    _close(_logits(ours), _logits(_base("llama")), 1e-6, "no adapter active")
+    ours.save_pretrained(tmp_path / "o")
+    theirs.save_pretrained(tmp_path / "t")
+    ours.set_requires_grad("default", True)
+    theirs.set_requires_grad("default", True)
+    _add(ours, theirs, "b", target_modules=["v_proj"])
+    ours.base_model.add_weighted_adapter(["default"], [1.0], "comb", combination_type="cat")
+    theirs.base_model.add_weighted_adapter(["default"], [1.0], "comb", combination_type="cat")
+    assert ours.active_adapters == []
+    _check(ours, theirs, "after adding adapters")
