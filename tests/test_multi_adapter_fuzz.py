@@ -136,8 +136,11 @@ def _step(rng, ours, theirs, kind, tmp_path, i, log):
         name = rng.choice(names) if rng.random() < 0.1 else f"a{i}"
         kw = _config(rng, kind)
         log.append(f"add_adapter({name!r}, {kw})")
+        # peft_may_refuse: with no adapter active, peft's add_adapter activates [] everywhere, which a
+        # modules_to_save wrapper refuses ("Please specify at least one adapter to set")
         if _both(lambda: ours.add_adapter(name, fastpeft.LoraConfig(**kw)),
-                 lambda: theirs.add_adapter(name, peft.LoraConfig(**kw)), log[-1]) is not None:
+                 lambda: theirs.add_adapter(name, peft.LoraConfig(**kw)), log[-1],
+                 peft_may_refuse=not theirs.active_adapters) is not None:
             _randomize(ours, theirs, name)
     elif op == "set":
         pick = rng.sample(names, rng.randint(1, min(3, len(names))))
@@ -163,6 +166,13 @@ def _step(rng, ours, theirs, kind, tmp_path, i, log):
             return
         victim = rng.choice(names)
         log.append(f"delete_adapter({victim!r})")
+        copies = {k.split(".modules_to_save.")[1].split(".")[0] for k, _ in theirs.named_parameters()
+                  if ".modules_to_save." in k}
+        if copies and victim not in copies and theirs.active_adapters == [victim]:
+            # peft activates the survivor's LoRA weights (trainable) but leaves its modules_to_save copy's
+            # requires_grad as it was (its wrapper did not hold the deleted adapter); fastpeft activates the
+            # survivor everywhere, as set_adapter does
+            raise _Stop(f"{log[-1]}: peft half-activates the survivor")
         # peft_may_refuse: with two or more adapters still active, peft asks every modules_to_save wrapper to
         # activate all of them, held there or not, and refuses ("Attempted to set multiple ... adapters at once
         # for ModulesToSaveWrapper") after deleting the adapter from the LoRA layers
