@@ -251,8 +251,8 @@ def _step(rng, ours, theirs, kind, tmp_path, i, log):
             _close(_logits(loaded.eval()), _logits(model), 1e-5, f"{log[-1]}: loaded by {lib.__name__}")
     elif op == "adapter_names":
         if _merged(theirs) or kind == "gpt2":
-            # (peft has no mixed batches on Conv1D layers: a TypeError.) On a merged model both refuse adapter_names on a merged model, but peft leaves its adapter_names hooks behind: its
-            # next plain forward raises the same error
+            # peft has no mixed batches on Conv1D layers (a TypeError). On a merged model both refuse
+            # adapter_names, but peft leaves its adapter_names hooks behind: its next plain forward raises too
             return
         # peft runs a modules_to_save wrapper's copy of each named adapter, and crashes (KeyError) on an adapter
         # without one there: the names are drawn from the adapters with a copy when there is a wrapper
