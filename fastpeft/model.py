@@ -428,6 +428,7 @@ class LoraModel(nn.Module):
 
             replicate_layers(model, config.layer_replication)
         previous_active = [a for a in self.active_adapters if a in self.peft_config]
+        first_adapter = not self.peft_config
         # Adding an adapter keeps the other adapters' trainability as it was (peft's add_adapter); the new one
         # trains only if it becomes the active adapter and its config is not in inference mode.
         before = {id(p): p.requires_grad for n, p in model.named_parameters()
@@ -578,10 +579,10 @@ class LoraModel(nn.Module):
                                   tied_module=embeddings.modules_to_save[adapter_name])
         _wrap_trainable_tokens(model, adapter_name, token_plan)
         self._mark_only_adapters_as_trainable()
-        if activate and not previous_active:
+        if not previous_active and (activate or first_adapter):
             self.set_adapter(adapter_name)
-        else:
-            self.set_adapter(previous_active or [adapter_name])
+        else:  # (none active after set_adapter([]): as peft, a new adapter leaves it so)
+            self.set_adapter(previous_active)
         for param in model.parameters():
             if id(param) in before:
                 param.requires_grad_(before[id(param)])
@@ -679,9 +680,14 @@ class LoraModel(nn.Module):
             wrapper.enable_adapters(False)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter from every layer; if it was active, the first remaining one becomes active."""
+        """Remove an adapter from every layer (a merged one is refused, as in peft); if it was the only active one,
+        the first remaining one in sorted order becomes active (peft's choice)."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist; this model has {list(self.peft_config)}")
+        if any(adapter_name in getattr(layer, "merged_adapters", ()) for _, layer in self.lora_layers()):
+            raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them "
+                             "first.")  # peft's check and message
+        was_active = adapter_name in self.active_adapters
         del self.peft_config[adapter_name]
         for _, layer in self.lora_layers():
             if adapter_name in adapters_of(layer):
@@ -691,7 +697,10 @@ class LoraModel(nn.Module):
                 del wrapper.modules_to_save[adapter_name]
         for _, wrapper in self.token_wrappers():
             wrapper.delete_adapter(adapter_name)
-        remaining = [a for a in self.active_adapters if a != adapter_name] or list(self.peft_config)[:1]
+        if not was_active:  # as peft: an inactive adapter goes without touching activity or requires_grad
+            return
+        # as peft: the other active adapters stay, else the first remaining adapter in sorted order
+        remaining = [a for a in self.active_adapters if a != adapter_name] or sorted(self.peft_config)[:1]
         if remaining:
             self.set_adapter(remaining)
 
@@ -1713,8 +1722,10 @@ class PeftModel(nn.Module):
 
     @property
     def active_peft_config(self) -> LoraConfig:
-        """The config of the (first) active adapter."""
-        return self.peft_config[self.active_adapters[0]]
+        """The config of the (first) active adapter; with none active (``set_adapter([])``), the first adapter's
+        (peft then reads the last adapter ``PeftModel.set_adapter`` named)."""
+        active = self.active_adapters
+        return self.peft_config[active[0]] if active else next(iter(self.peft_config.values()))
 
     @property
     def peft_type(self) -> str:

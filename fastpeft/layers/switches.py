@@ -97,7 +97,10 @@ class AdapterSwitches:
 
     def _forget_active(self, adapter_name: str) -> None:
         """After deleting ``adapter_name``: it leaves the active list; with none left, the first remaining
-        adapter becomes active (peft's behaviour)."""
+        adapter becomes active (peft's behaviour). An adapter that was not active here changes nothing: a layer
+        whose active list is empty (the active adapters are elsewhere) must not start running another one."""
+        if adapter_name not in self._active_adapters:
+            return
         self._active_adapters = [n for n in self._active_adapters if n != adapter_name]
         names = self._adapter_names()
         if not self._active_adapters and names:
