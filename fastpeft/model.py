@@ -29,6 +29,7 @@ from .layers.lora_init import init_kind, mutates_base
 from .layers.param import FastLoraParamWrapper
 from .layers.tokens import TrainableTokensWrapper, check_token_indices
 from .merging import combine, warn_no_pruning
+from .moe_v5 import convert_config as convert_moe_config
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
@@ -423,6 +424,9 @@ class LoraModel(nn.Module):
                              "'none' for all adapters.")
         config = copy.deepcopy(config)
         model = self.model
+        # transformers 5's fused MoE experts: a config naming their v4 layers targets their parameters (peft's rewrite)
+        convert_moe_config(config, model, lambda: _resolve_targets(model, dataclasses.replace(
+            config, target_modules=INCLUDE_LINEAR_LAYERS_SHORTHAND)))
         if config.layer_replication:
             from .replication import replicate_layers
 
