@@ -26,6 +26,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 
+import torch
 from torch import nn
 
 # v4 layer name → v5 parameter, per transformers checkpoint-conversion pattern
@@ -114,4 +115,67 @@ def convert_config(config, model: nn.Module, all_linear_names: Callable[[], Iter
     config.target_modules = sorted(kept)
 
 
-__all__ = ["conversion_pattern", "convert_config"]
+_V4_EXPERT_KEY = re.compile(
+    r"^(?P<block>.+)\.experts\.(?P<expert>\d+)\.(?P<layer>[A-Za-z0-9_]+)\.lora_(?P<kind>[AB])\.weight$")
+_V4_BLOCK = "block_sparse_moe"  # Mixtral's MoE block in transformers 4 (``mlp`` in 5)
+
+
+def convert_v4_state_dict(peft_model: nn.Module, saved: dict, adapter_name: str) -> dict:
+    """A LoRA adapter file saved for transformers 4's per-expert layers (``<block>.experts.<e>.w1.lora_A.weight``
+    …, Mixtral's ``block_sparse_moe``) in transformers 5's layout, for ``peft_model`` whose config went through
+    :func:`convert_config`: per MoE block the experts' factors stacked into the ``target_parameters`` wrappers
+    (``lora_A`` (E·r, in) expert-major, ``lora_B`` (out, r·E) rank-major), the fused gate/up pair as one rank-2r
+    adapter (``A_e = [A_gate; A_up]``, ``B_e = diag(B_gate, B_up)``: each projection keeps its own delta), and the
+    router's factors moved to the v5 block's ``gate``. Anything else (and any file for other models, or already in
+    the v5 layout) is returned as it is; the strict loader then names what does not fit."""
+    pattern = conversion_pattern(getattr(peft_model, "get_base_model", lambda: peft_model)())
+    if pattern is None:
+        return saved
+    mapping, fused = _TARGETS[pattern], _FUSED[pattern]
+    found: dict[tuple[str, str], dict[int, dict[str, object]]] = {}
+    for key, value in saved.items():
+        m = _V4_EXPERT_KEY.match(key)
+        if m and m["layer"] in mapping and mapping[m["layer"]] != "gate.weight":
+            slot = found.setdefault((m["block"], mapping[m["layer"]]), {}).setdefault(int(m["expert"]), {})
+            slot[f"{m['layer']}.{m['kind']}"] = value
+    if not found:
+        return saved
+    from .layers.param import FastLoraParamWrapper
+
+    wrappers = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, FastLoraParamWrapper) and adapter_name in module.lora_A:
+            owner = ".".join(p for p in name.split(".") if p != "base_layer")
+            wrappers[(owner, module.parameter_name)] = name
+    modules = {n for n, _ in peft_model.named_modules()}
+
+    def v5_block(block: str) -> str:
+        if block in modules or not block.endswith(f".{_V4_BLOCK}"):
+            return block
+        return block[: -len(_V4_BLOCK)] + "mlp"
+
+    out = {k: v for k, v in saved.items() if not (_V4_EXPERT_KEY.match(k) and (
+        _V4_EXPERT_KEY.match(k)["layer"] in mapping))}
+    for (block, param), experts in found.items():
+        where = wrappers.get((f"{v5_block(block)}.experts", param))
+        if where is None:
+            raise ValueError(f"the adapter holds transformers-4 expert factors of {block}.experts ({param}), but the "
+                             "model has no LoRA on that parameter")
+        olds = fused.get(param) or tuple(o for o, n in mapping.items() if n == param)
+        count = max(experts) + 1
+        if sorted(experts) != list(range(count)) or any(f"{o}.{k}" not in experts[e] for e in experts
+                                                         for o in olds for k in "AB"):
+            raise ValueError(f"the adapter's transformers-4 expert factors of {block}.experts are incomplete: "
+                             f"each of experts 0..{count - 1} needs {', '.join(olds)} lora_A and lora_B")
+        A = [torch.cat([experts[e][f"{o}.A"] for o in olds]) for e in range(count)]  # (r·k, in) each
+        B = [torch.block_diag(*[experts[e][f"{o}.B"] for o in olds]) for e in range(count)]  # (out, r·k) each
+        out[f"{where}.lora_A.weight"] = torch.cat(A)
+        out[f"{where}.lora_B.weight"] = torch.stack(B, dim=-1).flatten(1)  # (out, r·k, E) rank-major
+    for key in list(out):  # the v4 router (a linear ``gate``) of a renamed block
+        m = re.match(rf"^(?P<block>.+\.{_V4_BLOCK})\.gate\.(?P<rest>lora_[AB]\.weight)$", key)
+        if m and m["block"] not in modules:
+            out[f"{v5_block(m['block'])}.gate.{m['rest']}"] = out.pop(key)
+    return out
+
+
+__all__ = ["conversion_pattern", "convert_config", "convert_v4_state_dict"]

@@ -337,6 +337,9 @@ def load_adapter_state(peft_model: PeftModel, saved: dict[str, torch.Tensor], ad
                        where: str = "the state dict") -> None:
     """Copy tensors under peft's saved names into ``peft_model``'s adapter ``adapter_name``, strictly
     (missing, unexpected or mis-shaped tensors raise ``ValueError`` naming them and ``where``)."""
+    from .moe_v5 import convert_v4_state_dict
+
+    saved = convert_v4_state_dict(peft_model, saved, adapter_name)  # a transformers-4 MoE adapter on a v5 model
     state = peft_model.state_dict(keep_vars=True)
     wrappers = _wrappers(peft_model)
     mapped = map_saved_keys(peft_model, saved, adapter_name, state)

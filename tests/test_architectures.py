@@ -127,3 +127,57 @@ def test_configs_of_other_models_and_without_v4_names_stay_as_written():
         ["base_model.model.model.layers.0.self_attn.q_proj"]
     _, f = _both(_base("llama"), target_modules=["gate_proj", "up_proj"])
     assert _config_fields(f)[:2] == (["gate_proj", "up_proj"], [])
+
+
+def _v4_adapter(path, model_type: str, r: int = 2) -> None:
+    """An adapter file as peft saved it for transformers 4's layout of ``model_type`` (one linear per expert
+    projection, a linear router): q_proj, the experts and the router, random factors."""
+    import json
+
+    from safetensors.torch import save_file
+
+    block, projections = ("block_sparse_moe", {"w1": "up", "w3": "up", "w2": "down"}) if model_type == "mixtral" \
+        else ("mlp", {"gate_proj": "up", "up_proj": "up", "down_proj": "down"})
+    config = ARCHS[model_type]
+    hidden = config["hidden_size"]
+    inter = config.get("moe_intermediate_size", config["intermediate_size"])
+    experts = config.get("num_local_experts", config.get("num_experts"))
+    g = torch.Generator().manual_seed(3)
+    state = {}
+    prefix = "base_model.model.model.layers"
+    for layer in range(config["num_hidden_layers"]):
+        state[f"{prefix}.{layer}.self_attn.q_proj.lora_A.weight"] = torch.randn(r, hidden, generator=g)
+        state[f"{prefix}.{layer}.self_attn.q_proj.lora_B.weight"] = torch.randn(32, r, generator=g) * 0.1
+        state[f"{prefix}.{layer}.{block}.gate.lora_A.weight"] = torch.randn(r, hidden, generator=g)
+        state[f"{prefix}.{layer}.{block}.gate.lora_B.weight"] = torch.randn(experts, r, generator=g) * 0.1
+        for e in range(experts):
+            for name, kind in projections.items():
+                fin, fout = (hidden, inter) if kind == "up" else (inter, hidden)
+                key = f"{prefix}.{layer}.{block}.experts.{e}.{name}"
+                state[f"{key}.lora_A.weight"] = torch.randn(r, fin, generator=g)
+                state[f"{key}.lora_B.weight"] = torch.randn(fout, r, generator=g) * 0.1
+    path.mkdir()
+    save_file(state, str(path / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
+              "target_modules": ["q_proj", "gate", *projections], "base_model_name_or_path": None}
+    (path / "adapter_config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_transformers_4_moe_adapter_files_load_as_in_peft(model_type, tmp_path):
+    """An adapter trained on transformers 4's per-expert layers loads onto the transformers-5 model as peft loads
+    it: the experts' factors stacked into the expert-parameter adapters (gate/up fused at rank 2r), the router's
+    moved to the v5 block; the same logits as peft's, and not the base's."""
+    base = _base(model_type)
+    _v4_adapter(tmp_path / "v4", model_type)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "v4").eval()
+        f = fastpeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "v4").eval()
+    with torch.no_grad():
+        want, got, plain = p(input_ids=IDS).logits, f(input_ids=IDS).logits, base(input_ids=IDS).logits
+        with f.disable_adapter():
+            assert torch.allclose(f(input_ids=IDS).logits, plain)
+    assert not torch.allclose(want, plain, atol=1e-3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert _config_fields(f) == _config_fields(p)
