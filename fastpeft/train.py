@@ -49,7 +49,8 @@ from .data import (
     tokenize,
 )
 
-METHODS = ("lora", "qlora", "prefix", "prompt", "ptuning", "bitfit", "freeze", "adapter", "ia3", "adalora")
+METHODS = ("lora", "qlora", "prefix", "prompt", "ptuning", "bitfit", "freeze", "adapter", "ia3", "adalora", "ln_tuning",
+           "trainable_tokens")
 PROMPT_METHODS = ("prefix", "prompt", "ptuning")  # virtual tokens before the input
 DEFAULT_MODEL = "fastpeft:default"
 ASSETS = Path(__file__).parent / "assets"
@@ -311,6 +312,9 @@ def check_args(args: argparse.Namespace) -> None:
     if getattr(args, "packing", False) and args.method in PROMPT_METHODS:
         raise SystemExit(f"fastpeft train: --packing does not work with --method {args.method}: its virtual tokens "
                          "come before the whole row, so packed samples would share them and see each other")
+    if args.method == "trainable_tokens" and not method_options(args).get("token_indices"):
+        raise SystemExit("fastpeft train: --method trainable_tokens trains chosen rows of the embeddings: name them "
+                         "with --method-options '{\"token_indices\": [id, ...]}' (e.g. the ids of added tokens)")
     method_options(args)
     resolve_device(args.device, "fastpeft train")
 

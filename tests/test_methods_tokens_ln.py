@@ -292,6 +292,12 @@ def test_tokens_bad_input_errors_match_peft():
         fastpeft.get_peft_model(_base(), fastpeft.TrainableTokensConfig(token_indices=[1, 1]))
     with pytest.raises(TypeError, match="list of ints"):
         fastpeft.TrainableTokensConfig(token_indices=["a"])
+    # deliberate difference: peft accepts no rows at all and then fails in the forward (index_copy_ on a float
+    # index); fastpeft refuses it when wrapping, for this method and for LoRA's trainable_token_indices
+    with pytest.raises(ValueError, match="empty"):
+        fastpeft.get_peft_model(_base(), fastpeft.TrainableTokensConfig(token_indices=[]))
+    with pytest.raises(ValueError, match="empty"):
+        fastpeft.get_peft_model(_base(), fastpeft.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[]))
 
 
 def test_tokens_explicit_target_and_random_init():

@@ -554,16 +554,20 @@ def test_e2e_bench_tiny_runs_and_writes_json(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["prompt", "ptuning", "prefix", "bitfit", "freeze", "adapter", "ia3", "adalora",
-                                    "qlora"])
+                                    "qlora", "ln_tuning", "trainable_tokens"])
 def test_every_method_trains_through_the_command(tmp_path, method):
+    # trainable_tokens: the rows of the printable bytes (the embedded default's tokenizer is byte-level)
+    extra = ["--method-options", json.dumps({"token_indices": list(range(32, 127))})] \
+        if method == "trainable_tokens" else []
     result = train(_args(tmp_path, "--method", method, "--max-steps", "6", "--eval-steps", "6",
-                         "--eval-generate", "0", "--lr", "1e-2"))
+                         "--eval-generate", "0", "--lr", "1e-2", *extra))
     first, last = result.log["evals"][0]["eval_loss"], result.log["evals"][-1]["eval_loss"]
     assert last < first, (method, first, last)
     assert (result.output / "adapter_config.json").is_file()
     saved = json.loads((result.output / "adapter_config.json").read_text())
     expected = {"prompt": "PROMPT_TUNING", "ptuning": "P_TUNING", "prefix": "PREFIX_TUNING", "bitfit": "BITFIT",
-                "freeze": "FREEZE", "adapter": "BOTTLENECK", "ia3": "IA3", "adalora": "ADALORA", "qlora": "LORA"}
+                "freeze": "FREEZE", "adapter": "BOTTLENECK", "ia3": "IA3", "adalora": "ADALORA", "qlora": "LORA",
+                "ln_tuning": "LN_TUNING", "trainable_tokens": "TRAINABLE_TOKENS"}
     assert saved["peft_type"] == expected[method]
 
 
@@ -726,3 +730,8 @@ def test_a_signal_before_the_first_step_saves_nothing(tmp_path, monkeypatch):
                           "--batch-size", "4", "--no-progress", "--output", str(out)]))
     assert (stopped.value.step, stopped.value.checkpoint) == (0, None)
     assert train_module.checkpoints(out) == [] and not (out / "adapter_model.safetensors").exists()
+
+
+def test_trainable_tokens_needs_its_rows(tmp_path):
+    with pytest.raises(SystemExit, match="token_indices"):
+        train(_args(tmp_path, "--method", "trainable_tokens", "--max-steps", "2"))

@@ -54,6 +54,9 @@ def check_token_indices(indices, num_rows: int, where: str) -> list[int]:
     if not isinstance(indices, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool)
                                                          for i in indices):
         raise TypeError(f"trainable_token_indices for {where} must be a list of ints, got {indices!r}")
+    if not indices:  # (peft accepts an empty list and then fails in the forward: index_copy_ on a float index)
+        raise ValueError(f"trainable_token_indices for {where} are empty: name at least one token row to train "
+                         "(e.g. the ids of the tokens you added to the tokenizer)")
     bad = [i for i in indices if not 0 <= i < num_rows]
     if bad:
         raise ValueError(f"trainable_token_indices for {where} are out of range: {bad} (the layer has {num_rows} "
@@ -144,7 +147,7 @@ class TrainableTokensLayer(nn.Module):
         """The base weight with the rows of ``adapter_names`` replaced by their trained values (a tensor)."""
         W = self.base_layer.weight
         for name in adapter_names:
-            index = torch.tensor(self.token_indices[name], device=W.device)
+            index = torch.tensor(self.token_indices[name], dtype=torch.long, device=W.device)
             W = W.index_copy(0, index, self.trainable_tokens_delta[name].to(W))
         return W
 
@@ -157,7 +160,7 @@ class TrainableTokensLayer(nn.Module):
         self._check_overlapping_tokens(names)
         merged = self.base_layer.weight.data
         for name in names:
-            index = torch.tensor(self.token_indices[name], device=merged.device)
+            index = torch.tensor(self.token_indices[name], dtype=torch.long, device=merged.device)
             merged = merged.index_copy(0, index, self.trainable_tokens_delta[name].detach().to(merged))
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
@@ -172,7 +175,7 @@ class TrainableTokensLayer(nn.Module):
         weight = self.base_layer.weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            index = torch.tensor(self.token_indices[name], device=weight.device)
+            index = torch.tensor(self.token_indices[name], dtype=torch.long, device=weight.device)
             weight.data.index_copy_(0, index, self.trainable_tokens_original[name].to(weight))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
