@@ -1,7 +1,8 @@
 """``get_layer_status`` / ``get_model_status``: peft's overview of a model's adapters, for fastpeft models.
 
 The same dataclasses and fields as peft's (``TunerLayerStatus``, ``TunerModelStatus``), built from fastpeft's
-LoRA layers and modules_to_save wrappers: per layer whether adapters are enabled, which are active, merged,
+LoRA layers, the other methods' layers, trainable-token layers and modules_to_save wrappers: per layer whether
+adapters are enabled, which are active, merged,
 trainable (``"irregular"`` where a layer's parameters disagree), available, and on which devices; per
 model the same summed up (``"irregular"`` where layers disagree), with the parameter counts.
 
@@ -80,6 +81,31 @@ def _layer_status(name: str, module: nn.Module) -> TunerLayerStatus | None:
                                 requires_grad=_grads(per_adapter),
                                 available_adapters=sorted(names),
                                 devices={n: sorted({p.device.type for p in ps}) for n, ps in per_adapter.items()})
+    from .layers.tokens import TrainableTokensLayer
+    from .methods.base import AdapterLayer
+
+    if isinstance(module, AdapterLayer):  # the other methods' layers (IA3, AdaLoRA, bottleneck, LN tuning, ...)
+        # (tensors that never train, AdaLoRA's ranknum, are left out of requires_grad, as in peft)
+        containers = [getattr(module, n) for n in module.adapter_param_names
+                      if n not in getattr(module, "fixed_param_names", ())]
+        names = list(containers[0]) if containers else []
+        per_adapter = {n: [p for c in containers if n in c
+                           for p in ([c[n]] if isinstance(c[n], nn.Parameter) else c[n].parameters())]
+                       for n in names}
+        active = module.active_adapter
+        return TunerLayerStatus(name=name, module_type=f"fastpeft.{type(module).__name__}",
+                                enabled=not module.disable_adapters,
+                                active_adapters=[active] if active in names else [],
+                                merged_adapters=list(module.merged_adapters), requires_grad=_grads(per_adapter),
+                                available_adapters=sorted(names),
+                                devices={n: sorted({p.device.type for p in ps}) for n, ps in per_adapter.items()})
+    if isinstance(module, TrainableTokensLayer):  # trainable rows (TrainableTokensConfig or trainable_token_indices)
+        per_adapter = {n: [p] for n, p in module.trainable_tokens_delta.items()}
+        return TunerLayerStatus(name=name, module_type="TrainableTokensLayer", enabled=not module.disable_adapters,
+                                active_adapters=list(module.active_adapters),
+                                merged_adapters=list(module.merged_adapters), requires_grad=_grads(per_adapter),
+                                available_adapters=sorted(per_adapter),
+                                devices={n: sorted({p.device.type for p in ps}) for n, ps in per_adapter.items()})
     if isinstance(module, ModulesToSaveWrapper):
         per_adapter = {n: list(m.parameters()) for n, m in module.modules_to_save.items()}
         active = module.active_adapter
@@ -92,11 +118,20 @@ def _layer_status(name: str, module: nn.Module) -> TunerLayerStatus | None:
     return None
 
 
+def _refuse_prompt_learning(model: nn.Module, what: str) -> None:
+    """peft's TypeError for a prompt-learning model (virtual tokens: no adapter layers to report)."""
+    config = getattr(model, "active_peft_config", None)
+    if getattr(config, "is_prompt_learning", False):
+        raise TypeError(f"{what}() got an invalid PeftModel instance; prefix tuning and adaption prompt are not "
+                        "supported.")
+
+
 def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
     """The state of every LoRA layer and modules_to_save wrapper of ``model`` (a fastpeft ``PeftModel`` or a
     module holding fastpeft layers), named as peft names them (relative to ``model.base_model``)."""
     from .model import PeftModel
 
+    _refuse_prompt_learning(model, "get_layer_status")
     root = model.base_model if isinstance(model, PeftModel) else model
     out = [s for name, module in root.named_modules() if (s := _layer_status(name, module)) is not None]
     if not out:
@@ -109,6 +144,7 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
     """``model``'s adapter state summed over its layers (see the module docstring)."""
     from .model import PeftModel, count_parameters
 
+    _refuse_prompt_learning(model, "get_model_status")
     layers = get_layer_status(model)
     if isinstance(model, PeftModel):
         base_type = type(model.get_base_model()).__name__

@@ -871,3 +871,35 @@ def test_bias_all_with_modules_to_save_saves_and_trains_like_peft(case):
         got.append((files, sorted(n for n, p in model.named_parameters() if p.requires_grad and "ln_f" in n)))
     assert got[0] == got[1]
     assert any(k.endswith("ln_f.original_module.bias") for k in got[0][0][list(got[0][0])[-1]])
+
+
+@pytest.mark.parametrize("method", ["ia3", "adalora", "ln_tuning", "trainable_tokens", "lora_with_tokens", "prompt"])
+def test_status_of_the_other_methods_like_peft(method):
+    """get_model_status / get_layer_status on IA3, AdaLoRA, LN tuning, trainable tokens (alone and inside LoRA):
+    peft's fields; a prompt-learning model gets peft's TypeError."""
+    from helpers import tiny_llama
+
+    configs = {
+        "ia3": lambda lib: lib.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        "adalora": lambda lib: lib.AdaLoraConfig(target_modules=["q_proj"], total_step=10),
+        "ln_tuning": lambda lib: lib.LNTuningConfig(),
+        "trainable_tokens": lambda lib: lib.TrainableTokensConfig(token_indices=[1, 2]),
+        "lora_with_tokens": lambda lib: lib.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[1, 2]),
+        "prompt": lambda lib: lib.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+    }
+    ours = fastpeft.get_peft_model(tiny_llama(), configs[method](fastpeft))
+    theirs = peft.get_peft_model(tiny_llama(), configs[method](peft))
+    if method == "prompt":
+        for fn in ("get_model_status", "get_layer_status"):
+            with pytest.raises(TypeError, match="prefix tuning and adaption prompt are not supported"):
+                getattr(ours, fn)()
+        return
+    a, b = ours.get_model_status(), theirs.get_model_status()
+    for field in ("base_model_type", "peft_types", "trainable_params", "total_params", "num_adapter_layers",
+                  "enabled", "active_adapters", "merged_adapters", "requires_grad", "available_adapters", "devices"):
+        assert getattr(a, field) == getattr(b, field), field
+    la, lb = ours.get_layer_status(), theirs.get_layer_status()
+    assert [s.name for s in la] == [s.name for s in lb]
+    for x, y in zip(la, lb):
+        assert (x.enabled, x.active_adapters, x.merged_adapters, x.requires_grad, x.available_adapters) == \
+            (y.enabled, y.active_adapters, y.merged_adapters, y.requires_grad, y.available_adapters), x.name

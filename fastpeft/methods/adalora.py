@@ -41,6 +41,7 @@ class SVDLinear(AdapterLayer):
     """An ``nn.Linear`` / ``Conv1D`` plus an SVD-form LoRA update (peft's ``SVDLinear`` parameter layout)."""
 
     adapter_param_names = ("lora_A", "lora_B", "lora_E", "ranknum")
+    fixed_param_names = ("ranknum",)  # never trains (get_layer_status leaves it out, as peft)
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int, init_r: int, config: AdaLoraConfig):
         super().__init__(base_layer)
