@@ -426,7 +426,7 @@ class LoraModel(nn.Module):
         model = self.model
         # transformers 5's fused MoE experts: a config naming their v4 layers targets their parameters (peft's rewrite)
         convert_moe_config(config, model, lambda: _resolve_targets(model, dataclasses.replace(
-            config, target_modules=INCLUDE_LINEAR_LAYERS_SHORTHAND)))
+            config, target_modules=INCLUDE_LINEAR_LAYERS_SHORTHAND)), lambda key: _excluded(config, key))
         if config.layer_replication:
             from .replication import replicate_layers
 

@@ -56,24 +56,30 @@ def conversion_pattern(model: nn.Module) -> str | None:
     return pattern if pattern in _TARGETS else None
 
 
-def _leaf_names(model: nn.Module, regex: str, mapping: dict[str, str]) -> set[str]:
+def _leaf_names(model: nn.Module, regex: str, mapping: dict[str, str], excluded: Callable[[str], bool]) -> set[str]:
     """The last name of every module or parameter key ``regex`` matches in full, and the v4 layer names it would
-    have matched inside each stacked-expert parameter's container."""
+    have matched inside each stacked-expert parameter's container; keys ``excluded`` (``exclude_modules``) do not
+    count, as in peft."""
+    def hit(key: str) -> bool:
+        return re.fullmatch(regex, key) is not None and not excluded(key)
+
     keys = [n for n, _ in model.named_modules()] + [n for n, _ in model.named_parameters()]
-    found = {key.rsplit(".", 1)[-1] for key in keys if re.fullmatch(regex, key)}
+    found = {key.rsplit(".", 1)[-1] for key in keys if hit(key)}
     containers: dict[str, set[str]] = {}
     for name, _ in model.named_parameters():
         container, _, leaf = name.rpartition(".")
         containers.setdefault(leaf, set()).add(container)
     for old, new in mapping.items():
-        if old not in found and any(re.fullmatch(regex, f"{c}.{old}") for c in containers.get(new, ())):
+        if old not in found and any(hit(f"{c}.{old}") for c in containers.get(new, ())):
             found.add(old)
     return found
 
 
-def convert_config(config, model: nn.Module, all_linear_names: Callable[[], Iterable[str]]) -> None:
+def convert_config(config, model: nn.Module, all_linear_names: Callable[[], Iterable[str]],
+                   excluded: Callable[[str], bool] = lambda key: False) -> None:
     """Rewrite ``config`` (a LoraConfig, in place) for ``model`` as peft 0.21 does on transformers 5 (see the
-    module); nothing for other models. ``all_linear_names``: the layer names ``"all-linear"`` stands for."""
+    module); nothing for other models. ``all_linear_names``: the layer names ``"all-linear"`` stands for;
+    ``excluded``: whether ``exclude_modules`` names a key."""
     pattern = conversion_pattern(model)
     if pattern is None:
         return
@@ -83,7 +89,7 @@ def convert_config(config, model: nn.Module, all_linear_names: Callable[[], Iter
         if targets.lower() == "all-linear":
             resolved = {n.rsplit(".", 1)[-1] for n in all_linear_names()} | set(mapping)
         else:
-            resolved = _leaf_names(model, targets, mapping)
+            resolved = _leaf_names(model, targets, mapping, excluded)
         if not resolved:
             return  # nothing matches: the usual "not found" error follows
         targets = resolved
@@ -171,6 +177,22 @@ def convert_v4_state_dict(peft_model: nn.Module, saved: dict, adapter_name: str)
         B = [torch.block_diag(*[experts[e][f"{o}.B"] for o in olds]) for e in range(count)]  # (out, r·k) each
         out[f"{where}.lora_A.weight"] = torch.cat(A)
         out[f"{where}.lora_B.weight"] = torch.stack(B, dim=-1).flatten(1)  # (out, r·k, E) rank-major
+    # v4 factors of layers with those names outside the experts (a dense MLP, shared experts): the rewrite took the
+    # names out of target_modules, so these layers carry no LoRA; peft drops their factors silently
+    lora_layers = {n for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and adapter_name in m.lora_A}
+    dropped = [k for k in out if (m := re.match(r"^(?P<layer>.+)\.lora_[AB]\.weight$", k))
+               and m["layer"].rsplit(".", 1)[-1] in mapping and mapping[m["layer"].rsplit(".", 1)[-1]] != "gate.weight"
+               and m["layer"] not in lora_layers and not m["layer"].endswith(".experts")
+               and f"{m['layer']}.{adapter_name}" not in lora_layers]
+    if dropped:
+        import warnings
+
+        layers = sorted({k.rsplit(".lora_", 1)[0] for k in dropped})
+        warnings.warn(f"the adapter was saved on transformers 4: its factors of {len(layers)} layer(s) outside the "
+                      f"MoE experts named like expert projections (e.g. {layers[:2]}) are not loaded, as peft does "
+                      "not load them: on transformers 5 those names mean the experts' parameters", stacklevel=3)
+        for key in dropped:
+            del out[key]
     for key in list(out):  # the v4 router (a linear ``gate``) of a renamed block
         m = re.match(rf"^(?P<block>.+\.{_V4_BLOCK})\.gate\.(?P<rest>lora_[AB]\.weight)$", key)
         if m and m["block"] not in modules:

@@ -149,6 +149,8 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
     if isinstance(model, PeftModel):
         base_type = type(model.get_base_model()).__name__
         adapter_type = type(model.base_model).__name__
+        if adapter_type.endswith("Tuner"):  # the other methods' tuners, by peft's names (IA3Model, AdaLoraModel, ...)
+            adapter_type = adapter_type[: -len("Tuner")] + "Model"
         peft_types = {n: str(getattr(c, "peft_type", "LORA")) for n, c in model.peft_config.items()}
         trainable, total = model.get_nb_trainable_parameters()
     else:

@@ -129,9 +129,10 @@ def test_configs_of_other_models_and_without_v4_names_stay_as_written():
     assert _config_fields(f)[:2] == (["gate_proj", "up_proj"], [])
 
 
-def _v4_adapter(path, model_type: str, r: int = 2) -> None:
+def _v4_adapter(path, model_type: str, r: int = 2, base=None) -> None:
     """An adapter file as peft saved it for transformers 4's layout of ``model_type`` (one linear per expert
-    projection, a linear router): q_proj, the experts and the router, random factors."""
+    projection, a linear router): q_proj, the experts and the router, random factors; with ``base``, also the
+    linear layers of ``base`` with expert-projection names outside the experts (a dense MLP, shared experts)."""
     import json
 
     from safetensors.torch import save_file
@@ -141,13 +142,16 @@ def _v4_adapter(path, model_type: str, r: int = 2) -> None:
     config = ARCHS[model_type]
     hidden = config["hidden_size"]
     inter = config.get("moe_intermediate_size", config["intermediate_size"])
-    experts = config.get("num_local_experts", config.get("num_experts"))
+    experts = config.get("num_local_experts", config.get("num_experts", config.get("n_routed_experts")))
     g = torch.Generator().manual_seed(3)
     state = {}
     prefix = "base_model.model.model.layers"
+    moe_layers = range(config.get("first_k_dense_replace", 0), config["num_hidden_layers"])
     for layer in range(config["num_hidden_layers"]):
-        state[f"{prefix}.{layer}.self_attn.q_proj.lora_A.weight"] = torch.randn(r, hidden, generator=g)
-        state[f"{prefix}.{layer}.self_attn.q_proj.lora_B.weight"] = torch.randn(32, r, generator=g) * 0.1
+        state[f"{prefix}.{layer}.self_attn.o_proj.lora_A.weight"] = torch.randn(r, 32, generator=g)
+        state[f"{prefix}.{layer}.self_attn.o_proj.lora_B.weight"] = torch.randn(hidden, r, generator=g) * 0.1
+        if layer not in moe_layers:
+            continue
         state[f"{prefix}.{layer}.{block}.gate.lora_A.weight"] = torch.randn(r, hidden, generator=g)
         state[f"{prefix}.{layer}.{block}.gate.lora_B.weight"] = torch.randn(experts, r, generator=g) * 0.1
         for e in range(experts):
@@ -156,24 +160,33 @@ def _v4_adapter(path, model_type: str, r: int = 2) -> None:
                 key = f"{prefix}.{layer}.{block}.experts.{e}.{name}"
                 state[f"{key}.lora_A.weight"] = torch.randn(r, fin, generator=g)
                 state[f"{key}.lora_B.weight"] = torch.randn(fout, r, generator=g) * 0.1
+    for name, module in (base.named_modules() if base is not None else ()):
+        if name.rsplit(".", 1)[-1] in projections and isinstance(module, torch.nn.Linear):
+            state[f"base_model.model.{name}.lora_A.weight"] = torch.randn(r, module.in_features, generator=g)
+            state[f"base_model.model.{name}.lora_B.weight"] = torch.randn(module.out_features, r, generator=g)
     path.mkdir()
     save_file(state, str(path / "adapter_model.safetensors"))
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
-              "target_modules": ["q_proj", "gate", *projections], "base_model_name_or_path": None}
+              "target_modules": ["o_proj", "gate", *projections], "base_model_name_or_path": None}
     (path / "adapter_config.json").write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "deepseek_v3"])
 def test_transformers_4_moe_adapter_files_load_as_in_peft(model_type, tmp_path):
     """An adapter trained on transformers 4's per-expert layers loads onto the transformers-5 model as peft loads
     it: the experts' factors stacked into the expert-parameter adapters (gate/up fused at rank 2r), the router's
-    moved to the v5 block; the same logits as peft's, and not the base's."""
+    moved to the v5 block; the same logits as peft's, and not the base's. DeepSeek-V3's dense first layer and
+    shared experts have layers of the same names: their factors are left out with a warning (peft drops them)."""
     base = _base(model_type)
-    _v4_adapter(tmp_path / "v4", model_type)
+    dense = model_type == "deepseek_v3"
+    _v4_adapter(tmp_path / "v4", model_type, base=base if dense else None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         p = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "v4").eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         f = fastpeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "v4").eval()
+    assert any("outside the MoE experts" in str(w.message) for w in caught) == dense
     with torch.no_grad():
         want, got, plain = p(input_ids=IDS).logits, f(input_ids=IDS).logits, base(input_ids=IDS).logits
         with f.disable_adapter():
@@ -181,3 +194,10 @@ def test_transformers_4_moe_adapter_files_load_as_in_peft(model_type, tmp_path):
     assert not torch.allclose(want, plain, atol=1e-3)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert _config_fields(f) == _config_fields(p)
+
+
+def test_regex_with_excluded_experts_leaves_them_alone_as_in_peft():
+    base = _base("qwen3_moe")
+    p, f = _both(base, target_modules=r".*\.(gate_proj|up_proj|q_proj)", exclude_modules=r".*experts.*")
+    assert set(f.state_dict()) == set(p.state_dict())
+    assert not _config_fields(f)[1] and not any("experts.lora_A" in k for k in f.state_dict())

@@ -895,7 +895,8 @@ def test_status_of_the_other_methods_like_peft(method):
                 getattr(ours, fn)()
         return
     a, b = ours.get_model_status(), theirs.get_model_status()
-    for field in ("base_model_type", "peft_types", "trainable_params", "total_params", "num_adapter_layers",
+    for field in ("base_model_type", "adapter_model_type", "peft_types", "trainable_params", "total_params",
+                  "num_adapter_layers",
                   "enabled", "active_adapters", "merged_adapters", "requires_grad", "available_adapters", "devices"):
         assert getattr(a, field) == getattr(b, field), field
     la, lb = ours.get_layer_status(), theirs.get_layer_status()
