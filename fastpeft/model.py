@@ -876,9 +876,16 @@ class LoraModel(nn.Module):
     @staticmethod
     def _cat_factors(layer: FastLoraLinear, present: list[tuple[str, float]]) -> tuple[torch.Tensor, torch.Tensor]:
         """The adapters side by side: A's stacked (each times its weight and scale), B's concatenated."""
-        A = torch.cat([adapter_factors(layer, a)[0].float() * (w * layer.scaling[a]) for a, w in present], dim=0)
+        As = [adapter_factors(layer, a)[0].float() * (w * layer.scaling[a]) for a, w in present]
         B = torch.cat([adapter_factors(layer, a)[1].float() for a, _ in present], dim=1)
-        return A, B
+        groups = getattr(getattr(layer, "base_layer", None), "groups", 1) if isinstance(layer, FastLoraConv) else 1
+        if groups > 1:
+            # a grouped convolution's lora_B sees rank channels group by group (its columns are each group's own):
+            # A's rows are interleaved per group so that each group keeps its adapters' rows (peft concatenates
+            # them whole, which mixes the groups)
+            As = [A.reshape(groups, A.shape[0] // groups, *A.shape[1:]) for A in As]
+            return torch.cat(As, dim=1).flatten(0, 1), B
+        return torch.cat(As, dim=0), B
 
     @staticmethod
     def _svd_factors(key, layer, present, rule, new_rank, density, majority_sign_method, clamp, full_matrices,

@@ -454,3 +454,22 @@ def test_gpu_bf16_convolutions_match_peft(option):
         if param.requires_grad:
             ref = param.grad.float()
             assert (fp[name].grad.float() - ref).norm() <= 3e-2 * ref.norm() + 1e-4, name
+
+
+def test_cat_of_adapters_on_a_grouped_convolution_equals_both_active():
+    """combination_type="cat" on a grouped base interleaves A's rows per group (lora_B's columns are each group's
+    own), so the new adapter computes both adapters' sum; peft concatenates A whole, which mixes the groups."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=2))
+    x = torch.randn(2, 4, 5, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = fastpeft.get_peft_model(base, fastpeft.LoraConfig(r=4, target_modules=["0"], init_lora_weights=False))
+        model.add_adapter("b", fastpeft.LoraConfig(r=2, lora_alpha=6, target_modules=["0"], init_lora_weights=False))
+    model.eval()
+    model.base_model.set_adapter(["default", "b"])
+    with torch.no_grad():
+        both = model(x)
+        model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "cat", combination_type="cat")
+        model.set_adapter("cat")
+        torch.testing.assert_close(model(x), both, rtol=1e-5, atol=1e-5)
