@@ -34,6 +34,8 @@ from .moe_v5 import convert_config as convert_moe_config
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 INCLUDE_LINEAR_LAYERS_SHORTHAND = "all-linear"
+_MIN_TARGETS_TO_CONDENSE = 20  # peft's MIN_TARGET_MODULES_FOR_OPTIMIZATION
+_SEQ_CLS_HEADS = ("score", "classifier")  # peft's SEQ_CLS_HEAD_NAMES, in its order: the head "all-linear" leaves out
 _CLASSIFIER_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
                      "QUESTION_ANS": ["qa_outputs"]}
 
@@ -280,7 +282,8 @@ def _resolve_targets(model: nn.Module, config: LoraConfig) -> list[str] | str:
                 return []
             raise ValueError(f"target_modules is None and fastpeft has no default for model type {model_type!r}; "
                              "pass target_modules (a list of names, a regex, or 'all-linear')")
-        return list(DEFAULT_TARGET_MODULES[model_type])
+        default = DEFAULT_TARGET_MODULES[model_type]
+        return default if isinstance(default, str) else list(default)
     if isinstance(targets, str) and targets.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND:  # any case, as peft
         head = None
         get_out = getattr(model, "get_output_embeddings", None)
@@ -438,10 +441,8 @@ class LoraModel(nn.Module):
         before = {id(p): p.requires_grad for n, p in model.named_parameters()
                   if self.prefix in n or ".modules_to_save." in n or _TOKEN_DELTA in n}  # other adapters' weights
         targets = _resolve_targets(model, config)
+        # as peft: both head names go into the config (and adapter_config.json), present in the model or not
         extra_save = _CLASSIFIER_HEADS.get(config.task_type or "", [])
-        if extra_save:
-            present = {n.split(".")[-1] for n, _ in model.named_modules()}
-            extra_save = [m for m in extra_save if m in present]
         modules_to_save = list(dict.fromkeys([*(config.modules_to_save or []), *extra_save]))
         if modules_to_save != (config.modules_to_save or []) and modules_to_save:
             config.modules_to_save = modules_to_save
@@ -553,10 +554,25 @@ class LoraModel(nn.Module):
         # As peft, the saved config names what was adapted: the model type's default targets for None, the
         # adapted modules' full names for "all-linear", and fan_in_fan_out for Conv1D targets.
         if config.target_modules is None:  # (no default for the model type with target_parameters: [] as peft)
-            config.target_modules = sorted(targets)
+            config.target_modules = targets if isinstance(targets, str) else sorted(targets)
         elif isinstance(config.target_modules, str) \
                 and config.target_modules.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND:
-            config.target_modules = sorted(matched)
+            # peft lists the linear layers inside modules_to_save too (roberta's classifier.dense), not the head
+            listed = {k for k in names if k not in matched and _in_modules_to_save(modules_to_save, k)
+                      and not _is_inside_lora(model, k) and _supported_base(model.get_submodule(k))}
+            get_out = getattr(model, "get_output_embeddings", None)
+            if config.task_type == "SEQ_CLS" and (not callable(get_out) or get_out() is None):
+                listed -= {next((h for h in _SEQ_CLS_HEADS if getattr(model, h, None) is not None), None)}
+            config.target_modules = sorted({*matched, *listed})
+        if isinstance(config.target_modules, (list, set)) and len(config.target_modules) >= _MIN_TARGETS_TO_CONDENSE:
+            from .eva import _minimal_suffixes
+
+            # peft condenses a long list to the name suffixes that pick out the same modules (its saved config)
+            suffixes = tuple(f".{t}" for t in config.target_modules)
+            others = ["", *(n for n in names if n not in config.target_modules and not n.endswith(suffixes))]
+            condensed = _minimal_suffixes(list(config.target_modules), others)
+            if len(condensed) < len(config.target_modules):
+                config.target_modules = sorted(condensed)
         adapted = [model.get_submodule(k) for k in matched]
         if any(isinstance(m, FastLoraLinear) and _is_conv1d(m.base_layer) for m in adapted):
             config.fan_in_fan_out = True
