@@ -1,0 +1,215 @@
+"""A sweep over transformers' non-causal architectures and task types (tiny random configs): fastpeft's LoRA against
+peft's for SEQ_CLS (encoders and a decoder classifier), TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION and SEQ_2_SEQ_LM
+(text and speech) — the adapted layers and the head peft adds to ``modules_to_save`` (state-dict keys, saved config
+fields, seeded init), outputs with labels, gradients and which parameters train, greedy generation, files both ways,
+merge_and_unload; and the default targets (``target_modules=None``) of each model type, or peft's refusal."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import fastpeft
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file  # noqa: E402
+
+_BERT = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=64, pad_token_id=0, num_labels=3)
+ENCODERS = {
+    "bert": _BERT,
+    "roberta": dict(_BERT, pad_token_id=1, bos_token_id=0, eos_token_id=2),
+    "distilbert": dict(vocab_size=97, dim=32, hidden_dim=64, n_layers=2, n_heads=4, max_position_embeddings=64,
+                       pad_token_id=0, num_labels=3),
+    "deberta-v2": _BERT,
+    "electra": dict(_BERT, embedding_size=32),
+    "modernbert": dict(_BERT, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2, local_attention=16,
+                       global_attn_every_n_layers=2),
+    "albert": dict(_BERT, embedding_size=16, bos_token_id=1, eos_token_id=2),
+    "llama": dict(_BERT, num_key_value_heads=2, bos_token_id=1, eos_token_id=2),
+}
+_S2S = dict(vocab_size=97, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+_T5 = dict(vocab_size=97, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+           pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)
+SEQ2SEQ = {
+    "t5": _T5, "mt5": _T5, "bart": dict(_S2S, forced_eos_token_id=None),
+    "marian": dict(_S2S, decoder_start_token_id=0, decoder_vocab_size=97), "pegasus": _S2S,
+    "whisper": dict(_S2S, num_mel_bins=8, max_source_positions=8, max_target_positions=32, suppress_tokens=None,
+                    begin_suppress_tokens=None),
+}
+IDS = torch.tensor([[1, 5, 9, 3, 7, 11, 4, 2]])
+DEC = torch.tensor([[1, 6, 10, 12, 2]])
+_TASK_AUTO = {"SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification",
+              "QUESTION_ANS": "AutoModelForQuestionAnswering", "FEATURE_EXTRACTION": "AutoModel",
+              "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM"}
+
+
+def _base(model_type: str, task: str) -> torch.nn.Module:
+    kw = SEQ2SEQ[model_type] if task == "SEQ_2_SEQ_LM" else ENCODERS[model_type]
+    if model_type not in transformers.models.auto.configuration_auto.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
+    config = transformers.AutoConfig.for_model(model_type, **dict(kw, **({"num_labels": 2} if task == "QUESTION_ANS"
+                                                                          else {})))
+    auto = getattr(transformers, "WhisperForConditionalGeneration" if model_type == "whisper" else _TASK_AUTO[task])
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return (auto(config) if model_type == "whisper" else auto.from_config(config)).eval()
+
+
+def _both(base, task, **kw):
+    # peft's PeftModelForSeq2SeqLM.forward passes input_ids=None, which Whisper hands on to its decoder next to
+    # decoder_input_ids (TypeError: got multiple values for 'input_ids'): Whisper is adapted without a task type,
+    # as in peft's Whisper examples
+    task = None if base.config.model_type == "whisper" else task
+    kw = {"r": 4, "lora_alpha": 8, "task_type": task, "init_lora_weights": False, **kw}
+    models = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lib in (peft, fastpeft):
+            torch.manual_seed(1)
+            models.append(lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(**kw)))
+    return models
+
+
+def _config_fields(model) -> tuple:
+    c = model.peft_config["default"]
+    return (sorted(c.target_modules) if not isinstance(c.target_modules, str) else c.target_modules,
+            sorted(set(c.modules_to_save or ())), dict(c.rank_pattern or {}), dict(c.alpha_pattern or {}))
+
+
+def _inputs(model_type: str, task: str, labels: bool = True) -> dict:
+    if model_type == "whisper":
+        torch.manual_seed(2)
+        x = {"input_features": torch.randn(1, 8, 16), "decoder_input_ids": DEC}
+    elif task == "SEQ_2_SEQ_LM":
+        x = {"input_ids": IDS, "decoder_input_ids": DEC}
+    else:
+        x = {"input_ids": IDS, "attention_mask": torch.ones_like(IDS)}
+    if labels:
+        x.update({"SEQ_CLS": {"labels": torch.tensor([2])}, "TOKEN_CLS": {"labels": IDS % 3},
+                  "QUESTION_ANS": {"start_positions": torch.tensor([2]), "end_positions": torch.tensor([5])},
+                  "SEQ_2_SEQ_LM": {"labels": DEC}}.get(task, {}))
+    return x
+
+
+def _out(y):
+    if hasattr(y, "logits"):
+        return y.logits
+    if hasattr(y, "start_logits"):
+        return torch.cat([y.start_logits, y.end_logits])
+    return y.last_hidden_state
+
+
+def _loss(y):
+    return y.loss if getattr(y, "loss", None) is not None else _out(y).pow(2).mean()
+
+
+def _saved(path) -> dict:
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def _check(model_type, task, tmp_path, **kw):
+    base = _base(model_type, task)
+    p, f = _both(base, task, **kw)
+    assert type(f).__name__ == type(p).__name__
+    assert set(f.state_dict()) == set(p.state_dict())
+    assert _config_fields(f) == _config_fields(p)
+    for key, value in p.state_dict().items():  # the same draws under the same seed
+        torch.testing.assert_close(f.state_dict()[key], value, rtol=1e-6, atol=1e-6, msg=key)
+    trainable = {n for n, q in p.named_parameters() if q.requires_grad}
+    assert {n for n, q in f.named_parameters() if q.requires_grad} == trainable
+    if task in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"):  # the head is trained in full and saved, as in peft
+        assert any(".modules_to_save.default." in n for n in trainable)
+    x = _inputs(model_type, task)
+    yp, yf = p(**x), f(**x)
+    torch.testing.assert_close(_out(yf), _out(yp), rtol=1e-5, atol=1e-5)
+    _loss(yp).backward()
+    _loss(yf).backward()
+    ours = dict(f.named_parameters())
+    for name, param in p.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(ours[name].grad, param.grad, rtol=1e-4, atol=1e-6, msg=name)
+    plain = _inputs(model_type, task, labels=False)
+    with torch.no_grad():
+        if task == "SEQ_2_SEQ_LM":
+            gen = {k: v for k, v in plain.items() if k != "decoder_input_ids"}
+            assert torch.equal(f.generate(**gen, max_new_tokens=4, do_sample=False),
+                               p.generate(**gen, max_new_tokens=4, do_sample=False))
+        want = _out(p(**plain))
+        p.save_pretrained(tmp_path / "p")
+        f.save_pretrained(tmp_path / "f")
+        assert _saved(tmp_path / "f").keys() == _saved(tmp_path / "p").keys()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            by_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "f").eval()
+            by_fast = fastpeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "p").eval()
+        assert type(by_fast).__name__ == type(by_peft).__name__
+        torch.testing.assert_close(_out(by_peft(**plain)), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_out(by_fast(**plain)), want, rtol=1e-5, atol=1e-5)
+        merged = f.merge_and_unload()
+        torch.testing.assert_close(_out(merged(**plain)), want, rtol=1e-4, atol=1e-5)
+
+
+CASES = [*[(m, "SEQ_CLS") for m in ENCODERS], ("bert", "TOKEN_CLS"), ("roberta", "TOKEN_CLS"),
+         ("bert", "QUESTION_ANS"), ("bert", "FEATURE_EXTRACTION"), *[(m, "SEQ_2_SEQ_LM") for m in SEQ2SEQ]]
+
+
+# peft crashes with "all-linear" on these (TypeError: modules_to_save cannot be applied to modules of type
+# lora.Linear): for TOKEN_CLS/QUESTION_ANS it adds the head to modules_to_save only after injecting LoRA into it (the
+# head is left out of "all-linear" only for SEQ_CLS); for DistilBERT it wraps modules_to_save by a bare suffix match,
+# so "classifier" takes in the already adapted "pre_classifier". fastpeft keeps the head out of the targets.
+PEFT_CRASHES = {("distilbert", "SEQ_CLS"), ("bert", "TOKEN_CLS"), ("roberta", "TOKEN_CLS"), ("bert", "QUESTION_ANS")}
+
+
+@pytest.mark.parametrize(("model_type", "task"), CASES)
+def test_all_linear_matches_peft(model_type, task, tmp_path):
+    if (model_type, task) in PEFT_CRASHES:
+        pytest.skip("peft's get_peft_model raises TypeError (see PEFT_CRASHES)")
+    _check(model_type, task, tmp_path, target_modules="all-linear")
+
+
+@pytest.mark.parametrize(("model_type", "task"), CASES)
+def test_default_targets_match_peft(model_type, task, tmp_path):
+    base = _base(model_type, task)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(task_type=task))
+    except ValueError:  # peft has no default for this model type: fastpeft refuses too
+        with pytest.raises(ValueError, match="target_modules"):
+            fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(task_type=task))
+        return
+    _check(model_type, task, tmp_path)
+
+
+def test_all_linear_config_lists_layers_as_peft():
+    """Regressions: the saved target_modules of "all-linear" name, as peft's, the linear layers inside
+    modules_to_save (roberta's classifier.dense, not adapted) but not a SEQ_CLS head, and a list of 20 or more is
+    condensed to name suffixes (T5); the classifier head's names ("classifier", "score") both go into
+    modules_to_save whichever the model has."""
+    _, f = _both(_base("roberta", "SEQ_CLS"), "SEQ_CLS", target_modules="all-linear")
+    c = f.peft_config["default"]
+    assert {"classifier.dense", "classifier.out_proj"} <= set(c.target_modules)
+    assert c.modules_to_save == ["classifier", "score"]
+    assert not hasattr(f.base_model.model.classifier.modules_to_save.default.dense, "lora_A")
+    _, f = _both(_base("bert", "SEQ_CLS"), "SEQ_CLS", target_modules="all-linear")
+    assert "classifier" not in f.peft_config["default"].target_modules
+    _, f = _both(_base("t5", "SEQ_2_SEQ_LM"), "SEQ_2_SEQ_LM", target_modules="all-linear")
+    assert f.peft_config["default"].target_modules == ["k", "o", "q", "v", "wi", "wo"]
+
+
+def test_default_target_modules_are_peft_s():
+    """Regression: fastpeft's defaults for target_modules=None are peft's mapping, entry for entry (fastpeft had
+    defaults of its own for distilbert, mbart, phi3, …, where peft raises, and others for deberta and phi)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as theirs
+
+    from fastpeft.config import DEFAULT_TARGET_MODULES as ours
+
+    assert ours == theirs
