@@ -330,14 +330,20 @@ def named_modules_of(model: nn.Module, kind: type | tuple[type, ...]) -> Iterato
 
 def wrap_matching_modules(model: nn.Module, names: list[str], adapter_name: str,
                           skip_parts: tuple[str, ...], tied_module: nn.Module | None = None) -> list[str]:
-    """Put every module of ``model`` whose name is, or ends with, one of ``names`` in a ``ModulesToSaveWrapper``
-    (one already wrapped gets a copy for ``adapter_name``), passing over names with a part in ``skip_parts``;
-    returns the wrapped names. ``tied_module``: see ``ModulesToSaveWrapper.update``."""
+    """Put every module of ``model`` whose name ends with one of ``names`` in a ``ModulesToSaveWrapper`` (one
+    already wrapped gets a copy for ``adapter_name``), passing over names with a part in ``skip_parts``; returns the
+    wrapped names. ``tied_module``: see ``ModulesToSaveWrapper.update``.
+
+    As peft's ``_set_trainable``, the name is a bare suffix: "classifier" takes DistilBERT's ``pre_classifier`` too
+    (trained and saved in full with the head). A LoRA layer matched only that way (``pre_classifier`` adapted by
+    "all-linear") stays as it is, where peft raises a TypeError."""
     wrapped = []
     for key in [n for n, _ in model.named_modules() if n] if names else []:
-        if any(p in skip_parts for p in key.split(".")) or not any(key == m or key.endswith(f".{m}") for m in names):
+        if any(p in skip_parts for p in key.split(".")) or not any(key.endswith(m) for m in names):
             continue
         module = model.get_submodule(key)
+        if _is_lora_layer(module) and not any(key == m or key.endswith(f".{m}") for m in names):
+            continue
         if isinstance(module, ModulesToSaveWrapper):
             module.update(adapter_name, tied_module=tied_module)
         else:
