@@ -566,9 +566,11 @@ class LoraModel(nn.Module):
             # peft lists the linear layers inside modules_to_save too (roberta's classifier.dense), not the head
             listed = {k for k in names if k not in matched and _in_modules_to_save(modules_to_save, k)
                       and not _is_inside_lora(model, k) and _supported_base(model.get_submodule(k))}
+            # (where peft crashes, TOKEN_CLS / QUESTION_ANS, their head is left out likewise)
             get_out = getattr(model, "get_output_embeddings", None)
-            if config.task_type == "SEQ_CLS" and (not callable(get_out) or get_out() is None):
-                listed -= {next((h for h in _SEQ_CLS_HEADS if getattr(model, h, None) is not None), None)}
+            heads = _SEQ_CLS_HEADS if config.task_type in ("SEQ_CLS", "TOKEN_CLS") else ("qa_outputs",)
+            if config.task_type in _CLASSIFIER_HEADS and (not callable(get_out) or get_out() is None):
+                listed -= {next((h for h in heads if getattr(model, h, None) is not None), None)}
             config.target_modules = sorted({*matched, *listed})
         if isinstance(config.target_modules, (list, set)) and len(config.target_modules) >= _MIN_TARGETS_TO_CONDENSE:
             from .eva import _minimal_suffixes

@@ -161,20 +161,23 @@ def _check(model_type, task, tmp_path, full=True, **kw):
 
 # (BART's classifier (as T5's) is "classification_head", a name peft does not add to modules_to_save: not trained)
 CASES = [*[(m, "SEQ_CLS") for m in [*ENCODERS, "bart"]], ("bert", "TOKEN_CLS"), ("roberta", "TOKEN_CLS"),
-         ("bert", "QUESTION_ANS"), ("bert", "FEATURE_EXTRACTION"), *[(m, "SEQ_2_SEQ_LM") for m in SEQ2SEQ]]
+         ("llama", "TOKEN_CLS"), ("bert", "QUESTION_ANS"), ("deberta-v2", "QUESTION_ANS"),
+         ("bert", "FEATURE_EXTRACTION"), ("llama", "FEATURE_EXTRACTION"), *[(m, "SEQ_2_SEQ_LM") for m in SEQ2SEQ]]
 
 
 # peft crashes with "all-linear" on these (TypeError: modules_to_save cannot be applied to modules of type
 # lora.Linear): for TOKEN_CLS/QUESTION_ANS it adds the head to modules_to_save only after injecting LoRA into it (the
 # head is left out of "all-linear" only for SEQ_CLS); for DistilBERT it wraps modules_to_save by a bare suffix match,
 # so "classifier" takes in the already adapted "pre_classifier". fastpeft keeps the head out of the targets.
-PEFT_CRASHES = {("distilbert", "SEQ_CLS"), ("bert", "TOKEN_CLS"), ("roberta", "TOKEN_CLS"), ("bert", "QUESTION_ANS")}
+# (fastpeft's outputs there are checked against peft's of explicit targets in test_all_linear_on_heads_peft_refuses)
+def _peft_crashes(model_type, task):
+    return task in ("TOKEN_CLS", "QUESTION_ANS") or (model_type, task) == ("distilbert", "SEQ_CLS")
 
 
 @pytest.mark.parametrize(("model_type", "task"), CASES)
 def test_all_linear_matches_peft(model_type, task, tmp_path):
-    if (model_type, task) in PEFT_CRASHES:
-        pytest.skip("peft's get_peft_model raises TypeError (see PEFT_CRASHES)")
+    if _peft_crashes(model_type, task):
+        pytest.skip("peft's get_peft_model raises TypeError (see _peft_crashes)")
     _check(model_type, task, tmp_path, target_modules="all-linear")
 
 
@@ -230,3 +233,40 @@ def test_distilbert_pre_classifier_is_saved_as_peft_s(tmp_path):
     f = fastpeft.get_peft_model(base, fastpeft.LoraConfig(target_modules="all-linear", task_type="SEQ_CLS"))
     assert hasattr(f.base_model.model.pre_classifier, "lora_A")
     assert isinstance(f.base_model.model.classifier, fastpeft.ModulesToSaveWrapper)
+
+
+@pytest.mark.parametrize(("model_type", "task"), [("bert", "TOKEN_CLS"), ("bert", "QUESTION_ANS")])
+def test_all_linear_on_heads_peft_refuses(model_type, task, tmp_path):
+    """Where peft's get_peft_model crashes on "all-linear" (the head adapted, then wrapped), fastpeft adapts the same
+    layers as peft's explicit list of them and keeps the head in modules_to_save: the same model, and the file loads
+    in peft (the head not in the saved target_modules)."""
+    base = _base(model_type, task)
+    torch.manual_seed(1)
+    f = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(
+        r=4, lora_alpha=8, task_type=task, target_modules="all-linear", init_lora_weights=False))
+    names = f.peft_config["default"].target_modules
+    head = _config_fields(f)[1][0]
+    assert head not in names and isinstance(f.base_model.model.get_submodule(head), fastpeft.ModulesToSaveWrapper)
+    p, g = _both(base, task, target_modules=names)
+    assert set(g.state_dict()) == set(f.state_dict()) == set(p.state_dict())
+    x = _inputs(model_type, task, labels=False)
+    with torch.no_grad():
+        torch.testing.assert_close(_out(f(**x)), _out(p(**x)), rtol=1e-5, atol=1e-5)
+        f.save_pretrained(tmp_path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+        torch.testing.assert_close(_out(loaded(**x)), _out(p(**x)), rtol=1e-5, atol=1e-5)
+
+
+def test_whisper_seq2seq_task_type_runs_where_peft_s_does_not():
+    """peft's PeftModelForSeq2SeqLM cannot run Whisper (its forward passes input_ids=None, which Whisper hands to the
+    decoder with decoder_input_ids: TypeError); fastpeft's does, with the outputs of peft's task-less model."""
+    base = _base("whisper", "SEQ_2_SEQ_LM")
+    p, _ = _both(base, "SEQ_2_SEQ_LM", target_modules=["q_proj", "fc1"])
+    torch.manual_seed(1)
+    f = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(
+        r=4, lora_alpha=8, task_type="SEQ_2_SEQ_LM", target_modules=["q_proj", "fc1"], init_lora_weights=False))
+    assert type(f).__name__ == "PeftModelForSeq2SeqLM"
+    x = _inputs("whisper", "SEQ_2_SEQ_LM")
+    torch.testing.assert_close(f(**x).logits, p(**x).logits, rtol=1e-5, atol=1e-5)
