@@ -270,3 +270,18 @@ def test_whisper_seq2seq_task_type_runs_where_peft_s_does_not():
     assert type(f).__name__ == "PeftModelForSeq2SeqLM"
     x = _inputs("whisper", "SEQ_2_SEQ_LM")
     torch.testing.assert_close(f(**x).logits, p(**x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_other_methods_name_both_heads_as_peft():
+    """Regression: IA3 and prompt tuning on a SEQ_CLS model save modules_to_save with both head names, as peft (only
+    the present one before); peft's prompt tuning repeats them, hence the set."""
+    base = _base("bert", "SEQ_CLS")
+    for name, kw in [("IA3Config", dict(target_modules=["query", "value"], feedforward_modules=[])),
+                     ("PromptTuningConfig", dict(num_virtual_tokens=2))]:
+        got = []
+        for lib in (peft, fastpeft):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = lib.get_peft_model(copy.deepcopy(base), getattr(lib, name)(task_type="SEQ_CLS", **kw))
+            got.append(model.peft_config["default"].modules_to_save)
+        assert got[1] == ["classifier", "score"] and set(got[0]) == set(got[1]), name
