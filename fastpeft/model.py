@@ -1201,6 +1201,19 @@ def _name_matches(name: str, key: str) -> bool:
     return name == key or name.endswith("." + key)
 
 
+def _declared_tied_modules(model: nn.Module) -> set[str] | None:
+    """The modules whose weight transformers 5 declares tied (the keys of the models' ``_tied_weights_keys`` dicts,
+    submodels' included, as peft collects them); None where the model declares no such dict."""
+    if not isinstance(getattr(model, "_tied_weights_keys", None), dict):
+        return None
+    names = set()
+    for prefix, module in model.named_modules():
+        keys = getattr(module, "_tied_weights_keys", None)
+        if isinstance(keys, dict):
+            names.update(f"{prefix}.{k}".lstrip(".").rsplit(".", 1)[0] for k in keys)
+    return names
+
+
 def _plan_trainable_tokens(model: nn.Module, config: LoraConfig, lora_keys: list[str],
                            modules_to_save: list[str]) -> list[tuple[str, list[int], str | None]]:
     """What ``config.trainable_token_indices`` wraps, as peft: ``(module name, ids, None)`` for each layer whose rows
@@ -1235,12 +1248,16 @@ def _plan_trainable_tokens(model: nn.Module, config: LoraConfig, lora_keys: list
                          "weight", None) if embeddings is not None else None
     tied_names = []
     if weights_tied and emb_weight is not None:
+        declared = _declared_tied_modules(model)
         for n, m in model.named_modules():
             if not n or m is embeddings or ".token_adapter" in n:
                 continue
             if isinstance(m, TrainableTokensWrapper) and m.is_tied:
                 tied_names.append(n)
-            elif isinstance(m, nn.Linear) and m.weight is emb_weight:
+            elif isinstance(m, (nn.Linear, nn.Embedding)) and m.weight is emb_weight \
+                    and (declared is None or n in declared):
+                # (T5's and Marian's encoder/decoder embed_tokens too: embeddings of their own over the shared
+                # weight; as peft, the layers transformers declares tied, not the weight's holder, Marian's "shared")
                 tied_names.append(n)
             elif _is_lora_layer(m) and getattr(getattr(m, "base_layer", None), "weight", None) is emb_weight:
                 tied_names.append(n)

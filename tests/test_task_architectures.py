@@ -74,7 +74,8 @@ def _both(base, task, **kw):
         warnings.simplefilter("ignore")
         for lib in (peft, fastpeft):
             torch.manual_seed(1)
-            models.append(lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(**kw)))
+            models.append(lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(**copy.deepcopy(kw))))  # (peft
+            # extends the modules_to_save list it is given)
     return models
 
 
@@ -285,3 +286,23 @@ def test_other_methods_name_both_heads_as_peft():
                 model = lib.get_peft_model(copy.deepcopy(base), getattr(lib, name)(task_type="SEQ_CLS", **kw))
             got.append(model.peft_config["default"].modules_to_save)
         assert got[1] == ["classifier", "score"] and set(got[0]) == set(got[1]), name
+
+
+@pytest.mark.parametrize("model_type", ["t5", "marian"])
+def test_trainable_tokens_reach_seq2seq_embeddings_as_peft(model_type, tmp_path):
+    """Regression: on transformers 5's T5 and Marian the encoder's and decoder's embed_tokens are embeddings of their
+    own over the shared weight; trainable_token_indices follow the input embeddings' rows in them (and in lm_head),
+    as peft does, not only in ``shared`` and the head (the tokens did not reach the encoder or decoder inputs);
+    Marian's ``shared`` (the weight's holder, unused) is not wrapped, as in peft."""
+    _check(model_type, "SEQ_2_SEQ_LM", tmp_path, full=False, target_modules=["q" if model_type == "t5" else "q_proj"],
+           trainable_token_indices=[3, 5])
+    base = _base(model_type, "SEQ_2_SEQ_LM")
+    p, f = _both(base, "SEQ_2_SEQ_LM", target_modules=["q" if model_type == "t5" else "q_proj"],
+                 trainable_token_indices=[3, 5])
+    x = {"input_ids": torch.tensor([[3, 5, 7, 3, 2]]), "decoder_input_ids": torch.tensor([[0, 5, 3]])}
+    with torch.no_grad():
+        for model in (p, f):
+            for name, q in model.named_parameters():
+                if "trainable_tokens_delta" in name:
+                    q.add_(1.0)
+        torch.testing.assert_close(f(**x).logits, p(**x).logits, rtol=1e-5, atol=1e-5)
