@@ -2,7 +2,11 @@
 peft's for SEQ_CLS (encoders and a decoder classifier), TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION and SEQ_2_SEQ_LM
 (text and speech) — the adapted layers and the head peft adds to ``modules_to_save`` (state-dict keys, saved config
 fields, seeded init), outputs with labels, gradients and which parameters train, greedy generation, files both ways,
-merge_and_unload; and the default targets (``target_modules=None``) of each model type, or peft's refusal."""
+merge_and_unload; and the default targets (``target_modules=None``) of each model type, or peft's refusal.
+
+Known differences left as they are (peft's quirks or crashes, see the comments): peft crashes on "all-linear" for
+TOKEN_CLS/QUESTION_ANS and DistilBERT SEQ_CLS, and on Whisper under PeftModelForSeq2SeqLM; peft repeats the head names
+in modules_to_save (["classifier", "classifier", "score"] when given "classifier"), fastpeft lists each once."""
 
 from __future__ import annotations
 
