@@ -55,17 +55,26 @@ _NEUTRAL: dict[str, tuple] = {
 _PASSIVE = ("auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "runtime_config")
 
 # peft's defaults for the attention projections of common architectures (the same facts peft ships in
-# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING), used when ``target_modules`` is None.
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    **{t: ["q_proj", "v_proj"] for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "gemma",
-                                           "gemma2", "gemma3_text", "phi", "phi3", "opt", "bart", "mbart", "gptj",
-                                           "olmo", "olmo2", "granite", "stablelm", "starcoder2", "cohere", "smollm3")},
-    **{t: ["query_key_value"] for t in ("bloom", "gpt_neox", "falcon", "chatglm")},
+# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, 0.21: no more, no fewer), used when ``target_modules`` is None;
+# for another model type peft raises, and so does fastpeft.
+DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
+    **{t: ["q_proj", "v_proj"] for t in ("bart", "opt", "gptj", "gpt_neo", "llama", "llama4", "mistral", "mixtral",
+                                           "stablelm", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3")},
+    **{t: ["query_key_value"] for t in ("bloom", "gpt_neox", "chatglm", "RefinedWebModel", "RefinedWeb", "falcon")},
     **{t: ["c_attn"] for t in ("gpt2", "gpt_bigcode")},
-    **{t: ["query", "value"] for t in ("bert", "roberta", "xlm-roberta", "electra", "deberta", "camembert")},
-    **{t: ["q", "v"] for t in ("t5", "mt5", "umt5")},
+    **{t: ["query", "value"] for t in ("bert", "roberta", "xlm-roberta", "electra", "layoutlm")},
+    **{t: ["q", "v"] for t in ("t5", "mt5")},
+    "blip-2": ["q", "v", "q_proj", "v_proj"],
     "deberta-v2": ["query_proj", "value_proj"],
-    "distilbert": ["q_lin", "v_lin"],
+    "deberta": ["in_proj"],
+    "mpt": ["Wqkv"],
+    "btlm": ["c_proj", "c_attn"],
+    "codegen": ["qkv_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
 }
 
 

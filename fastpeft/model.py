@@ -34,6 +34,8 @@ from .moe_v5 import convert_config as convert_moe_config
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 INCLUDE_LINEAR_LAYERS_SHORTHAND = "all-linear"
+_MIN_TARGETS_TO_CONDENSE = 20  # peft's MIN_TARGET_MODULES_FOR_OPTIMIZATION
+_SEQ_CLS_HEADS = ("score", "classifier")  # peft's SEQ_CLS_HEAD_NAMES, in its order: the head "all-linear" leaves out
 _CLASSIFIER_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
                      "QUESTION_ANS": ["qa_outputs"]}
 
@@ -280,7 +282,8 @@ def _resolve_targets(model: nn.Module, config: LoraConfig) -> list[str] | str:
                 return []
             raise ValueError(f"target_modules is None and fastpeft has no default for model type {model_type!r}; "
                              "pass target_modules (a list of names, a regex, or 'all-linear')")
-        return list(DEFAULT_TARGET_MODULES[model_type])
+        default = DEFAULT_TARGET_MODULES[model_type]
+        return default if isinstance(default, str) else list(default)
     if isinstance(targets, str) and targets.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND:  # any case, as peft
         head = None
         get_out = getattr(model, "get_output_embeddings", None)
@@ -327,14 +330,20 @@ def named_modules_of(model: nn.Module, kind: type | tuple[type, ...]) -> Iterato
 
 def wrap_matching_modules(model: nn.Module, names: list[str], adapter_name: str,
                           skip_parts: tuple[str, ...], tied_module: nn.Module | None = None) -> list[str]:
-    """Put every module of ``model`` whose name is, or ends with, one of ``names`` in a ``ModulesToSaveWrapper``
-    (one already wrapped gets a copy for ``adapter_name``), passing over names with a part in ``skip_parts``;
-    returns the wrapped names. ``tied_module``: see ``ModulesToSaveWrapper.update``."""
+    """Put every module of ``model`` whose name ends with one of ``names`` in a ``ModulesToSaveWrapper`` (one
+    already wrapped gets a copy for ``adapter_name``), passing over names with a part in ``skip_parts``; returns the
+    wrapped names. ``tied_module``: see ``ModulesToSaveWrapper.update``.
+
+    As peft's ``_set_trainable``, the name is a bare suffix: "classifier" takes DistilBERT's ``pre_classifier`` too
+    (trained and saved in full with the head). A LoRA layer matched only that way (``pre_classifier`` adapted by
+    "all-linear") stays as it is, where peft raises a TypeError."""
     wrapped = []
     for key in [n for n, _ in model.named_modules() if n] if names else []:
-        if any(p in skip_parts for p in key.split(".")) or not any(key == m or key.endswith(f".{m}") for m in names):
+        if any(p in skip_parts for p in key.split(".")) or not any(key.endswith(m) for m in names):
             continue
         module = model.get_submodule(key)
+        if _is_lora_layer(module) and not any(key == m or key.endswith(f".{m}") for m in names):
+            continue
         if isinstance(module, ModulesToSaveWrapper):
             module.update(adapter_name, tied_module=tied_module)
         else:
@@ -438,10 +447,8 @@ class LoraModel(nn.Module):
         before = {id(p): p.requires_grad for n, p in model.named_parameters()
                   if self.prefix in n or ".modules_to_save." in n or _TOKEN_DELTA in n}  # other adapters' weights
         targets = _resolve_targets(model, config)
+        # as peft: both head names go into the config (and adapter_config.json), present in the model or not
         extra_save = _CLASSIFIER_HEADS.get(config.task_type or "", [])
-        if extra_save:
-            present = {n.split(".")[-1] for n, _ in model.named_modules()}
-            extra_save = [m for m in extra_save if m in present]
         modules_to_save = list(dict.fromkeys([*(config.modules_to_save or []), *extra_save]))
         if modules_to_save != (config.modules_to_save or []) and modules_to_save:
             config.modules_to_save = modules_to_save
@@ -553,10 +560,27 @@ class LoraModel(nn.Module):
         # As peft, the saved config names what was adapted: the model type's default targets for None, the
         # adapted modules' full names for "all-linear", and fan_in_fan_out for Conv1D targets.
         if config.target_modules is None:  # (no default for the model type with target_parameters: [] as peft)
-            config.target_modules = sorted(targets)
+            config.target_modules = targets if isinstance(targets, str) else sorted(targets)
         elif isinstance(config.target_modules, str) \
                 and config.target_modules.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND:
-            config.target_modules = sorted(matched)
+            # peft lists the linear layers inside modules_to_save too (roberta's classifier.dense), not the head
+            listed = {k for k in names if k not in matched and _in_modules_to_save(modules_to_save, k)
+                      and not _is_inside_lora(model, k) and _supported_base(model.get_submodule(k))}
+            # (where peft crashes, TOKEN_CLS / QUESTION_ANS, their head is left out likewise)
+            get_out = getattr(model, "get_output_embeddings", None)
+            heads = _SEQ_CLS_HEADS if config.task_type in ("SEQ_CLS", "TOKEN_CLS") else ("qa_outputs",)
+            if config.task_type in _CLASSIFIER_HEADS and (not callable(get_out) or get_out() is None):
+                listed -= {next((h for h in heads if getattr(model, h, None) is not None), None)}
+            config.target_modules = sorted({*matched, *listed})
+        if isinstance(config.target_modules, (list, set)) and len(config.target_modules) >= _MIN_TARGETS_TO_CONDENSE:
+            from .eva import _minimal_suffixes
+
+            # peft condenses a long list to the name suffixes that pick out the same modules (its saved config)
+            suffixes = tuple(f".{t}" for t in config.target_modules)
+            others = ["", *(n for n in names if n not in config.target_modules and not n.endswith(suffixes))]
+            condensed = _minimal_suffixes(list(config.target_modules), others)
+            if len(condensed) < len(config.target_modules):
+                config.target_modules = sorted(condensed)
         adapted = [model.get_submodule(k) for k in matched]
         if any(isinstance(m, FastLoraLinear) and _is_conv1d(m.base_layer) for m in adapted):
             config.fan_in_fan_out = True
@@ -1184,6 +1208,19 @@ def _name_matches(name: str, key: str) -> bool:
     return name == key or name.endswith("." + key)
 
 
+def _declared_tied_modules(model: nn.Module) -> set[str] | None:
+    """The modules whose weight transformers 5 declares tied (the keys of the models' ``_tied_weights_keys`` dicts,
+    submodels' included, as peft collects them); None where the model declares no such dict."""
+    if not isinstance(getattr(model, "_tied_weights_keys", None), dict):
+        return None
+    names = set()
+    for prefix, module in model.named_modules():
+        keys = getattr(module, "_tied_weights_keys", None)
+        if isinstance(keys, dict):
+            names.update(f"{prefix}.{k}".lstrip(".").rsplit(".", 1)[0] for k in keys)
+    return names
+
+
 def _plan_trainable_tokens(model: nn.Module, config: LoraConfig, lora_keys: list[str],
                            modules_to_save: list[str]) -> list[tuple[str, list[int], str | None]]:
     """What ``config.trainable_token_indices`` wraps, as peft: ``(module name, ids, None)`` for each layer whose rows
@@ -1218,12 +1255,16 @@ def _plan_trainable_tokens(model: nn.Module, config: LoraConfig, lora_keys: list
                          "weight", None) if embeddings is not None else None
     tied_names = []
     if weights_tied and emb_weight is not None:
+        declared = _declared_tied_modules(model)
         for n, m in model.named_modules():
             if not n or m is embeddings or ".token_adapter" in n:
                 continue
             if isinstance(m, TrainableTokensWrapper) and m.is_tied:
                 tied_names.append(n)
-            elif isinstance(m, nn.Linear) and m.weight is emb_weight:
+            elif isinstance(m, (nn.Linear, nn.Embedding)) and m.weight is emb_weight \
+                    and (declared is None or n in declared):
+                # (T5's and Marian's encoder/decoder embed_tokens too: embeddings of their own over the shared
+                # weight; as peft, the layers transformers declares tied, not the weight's holder, Marian's "shared")
                 tied_names.append(n)
             elif _is_lora_layer(m) and getattr(getattr(m, "base_layer", None), "weight", None) is emb_weight:
                 tied_names.append(n)

@@ -266,7 +266,7 @@ def test_default_targets_and_seq_cls_head_like_peft():
     names = sorted(n for n, m in ours.named_modules() if isinstance(m, fastpeft.FastLoraLinear))
     assert names and all(n.endswith(("query", "value")) for n in names)
     assert isinstance(ours.base_model.model.classifier, fastpeft.ModulesToSaveWrapper)
-    assert ours.peft_config["default"].modules_to_save == ["classifier"]
+    assert ours.peft_config["default"].modules_to_save == ["classifier", "score"]  # peft's, "score" absent
     assert_rel(_logits(ours, inputs), _logits(theirs, inputs), 1e-5, "bert default targets")
 
 

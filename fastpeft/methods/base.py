@@ -111,10 +111,11 @@ def head_names(model: nn.Module) -> list[str]:
 
 
 def modules_to_save_for(model: nn.Module, config: MethodConfig) -> list[str]:
-    """``config.modules_to_save`` plus the classifier head for SEQ_CLS/TOKEN_CLS (as peft adds it)."""
+    """``config.modules_to_save`` plus the classifier head's names for SEQ_CLS/TOKEN_CLS: both, present or not, as peft
+    adds them (its saved config)."""
     names = list(getattr(config, "modules_to_save", None) or [])
     if config.task_type in ("SEQ_CLS", "TOKEN_CLS"):
-        names += head_names(model)
+        names += CLASSIFIER_HEADS
     return list(dict.fromkeys(names))
 
 
