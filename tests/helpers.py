@@ -155,3 +155,27 @@ def grads_match(ours, theirs, lo, lt, tol=1e-5):
     for n in go:
         assert_rel(go[n], gt[n], tol, n)
     return go
+
+
+# the linear layers of tiny_llama / tiny_gpt2 (target_modules lists for the fuzz tests)
+LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GPT2_LINEAR = ["c_attn", "c_proj", "c_fc"]
+
+
+def run_both(ours, theirs, quiet: bool = False) -> tuple[list, list]:
+    """Call ``ours()`` and ``theirs()`` (fastpeft's and peft's step): ``([result or None, ...], [exception or None,
+    ...])``, any exception caught (``quiet``: warnings silenced)."""
+    import warnings
+
+    results, errors = [], []
+    for fn in (ours, theirs):
+        try:
+            with warnings.catch_warnings():
+                if quiet:
+                    warnings.simplefilter("ignore")
+                results.append(fn())
+            errors.append(None)
+        except Exception as exc:  # noqa: BLE001 - any refusal, compared by the caller
+            results.append(None)
+            errors.append(exc)
+    return results, errors

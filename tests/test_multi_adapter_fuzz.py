@@ -20,15 +20,15 @@ import pytest
 import torch
 
 import fastpeft
-from helpers import tiny_gpt2, tiny_llama
+from helpers import GPT2_LINEAR as GPT2
+from helpers import LLAMA_LINEAR as LLAMA
+from helpers import run_both, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 V = 96
 IDS = torch.randint(0, V, (3, 7), generator=torch.Generator().manual_seed(5))
-LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-GPT2 = ["c_attn", "c_proj", "c_fc"]
 
 
 class _Stop(Exception):
@@ -55,16 +55,7 @@ def _config(rng, kind):
 def _both(ours, theirs, what, peft_may_refuse=False):
     """Run a step on both: both fine (the results back) or both refusing (None back). ``peft_may_refuse``: a
     ValueError from peft alone ends the case too (a step peft refuses by mistake)."""
-    results, errors = [], []
-    for fn in (ours, theirs):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                results.append(fn())
-            errors.append(None)
-        except Exception as exc:  # noqa: BLE001 - any refusal, compared below
-            results.append(None)
-            errors.append(exc)
+    results, errors = run_both(ours, theirs, quiet=True)
     if (errors[0] is None) != (errors[1] is None):
         if errors[0] is None and (peft_may_refuse or not isinstance(errors[1], ValueError)):
             raise _Stop(f"{what}: peft crashed with {errors[1]!r}")
