@@ -194,6 +194,11 @@ def _backward(ctx, dy, _dxa):
         raise RuntimeError("fastpeft's LoRA op keeps the base weight frozen: it computes no gradient for it. "
                            "Call base_layer.weight.requires_grad_(False), or train it without fastpeft.")
     need_dx, need_dbias, need_dA, need_dB = need[0], need[2], need[3], need[4]
+    if torch.is_grad_enabled():  # backward with create_graph=True: gradients that are differentiable themselves
+        dx, dA, dB, dbias = _differentiable_grads(dy, x, weight, lora_A, lora_B, seed, ctx.scale, ctx.dropout_p,
+                                                  ctx.fan_in_fan_out)
+        return (dx if need_dx else None, None, dbias.to(ctx.bias_dtype) if need_dbias else None,
+                dA if need_dA else None, dB if need_dB else None, None, None, None, None)
     dx, dA, dB, dbias = _lora_linear_backward_op(
         dy, x, weight, lora_A, lora_B, xa, seed, ctx.scale, ctx.dropout_p, ctx.fan_in_fan_out,
         need_dx, need_dA, need_dB, need_dbias)
@@ -201,6 +206,23 @@ def _backward(ctx, dy, _dxa):
             dbias.to(ctx.bias_dtype) if need_dbias else None,
             dA if need_dA else None, dB if need_dB else None,
             None, None, None, None)
+
+
+def _differentiable_grads(dy, x, weight, lora_A, lora_B, seed, scale, dropout_p, fan_in_fan_out):
+    """``(dx, dA, dB, dbias)`` of the LoRA op in plain, differentiable PyTorch (the same formulas and dropout mask as
+    the fused backward, ``xa`` recomputed rather than read back), for a backward that builds a graph
+    (``create_graph=True``: gradient penalties, double backward). The fused backward op has no autograd formula of
+    its own."""
+    x2d, dy2d = _flat(x), _flat(dy).float()
+    keep = reference.dropout_keep_mask(seed, x2d.shape[0], x2d.shape[1], dropout_p, device=x2d.device) \
+        if dropout_p > 0.0 else None
+    xd = reference.masked(x2d.float(), keep, dropout_p)
+    w = reference._base_weight(weight, fan_in_fan_out).float()
+    dS = scale * (dy2d @ lora_B.float())  # (N, r)
+    dx = (dy2d @ w + reference.masked(dS @ lora_A.float(), keep, dropout_p)).to(x.dtype).reshape(x.shape)
+    dA = (dS.t() @ xd).to(lora_A.dtype)
+    dB = (scale * (dy2d.t() @ (xd @ lora_A.float().t()))).to(lora_B.dtype)
+    return dx, dA, dB, dy2d.sum(0)
 
 
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)

@@ -283,3 +283,28 @@ def test_outputs_can_be_modified_in_place(backend, N):
             grads.append([p.grad.clone() for p in layer.parameters() if p.requires_grad])
         for a, b in zip(*grads):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_double_backward_gradient_penalty(backend, p):
+    """A gradient penalty (``create_graph=True``, then backward through the gradient): the op's gradients are
+    differentiable, with the forward's dropout mask; against the same function in float64 plain PyTorch."""
+    from fastpeft.reference import dropout_keep_mask
+
+    g = torch.Generator().manual_seed(3)
+    x0, W, b0 = torch.randn(2, 3, 5, generator=g), torch.randn(4, 5, generator=g), torch.randn(4, generator=g)
+    A0, B0, gy = torch.randn(2, 5, generator=g), torch.randn(4, 2, generator=g), torch.randn(2, 3, 4, generator=g)
+    seed = torch.tensor([7], dtype=torch.int64)
+    keep = dropout_keep_mask(seed, 6, 5, p).reshape(2, 3, 5) if p else torch.ones(2, 3, 5, dtype=torch.bool)
+
+    def penalty(op, dtype):
+        x, b, A, B = [t.detach().to(dtype).clone().requires_grad_() for t in (x0, b0, A0, B0)]
+        y = op(x, W.to(dtype), b, A, B)
+        gx, = torch.autograd.grad((y * gy.to(dtype)).sum(), x, create_graph=True)
+        ((gx ** 2).sum() + (y ** 2).sum()).backward()
+        return [t.grad for t in (x, b, A, B)]
+
+    ours = penalty(lambda x, W, b, A, B: lora_linear(x, W, b, A, B, scale=1.5, dropout_p=p, seed=seed), torch.float32)
+    ref = penalty(lambda x, W, b, A, B: x @ W.t() + b + 1.5 * ((x * keep / (1 - p)) @ A.t()) @ B.t(), torch.float64)
+    for got, want in zip(ours, ref):
+        assert_rel(got.double(), want, 1e-5)
