@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .lora import DoraMagnitude
-from .switches import AdapterSwitches, init_lora_state
+from .switches import AdapterSwitches, MergeMath, init_lora_state
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -55,7 +55,7 @@ def _torch_conv_class(base: nn.Module) -> type:
     raise TypeError(f"FastLoraConv wraps nn.Conv1d, nn.Conv2d or nn.Conv3d, got {type(base).__name__}")
 
 
-class FastLoraConv(AdapterSwitches, nn.Module):
+class FastLoraConv(AdapterSwitches, MergeMath, nn.Module):
     """LoRA on a frozen convolution: ``base(x) + scale · lora_B(lora_A(dropout(x)))`` (peft's ``lora.Conv1d``,
     ``lora.Conv2d``, ``lora.Conv3d``); see the module for the formulas and where it differs from peft.
 
@@ -175,8 +175,7 @@ class FastLoraConv(AdapterSwitches, nn.Module):
         if adapter_name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[adapter_name]
         if use_dora:
-            with torch.no_grad():
-                norm = self._weight_norm(adapter_name).to(dtype)
+            norm = self._weight_norm(adapter_name, self.base_layer.weight.detach()).to(dtype)
             self.lora_magnitude_vector[adapter_name] = DoraMagnitude(nn.Parameter(norm))
         self._activate_added(adapter_name, config)
 
@@ -221,72 +220,47 @@ class FastLoraConv(AdapterSwitches, nn.Module):
         """A per-output-channel vector shaped to scale an output (batched or not) or a weight: (out, 1, …)."""
         return v.reshape(-1, *([1] * (self._kernel_dim - 2)))
 
-    def _weight_view(self, v: torch.Tensor) -> torch.Tensor:
+    def _along_out(self, v: torch.Tensor) -> torch.Tensor:
         """A per-output-channel vector shaped to scale a weight (out, in/groups, *k): (out, 1, 1, …)."""
         return v.reshape(-1, *([1] * (self._kernel_dim - 1)))
+
+    def _out_norm(self, w: torch.Tensor) -> torch.Tensor:
+        """The norm of each output channel's slice of ``w`` (laid out as the base weight): (out,)."""
+        return torch.linalg.vector_norm(w, dim=tuple(range(1, w.dim())))
+
+    def _refuse_grouped_merge(self) -> None:
+        if self.base_layer.groups > 1:
+            raise NotImplementedError(f"Merging is not supported for {type(self.base_layer).__name__} layers with "
+                                      f"groups > 1 (here {self.base_layer.groups}), as in peft")
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``scale · ΔW`` in fp32, shaped as the base weight: ``ΔW[o, i, κ] = Σ_r B[o, r] A[r, i, κ]``. A grouped
         base (groups > 1) raises: its LoRA delta is no grouped weight."""
-        if self.base_layer.groups > 1:
-            raise NotImplementedError(f"Merging is not supported for {type(self.base_layer).__name__} layers with "
-                                      f"groups > 1 (here {self.base_layer.groups}), as in peft")
+        self._refuse_grouped_merge()
         A = self.lora_A[adapter_name].weight.float()
         B = self.lora_B[adapter_name].weight.float()
         r = A.shape[0]
         delta = B.reshape(-1, r) @ A.reshape(r, -1)
         return delta.reshape(self.base_layer.weight.shape) * self.scaling[adapter_name]
 
-    def _weight_norm(self, adapter_name: str, w0: torch.Tensor | None = None) -> torch.Tensor:
-        """``‖W0 + s·ΔW‖`` per output channel (fp32, shaped (1, out, 1, …) as peft's magnitude), ``ΔW`` detached;
-        ``w0``: the unmerged base weight (default: the base weight as it is)."""
-        w = (self.base_layer.weight if w0 is None else w0).detach().float()
-        with torch.no_grad():
-            w = w + self.get_delta_weight(adapter_name)
-        norm = torch.linalg.vector_norm(w, dim=tuple(range(1, w.dim())))
+    @torch.no_grad()
+    def _weight_norm(self, adapter_name: str, w0: torch.Tensor) -> torch.Tensor:
+        """``‖w0 + s·ΔW‖`` per output channel (fp32, shaped as a DoRA magnitude: (1, out, 1, …))."""
+        norm = self._out_norm(w0.float() + self.get_delta_weight(adapter_name))
         return norm.reshape(1, -1, *([1] * (self._kernel_dim - 2)))
 
-    @torch.no_grad()
     def dora_weight_norm(self, adapter_name: str) -> torch.Tensor:
-        """``‖W0 + s·ΔW‖`` per output channel of DoRA adapter ``adapter_name`` on the unmerged base weight (fp32,
-        shaped as its magnitude: (1, out, 1, …)); the magnitude that makes the adapter a plain LoRA."""
-        w0 = self._unmerged_weight(self.base_layer.weight.float()) if self.merged_adapters else None
-        return self._weight_norm(adapter_name, w0)
+        """``‖W0 + s·ΔW‖`` per output channel of adapter ``adapter_name`` on the unmerged base weight (fp32, shaped
+        as its magnitude: (1, out, 1, …)); the magnitude that makes the adapter a plain LoRA."""
+        w = self.base_layer.weight.detach().float()
+        return self._weight_norm(adapter_name, self._unmerged_weight(w) if self.merged_adapters else w)
 
     def _dora_scale(self, adapter_name: str) -> torch.Tensor:
         """``m / ‖W0 + s·ΔW‖`` (fp32, the norm detached), per output channel, shaped (out, 1, …)."""
-        w0 = self._unmerged_weight(self.base_layer.weight.float()) if self.merged_adapters else None
-        norm = self._weight_norm(adapter_name, w0)
-        return self._channel_view(self.lora_magnitude_vector[adapter_name].weight.float() / norm)
+        magnitude = self.lora_magnitude_vector[adapter_name].weight.float()
+        return self._channel_view(magnitude / self.dora_weight_norm(adapter_name))
 
     # ------------------------------------------------------------ merging
-    def _merge_math(self, w: torch.Tensor, name: str, w0: torch.Tensor | None, record: bool = True) -> torch.Tensor:
-        """``w`` (fp32) with ``name`` merged: ``w + ΔW``; DoRA ``k ⊙ (w + ΔW)``, the norm on ``w0`` (default
-        ``w``), kept (``record``) for the unmerge."""
-        delta = self.get_delta_weight(name)
-        if not self.use_dora.get(name, False):
-            return w + delta
-        norm = self._weight_norm(name, w if w0 is None else w0)
-        if record:
-            self._dora_merged_norms[name] = norm
-        factor = self._weight_view(self.lora_magnitude_vector[name].weight.detach().float() / norm)
-        return factor * (w + delta)
-
-    def _unmerge_math(self, w: torch.Tensor, name: str) -> torch.Tensor:
-        delta = self.get_delta_weight(name)
-        if not self.use_dora.get(name, False):
-            return w - delta
-        norm = self._dora_merged_norms[name].to(w.device)
-        factor = self._weight_view(self.lora_magnitude_vector[name].weight.detach().float() / norm)
-        return w / factor - delta
-
-    def _unmerged_weight(self, w: torch.Tensor) -> torch.Tensor:
-        """``w`` (fp32) with every merged adapter taken out (nothing written)."""
-        for name in reversed(self.merged_adapters):
-            if name in self.lora_A:
-                w = self._unmerge_math(w, name)
-        return w
-
     def _scaled_bias(self, name: str) -> torch.Tensor | None:
         bias = self.lora_B[name].bias
         return None if bias is None else bias.detach().float() * self.scaling[name]
@@ -305,9 +279,8 @@ class FastLoraConv(AdapterSwitches, nn.Module):
         unknown = [n for n in todo if n not in self.lora_A]
         if unknown:
             raise ValueError(f"unknown adapter {unknown[0]!r}; this layer has {list(self.lora_A.keys())}")
-        if todo and self.base_layer.groups > 1:
-            raise NotImplementedError(f"Merging is not supported for {type(self.base_layer).__name__} layers with "
-                                      f"groups > 1 (here {self.base_layer.groups}), as in peft")
+        if todo:
+            self._refuse_grouped_merge()
         if self.base_layer.bias is None and any(self.lora_B[n].bias is not None for n in todo):
             raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
         weight, bias = self.base_layer.weight, self.base_layer.bias

@@ -40,7 +40,7 @@ from .lora_init import (
     olora_factors,
     pissa_factors,
 )
-from .switches import AdapterSwitches, init_lora_state
+from .switches import AdapterSwitches, MergeMath, init_lora_state
 
 # Rows of W0 upcast (or decoded) to fp32 at once for DoRA's weight norm: bounds that temporary at
 # ~16 MiB instead of peft's full (out, in) fp32 matrix.
@@ -164,7 +164,7 @@ def _base_shape(base: nn.Module) -> tuple[int, int, bool]:
     raise TypeError(f"FastLoraLinear wraps nn.Linear or transformers' Conv1D, got {type(base).__name__}")
 
 
-class FastLoraLinear(AdapterSwitches, nn.Module):
+class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
     """LoRA on a frozen linear layer: ``y = base(x) + scale · B(A(dropout(x))))``, fused.
 
     Args mirror peft's ``LoraConfig``: ``r`` (rank, ≥ 1), ``lora_alpha``,
@@ -528,36 +528,9 @@ class FastLoraLinear(AdapterSwitches, nn.Module):
         """A per-output-feature vector shaped to scale a weight laid out as the base's."""
         return v.view(1, -1) if self.fan_in_fan_out else v.view(-1, 1)
 
-    def _merge_math(self, w: torch.Tensor, name: str, w0: torch.Tensor | None, record: bool = True) -> torch.Tensor:
-        """``w`` (fp32, laid out as the base weight) with adapter ``name`` merged in. LoRA: ``w + ΔW``. DoRA,
-        as peft: ``m / ‖W0 + ΔW‖_row ⊙ (w + ΔW)``, the norm taken on the base without merged adapters
-        (``w0``, or ``w`` itself when None) and kept (``record``) for the unmerge."""
-        delta = self.get_delta_weight(name)
-        if not self.use_dora.get(name, False):
-            return w + delta
-        base = w if w0 is None else w0
-        norm = torch.linalg.vector_norm(base + delta, dim=0 if self.fan_in_fan_out else 1)
-        if record:
-            self._dora_merged_norms[name] = norm
-        factor = self.lora_magnitude_vector[name].weight.detach().float() / norm
-        return self._along_out(factor) * (w + delta)
-
-    def _unmerge_math(self, w: torch.Tensor, name: str) -> torch.Tensor:
-        """``w`` (fp32) with merged adapter ``name`` taken out again (DoRA: with the norm kept at merge)."""
-        delta = self.get_delta_weight(name)
-        if not self.use_dora.get(name, False):
-            return w - delta
-        # (the norm kept at merge stays where it was computed: the layer may have moved to another device since)
-        norm = self._dora_merged_norms[name].to(w.device)
-        factor = self.lora_magnitude_vector[name].weight.detach().float() / norm
-        return w / self._along_out(factor) - delta
-
-    def _unmerged_weight(self, w: torch.Tensor) -> torch.Tensor:
-        """``w`` (the current base weight, fp32) with every merged adapter taken out, in fp32 (nothing written)."""
-        for name in reversed(self.merged_adapters):
-            if name in self.lora_A:
-                w = self._unmerge_math(w, name)
-        return w
+    def _out_norm(self, w: torch.Tensor) -> torch.Tensor:
+        """The norm of each output feature's row of ``w`` (laid out as the base weight): (out,)."""
+        return torch.linalg.vector_norm(w, dim=0 if self.fan_in_fan_out else 1)
 
     def _check_bias_mergeable(self, names: list[str]) -> None:
         """Raise (before anything is written) if one of ``names`` has a ``lora_B`` bias but the base has none

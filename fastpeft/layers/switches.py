@@ -161,6 +161,43 @@ class AdapterSwitches:
         return names
 
 
+class MergeMath:
+    """Merging an adapter's delta into a weight and taking it out again, in fp32, for the layers with ``lora_A`` /
+    ``lora_B`` (linear, convolution): LoRA adds ``ΔW``; DoRA, as peft, gives ``m / ‖W0 + ΔW‖ ⊙ (w + ΔW)`` per output
+    feature, the norm taken on the base without merged adapters and kept for the unmerge. A layer supplies
+    ``get_delta_weight(name)`` (``ΔW`` laid out as its base weight), ``_out_norm(w)`` (each output feature's norm,
+    (out,)) and ``_along_out(v)`` (an (out,) vector shaped to scale such a weight)."""
+
+    def _merge_math(self, w: torch.Tensor, name: str, w0: torch.Tensor | None, record: bool = True) -> torch.Tensor:
+        """``w`` (fp32, laid out as the base weight) with adapter ``name`` merged in; DoRA's norm is taken on
+        ``w0`` (the base without merged adapters; ``w`` itself when None) and kept (``record``) for the unmerge."""
+        delta = self.get_delta_weight(name)
+        if not self.use_dora.get(name, False):
+            return w + delta
+        norm = self._out_norm((w if w0 is None else w0) + delta)
+        if record:
+            self._dora_merged_norms[name] = norm
+        factor = self.lora_magnitude_vector[name].weight.detach().float().reshape(-1) / norm
+        return self._along_out(factor) * (w + delta)
+
+    def _unmerge_math(self, w: torch.Tensor, name: str) -> torch.Tensor:
+        """``w`` (fp32) with merged adapter ``name`` taken out again (DoRA: with the norm kept at merge)."""
+        delta = self.get_delta_weight(name)
+        if not self.use_dora.get(name, False):
+            return w - delta
+        # (the norm kept at merge stays where it was computed: the layer may have moved to another device since)
+        norm = self._dora_merged_norms[name].to(w.device)
+        factor = self.lora_magnitude_vector[name].weight.detach().float().reshape(-1) / norm
+        return w / self._along_out(factor) - delta
+
+    def _unmerged_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` (the current base weight, fp32) with every merged adapter taken out, in fp32 (nothing written)."""
+        for name in reversed(self.merged_adapters):
+            if name in self.lora_A:
+                w = self._unmerge_math(w, name)
+        return w
+
+
 def init_lora_state(layer: nn.Module) -> None:
     """The per-adapter containers a LoRA layer with ``lora_A``/``lora_B`` modules keeps (peft's names), empty;
     no adapter active, none merged."""
