@@ -504,7 +504,6 @@ class LoraModel(nn.Module):
                 parent, child = parent_of(model, key)
                 setattr(parent, child, new)
             elif is_plain_conv(module):
-                kw.pop("loftq_config", None)
                 new = FastLoraConv.from_conv(module, adapter_name=adapter_name, **kw)
                 parent, child = parent_of(model, key)
                 setattr(parent, child, new)
@@ -902,7 +901,7 @@ class LoraModel(nn.Module):
         """The adapters side by side: A's stacked (each times its weight and scale), B's concatenated."""
         As = [adapter_factors(layer, a)[0].float() * (w * layer.scaling[a]) for a, w in present]
         B = torch.cat([adapter_factors(layer, a)[1].float() for a, _ in present], dim=1)
-        groups = getattr(getattr(layer, "base_layer", None), "groups", 1) if isinstance(layer, FastLoraConv) else 1
+        groups = layer.base_layer.groups if isinstance(layer, FastLoraConv) else 1
         if groups > 1:
             # a grouped convolution's lora_B sees rank channels group by group (its columns are each group's own):
             # A's rows are interleaved per group so that each group keeps its adapters' rows (peft concatenates

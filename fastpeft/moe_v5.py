@@ -24,6 +24,7 @@ model types they cover comes from transformers' own ``conversion_mapping``.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -139,29 +140,32 @@ def convert_v4_state_dict(peft_model: nn.Module, saved: dict, adapter_name: str)
         return saved
     mapping, fused = _TARGETS[pattern], _FUSED[pattern]
     found: dict[tuple[str, str], dict[int, dict[str, object]]] = {}
+    out = {}  # everything but the experts' v4 factors
     for key, value in saved.items():
         m = _V4_EXPERT_KEY.match(key)
-        if m and m["layer"] in mapping and mapping[m["layer"]] != "gate.weight":
+        if not (m and m["layer"] in mapping):
+            out[key] = value
+        elif mapping[m["layer"]] != "gate.weight":
             slot = found.setdefault((m["block"], mapping[m["layer"]]), {}).setdefault(int(m["expert"]), {})
             slot[f"{m['layer']}.{m['kind']}"] = value
     if not found:
         return saved
     from .layers.param import FastLoraParamWrapper
+    from .model import _strip_base_layer
 
-    wrappers = {}
+    wrappers, modules, lora_layers = {}, set(), set()
     for name, module in peft_model.named_modules():
+        modules.add(name)
         if isinstance(module, FastLoraParamWrapper) and adapter_name in module.lora_A:
-            owner = ".".join(p for p in name.split(".") if p != "base_layer")
-            wrappers[(owner, module.parameter_name)] = name
-    modules = {n for n, _ in peft_model.named_modules()}
+            wrappers[(_strip_base_layer(name), module.parameter_name)] = name
+        if adapter_name in getattr(module, "lora_A", ()):
+            lora_layers.add(name)
 
     def v5_block(block: str) -> str:
         if block in modules or not block.endswith(f".{_V4_BLOCK}"):
             return block
         return block[: -len(_V4_BLOCK)] + "mlp"
 
-    out = {k: v for k, v in saved.items() if not (_V4_EXPERT_KEY.match(k) and (
-        _V4_EXPERT_KEY.match(k)["layer"] in mapping))}
     for (block, param), experts in found.items():
         where = wrappers.get((f"{v5_block(block)}.experts", param))
         if where is None:
@@ -179,14 +183,10 @@ def convert_v4_state_dict(peft_model: nn.Module, saved: dict, adapter_name: str)
         out[f"{where}.lora_B.weight"] = torch.stack(B, dim=-1).flatten(1)  # (out, r·k, E) rank-major
     # v4 factors of layers with those names outside the experts (a dense MLP, shared experts): the rewrite took the
     # names out of target_modules, so these layers carry no LoRA; peft drops their factors silently
-    lora_layers = {n for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and adapter_name in m.lora_A}
     dropped = [k for k in out if (m := re.match(r"^(?P<layer>.+)\.lora_[AB]\.weight$", k))
-               and m["layer"].rsplit(".", 1)[-1] in mapping and mapping[m["layer"].rsplit(".", 1)[-1]] != "gate.weight"
-               and m["layer"] not in lora_layers and not m["layer"].endswith(".experts")
-               and f"{m['layer']}.{adapter_name}" not in lora_layers]
+               and mapping.get(m["layer"].rsplit(".", 1)[-1], "gate.weight") != "gate.weight"
+               and m["layer"] not in lora_layers]
     if dropped:
-        import warnings
-
         layers = sorted({k.rsplit(".lora_", 1)[0] for k in dropped})
         warnings.warn(f"the adapter was saved on transformers 4: its factors of {len(layers)} layer(s) outside the "
                       f"MoE experts named like expert projections (e.g. {layers[:2]}) are not loaded, as peft does "
