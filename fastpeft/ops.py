@@ -209,20 +209,17 @@ def _backward(ctx, dy, _dxa):
 
 
 def _differentiable_grads(dy, x, weight, lora_A, lora_B, seed, scale, dropout_p, fan_in_fan_out):
-    """``(dx, dA, dB, dbias)`` of the LoRA op in plain, differentiable PyTorch (the same formulas and dropout mask as
-    the fused backward, ``xa`` recomputed rather than read back), for a backward that builds a graph
-    (``create_graph=True``: gradient penalties, double backward). The fused backward op has no autograd formula of
-    its own."""
-    x2d, dy2d = _flat(x), _flat(dy).float()
+    """``(dx, dA, dB, dbias)`` of the LoRA op by the reference backward, which is plain, differentiable PyTorch
+    (the same formulas and dropout mask as the fused backward; ``xa`` recomputed from x and A rather than read back,
+    so that it carries their graph), for a backward that builds a graph (``create_graph=True``: gradient penalties,
+    double backward). The fused backward op has no autograd formula of its own."""
+    x2d = _flat(x)
     keep = reference.dropout_keep_mask(seed, x2d.shape[0], x2d.shape[1], dropout_p, device=x2d.device) \
         if dropout_p > 0.0 else None
-    xd = reference.masked(x2d.float(), keep, dropout_p)
-    w = reference._base_weight(weight, fan_in_fan_out).float()
-    dS = scale * (dy2d @ lora_B.float())  # (N, r)
-    dx = (dy2d @ w + reference.masked(dS @ lora_A.float(), keep, dropout_p)).to(x.dtype).reshape(x.shape)
-    dA = (dS.t() @ xd).to(lora_A.dtype)
-    dB = (scale * (dy2d.t() @ (xd @ lora_A.float().t()))).to(lora_B.dtype)
-    return dx, dA, dB, dy2d.sum(0)
+    xa = reference.masked(x2d.float(), keep, dropout_p) @ lora_A.float().t()
+    dx, dA, dB, dbias = reference.lora_linear_backward(_flat(dy), x2d, weight, lora_A, lora_B, xa, seed, scale,
+                                                       dropout_p, fan_in_fan_out, need_dbias=True, keep=keep)
+    return dx.reshape(x.shape), dA, dB, dbias
 
 
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)

@@ -119,15 +119,17 @@ def lora_linear_forward(x2d, weight, bias, lora_A, lora_B, seed, scale: float, p
 
 
 def lora_linear_backward(dy, x2d, weight, lora_A, lora_B, xa, seed, scale: float, p: float, fan_in_fan_out: bool,
-                         need_dx: bool = True, need_dA: bool = True, need_dB: bool = True, need_dbias: bool = False):
-    """Reference backward. Returns ``(dx, dA, dB, dbias)`` with ``None`` for what is not needed."""
+                         need_dx: bool = True, need_dA: bool = True, need_dB: bool = True, need_dbias: bool = False,
+                         keep: torch.Tensor | None = None):
+    """Reference backward. Returns ``(dx, dA, dB, dbias)`` with ``None`` for what is not needed. ``keep``: the
+    forward's keep-mask when the caller already drew it (otherwise regenerated from ``seed``)."""
     w = _base_weight(weight, fan_in_fan_out).to(dy.dtype)
     dyf = dy.float()
     dS = scale * (dyf @ lora_B.float())  # (N, r)
     dx = dA = dB = dbias = None
     # The mask is regenerated once here and serves both dx and dA.
-    keep = dropout_keep_mask(seed, x2d.shape[0], x2d.shape[1], p, device=x2d.device) \
-        if p > 0.0 and (need_dx or need_dA) else None
+    if keep is None and p > 0.0 and (need_dx or need_dA):
+        keep = dropout_keep_mask(seed, x2d.shape[0], x2d.shape[1], p, device=x2d.device)
 
     if need_dx:
         lora_dx = masked(dS @ lora_A.float(), keep, p)
