@@ -70,52 +70,37 @@ def _grads(per_adapter: dict[str, list]) -> dict[str, Union[bool, Irregular]]:
 
 def _layer_status(name: str, module: nn.Module) -> TunerLayerStatus | None:
     from .layers.switches import AdapterSwitches
-    from .model import ModulesToSaveWrapper
-
-    if isinstance(module, AdapterSwitches):  # FastLoraLinear (4-bit too), FastLoraEmbedding
-        names = module._adapter_names()
-        per_adapter = {n: list(module._adapter_parameters(n)) for n in names}
-        return TunerLayerStatus(name=name, module_type=f"fastpeft.{type(module).__name__}",
-                                enabled=not module.disable_adapters, active_adapters=list(module.active_adapters),
-                                merged_adapters=list(module.merged_adapters),
-                                requires_grad=_grads(per_adapter),
-                                available_adapters=sorted(names),
-                                devices={n: sorted({p.device.type for p in ps}) for n, ps in per_adapter.items()})
     from .layers.tokens import TrainableTokensLayer
     from .methods.base import AdapterLayer
+    from .model import ModulesToSaveWrapper
 
-    if isinstance(module, AdapterLayer):  # the other methods' layers (IA3, AdaLoRA, bottleneck, LN tuning, ...)
+    module_type = f"fastpeft.{type(module).__name__}"
+    if isinstance(module, AdapterSwitches):  # FastLoraLinear (4-bit too), FastLoraEmbedding, FastLoraConv, ...
+        per_adapter = {n: list(module._adapter_parameters(n)) for n in module._adapter_names()}
+        enabled, active, merged = not module.disable_adapters, list(module.active_adapters), module.merged_adapters
+    elif isinstance(module, AdapterLayer):  # the other methods' layers (IA3, AdaLoRA, bottleneck, LN tuning, ...)
         # (tensors that never train, AdaLoRA's ranknum, are left out of requires_grad, as in peft)
         containers = [getattr(module, n) for n in module.adapter_param_names
                       if n not in getattr(module, "fixed_param_names", ())]
-        names = list(containers[0]) if containers else []
         per_adapter = {n: [p for c in containers if n in c
                            for p in ([c[n]] if isinstance(c[n], nn.Parameter) else c[n].parameters())]
-                       for n in names}
-        active = module.active_adapter
-        return TunerLayerStatus(name=name, module_type=f"fastpeft.{type(module).__name__}",
-                                enabled=not module.disable_adapters,
-                                active_adapters=[active] if active in names else [],
-                                merged_adapters=list(module.merged_adapters), requires_grad=_grads(per_adapter),
-                                available_adapters=sorted(names),
-                                devices={n: sorted({p.device.type for p in ps}) for n, ps in per_adapter.items()})
-    if isinstance(module, TrainableTokensLayer):  # trainable rows (TrainableTokensConfig or trainable_token_indices)
+                       for n in (list(containers[0]) if containers else [])}
+        enabled, merged = not module.disable_adapters, module.merged_adapters
+        active = [module.active_adapter] if module.active_adapter in per_adapter else []
+    elif isinstance(module, TrainableTokensLayer):  # trainable rows (TrainableTokensConfig, trainable_token_indices)
         per_adapter = {n: [p] for n, p in module.trainable_tokens_delta.items()}
-        return TunerLayerStatus(name=name, module_type="TrainableTokensLayer", enabled=not module.disable_adapters,
-                                active_adapters=list(module.active_adapters),
-                                merged_adapters=list(module.merged_adapters), requires_grad=_grads(per_adapter),
-                                available_adapters=sorted(per_adapter),
-                                devices={n: sorted({p.device.type for p in ps}) for n, ps in per_adapter.items()})
-    if isinstance(module, ModulesToSaveWrapper):
+        module_type, enabled = "TrainableTokensLayer", not module.disable_adapters
+        active, merged = list(module.active_adapters), module.merged_adapters
+    elif isinstance(module, ModulesToSaveWrapper):
         per_adapter = {n: list(m.parameters()) for n, m in module.modules_to_save.items()}
-        active = module.active_adapter
-        return TunerLayerStatus(name=name, module_type="ModulesToSaveWrapper", enabled=not module._disable_adapters,
-                                active_adapters=[active] if active in module.modules_to_save else [],
-                                merged_adapters=[],
-                                requires_grad=_grads(per_adapter),
-                                available_adapters=sorted(module.modules_to_save),
-                                devices={n: sorted({p.device.type for p in ps}) for n, ps in per_adapter.items()})
-    return None
+        module_type, enabled, merged = "ModulesToSaveWrapper", not module._disable_adapters, []
+        active = [module.active_adapter] if module.active_adapter in module.modules_to_save else []
+    else:
+        return None
+    return TunerLayerStatus(name=name, module_type=module_type, enabled=enabled, active_adapters=active,
+                            merged_adapters=list(merged), requires_grad=_grads(per_adapter),
+                            available_adapters=sorted(per_adapter),
+                            devices={n: sorted({p.device.type for p in ps}) for n, ps in per_adapter.items()})
 
 
 def _refuse_prompt_learning(model: nn.Module, what: str) -> None:
