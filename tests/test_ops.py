@@ -207,7 +207,11 @@ def test_expanded_and_transposed_grad_output(backend):
         y.backward(make_dy(y))
         res.append((y.detach(), xx.grad, A.grad, B.grad))
     for a, c in zip(*res):
-        assert torch.equal(a, c)
+        if backend == "triton":  # the kernels read any strides in the same order: bit-identical
+            assert torch.equal(a, c)
+        else:  # the torch path hands the transposed x to the CPU BLAS, which may pick another kernel (seen: the
+            # last bit differs on an AMD EPYC CPU)
+            torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
 
 
 def test_backward_under_autocast(backend):

@@ -141,7 +141,10 @@ def _check(model_type, task, tmp_path, full=True, **kw):
         ours = dict(f.named_parameters())
         for name, param in p.named_parameters():
             if param.requires_grad:
-                torch.testing.assert_close(ours[name].grad, param.grad, rtol=1e-4, atol=1e-6, msg=name)
+                # fp32 sums in another order (peft's unfused path vs the fused op): elementwise up to 1e-5 of the
+                # tensor's largest gradient (4e-6 of 3.3 seen on an AMD EPYC CPU for mt5's attention)
+                scale = max(float(param.grad.abs().max()), 1e-3) if param.grad is not None else 1.0
+                torch.testing.assert_close(ours[name].grad, param.grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
     plain = _inputs(model_type, task, labels=False)
     with torch.no_grad():
         if task == "SEQ_2_SEQ_LM" and full:
