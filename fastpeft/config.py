@@ -45,7 +45,6 @@ _NEUTRAL: dict[str, tuple] = {
     "arrow_config": (None,),
     "kasa_config": (None,),
     "megatron_config": (None,),
-    "alora_invocation_tokens": (None,),
     "use_qalora": (False, None),
     "use_bdlora": (None, False),
 }
@@ -231,6 +230,14 @@ class LoraConfig(AdapterConfigFile):
             ``b + scale·b_B`` (impossible on a base without bias, as in peft). Saved as
             ``<path>.lora_B.bias``. As peft: only with ``init_lora_weights`` True or False, not with DoRA,
             not on embeddings.
+        alora_invocation_tokens: Activated LoRA (aLoRA, peft's option): the token ids of the invocation
+            string. The adapter then acts only on each sequence's tokens from the start of the last occurrence
+            of these ids onward (the tokens before it see the base model alone, so a causal LM reuses the base
+            model's KV cache for them); a sequence without them sees the base model throughout. The model's
+            ``forward`` and ``generate`` find the invocation in ``input_ids`` (or take ``alora_offsets``, one
+            count of activated tokens per sequence, as peft). Linear layers only (4-bit bases included), not with
+            DoRA; an aLoRA adapter cannot be merged. Meant for ``task_type="CAUSAL_LM"`` (peft warns otherwise).
+            See ``fastpeft.alora``.
         init_lora_weights: ``True`` (A Kaiming-uniform, B zero), ``False`` (random B: not an identity),
             ``"gaussian"`` (A ~ N(0, 1/r)), ``"pissa"`` (principal singular vectors; the base keeps the residual),
             ``"pissa_niter_<K>"`` (the same from ``torch.svd_lowrank`` with K iterations: fast, random),
@@ -277,6 +284,7 @@ class LoraConfig(AdapterConfigFile):
     use_rslora: bool = False
     use_dora: bool = False
     lora_bias: bool = False
+    alora_invocation_tokens: list[int] | None = None
     init_lora_weights: bool | str = True
     loftq_config: dict[str, int] = field(default_factory=dict)
     eva_config: EvaConfig | None = None
@@ -319,6 +327,13 @@ class LoraConfig(AdapterConfigFile):
             if self.use_dora:
                 raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass "
                                  "use_dora=False")
+        self.alora_invocation_tokens = _check_alora_invocation_tokens(self.alora_invocation_tokens)
+        if self.alora_invocation_tokens is not None:
+            if self.use_dora:  # peft refuses the pair when the layers are made ("unsupported variant combination")
+                raise ValueError("aLoRA (alora_invocation_tokens) cannot be combined with DoRA (use_dora=True), as in "
+                                 "peft: use one or the other")
+            if self.task_type != "CAUSAL_LM":  # peft's warning
+                warnings.warn("aLoRA is currently only supported for CAUSAL_LM task.", stacklevel=3)
         if kind == "loftq":
             self.loftq_config = check_loftq_config(self.loftq_config)
         elif self.loftq_config:
@@ -469,6 +484,19 @@ def _check_trainable_token_indices(value: Any) -> list[int] | dict[str, list[int
                 raise TypeError(f"trainable_token_indices keys must be module names (str), got {key!r}")
         return {k: ids(v, f"[{k!r}]") for k, v in value.items()}
     return ids(value, "")
+
+
+def _check_alora_invocation_tokens(value: Any) -> list[int] | None:
+    """``alora_invocation_tokens`` checked: None or a non-empty list of non-negative token ids (tuples made lists)."""
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        value = list(value)
+    if not isinstance(value, list) or not value \
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+        raise ValueError(f"alora_invocation_tokens must be None or a non-empty list of token ids (ints >= 0), got "
+                         f"{value!r}")
+    return value
 
 
 def _check_layer_replication(value: Any) -> list[list[int]] | None:

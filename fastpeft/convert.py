@@ -32,8 +32,11 @@ def _adopt(layer: nn.Module, path: str) -> FastLoraLinear:
     # lora_bias: peft's lora_B modules carry their bias; they are adopted as they are (FastLoraLinear reads
     # ``lora_bias`` from them)
     use_dora = {n: bool(v) for n, v in (getattr(layer, "use_dora", {}) or {}).items()}
+    use_alora = {n: type(v).__name__ == "ALoraLinearVariant"
+                 for n, v in (getattr(layer, "lora_variant", {}) or {}).items()}
     variants = {n: v for n, v in (getattr(layer, "lora_variant", {}) or {}).items()
-                if v is not None and not (use_dora.get(n) and type(v).__name__ == "DoraLinearVariant")}
+                if v is not None and not (use_dora.get(n) and type(v).__name__ == "DoraLinearVariant")
+                and not use_alora[n]}
     if variants:
         raise ValueError(f"{path}: peft LoRA variant {variants} is not supported by fastpeft")
     base = layer.get_base_layer()
@@ -46,6 +49,7 @@ def _adopt(layer: nn.Module, path: str) -> FastLoraLinear:
     new = cls.__new__(cls)
     nn.Module.__init__(new)
     new._fastpeft_adapter_names = None
+    new._fastpeft_alora_offsets = None
     new._init_adapter_state()
     if cls is FastLoraLinear:
         new.in_features, new.out_features, new.fan_in_fan_out = _base_shape(base)
@@ -60,6 +64,7 @@ def _adopt(layer: nn.Module, path: str) -> FastLoraLinear:
     new.scaling = {n: float(layer.scaling[n]) for n in names}
     new.use_rslora = {n: bool(getattr(layer, "use_rslora", {}).get(n, False)) for n in names}
     new.use_dora = {n: use_dora.get(n, False) for n in names}
+    new.use_alora = {n: use_alora.get(n, False) for n in names}
     if any(new.use_dora.values()):
         # peft's ModuleDict of DoraLinearLayer modules, adopted as is: the same magnitude parameters under the
         # same names (fastpeft reads only their ``weight``); the norms peft kept for merged DoRA adapters too
@@ -133,6 +138,10 @@ def _to_peft_layer(layer: FastLoraLinear) -> nn.Module:
         new.lora_B[n] = layer.lora_B[n]
         new.lora_dropout[n] = layer.lora_dropout[n]
         new.scaling[n] = layer.scaling[n]
+        if layer.use_alora.get(n, False):  # peft's aLoRA variant (its invocation lives in the model's config)
+            from peft.tuners.lora.variants import ALoraLinearVariant
+
+            new.lora_variant[n] = ALoraLinearVariant()
         if layer.use_dora.get(n, False):  # peft's DoraLinearLayer keeps its place; the parameter is ours
             new.lora_magnitude_vector[n].weight = layer.lora_magnitude_vector[n].weight
             if n in layer._dora_merged_norms:

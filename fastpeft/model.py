@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .alora import check_offsets as check_alora_offsets
+from .alora import offsets_for_call as alora_offsets_for_call
 from .config import DEFAULT_TARGET_MODULES, LoraConfig
 from .layers.conv import FastLoraConv, is_plain_conv
 from .layers.embedding import FastLoraEmbedding, refuse_embedding_dora
@@ -372,9 +374,12 @@ class LoraModel(nn.Module):
 
     __getattr__ = delegating_getattr("model")
 
-    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        """Run the wrapped model; ``adapter_names`` gives one adapter per sequence (peft's argument)."""
-        with mixed_adapter_batch(self.model, adapter_names):
+    def forward(self, *args, adapter_names: list[str] | None = None,
+                alora_offsets: list[int | None] | None = None, **kwargs):
+        """Run the wrapped model; ``adapter_names`` gives one adapter per sequence (peft's argument),
+        ``alora_offsets`` the activated tokens of aLoRA adapters per sequence (``PeftModel`` computes them from
+        ``input_ids``; here they are taken as given, and aLoRA adapters stay off without them)."""
+        with mixed_adapter_batch(self.model, adapter_names, alora_offsets=alora_offsets):
             return self.model(*args, **kwargs)
 
     @property
@@ -473,6 +478,9 @@ class LoraModel(nn.Module):
             for key in keys:
                 if isinstance(model.get_submodule(key), (nn.Embedding, FastLoraEmbedding)):
                     refuse_embedding_dora(repr(key))
+        use_alora = getattr(config, "alora_invocation_tokens", None) is not None
+        if use_alora:  # peft: aLoRA is a variant of the Linear layers only; here before anything is wrapped
+            _refuse_alora_targets(model, keys, config)
         lora_bias = bool(getattr(config, "lora_bias", False))
         if lora_bias:  # peft refuses it on embeddings too (while injecting); here before anything is wrapped
             for key in keys:
@@ -492,6 +500,8 @@ class LoraModel(nn.Module):
                       loftq_config=config.loftq_config or None, autocast_adapter_dtype=autocast_adapter_dtype)
             if lora_bias:
                 kw["lora_bias"] = True
+            if use_alora:
+                kw["use_alora"] = True
             return kw
 
         for key in keys:
@@ -1503,6 +1513,18 @@ def _requantization_summary():
     return requantization_summary()
 
 
+def _refuse_alora_targets(model: nn.Module, keys: list[str], config: LoraConfig) -> None:
+    """Raise ValueError if an aLoRA config targets something other than linear layers (embeddings, convolutions,
+    ``target_parameters``), as peft refuses the variant there."""
+    for key in keys:
+        module = model.get_submodule(key)
+        if isinstance(module, (nn.Embedding, FastLoraEmbedding, FastLoraConv)) or is_plain_conv(module):
+            raise ValueError(f"aLoRA (alora_invocation_tokens) adapts linear layers only, as in peft; {key!r} is "
+                             f"{type(module).__name__}: drop it from target_modules or use a plain LoRA adapter")
+    if config.target_parameters:
+        raise ValueError("aLoRA (alora_invocation_tokens) cannot be combined with target_parameters, as in peft")
+
+
 def _wrap_4bit(module: nn.Module, adapter_name: str, kw: dict[str, Any]) -> nn.Module:
     try:
         from .layers.lora4bit import FastLoraLinear4bit
@@ -1538,58 +1560,74 @@ def adapter_folders(model: nn.Module, save_directory: str | os.PathLike,
 
 
 @contextlib.contextmanager
-def mixed_adapter_batch(model: nn.Module, adapter_names: list[str] | None, expand: int = 1):
+def mixed_adapter_batch(model: nn.Module, adapter_names: list[str] | None, expand: int = 1,
+                        alora_offsets: list[int | None] | None = None):
     """Inside the block every fastpeft LoRA layer of ``model`` gets ``adapter_names`` (one adapter per
-    sequence, ``"__base__"`` for none; peft's mixed-batch argument) through a forward pre-hook.
+    sequence, ``"__base__"`` for none; peft's mixed-batch argument) and ``alora_offsets`` (one per sequence:
+    how many of its last tokens aLoRA adapters act on, see ``fastpeft.alora``), either may be None.
 
-    ``expand`` repeats each name (beam search / several returned sequences in ``generate``); an
+    ``expand`` repeats each entry (beam search / several returned sequences in ``generate``); an
     encoder, if any, keeps the unexpanded names. Unknown names raise, listing the adapters that exist.
 
     modules_to_save wrappers run each group of rows through that adapter's copy. Under transformers'
     gradient checkpointing (``gradient_checkpointing_enable()``) the blocks replayed in backward see the
-    same names; a ``torch.utils.checkpoint`` call of your own must run inside this block's scope, or
-    call the layers with ``adapter_names`` itself.
+    same names and offsets; a ``torch.utils.checkpoint`` call of your own must run inside this block's scope,
+    or call the layers with ``adapter_names`` / ``alora_offsets`` itself.
     """
-    if adapter_names is None:
+    if adapter_names is None and alora_offsets is None:
         yield
         return
-    if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)) \
-            or not all(isinstance(n, str) for n in adapter_names):
-        raise TypeError(f"adapter_names must be a list of adapter names (str), got {adapter_names!r}")
-    layers = [m for m in model.modules() if isinstance(m, _LORA_LAYERS)]
-    if any(isinstance(m, TrainableTokensWrapper) for m in model.modules()):
-        raise ValueError("fastpeft does not support mixed adapter batches (adapter_names) on a model with "
-                         "trainable_token_indices; use peft for this")
-    if any(isinstance(m, FastLoraParamWrapper) for m in layers):  # as peft
-        raise ValueError("lora.ParamWrapper does not support mixed adapter batches yet (this model has adapters "
-                         "on target_parameters).")
-    existing = sorted({n for layer in layers for n in adapters_of(layer)})
-    unknown = sorted({n for n in adapter_names if n != "__base__"} - set(existing))
-    if unknown:
-        raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}; this model has "
-                         f"adapters {existing} (and '__base__' for the base model alone)")
-    dora = sorted({n for layer in layers for n, on in layer.use_dora.items() if on and n in adapter_names})
-    if dora:  # as peft: mixed batches are LoRA-only
-        raise ValueError(f"Cannot pass `adapter_names` when DoRA is enabled (DoRA adapter(s) {dora}).")
-    original = _CheckedAdapterNames(adapter_names)
-    names = _CheckedAdapterNames(n for n in adapter_names for _ in range(max(1, int(expand))))
-    names.unexpanded = original
-    handles = _install_adapter_names(model, names)
+    repeat = max(1, int(expand))
+    installs: list[tuple[str, Any, bool]] = []  # (attribute, value, LoRA layers only)
+    encoder_installs: list[tuple[str, Any, bool]] = []
+    if adapter_names is not None:
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)) \
+                or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError(f"adapter_names must be a list of adapter names (str), got {adapter_names!r}")
+        layers = [m for m in model.modules() if isinstance(m, _LORA_LAYERS)]
+        if any(isinstance(m, TrainableTokensWrapper) for m in model.modules()):
+            raise ValueError("fastpeft does not support mixed adapter batches (adapter_names) on a model with "
+                             "trainable_token_indices; use peft for this")
+        if any(isinstance(m, FastLoraParamWrapper) for m in layers):  # as peft
+            raise ValueError("lora.ParamWrapper does not support mixed adapter batches yet (this model has adapters "
+                             "on target_parameters).")
+        existing = sorted({n for layer in layers for n in adapters_of(layer)})
+        unknown = sorted({n for n in adapter_names if n != "__base__"} - set(existing))
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}; this model has "
+                             f"adapters {existing} (and '__base__' for the base model alone)")
+        dora = sorted({n for layer in layers for n, on in layer.use_dora.items() if on and n in adapter_names})
+        if dora:  # as peft: mixed batches are LoRA-only
+            raise ValueError(f"Cannot pass `adapter_names` when DoRA is enabled (DoRA adapter(s) {dora}).")
+        original = _CheckedAdapterNames(adapter_names)
+        names = _CheckedAdapterNames(n for n in adapter_names for _ in range(repeat))
+        names.unexpanded = original
+        installs.append(("_fastpeft_adapter_names", names, False))
+        encoder_installs.append(("_fastpeft_adapter_names", original, True))
+    if alora_offsets is not None:
+        offsets = check_alora_offsets(alora_offsets)
+        installs.append(("_fastpeft_alora_offsets", [o for o in offsets for _ in range(repeat)], True))
+        encoder_installs.append(("_fastpeft_alora_offsets", offsets, True))
+
+    def install(root: nn.Module, what=installs) -> list:
+        return [_install_attribute(root, attr, value, lora_only) for attr, value, lora_only in what]
+
+    handles = install(model)
     # transformers' gradient checkpointing replays each block in backward, after this block has removed the
     # hooks: wrap each block's checkpoint function so that the replay installs them again.
     swapped = []
     for module in model.modules():
         func = module.__dict__.get("_gradient_checkpointing_func")
         if module.__dict__.get("gradient_checkpointing") is True and callable(func):
-            module._gradient_checkpointing_func = _replaying_checkpoint(func, module, names)
+            module._gradient_checkpointing_func = _replaying_checkpoint(func, module, install)
             swapped.append((module, func))
     get_encoder = getattr(model, "get_encoder", None)
     encoder = None
-    if expand > 1 and callable(get_encoder):
+    if repeat > 1 and callable(get_encoder):
         with contextlib.suppress(Exception):
             encoder = get_encoder()
     if isinstance(encoder, nn.Module) and encoder is not model:
-        handles += _install_adapter_names(encoder, original, lora_only=True)
+        handles += install(encoder, encoder_installs)
     try:
         yield
     finally:
@@ -1600,35 +1638,38 @@ def mixed_adapter_batch(model: nn.Module, adapter_names: list[str] | None, expan
 
 
 class _NamesHandle:
-    """Undoes one ``_install_adapter_names`` (the layers get back the names they had before)."""
+    """Undoes one ``_install_attribute`` (the layers get back the values they had before)."""
 
-    def __init__(self, saved: list):
+    def __init__(self, saved: list, attr: str = "_fastpeft_adapter_names"):
         self.saved = saved
+        self.attr = attr
 
     def remove(self) -> None:
         for module, previous in reversed(self.saved):
-            module._fastpeft_adapter_names = previous
+            setattr(module, self.attr, previous)
 
 
-def _install_adapter_names(model: nn.Module, names: list[str], lora_only: bool = False) -> list:
-    """Hand ``names`` to every LoRA layer (and modules_to_save wrapper) of ``model``: each layer called
-    without ``adapter_names`` uses them until the returned handle is removed. A plain attribute rather
-    than a forward hook, so that ``torch.compile`` traces the call whole (``fullgraph=True``)."""
+def _install_attribute(model: nn.Module, attr: str, value: Any, lora_only: bool = False) -> _NamesHandle:
+    """Hand ``value`` to every LoRA layer (and, unless ``lora_only``, modules_to_save wrapper) of ``model`` as
+    ``attr`` (``_fastpeft_adapter_names`` / ``_fastpeft_alora_offsets``): each layer called without the matching
+    argument uses it until the returned handle is removed. A plain attribute rather than a forward hook, so that
+    ``torch.compile`` traces the call whole (``fullgraph=True``)."""
     kinds = _LORA_LAYERS if lora_only else (*_LORA_LAYERS, ModulesToSaveWrapper)
     saved = []
     for m in model.modules():
-        if isinstance(m, kinds):
-            saved.append((m, m._fastpeft_adapter_names))
-            m._fastpeft_adapter_names = names
-    return [_NamesHandle(saved)]
+        if isinstance(m, kinds) and (attr == "_fastpeft_adapter_names" or isinstance(m, FastLoraLinear)):
+            saved.append((m, getattr(m, attr, None)))
+            setattr(m, attr, value)
+    return _NamesHandle(saved, attr)
 
 
-def _replaying_checkpoint(checkpoint_func, block: nn.Module, names: list[str]):
-    """``checkpoint_func`` whose function, run again in backward, sees the same per-sequence adapters."""
+def _replaying_checkpoint(checkpoint_func, block: nn.Module, install):
+    """``checkpoint_func`` whose function, run again in backward, sees the same per-sequence adapters and offsets
+    (``install(block)`` hands them to the block's layers and returns the handles that take them back)."""
 
     def checkpoint(function, *args, **kwargs):
         def replay(*a, **k):
-            handles = _install_adapter_names(block, names)
+            handles = install(block)
             try:
                 return function(*a, **k)
             finally:
@@ -1652,13 +1693,15 @@ def _generate_expand(model: nn.Module, kwargs: dict) -> int:
 class _ForwardProxy:
     """``PeftModel.forward``: runs the wrapped module (hooks included) and reports that module's signature."""
 
-    __slots__ = ("module",)
+    __slots__ = ("module", "peft_model")
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, peft_model: nn.Module | None = None):
         self.module = module
+        self.peft_model = peft_model
 
     def __call__(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        with mixed_adapter_batch(self.module, adapter_names):
+        offsets = _alora_offsets_for(self.peft_model, args, kwargs, adapter_names)
+        with mixed_adapter_batch(self.module, adapter_names, alora_offsets=offsets):
             return self.module(*args, **kwargs)
 
     @property
@@ -1668,14 +1711,19 @@ class _ForwardProxy:
         return inspect.signature(self.module.forward)
 
 
+def _alora_offsets_for(peft_model: nn.Module | None, args: tuple, kwargs: dict,
+                       adapter_names: list[str] | None) -> list[int | None] | None:
+    """The ``alora_offsets`` a ``PeftModel`` call runs with (popped from ``kwargs`` when given; computed from its
+    ``input_ids`` when an aLoRA adapter takes part, as peft does): see ``fastpeft.alora.offsets_for_call``."""
+    if peft_model is None or not hasattr(peft_model, "peft_config"):
+        return kwargs.pop("alora_offsets", None)
+    return alora_offsets_for_call(peft_model.peft_config, peft_model.active_adapters, args, kwargs, adapter_names)
+
+
 def _class_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
     """``PeftModel.forward`` as seen on the class (transformers' ``find_labels`` reads ``labels`` here)."""
-    if kwargs.get("adapter_names") is not None:
-        return self.forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                            labels=labels, **kwargs)
-    kwargs.pop("adapter_names", None)
-    return self.base_model.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                 labels=labels, **kwargs)
+    return self.forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                        labels=labels, **kwargs)
 
 
 class _ForwardDescriptor:
@@ -1686,7 +1734,7 @@ class _ForwardDescriptor:
     def __get__(self, obj, objtype=None):
         if obj is None:
             return _class_forward
-        return _ForwardProxy(obj.base_model.model)
+        return _ForwardProxy(obj.base_model.model, obj)
 
 
 # --------------------------------------------------------------------------- the user-facing wrapper
@@ -1747,9 +1795,17 @@ class PeftModel(nn.Module):
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """``generate`` of the wrapped model, with the active adapters applied — or, given
-        ``adapter_names`` (one per input sequence, ``"__base__"`` for none), each sequence's own adapter."""
+        ``adapter_names`` (one per input sequence, ``"__base__"`` for none), each sequence's own adapter.
+        aLoRA adapters act from their invocation in the prompt onward (offsets found in ``input_ids``, or
+        ``alora_offsets=`` given), on every generated token; beam search is refused with them, as in peft."""
         model = self.base_model.model
-        with mixed_adapter_batch(model, adapter_names, _generate_expand(model, kwargs)):
+        expand = _generate_expand(model, kwargs)
+        offsets = _alora_offsets_for(self, args, kwargs, adapter_names)
+        if offsets is not None:
+            cfg = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+            if (kwargs.get("num_beams", getattr(cfg, "num_beams", 1)) or 1) > 1:  # peft's refusal
+                raise ValueError("Beam search not yet supported for aLoRA.")
+        with mixed_adapter_batch(model, adapter_names, expand, alora_offsets=offsets):
             return model.generate(*args, **kwargs)
 
     def get_base_model(self) -> nn.Module:

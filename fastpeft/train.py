@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--modules-to-save", default="auto",
                    help="comma-separated modules trained in full beside the adapter (any method), or none "
                         "(auto: the embeddings and head for LoRA/QLoRA on the embedded default, whose random "
-                        "base has no vocabulary to reuse; none otherwise)")
+                        "base has no vocabulary to reuse, unless the adapter is aLoRA; none otherwise)")
     g.add_argument("--num-virtual-tokens", type=int, default=20, help="prefix/prompt/ptuning")
     g.add_argument("--freeze-layers", type=int, default=2, help="freeze: the last N blocks train")
     g.add_argument("--method-options", default=None,
@@ -427,6 +428,29 @@ def quantize_base(model, quantizer: str, compute_dtype: torch.dtype):
     return quant.quantize_model(model, quant_type="nf4", compute_dtype=compute_dtype)
 
 
+def check_alora_samples(args: argparse.Namespace, samples: list, n_samples: int, packing: bool) -> None:
+    """With an aLoRA adapter (``--method-options '{"alora_invocation_tokens": [...]}'``): the adapter only trains on
+    what follows its invocation, so packing (one row, several samples: only the last invocation would count) is
+    refused, a dataset in which no sample holds the invocation is an error (nothing would train), and samples
+    without it are counted in a warning."""
+    tokens = method_options(args).get("alora_invocation_tokens") if args.method in ("lora", "qlora") else None
+    if not tokens:
+        return
+    if packing:
+        raise SystemExit("fastpeft train: --packing cannot be used with an aLoRA adapter (alora_invocation_tokens): "
+                         "a packed row would be activated only from its last sample's invocation")
+    from .alora import find_invocation
+
+    missing = sum(find_invocation(torch.tensor([s.input_ids]), tokens)[0] is None for s in samples)
+    if missing == len(samples):
+        raise SystemExit(f"fastpeft train: no training sample contains the aLoRA invocation tokens {tokens}: the "
+                         "adapter would never be activated (put the invocation text before each response, tokenized "
+                         "as in context, e.g. at the end of the prompt)")
+    if missing:
+        warnings.warn(f"{missing} of {n_samples} training samples do not contain the aLoRA invocation tokens "
+                      f"{tokens}: they train nothing", stacklevel=2)
+
+
 def check_method(args: argparse.Namespace, total_steps: int | None = None) -> None:
     """Build the method on the model's skeleton (meta device, nothing allocated) so that options which do not
     fit it (``--method-options`` keys, ``--target-modules`` matching nothing) fail before the model is loaded."""
@@ -531,8 +555,10 @@ def build_peft_model(model, args: argparse.Namespace, total_steps: int | None = 
     extra = method_options(args)
     save = args.modules_to_save
     is_lora = args.method in ("lora", "qlora")
-    if save == "auto":  # the random embedded base: LoRA trains its embeddings and head too
-        save = ["embed_tokens", "lm_head"] if is_lora and args.model in (None, DEFAULT_MODEL) else None
+    if save == "auto":  # the random embedded base: LoRA trains its embeddings and head too (not aLoRA, whose
+        # tokens before the invocation must see the base model alone: full copies would change every token)
+        alora = extra.get("alora_invocation_tokens") is not None
+        save = ["embed_tokens", "lm_head"] if is_lora and not alora and args.model in (None, DEFAULT_MODEL) else None
     elif isinstance(save, str):
         save = None if save.lower() == "none" else [m.strip() for m in save.split(",") if m.strip()]
     if is_lora:
@@ -963,6 +989,7 @@ def train(args: argparse.Namespace) -> TrainResult:
         resume_from = load_checkpoint(out, args.resume)
         check_resume(*resume_from, args, total_steps)
     check_method(args, total_steps)
+    check_alora_samples(args, train_samples, n_samples, packing)
 
     out.mkdir(parents=True, exist_ok=True)
     if earlier and not args.resume and main_rank:  # --overwrite-output-dir

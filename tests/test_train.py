@@ -735,3 +735,49 @@ def test_a_signal_before_the_first_step_saves_nothing(tmp_path, monkeypatch):
 def test_trainable_tokens_needs_its_rows(tmp_path):
     with pytest.raises(SystemExit, match="token_indices"):
         train(_args(tmp_path, "--method", "trainable_tokens", "--max-steps", "2"))
+
+
+# ----------------------------------------------------------------------------- aLoRA through the command
+def test_alora_adapter_trains_only_after_its_invocation(tmp_path):
+    """``--method-options '{"alora_invocation_tokens": [...]}'`` (" =", bytes 32 61, ends every default prompt):
+    the adapter trains, is saved as peft's aLoRA adapter, and leaves the tokens before " =" to the base model."""
+    from fastpeft.alora import find_invocation
+
+    invocation = [32, 61]
+    result = train(_args(tmp_path, "--max-steps", "6", "--eval-steps", "6", "--eval-generate", "0", "--lr", "1e-2",
+                         "--method-options", json.dumps({"alora_invocation_tokens": invocation})))
+    first, last = result.log["evals"][0]["eval_loss"], result.log["evals"][-1]["eval_loss"]
+    assert last < first
+    saved = json.loads((result.output / "adapter_config.json").read_text())
+    assert saved["alora_invocation_tokens"] == invocation
+    assert saved["modules_to_save"] is None  # "auto" copies no embeddings/head for aLoRA: they act on every token
+    import fastpeft
+    from fastpeft.generate import load
+
+    model, _ = load(str(result.output))
+    ids = torch.tensor([TOK.encode("upper: word = WORD", add_special_tokens=True)])
+    [offset] = find_invocation(ids, invocation)
+    start = ids.shape[1] - offset
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    assert torch.allclose(adapted[0, :start], base[0, :start], atol=1e-6)  # before the invocation: the base
+    assert not torch.allclose(adapted[0, start:], base[0, start:], atol=1e-4)  # from it on: the adapter
+    assert isinstance(model, fastpeft.PeftModel)
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--method-options", json.dumps({"alora_invocation_tokens": [1, 2, 3]})], "no training sample contains"),
+    (["--packing", "--method-options", json.dumps({"alora_invocation_tokens": [32, 61]})],
+     "--packing cannot be used with an aLoRA adapter"),
+])
+def test_alora_data_that_cannot_train_is_refused_before_the_model_is_built(tmp_path, flags, match):
+    data = tmp_path / "d.jsonl"
+    data.write_text(TINY)
+    out = tmp_path / "o"
+    args = parse_args(["--data", str(data), "--eval-split", "0", "--batch-size", "4", "--max-steps", "1",
+                       "--output", str(out), "--no-progress", *flags])
+    with pytest.raises(SystemExit, match=match):
+        train(args)
+    assert not out.exists()

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from ..alora import token_mask as alora_token_mask
 from ..ops import draw_seed, lora_linear, philox_dropout, to_autocast_dtype
 from ..ops_mixed import BASE as _BASE_NAME
 from ..ops_mixed import lora_linear_mixed, mixed_rows, stack_adapters
@@ -209,7 +210,8 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
                     use_rslora: bool = False, fan_in_fan_out: bool | None = None,
                     init_lora_weights: bool | str = True, adapter_name: str = "default",
                     autocast_adapter_dtype: bool = True, use_dora: bool = False,
-                    loftq_config: dict | None = None, lora_bias: bool = False) -> FastLoraLinear:
+                    loftq_config: dict | None = None, lora_bias: bool = False,
+                    use_alora: bool = False) -> FastLoraLinear:
         """Wrap an existing ``nn.Linear`` (or transformers ``Conv1D``) without copying its weight.
 
         ``fan_in_fan_out`` is detected from the module type when not given.
@@ -221,7 +223,7 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         return cls._wrapping(linear, adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                              use_rslora=use_rslora, init_lora_weights=init_lora_weights, use_dora=use_dora,
                              autocast_adapter_dtype=autocast_adapter_dtype, loftq_config=loftq_config,
-                             lora_bias=lora_bias)
+                             lora_bias=lora_bias, use_alora=use_alora)
 
     @classmethod
     def _wrapping(cls, linear: nn.Module, adapter_name: str, **adapter_kwargs):
@@ -236,7 +238,8 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         self.in_features, self.out_features, self.fan_in_fan_out = _base_shape(base)
         self.base_layer = base
         self._opaque_base = _has_own_forward(base)
-        self._fastpeft_adapter_names = None  # an instance attribute from the start: no new compile guard later
+        self._fastpeft_adapter_names = None  # instance attributes from the start: no new compile guard later
+        self._fastpeft_alora_offsets = None
         # Only the adapters train by default (peft's bias="none"); a caller may unfreeze the bias.
         for param in base.parameters():
             param.requires_grad_(False)
@@ -255,7 +258,7 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
                      init_lora_weights: bool | str = True, use_rslora: bool = False,
                      autocast_adapter_dtype: bool = True, config=None, use_dora: bool = False,
                      loftq_config: dict | None = None, lora_bias: bool = False, tied_adapter: dict | None = None,
-                     **peft_kwargs) -> None:
+                     use_alora: bool = False, **peft_kwargs) -> None:
         """Add (or replace) adapter ``adapter_name`` and make it the active one (peft's name).
 
         ``use_dora``: a DoRA adapter, its magnitude initialized to the row norms of ``W0 + scale·B·A``
@@ -263,6 +266,8 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         (a ``LoftQConfig`` or its dict) goes with ``"loftq"``. ``lora_bias``: ``lora_B`` gets a bias (peft's
         option; not with DoRA nor with an init from the base weight; a base without bias warns, as in peft,
         that merging will be impossible).
+        ``use_alora``: an aLoRA adapter (``LoraConfig(alora_invocation_tokens=...)``): it acts only on the tokens
+        the model's ``alora_offsets`` activate (see ``fastpeft.alora``); not with DoRA, never merged.
 
         Called by peft's own model code (on a model converted with ``fastpeft.from_peft``), it takes
         peft's arguments: ``config`` (a LoraConfig) supplies dropout, init, rsLoRA and DoRA, the adapter
@@ -291,6 +296,9 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
             use_rslora, use_dora = config.use_rslora, bool(getattr(config, "use_dora", False))
             loftq_config = getattr(config, "loftq_config", None) or loftq_config
             lora_bias = bool(getattr(config, "lora_bias", False))
+            use_alora = getattr(config, "alora_invocation_tokens", None) is not None
+        if use_alora and use_dora:
+            raise ValueError("aLoRA (alora_invocation_tokens) cannot be combined with DoRA (use_dora=True), as in peft")
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r!r}")
         if not 0.0 <= float(lora_dropout) < 1.0:
@@ -344,6 +352,7 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
             self.lora_A[adapter_name].to(dtype)
             self.lora_B[adapter_name].to(dtype)
         self.use_dora[adapter_name] = bool(use_dora)
+        self.use_alora[adapter_name] = bool(use_alora)
         self._dora_merged_norms.pop(adapter_name, None)
         if use_dora:
             # With the same norm code the forward uses: B = 0 gives m / ‖W0‖ = 1 exactly (an identity at init).
@@ -511,7 +520,7 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
             del d[adapter_name]
         if adapter_name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[adapter_name]
-        for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.use_dora):
+        for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.use_dora, self.use_alora):
             d.pop(adapter_name, None)
         if remerge:
             self.merge(adapter_names=remerge)
@@ -531,6 +540,13 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
     def _out_norm(self, w: torch.Tensor) -> torch.Tensor:
         """The norm of each output feature's row of ``w`` (laid out as the base weight): (out,)."""
         return torch.linalg.vector_norm(w, dim=0 if self.fan_in_fan_out else 1)
+
+    def _refuse_alora_merge(self, names: list[str]) -> None:
+        """Raise NotImplementedError (peft's) if one of ``names`` is an aLoRA adapter: it acts on some tokens only,
+        which no weight can express."""
+        alora = [n for n in names if self.use_alora.get(n, False)]
+        if alora:
+            raise NotImplementedError(f"aLoRA does not support merging (aLoRA adapter(s) {alora}).")
 
     def _check_bias_mergeable(self, names: list[str]) -> None:
         """Raise (before anything is written) if one of ``names`` has a ``lora_B`` bias but the base has none
@@ -582,6 +598,7 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         """
         self._refuse_opaque("merge")
         names = self.active_adapters if adapter_names is None else list(adapter_names)
+        self._refuse_alora_merge(names)
         already = [n for n in names if n in self.merged_adapters]
         if already:
             warnings.warn(f"Already merged adapters {already}; merging them again is skipped.", stacklevel=2)
@@ -626,6 +643,7 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         """``w`` (the current base weight, fp32) with the active adapters that are not merged merged in, in fp32."""
         pending = [n for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters
                    and not self._disable_adapters]
+        self._refuse_alora_merge(pending)
         w0 = self._unmerged_weight(w) if self.merged_adapters else w
         for name in pending:
             w = self._merge_math(w, name, w0, record=False)
@@ -772,13 +790,20 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
     # since the fused ops would multiply by its stored weight (int8 codes, for Linear8bitLt) instead.
     _opaque_base = False
 
-    def forward(self, x: torch.Tensor, *args, adapter_names: list[str] | None = None, **kwargs) -> torch.Tensor:
+    _fastpeft_alora_offsets = None  # per-sequence aLoRA offsets handed over by fastpeft.model.mixed_adapter_batch
+
+    def forward(self, x: torch.Tensor, *args, adapter_names: list[str] | None = None,
+                alora_offsets: list[int | None] | None = None, **kwargs) -> torch.Tensor:
         """The base layer plus every active adapter; ``adapter_names`` (one name per row of the batch, ``"__base__"``
-        for none) runs a mixed-adapter batch as peft's argument does."""
+        for none) runs a mixed-adapter batch as peft's argument does. ``alora_offsets`` (one per row, peft's
+        argument; usually handed over by the model) says how many of each row's last tokens aLoRA adapters act on."""
         if adapter_names is None:
             adapter_names = self._fastpeft_adapter_names
+        if alora_offsets is None:
+            alora_offsets = self._fastpeft_alora_offsets
         if adapter_names is not None:
-            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, alora_offsets=alora_offsets,
+                                             **kwargs)
         if self._disable_adapters or self.merged:
             return self.base_layer(x, *args, **kwargs)
         if x.dim() == 0 or x.shape[-1] != self.in_features:
@@ -787,15 +812,24 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         active = [n for n in self._active_adapters if n in self.lora_A]
         if not active:
             return self.base_layer(x, *args, **kwargs)
+        keep = None
+        if any(self.use_alora.get(n, False) for n in active):
+            keep = alora_token_mask(alora_offsets, tuple(x.shape[:-1]))
         if self._opaque_base:
             y = self.base_layer(x, *args, **kwargs)
             for name in active:
-                y = self._chain_unfused(x, y, name)
+                y = self._chain_unfused(x, y, name, keep if self.use_alora.get(name, False) else None)
             return y
         first, *rest = active
-        y = self._dora_forward(x, first) if self.use_dora.get(first, False) else self._fused_forward(x, first)
+        if self.use_alora.get(first, False):  # the activated tokens through the mixed-adapter op, the rest base only
+            y = self._mixed_batch_forward(x, *args, adapter_names=[first] * x.shape[0], alora_offsets=alora_offsets,
+                                          _only=True, **kwargs)
+        elif self.use_dora.get(first, False):
+            y = self._dora_forward(x, first)
+        else:
+            y = self._fused_forward(x, first)
         for name in rest:  # further active adapters (rare): added unfused, as peft does
-            y = self._chain_unfused(x, y, name)
+            y = self._chain_unfused(x, y, name, keep if self.use_alora.get(name, False) else None)
         return y
 
     def _refuse_opaque(self, what: str) -> None:
@@ -853,16 +887,21 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         w = weight.t() if self.fan_in_fan_out else weight
         return torch.nn.functional.linear(x, w.to(x.dtype))
 
-    def _chain_unfused(self, x: torch.Tensor, y: torch.Tensor, name: str) -> torch.Tensor:
+    def _chain_unfused(self, x: torch.Tensor, y: torch.Tensor, name: str,
+                       keep: torch.Tensor | None = None) -> torch.Tensor:
         """``y`` (the layer's output so far, bias included) with a further active adapter applied, in plain
-        PyTorch, chained as peft chains them: LoRA adds ``s·B A D(x)``; DoRA (``k`` = m / ‖W0 + s·B·A‖_row)
-        gives ``b + k ⊙ (y − b + s·B A x)`` at p = 0 or in eval, and ``y + (k − 1) ⊙ D(x) W0ᵀ + k·s·B A D(x)``
+        PyTorch, chained as peft chains them: LoRA adds ``s·B A D(x)`` (an aLoRA adapter only on the tokens
+        ``keep`` (``x.shape[:-1]``, bool) marks); DoRA (``k`` = m / ‖W0 + s·B·A‖_row) gives
+        ``b + k ⊙ (y − b + s·B A x)`` at p = 0 or in eval, and ``y + (k − 1) ⊙ D(x) W0ᵀ + k·s·B A D(x)``
         in training with dropout (torch's dropout here, as peft)."""
         A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
         xc = x.to(A.weight.dtype)
         drop = self.lora_dropout[name]
         if not self.use_dora.get(name, False):
-            return y + (B(A(drop(xc))) * s).to(y.dtype)
+            delta = B(A(drop(xc))) * s
+            if keep is not None:
+                delta = delta * keep.to(delta.device).unsqueeze(-1)
+            return y + delta.to(y.dtype)
         k = self._dora_scale(name)
         bias = self.base_layer.bias
         if not self.training or not isinstance(drop, nn.Dropout):
@@ -872,11 +911,15 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         xd = drop(xc)
         return (y + (k - 1.0) * self._base_matmul(xd).float() + k * s * B(A(xd)).float()).to(y.dtype)
 
-    def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
+    def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str],
+                             alora_offsets: list[int | None] | None = None, _only: bool = False,
+                             **kwargs) -> torch.Tensor:
         """One adapter per sequence (``x.shape[0]`` names; ``"__base__"`` = no adapter), as peft's
         ``adapter_names``, in eval and in training: one fused op (``fastpeft.ops_mixed``), each adapter's
         gradient from its own rows. Names this layer does not hold raise, unless the model-level hook
-        passed them (then, as in peft, they mean the base here)."""
+        passed them (then, as in peft, they mean the base here). The rows of aLoRA adapters are adapted only on
+        the tokens ``alora_offsets`` activates (the others get index -1: base only). ``_only``: the call is the
+        plain forward of one active aLoRA adapter (no other adapter joins the op)."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         if x.dim() < 2 or len(names) != x.shape[0]:
             raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
@@ -898,10 +941,10 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
             raise ValueError(f"{type(self).__name__} expected input of shape (..., {self.in_features}), "
                              f"got {tuple(x.shape)}")
         if self._opaque_base:
-            return self._mixed_batch_unfused(x, *args, names=names, **kwargs)
+            return self._mixed_batch_unfused(x, *args, names=names, alora_offsets=alora_offsets, **kwargs)
         weight = self.base_weight_for_op()
         present = [n for n in dict.fromkeys(names) if n in self.lora_A]
-        if self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled() and not _only:
             # Trainable adapters with no row in this batch join the op with zero rows: their gradients are
             # zeros rather than absent, so DistributedDataParallel finds every trainable parameter used.
             present += [n for n in self.lora_A if n not in present and self.lora_A[n].weight.requires_grad]
@@ -911,11 +954,13 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         # index upload and the row sort (one per batch shape instead of one per layer).
         # (Under torch.compile the graph itself shares them: no cache.)
         cache = None if torch.compiler.is_compiling() else getattr(adapter_names, "rows_cache", None)
-        key = (tuple(present), x.device, tuple(x.shape[:-1]))
+        alora = any(self.use_alora.get(n, False) for n in present)
+        key = (tuple(present), x.device, tuple(x.shape[:-1]), tuple(alora_offsets or ()) if alora else None)
         rows = None if cache is None else cache.get(key)
+        index = None
+        if rows is None or (alora and any(self.lora_B[n].bias is not None for n in present)):
+            index = self._row_index(x, names, present, alora_offsets if alora else None)
         if rows is None:
-            pos = {n: i for i, n in enumerate(present)}
-            index = torch.tensor([pos.get(n, -1) for n in names], dtype=torch.int32)
             rows = mixed_rows(index.to(x.device, non_blocking=True), x, len(present))
             if cache is not None:
                 cache[key] = rows
@@ -934,38 +979,63 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
                               dropout_ps=[self._dropout_p(n) for n in present], training=self.training,
                               fan_in_fan_out=self.fan_in_fan_out)
         if any(self.lora_B[n].bias is not None for n in present):
-            y = self._add_row_lora_bias(y, names, present)
+            if index is None:
+                index = self._row_index(x, names, present, None)
+            y = self._add_row_lora_bias(y, index, present)
         for n in present:  # DoRA adapters are here only with zero rows (refused by name above): their magnitude
             # gets its zero gradient too, through an empty slice (adds exactly 0; no NaN from dy can reach it)
             if n in self.lora_magnitude_vector and torch.is_grad_enabled():
                 y = y + self.lora_magnitude_vector[n].weight[:0].sum().to(y.dtype)
         return y
 
-    def _add_row_lora_bias(self, y: torch.Tensor, names: list[str], present: list[str]) -> torch.Tensor:
-        """``y`` with each sequence's own adapter's ``scale · b_B`` added (``lora_bias``; none for ``"__base__"``
-        rows and adapters without a bias), in fp32 then cast back once. Every adapter in ``present`` takes part,
-        so one without rows gets a zero gradient for its bias (as for its A and B)."""
+    def _row_index(self, x: torch.Tensor, names: list[str], present: list[str],
+                   alora_offsets: list[int | None] | None) -> torch.Tensor:
+        """The mixed op's adapter index (CPU int32): per sequence (``(B,)``) — ``present.index(name)``, -1 for the
+        base — or, when ``present`` holds aLoRA adapters, per token (``x.shape[:-1]``), -1 on the tokens of aLoRA
+        rows that ``alora_offsets`` does not activate (all of them when it is None)."""
+        pos = {n: i for i, n in enumerate(present)}
+        index = torch.tensor([pos.get(n, -1) for n in names], dtype=torch.int32)
+        if not any(self.use_alora.get(n, False) for n in present):
+            return index
+        lead = tuple(x.shape[:-1])
+        keep = alora_token_mask(alora_offsets, lead)
+        gated = torch.tensor([self.use_alora.get(n, False) for n in names], dtype=torch.bool)
+        index = index.view(-1, *([1] * (len(lead) - 1))).expand(lead)
+        gated = gated.view(-1, *([1] * (len(lead) - 1))).expand(lead)
+        return torch.where(gated & ~keep, torch.full_like(index, -1), index).contiguous()
+
+    def _add_row_lora_bias(self, y: torch.Tensor, index: torch.Tensor, present: list[str]) -> torch.Tensor:
+        """``y`` with each row's own adapter's ``scale · b_B`` added (``lora_bias``; ``index`` as ``_row_index``
+        gives it, per sequence or per token; none where it is -1 and for adapters without a bias), in fp32 then
+        cast back once. Every adapter in ``present`` takes part, so one without rows gets a zero gradient for its
+        bias (as for its A and B)."""
         out = self.out_features
         ref = self.lora_A[present[0]].weight
         table = [self._scaled_lora_bias(n) for n in present]
         table = [torch.zeros(out, device=ref.device) if t is None else t.float() for t in table]
-        table.append(torch.zeros(out, device=ref.device))  # rows with no adapter here
-        pos = {n: i for i, n in enumerate(present)}
-        index = torch.tensor([pos.get(n, len(present)) for n in names], device=y.device)
-        rows = torch.stack(table).to(y.device).index_select(0, index)
-        rows = rows.view(len(names), *([1] * (y.dim() - 2)), out)
+        table.append(torch.zeros(out, device=ref.device))  # rows with no adapter here (index -1: the last row)
+        idx = index.to(device=y.device, dtype=torch.long)
+        rows = torch.stack(table).to(y.device)[idx]  # (*index.shape, out)
+        rows = rows.view(*idx.shape, *([1] * (y.dim() - 1 - idx.dim())), out)
         return (y.float() + rows).to(y.dtype)
 
-    def _mixed_batch_unfused(self, x: torch.Tensor, *args, names: list[str], **kwargs) -> torch.Tensor:
+    def _mixed_batch_unfused(self, x: torch.Tensor, *args, names: list[str],
+                             alora_offsets: list[int | None] | None = None, **kwargs) -> torch.Tensor:
         """A mixed-adapter batch on a base with its own forward: the base on every row, then each adapter on
         its own rows in plain PyTorch (peft's loop)."""
         y = self.base_layer(x, *args, **kwargs)
+        keep = None
+        if any(self.use_alora.get(n, False) for n in names if n in self.lora_A):
+            keep = alora_token_mask(alora_offsets, tuple(x.shape[:-1]))
         for name in dict.fromkeys(names):
             if name not in self.lora_A:
                 continue
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            idx = [i for i, n in enumerate(names) if n == name]
+            rows = torch.tensor(idx, device=x.device)
             sub = x.index_select(0, rows)
-            y = y.index_add(0, rows, self._chain_unfused(sub, torch.zeros_like(y.index_select(0, rows)), name))
+            sub_keep = keep[idx] if keep is not None and self.use_alora.get(name, False) else None
+            y = y.index_add(0, rows, self._chain_unfused(sub, torch.zeros_like(y.index_select(0, rows)), name,
+                                                         sub_keep))
         return y
 
     def base_weight_for_op(self) -> torch.Tensor:
@@ -989,6 +1059,7 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         """Each adapter's rank, alpha and scaling (and rsLoRA/DoRA), as peft's repr lists them."""
         parts = [f"{n}: r={self.r[n]}, lora_alpha={self.lora_alpha[n]}, scaling={self.scaling[n]:g}"
                  + (", rslora" if self.use_rslora[n] else "") + (", dora" if self.use_dora.get(n) else "")
+                 + (", alora" if self.use_alora.get(n) else "")
                  + (", lora_bias" if self.lora_B[n].bias is not None else "")
                  for n in self.lora_A]
         return f"in_features={self.in_features}, out_features={self.out_features}, " + "; ".join(parts)

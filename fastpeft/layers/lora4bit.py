@@ -79,7 +79,8 @@ class FastLoraLinear4bit(FastLoraLinear):
                     init_lora_weights: bool | str = True, adapter_name: str = "default",
                     autocast_adapter_dtype: bool = True, quant_type: str = "nf4", blocksize: int = 64,
                     compress_statistics: bool = True, use_dora: bool = False,
-                    loftq_config: dict | None = None, lora_bias: bool = False) -> FastLoraLinear4bit:
+                    loftq_config: dict | None = None, lora_bias: bool = False,
+                    use_alora: bool = False) -> FastLoraLinear4bit:
         """Wrap a bitsandbytes/fastpeft ``Linear4bit`` as it is, or quantize a plain ``nn.Linear`` first
         (fastpeft's quantizer; ``quant_type``/``blocksize``/``compress_statistics`` apply only then)."""
         if fan_in_fan_out:
@@ -91,7 +92,7 @@ class FastLoraLinear4bit(FastLoraLinear):
         return cls._wrapping(linear, adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                              use_rslora=use_rslora, init_lora_weights=init_lora_weights, use_dora=use_dora,
                              autocast_adapter_dtype=autocast_adapter_dtype, loftq_config=loftq_config,
-                             lora_bias=lora_bias)
+                             lora_bias=lora_bias, use_alora=use_alora)
 
     def _adopt_base(self, base: nn.Module) -> None:
         """Shape fields from a 4-bit base (used when converting a peft layer)."""
@@ -104,6 +105,7 @@ class FastLoraLinear4bit(FastLoraLinear):
         self._adopt_base(base)
         self.base_layer = base
         self._fastpeft_adapter_names = None
+        self._fastpeft_alora_offsets = None
         for param in base.parameters():
             param.requires_grad_(False)
         self._init_adapter_state()
@@ -165,6 +167,7 @@ class FastLoraLinear4bit(FastLoraLinear):
         todo = [n for n in names if n not in self.merged_adapters]
         if not todo:
             return
+        self._refuse_alora_merge(todo)
         self._check_bias_mergeable(todo)
         w = self.dequantized_weight()
         w0 = self._unmerged_weight(w) if self.merged_adapters else w  # DoRA's norms: on the unmerged base

@@ -210,6 +210,7 @@ def init_lora_state(layer: nn.Module) -> None:
     layer.scaling = {}
     layer.use_rslora = {}
     layer.use_dora = {}
+    layer.use_alora = {}  # aLoRA adapters (alora_invocation_tokens): linear layers only
     layer._active_adapters = []
     layer.merged_adapters = []
     layer._disable_adapters = False
