@@ -30,8 +30,9 @@ setup(
     extras_require={
         # trl and datasets: tests/test_trl_integration.py (SFTTrainer); together with pyarrow and pandas they add
         # about 70 MB of wheels and 20-30 s of install.
+        # scipy: peft's LoftQ (tests/test_lora_init.py compares with it) needs it and no longer arrives with the others.
         "dev": ["pytest", "pytest-benchmark", "peft", "bitsandbytes", "transformers", "accelerate", "ruff", "trl",
-                "datasets"],
+                "datasets", "scipy"],
     },
     entry_points={"console_scripts": ["fastpeft = fastpeft.cli:main"]},
 )

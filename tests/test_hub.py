@@ -348,10 +348,20 @@ def test_push_to_hub_keeps_the_repos_own_card(tmp_path, monkeypatch):
 
 
 def _forbidden(*args, **kwargs):
-    import requests
+    import importlib
 
-    response = requests.Response()
-    response.status_code = 403
+    # the HTTP client huggingface_hub's errors are built on (httpx for hub 1.x, httpx2 for 2.x; requests before 1.0,
+    # and no longer installed with it)
+    response_type = getattr(huggingface_hub.errors, "Response", None)
+    if response_type is None:  # hub < 1.0: requests
+        import requests
+
+        response = requests.Response()
+        response.status_code = 403
+    else:
+        client = importlib.import_module(response_type.__module__.split(".")[0])
+        url = "https://huggingface.co/api/repos/me/my-lora/branch"
+        response = client.Response(403, request=client.Request("POST", url))
     raise huggingface_hub.errors.HfHubHTTPError("403 Forbidden: no write access", response=response)
 
 
