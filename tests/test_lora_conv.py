@@ -473,3 +473,20 @@ def test_cat_of_adapters_on_a_grouped_convolution_equals_both_active():
         model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "cat", combination_type="cat")
         model.set_adapter("cat")
         torch.testing.assert_close(model(x), both, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_deleting_a_merged_adapter_leaves_the_others_merged(use_dora):
+    """Delete one of two merged adapters: the base then holds the other one merged, exactly as merging it alone."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    layer = FastLoraConv.from_conv(copy.deepcopy(conv), r=2, lora_alpha=4, init_lora_weights=False, use_dora=use_dora)
+    layer.update_layer("b", r=3, lora_alpha=3, init_lora_weights=False, use_dora=use_dora)
+    alone = FastLoraConv.from_conv(copy.deepcopy(conv), r=2, lora_alpha=4, init_lora_weights=False, use_dora=use_dora)
+    alone.update_layer("b", r=3, lora_alpha=3, init_lora_weights=False, use_dora=use_dora)
+    alone.load_state_dict(layer.state_dict())
+    layer.merge(adapter_names=["default", "b"])
+    layer.delete_adapter("default")
+    assert layer.merged_adapters == ["b"] and "default" not in layer.lora_A
+    alone.merge(adapter_names=["b"])
+    torch.testing.assert_close(layer.base_layer.weight, alone.base_layer.weight, rtol=1e-5, atol=1e-6)

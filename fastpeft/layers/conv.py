@@ -199,21 +199,7 @@ class FastLoraConv(AdapterSwitches, MergeMath, nn.Module):
         """Remove an adapter (unmerging it first if merged)."""
         if adapter_name not in self.lora_A:
             raise ValueError(f"unknown adapter {adapter_name!r}; this layer has {list(self.lora_A.keys())}")
-        remerge = []
-        if adapter_name in self.merged_adapters:
-            # DoRA merges do not commute: take every merged adapter out, put the others back afterwards
-            remerge = [n for n in self.merged_adapters if n != adapter_name]
-            for name in reversed(list(self.merged_adapters)):
-                self._unmerge_one(name)
-        for d in (self.lora_A, self.lora_B, self.lora_dropout):
-            del d[adapter_name]
-        if adapter_name in self.lora_magnitude_vector:
-            del self.lora_magnitude_vector[adapter_name]
-        for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.use_dora, self.lora_bias):
-            d.pop(adapter_name, None)
-        if remerge:
-            self.merge(adapter_names=remerge)
-        self._forget_active(adapter_name)
+        self._delete_adapter_state(adapter_name, self.lora_bias)
 
     # ------------------------------------------------------------ weights
     def _channel_view(self, v: torch.Tensor) -> torch.Tensor:

@@ -197,6 +197,29 @@ class MergeMath:
                 w = self._unmerge_math(w, name)
         return w
 
+    def _delete_adapter_state(self, adapter_name: str, *per_adapter: dict) -> None:
+        """Remove adapter ``adapter_name`` (which the layer holds): unmerged first if merged (when a DoRA adapter is
+        merged every merged adapter comes out, since DoRA merges do not commute, and the others go back in after),
+        its modules and per-adapter entries dropped (``per_adapter``: the layer's own further dicts), no longer
+        active. The layer supplies ``_unmerge_one(name)`` and ``merge(adapter_names=...)``."""
+        remerge = []
+        if adapter_name in self.merged_adapters:
+            if any(self.use_dora.get(n, False) for n in self.merged_adapters):
+                remerge = [n for n in self.merged_adapters if n != adapter_name]
+                for name in reversed(list(self.merged_adapters)):
+                    self._unmerge_one(name)
+            else:
+                self._unmerge_one(adapter_name)
+        for d in (self.lora_A, self.lora_B, self.lora_dropout):
+            del d[adapter_name]
+        if adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
+        for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.use_dora, self.use_alora, *per_adapter):
+            d.pop(adapter_name, None)
+        if remerge:
+            self.merge(adapter_names=remerge)
+        self._forget_active(adapter_name)
+
 
 def init_lora_state(layer: nn.Module) -> None:
     """The per-adapter containers a LoRA layer with ``lora_A``/``lora_B`` modules keeps (peft's names), empty;
