@@ -32,9 +32,9 @@ def _adopt(layer: nn.Module, path: str) -> FastLoraLinear:
     # lora_bias: peft's lora_B modules carry their bias; they are adopted as they are (FastLoraLinear reads
     # ``lora_bias`` from them)
     use_dora = {n: bool(v) for n, v in (getattr(layer, "use_dora", {}) or {}).items()}
-    use_alora = {n: type(v).__name__ == "ALoraLinearVariant"
-                 for n, v in (getattr(layer, "lora_variant", {}) or {}).items()}
-    variants = {n: v for n, v in (getattr(layer, "lora_variant", {}) or {}).items()
+    peft_variants = getattr(layer, "lora_variant", {}) or {}
+    use_alora = {n: type(v).__name__ == "ALoraLinearVariant" for n, v in peft_variants.items()}
+    variants = {n: v for n, v in peft_variants.items()
                 if v is not None and not (use_dora.get(n) and type(v).__name__ == "DoraLinearVariant")
                 and not use_alora[n]}
     if variants:

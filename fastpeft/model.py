@@ -1578,8 +1578,8 @@ def mixed_adapter_batch(model: nn.Module, adapter_names: list[str] | None, expan
         yield
         return
     repeat = max(1, int(expand))
-    installs: list[tuple[str, Any, bool]] = []  # (attribute, value, LoRA layers only)
-    encoder_installs: list[tuple[str, Any, bool]] = []
+    installs: list[tuple[str, Any, tuple]] = []  # (attribute, value, the kinds of module that take it)
+    encoder_installs: list[tuple[str, Any, tuple]] = []
     if adapter_names is not None:
         if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)) \
                 or not all(isinstance(n, str) for n in adapter_names):
@@ -1602,15 +1602,16 @@ def mixed_adapter_batch(model: nn.Module, adapter_names: list[str] | None, expan
         original = _CheckedAdapterNames(adapter_names)
         names = _CheckedAdapterNames(n for n in adapter_names for _ in range(repeat))
         names.unexpanded = original
-        installs.append(("_fastpeft_adapter_names", names, False))
-        encoder_installs.append(("_fastpeft_adapter_names", original, True))
+        installs.append(("_fastpeft_adapter_names", names, (*_LORA_LAYERS, ModulesToSaveWrapper)))
+        encoder_installs.append(("_fastpeft_adapter_names", original, _LORA_LAYERS))
     if alora_offsets is not None:
         offsets = check_alora_offsets(alora_offsets)
-        installs.append(("_fastpeft_alora_offsets", [o for o in offsets for _ in range(repeat)], True))
-        encoder_installs.append(("_fastpeft_alora_offsets", offsets, True))
+        # (only linear layers hold aLoRA adapters)
+        installs.append(("_fastpeft_alora_offsets", [o for o in offsets for _ in range(repeat)], (FastLoraLinear,)))
+        encoder_installs.append(("_fastpeft_alora_offsets", offsets, (FastLoraLinear,)))
 
     def install(root: nn.Module, what=installs) -> list:
-        return [_install_attribute(root, attr, value, lora_only) for attr, value, lora_only in what]
+        return [_install_attribute(root, attr, value, kinds) for attr, value, kinds in what]
 
     handles = install(model)
     # transformers' gradient checkpointing replays each block in backward, after this block has removed the
@@ -1637,10 +1638,10 @@ def mixed_adapter_batch(model: nn.Module, adapter_names: list[str] | None, expan
             module._gradient_checkpointing_func = func
 
 
-class _NamesHandle:
-    """Undoes one ``_install_attribute`` (the layers get back the values they had before)."""
+class _AttributeHandle:
+    """Undoes one ``_install_attribute`` (the modules get back the values they had before)."""
 
-    def __init__(self, saved: list, attr: str = "_fastpeft_adapter_names"):
+    def __init__(self, saved: list, attr: str):
         self.saved = saved
         self.attr = attr
 
@@ -1649,18 +1650,17 @@ class _NamesHandle:
             setattr(module, self.attr, previous)
 
 
-def _install_attribute(model: nn.Module, attr: str, value: Any, lora_only: bool = False) -> _NamesHandle:
-    """Hand ``value`` to every LoRA layer (and, unless ``lora_only``, modules_to_save wrapper) of ``model`` as
-    ``attr`` (``_fastpeft_adapter_names`` / ``_fastpeft_alora_offsets``): each layer called without the matching
-    argument uses it until the returned handle is removed. A plain attribute rather than a forward hook, so that
-    ``torch.compile`` traces the call whole (``fullgraph=True``)."""
-    kinds = _LORA_LAYERS if lora_only else (*_LORA_LAYERS, ModulesToSaveWrapper)
+def _install_attribute(model: nn.Module, attr: str, value: Any, kinds: tuple) -> _AttributeHandle:
+    """Hand ``value`` to every module of ``model`` that is one of ``kinds`` as ``attr`` (``_fastpeft_adapter_names``
+    / ``_fastpeft_alora_offsets``): each such layer called without the matching argument uses it until the returned
+    handle is removed. A plain attribute rather than a forward hook, so that ``torch.compile`` traces the call whole
+    (``fullgraph=True``)."""
     saved = []
     for m in model.modules():
-        if isinstance(m, kinds) and (attr == "_fastpeft_adapter_names" or isinstance(m, FastLoraLinear)):
+        if isinstance(m, kinds):
             saved.append((m, getattr(m, attr, None)))
             setattr(m, attr, value)
-    return _NamesHandle(saved, attr)
+    return _AttributeHandle(saved, attr)
 
 
 def _replaying_checkpoint(checkpoint_func, block: nn.Module, install):
@@ -1681,13 +1681,17 @@ def _replaying_checkpoint(checkpoint_func, block: nn.Module, install):
     return checkpoint
 
 
+def _generate_setting(model: nn.Module, kwargs: dict, name: str) -> int:
+    """``generate``'s integer setting ``name`` (``num_beams``, ``num_return_sequences``): the call's keyword, else the
+    generation config's (the call's ``generation_config``, else the model's), 1 when unset."""
+    cfg = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    return int(kwargs.get(name, getattr(cfg, name, 1)) or 1)
+
+
 def _generate_expand(model: nn.Module, kwargs: dict) -> int:
     """How many rows ``generate`` makes of each input sequence (beams, or returned samples)."""
-    cfg = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-    beams = kwargs.get("num_beams", getattr(cfg, "num_beams", 1)) or 1
-    if beams > 1:
-        return int(beams)
-    return int(kwargs.get("num_return_sequences", getattr(cfg, "num_return_sequences", 1)) or 1)
+    beams = _generate_setting(model, kwargs, "num_beams")
+    return beams if beams > 1 else _generate_setting(model, kwargs, "num_return_sequences")
 
 
 class _ForwardProxy:
@@ -1695,12 +1699,13 @@ class _ForwardProxy:
 
     __slots__ = ("module", "peft_model")
 
-    def __init__(self, module: nn.Module, peft_model: nn.Module | None = None):
+    def __init__(self, module: nn.Module, peft_model: nn.Module):
         self.module = module
         self.peft_model = peft_model
 
     def __call__(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        offsets = _alora_offsets_for(self.peft_model, args, kwargs, adapter_names)
+        model = self.peft_model
+        offsets = alora_offsets_for_call(model.peft_config, model.active_adapters, args, kwargs, adapter_names)
         with mixed_adapter_batch(self.module, adapter_names, alora_offsets=offsets):
             return self.module(*args, **kwargs)
 
@@ -1709,15 +1714,6 @@ class _ForwardProxy:
         import inspect
 
         return inspect.signature(self.module.forward)
-
-
-def _alora_offsets_for(peft_model: nn.Module | None, args: tuple, kwargs: dict,
-                       adapter_names: list[str] | None) -> list[int | None] | None:
-    """The ``alora_offsets`` a ``PeftModel`` call runs with (popped from ``kwargs`` when given; computed from its
-    ``input_ids`` when an aLoRA adapter takes part, as peft does): see ``fastpeft.alora.offsets_for_call``."""
-    if peft_model is None or not hasattr(peft_model, "peft_config"):
-        return kwargs.pop("alora_offsets", None)
-    return alora_offsets_for_call(peft_model.peft_config, peft_model.active_adapters, args, kwargs, adapter_names)
 
 
 def _class_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
@@ -1800,11 +1796,9 @@ class PeftModel(nn.Module):
         ``alora_offsets=`` given), on every generated token; beam search is refused with them, as in peft."""
         model = self.base_model.model
         expand = _generate_expand(model, kwargs)
-        offsets = _alora_offsets_for(self, args, kwargs, adapter_names)
-        if offsets is not None:
-            cfg = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-            if (kwargs.get("num_beams", getattr(cfg, "num_beams", 1)) or 1) > 1:  # peft's refusal
-                raise ValueError("Beam search not yet supported for aLoRA.")
+        offsets = alora_offsets_for_call(self.peft_config, self.active_adapters, args, kwargs, adapter_names)
+        if offsets is not None and _generate_setting(model, kwargs, "num_beams") > 1:  # peft's refusal
+            raise ValueError("Beam search not yet supported for aLoRA.")
         with mixed_adapter_batch(model, adapter_names, expand, alora_offsets=offsets):
             return model.generate(*args, **kwargs)
 

@@ -795,8 +795,8 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         active = [n for n in self._active_adapters if n in self.lora_A]
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        keep = None
-        if any(self.use_alora.get(n, False) for n in active):
+        keep = None  # the activated tokens, for aLoRA adapters run unfused (on an opaque base, or after the first)
+        if (self._opaque_base or len(active) > 1) and any(self.use_alora.get(n, False) for n in active):
             keep = alora_token_mask(alora_offsets, tuple(x.shape[:-1]))
         if self._opaque_base:
             y = self.base_layer(x, *args, **kwargs)
@@ -940,9 +940,8 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         alora = any(self.use_alora.get(n, False) for n in present)
         key = (tuple(present), x.device, tuple(x.shape[:-1]), tuple(alora_offsets or ()) if alora else None)
         rows = None if cache is None else cache.get(key)
-        index = None
-        if rows is None or (alora and any(self.lora_B[n].bias is not None for n in present)):
-            index = self._row_index(x, names, present, alora_offsets if alora else None)
+        lora_bias = any(self.lora_B[n].bias is not None for n in present)
+        index = self._row_index(x, names, present, alora_offsets) if rows is None or lora_bias else None
         if rows is None:
             rows = mixed_rows(index.to(x.device, non_blocking=True), x, len(present))
             if cache is not None:
@@ -961,9 +960,7 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
                               scales=[self.scaling[n] for n in present],
                               dropout_ps=[self._dropout_p(n) for n in present], training=self.training,
                               fan_in_fan_out=self.fan_in_fan_out)
-        if any(self.lora_B[n].bias is not None for n in present):
-            if index is None:
-                index = self._row_index(x, names, present, None)
+        if lora_bias:
             y = self._add_row_lora_bias(y, index, present)
         for n in present:  # DoRA adapters are here only with zero rows (refused by name above): their magnitude
             # gets its zero gradient too, through an empty slice (adds exactly 0; no NaN from dy can reach it)
