@@ -87,7 +87,6 @@ class FastLoraConv(AdapterSwitches, MergeMath, nn.Module):
         for param in base_layer.parameters():
             param.requires_grad_(False)
         init_lora_state(self)
-        self.lora_bias: dict[str, bool] = {}
         self.update_layer(adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                           use_rslora=use_rslora, init_lora_weights=init_lora_weights, use_dora=use_dora,
                           lora_bias=lora_bias, autocast_adapter_dtype=autocast_adapter_dtype, **peft_kwargs)
@@ -170,7 +169,6 @@ class FastLoraConv(AdapterSwitches, MergeMath, nn.Module):
         self.lora_alpha[adapter_name] = lora_alpha
         self.use_rslora[adapter_name] = bool(use_rslora)
         self.use_dora[adapter_name] = bool(use_dora)
-        self.lora_bias[adapter_name] = bool(lora_bias)
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         if adapter_name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[adapter_name]
@@ -199,7 +197,7 @@ class FastLoraConv(AdapterSwitches, MergeMath, nn.Module):
         """Remove an adapter (unmerging it first if merged)."""
         if adapter_name not in self.lora_A:
             raise ValueError(f"unknown adapter {adapter_name!r}; this layer has {list(self.lora_A.keys())}")
-        self._delete_adapter_state(adapter_name, self.lora_bias)
+        self._delete_adapter_state(adapter_name)
 
     # ------------------------------------------------------------ weights
     def _channel_view(self, v: torch.Tensor) -> torch.Tensor:
@@ -267,8 +265,7 @@ class FastLoraConv(AdapterSwitches, MergeMath, nn.Module):
             raise ValueError(f"unknown adapter {unknown[0]!r}; this layer has {list(self.lora_A.keys())}")
         if todo:
             self._refuse_grouped_merge()
-        if self.base_layer.bias is None and any(self.lora_B[n].bias is not None for n in todo):
-            raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
+        self._check_bias_mergeable(todo)
         weight, bias = self.base_layer.weight, self.base_layer.bias
         for name in todo:
             w = weight.float()

@@ -470,11 +470,6 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         """Always empty: fastpeft adapts linear layers only (peft's attribute, for code that inspects it)."""
         return {}
 
-    @property
-    def lora_bias(self) -> dict[str, bool]:
-        """Per adapter, whether its ``lora_B`` has a bias (peft's ``lora_bias`` dict, read from the modules)."""
-        return {n: self.lora_B[n].bias is not None for n in self.lora_A}
-
     def _scaled_lora_bias(self, name: str) -> torch.Tensor | None:
         """``scale · b_B`` of adapter ``name`` (differentiable, B's dtype), None without ``lora_bias``."""
         bias = self.lora_B[name].bias
@@ -530,13 +525,6 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         alora = [n for n in names if self.use_alora.get(n, False)]
         if alora:
             raise NotImplementedError(f"aLoRA does not support merging (aLoRA adapter(s) {alora}).")
-
-    def _check_bias_mergeable(self, names: list[str]) -> None:
-        """Raise (before anything is written) if one of ``names`` has a ``lora_B`` bias but the base has none
-        to merge it into (peft's error; peft raises it after writing the merged weight)."""
-        if getattr(self.base_layer, "bias", None) is None \
-                and any(n in self.lora_B and self.lora_B[n].bias is not None for n in names):
-            raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
 
     def _merged_bias(self, name: str, safe_merge: bool, sign: float = 1.0) -> torch.Tensor | None:
         """The base bias with adapter ``name``'s ``scale · b_B`` added (``sign`` -1: taken out), in fp32, None

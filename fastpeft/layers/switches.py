@@ -162,11 +162,24 @@ class AdapterSwitches:
 
 
 class MergeMath:
-    """Merging an adapter's delta into a weight and taking it out again, in fp32, for the layers with ``lora_A`` /
-    ``lora_B`` (linear, convolution): LoRA adds ``ΔW``; DoRA, as peft, gives ``m / ‖W0 + ΔW‖ ⊙ (w + ΔW)`` per output
+    """Merging an adapter's delta into a weight and taking it out again, in fp32, and the per-adapter bookkeeping
+    around it (``lora_bias``, deleting an adapter), for the layers with ``lora_A`` / ``lora_B`` modules (linear,
+    convolution): LoRA adds ``ΔW``; DoRA, as peft, gives ``m / ‖W0 + ΔW‖ ⊙ (w + ΔW)`` per output
     feature, the norm taken on the base without merged adapters and kept for the unmerge. A layer supplies
     ``get_delta_weight(name)`` (``ΔW`` laid out as its base weight), ``_out_norm(w)`` (each output feature's norm,
     (out,)) and ``_along_out(v)`` (an (out,) vector shaped to scale such a weight)."""
+
+    @property
+    def lora_bias(self) -> dict[str, bool]:
+        """Per adapter, whether its ``lora_B`` has a bias (peft's ``lora_bias`` dict, read from the modules)."""
+        return {n: self.lora_B[n].bias is not None for n in self.lora_A}
+
+    def _check_bias_mergeable(self, names: list[str]) -> None:
+        """Raise (before anything is written) if one of ``names`` has a ``lora_B`` bias but the base has none
+        to merge it into (peft's error; peft raises it after writing the merged weight)."""
+        if getattr(self.base_layer, "bias", None) is None \
+                and any(n in self.lora_B and self.lora_B[n].bias is not None for n in names):
+            raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
 
     def _merge_math(self, w: torch.Tensor, name: str, w0: torch.Tensor | None, record: bool = True) -> torch.Tensor:
         """``w`` (fp32, laid out as the base weight) with adapter ``name`` merged in; DoRA's norm is taken on
@@ -197,11 +210,11 @@ class MergeMath:
                 w = self._unmerge_math(w, name)
         return w
 
-    def _delete_adapter_state(self, adapter_name: str, *per_adapter: dict) -> None:
+    def _delete_adapter_state(self, adapter_name: str) -> None:
         """Remove adapter ``adapter_name`` (which the layer holds): unmerged first if merged (when a DoRA adapter is
         merged every merged adapter comes out, since DoRA merges do not commute, and the others go back in after),
-        its modules and per-adapter entries dropped (``per_adapter``: the layer's own further dicts), no longer
-        active. The layer supplies ``_unmerge_one(name)`` and ``merge(adapter_names=...)``."""
+        its modules and per-adapter entries dropped, no longer active. The layer supplies ``_unmerge_one(name)``
+        and ``merge(adapter_names=...)``."""
         remerge = []
         if adapter_name in self.merged_adapters:
             if any(self.use_dora.get(n, False) for n in self.merged_adapters):
@@ -214,7 +227,7 @@ class MergeMath:
             del d[adapter_name]
         if adapter_name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[adapter_name]
-        for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.use_dora, self.use_alora, *per_adapter):
+        for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.use_dora, self.use_alora):
             d.pop(adapter_name, None)
         if remerge:
             self.merge(adapter_names=remerge)
