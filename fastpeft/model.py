@@ -1559,6 +1559,33 @@ def adapter_folders(model: nn.Module, save_directory: str | os.PathLike,
             for name in names]
 
 
+def _checked_adapter_names(model: nn.Module, adapter_names: list[str], repeat: int) -> _CheckedAdapterNames:
+    """``adapter_names`` checked against the whole model (peft's checks: a list of str naming adapters some layer
+    holds, no DoRA adapter among them; none at all on a model with trainable tokens or ``target_parameters``), each
+    repeated ``repeat`` times; ``.unexpanded`` holds them as given (an encoder's input during beam search)."""
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)) \
+            or not all(isinstance(n, str) for n in adapter_names):
+        raise TypeError(f"adapter_names must be a list of adapter names (str), got {adapter_names!r}")
+    layers = [m for m in model.modules() if isinstance(m, _LORA_LAYERS)]
+    if any(isinstance(m, TrainableTokensWrapper) for m in model.modules()):
+        raise ValueError("fastpeft does not support mixed adapter batches (adapter_names) on a model with "
+                         "trainable_token_indices; use peft for this")
+    if any(isinstance(m, FastLoraParamWrapper) for m in layers):  # as peft
+        raise ValueError("lora.ParamWrapper does not support mixed adapter batches yet (this model has adapters "
+                         "on target_parameters).")
+    existing = sorted({n for layer in layers for n in adapters_of(layer)})
+    unknown = sorted({n for n in adapter_names if n != "__base__"} - set(existing))
+    if unknown:
+        raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}; this model has "
+                         f"adapters {existing} (and '__base__' for the base model alone)")
+    dora = sorted({n for layer in layers for n, on in layer.use_dora.items() if on and n in adapter_names})
+    if dora:  # as peft: mixed batches are LoRA-only
+        raise ValueError(f"Cannot pass `adapter_names` when DoRA is enabled (DoRA adapter(s) {dora}).")
+    names = _CheckedAdapterNames(n for n in adapter_names for _ in range(repeat))
+    names.unexpanded = _CheckedAdapterNames(adapter_names)
+    return names
+
+
 @contextlib.contextmanager
 def mixed_adapter_batch(model: nn.Module, adapter_names: list[str] | None, expand: int = 1,
                         alora_offsets: list[int | None] | None = None):
@@ -1581,29 +1608,9 @@ def mixed_adapter_batch(model: nn.Module, adapter_names: list[str] | None, expan
     installs: list[tuple[str, Any, tuple]] = []  # (attribute, value, the kinds of module that take it)
     encoder_installs: list[tuple[str, Any, tuple]] = []
     if adapter_names is not None:
-        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)) \
-                or not all(isinstance(n, str) for n in adapter_names):
-            raise TypeError(f"adapter_names must be a list of adapter names (str), got {adapter_names!r}")
-        layers = [m for m in model.modules() if isinstance(m, _LORA_LAYERS)]
-        if any(isinstance(m, TrainableTokensWrapper) for m in model.modules()):
-            raise ValueError("fastpeft does not support mixed adapter batches (adapter_names) on a model with "
-                             "trainable_token_indices; use peft for this")
-        if any(isinstance(m, FastLoraParamWrapper) for m in layers):  # as peft
-            raise ValueError("lora.ParamWrapper does not support mixed adapter batches yet (this model has adapters "
-                             "on target_parameters).")
-        existing = sorted({n for layer in layers for n in adapters_of(layer)})
-        unknown = sorted({n for n in adapter_names if n != "__base__"} - set(existing))
-        if unknown:
-            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}; this model has "
-                             f"adapters {existing} (and '__base__' for the base model alone)")
-        dora = sorted({n for layer in layers for n, on in layer.use_dora.items() if on and n in adapter_names})
-        if dora:  # as peft: mixed batches are LoRA-only
-            raise ValueError(f"Cannot pass `adapter_names` when DoRA is enabled (DoRA adapter(s) {dora}).")
-        original = _CheckedAdapterNames(adapter_names)
-        names = _CheckedAdapterNames(n for n in adapter_names for _ in range(repeat))
-        names.unexpanded = original
+        names = _checked_adapter_names(model, adapter_names, repeat)
         installs.append(("_fastpeft_adapter_names", names, (*_LORA_LAYERS, ModulesToSaveWrapper)))
-        encoder_installs.append(("_fastpeft_adapter_names", original, _LORA_LAYERS))
+        encoder_installs.append(("_fastpeft_adapter_names", names.unexpanded, _LORA_LAYERS))
     if alora_offsets is not None:
         offsets = check_alora_offsets(alora_offsets)
         # (only linear layers hold aLoRA adapters)
