@@ -428,7 +428,7 @@ def quantize_base(model, quantizer: str, compute_dtype: torch.dtype):
     return quant.quantize_model(model, quant_type="nf4", compute_dtype=compute_dtype)
 
 
-def check_alora_samples(args: argparse.Namespace, samples: list, n_samples: int, packing: bool) -> None:
+def check_alora_samples(args: argparse.Namespace, samples: list, packing: bool) -> None:
     """With an aLoRA adapter (``--method-options '{"alora_invocation_tokens": [...]}'``): the adapter only trains on
     what follows its invocation, so packing (one row, several samples: only the last invocation would count) is
     refused, a dataset in which no sample holds the invocation is an error (nothing would train), and samples
@@ -447,7 +447,7 @@ def check_alora_samples(args: argparse.Namespace, samples: list, n_samples: int,
                          "adapter would never be activated (put the invocation text before each response, tokenized "
                          "as in context, e.g. at the end of the prompt)")
     if missing:
-        warnings.warn(f"{missing} of {n_samples} training samples do not contain the aLoRA invocation tokens "
+        warnings.warn(f"{missing} of {len(samples)} training samples do not contain the aLoRA invocation tokens "
                       f"{tokens}: they train nothing", stacklevel=2)
 
 
@@ -989,7 +989,7 @@ def train(args: argparse.Namespace) -> TrainResult:
         resume_from = load_checkpoint(out, args.resume)
         check_resume(*resume_from, args, total_steps)
     check_method(args, total_steps)
-    check_alora_samples(args, train_samples, n_samples, packing)
+    check_alora_samples(args, train_samples, packing)
 
     out.mkdir(parents=True, exist_ok=True)
     if earlier and not args.resume and main_rank:  # --overwrite-output-dir
