@@ -92,13 +92,18 @@ def _alora_layer(lora_bias=False, dropout=0.0, in_f=45, out_f=37, seed=0):
     return layer
 
 
-def _ref64(layer, x, keep, name="default"):
-    """fp64: base everywhere, plus ``scale·(B A x + b_B)`` on the tokens ``keep`` marks."""
+def _ref64(layer, x, keep, name="default", factors=None):
+    """fp64: base everywhere, plus ``scale·(B A x + b_B)`` on the tokens ``keep`` marks; ``factors``: (A, B[, b_B])
+    to use instead of the layer's own (e.g. fp64 leaves to differentiate)."""
     w, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()
-    A, B = layer.lora_A[name].weight.double(), layer.lora_B[name].weight.double()
+    if factors is None:
+        factors = [layer.lora_A[name].weight, layer.lora_B[name].weight]
+        if layer.lora_B[name].bias is not None:
+            factors.append(layer.lora_B[name].bias)
+    A, B, *b_B = (t.double() for t in factors)
     delta = (x.double() @ A.t()) @ B.t()
-    if layer.lora_B[name].bias is not None:
-        delta = delta + layer.lora_B[name].bias.double()
+    if b_B:
+        delta = delta + b_B[0]
     return x.double() @ w.t() + b + layer.scaling[name] * delta * keep.double().unsqueeze(-1)
 
 
@@ -120,10 +125,7 @@ def test_layer_matches_fp64_reference_on_activated_tokens(backend, shape, lora_b
     grads = torch.autograd.grad(y, params, dy)
     x64 = x.detach().double().requires_grad_()
     p64 = [t.detach().double().requires_grad_() for t in params[1:]]
-    A, B = p64[0], p64[1]
-    delta = (x64 @ A.t()) @ B.t() + (p64[2] if lora_bias else 0)
-    w, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()
-    ref = x64 @ w.t() + b + layer.scaling["default"] * delta * keep.double().unsqueeze(-1)
+    ref = _ref64(layer, x64, keep, factors=p64)
     ref_grads = torch.autograd.grad(ref, [x64, *p64], dy.double())
     for name, ours, theirs in zip(("dx", "dA", "dB", "db_B"), grads, ref_grads):
         assert_rel(ours, theirs, 1e-5, name)
