@@ -61,6 +61,7 @@ from .auto import (
 from .base_state import get_base_model_state_dict, set_base_model_state_dict
 from .config import EvaConfig, LoftQConfig, LoraConfig, TaskType
 from .convert import from_peft, to_peft
+from .errors import NoMatchingPeftModuleError, PeftError, PeftWarning
 from .eva import get_eva_state_dict, initialize_lora_eva_weights
 from .hotswap import (
     check_hotswap_configs_compatible,
@@ -157,6 +158,9 @@ __all__ = [
     "__version__",
     "backend_for",
     "from_peft",
+    "NoMatchingPeftModuleError",
+    "PeftError",
+    "PeftWarning",
     "get_peft_model",
     "get_peft_model_state_dict",
     "get_base_model_state_dict",
@@ -177,9 +181,15 @@ from .methods import (  # noqa: E402
     FreezeConfig,
     IA3Config,
     LNTuningConfig,
+    PrefixEncoder,
     PrefixTuningConfig,
+    PromptEmbedding,
+    PromptEncoder,
     PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptLearningConfig,
     PromptTuningConfig,
+    PromptTuningInit,
     TrainableTokensConfig,
     build_config,
 )
@@ -191,9 +201,15 @@ __all__ += [
     "FreezeConfig",
     "IA3Config",
     "LNTuningConfig",
+    "PrefixEncoder",
     "PrefixTuningConfig",
+    "PromptEmbedding",
+    "PromptEncoder",
     "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptLearningConfig",
     "PromptTuningConfig",
+    "PromptTuningInit",
     "TrainableTokensConfig",
     "build_config",
 ]

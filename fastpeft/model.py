@@ -24,6 +24,7 @@ from torch import nn
 from .alora import check_offsets as check_alora_offsets
 from .alora import offsets_for_call as alora_offsets_for_call
 from .config import DEFAULT_TARGET_MODULES, LoraConfig
+from .errors import NoMatchingPeftModuleError
 from .layers.conv import FastLoraConv, is_plain_conv
 from .layers.embedding import FastLoraEmbedding, refuse_embedding_dora
 from .layers.lora import FastLoraLinear, _is_conv1d
@@ -251,6 +252,27 @@ def _layer_index_ok(config: LoraConfig, key: str) -> bool:
         return False
     idx = int(match.group("idx"))
     return idx == indexes if isinstance(indexes, int) else idx in indexes
+
+
+def _raise_no_match(model: nn.Module, config: LoraConfig, targets, names: list[str], modules_to_save) -> None:
+    """peft's :class:`NoMatchingPeftModuleError` when an adapter adapts nothing: its wording for targets that
+    matched nothing and for targets all excluded (``exclude_modules`` / ``modules_to_save``), with the layer
+    selection options named, and the adaptable layer names of the model added."""
+    put_aside = [k for k in names if _targeted(config, targets, k) and not _is_inside_lora(model, k)
+                 and (_excluded(config, k) or _in_modules_to_save(modules_to_save, k))]
+    if put_aside:
+        msg = ("No modules were targeted for adaptation. This might be caused by a combination of mismatched "
+               "target modules and excluded modules. Please check your `target_modules` and `exclude_modules` "
+               "configuration. You may also have only targeted modules that are marked to be saved "
+               f"(`modules_to_save`). Targeted but set aside: {put_aside[:8]}{' ...' if len(put_aside) > 8 else ''}.")
+    else:
+        msg = f"Target modules {targets} not found in the base model. Please check the target modules and try again."
+    if getattr(config, "layers_to_transform", None) is not None:
+        msg += f" Note: You specified 'layers_to_transform': {config.layers_to_transform}."
+    if getattr(config, "layers_pattern", None) is not None:
+        msg += f" You also specified 'layers_pattern': {config.layers_pattern}."
+    existing = sorted({n.split(".")[-1] for n in names if _supported_base(model.get_submodule(n))})
+    raise NoMatchingPeftModuleError(f"{msg} Adaptable modules in this model: {existing}")
 
 
 def _excluded(config: LoraConfig, key: str) -> bool:
@@ -560,12 +582,11 @@ class LoraModel(nn.Module):
                 warnings.warn(f"target_parameters={config.target_parameters} were set but no parameter was "
                               "matched.", RuntimeWarning, stacklevel=3)
         elif not targets:
-            raise ValueError("No `target_modules` passed but also no `target_parameters` found. Please check the "
-                             f"values for these arguments (target_parameters={config.target_parameters}).")
+            raise NoMatchingPeftModuleError(
+                "No `target_modules` passed but also no `target_parameters` found. Please check the values for "
+                f"these arguments (target_parameters={config.target_parameters}).")
         if not matched and not param_targets:
-            existing = sorted({n.split(".")[-1] for n in names if _supported_base(model.get_submodule(n))})
-            raise ValueError(f"Target modules {targets} not found in the base model. Please check the target "
-                             f"modules and try again. Linear modules in this model: {existing}")
+            _raise_no_match(model, config, targets, names, modules_to_save)
         # As peft, the saved config names what was adapted: the model type's default targets for None, the
         # adapted modules' full names for "all-linear", and fan_in_fan_out for Conv1D targets.
         if config.target_modules is None:  # (no default for the model type with target_parameters: [] as peft)
@@ -1254,8 +1275,9 @@ def _plan_trainable_tokens(model: nn.Module, config: LoraConfig, lora_keys: list
     for key, ids in wanted.items():
         found = [n for n in names if _name_matches(n, key)]
         if not found:
-            raise ValueError(f"Target modules {{{key!r}}} not found in the base model (trainable_token_indices). "
-                             "Please check the target modules and try again.")
+            raise NoMatchingPeftModuleError(f"Target modules {{{key!r}}} not found in the base model "
+                                            "(trainable_token_indices). Please check the target modules and try "
+                                            "again.")
         for name in found:
             resolved[name] = (ids, key)
     # the heads tied to the input embeddings (computed before anything is wrapped)

@@ -6,6 +6,7 @@ for parity (same tiny models, same weights, same results)."""
 from __future__ import annotations
 
 import os
+import re
 import warnings
 
 import pytest
@@ -466,3 +467,90 @@ def test_autocast_adapter_dtype_like_peft(tmp_path, autocast):
     assert {p.dtype for n, p in back.named_parameters() if "lora_" in n} == {want}
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=ids).logits.float(), theirs, rtol=2e-2, atol=2e-2)
+
+
+# --------------------------------------------------------------------------- errors, warnings, prompt enums
+def test_error_and_warning_classes_like_peft():
+    """PeftError / NoMatchingPeftModuleError / PeftWarning: the same hierarchy as peft's (the no-match error is
+    also a ValueError, for code that caught the plain ValueError)."""
+    for name in ("PeftError", "NoMatchingPeftModuleError", "PeftWarning"):
+        ours, theirs = getattr(fastpeft, name), getattr(peft, name)
+        assert name in fastpeft.__all__
+        assert [c.__name__ for c in ours.__mro__] == [c.__name__ for c in theirs.__mro__]
+
+
+def _no_match_cases():
+    return {
+        "unmatched": dict(target_modules=["nope_proj"]),
+        "all excluded": dict(target_modules=["q_proj"], exclude_modules=["q_proj"]),
+        "only modules_to_save": dict(target_modules=["lm_head"], modules_to_save=["lm_head"]),
+        "with layers_to_transform": dict(target_modules=["nope_proj"], layers_to_transform=[0],
+                                         layers_pattern="layers"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_no_match_cases()))
+def test_no_matching_module_error_like_peft(case):
+    """An adapter that adapts nothing raises NoMatchingPeftModuleError in both libraries, with peft's wording
+    (fastpeft adds the names it could have adapted)."""
+    kw = _no_match_cases()[case]
+    with pytest.raises(peft.NoMatchingPeftModuleError) as theirs:
+        peft.get_peft_model(tiny_llama(V), peft.LoraConfig(r=4, **kw))
+    with pytest.raises(fastpeft.NoMatchingPeftModuleError) as ours:
+        fastpeft.get_peft_model(tiny_llama(V), fastpeft.LoraConfig(r=4, **kw))
+    assert isinstance(ours.value, ValueError) and isinstance(ours.value, fastpeft.PeftError)
+    # peft's first sentence, and its notes on the layer selection, are in fastpeft's message
+    # (the target list printed as a set there, as a list here)
+    first = re.sub(r"[\[{].*?[\]}]", "<targets>", str(theirs.value).split(". ")[0])
+    assert first in re.sub(r"[\[{].*?[\]}]", "<targets>", str(ours.value))
+    for note in ("'layers_to_transform': [0]", "'layers_pattern': layers"):
+        assert (note in str(theirs.value)) == (note in str(ours.value))
+    assert "q_proj" in str(ours.value)  # the adaptable layers are named
+
+
+@pytest.mark.parametrize("make", [
+    lambda lib: lib.IA3Config(target_modules=["nope"], feedforward_modules=[], task_type="CAUSAL_LM"),
+    lambda lib: lib.LNTuningConfig(target_modules=["nope"], task_type="CAUSAL_LM"),
+    lambda lib: lib.TrainableTokensConfig(target_modules=["nope"], token_indices=[1]),
+    lambda lib: lib.LoraConfig(target_modules=["q_proj"], trainable_token_indices={"nope": [1]}),
+], ids=["ia3", "ln_tuning", "trainable_tokens", "lora_trainable_token_indices"])
+def test_no_matching_module_error_other_methods(make):
+    """The other methods' no-match errors are NoMatchingPeftModuleError too (peft's are, except for LoRA's
+    ``trainable_token_indices``, a plain ValueError there: the subclass is caught the same way)."""
+    token_rows = isinstance(make(peft), peft.LoraConfig)
+    with pytest.raises(ValueError if token_rows else peft.NoMatchingPeftModuleError):
+        peft.get_peft_model(tiny_llama(V), make(peft))
+    with pytest.raises(fastpeft.NoMatchingPeftModuleError, match="not found in the base model"):
+        fastpeft.get_peft_model(tiny_llama(V), make(fastpeft))
+
+
+def test_lora_bias_warning_is_peft_warning():
+    """``lora_bias=True`` on a layer without a bias warns with the PeftWarning category, as peft (Llama's
+    projections have no bias), on linear and convolution layers."""
+    for lib in (peft, fastpeft):
+        with pytest.warns(lib.PeftWarning, match="has no bias"):
+            lib.get_peft_model(tiny_llama(V), lib.LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True))
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False))
+    with pytest.warns(fastpeft.PeftWarning, match="has no bias"):
+        fastpeft.get_peft_model(conv, fastpeft.LoraConfig(r=2, target_modules=["0"], lora_bias=True))
+
+
+def test_prompt_enums_like_peft(tmp_path):
+    """PromptTuningInit / PromptEncoderReparameterizationType: peft's members and values; configs take fastpeft's,
+    peft's or plain strings alike and save the plain value peft reads back."""
+    for name in ("PromptTuningInit", "PromptEncoderReparameterizationType"):
+        ours, theirs = getattr(fastpeft, name), getattr(peft, name)
+        assert {m.name: m.value for m in ours} == {m.name: m.value for m in theirs}
+        assert issubclass(ours, str)
+    for init in (fastpeft.PromptTuningInit.SAMPLE_VOCAB, peft.PromptTuningInit.SAMPLE_VOCAB, "SAMPLE_VOCAB"):
+        assert fastpeft.PromptTuningConfig(num_virtual_tokens=3, prompt_tuning_init=init,
+                                           task_type="CAUSAL_LM").prompt_tuning_init == "SAMPLE_VOCAB"
+    kind = fastpeft.PromptEncoderReparameterizationType.LSTM
+    model = fastpeft.get_peft_model(tiny_llama(V), fastpeft.PromptEncoderConfig(
+        num_virtual_tokens=3, encoder_hidden_size=8, encoder_reparameterization_type=kind, task_type="CAUSAL_LM"))
+    assert isinstance(model.prompt_encoder["default"], fastpeft.PromptEncoder)
+    model.save_pretrained(tmp_path)
+    back = peft.PeftConfig.from_pretrained(tmp_path)
+    assert back.encoder_reparameterization_type == peft.PromptEncoderReparameterizationType.LSTM
+    assert isinstance(fastpeft.PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"),
+                      fastpeft.PromptLearningConfig)

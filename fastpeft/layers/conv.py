@@ -36,6 +36,7 @@ import warnings
 import torch
 from torch import nn
 
+from ..errors import PeftWarning
 from .lora import DoraMagnitude
 from .switches import AdapterSwitches, MergeMath, init_lora_state
 
@@ -135,7 +136,7 @@ class FastLoraConv(AdapterSwitches, MergeMath, nn.Module):
                              f"(groups={groups}) is not supported by fastpeft")
         if lora_bias and base.bias is None:
             warnings.warn(f"`lora_bias=True` was passed but the targeted layer of type {type(base).__name__} has no "
-                          "bias. This means that merging LoRA weights won't be possible.", stacklevel=3)
+                          "bias. This means that merging LoRA weights won't be possible.", PeftWarning, stacklevel=3)
         if groups > 1:
             warnings.warn(f"LoRA adapter added to the {type(base).__name__} with groups={groups}: merging it is not "
                           "supported.", stacklevel=3)

@@ -29,6 +29,7 @@ from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..alora import token_mask as alora_token_mask
+from ..errors import PeftWarning
 from ..ops import draw_seed, lora_linear, philox_dropout, to_autocast_dtype
 from ..ops_mixed import BASE as _BASE_NAME
 from ..ops_mixed import lora_linear_mixed, mixed_rows, stack_adapters
@@ -320,7 +321,7 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
             if getattr(self.base_layer, "bias", None) is None:
                 warnings.warn(f"`lora_bias=True` was passed but the targeted layer of type "
                               f"{type(self.base_layer).__name__} has no bias. This means that merging LoRA weights "
-                              "won't be possible.", stacklevel=2)
+                              "won't be possible.", PeftWarning, stacklevel=2)
         weight = self.base_layer.weight
         dtype = weight.dtype
         if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):

@@ -34,10 +34,14 @@ from .configs import (
     MethodConfig,
     PrefixTuningConfig,
     PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptLearningConfig,
     PromptTuningConfig,
+    PromptTuningInit,
     TrainableTokensConfig,
     config_from_dict,
 )
+from .prompt import PrefixEncoder, PromptEmbedding, PromptEncoder
 
 __all__ = [
     "AdaLoraConfig",
@@ -49,8 +53,14 @@ __all__ = [
     "METHODS",
     "MethodConfig",
     "PrefixTuningConfig",
+    "PrefixEncoder",
+    "PromptEmbedding",
+    "PromptEncoder",
     "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptLearningConfig",
     "PromptTuningConfig",
+    "PromptTuningInit",
     "TrainableTokensConfig",
     "build_config",
     "from_pretrained",

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import NoMatchingPeftModuleError
 from ..model import (
     ModulesToSaveWrapper,
     delegating_getattr,
@@ -312,7 +313,8 @@ class MethodTuner(nn.Module):
             found = True
             yield key, module
         if not found:
-            raise ValueError(f"Target modules {config.target_modules} not found in the base model")
+            raise NoMatchingPeftModuleError(f"Target modules {config.target_modules} not found in the base model. "
+                                            "Please check the target modules and try again.")
 
     def replace_module(self, key: str, new: nn.Module) -> None:
         """Put ``new`` where ``key`` was in ``.model``."""

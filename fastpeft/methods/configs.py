@@ -11,6 +11,7 @@ writes them back.
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 from dataclasses import dataclass, field
@@ -97,6 +98,22 @@ def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
 
 
 # =========================================================================== prompt learning
+class PromptTuningInit(str, enum.Enum):
+    """peft's choices for ``PromptTuningConfig.prompt_tuning_init`` (the plain strings work as well)."""
+
+    TEXT = "TEXT"
+    SAMPLE_VOCAB = "SAMPLE_VOCAB"
+    RANDOM = "RANDOM"
+
+
+class PromptEncoderReparameterizationType(str, enum.Enum):
+    """peft's choices for ``PromptEncoderConfig.encoder_reparameterization_type`` (the plain strings work as
+    well)."""
+
+    MLP = "MLP"
+    LSTM = "LSTM"
+
+
 @dataclass
 class PromptLearningConfig(MethodConfig):
     """Fields shared by prompt tuning, P-tuning and prefix tuning (peft's ``PromptLearningConfig``).

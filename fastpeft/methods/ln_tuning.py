@@ -14,6 +14,7 @@ import warnings
 import torch
 from torch import nn
 
+from ..errors import NoMatchingPeftModuleError
 from .base import AdapterLayer, matches
 from .configs import LNTuningConfig
 from .multi import MultiAdapterPeftModel, MultiAdapterTuner
@@ -134,11 +135,12 @@ class LNTuningTuner(MultiAdapterTuner):
                 self.replace_module(key, LNTuningLayer(module, adapter_name))
         if not found:
             if excluded:
-                raise ValueError("No modules were targeted for adaptation. This might be caused by a combination of "
-                                 "mismatched target modules and excluded modules. Please check your `target_modules` "
-                                 "and `exclude_modules` configuration.")
-            raise ValueError(f"Target modules {config.target_modules} not found in the base model. Please check the "
-                             "target modules and try again.")
+                raise NoMatchingPeftModuleError(
+                    "No modules were targeted for adaptation. This might be caused by a combination of mismatched "
+                    "target modules and excluded modules. Please check your `target_modules` and `exclude_modules` "
+                    "configuration.")
+            raise NoMatchingPeftModuleError(f"Target modules {config.target_modules} not found in the base model. "
+                                            "Please check the target modules and try again.")
 
     def _activate(self, layer: LNTuningLayer, adapter_name: str, train: bool) -> None:
         layer.set_adapter(adapter_name)

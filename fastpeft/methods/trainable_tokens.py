@@ -14,6 +14,7 @@ import contextlib
 
 from torch import nn
 
+from ..errors import NoMatchingPeftModuleError
 from ..layers.tokens import TrainableTokensLayer, check_token_indices
 from .base import matches
 from .configs import TrainableTokensConfig
@@ -84,8 +85,8 @@ class TrainableTokensTuner(MultiAdapterTuner):
             if layer is not module:
                 self.replace_module(key, layer)
         if not found:
-            raise ValueError(f"Target modules {config.target_modules} not found in the base model. Please check the "
-                             "target modules and try again.")
+            raise NoMatchingPeftModuleError(f"Target modules {config.target_modules} not found in the base model. "
+                                            "Please check the target modules and try again.")
         self._tie_output_head()
 
     def _tie_output_head(self) -> None:
