@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .config import CONFIG_NAME
+from .errors import PeftWarning
 
 if TYPE_CHECKING:
     from torch import nn
@@ -154,7 +155,28 @@ def adapter_state_dict(peft_model: PeftModel, adapter_name: str = "default",
     # FSDP2 (fully_shard) holds parameters as sharded DTensors: gather each kept one into a full tensor.
     # full_tensor() is collective, so every rank must call this (save_pretrained does, whatever its
     # is_main_process); the keys come in state-dict order, the same on every rank.
-    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in out.items()}
+    out = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in out.items()}
+    if state_dict is None:  # taken from the module itself: partitioned parameters show as empty (as peft checks)
+        warn_ungathered(out, adapter_name)
+    return out
+
+
+def warn_ungathered(tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
+    """peft's check before writing an adapter: a ``lora_A`` / ``lora_B`` tensor that is 1-D or empty is the local
+    piece of a parameter partitioned by DeepSpeed ZeRO-3 or FSDP (v1) that was not gathered before saving; the
+    file would look whole and fail when loaded, so this warns (:class:`fastpeft.PeftWarning`) with the fix."""
+    bad = [(k, tuple(v.shape)) for k, v in tensors.items()
+           if (".lora_A" in k or ".lora_B" in k) and (v.dim() < 2 or 0 in v.shape)]
+    if not bad:
+        return
+    shown = ", ".join(f"{k}:{shape}" for k, shape in bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
+    warnings.warn(f"Adapter {adapter_name!r}: {len(bad)} LoRA tensor(s) have invalid shape: {shown}. A 1-D or "
+                  "zero-sized lora_A / lora_B tensor indicates that DeepSpeed ZeRO-3 / FSDP shards were not gathered "
+                  "before save_pretrained() and are therefore incomplete. Wrap the save in "
+                  "deepspeed.zero.GatheredParameters([...], modifier_rank=None) for ZeRO-3, or "
+                  "torch.distributed.fsdp.FullyShardedDataParallel.summon_full_params(model) for FSDP, before "
+                  "calling save_pretrained() (FSDP2's fully_shard needs nothing: its DTensors are gathered here).",
+                  PeftWarning, stacklevel=4)
 
 
 def save_adapter(peft_model: PeftModel, adapter_name: str, save_directory: str | os.PathLike,

@@ -554,3 +554,23 @@ def test_prompt_enums_like_peft(tmp_path):
     assert back.encoder_reparameterization_type == peft.PromptEncoderReparameterizationType.LSTM
     assert isinstance(fastpeft.PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"),
                       fastpeft.PromptLearningConfig)
+
+
+def test_save_warns_on_ungathered_lora_tensors(tmp_path):
+    """A LoRA weight left as the empty local piece of a partitioned parameter (DeepSpeed ZeRO-3 / FSDP v1 without
+    gathering) makes save_pretrained warn with peft's PeftWarning in both libraries; a whole adapter does not, and
+    a state dict passed in by the caller (the Trainer's gathered one) is not checked, as in peft."""
+    models = {}
+    for lib in (peft, fastpeft):
+        models[lib] = lib.get_peft_model(tiny_llama(V), lib.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", lib.PeftWarning)
+            models[lib].save_pretrained(tmp_path / lib.__name__ / "whole")
+        layer = models[lib].base_model.model.model.layers[0].self_attn.q_proj
+        layer.lora_A["default"].weight.data = torch.empty(0)
+        with pytest.warns(lib.PeftWarning, match=r"1 LoRA tensor\(s\) have invalid shape.*q_proj.lora_A"):
+            models[lib].save_pretrained(tmp_path / lib.__name__ / "partitioned")
+    full = {k: v.clone() for k, v in models[fastpeft].state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fastpeft.PeftWarning)
+        models[fastpeft].save_pretrained(tmp_path / "given", state_dict=full)
