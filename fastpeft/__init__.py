@@ -60,6 +60,7 @@ from .auto import (
 )
 from .base_state import get_base_model_state_dict, set_base_model_state_dict
 from .config import EvaConfig, LoftQConfig, LoraConfig, TaskType
+from .conversion import convert_to_lora, save_as_lora
 from .convert import from_peft, to_peft
 from .errors import NoMatchingPeftModuleError, PeftError, PeftWarning
 from .eva import get_eva_state_dict, initialize_lora_eva_weights
@@ -158,6 +159,8 @@ __all__ = [
     "__version__",
     "backend_for",
     "from_peft",
+    "convert_to_lora",
+    "save_as_lora",
     "NoMatchingPeftModuleError",
     "PeftError",
     "PeftWarning",

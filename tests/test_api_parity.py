@@ -397,7 +397,7 @@ def test_top_level_names_exist():
     names = ["inject_adapter_in_model", "load_peft_weights", "get_peft_config", "cast_mixed_precision_params",
              "PeftConfig",
              "AutoPeftModelForFeatureExtraction", "AutoPeftModelForQuestionAnswering", "PeftType",
-             "MODEL_TYPE_TO_PEFT_MODEL_MAPPING", "PEFT_TYPE_TO_CONFIG_MAPPING",
+             "MODEL_TYPE_TO_PEFT_MODEL_MAPPING", "PEFT_TYPE_TO_CONFIG_MAPPING", "convert_to_lora", "save_as_lora",
              *(cls.__name__ for cls in peft.MODEL_TYPE_TO_PEFT_MODEL_MAPPING.values())]
     assert all(hasattr(peft, n) for n in names)
     assert [n for n in names if n not in fastpeft.__all__] == []
