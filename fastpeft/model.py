@@ -1723,6 +1723,28 @@ def _generate_expand(model: nn.Module, kwargs: dict) -> int:
     return beams if beams > 1 else _generate_setting(model, kwargs, "num_return_sequences")
 
 
+def positional_as_keywords(peft_model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``forward``'s positional arguments as keywords, named as peft's task class of ``peft_model`` names its
+    ``forward`` parameters (``PeftModelForCausalLM``: input_ids, attention_mask, inputs_embeds, labels, ...), so
+    that they reach the wrapped model by name, as in peft. A plain ``PeftModel`` (peft's ``forward(*args,
+    **kwargs)``) passes them on as they are. Too many positionals, or one also given by keyword, raise peft's
+    ``TypeError``; a positional ``task_ids=None`` is dropped."""
+    names = getattr(type(peft_model), "_peft_forward_params", None)
+    if not args or names is None:
+        return args, kwargs
+    where = f"{type(peft_model).__name__}.forward()"
+    if len(args) > len(names):
+        raise TypeError(f"{where} takes from 1 to {len(names) + 1} positional arguments but {len(args) + 1} were "
+                        "given")
+    mapped = dict(zip(names, args))
+    for name in mapped:
+        if name in kwargs:
+            raise TypeError(f"{where} got multiple values for argument '{name}'")
+    if "task_ids" in mapped and mapped["task_ids"] is None:
+        del mapped["task_ids"]
+    return (), {**mapped, **kwargs}
+
+
 class _ForwardProxy:
     """``PeftModel.forward``: runs the wrapped module (hooks included) and reports that module's signature."""
 
@@ -1734,6 +1756,7 @@ class _ForwardProxy:
 
     def __call__(self, *args, adapter_names: list[str] | None = None, **kwargs):
         model = self.peft_model
+        args, kwargs = positional_as_keywords(model, args, kwargs)
         offsets = alora_offsets_for_call(model.peft_config, model.active_adapters, args, kwargs, adapter_names)
         with mixed_adapter_batch(self.module, adapter_names, alora_offsets=offsets):
             return self.module(*args, **kwargs)
@@ -1817,6 +1840,8 @@ class PeftModel(nn.Module):
 
     # ----------------------------------------------------------------- running
     forward = _ForwardDescriptor()
+    # peft's task classes name their forward parameters (see fastpeft.tasks); peft's PeftModel takes *args
+    _peft_forward_params: tuple[str, ...] | None = None
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """``generate`` of the wrapped model, with the active adapters applied — or, given
@@ -1965,8 +1990,9 @@ class PeftModel(nn.Module):
         return self.base_model.unload()
 
     # ----------------------------------------------------------------- save / load
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
-                        safe_serialization: bool = True, is_main_process: bool = True,
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        selected_adapters: list[str] | None = None, save_embedding_layers: str | bool = "auto",
+                        is_main_process: bool = True,
                         path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
                         **kwargs) -> None:
         """Write each adapter in peft's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
@@ -2004,20 +2030,20 @@ class PeftModel(nn.Module):
             # Every rank gathers (FSDP2-sharded weights need all ranks, as in peft); only the main one writes.
             save_adapter(self, name, out, safe_serialization=safe_serialization, write=is_main_process,
                          state_dict=kwargs.get("state_dict"),
-                         save_embedding_layers=kwargs.get("save_embedding_layers", "auto"))
+                         save_embedding_layers=save_embedding_layers)
         if is_main_process:
             os.makedirs(save_directory, exist_ok=True)
             write_model_card(self, save_directory)
 
-    def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
-                    token: str | bool | None = None, revision: str | None = None, create_pr: bool = False,
-                    safe_serialization: bool = True, selected_adapters: list[str] | None = None,
-                    commit_description: str | None = None, tags: list[str] | None = None,
-                    max_shard_size: int | str | None = None) -> Any:
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
+                    private: bool | None = None, token: str | bool | None = None, revision: str | None = None,
+                    create_pr: bool = False, max_shard_size: int | str | None = "50GB", tags: list[str] | None = None,
+                    safe_serialization: bool = True, selected_adapters: list[str] | None = None) -> Any:
         """Upload the adapter(s) to the Hub repo ``repo_id`` (created if missing), as peft's ``push_to_hub``:
         what :meth:`save_pretrained` writes (adapter files, model card with ``tags`` added), never the base
-        model's weights. ``max_shard_size`` is accepted for transformers' signature (an adapter is one file).
-        Returns huggingface_hub's commit info."""
+        model's weights. Everything after ``repo_id`` is keyword-only, in peft's order (transformers' signature);
+        ``max_shard_size`` is accepted for that signature (an adapter is one file); ``safe_serialization`` and
+        ``selected_adapters`` (fastpeft's) go to :meth:`save_pretrained`. Returns huggingface_hub's commit info."""
         from .hub import push_to_hub
 
         return push_to_hub(self, repo_id, commit_message=commit_message, private=private, token=token,

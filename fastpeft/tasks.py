@@ -9,7 +9,9 @@ holds for a LoRA model made with ``task_type="CAUSAL_LM"``; a config without a t
 What each task class adds in peft is in fastpeft's models already, keyed by ``task_type`` whatever the class:
 the classifier head (``classifier``/``score``, ``qa_outputs`` for QUESTION_ANS) in ``modules_to_save`` for
 SEQ_CLS/TOKEN_CLS/QUESTION_ANS, ``generate`` for the language models, the prompt-learning forwards per task. The
-classes are therefore thin: their value is the type. For fastpeft's other methods (IA3, AdaLoRA, prompt learning,
+classes are therefore thin: their value is the type, and the order of their ``forward`` parameters (peft's, per task:
+``model(input_ids, attention_mask, inputs_embeds, labels)`` on a ``PeftModelForCausalLM``), by which positional
+arguments reach the wrapped model by name. For fastpeft's other methods (IA3, AdaLoRA, prompt learning,
 …) the returned class derives from both the method's model class and the task class and carries the task class's
 name (``type(model).__name__ == "PeftModelForCausalLM"``, as peft's).
 
@@ -22,10 +24,24 @@ from typing import Any
 
 from .model import PeftModel
 
+# The parameters of each task class's forward, in peft's order: a positional argument goes to the wrapped model
+# under the name it has at that place in peft (see fastpeft.model.positional_as_keywords).
+_LM_PARAMS = ("input_ids", "attention_mask", "inputs_embeds", "labels", "output_attentions", "output_hidden_states",
+              "return_dict", "task_ids")
+_SEQ2SEQ_PARAMS = ("input_ids", "attention_mask", "inputs_embeds", "decoder_input_ids", "decoder_attention_mask",
+                   "decoder_inputs_embeds", "labels", "output_attentions", "output_hidden_states", "return_dict",
+                   "task_ids")
+_QA_PARAMS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "start_positions",
+              "end_positions", "output_attentions", "output_hidden_states", "return_dict", "task_ids")
+_FEATURE_PARAMS = ("input_ids", "attention_mask", "inputs_embeds", "output_attentions", "output_hidden_states",
+                   "return_dict", "task_ids")
+
 
 class PeftModelForCausalLM(PeftModel):
     """peft's ``PeftModelForCausalLM``: a :class:`fastpeft.PeftModel` for ``task_type="CAUSAL_LM"`` (``generate``
     with the adapter applied, as the base class)."""
+
+    _peft_forward_params = _LM_PARAMS
 
     @property
     def base_model_prepare_inputs_for_generation(self):
@@ -35,6 +51,8 @@ class PeftModelForCausalLM(PeftModel):
 
 class PeftModelForSeq2SeqLM(PeftModel):
     """peft's ``PeftModelForSeq2SeqLM``: a :class:`fastpeft.PeftModel` for ``task_type="SEQ_2_SEQ_LM"``."""
+
+    _peft_forward_params = _SEQ2SEQ_PARAMS
 
     @property
     def base_model_prepare_inputs_for_generation(self):
@@ -52,20 +70,28 @@ class PeftModelForSequenceClassification(PeftModel):
     """peft's ``PeftModelForSequenceClassification``: a :class:`fastpeft.PeftModel` for ``task_type="SEQ_CLS"``; the
     classifier head (``classifier`` or ``score``) is added to ``modules_to_save`` (trained in full and saved)."""
 
+    _peft_forward_params = _LM_PARAMS
+
 
 class PeftModelForTokenClassification(PeftModel):
     """peft's ``PeftModelForTokenClassification``: a :class:`fastpeft.PeftModel` for ``task_type="TOKEN_CLS"``; the
     classifier head (``classifier`` or ``score``) is added to ``modules_to_save``."""
+
+    _peft_forward_params = _LM_PARAMS
 
 
 class PeftModelForQuestionAnswering(PeftModel):
     """peft's ``PeftModelForQuestionAnswering``: a :class:`fastpeft.PeftModel` for ``task_type="QUESTION_ANS"``; the
     ``qa_outputs`` head is added to ``modules_to_save``."""
 
+    _peft_forward_params = _QA_PARAMS
+
 
 class PeftModelForFeatureExtraction(PeftModel):
     """peft's ``PeftModelForFeatureExtraction``: a :class:`fastpeft.PeftModel` for
     ``task_type="FEATURE_EXTRACTION"``."""
+
+    _peft_forward_params = _FEATURE_PARAMS
 
 
 MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str, type[PeftModel]] = {

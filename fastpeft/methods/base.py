@@ -23,6 +23,7 @@ from ..model import (
     delegating_getattr,
     named_modules_of,
     parent_of,
+    positional_as_keywords,
     record_base_model_name,
     wrap_matching_modules,
 )
@@ -134,15 +135,20 @@ def wrap_modules_to_save(model: nn.Module, names: list[str], adapter_name: str) 
 
 class SignedForward:
     """A ``forward`` that runs ``impl`` and reports ``signature_of``'s signature, so that transformers' Trainer keeps
-    the dataset columns the wrapped model accepts (a ``*args, **kwargs`` signature would make it drop them all)."""
+    the dataset columns the wrapped model accepts (a ``*args, **kwargs`` signature would make it drop them all).
+    ``owner``: the peft model whose forward this is; positional arguments are named as its task class names them
+    in peft (see :func:`fastpeft.model.positional_as_keywords`)."""
 
-    __slots__ = ("impl", "signature_of")
+    __slots__ = ("impl", "signature_of", "owner")
 
-    def __init__(self, impl, signature_of):
+    def __init__(self, impl, signature_of, owner=None):
         self.impl = impl
         self.signature_of = signature_of
+        self.owner = owner
 
     def __call__(self, *args, **kwargs):
+        if self.owner is not None:
+            args, kwargs = positional_as_keywords(self.owner, args, kwargs)
         return self.impl(*args, **kwargs)
 
     @property
@@ -447,7 +453,7 @@ class MethodPeftModel(_LoraPeftModel):
         from ..tasks import _TASK_CLASSES
 
         impl = self.base_model if isinstance(self, tuple(_TASK_CLASSES)) else self.base_model.model
-        return SignedForward(impl, self.base_model.model.forward)
+        return SignedForward(impl, self.base_model.model.forward, self)
 
     def generate(self, *args, **kwargs):
         """``generate`` of the wrapped model, with the method applied."""
@@ -507,9 +513,13 @@ class MethodPeftModel(_LoraPeftModel):
         """The tensors ``save_pretrained`` writes, under peft-style saved names (adapter name dropped)."""
         return tuner_state_dict(self, adapter_name)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
-                        safe_serialization: bool = True, is_main_process: bool = True, **kwargs) -> None:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's layout) into ``save_directory``."""
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        selected_adapters: list[str] | None = None, save_embedding_layers: str | bool = "auto",
+                        is_main_process: bool = True,
+                        path_initial_model_for_weight_conversion: str | os.PathLike | None = None, **kwargs) -> None:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's layout) into ``save_directory``.
+        Parameters in peft's order; ``save_embedding_layers`` and ``path_initial_model_for_weight_conversion`` are
+        accepted and unused (fastpeft applies them to LoRA only)."""
         from ..hub import write_model_card
 
         save_one_adapter(self, self.base_model.active_adapter, save_directory, safe_serialization, is_main_process)

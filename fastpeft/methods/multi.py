@@ -146,10 +146,14 @@ class MultiAdapterPeftModel(MethodPeftModel):
             self.eval()
         return _IncompatibleKeys([], [])
 
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
-                        safe_serialization: bool = True, is_main_process: bool = True, **kwargs) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        selected_adapters: list[str] | None = None, save_embedding_layers: str | bool = "auto",
+                        is_main_process: bool = True,
+                        path_initial_model_for_weight_conversion: str | os.PathLike | None = None, **kwargs) -> None:
         """Write each adapter (``selected_adapters``, default all) in peft's format: ``"default"`` into
-        ``save_directory``, the others into ``save_directory/<name>``."""
+        ``save_directory``, the others into ``save_directory/<name>``. Parameters in peft's order;
+        ``save_embedding_layers`` and ``path_initial_model_for_weight_conversion`` are accepted and unused (fastpeft
+        applies them to LoRA only)."""
         from ..hub import write_model_card
         from ..model import adapter_folders
 

@@ -352,7 +352,7 @@ class PromptLearningPeftModel(_LoraPeftModel):
     @property
     def forward(self):
         """Runs :meth:`prompt_forward`; the signature is the wrapped transformers model's (for Trainer)."""
-        return SignedForward(self.prompt_forward, self.base_model.forward)
+        return SignedForward(self.prompt_forward, self.base_model.forward, self)
 
     def prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
         """Run the base model with the virtual tokens (see the module docstring for how inputs change)."""
@@ -555,9 +555,13 @@ class PromptLearningPeftModel(_LoraPeftModel):
                     out[f"base_model.{name}.{pname}"] = value
         return out
 
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
-                        safe_serialization: bool = True, is_main_process: bool = True, **kwargs) -> None:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` in peft's format, and peft's model card."""
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        selected_adapters: list[str] | None = None, save_embedding_layers: str | bool = "auto",
+                        is_main_process: bool = True,
+                        path_initial_model_for_weight_conversion: str | os.PathLike | None = None, **kwargs) -> None:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` in peft's format, and peft's model card.
+        Parameters in peft's order; ``save_embedding_layers`` and ``path_initial_model_for_weight_conversion`` are
+        accepted and unused."""
         from ..hub import write_model_card
 
         save_one_adapter(self, self._adapter, save_directory, safe_serialization, is_main_process)

@@ -1,0 +1,179 @@
+"""peft users' habits that fastpeft must honour as peft 0.21.2 does, each compared against peft itself on tiny
+models with identical weights: positional arguments (``save_pretrained(d, False)``, ``model(ids, mask, None,
+labels)``), ..."""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import pytest
+import torch
+
+import fastpeft
+from helpers import tiny_llama
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+V = 96
+IDS = torch.tensor([[3, 7, 11, 5, 2, 9], [4, 4, 8, 1, 6, 2]])
+MASK = torch.ones_like(IDS)
+
+
+def _llama_cfg():
+    return transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                    num_labels=3, pad_token_id=0)
+
+
+def _t5():
+    cfg = transformers.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_decoder_layers=1,
+                                num_heads=4, decoder_start_token_id=0, dropout_rate=0.0, pad_token_id=0)
+    return transformers.T5ForConditionalGeneration(cfg)
+
+
+FACTORIES = {
+    "CAUSAL_LM": lambda: tiny_llama(V),
+    "SEQ_CLS": lambda: transformers.LlamaForSequenceClassification(_llama_cfg()),
+    "TOKEN_CLS": lambda: transformers.LlamaForTokenClassification(_llama_cfg()),
+    "QUESTION_ANS": lambda: transformers.LlamaForQuestionAnswering(_llama_cfg()),
+    "FEATURE_EXTRACTION": lambda: transformers.LlamaModel(_llama_cfg()),
+    "SEQ_2_SEQ_LM": _t5,
+}
+
+
+def twin(task="CAUSAL_LM"):
+    """Two base models of ``task`` with identical weights, in eval mode."""
+    torch.manual_seed(0)
+    a = FACTORIES[task]().eval()
+    b = FACTORIES[task]().eval()
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def both(config_of, task="CAUSAL_LM", **kwargs):
+    """(fastpeft model, peft model) of the same base weights; ``config_of(lib)`` builds each library's config."""
+    a, b = twin(task)
+    torch.manual_seed(1)
+    ours = fastpeft.get_peft_model(a, config_of(fastpeft), **kwargs)
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(b, config_of(peft), **kwargs)
+    return ours, theirs
+
+
+def lora(lib, **kw):
+    kw.setdefault("target_modules", ["q_proj", "v_proj"])
+    return lib.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **kw)
+
+
+def tensors(folder):
+    from safetensors.torch import load_file
+
+    path = os.path.join(folder, "adapter_model.safetensors")
+    if os.path.isfile(path):
+        return load_file(path)
+    return torch.load(os.path.join(folder, "adapter_model.bin"), weights_only=True)
+
+
+def assert_same_tensors(a, b):
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+# --------------------------------------------------------------------------- 1. positional arguments
+def _params(fn):
+    return [(p.name, p.kind) for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
+
+
+@pytest.mark.parametrize("method", ["save_pretrained", "push_to_hub"])
+def test_save_and_push_parameters_in_peft_order(method):
+    from fastpeft.methods.base import MethodPeftModel
+    from fastpeft.methods.multi import MultiAdapterPeftModel
+    from fastpeft.methods.prompt import PromptLearningPeftModel
+
+    theirs = _params(getattr(peft.PeftModel, method))
+    for cls in (fastpeft.PeftModel, PromptLearningPeftModel, MethodPeftModel, MultiAdapterPeftModel):
+        assert _params(getattr(cls, method))[: len(theirs)] == theirs, cls
+
+
+def test_save_pretrained_second_positional_is_safe_serialization(tmp_path):
+    ours, theirs = both(lora)
+    ours.save_pretrained(tmp_path / "ours", False)
+    theirs.save_pretrained(tmp_path / "theirs", False)
+    assert sorted(os.listdir(tmp_path / "ours")) == sorted(os.listdir(tmp_path / "theirs"))
+    assert os.path.isfile(tmp_path / "ours" / "adapter_model.bin")
+    assert_same_tensors(tensors(tmp_path / "ours"), tensors(tmp_path / "theirs"))
+
+
+# positional calls per task class, in peft's parameter order
+POSITIONAL = {
+    "CAUSAL_LM": lambda: (IDS, MASK, None, IDS),
+    "SEQ_CLS": lambda: (IDS, MASK, None, torch.tensor([0, 2])),
+    "TOKEN_CLS": lambda: (IDS, MASK, None, IDS % 3),
+    "QUESTION_ANS": lambda: (IDS, MASK, None, None, None, torch.tensor([1, 2]), torch.tensor([3, 4]), None, True),
+    "FEATURE_EXTRACTION": lambda: (IDS, MASK, None, None, True),
+    "SEQ_2_SEQ_LM": lambda: (IDS, MASK, None, IDS[:, :3].clone(), None, None, IDS[:, 1:4].clone()),
+}
+
+
+def _outputs(out):
+    """The tensors of a model output (loss, logits, hidden states, ...), in order."""
+    flat = []
+    for value in out.values():
+        if isinstance(value, torch.Tensor):
+            flat.append(value)
+        elif isinstance(value, tuple) and all(isinstance(v, torch.Tensor) for v in value):
+            flat.extend(value)
+    return flat
+
+
+@pytest.mark.parametrize("task", list(POSITIONAL))
+def test_task_forward_maps_positionals_by_peft_name(task):
+    targets = ["q", "v"] if task == "SEQ_2_SEQ_LM" else ["q_proj", "v_proj"]
+    ours, theirs = both(lambda lib: lora(lib, target_modules=targets, task_type=task), task)
+    assert type(ours).__name__ == type(theirs).__name__
+    ours.eval()
+    theirs.eval()
+    with torch.no_grad():
+        a, b = ours(*POSITIONAL[task]()), theirs(*POSITIONAL[task]())
+    assert list(a.keys()) == list(b.keys())
+    ta, tb = _outputs(a), _outputs(b)
+    assert len(ta) == len(tb) > 1
+    for x, y in zip(ta, tb):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["IA3", "PROMPT_TUNING"])
+def test_method_task_forward_maps_positionals(method):
+    def config(lib):
+        if method == "IA3":
+            return lib.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
+                                 task_type="CAUSAL_LM")
+        return lib.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM")
+
+    ours, theirs = both(config)
+    args = (IDS, MASK, None, IDS, None, True)  # ..., labels, output_attentions, output_hidden_states
+    with torch.no_grad():
+        a, b = ours(*args), theirs(*args)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-6)
+    assert len(a.hidden_states) == len(b.hidden_states) == 3
+
+
+def test_positional_edge_cases_as_peft():
+    ours, theirs = both(lambda lib: lora(lib, task_type="QUESTION_ANS"), "QUESTION_ANS")
+    args = (IDS,) + (None,) * 11
+    for model in (theirs, ours):
+        with pytest.raises(TypeError, match="takes from 1 to 12 positional arguments but 13 were given"):
+            model(*args)
+        with pytest.raises(TypeError, match="multiple values for argument 'position_ids'"):
+            model(IDS, MASK, None, None, position_ids=None)
+    # without a task type, peft's PeftModel.forward(*args, **kwargs) hands positionals to the base model as they
+    # are (LlamaForCausalLM's order: input_ids, attention_mask, position_ids, ...)
+    ours, theirs = both(lora)
+    pos = torch.arange(IDS.shape[1]).flip(0).expand_as(IDS)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS, MASK, pos).logits, theirs(IDS, MASK, pos).logits)
