@@ -44,7 +44,7 @@ def backend_for(t: Tensor) -> str:
     choice = os.environ.get("FASTPEFT_BACKEND", "auto").strip().lower() or "auto"
     if choice not in BACKENDS:
         raise ValueError(f"FASTPEFT_BACKEND must be one of {BACKENDS}, got {choice!r}")
-    if choice == "torch":
+    if choice == "torch" or t.dtype == torch.float64:  # (float64: the plain path, in float64 throughout)
         return "torch"
     if _kernels is None:
         if choice == "triton":
@@ -115,12 +115,12 @@ def _forward_impl(x, x2d, weight, bias, lora_A, lora_B, seed, scale, dropout_p, 
 
 def fake_forward(x: Tensor, in_features: int, out_features: int, rank: int) -> tuple[Tensor, Tensor]:
     """Fake-kernel outputs of a LoRA forward op (this one and the 4-bit / mixed ones): ``y`` (..., out)
-    in x's dtype and ``xa`` (N, rank) fp32."""
+    in x's dtype and ``xa`` (N, rank) fp32 (float64 for a float64 ``x``: ``reference.acc_dtype``)."""
     torch._check(x.shape[-1] == in_features, lambda: "x and the layer's weights disagree on in_features")
     n = 1
     for s in x.shape[:-1]:
         n = n * s
-    return x.new_empty(*x.shape[:-1], out_features), x.new_empty(n, rank, dtype=torch.float32)
+    return x.new_empty(*x.shape[:-1], out_features), x.new_empty(n, rank, dtype=reference.acc_dtype(x))
 
 
 def fake_backward(x: Tensor, lora_A: Tensor, lora_B: Tensor, out_features: int, need_dx: bool, need_dA: bool,
@@ -129,7 +129,7 @@ def fake_backward(x: Tensor, lora_A: Tensor, lora_B: Tensor, out_features: int, 
     return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
             lora_A.new_empty(lora_A.shape) if need_dA else x.new_empty(0),
             lora_B.new_empty(lora_B.shape) if need_dB else x.new_empty(0),
-            x.new_empty(out_features, dtype=torch.float32) if need_dbias else x.new_empty(0))
+            x.new_empty(out_features, dtype=reference.acc_dtype(x)) if need_dbias else x.new_empty(0))
 
 
 @_lora_linear_op.register_fake
@@ -216,7 +216,8 @@ def _differentiable_grads(dy, x, weight, lora_A, lora_B, seed, scale, dropout_p,
     x2d = _flat(x)
     keep = reference.dropout_keep_mask(seed, x2d.shape[0], x2d.shape[1], dropout_p, device=x2d.device) \
         if dropout_p > 0.0 else None
-    xa = reference.masked(x2d.float(), keep, dropout_p) @ lora_A.float().t()
+    acc = reference.acc_dtype(x2d)
+    xa = reference.masked(x2d.to(acc), keep, dropout_p) @ lora_A.to(acc).t()
     dx, dA, dB, dbias = reference.lora_linear_backward(_flat(dy), x2d, weight, lora_A, lora_B, xa, seed, scale,
                                                        dropout_p, fan_in_fan_out, need_dbias=True, keep=keep)
     return dx.reshape(x.shape), dA, dB, dbias
@@ -289,8 +290,9 @@ def check_lora_inputs(x: Tensor, in_features: int, out_features: int, lora_A: Te
 
 def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     """The dtype autocast computes ``x``'s matmuls in, or None (autocast off, or a device without autocast,
-    e.g. "meta", where ``torch.is_autocast_enabled`` itself raises)."""
-    if x.device.type == "meta" or not x.is_floating_point():
+    e.g. "meta", where ``torch.is_autocast_enabled`` itself raises). float64 is left alone, as autocast leaves it
+    (``nn.Linear`` on float64 input stays float64 under autocast)."""
+    if x.device.type == "meta" or not x.is_floating_point() or x.dtype == torch.float64:
         return None
     if not torch.is_autocast_enabled(x.device.type):
         return None

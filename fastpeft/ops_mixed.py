@@ -75,52 +75,55 @@ def _keep(seed, rows: Tensor, n_cols: int, p: float) -> Optional[Tensor]:
 
 
 def torch_mixed_forward(x2d, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed, scales, ps, fan_in_fan_out):
-    """Reference forward (segment loop). Returns ``(y, xa)`` with ``xa`` (N, R) fp32 in sorted row order."""
+    """Reference forward (segment loop). Returns ``(y, xa)`` with ``xa`` (N, R) in ``reference.acc_dtype`` (fp32)
+    in sorted row order."""
+    acc = reference.acc_dtype(x2d)
     w = (weight.t() if fan_in_fan_out else weight).to(x2d.dtype)
     y = F.linear(x2d, w, None if bias is None else bias.to(x2d.dtype))
     N, R = x2d.shape[0], A_stack.shape[1]
-    xa = torch.zeros(N, R, dtype=torch.float32, device=x2d.device)
-    lora = torch.zeros(N, y.shape[1], dtype=torch.float32, device=x2d.device)
+    xa = torch.zeros(N, R, dtype=acc, device=x2d.device)
+    lora = torch.zeros(N, y.shape[1], dtype=acc, device=x2d.device)
     for a, (s, e) in enumerate(_segments(seg)):
         if e == s:
             continue
         rows = perm[s:e]
-        xs = x2d.index_select(0, rows).float()
+        xs = x2d.index_select(0, rows).to(acc)
         xs = reference.masked(xs, _keep(seed, rows, x2d.shape[1], ps[a]), ps[a])
-        xa[s:e] = xs @ A_stack[a].float().t()
-        lora[s:e] = scales[a] * (xa[s:e] @ B_stack[a].float().t())
+        xa[s:e] = xs @ A_stack[a].to(acc).t()
+        lora[s:e] = scales[a] * (xa[s:e] @ B_stack[a].to(acc).t())
     out = torch.zeros_like(lora).index_copy_(0, perm, lora)
-    return (y.float() + out).to(x2d.dtype), xa
+    return (y.to(acc) + out).to(x2d.dtype), xa
 
 
 def torch_mixed_backward(dy, x2d, weight, A_stack, B_stack, xa, idx_s, perm, seg, seed, scales, ps, fan_in_fan_out,
                          need_dx=True, need_dA=True, need_dB=True, need_dbias=False):
     """Reference backward (segment loop). Returns ``(dx, dA_stack, dB_stack, dbias)``."""
+    acc = reference.acc_dtype(x2d)
     w = (weight.t() if fan_in_fan_out else weight).to(dy.dtype)
-    dyf = dy.float()
+    dyf = dy.to(acc)
     dx = dA = dB = dbias = None
-    lora_dx = torch.zeros(x2d.shape, dtype=torch.float32, device=x2d.device) if need_dx else None
+    lora_dx = torch.zeros(x2d.shape, dtype=acc, device=x2d.device) if need_dx else None
     if need_dA:
-        dA = torch.zeros(A_stack.shape, dtype=torch.float32, device=x2d.device)
+        dA = torch.zeros(A_stack.shape, dtype=acc, device=x2d.device)
     if need_dB:
-        dB = torch.zeros(B_stack.shape, dtype=torch.float32, device=x2d.device)
+        dB = torch.zeros(B_stack.shape, dtype=acc, device=x2d.device)
     for a, (s, e) in enumerate(_segments(seg)):
         if e == s:
             continue
         rows = perm[s:e]
         dys = dyf.index_select(0, rows)
         keep = _keep(seed, rows, x2d.shape[1], ps[a]) if need_dx or need_dA else None
-        dS = scales[a] * (dys @ B_stack[a].float())
+        dS = scales[a] * (dys @ B_stack[a].to(acc))
         if need_dx:
-            lora_dx[s:e] = reference.masked(dS @ A_stack[a].float(), keep, ps[a])
+            lora_dx[s:e] = reference.masked(dS @ A_stack[a].to(acc), keep, ps[a])
         if need_dA:
-            dA[a] = dS.t() @ reference.masked(x2d.index_select(0, rows).float(), keep, ps[a])
+            dA[a] = dS.t() @ reference.masked(x2d.index_select(0, rows).to(acc), keep, ps[a])
         if need_dB:
             dB[a] = scales[a] * (dys.t() @ xa[s:e])
     if need_dx:
         lora_dx = torch.zeros_like(lora_dx).index_copy_(0, perm, lora_dx)
-        dx = (dyf @ w.float() + lora_dx).to(x2d.dtype) if dy.dtype == torch.float32 else \
-            (dy @ w).float().add_(lora_dx).to(x2d.dtype)
+        dx = (dyf @ w.to(acc) + lora_dx).to(x2d.dtype) if dy.dtype == acc else \
+            (dy @ w).to(acc).add_(lora_dx).to(x2d.dtype)
     if need_dbias:
         dbias = dyf.sum(0)
     return (dx, None if dA is None else dA.to(A_stack.dtype), None if dB is None else dB.to(B_stack.dtype), dbias)

@@ -109,12 +109,19 @@ def _base_weight(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.t() if fan_in_fan_out else weight
 
 
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the LoRA branch is computed and ``xa`` kept in for input ``x``: float32 (the kernels' accumulator),
+    or float64 for a float64 input (computed in float64 throughout, as ``nn.Linear`` and peft do: gradient checks)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def lora_linear_forward(x2d, weight, bias, lora_A, lora_B, seed, scale: float, p: float, fan_in_fan_out: bool):
-    """Reference forward on a 2-D input. Returns ``(y, xa)``; ``xa`` is fp32 (N, r)."""
+    """Reference forward on a 2-D input. Returns ``(y, xa)``; ``xa`` (N, r) is in :func:`acc_dtype` (fp32)."""
+    acc = acc_dtype(x2d)
     w = _base_weight(weight, fan_in_fan_out).to(x2d.dtype)
     y = torch.nn.functional.linear(x2d, w, None if bias is None else bias.to(x2d.dtype))
-    xa = apply_dropout(x2d.float(), seed, p) @ lora_A.float().t()
-    y = (y.float() + scale * (xa @ lora_B.float().t())).to(x2d.dtype)
+    xa = apply_dropout(x2d.to(acc), seed, p) @ lora_A.to(acc).t()
+    y = (y.to(acc) + scale * (xa @ lora_B.to(acc).t())).to(x2d.dtype)
     return y, xa
 
 
@@ -123,22 +130,23 @@ def lora_linear_backward(dy, x2d, weight, lora_A, lora_B, xa, seed, scale: float
                          keep: torch.Tensor | None = None):
     """Reference backward. Returns ``(dx, dA, dB, dbias)`` with ``None`` for what is not needed. ``keep``: the
     forward's keep-mask when the caller already drew it (otherwise regenerated from ``seed``)."""
+    acc = acc_dtype(x2d)
     w = _base_weight(weight, fan_in_fan_out).to(dy.dtype)
-    dyf = dy.float()
-    dS = scale * (dyf @ lora_B.float())  # (N, r)
+    dyf = dy.to(acc)
+    dS = scale * (dyf @ lora_B.to(acc))  # (N, r)
     dx = dA = dB = dbias = None
     # The mask is regenerated once here and serves both dx and dA.
     if keep is None and p > 0.0 and (need_dx or need_dA):
         keep = dropout_keep_mask(seed, x2d.shape[0], x2d.shape[1], p, device=x2d.device)
 
     if need_dx:
-        lora_dx = masked(dS @ lora_A.float(), keep, p)
-        dx = (dyf @ w.float() + lora_dx).to(x2d.dtype) if dy.dtype == torch.float32 else \
-            (dy @ w).float().add_(lora_dx).to(x2d.dtype)
+        lora_dx = masked(dS @ lora_A.to(acc), keep, p)
+        dx = (dyf @ w.to(acc) + lora_dx).to(x2d.dtype) if dy.dtype == acc else \
+            (dy @ w).to(acc).add_(lora_dx).to(x2d.dtype)
     if need_dA:
-        dA = (dS.t() @ masked(x2d.float(), keep, p)).to(lora_A.dtype)
+        dA = (dS.t() @ masked(x2d.to(acc), keep, p)).to(lora_A.dtype)
     if need_dB:
-        dB = (scale * (dyf.t() @ xa)).to(lora_B.dtype)
+        dB = (scale * (dyf.t() @ xa.to(acc))).to(lora_B.dtype)
     if need_dbias:
         dbias = dyf.sum(0)
     return dx, dA, dB, dbias

@@ -256,14 +256,11 @@ class FastLoraConv(AdapterSwitches, MergeMath, nn.Module):
         base alone. DoRA: ``W ← k ⊙ (W + s·ΔW)``, the norm kept for ``unmerge``. A ``lora_B`` bias goes into
         the base bias (a base without one raises RuntimeError, before anything is written). ``safe_merge``
         checks for NaN/inf before writing. A grouped base raises NotImplementedError, as in peft."""
-        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        names = self._names_to_merge(adapter_names)
         already = [n for n in names if n in self.merged_adapters]
         if already:
             warnings.warn(f"Already merged adapters {already}; merging them again is skipped.", stacklevel=2)
         todo = [n for n in names if n not in self.merged_adapters]
-        unknown = [n for n in todo if n not in self.lora_A]
-        if unknown:
-            raise ValueError(f"unknown adapter {unknown[0]!r}; this layer has {list(self.lora_A.keys())}")
         if todo:
             self._refuse_grouped_merge()
         self._check_bias_mergeable(todo)
@@ -274,8 +271,8 @@ class FastLoraConv(AdapterSwitches, MergeMath, nn.Module):
             merged = self._merge_math(w, name, w0)
             extra = self._scaled_bias(name)
             new_bias = None if extra is None else bias.float() + extra
-            if safe_merge and (not torch.isfinite(merged).all()
-                               or (new_bias is not None and not torch.isfinite(new_bias).all())):
+            if safe_merge and (not torch.isfinite(merged.to(weight.dtype)).all()  # (as stored: fp16 may overflow)
+                               or (new_bias is not None and not torch.isfinite(new_bias.to(bias.dtype)).all())):
                 self._dora_merged_norms.pop(name, None)
                 raise ValueError(f"NaNs or infs detected in the merged weight of adapter {name!r}; "
                                  "the adapter seems to be broken")

@@ -187,7 +187,7 @@ class FastLoraEmbedding(AdapterSwitches, nn.Module):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the active (or the named) adapters into the base weight (in fp32, cast once); ``safe_merge``
         checks the merged weight for NaN/inf before writing it."""
-        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        names = self._names_to_merge(adapter_names)
         already = [n for n in names if n in self.merged_adapters]
         if already:
             warnings.warn(f"Already merged adapters {already}; merging them again is skipped.", stacklevel=2)
@@ -195,10 +195,8 @@ class FastLoraEmbedding(AdapterSwitches, nn.Module):
         for name in names:
             if name in self.merged_adapters:
                 continue
-            if name not in self.lora_embedding_A:
-                raise ValueError(f"unknown adapter {name!r}; this layer has {list(self.lora_embedding_A)}")
             merged = weight.float() + self.get_delta_weight(name)
-            if safe_merge and not torch.isfinite(merged).all():
+            if safe_merge and not torch.isfinite(merged.to(weight.dtype)).all():  # (as stored: fp16 may overflow)
                 raise ValueError(f"NaNs or infs detected in the merged weight of adapter {name!r}; "
                                  "the adapter seems to be broken")
             weight.data.copy_(merged.to(weight.dtype))

@@ -534,7 +534,7 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         if extra is None:
             return None
         new = self.base_layer.bias.detach().float() + sign * extra.detach().float()
-        if safe_merge and not torch.isfinite(new).all():
+        if safe_merge and not torch.isfinite(new.to(self.base_layer.bias.dtype)).all():  # (as it will be stored)
             raise ValueError(f"NaNs or infs detected in the merged bias of adapter {name!r}; "
                              "the adapter seems to be broken")
         return new
@@ -545,8 +545,10 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
             bias = self.base_layer.bias
             bias.data.copy_(new.to(bias.dtype))
 
-    def _check_merged(self, w: torch.Tensor, name: str, safe_merge: bool) -> None:
-        if safe_merge and not torch.isfinite(w).all():
+    def _check_merged(self, w: torch.Tensor, name: str, safe_merge: bool, dtype: torch.dtype | None = None) -> None:
+        """Under ``safe_merge``, raise if the merged weight ``w`` (fp32) holds NaN/inf once stored in ``dtype`` (a
+        value beyond fp16's range overflows there, as peft's check in the base dtype catches)."""
+        if safe_merge and not torch.isfinite(w if dtype is None else w.to(dtype)).all():
             self._dora_merged_norms.pop(name, None)
             raise ValueError(f"NaNs or infs detected in the merged weight of adapter {name!r}; "
                              "the adapter seems to be broken")
@@ -569,7 +571,7 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         ``safe_merge`` checks the merged weight (and bias) for NaN/inf before writing it.
         """
         self._refuse_opaque("merge")
-        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        names = self._names_to_merge(adapter_names)
         self._refuse_alora_merge(names)
         already = [n for n in names if n in self.merged_adapters]
         if already:
@@ -579,12 +581,10 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         for name in names:
             if name in self.merged_adapters:
                 continue
-            if name not in self.lora_A:
-                raise ValueError(f"unknown adapter {name!r}; this layer has {list(self.lora_A.keys())}")
             w = weight.float()
             w0 = self._unmerged_weight(w) if self.use_dora.get(name, False) and self.merged_adapters else None
             merged = self._merge_math(w, name, w0)
-            self._check_merged(merged, name, safe_merge)
+            self._check_merged(merged, name, safe_merge, weight.dtype)
             new_bias = self._merged_bias(name, safe_merge)
             weight.data.copy_(merged.to(weight.dtype))
             self._write_bias(new_bias)
@@ -768,7 +768,13 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
                 alora_offsets: list[int | None] | None = None, **kwargs) -> torch.Tensor:
         """The base layer plus every active adapter; ``adapter_names`` (one name per row of the batch, ``"__base__"``
         for none) runs a mixed-adapter batch as peft's argument does. ``alora_offsets`` (one per row, peft's
-        argument; usually handed over by the model) says how many of each row's last tokens aLoRA adapters act on."""
+        argument; usually handed over by the model) says how many of each row's last tokens aLoRA adapters act on.
+        While the adapters are disabled the output is the base layer's (whatever ``adapter_names`` says, as in
+        peft); adapters merged meanwhile are unmerged first, as peft's forward does."""
+        if self._disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
         if adapter_names is None:
             adapter_names = self._fastpeft_adapter_names
         if alora_offsets is None:
@@ -776,7 +782,7 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         if adapter_names is not None:
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, alora_offsets=alora_offsets,
                                              **kwargs)
-        if self._disable_adapters or self.merged:
+        if self.merged:
             return self.base_layer(x, *args, **kwargs)
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__} expected input of shape (..., {self.in_features}), "
@@ -1015,7 +1021,7 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         if not weight.dtype.is_floating_point:
             raise TypeError(f"the base layer's weight is {weight.dtype}, not a float matrix fastpeft can multiply by "
                             f"({type(self.base_layer).__name__}); wrap a bf16/fp16/fp32 or 4-bit base")
-        if weight.requires_grad:
+        if weight.requires_grad and torch.is_grad_enabled():  # (under no_grad nothing would train it anyway)
             raise RuntimeError("FastLoraLinear keeps its base weight frozen, but base_layer.weight.requires_grad "
                                "is True; call base_layer.weight.requires_grad_(False)")
         return weight

@@ -160,7 +160,7 @@ class FastLoraLinear4bit(FastLoraLinear):
         re-quantize once (warns: costs a 4-bit rounding). A ``lora_B`` bias goes into the base bias as
         ``b + scale·b_B``, as ``FastLoraLinear.merge`` (peft's 4-bit layer adds ``b_B`` unscaled, which
         does not match its own forward)."""
-        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        names = self._names_to_merge(adapter_names)
         already = [n for n in names if n in self.merged_adapters]
         if already:
             warnings.warn(f"Already merged adapters {already}; merging them again is skipped.", stacklevel=2)
@@ -173,8 +173,6 @@ class FastLoraLinear4bit(FastLoraLinear):
         w0 = self._unmerged_weight(w) if self.merged_adapters else w  # DoRA's norms: on the unmerged base
         bias = None if self.base_layer.bias is None else self.base_layer.bias.detach().float()
         for name in todo:
-            if name not in self.lora_A:
-                raise ValueError(f"unknown adapter {name!r}; this layer has {list(self.lora_A.keys())}")
             w = self._merge_math(w, name, w0)
             self._check_merged(w, name, safe_merge)
             extra = self._scaled_lora_bias(name)

@@ -66,6 +66,7 @@ class FastLoraParamWrapper(AdapterSwitches, nn.Module):
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
         self.use_dora: dict[str, bool] = {}
         self._active_adapters = [adapter_name]
         self._disable_adapters = False
@@ -106,6 +107,7 @@ class FastLoraParamWrapper(AdapterSwitches, nn.Module):
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.use_rslora[adapter_name] = bool(use_rslora)
         self.use_dora[adapter_name] = False
         if init_lora_weights is True:
             nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
@@ -129,7 +131,7 @@ class FastLoraParamWrapper(AdapterSwitches, nn.Module):
             raise ValueError(f"adapter {adapter_name!r} is merged into {self.parameter_name!r}; unmerge it first")
         for holder in (self.lora_A, self.lora_B):
             del holder[adapter_name]
-        for table in (self.r, self.lora_alpha, self.scaling, self.use_dora):
+        for table in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.use_dora):
             table.pop(adapter_name, None)
         self._forget_active(adapter_name)
 

@@ -11,6 +11,7 @@ bool) and ``merged_adapters`` (a list), names its adapters and their trainable t
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterable
 
@@ -49,6 +50,7 @@ class AdapterSwitches:
         behaviour, so one model-wide call works when adapters target different layers).
         """
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self.__dict__.pop("_grad_flags_before_disable", None)  # (trainability is set anew: nothing to restore)
         for name in self._adapter_names():
             train = name in names and not inference_mode
             for param in self._adapter_parameters(name):
@@ -74,15 +76,69 @@ class AdapterSwitches:
                 for param in self._adapter_parameters(name):
                     param.requires_grad_(requires_grad)
 
+    # ----------------------------------------------------------------- peft's LoraLayer scale methods
+    def _initial_scale(self, name: str) -> float:
+        """``lora_alpha / r`` (rsLoRA: ``/ √r``): the scale adapter ``name`` was created with."""
+        r, alpha = self.r[name], self.lora_alpha[name]
+        return alpha / math.sqrt(r) if self.use_rslora.get(name, False) else alpha / r
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        """Set adapter ``adapter``'s scale to its initial scale times ``scale`` (peft's method; an adapter this layer
+        does not hold is ignored)."""
+        if adapter in self.scaling:
+            self.scaling[adapter] = scale * self._initial_scale(adapter)
+
+    def scale_layer(self, scale: float) -> None:
+        """Multiply the current scale of every active adapter this layer holds by ``scale`` (peft's method)."""
+        if scale == 1:
+            return
+        held = set(self._adapter_names())
+        for name in self._active_adapters:
+            if name in held:
+                self.scaling[name] *= scale
+
+    def unscale_layer(self, scale: float | None = None) -> None:
+        """Divide the current scale of every active adapter this layer holds by ``scale``; ``None`` resets it to the
+        initial scale (peft's method)."""
+        held = set(self._adapter_names())
+        for name in self._active_adapters:
+            if name in held:
+                self.scaling[name] = self._initial_scale(name) if scale is None else self.scaling[name] / scale
+
+    def _names_to_merge(self, adapter_names: Iterable[str] | None) -> list[str]:
+        """The adapters a ``merge`` call is about, among those this layer holds: the active ones (an active name the
+        layer lacks is skipped, as peft's layers do: the model-wide active list names adapters of other layers), or
+        ``adapter_names``, whose unknown names raise here, before anything is written (inside a peft model,
+        ``fastpeft.from_peft``, they are skipped as peft's model-wide calls expect)."""
+        held = self._adapter_names()
+        if adapter_names is None:
+            return [n for n in self._active_adapters if n in held]
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in held]
+        if unknown and not getattr(self, "_in_peft_model", False):
+            raise ValueError(f"unknown adapter(s) {unknown}; this layer has {list(held)}")
+        return [n for n in names if n in held]
+
     @property
     def disable_adapters(self) -> bool:
         """True while the adapters are switched off (forward = base layer only)."""
         return self._disable_adapters
 
     def enable_adapters(self, enabled: bool) -> None:
-        """Switch the adapters on or off (peft's method); disabling unmerges merged adapters."""
+        """Switch the adapters on or off (peft's method); disabling unmerges merged adapters and, as peft, freezes
+        the adapter weights while off (no optimizer or trainable-parameter count sees them); switching back on
+        restores each weight's trainability as it was (peft makes the active adapters trainable instead, even
+        adapters loaded for inference)."""
         if not enabled and self.merged:
             self.unmerge()
+        if not enabled and not self._disable_adapters:
+            params = [p for name in self._adapter_names() for p in self._adapter_parameters(name)]
+            self._grad_flags_before_disable = [(p, p.requires_grad) for p in params]
+            for p in params:
+                p.requires_grad_(False)
+        elif enabled and self._disable_adapters:
+            for p, flag in self.__dict__.pop("_grad_flags_before_disable", ()):
+                p.requires_grad_(flag)
         self._disable_adapters = not enabled
 
     @contextlib.contextmanager
@@ -123,13 +179,18 @@ class AdapterSwitches:
     def _plain_forward(self, x: torch.Tensor, args: tuple, kwargs: dict, adapter_names) -> torch.Tensor:
         """The forward of a layer computed in plain PyTorch: a mixed-adapter batch when ``adapter_names`` (or the
         names the model-level hook handed over) are given; else the base, plus ``_apply_adapters(x, y, active)``
-        for the active adapters the layer holds (none while disabled or merged), in the base output's dtype."""
+        for the active adapters the layer holds (none while disabled or merged), in the base output's dtype.
+        While disabled it is the base alone, adapters merged meanwhile unmerged first (peft's forward)."""
+        if self._disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
         if adapter_names is None:
             adapter_names = self._fastpeft_adapter_names
         if adapter_names is not None:
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         y = self.base_layer(x, *args, **kwargs)
-        if self._disable_adapters or self.merged:
+        if self.merged:
             return y
         held = set(self._adapter_names())
         active = [n for n in self._active_adapters if n in held]
