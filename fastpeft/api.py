@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import enum
 import os
-import re
 import warnings
 from typing import Any
 
@@ -273,26 +272,11 @@ def load_peft_weights(model_id: str | os.PathLike, device: str | torch.device | 
                         "(Hub keywords it takes: subfolder, revision, token, cache_dir, local_files_only, "
                         "force_download, proxies)")
     path = resolve_adapter_path(model_id, **hub)
-    weights = read_adapter_file(path, allow_pickle=allow_pickle)
+    weights = read_adapter_file(path, allow_pickle=allow_pickle, key_mapping=key_mapping)
     device = _infer_device() if device is None else device
     if torch.device(device).type != "cpu":
         weights = {k: v.to(device) for k, v in weights.items()}
-    if not key_mapping:
-        return weights
-    remapped: dict[str, torch.Tensor] = {}
-    for key, value in weights.items():
-        prefix = next((p for p in ("base_model.model.", "base_model.") if key.startswith(p)), None)
-        if prefix is None:
-            raise ValueError(f"key_mapping needs keys starting with 'base_model.' (as peft saves them); {key!r} "
-                             "does not")
-        rest = key[len(prefix):]
-        for pattern, replacement in key_mapping.items():
-            new, count = re.subn(pattern, replacement, rest)
-            if count:
-                rest = new
-                break
-        remapped[prefix + rest] = value
-    return remapped
+    return weights
 
 
 def cast_mixed_precision_params(model: nn.Module, dtype: torch.dtype) -> None:

@@ -2053,11 +2053,17 @@ class PeftModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
                         is_trainable: bool = False, config: LoraConfig | None = None,
-                        allow_pickle: bool = False, autocast_adapter_dtype: bool = True, **kwargs) -> PeftModel:
+                        autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
+                        low_cpu_mem_usage: bool = False, key_mapping: dict[str, str] | None = None,
+                        allow_pickle: bool = False, **kwargs) -> PeftModel:
         """Load a peft-format adapter onto ``model``: a local folder or a Hub repo id (peft's keywords
         ``subfolder``, ``revision``, ``token``, ``cache_dir``, ``local_files_only``; see :mod:`fastpeft.hub`).
         Safetensors; pickles only with ``allow_pickle``. Non-LoRA adapters go to their method's model.
-        ``autocast_adapter_dtype=False`` (LoRA): the adapter weights stay in the base's dtype (peft's argument)."""
+        Parameters in peft's order. ``autocast_adapter_dtype=False`` (LoRA): the adapter weights stay in the
+        base's dtype (peft's argument). ``key_mapping`` (peft's): ``{regex: replacement}`` applied to the saved
+        keys (without their ``base_model.model.`` prefix) before loading; None takes the model's
+        ``_checkpoint_conversion_mapping`` if it has one, as peft (not for prompt learning).
+        ``ephemeral_gpu_offload`` and ``low_cpu_mem_usage`` are accepted and change nothing here."""
         from .hub import pop_hub_kwargs, resolve_adapter_path
 
         model_id = resolve_adapter_path(model_id, **pop_hub_kwargs(kwargs))
@@ -2066,14 +2072,18 @@ class PeftModel(nn.Module):
 
             peft_type = str(getattr(getattr(config, "peft_type", None), "value", getattr(config, "peft_type", "")))
             return methods.from_pretrained(model, model_id, peft_type, adapter_name=adapter_name,
-                                           is_trainable=is_trainable, config=config, **kwargs)
+                                           is_trainable=is_trainable, config=config, key_mapping=key_mapping,
+                                           allow_pickle=allow_pickle, **kwargs)
         if config is None:
             peft_type = _saved_peft_type(model_id)
             if peft_type != "LORA":
                 from . import methods
 
                 return methods.from_pretrained(model, model_id, peft_type, adapter_name=adapter_name,
-                                               is_trainable=is_trainable, **kwargs)
+                                               is_trainable=is_trainable, key_mapping=key_mapping,
+                                               allow_pickle=allow_pickle, **kwargs)
+        if key_mapping is None:
+            key_mapping = getattr(model, "_checkpoint_conversion_mapping", None)
         config = LoraConfig.from_pretrained(model_id) if config is None else copy.deepcopy(config)
         config.inference_mode = not is_trainable
         # The init runs as in training (the saved A and B then replace its adapter weights): for PiSSA it is
@@ -2085,7 +2095,7 @@ class PeftModel(nn.Module):
             model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         from .save import load_adapter_weights
 
-        load_adapter_weights(peft_model, model_id, adapter_name, allow_pickle=allow_pickle)
+        load_adapter_weights(peft_model, model_id, adapter_name, allow_pickle=allow_pickle, key_mapping=key_mapping)
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -2096,7 +2106,8 @@ class PeftModel(nn.Module):
         activated; trainable with ``is_trainable=True``), an existing one gets the saved weights (how
         transformers' Trainer resumes from a checkpoint). Without ``is_trainable`` the model is put in
         eval mode. Returns the load result (no missing or unexpected keys: loading is strict). ``model_id``: a
-        local folder or a Hub repo id, with peft's Hub keywords (see :meth:`from_pretrained`)."""
+        local folder or a Hub repo id, with peft's Hub keywords (see :meth:`from_pretrained`). ``key_mapping``
+        (peft's): ``{regex: replacement}`` applied to the saved keys (without their ``base_model.model.`` prefix)."""
         from torch.nn.modules.module import _IncompatibleKeys
 
         from .hub import pop_hub_kwargs, resolve_adapter_path
@@ -2110,7 +2121,8 @@ class PeftModel(nn.Module):
             self.add_adapter(adapter_name, config)
             if is_trainable:
                 self.base_model.set_requires_grad(adapter_name, True)
-        load_adapter_weights(self, model_id, adapter_name, allow_pickle=allow_pickle)
+        load_adapter_weights(self, model_id, adapter_name, allow_pickle=allow_pickle,
+                             key_mapping=kwargs.get("key_mapping"))
         if not is_trainable:
             self.eval()
         return _IncompatibleKeys([], [])

@@ -281,8 +281,33 @@ def write_adapter_files(save_directory: str | os.PathLike, tensors: dict[str, to
         config.inference_mode = inference_mode
 
 
-def read_adapter_file(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Read ``adapter_model.safetensors`` from an adapter folder (a pickle only with ``allow_pickle``)."""
+def apply_key_mapping(weights: dict[str, torch.Tensor], key_mapping: dict[str, str] | None
+                      ) -> dict[str, torch.Tensor]:
+    """peft's ``key_mapping``: each saved key's part after ``base_model.model.`` (else ``base_model.``) is rewritten
+    by the first ``{regex: replacement}`` entry that matches it (``re.subn``); a key with neither prefix raises, as
+    peft's. None or ``{}``: ``weights`` as they are."""
+    if not key_mapping:
+        return weights
+    remapped: dict[str, torch.Tensor] = {}
+    for key, value in weights.items():
+        prefix = next((p for p in ("base_model.model.", "base_model.") if key.startswith(p)), None)
+        if prefix is None:
+            raise ValueError(f"key_mapping needs keys starting with 'base_model.' (as peft saves them); {key!r} "
+                             "does not")
+        rest = key[len(prefix):]
+        for pattern, replacement in key_mapping.items():
+            new, count = re.subn(pattern, replacement, rest)
+            if count:
+                rest = new
+                break
+        remapped[prefix + rest] = value
+    return remapped
+
+
+def read_adapter_file(path: str | os.PathLike, allow_pickle: bool = False,
+                      key_mapping: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Read ``adapter_model.safetensors`` from an adapter folder (a pickle only with ``allow_pickle``), its keys
+    rewritten by ``key_mapping`` (see :func:`apply_key_mapping`)."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"adapter folder {path!r} does not exist")
@@ -290,23 +315,24 @@ def read_adapter_file(path: str | os.PathLike, allow_pickle: bool = False) -> di
     if os.path.isfile(st):
         from safetensors.torch import load_file
 
-        return load_file(st, device="cpu")
+        return apply_key_mapping(load_file(st, device="cpu"), key_mapping)
     pkl = os.path.join(path, PICKLE_NAME)
     if os.path.isfile(pkl):
         if not allow_pickle:
             raise ValueError(f"{pkl} is a pickle; fastpeft loads safetensors only. If you trust the file, pass "
                              "allow_pickle=True (it is then read with torch.load(weights_only=True))")
-        return torch.load(pkl, map_location="cpu", weights_only=True)
+        return apply_key_mapping(torch.load(pkl, map_location="cpu", weights_only=True), key_mapping)
     raise FileNotFoundError(f"no {SAFETENSORS_NAME} in {path!r} (found: {sorted(os.listdir(path))})")
 
 
 def load_adapter_weights(peft_model: PeftModel, path: str | os.PathLike, adapter_name: str,
-                         allow_pickle: bool = False) -> None:
-    """Copy a saved adapter's tensors into ``peft_model``'s adapter ``adapter_name``, strictly.
+                         allow_pickle: bool = False, key_mapping: dict[str, str] | None = None) -> None:
+    """Copy a saved adapter's tensors into ``peft_model``'s adapter ``adapter_name``, strictly, after rewriting
+    their keys by ``key_mapping`` (peft's, see :func:`apply_key_mapping`).
 
     A missing key, an unexpected key, or a shape (rank) mismatch raises ``ValueError`` naming the key.
     """
-    saved = read_adapter_file(path, allow_pickle=allow_pickle)
+    saved = read_adapter_file(path, allow_pickle=allow_pickle, key_mapping=key_mapping)
     if not os.path.isfile(os.path.join(os.fspath(path), CONFIG_NAME)):
         raise FileNotFoundError(f"no {CONFIG_NAME} in {os.fspath(path)!r}")
     load_adapter_state(peft_model, saved, adapter_name, f"adapter file in {os.fspath(path)!r}")

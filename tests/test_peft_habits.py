@@ -177,3 +177,59 @@ def test_positional_edge_cases_as_peft():
     pos = torch.arange(IDS.shape[1]).flip(0).expand_as(IDS)
     with torch.no_grad():
         torch.testing.assert_close(ours(IDS, MASK, pos).logits, theirs(IDS, MASK, pos).logits)
+
+
+# --------------------------------------------------------------------------- 2. key_mapping
+def _renamed_adapter(tmp_path, config_of):
+    """An adapter trained-looking (random weights) saved by peft, its keys then renamed ``model.layers`` ->
+    ``model.blocks`` (a checkpoint of another naming), with the source model's logits."""
+    from safetensors.torch import load_file, save_file
+
+    _, base = twin()
+    torch.manual_seed(2)
+    src = peft.get_peft_model(base, config_of(peft)).eval()
+    with torch.no_grad():
+        for p in src.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+        ref = src(IDS).logits
+    folder = tmp_path / "renamed"
+    src.save_pretrained(folder)
+    path = folder / "adapter_model.safetensors"
+    save_file({k.replace("model.layers", "model.blocks"): v for k, v in load_file(path).items()}, path)
+    return folder, ref
+
+
+# the first matching pattern wins (peft's rule): the second entry would break every key
+KEY_MAPPING = {r"model\.blocks": "model.layers", r"model": "broken"}
+
+
+@pytest.mark.parametrize("method", ["LORA", "IA3"])
+def test_key_mapping_remaps_saved_keys(tmp_path, method):
+    def config(lib):
+        if method == "IA3":
+            return lib.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+        return lora(lib)
+
+    folder, ref = _renamed_adapter(tmp_path, config)
+    for lib in (peft, fastpeft):
+        model = lib.PeftModel.from_pretrained(twin()[0], folder, key_mapping=KEY_MAPPING)
+        with torch.no_grad():
+            torch.testing.assert_close(model(IDS).logits, ref, rtol=1e-5, atol=1e-6, msg=lib.__name__)
+    if method == "LORA":
+        for lib in (peft, fastpeft):
+            model = lib.get_peft_model(twin()[0], lora(lib, target_modules=["k_proj"]))
+            model.load_adapter(folder, "other", key_mapping=KEY_MAPPING)
+            model.set_adapter("other")
+            with torch.no_grad():
+                torch.testing.assert_close(model(IDS).logits, ref, rtol=1e-5, atol=1e-6, msg=lib.__name__)
+
+
+def test_key_mapping_defaults_to_the_models_checkpoint_conversion_mapping(tmp_path):
+    folder, ref = _renamed_adapter(tmp_path, lora)
+    for lib in (peft, fastpeft):
+        base = twin()[0]
+        base._checkpoint_conversion_mapping = {r"model\.blocks": "model.layers"}
+        model = lib.PeftModel.from_pretrained(base, folder)
+        with torch.no_grad():
+            torch.testing.assert_close(model(IDS).logits, ref, rtol=1e-5, atol=1e-6, msg=lib.__name__)

@@ -474,7 +474,8 @@ class MethodPeftModel(_LoraPeftModel):
             raise NotImplementedError(f"{type(self).__name__} holds one adapter ({self.base_model.active_adapter!r});"
                                       " load another one with from_pretrained on a fresh model")
         model_id = resolve_adapter_path(model_id, **pop_hub_kwargs(kwargs))
-        return load_into_own_adapter(self, model_id, adapter_name, is_trainable, allow_pickle)
+        return load_into_own_adapter(self, model_id, adapter_name, is_trainable, allow_pickle,
+                                     kwargs.get("key_mapping"))
 
     def _load_adapter_state(self, saved: dict[str, torch.Tensor], adapter_name: str, where: str) -> None:
         """Copy saved tensors into the method's weights, strictly (see :func:`load_tuner_state`)."""
@@ -538,8 +539,11 @@ class MethodPeftModel(_LoraPeftModel):
         model_id = resolve_adapter_path(model_id, **pop_hub_kwargs(kwargs))
         config = _Base.from_pretrained(model_id) if config is None else config
         config.inference_mode = not is_trainable
+        key_mapping = kwargs.get("key_mapping")
+        if key_mapping is None:  # as peft: the model's own checkpoint conversion, if it has one
+            key_mapping = getattr(model, "_checkpoint_conversion_mapping", None)
         peft_model = cls._for_loading(model, config, adapter_name)
-        saved = read_adapter_file(model_id, allow_pickle=allow_pickle)
+        saved = read_adapter_file(model_id, allow_pickle=allow_pickle, key_mapping=key_mapping)
         peft_model._load_adapter_state(saved, adapter_name, f"adapter file in {os.fspath(model_id)!r}")
         if not is_trainable:
             peft_model.eval()
@@ -610,13 +614,14 @@ def write_adapter(save_directory: str | os.PathLike, tensors: dict[str, torch.Te
 
 
 def load_into_own_adapter(peft_model: nn.Module, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool,
-                          allow_pickle: bool):
-    """``load_adapter`` onto a one-adapter model's own adapter: the file's tensors through the model's
-    ``_load_adapter_state``, eval mode unless ``is_trainable``; returns the (strict, hence empty) load result."""
+                          allow_pickle: bool, key_mapping: dict[str, str] | None = None):
+    """``load_adapter`` onto a one-adapter model's own adapter: the file's tensors (keys rewritten by peft's
+    ``key_mapping``) through the model's ``_load_adapter_state``, eval mode unless ``is_trainable``; returns the
+    (strict, hence empty) load result."""
     from torch.nn.modules.module import _IncompatibleKeys
 
-    peft_model._load_adapter_state(read_adapter_file(model_id, allow_pickle=allow_pickle), adapter_name,
-                                   f"adapter file in {os.fspath(model_id)!r}")
+    saved = read_adapter_file(model_id, allow_pickle=allow_pickle, key_mapping=key_mapping)
+    peft_model._load_adapter_state(saved, adapter_name, f"adapter file in {os.fspath(model_id)!r}")
     if not is_trainable:
         peft_model.eval()
     return _IncompatibleKeys([], [])

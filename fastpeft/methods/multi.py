@@ -135,13 +135,14 @@ class MultiAdapterPeftModel(MethodPeftModel):
         from ..save import read_adapter_file
 
         model_id = resolve_adapter_path(model_id, **pop_hub_kwargs(kwargs))
+        key_mapping = kwargs.get("key_mapping")
         if adapter_name in self.peft_config:
-            return load_into_own_adapter(self, model_id, adapter_name, is_trainable, allow_pickle)
+            return load_into_own_adapter(self, model_id, adapter_name, is_trainable, allow_pickle, key_mapping)
         config = kwargs.pop("config", None) or config_from_dict(read_config_dict(model_id))
         config.inference_mode = not is_trainable
         self.add_adapter(adapter_name, config)
-        self._load_adapter_state(read_adapter_file(model_id, allow_pickle=allow_pickle), adapter_name,
-                                 f"adapter file in {os.fspath(model_id)!r}")
+        self._load_adapter_state(read_adapter_file(model_id, allow_pickle=allow_pickle, key_mapping=key_mapping),
+                                 adapter_name, f"adapter file in {os.fspath(model_id)!r}")
         if not is_trainable:
             self.eval()
         return _IncompatibleKeys([], [])

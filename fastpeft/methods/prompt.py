@@ -272,7 +272,8 @@ class PromptLearningPeftModel(_LoraPeftModel):
                                "(P-tuning MLP/LSTM or prefix projection): it cannot be loaded back for training; "
                                "use from_pretrained on a fresh model for inference")
         model_id = resolve_adapter_path(model_id, **pop_hub_kwargs(kwargs))
-        return load_into_own_adapter(self, model_id, adapter_name, is_trainable, allow_pickle)
+        return load_into_own_adapter(self, model_id, adapter_name, is_trainable, allow_pickle,
+                                     kwargs.get("key_mapping"))
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Only the model's own adapter name is accepted."""
@@ -583,7 +584,7 @@ class PromptLearningPeftModel(_LoraPeftModel):
             config = MethodConfig.from_pretrained(model_id)
         config = copy.copy(config)
         config.inference_mode = not is_trainable
-        saved = read_adapter_file(model_id, allow_pickle=allow_pickle)
+        saved = read_adapter_file(model_id, allow_pickle=allow_pickle, key_mapping=kwargs.get("key_mapping"))
         peft_model = cls(model, config, adapter_name, _direct=True)
         peft_model._load_adapter_state(saved, adapter_name, f"adapter file in {os.fspath(model_id)!r}")
         if is_trainable:
