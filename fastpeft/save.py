@@ -6,9 +6,10 @@ an embedding layer's ``base_model.model.<path>.lora_embedding_A`` / ``lora_embed
 ``base_model.model.<path>.<param>`` for a ``modules_to_save`` module, and the biases
 ``bias="all"|"lora_only"`` asks for. As peft (``save_embedding_layers="auto"``), an adapter whose
 ``target_modules`` name ``embed_tokens`` or ``lm_head`` also carries the base weights of the LoRA-wrapped input and
-output embeddings (``<path>.base_layer.weight``), with peft's warning; ``save_embedding_layers=False`` leaves them out.
-(peft's other "auto" case, a vocabulary resized against the Hub config, is not checked.) Loading never unpickles
-unless the caller opts in, and then only with ``weights_only=True``.
+output embeddings (``<path>.base_layer.weight``), with peft's warning; so does, whole, an adapter on a model whose
+``config.vocab_size`` differs from the saved config of its base (``base_model_name_or_path``, a folder or a Hub
+repo): embeddings resized for new tokens (``<path>.weight``). ``True`` always saves them, ``False`` never. Loading
+never unpickles unless the caller opts in, and then only with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -68,22 +69,84 @@ def _embedding_is_targeted(peft_model: PeftModel, config: Any) -> bool:
     return bool(targets) and any(e in targets for e in EMBEDDING_LAYER_NAMES)
 
 
-def _embedding_base_prefixes(peft_model: PeftModel) -> list[str]:
-    """Name prefixes of the base layers of the LoRA-wrapped input and output embeddings."""
+def _hub_file_exists(repo_id: str, filename: str) -> bool | None:
+    """Whether the Hub repo ``repo_id`` holds ``filename``; None when that cannot be told (``HF_HUB_OFFLINE``, an
+    invalid repo id, no connection: the last with peft's warning), as peft's ``check_file_exists_on_hf_hub``."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "y", "yes", "t", "true", "on"):
+        return None
+    try:
+        from huggingface_hub import file_exists
+        from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+    except ImportError:
+        return None
+    try:
+        return file_exists(repo_id, filename)
+    except (HFValidationError, EntryNotFoundError):
+        return None
+    except Exception as e:  # noqa: BLE001 - as peft: any failure of the lookup only warns
+        warnings.warn(f"Unable to fetch remote file due to the following error {e} - silently ignoring the lookup "
+                      f"for the file {filename} in {repo_id}.", stacklevel=5)
+        return None
+
+
+def _vocab_resized(peft_model: nn.Module, config: Any) -> bool:
+    """peft's other ``save_embedding_layers="auto"`` case: the model's ``config.vocab_size`` differs from the one in
+    the config of the base model the adapter names (``base_model_name_or_path``: a local folder or a Hub repo with
+    a ``config.json``), i.e. the embeddings were resized (new tokens); warns as peft when it is so, and when the
+    base's config cannot be looked up."""
+    vocab_size = getattr(getattr(peft_model, "config", None), "vocab_size", None)
+    model_id = getattr(config, "base_model_name_or_path", None)
+    has_base_config = False
+    if model_id:
+        exists = os.path.exists(os.path.join(model_id, "config.json")) or _hub_file_exists(model_id, "config.json")
+        if exists is None:
+            warnings.warn(f"Could not find a config file in {model_id} - will assume that the vocabulary was not "
+                          "modified.", stacklevel=4)
+        has_base_config = bool(exists)
+    if vocab_size and model_id and has_base_config \
+            and vocab_size != type(peft_model.config).from_pretrained(model_id).vocab_size:
+        warnings.warn("Setting `save_embedding_layers` to `True` as the embedding layer has been resized during "
+                      "finetuning.", stacklevel=4)
+        return True
+    return False
+
+
+def _embedding_layer_tensors(peft_model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str,
+                             targeted: bool) -> dict[str, torch.Tensor] | None:
+    """The input and output embeddings' tensors ``save_embedding_layers`` adds, under their saved names, as peft
+    picks them: a layer wrapped by an adapter (an ``nn.Embedding``/``nn.Linear`` ``base_layer``) contributes its base
+    layer's tensors; when ``target_modules`` names no embedding, an embedding that is no such wrapper is taken
+    whole (a resized vocabulary). None when the model has no ``get_input_embeddings`` (not a transformers
+    model)."""
     from torch import nn
 
-    prefixes = []
+    if not hasattr(peft_model, "get_input_embeddings"):
+        return None
+    out: dict[str, torch.Tensor] = {}
     for get in ("get_input_embeddings", "get_output_embeddings"):
         try:
             layer = getattr(peft_model, get)()
         except (AttributeError, NotImplementedError):
             continue
         base = getattr(layer, "base_layer", None)
-        if isinstance(base, (nn.Linear, nn.Embedding)):
-            name = next((n for n, m in peft_model.named_modules() if m is base), None)
-            if name:
-                prefixes.append(f"{name}.")
-    return prefixes
+        if targeted and not isinstance(base, (nn.Linear, nn.Embedding)):
+            continue
+        name = next((n for n, m in peft_model.named_modules()
+                     if (not targeted and layer is not None and m is layer) or (base is not None and m is base)), None)
+        if name:
+            out.update({_drop_adapter_name(k, adapter_name): v for k, v in state.items() if k.startswith(f"{name}.")})
+    return out
+
+
+def _drop_adapter_name(key: str, adapter_name: str) -> str:
+    """A state-dict key as saved: ``<...>.<param>.<adapter>`` -> ``<...>.<param>``, ``<...>.<adapter>.<tensor>`` ->
+    ``<...>.<tensor>`` (only there, never a module of the same name elsewhere in the key)."""
+    if key.endswith(f".{adapter_name}"):
+        return key[: -len(adapter_name) - 1]
+    head, dot, last = key.rpartition(".")
+    if dot and head.endswith(f".{adapter_name}"):
+        return f"{head[: -len(adapter_name) - 1]}.{last}"
+    return key
 
 
 def adapter_state_dict(peft_model: PeftModel, adapter_name: str = "default",
@@ -94,8 +157,8 @@ def adapter_state_dict(peft_model: PeftModel, adapter_name: str = "default",
     ``state_dict``: the model's full state dict as gathered by the caller (transformers' Trainer passes it
     under DeepSpeed ZeRO-3 / FSDP, where the module's own parameters are partitioned), instead of
     ``peft_model.state_dict()``. ``save_embedding_layers`` (peft's argument): ``"auto"`` adds the LoRA-wrapped
-    embeddings' base weights when ``target_modules`` names ``embed_tokens``/``lm_head`` (see the module
-    docstring), ``True`` always, ``False`` never."""
+    embeddings' base weights when ``target_modules`` names ``embed_tokens``/``lm_head``, else the embeddings
+    when the vocabulary was resized (see the module docstring), ``True`` always, ``False`` never."""
     if adapter_name not in peft_model.peft_config:
         raise ValueError(f"unknown adapter {adapter_name!r}; this model has {list(peft_model.peft_config)}")
     config = peft_model.peft_config[adapter_name]
@@ -143,15 +206,22 @@ def adapter_state_dict(peft_model: PeftModel, adapter_name: str = "default",
                 layer = peft_model.get_submodule(key[: -len(".base_layer.bias")])
                 if getattr(layer, "lora_A", None):
                     out[key] = value
-    if save_embedding_layers == "auto":  # (peft: never with trainable tokens, which exist to keep the file small)
-        save_embedding_layers = _embedding_is_targeted(peft_model, config) \
-            and getattr(config, "trainable_token_indices", None) is None
-        if save_embedding_layers:
-            warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.",
-                          stacklevel=3)
+    targeted = _embedding_is_targeted(peft_model, config)
+    # (peft's "auto": targeted embeddings are saved, but not with trainable tokens, which exist to keep the file
+    # small; otherwise a vocabulary resized against the base model's saved config)
+    if save_embedding_layers == "auto" and targeted and getattr(config, "trainable_token_indices", None) is None:
+        warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.",
+                      stacklevel=3)
+        save_embedding_layers = True
+    elif save_embedding_layers == "auto":
+        save_embedding_layers = _vocab_resized(peft_model, config)
     if save_embedding_layers:
-        for prefix in _embedding_base_prefixes(peft_model):
-            out.update({k: v for k, v in state.items() if k.startswith(prefix)})
+        embeddings = _embedding_layer_tensors(peft_model, state, adapter_name, targeted)
+        if embeddings is None:
+            warnings.warn("Could not identify embedding layer(s) because the model is not a 🤗 transformers model.",
+                          stacklevel=3)
+        else:
+            out.update(embeddings)
     # FSDP2 (fully_shard) holds parameters as sharded DTensors: gather each kept one into a full tensor.
     # full_tensor() is collective, so every rank must call this (save_pretrained does, whatever its
     # is_main_process); the keys come in state-dict order, the same on every rank.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 
 import pytest
 import torch
@@ -233,3 +234,67 @@ def test_key_mapping_defaults_to_the_models_checkpoint_conversion_mapping(tmp_pa
         model = lib.PeftModel.from_pretrained(base, folder)
         with torch.no_grad():
             torch.testing.assert_close(model(IDS).logits, ref, rtol=1e-5, atol=1e-6, msg=lib.__name__)
+
+
+# --------------------------------------------------------------------------- 3. save_embedding_layers
+def _resized_pair(tmp_path, tie=False):
+    """(fastpeft, peft) LoRA models on a saved base (so the adapter names a folder with its config.json) whose
+    vocabulary was then resized by 4 tokens, embeddings not targeted."""
+    base_dir = tmp_path / f"base{int(tie)}"
+    if not base_dir.exists():
+        torch.manual_seed(0)
+        tiny_llama(V, tie_word_embeddings=tie).save_pretrained(base_dir)
+    models = []
+    for lib in (fastpeft, peft):
+        base = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+        torch.manual_seed(3)
+        base.resize_token_embeddings(V + 4, mean_resizing=False)
+        torch.manual_seed(1)
+        models.append(lib.get_peft_model(base, lora(lib, target_modules=["q_proj"])))
+    return base_dir, models
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_save_embedding_layers_saves_resized_embeddings(tmp_path, tie):
+    base_dir, (ours, theirs) = _resized_pair(tmp_path, tie)
+    for selected in ("auto", True, False):
+        out = {}
+        for name, model in (("ours", ours), ("theirs", theirs)):
+            folder = tmp_path / f"{name}-{selected}"
+            with warnings.catch_warnings(record=True) as record:
+                warnings.simplefilter("always")
+                model.save_pretrained(folder, save_embedding_layers=selected)
+            resized = [w for w in record if "`save_embedding_layers` to `True` as the embedding layer has been "
+                       "resized during finetuning." in str(w.message)]
+            assert len(resized) == (selected == "auto"), name
+            out[name] = tensors(folder)
+        assert_same_tensors(out["ours"], out["theirs"])
+        extra = sorted(k for k in out["ours"] if "lora_" not in k)
+        wanted = ["base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"]
+        assert extra == ([] if selected is False else wanted)
+    # the saved embeddings come back in either library, onto a base resized with other new rows
+    with torch.no_grad():
+        ref = ours(IDS + 4).logits
+    for lib in (fastpeft, peft):
+        base = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+        torch.manual_seed(9)
+        base.resize_token_embeddings(V + 4, mean_resizing=False)
+        loaded = lib.PeftModel.from_pretrained(base, tmp_path / "ours-auto")
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(IDS + 4).logits, ref, rtol=1e-5, atol=1e-6, msg=lib.__name__)
+
+
+def test_save_embedding_layers_auto_leaves_an_unresized_vocabulary_out(tmp_path):
+    base_dir = tmp_path / "base"
+    torch.manual_seed(0)
+    tiny_llama(V).save_pretrained(base_dir)
+    for lib in (fastpeft, peft):
+        base = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+        torch.manual_seed(1)
+        model = lib.get_peft_model(base, lora(lib, target_modules=["q_proj"]))
+        model.save_pretrained(tmp_path / lib.__name__)
+        assert all("lora_" in k for k in tensors(tmp_path / lib.__name__)), lib.__name__
+        # True saves the embeddings whatever the vocabulary, as peft
+        model.save_pretrained(tmp_path / f"{lib.__name__}-true", save_embedding_layers=True)
+    assert_same_tensors(tensors(tmp_path / "fastpeft-true"), tensors(tmp_path / "peft-true"))
+    assert "base_model.model.model.embed_tokens.weight" in tensors(tmp_path / "fastpeft-true")
