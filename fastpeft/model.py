@@ -1973,12 +1973,23 @@ class PeftModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Context manager: inside it the model runs without any adapter (and with original modules_to_save)."""
+        """Context manager: inside it the model runs without any adapter (and with original modules_to_save).
+        As peft, adapters are switched back on at the exit only if they were on at the entry (a nested block, or
+        one entered after ``disable_adapter_layers()``, leaves them off); some on and some off at the entry warns
+        with peft's text, and all are on after the exit."""
+        from .status import enabled_state
+
+        enabled = enabled_state(self.base_model)
+        if enabled == "irregular":
+            warnings.warn("The model contains some adapter layers that are enabled and others that are disabled. "
+                          "This is most likely unintentional. After exiting the disable_adapter context, all "
+                          "adapters will be enabled", stacklevel=3)
         self.base_model.disable_adapter_layers()
         try:
             yield
         finally:
-            self.base_model.enable_adapter_layers()
+            if enabled is not False:
+                self.base_model.enable_adapter_layers()
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: list[str] | None = None) -> nn.Module:

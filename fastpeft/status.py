@@ -103,6 +103,26 @@ def _layer_status(name: str, module: nn.Module) -> TunerLayerStatus | None:
                             devices={n: sorted({p.device.type for p in ps}) for n, ps in per_adapter.items()})
 
 
+def enabled_state(root: nn.Module) -> Union[bool, Irregular]:
+    """Whether the adapter layers under ``root`` (LoRA and the other methods' layers, trainable-token layers,
+    modules_to_save wrappers) are switched on: True, False, or ``"irregular"`` when they disagree (what
+    ``get_model_status().enabled`` says, without the rest of the status); True when there are none."""
+    from .layers.switches import AdapterSwitches
+    from .layers.tokens import TrainableTokensLayer
+    from .methods.base import AdapterLayer
+    from .model import ModulesToSaveWrapper
+
+    flags = set()
+    for module in root.modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            flags.add(not module._disable_adapters)
+        elif isinstance(module, (AdapterSwitches, AdapterLayer, TrainableTokensLayer)):
+            flags.add(not module.disable_adapters)
+    if len(flags) > 1:
+        return "irregular"
+    return flags.pop() if flags else True
+
+
 def _refuse_prompt_learning(model: nn.Module, what: str) -> None:
     """peft's TypeError for a prompt-learning model (virtual tokens: no adapter layers to report)."""
     config = getattr(model, "active_peft_config", None)

@@ -298,3 +298,65 @@ def test_save_embedding_layers_auto_leaves_an_unresized_vocabulary_out(tmp_path)
         model.save_pretrained(tmp_path / f"{lib.__name__}-true", save_embedding_layers=True)
     assert_same_tensors(tensors(tmp_path / "fastpeft-true"), tensors(tmp_path / "peft-true"))
     assert "base_model.model.model.embed_tokens.weight" in tensors(tmp_path / "fastpeft-true")
+
+
+# --------------------------------------------------------------------------- 4. nested disable_adapter()
+def _perturbed(model):
+    """``model`` with every trainable tensor moved off its init (so adapters and copies change the output)."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+NESTED = {
+    "LORA": lambda lib: lora(lib, modules_to_save=["lm_head"], trainable_token_indices=[1, 2]),
+    "IA3": lambda lib: lib.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    "PROMPT_TUNING": lambda lib: lib.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+}
+
+
+@pytest.mark.parametrize("method", list(NESTED))
+def test_nested_disable_adapter_keeps_the_outer_block_off(method):
+    ours, theirs = both(NESTED[method])
+    with torch.no_grad():
+        base = twin()[0](IDS).logits
+    for model in (_perturbed(ours), _perturbed(theirs)):
+        with torch.no_grad():
+            on = model(IDS).logits
+            with model.disable_adapter():
+                with model.disable_adapter():
+                    pass
+                torch.testing.assert_close(model(IDS).logits, base, msg=type(model).__module__)
+            torch.testing.assert_close(model(IDS).logits, on, msg=type(model).__module__)
+    torch.testing.assert_close(ours(IDS).logits, theirs(IDS).logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["LORA", "IA3"])
+def test_disable_adapter_leaves_layers_disabled_before_it_off(method):
+    ours, theirs = both(NESTED[method])
+    with torch.no_grad():
+        base = twin()[0](IDS).logits
+    for model in (_perturbed(ours), _perturbed(theirs)):
+        model.base_model.disable_adapter_layers()
+        with model.disable_adapter():
+            pass
+        with torch.no_grad():
+            torch.testing.assert_close(model(IDS).logits, base, msg=type(model).__module__)
+        model.base_model.enable_adapter_layers()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS).logits, theirs(IDS).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_disable_adapter_with_some_layers_off_warns_and_enables_all():
+    ours, theirs = both(lora)
+    for model in (_perturbed(ours), _perturbed(theirs)):
+        model.base_model.model.model.layers[0].self_attn.q_proj.enable_adapters(False)
+        with pytest.warns(UserWarning, match="some adapter layers that are enabled and others that are disabled"):
+            with model.disable_adapter():
+                pass
+        assert all(not m.disable_adapters for m in model.modules() if hasattr(m, "lora_A"))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS).logits, theirs(IDS).logits, rtol=1e-5, atol=1e-6)

@@ -300,17 +300,21 @@ class PromptLearningPeftModel(_LoraPeftModel):
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Inside the context the model runs as the base model (no virtual tokens, original heads)."""
+        """Inside the context the model runs as the base model (no virtual tokens, original heads). At the exit
+        everything is as it was at the entry (as peft: a nested block leaves the outer one's state alone)."""
         wrappers = [m for m in self.base_model.modules() if isinstance(m, ModulesToSaveWrapper)]
+        was_disabled = self._adapters_disabled
+        wrappers_on = [not w._disable_adapters for w in wrappers]
         self._adapters_disabled = True
         for w in wrappers:
             w.enable_adapters(False)
         try:
             yield
         finally:
-            self._adapters_disabled = False
-            for w in wrappers:
-                w.enable_adapters(True)
+            self._adapters_disabled = was_disabled
+            for w, on in zip(wrappers, wrappers_on):
+                if on:
+                    w.enable_adapters(True)
 
     # ----------------------------------------------------------------- prompts
     @property
