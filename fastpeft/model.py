@@ -1957,9 +1957,13 @@ class PeftModel(nn.Module):
         return model
 
     # ----------------------------------------------------------------- adapters
-    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False) -> None:
-        """Inject another adapter; the active adapter does not change (as in peft)."""
-        self.base_model.inject_adapter(peft_config, adapter_name, activate=False)
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Inject another adapter; the active adapter does not change (as in peft). ``autocast_adapter_dtype``
+        (peft's): its weights in fp32 on an fp16/bf16 base (the default), else in the base's dtype;
+        ``low_cpu_mem_usage`` is accepted (the weights are created as usual)."""
+        self.base_model.inject_adapter(peft_config, adapter_name, activate=False,
+                                       autocast_adapter_dtype=autocast_adapter_dtype)
         record_base_model_name(self.peft_config[adapter_name], self.get_base_model())
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
@@ -2112,13 +2116,18 @@ class PeftModel(nn.Module):
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     allow_pickle: bool = False, **kwargs):
+                     torch_device: str | None = None, autocast_adapter_dtype: bool = True,
+                     ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False,
+                     key_mapping: dict[str, str] | None = None, allow_pickle: bool = False, **kwargs):
         """Load a peft-format adapter under ``adapter_name``, as peft does: a new name is added (not
         activated; trainable with ``is_trainable=True``), an existing one gets the saved weights (how
         transformers' Trainer resumes from a checkpoint). Without ``is_trainable`` the model is put in
         eval mode. Returns the load result (no missing or unexpected keys: loading is strict). ``model_id``: a
-        local folder or a Hub repo id, with peft's Hub keywords (see :meth:`from_pretrained`). ``key_mapping``
-        (peft's): ``{regex: replacement}`` applied to the saved keys (without their ``base_model.model.`` prefix)."""
+        local folder or a Hub repo id, with peft's Hub keywords (see :meth:`from_pretrained`). Parameters in
+        peft's order: ``autocast_adapter_dtype`` as for :meth:`add_adapter` (a new adapter); ``key_mapping``
+        (peft's): ``{regex: replacement}`` applied to the saved keys (without their ``base_model.model.`` prefix);
+        ``torch_device``, ``ephemeral_gpu_offload`` and ``low_cpu_mem_usage`` are accepted and change nothing
+        (the weights are copied into the adapter's own tensors, where they are)."""
         from torch.nn.modules.module import _IncompatibleKeys
 
         from .hub import pop_hub_kwargs, resolve_adapter_path
@@ -2129,11 +2138,10 @@ class PeftModel(nn.Module):
         if adapter_name not in self.peft_config:
             config = LoraConfig.from_pretrained(model_id)
             config.inference_mode = not is_trainable
-            self.add_adapter(adapter_name, config)
+            self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
             if is_trainable:
                 self.base_model.set_requires_grad(adapter_name, True)
-        load_adapter_weights(self, model_id, adapter_name, allow_pickle=allow_pickle,
-                             key_mapping=kwargs.get("key_mapping"))
+        load_adapter_weights(self, model_id, adapter_name, allow_pickle=allow_pickle, key_mapping=key_mapping)
         if not is_trainable:
             self.eval()
         return _IncompatibleKeys([], [])

@@ -360,3 +360,39 @@ def test_disable_adapter_with_some_layers_off_warns_and_enables_all():
         assert all(not m.disable_adapters for m in model.modules() if hasattr(m, "lora_A"))
     with torch.no_grad():
         torch.testing.assert_close(ours(IDS).logits, theirs(IDS).logits, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- 5. autocast_adapter_dtype
+@pytest.mark.parametrize("method", ["add_adapter", "load_adapter", "from_pretrained"])
+def test_adapter_loading_parameters_in_peft_order(method):
+    from fastpeft.methods.base import MethodPeftModel
+    from fastpeft.methods.multi import MultiAdapterPeftModel
+    from fastpeft.methods.prompt import PromptLearningPeftModel
+
+    theirs = _params(getattr(peft.PeftModel, method))
+    classes = [fastpeft.PeftModel, MethodPeftModel, MultiAdapterPeftModel]
+    if method != "add_adapter":
+        classes.append(PromptLearningPeftModel)
+    for cls in classes:
+        assert _params(getattr(cls, method))[: len(theirs)] == theirs, cls
+
+
+def _dtypes(model, adapter_name):
+    return {n: p.dtype for n, p in model.named_parameters() if f".{adapter_name}." in n}
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_add_and_load_adapter_take_autocast_adapter_dtype(tmp_path, autocast):
+    src = peft.get_peft_model(twin()[0], lora(peft, target_modules=["q_proj"]))
+    src.save_pretrained(tmp_path / "saved")
+    found = {}
+    for lib in (fastpeft, peft):
+        model = lib.get_peft_model(twin()[0].to(torch.bfloat16), lora(lib, target_modules=["k_proj"]))
+        model.add_adapter("added", lora(lib, target_modules=["v_proj"]), autocast_adapter_dtype=autocast)
+        model.load_adapter(tmp_path / "saved", "loaded", autocast_adapter_dtype=autocast)
+        found[lib.__name__] = (_dtypes(model, "added"), _dtypes(model, "loaded"),
+                               {n: p.detach().clone() for n, p in model.named_parameters() if ".loaded." in n})
+    ours, theirs = found["fastpeft"], found["peft"]
+    assert ours[0] == theirs[0] and ours[1] == theirs[1]
+    assert set(ours[0].values()) == {torch.float32 if autocast else torch.bfloat16}
+    assert_same_tensors(ours[2], theirs[2])

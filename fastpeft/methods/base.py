@@ -459,12 +459,15 @@ class MethodPeftModel(_LoraPeftModel):
         """``generate`` of the wrapped model, with the method applied."""
         return self.base_model.model.generate(*args, **kwargs)
 
-    def add_adapter(self, adapter_name: str, peft_config, low_cpu_mem_usage: bool = False) -> None:
+    def add_adapter(self, adapter_name: str, peft_config, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
         """Not supported: fastpeft's non-LoRA methods hold one adapter per model."""
         raise NotImplementedError(f"{type(self).__name__} holds one adapter; build another model for a second one")
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     allow_pickle: bool = False, **kwargs):
+                     torch_device: str | None = None, autocast_adapter_dtype: bool = True,
+                     ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False,
+                     key_mapping: dict[str, str] | None = None, allow_pickle: bool = False, **kwargs):
         """Load saved weights into the model's own adapter (how transformers' Trainer resumes from a
         checkpoint); without ``is_trainable`` the model is put in eval mode. fastpeft's non-LoRA methods
         hold one adapter per model: another name is refused."""
@@ -474,8 +477,7 @@ class MethodPeftModel(_LoraPeftModel):
             raise NotImplementedError(f"{type(self).__name__} holds one adapter ({self.base_model.active_adapter!r});"
                                       " load another one with from_pretrained on a fresh model")
         model_id = resolve_adapter_path(model_id, **pop_hub_kwargs(kwargs))
-        return load_into_own_adapter(self, model_id, adapter_name, is_trainable, allow_pickle,
-                                     kwargs.get("key_mapping"))
+        return load_into_own_adapter(self, model_id, adapter_name, is_trainable, allow_pickle, key_mapping)
 
     def _load_adapter_state(self, saved: dict[str, torch.Tensor], adapter_name: str, where: str) -> None:
         """Copy saved tensors into the method's weights, strictly (see :func:`load_tuner_state`)."""
@@ -530,16 +532,19 @@ class MethodPeftModel(_LoraPeftModel):
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
                         is_trainable: bool = False, config: MethodConfig | None = None,
+                        autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
+                        low_cpu_mem_usage: bool = False, key_mapping: dict[str, str] | None = None,
                         allow_pickle: bool = False, **kwargs) -> MethodPeftModel:
         """Build the method on ``model`` from a saved folder (or Hub repo id, with peft's Hub keywords) and load
-        its weights strictly."""
+        its weights strictly, their keys rewritten by peft's ``key_mapping`` (None: the model's
+        ``_checkpoint_conversion_mapping``, as peft). Parameters in peft's order; ``autocast_adapter_dtype``,
+        ``ephemeral_gpu_offload`` and ``low_cpu_mem_usage`` are accepted and change nothing here."""
         from ..hub import pop_hub_kwargs, resolve_adapter_path
         from .configs import MethodConfig as _Base
 
         model_id = resolve_adapter_path(model_id, **pop_hub_kwargs(kwargs))
         config = _Base.from_pretrained(model_id) if config is None else config
         config.inference_mode = not is_trainable
-        key_mapping = kwargs.get("key_mapping")
         if key_mapping is None:  # as peft: the model's own checkpoint conversion, if it has one
             key_mapping = getattr(model, "_checkpoint_conversion_mapping", None)
         peft_model = cls._for_loading(model, config, adapter_name)

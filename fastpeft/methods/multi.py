@@ -83,8 +83,11 @@ class MultiAdapterPeftModel(MethodPeftModel):
         MethodPeftModel.__init__(self, model, peft_config, adapter_name)
         self.base_model.set_adapter(adapter_name, inference_mode=bool(peft_config.inference_mode))
 
-    def add_adapter(self, adapter_name: str, peft_config, low_cpu_mem_usage: bool = False) -> None:
-        """Add another adapter of the same method; it starts inactive and frozen (peft's ``add_adapter``)."""
+    def add_adapter(self, adapter_name: str, peft_config, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Add another adapter of the same method; it starts inactive and frozen (peft's ``add_adapter``).
+        ``low_cpu_mem_usage`` and ``autocast_adapter_dtype`` (peft's) are accepted; the adapter's tensors take the
+        dtype they take without them."""
         from . import _coerce_config
 
         config = copy.copy(_coerce_config(peft_config))
@@ -125,7 +128,9 @@ class MultiAdapterPeftModel(MethodPeftModel):
             self.base_model.set_adapter(next(iter(self.peft_config)))
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     allow_pickle: bool = False, **kwargs):
+                     torch_device: str | None = None, autocast_adapter_dtype: bool = True,
+                     ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False,
+                     key_mapping: dict[str, str] | None = None, allow_pickle: bool = False, **kwargs):
         """Load a saved adapter (peft's or fastpeft's folder) under ``adapter_name``: a new name is added (not
         activated; trainable with ``is_trainable=True``), an existing one gets the saved weights. Without
         ``is_trainable`` the model is put in eval mode."""
@@ -135,12 +140,11 @@ class MultiAdapterPeftModel(MethodPeftModel):
         from ..save import read_adapter_file
 
         model_id = resolve_adapter_path(model_id, **pop_hub_kwargs(kwargs))
-        key_mapping = kwargs.get("key_mapping")
         if adapter_name in self.peft_config:
             return load_into_own_adapter(self, model_id, adapter_name, is_trainable, allow_pickle, key_mapping)
         config = kwargs.pop("config", None) or config_from_dict(read_config_dict(model_id))
         config.inference_mode = not is_trainable
-        self.add_adapter(adapter_name, config)
+        self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
         self._load_adapter_state(read_adapter_file(model_id, allow_pickle=allow_pickle, key_mapping=key_mapping),
                                  adapter_name, f"adapter file in {os.fspath(model_id)!r}")
         if not is_trainable:

@@ -256,7 +256,9 @@ class PromptLearningPeftModel(_LoraPeftModel):
         raise NotImplementedError("fastpeft's prompt-learning models hold one adapter")
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     allow_pickle: bool = False, **kwargs):
+                     torch_device: str | None = None, autocast_adapter_dtype: bool = True,
+                     ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False,
+                     key_mapping: dict[str, str] | None = None, allow_pickle: bool = False, **kwargs):
         """Load saved weights into the model's own adapter (how transformers' Trainer resumes from a
         checkpoint); without ``is_trainable`` the model is put in eval mode. peft's format keeps the computed
         prompt table only, so a model training a P-tuning MLP/LSTM or a prefix projection cannot take it
@@ -272,8 +274,7 @@ class PromptLearningPeftModel(_LoraPeftModel):
                                "(P-tuning MLP/LSTM or prefix projection): it cannot be loaded back for training; "
                                "use from_pretrained on a fresh model for inference")
         model_id = resolve_adapter_path(model_id, **pop_hub_kwargs(kwargs))
-        return load_into_own_adapter(self, model_id, adapter_name, is_trainable, allow_pickle,
-                                     kwargs.get("key_mapping"))
+        return load_into_own_adapter(self, model_id, adapter_name, is_trainable, allow_pickle, key_mapping)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Only the model's own adapter name is accepted."""
@@ -575,9 +576,12 @@ class PromptLearningPeftModel(_LoraPeftModel):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, config: MethodConfig | None = None, allow_pickle: bool = False,
-                        **kwargs) -> PromptLearningPeftModel:
-        """Load a prompt-learning adapter (peft's or fastpeft's) onto ``model``.
+                        is_trainable: bool = False, config: MethodConfig | None = None,
+                        autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
+                        low_cpu_mem_usage: bool = False, key_mapping: dict[str, str] | None = None,
+                        allow_pickle: bool = False, **kwargs) -> PromptLearningPeftModel:
+        """Load a prompt-learning adapter (peft's or fastpeft's) onto ``model``. Parameters in peft's order
+        (``key_mapping``: peft's rewrite of the saved keys; the others after ``config`` change nothing here).
 
         The saved ``prompt_embeddings`` become the encoder's table and are used directly (a P-tuning MLP/LSTM or a
         prefix projection is not re-created); with ``is_trainable=True`` that table trains on.
@@ -588,7 +592,7 @@ class PromptLearningPeftModel(_LoraPeftModel):
             config = MethodConfig.from_pretrained(model_id)
         config = copy.copy(config)
         config.inference_mode = not is_trainable
-        saved = read_adapter_file(model_id, allow_pickle=allow_pickle, key_mapping=kwargs.get("key_mapping"))
+        saved = read_adapter_file(model_id, allow_pickle=allow_pickle, key_mapping=key_mapping)
         peft_model = cls(model, config, adapter_name, _direct=True)
         peft_model._load_adapter_state(saved, adapter_name, f"adapter file in {os.fspath(model_id)!r}")
         if is_trainable:
