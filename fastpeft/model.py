@@ -635,7 +635,7 @@ class LoraModel(nn.Module):
                                  f"for adapter {adapter_name!r}; cannot tie {sorted(modules_to_tie)} to them")
             wrap_matching_modules(model, sorted(modules_to_tie), adapter_name, _LORA_INTERNALS,
                                   tied_module=embeddings.modules_to_save[adapter_name])
-        _wrap_trainable_tokens(model, adapter_name, token_plan)
+        _wrap_trainable_tokens(model, adapter_name, token_plan, autocast_adapter_dtype)
         self._mark_only_adapters_as_trainable()
         if not previous_active and (activate or first_adapter):
             self.set_adapter(adapter_name)
@@ -1354,18 +1354,19 @@ def _plan_trainable_tokens(model: nn.Module, config: LoraConfig, lora_keys: list
     return plan
 
 
-def _wrap_trainable_tokens(model: nn.Module, adapter_name: str,
-                           plan: list[tuple[str, list[int], str | None]]) -> None:
+def _wrap_trainable_tokens(model: nn.Module, adapter_name: str, plan: list[tuple[str, list[int], str | None]],
+                           autocast_adapter_dtype: bool = True) -> None:
     """Carry out ``_plan_trainable_tokens``: wrap (or add ``adapter_name`` to the wrapper of) each layer, then tie the
-    heads to the input embeddings' token layer."""
+    heads to the input embeddings' token layer. ``autocast_adapter_dtype``: rows of an fp16/bf16 layer in fp32."""
     for name, ids, tied_to in plan:
         module = model.get_submodule(name)
         if isinstance(module, TrainableTokensWrapper):
-            module.update(adapter_name, ids)
+            module.update(adapter_name, ids, autocast_adapter_dtype=autocast_adapter_dtype)
             continue
         tied = model.get_submodule(tied_to).token_adapter if tied_to is not None else None
         parent, child = parent_of(model, name)
-        setattr(parent, child, TrainableTokensWrapper(module, adapter_name, ids, tied_adapter=tied))
+        setattr(parent, child, TrainableTokensWrapper(module, adapter_name, ids, tied_adapter=tied,
+                                                      autocast_adapter_dtype=autocast_adapter_dtype))
 
 
 # --------------------------------------------------------------------------- target_parameters

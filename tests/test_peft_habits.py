@@ -378,7 +378,8 @@ def test_adapter_loading_parameters_in_peft_order(method):
 
 
 def _dtypes(model, adapter_name):
-    return {n: p.dtype for n, p in model.named_parameters() if f".{adapter_name}." in n}
+    return {n: p.dtype for n, p in model.named_parameters()
+            if f".{adapter_name}." in n or n.endswith(f".{adapter_name}")}
 
 
 @pytest.mark.parametrize("autocast", [True, False])
@@ -396,3 +397,64 @@ def test_add_and_load_adapter_take_autocast_adapter_dtype(tmp_path, autocast):
     assert ours[0] == theirs[0] and ours[1] == theirs[1]
     assert set(ours[0].values()) == {torch.float32 if autocast else torch.bfloat16}
     assert_same_tensors(ours[2], theirs[2])
+
+
+# --------------------------------------------------------------------------- 6. trainable-token rows in fp32
+TOKENS = {
+    "lora": lambda lib: lora(lib, target_modules=["q_proj"], trainable_token_indices=[1, 2]),
+    "standalone": lambda lib: lib.TrainableTokensConfig(token_indices=[1, 2]),
+}
+
+
+def _half_pair(config_of, dtype=torch.float16, **kwargs):
+    a, b = twin()
+    torch.manual_seed(1)
+    ours = fastpeft.get_peft_model(a.to(dtype), config_of(fastpeft), **kwargs)
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(b.to(dtype), config_of(peft), **kwargs)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("kind", list(TOKENS))
+def test_trainable_token_rows_are_fp32_on_a_half_base(tmp_path, kind):
+    ours, theirs = _half_pair(TOKENS[kind])
+    assert {n: p.dtype for n, p in ours.named_parameters()} == {n: p.dtype for n, p in theirs.named_parameters()}
+    assert {p.dtype for n, p in ours.named_parameters() if "trainable_tokens_delta" in n} == {torch.float32}
+    for model in (ours, theirs):  # what Trainer(fp16=True) does: the scaler refuses fp16 gradients
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        scaler = torch.amp.GradScaler("cpu")
+        out = model(input_ids=IDS, labels=IDS)
+        assert out.logits.dtype == torch.float16
+        scaler.scale(out.loss.float()).backward()
+        scaler.unscale_(opt)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS).logits, theirs(IDS).logits, rtol=1e-2, atol=1e-3)
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    # (the rows exactly; LoRA's A differs by peft's detour through fp16 at init, not the subject here)
+    saved_ours, saved_theirs = tensors(tmp_path / "ours"), tensors(tmp_path / "theirs")
+    assert {k: v.dtype for k, v in saved_ours.items()} == {k: v.dtype for k, v in saved_theirs.items()}
+    rows = [k for k in saved_ours if "trainable_tokens_delta" in k]
+    assert rows and all(saved_ours[k].dtype == torch.float32 for k in rows)
+    assert_same_tensors({k: saved_ours[k] for k in rows}, {k: saved_theirs[k] for k in rows})
+
+
+def test_trainable_token_rows_keep_the_dtype_without_autocast():
+    ours, theirs = _half_pair(TOKENS["lora"], dtype=torch.bfloat16, autocast_adapter_dtype=False)
+    assert {n: p.dtype for n, p in ours.named_parameters()} == {n: p.dtype for n, p in theirs.named_parameters()}
+    assert {p.dtype for n, p in ours.named_parameters() if "trainable_tokens_delta" in n} == {torch.bfloat16}
+    for autocast in (True, False):  # add_adapter's own flag decides for the new adapter
+        name = f"more{int(autocast)}"
+        ours.add_adapter(name, TOKENS["lora"](fastpeft), autocast_adapter_dtype=autocast)
+        theirs.add_adapter(name, TOKENS["lora"](peft), autocast_adapter_dtype=autocast)
+        assert _dtypes(ours, name) == _dtypes(theirs, name)
+        delta = f"base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta.{name}"
+        assert _dtypes(ours, name)[delta] == (torch.float32 if autocast else torch.bfloat16)
+    # a standalone trainable-tokens model takes it on add_adapter too
+    ours, theirs = _half_pair(TOKENS["standalone"], dtype=torch.bfloat16)
+    for model, lib in ((ours, fastpeft), (theirs, peft)):
+        model.add_adapter("kept", lib.TrainableTokensConfig(token_indices=[3]), autocast_adapter_dtype=False)
+        model.add_adapter("cast", lib.TrainableTokensConfig(token_indices=[4]))
+    delta = "base_model.model.model.embed_tokens.trainable_tokens_delta."
+    assert _dtypes(ours, "kept") == _dtypes(theirs, "kept") == {delta + "kept": torch.bfloat16}
+    assert _dtypes(ours, "cast") == _dtypes(theirs, "cast") == {delta + "cast": torch.float32}

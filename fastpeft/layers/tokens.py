@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+_UPCAST_DTYPES = (torch.float16, torch.bfloat16)  # held in fp32 with autocast_adapter_dtype (peft's rule)
+
 
 class TrainableTokensOriginals(nn.Module):
     """A name -> tensor mapping of non-persistent buffers (peft's ``BufferDict`` as the token layer uses it: the
@@ -112,9 +114,13 @@ class TrainableTokensLayer(nn.Module):
         """The wrapped layer."""
         return self.base_layer
 
-    def update_layer(self, adapter_name: str, token_indices: list[int], init_weights: bool = True) -> None:
+    def update_layer(self, adapter_name: str, token_indices: list[int], init_weights: bool = True,
+                     autocast_adapter_dtype: bool = True) -> None:
         """Add ``adapter_name`` training rows ``token_indices`` (a tied layer follows its embeddings: no-op).
-        ``init_weights=False`` draws the rows from N(0, 1) (peft's option) instead of copying the originals."""
+        ``init_weights=False`` draws the rows from N(0, 1) (peft's option) instead of copying the originals.
+        ``autocast_adapter_dtype`` (peft's, the default): on an fp16/bf16 layer the rows (and the originals kept
+        for unmerging) are held in fp32, so that an fp16 ``GradScaler`` can unscale their gradients; the forward
+        still computes in the layer's dtype."""
         if self.tied_adapter is not None:
             return
         weight = self.base_layer.weight
@@ -123,8 +129,9 @@ class TrainableTokensLayer(nn.Module):
         originals = weight.detach()[indices]
         values = originals if init_weights else torch.randn((len(indices), weight.shape[1]), dtype=weight.dtype,
                                                             device=weight.device)
-        self.trainable_tokens_delta[adapter_name] = nn.Parameter(values.clone(), requires_grad=True)
-        self.trainable_tokens_original[adapter_name] = originals.clone()
+        dtype = torch.float32 if autocast_adapter_dtype and weight.dtype in _UPCAST_DTYPES else weight.dtype
+        self.trainable_tokens_delta[adapter_name] = nn.Parameter(values.to(dtype, copy=True), requires_grad=True)
+        self.trainable_tokens_original[adapter_name] = originals.to(dtype, copy=True)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove ``adapter_name`` (its rows; a tied layer only forgets it as active)."""
@@ -216,14 +223,15 @@ class TrainableTokensWrapper(nn.Module):
         adapter_name: the first adapter.
         token_indices: its rows.
         tied_adapter: the embeddings' ``TrainableTokensLayer`` when ``module`` is a head tied to them.
-        init_weights: see ``TrainableTokensLayer.update_layer``.
+        init_weights, autocast_adapter_dtype: see ``TrainableTokensLayer.update_layer``.
     """
 
     def __init__(self, module: nn.Module, adapter_name: str, token_indices: list[int],
-                 tied_adapter: TrainableTokensLayer | None = None, init_weights: bool = True) -> None:
+                 tied_adapter: TrainableTokensLayer | None = None, init_weights: bool = True,
+                 autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
         self.token_adapter = TrainableTokensLayer(module, tied_adapter)
-        self.update(adapter_name, token_indices, init_weights)
+        self.update(adapter_name, token_indices, init_weights, autocast_adapter_dtype)
         self.token_adapter.active_adapters = [adapter_name]
 
     @property
@@ -246,10 +254,11 @@ class TrainableTokensWrapper(nn.Module):
         """The active adapter (a list of at most one name)."""
         return list(self.token_adapter.active_adapters)
 
-    def update(self, adapter_name: str, token_indices: list[int], init_weights: bool = True) -> None:
+    def update(self, adapter_name: str, token_indices: list[int], init_weights: bool = True,
+               autocast_adapter_dtype: bool = True) -> None:
         """Add ``adapter_name`` with rows ``token_indices``."""
         if adapter_name not in self.token_adapter.trainable_tokens_delta:
-            self.token_adapter.update_layer(adapter_name, token_indices, init_weights)
+            self.token_adapter.update_layer(adapter_name, token_indices, init_weights, autocast_adapter_dtype)
 
     def set_adapter(self, names: list[str], train: bool = True) -> None:
         """Make the one adapter of ``names`` held here active (trainable unless ``train=False``); several raise."""

@@ -35,9 +35,16 @@ class MultiAdapterTuner(MethodTuner):
     def _delete_from(self, layer: nn.Module, adapter_name: str) -> None:
         raise NotImplementedError
 
-    def add_adapter(self, config: MethodConfig, adapter_name: str) -> None:
-        """Add ``adapter_name`` (frozen and inactive: the active adapter does not change, as in peft)."""
-        self._apply_method(config, adapter_name)
+    _autocast_adapter_dtype = True  # what _apply_method passes on (trainable tokens: rows in fp32 on a half base)
+
+    def add_adapter(self, config: MethodConfig, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Add ``adapter_name`` (frozen and inactive: the active adapter does not change, as in peft);
+        ``autocast_adapter_dtype`` as for ``MultiAdapterPeftModel.add_adapter``."""
+        self._autocast_adapter_dtype = autocast_adapter_dtype
+        try:
+            self._apply_method(config, adapter_name)
+        finally:
+            del self._autocast_adapter_dtype
         mts = modules_to_save_for(self.model, config)
         if mts:
             config.modules_to_save = mts
@@ -86,8 +93,9 @@ class MultiAdapterPeftModel(MethodPeftModel):
     def add_adapter(self, adapter_name: str, peft_config, low_cpu_mem_usage: bool = False,
                     autocast_adapter_dtype: bool = True) -> None:
         """Add another adapter of the same method; it starts inactive and frozen (peft's ``add_adapter``).
-        ``low_cpu_mem_usage`` and ``autocast_adapter_dtype`` (peft's) are accepted; the adapter's tensors take the
-        dtype they take without them."""
+        ``autocast_adapter_dtype`` (peft's): trainable-token rows in fp32 on an fp16/bf16 embedding (the default),
+        else in its dtype (LayerNorm tuning's copies keep the layer's dtype either way, as in peft);
+        ``low_cpu_mem_usage`` is accepted."""
         from . import _coerce_config
 
         config = copy.copy(_coerce_config(peft_config))
@@ -99,7 +107,7 @@ class MultiAdapterPeftModel(MethodPeftModel):
             raise ValueError(f"invalid adapter name {adapter_name!r}")
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or choose another name")
-        self.base_model.add_adapter(config, adapter_name)
+        self.base_model.add_adapter(config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         record_base_model_name(config, self.base_model.model)
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,

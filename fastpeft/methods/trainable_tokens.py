@@ -81,7 +81,8 @@ class TrainableTokensTuner(MultiAdapterTuner):
                 layer = TokensLayer(module)
             weight = layer.base_layer.weight
             check_indices_in_range(config.token_indices, weight.shape[0], adapter_name, key)
-            layer.update_layer(adapter_name, list(config.token_indices), init_weights=config.init_weights)
+            layer.update_layer(adapter_name, list(config.token_indices), init_weights=config.init_weights,
+                               autocast_adapter_dtype=self._autocast_adapter_dtype)
             if layer is not module:
                 self.replace_module(key, layer)
         if not found:
