@@ -117,9 +117,40 @@ class ModulesToSaveWrapper(nn.Module):
         for name, module in self.modules_to_save.items():
             module.requires_grad_(train and name == adapter_name)
         self._active_adapter = adapter_name
+        self.remember_requires_grad(list(self.modules_to_save))  # while disabled: what enabling restores
+
+    _fastpeft_grad_flags = None  # {(adapter, parameter name): requires_grad} while disabled
+
+    def remember_requires_grad(self, adapter_names: list[str]) -> None:
+        """While adapters are disabled: take the named adapters' copies' current ``requires_grad`` as what
+        ``enable_adapters(True)`` restores (after ``set_adapter`` / ``set_requires_grad`` in a disabled block)."""
+        if not self._disable_adapters:
+            return
+        flags = dict(self._fastpeft_grad_flags or {})
+        for name in adapter_names:
+            if name in self.modules_to_save:
+                for pname, p in self.modules_to_save[name].named_parameters():
+                    flags[(name, pname)] = p.requires_grad
+        self._fastpeft_grad_flags = flags
 
     def enable_adapters(self, enabled: bool) -> None:
-        """``False``: run the original module instead of the adapter's copy."""
+        """``False``: run the original module instead of the adapter's copy, every copy frozen (peft's
+        ``requires_grad`` switch); ``True``: the copies train again as they did before (a copy frozen before,
+        e.g. loaded for inference, stays frozen)."""
+        if not enabled:
+            if not self._disable_adapters:
+                self._fastpeft_grad_flags = {(name, pname): p.requires_grad
+                                             for name, module in self.modules_to_save.items()
+                                             for pname, p in module.named_parameters()}
+            for module in self.modules_to_save.values():
+                module.requires_grad_(False)
+        elif self._disable_adapters:
+            flags = self._fastpeft_grad_flags or {}
+            for name, module in self.modules_to_save.items():
+                for pname, p in module.named_parameters():
+                    if (name, pname) in flags:
+                        p.requires_grad_(flags[(name, pname)])
+            self._fastpeft_grad_flags = None
         self._disable_adapters = not enabled
 
     def _current(self) -> nn.Module:
@@ -678,6 +709,7 @@ class LoraModel(nn.Module):
             for n in names:
                 if n in wrapper.modules_to_save:
                     wrapper.modules_to_save[n].requires_grad_(requires_grad)
+            wrapper.remember_requires_grad(names)
         for _, wrapper in self.token_wrappers():
             wrapper.set_requires_grad(names, requires_grad)
 

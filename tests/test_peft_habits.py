@@ -458,3 +458,61 @@ def test_trainable_token_rows_keep_the_dtype_without_autocast():
     delta = "base_model.model.model.embed_tokens.trainable_tokens_delta."
     assert _dtypes(ours, "kept") == _dtypes(theirs, "kept") == {delta + "kept": torch.bfloat16}
     assert _dtypes(ours, "cast") == _dtypes(theirs, "cast") == {delta + "cast": torch.float32}
+
+
+# --------------------------------------------------------------------------- 7. modules_to_save in disable_adapter()
+def _copies_grad(model):
+    return {n: p.requires_grad for n, p in model.named_parameters() if ".modules_to_save." in n}
+
+
+@pytest.mark.parametrize("method", ["LORA", "IA3"])
+def test_disable_adapter_freezes_modules_to_save_copies(method):
+    def config(lib):
+        if method == "IA3":
+            return lib.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
+                                 modules_to_save=["lm_head"])
+        return lora(lib, modules_to_save=["lm_head"])
+
+    ours, theirs = both(config)
+    if method == "LORA":  # a second adapter with its own, inactive copy
+        for model, lib in ((ours, fastpeft), (theirs, peft)):
+            model.add_adapter("other", lora(lib, modules_to_save=["lm_head"]))
+    before = _copies_grad(ours)
+    assert before == _copies_grad(theirs) and any(before.values())
+    for model in (ours, theirs):
+        with model.disable_adapter():
+            assert not any(_copies_grad(model).values()), type(model).__module__
+        assert _copies_grad(model) == before, type(model).__module__
+
+
+def test_modules_to_save_trainability_after_changes_inside_disable_adapter():
+    ours, theirs = both(lambda lib: lora(lib, modules_to_save=["lm_head"]))
+    seen = {}
+    for model, lib in ((ours, fastpeft), (theirs, peft)):
+        model.add_adapter("other", lora(lib, modules_to_save=["lm_head"]))
+        with model.disable_adapter():
+            assert not any(_copies_grad(model).values())
+            model.set_adapter("other")  # as peft: the newly active copy trains (now and after the block)
+            inside = _copies_grad(model)
+        seen[lib.__name__] = (inside, _copies_grad(model))
+    assert seen["fastpeft"] == seen["peft"]
+    after = seen["fastpeft"][1]
+    assert after["base_model.model.lm_head.modules_to_save.other.weight"]
+    assert not after["base_model.model.lm_head.modules_to_save.default.weight"]
+
+
+def test_disable_adapter_never_makes_a_frozen_copy_trainable(tmp_path):
+    ours, _ = both(lambda lib: lora(lib, modules_to_save=["lm_head"]))
+    ours.save_pretrained(tmp_path)
+    loaded = fastpeft.PeftModel.from_pretrained(twin()[0], tmp_path)  # is_trainable=False
+    assert _copies_grad(loaded) and not any(_copies_grad(loaded).values())
+    with loaded.disable_adapter():
+        pass
+    assert not any(_copies_grad(loaded).values())
+    assert loaded.get_nb_trainable_parameters()[0] == 0
+    # loaded for training, the copy is frozen inside the block only (as peft)
+    for lib in (fastpeft, peft):
+        trainable = lib.PeftModel.from_pretrained(twin()[0], tmp_path, is_trainable=True)
+        with trainable.disable_adapter():
+            assert not any(_copies_grad(trainable).values()), lib.__name__
+        assert all(_copies_grad(trainable).values()), lib.__name__

@@ -420,6 +420,7 @@ class MethodTuner(nn.Module):
             for name in names:
                 if name in wrapper.modules_to_save:
                     wrapper.modules_to_save[name].requires_grad_(requires_grad)
+            wrapper.remember_requires_grad(names)
 
     supports_disable = True  # False: the method trains the base model's own parameters in place
     method_label = "this method"  # the method's name in error messages
