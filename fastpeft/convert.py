@@ -18,6 +18,7 @@ from torch import nn
 from .layers.lora import FastLoraLinear, _base_shape, _has_own_forward
 from .layers.lora_init import mutates_base
 from .model import ModulesToSaveWrapper, PeftModel, _is_linear4bit, parent_of
+from .quant import Linear4bit as FastQuantLinear4bit
 
 
 def _register_with_peft() -> None:
@@ -180,6 +181,19 @@ def _fastpeft_to_peft(model: PeftModel) -> nn.Module:
 
     from .save import adapter_state_dict
 
+    # fastpeft's own 4-bit layers (quantize_model) become bitsandbytes' Linear4bit over the same bytes, which peft
+    # wraps; int4 has no bitsandbytes form: refused, like a missing bitsandbytes, before anything changes
+    quantized = [(n, m) for n, m in model.base_model.model.named_modules() if isinstance(m, FastQuantLinear4bit)]
+    int4 = [n for n, m in quantized if m.quant_type == "int4"]
+    if int4:
+        raise ValueError(f"to_peft: {len(int4)} layer(s) hold fastpeft's group-wise int4 weights ({int4[:3]}), which "
+                         "peft cannot hold (bitsandbytes has NF4/FP4 only); the model is unchanged")
+    if quantized:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as err:
+            raise ImportError("to_peft on a model with 4-bit layers needs bitsandbytes (peft's 4-bit LoRA layers wrap "
+                              "bitsandbytes.nn.Linear4bit); the model is unchanged") from err
     configs = {n: copy.deepcopy(c) for n, c in model.peft_config.items()}
     # (the base embedding weights stay where they are: the same model goes under peft's wrapper)
     states = {n: adapter_state_dict(model, n, save_embedding_layers=False) for n in configs}
@@ -192,6 +206,9 @@ def _fastpeft_to_peft(model: PeftModel) -> nn.Module:
     base = model.unload()
     for wrapper_parent in [n for n, m in base.named_modules() if isinstance(m, ModulesToSaveWrapper)]:
         raise RuntimeError(f"unexpected modules_to_save wrapper left at {wrapper_parent}")
+    for key, module in [(n, m) for n, m in base.named_modules() if isinstance(m, FastQuantLinear4bit)]:
+        parent, child = parent_of(base, key)
+        setattr(parent, child, module.to_bnb())  # (the same packed bytes and statistics, no copy)
     out = None
     for name, cfg in configs.items():
         d = cfg.to_dict()

@@ -851,6 +851,11 @@ class Linear4bit(nn.Module):
         self.compress_statistics = state.nested
         self.quant_state = state
         packed = state_dict.get(prefix + "weight")
+        if packed is not None and packed.dtype != torch.uint8 and kind != "int4":
+            # bitsandbytes' quant_storage (bf16 for FSDP-QLoRA, …): the same bytes, held here as uint8, so that no
+            # dtype cast (.float(), prepare_model_for_kbit_training's upcast) can turn them into other bytes
+            packed = state_dict[prefix + "weight"] = packed.detach().contiguous().reshape(-1).view(torch.uint8) \
+                .reshape(-1, 1)
         if packed is not None:  # a fresh parameter receives the bytes: an error below puts the old one back
             self.weight = nn.Parameter(torch.empty_like(packed, device=dev), requires_grad=False)
         self.weight.quant_state = state
@@ -964,20 +969,33 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", blocksize: int = 6
 
 
 def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
-                                    gradient_checkpointing_kwargs: dict | None = None) -> nn.Module:
+                                    gradient_checkpointing_kwargs: dict | None = None,
+                                    auto_clear_cache: bool = True) -> nn.Module:
     """peft's ``prepare_model_for_kbit_training`` for a model with 4-bit layers; returns ``model``.
 
     Freezes every parameter, casts fp16/bf16 parameters that are not 4-bit (norms, embeddings, the
-    head) to fp32, and with ``use_gradient_checkpointing`` makes the input embeddings' output require
+    head) to fp32 (not on models quantized by GPTQ, AQLM, EETQ, HQQ or torchao, as peft), and — on a k-bit
+    model only (transformers' ``is_loaded_in_4bit`` / ``is_loaded_in_8bit``, set by :func:`quantize_model` too, or
+    one of those methods), as peft — with ``use_gradient_checkpointing`` makes the input embeddings' output require
     grad (reentrant checkpointing needs a differentiable input) and turns checkpointing on.
+    ``auto_clear_cache``: empty the CUDA allocator's cache after the casts (peft's argument).
     """
     gc_kwargs = dict(gradient_checkpointing_kwargs or {})
+    method = getattr(model, "quantization_method", None)
+    method = getattr(method, "value", method)
+    other_method = method in ("gptq", "aqlm", "eetq", "hqq", "torchao") or getattr(model, "hqq_quantized", False)
+    kbit = bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
     for param in model.parameters():
         param.requires_grad_(False)
-    for param in model.parameters():
-        if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":
-            param.data = param.data.to(torch.float32)
-    if use_gradient_checkpointing:
+    if not other_method:
+        packed = {id(m.weight) for m in model.modules() if isinstance(m, Linear4bit)}  # (bytes, whatever dtype)
+        for param in model.parameters():
+            if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit" \
+                    and id(param) not in packed:
+                param.data = param.data.to(torch.float32)
+        if auto_clear_cache and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if use_gradient_checkpointing and (kbit or other_method):
         if gc_kwargs.get("use_reentrant", True):
             if hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
