@@ -1,6 +1,8 @@
 """peft users' habits that fastpeft must honour as peft 0.21.2 does, each compared against peft itself on tiny
 models with identical weights: positional arguments (``save_pretrained(d, False)``, ``model(ids, mask, None,
-labels)``), ..."""
+labels)``), ``key_mapping`` when loading, ``save_embedding_layers`` after ``resize_token_embeddings``, nested
+``disable_adapter()``, ``autocast_adapter_dtype`` on ``add_adapter`` / ``load_adapter``, trainable-token rows in
+fp32 on half-precision bases, and the ``modules_to_save`` copies' ``requires_grad`` inside ``disable_adapter()``."""
 
 from __future__ import annotations
 
