@@ -1821,8 +1821,8 @@ class _ForwardDescriptor:
 # --------------------------------------------------------------------------- the user-facing wrapper
 def count_parameters(module: nn.Module) -> tuple[int, int]:
     """(trainable, all) parameter counts of ``module``, counted as peft counts them: a packed 4-bit weight
-    (bitsandbytes' ``Params4bit``) as the number of 4-bit values it holds, a DeepSpeed-partitioned one by its
-    ``ds_numel``."""
+    (bitsandbytes' ``Params4bit``, and fastpeft's own ``quant.Linear4bit`` bytes, which carry a ``quant_state``) as
+    the number of 4-bit values it holds, a DeepSpeed-partitioned one by its ``ds_numel``."""
     trainable, total = 0, 0
     for param in module.parameters():
         n = param.numel()
@@ -1834,6 +1834,8 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
             else:
                 storage = getattr(param, "quant_storage", None)
                 n *= 2 * (torch.empty(0, dtype=storage).element_size() if storage is not None else 1)
+        elif param.dtype == torch.uint8 and getattr(param, "quant_state", None) is not None:
+            n *= 2  # fastpeft's packed NF4/FP4/int4 bytes: two 4-bit values each
         total += n
         if param.requires_grad:
             trainable += n

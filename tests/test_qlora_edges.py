@@ -115,3 +115,16 @@ def test_prepare_model_for_kbit_training_conditions_like_peft():
     fastpeft.prepare_model_for_kbit_training(quantized)
     assert quantized.is_gradient_checkpointing
     assert {p.dtype for p in quantized.parameters() if p.is_floating_point()} == {torch.float32}
+
+
+def test_parameter_counts_of_fastpeft_quantized_models_like_peft():
+    """get_nb_trainable_parameters counts fastpeft's packed 4-bit bytes as two values each, as peft counts
+    bitsandbytes' Params4bit: the same (trainable, all) on a fastpeft- and a bitsandbytes-quantized twin, and
+    the same as peft's count on the latter."""
+    config = dict(r=4, target_modules=["q_proj", "v_proj"])
+    ours = fastpeft.get_peft_model(fastpeft.quantize_model(_llama(), progressbar=False), fastpeft.LoraConfig(**config))
+    on_bnb = fastpeft.quantize_model(_llama(), backend="bitsandbytes", progressbar=False)
+    theirs = peft.get_peft_model(on_bnb, peft.LoraConfig(**config))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    trainable, total = ours.get_nb_trainable_parameters()
+    assert total == sum(p.numel() for p in _llama().parameters()) + trainable  # every 4-bit value counted once
