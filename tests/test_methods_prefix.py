@@ -88,6 +88,10 @@ def test_generate_causal(factory):
     ids = batch(factory, labels=False, mask=False)["input_ids"]
     out = ours.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
     assert out.shape == (2, 12) and torch.equal(out, greedy_reference(ours, ids))
+    # without the cache every step starts from a fresh prefix (Llama hands the grown cache back even then)
+    no_cache = ours.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                             use_cache=False)
+    assert torch.equal(no_cache, out)
 
 
 def test_generate_seq2seq():

@@ -64,6 +64,7 @@ class PromptEmbedding(nn.Module):
             self.embedding.weight = nn.Parameter(rows)
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        """The virtual tokens' embeddings for ``indices`` (virtual-token positions)."""
         return self.embedding(indices)
 
 
@@ -108,6 +109,7 @@ class PromptEncoder(nn.Module):
                                           nn.Linear(hidden, dim))
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        """The virtual tokens' embeddings for ``indices``, re-parametrized by the MLP or LSTM head."""
         x = self.embedding(indices)
         if self.encoder_type == "LSTM":
             return self.mlp_head(self.lstm_head(x)[0])
@@ -137,6 +139,7 @@ class PrefixEncoder(nn.Module):
                 nn.init.zeros_(self.embedding.weight)
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        """Every layer's keys and values (flattened) for the virtual tokens ``indices``."""
         x = self.embedding(indices)
         return self.transform(x) if self.prefix_projection else x
 
@@ -533,7 +536,9 @@ class PromptLearningPeftModel(_LoraPeftModel):
                 if inputs.get("position_ids") is not None:
                     inputs["position_ids"] = inputs["position_ids"] + n if self._is_prefix else None
             if self._is_prefix:
-                if first:
+                # without caching every step sees the whole sequence again: the prefix starts afresh each time (a
+                # model such as Llama hands back the cache it was given, grown by the step, even with use_cache=False)
+                if first or inputs.get("use_cache", kwargs.get("use_cache")) is False:
                     key = "cache" if "cache" in inputs or "cache" in kwargs else "past_key_values"
                     inputs[key] = self._prefix_cache(batch_size)
             elif first:
