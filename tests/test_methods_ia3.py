@@ -84,3 +84,30 @@ def test_ia3_merge_unmerge_disable_like_peft(factory):
             if "ia3_l" in name:
                 p.copy_(torch.rand_like(p) + 0.5), theirs_params[name].copy_(p)
     check_merge_unmerge_like_peft(ours, theirs, fresh(factory, state), batch(factory, labels=False), IA3Linear)
+
+
+@pytest.mark.parametrize("method", ["ia3", "adalora"])
+def test_merge_and_unload_takes_peft_arguments(method, capsys):
+    """merge_and_unload(progressbar, safe_merge, adapter_names) as peft's: a NaN in the adapter raises under
+    safe_merge in both libraries (fastpeft used to drop the arguments and write the NaN); without it both merge;
+    the progress bar shows."""
+    def make(lib):
+        torch.manual_seed(0)
+        cfg = (lib.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
+                             task_type="CAUSAL_LM") if method == "ia3" else
+               lib.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj"],
+                                 task_type="CAUSAL_LM"))
+        model = lib.get_peft_model(llama().eval(), cfg)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ("ia3_l" in name or "lora_A" in name) and "layers.0." in name:
+                    p.view(-1)[0] = float("nan")
+        return model
+
+    for lib in (peft, fastpeft):
+        with pytest.raises(ValueError, match="NaNs detected in the merged weights"):
+            make(lib).merge_and_unload(safe_merge=True)
+        merged = make(lib).merge_and_unload(progressbar=lib is fastpeft, adapter_names=["default"])
+        assert not torch.isfinite(merged.model.layers[0].mlp.down_proj.weight if method == "ia3"
+                                  else merged.model.layers[0].self_attn.q_proj.weight).all()
+    assert "Unloading and merging model" in capsys.readouterr().err

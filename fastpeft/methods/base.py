@@ -327,9 +327,12 @@ class MethodTuner(nn.Module):
         parent, child = parent_of(self.model, key)
         setattr(parent, child, new)
 
-    def merge_and_unload(self) -> nn.Module:
-        """Merge each layer into its base (where the method allows) and return the plain model."""
-        return self._unload(merge=True)
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge each layer into its base (where the method allows) and return the plain model; peft's arguments:
+        ``safe_merge`` checks each merged weight for NaN/inf before writing it (a ValueError, nothing written to that
+        layer), ``adapter_names`` the adapters to merge (default: the active one), ``progressbar`` a tqdm bar."""
+        return self._unload(merge=True, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
         """Return the plain model with the method's layers removed (not merged)."""
@@ -341,7 +344,8 @@ class MethodTuner(nn.Module):
             "and does not keep their original values, so the base model cannot be restored from this model (load "
             "the base model again for that); merge_and_unload() returns the trained model")
 
-    def _unload(self, merge: bool) -> nn.Module:
+    def _unload(self, merge: bool, progressbar: bool = False, safe_merge: bool = False,
+                adapter_names: list[str] | None = None) -> nn.Module:
         if not self.supports_disable:
             if not merge:
                 raise self._in_place_error("unload()")
@@ -349,9 +353,14 @@ class MethodTuner(nn.Module):
             for key, wrapper in list(self.modules_to_save_wrappers()):
                 self.replace_module(key, wrapper._current())
             return self.model
-        for key, layer in list(self.adapter_layers()):
+        layers = list(self.adapter_layers())
+        if progressbar:
+            from tqdm.auto import tqdm
+
+            layers = tqdm(layers, desc="Unloading " + ("and merging " if merge else "") + "model")
+        for key, layer in layers:
             if merge and not layer.merged:
-                layer.merge()
+                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
             self.replace_module(key, layer.base_layer)
         for key, wrapper in list(self.modules_to_save_wrappers()):
             self.replace_module(key, wrapper._current() if merge else wrapper.original_module)
@@ -494,11 +503,13 @@ class MethodPeftModel(_LoraPeftModel):
         """Not supported (use ``unload``-free: build the base model again)."""
         raise NotImplementedError(f"{type(self).__name__} cannot delete its only adapter")
 
-    def merge_and_unload(self, *args, **kwargs) -> nn.Module:
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
         """Merge the method into the base weights where it can be (IA3, AdaLoRA) and return the plain model
         (BitFit, Freeze: the model with its trained parameters, which are its own; bottleneck adapters cannot be
-        merged)."""
-        return self.base_model.merge_and_unload()
+        merged). peft's arguments: ``safe_merge`` (NaN/inf check before writing), ``adapter_names``, ``progressbar``."""
+        return self.base_model.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge,
+                                                adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
         """Remove the method's layers without merging and return the plain transformers model."""

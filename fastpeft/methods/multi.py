@@ -53,8 +53,10 @@ class MultiAdapterTuner(MethodTuner):
         self.set_adapter(self.active_adapter, inference_mode=bool(self.peft_config[self.active_adapter]
                                                                   .inference_mode))
 
-    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        """Merge ``adapter_names`` (default: the active adapter) into every layer and return the plain model."""
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge ``adapter_names`` (default: the active adapter) into every layer and return the plain model
+        (``progressbar``: peft's argument, accepted; the layers are few)."""
         for key, layer in list(self.adapter_layers()):
             if not layer.merged:
                 layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
@@ -114,7 +116,8 @@ class MultiAdapterPeftModel(MethodPeftModel):
                          adapter_names: list[str] | None = None) -> nn.Module:
         """Merge ``adapter_names`` (default: the active adapter) into the base layers and return the plain
         transformers model (peft's arguments; ``progressbar`` is accepted and ignored)."""
-        return self.base_model.merge_and_unload(safe_merge=safe_merge, adapter_names=adapter_names)
+        return self.base_model.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge,
+                                                adapter_names=adapter_names)
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         """Make ``adapter_name`` active (one at a time): its weights train unless ``inference_mode=True``."""
