@@ -111,3 +111,87 @@ def test_merge_and_unload_takes_peft_arguments(method, capsys):
         assert not torch.isfinite(merged.model.layers[0].mlp.down_proj.weight if method == "ia3"
                                   else merged.model.layers[0].self_attn.q_proj.weight).all()
     assert "Unloading and merging model" in capsys.readouterr().err
+
+
+def _two_adapter_models():
+    """peft and fastpeft IA3 models on identical Llamas with adapters 'default' (k/down) and 'b' (v/down, random
+    vectors copied from fastpeft's into peft's)."""
+    models = {}
+    for lib in (peft, fastpeft):
+        torch.manual_seed(0)
+        model = lib.get_peft_model(llama().eval(), lib.IA3Config(
+            target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"], task_type="CAUSAL_LM"))
+        model.add_adapter("b", lib.IA3Config(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                                             task_type="CAUSAL_LM", init_ia3_weights=False))
+        models[lib] = model
+    ours = {k: v for k, v in models[fastpeft].state_dict().items() if "ia3_l" in k}
+    theirs = models[peft].state_dict()
+    assert sorted(ours) == sorted(k for k in theirs if "ia3_l" in k)
+    with torch.no_grad():
+        for key, value in ours.items():
+            theirs[key].copy_(value)
+    return models
+
+
+def _trainable_names(model):
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_several_ia3_adapters_like_peft(tmp_path):
+    """add_adapter / set_adapter / delete_adapter with two IA3 adapters (one layer shared, one each): the same
+    outputs and trainable parameters as peft's for each active adapter, peft's folder layout, files that load into
+    either library with the same outputs, and a merge of the active adapter only."""
+    models = _two_adapter_models()
+    ids = batch(llama, labels=False, mask=False)["input_ids"]
+    outs = {}
+    for name in ("default", "b", "default"):
+        for lib in (peft, fastpeft):
+            models[lib].set_adapter(name)
+            with torch.no_grad():
+                outs[lib] = models[lib](input_ids=ids).logits
+        torch.testing.assert_close(outs[fastpeft], outs[peft])
+        assert _trainable_names(models[fastpeft]) == _trainable_names(models[peft])
+    for lib in (peft, fastpeft):
+        models[lib].set_adapter("b")
+        models[lib].save_pretrained(tmp_path / lib.__name__)
+    with torch.no_grad():
+        ref = models[peft](input_ids=ids).logits
+    for src in (peft, fastpeft):
+        assert sorted(p.name for p in (tmp_path / src.__name__).iterdir()) == \
+            ["README.md", "adapter_config.json", "adapter_model.safetensors", "b"]
+        for lib in (peft, fastpeft):
+            loaded = lib.PeftModel.from_pretrained(llama_twin(), tmp_path / src.__name__)
+            loaded.load_adapter(tmp_path / src.__name__ / "b", adapter_name="b")
+            loaded.set_adapter("b")
+            with torch.no_grad():
+                torch.testing.assert_close(loaded(input_ids=ids).logits, ref, msg=f"{src.__name__}->{lib.__name__}")
+    merged = models[fastpeft].merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, ref, atol=1e-5, rtol=1e-5)
+    models[peft].delete_adapter("b")
+    ours = _two_adapter_models()[fastpeft]
+    ours.delete_adapter("b")
+    assert list(ours.peft_config) == ["default"] and ours.active_adapter == "default"
+    assert not any(n.endswith(".b") for n, _ in ours.named_parameters())
+    assert _trainable_names(ours) == _trainable_names(models[peft])
+
+
+def llama_twin():
+    torch.manual_seed(0)
+    return llama().eval()
+
+
+def test_ia3_vectors_frozen_inside_disable_adapter():
+    """Inside disable_adapter() the IA3 vectors are frozen, as peft's (no optimizer built there sees them), and
+    come back as they were after; an adapter loaded for inference stays frozen."""
+    models = _two_adapter_models()
+    for lib in (peft, fastpeft):
+        before = models[lib].get_nb_trainable_parameters()
+        with models[lib].disable_adapter():
+            assert models[lib].get_nb_trainable_parameters()[0] == 0
+        assert models[lib].get_nb_trainable_parameters() == before
+    ours = models[fastpeft]
+    ours.set_requires_grad("default", False)
+    with ours.disable_adapter():
+        pass
+    assert ours.get_nb_trainable_parameters()[0] == 0

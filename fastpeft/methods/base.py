@@ -301,11 +301,12 @@ class MethodTuner(nn.Module):
                              f"{model_type!r}; pass {pass_what}")
         return sorted(table[model_type])
 
-    def linear_targets(self, config: MethodConfig, method: str,
-                       keep: Callable[[str], bool] | None = None) -> Iterator[tuple[str, nn.Module]]:
+    def linear_targets(self, config: MethodConfig, method: str, keep: Callable[[str], bool] | None = None,
+                       layer_cls: type | None = None) -> Iterator[tuple[str, nn.Module]]:
         """(name, module) for each candidate that ``config.target_modules`` names, ``config.exclude_modules`` does
         not and ``keep`` (if given) accepts, one at a time (the caller may replace each before the next); a targeted
-        module that is not linear raises ``ValueError``, and so does finding none (after the last)."""
+        module that is not linear (nor a ``layer_cls`` layer, adapted already by another adapter) raises
+        ``ValueError``, and so does finding none (after the last)."""
         found = False
         for key in self.candidate_names():
             if not matches(config.target_modules, key) or matches(config.exclude_modules, key):
@@ -313,7 +314,8 @@ class MethodTuner(nn.Module):
             if keep is not None and not keep(key):
                 continue
             module = self.model.get_submodule(key)
-            if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+            if not (isinstance(module, nn.Linear) or is_conv1d(module)
+                    or (layer_cls is not None and isinstance(module, layer_cls))):
                 raise ValueError(f"Target module {key!r} ({type(module).__name__}) is not supported: fastpeft's "
                                  f"{method} adapts nn.Linear and transformers' Conv1D")
             found = True
@@ -396,15 +398,29 @@ class MethodTuner(nn.Module):
             if layer.merged:
                 layer.unmerge()
 
+    def _adapter_params(self) -> list[nn.Parameter]:
+        return [p for _, layer in self.adapter_layers() for pname in layer.adapter_param_names
+                for p in getattr(layer, pname).parameters()]
+
     def enable_adapter_layers(self) -> None:
+        """Switch the method's layers back on; their weights' trainability comes back as it was before
+        :meth:`disable_adapter_layers` (an adapter loaded for inference stays frozen)."""
         for _, layer in self.adapter_layers():
             layer.disable_adapters = False
+        for p, flag in self.__dict__.pop("_grad_flags_before_disable", ()):
+            p.requires_grad_(flag)
         for _, wrapper in self.modules_to_save_wrappers():
             wrapper.enable_adapters(True)
 
     def disable_adapter_layers(self) -> None:
+        """Run the base model alone; as in peft the method's weights are frozen meanwhile."""
         if not self.supports_disable:
             raise self._in_place_error("disable_adapter()")
+        if "_grad_flags_before_disable" not in self.__dict__:
+            params = self._adapter_params()
+            self._grad_flags_before_disable = [(p, p.requires_grad) for p in params]
+            for p in params:
+                p.requires_grad_(False)
         for _, layer in self.adapter_layers():
             layer.disable_adapters = True
         for _, wrapper in self.modules_to_save_wrappers():
@@ -441,7 +457,8 @@ class MethodTuner(nn.Module):
 
 # --------------------------------------------------------------------------- the user-facing wrapper
 class MethodPeftModel(_LoraPeftModel):
-    """fastpeft's ``PeftModel`` for the non-LoRA layer methods (IA3, AdaLoRA, bottleneck, BitFit, Freeze).
+    """fastpeft's ``PeftModel`` for the non-LoRA layer methods (AdaLoRA, bottleneck, BitFit, Freeze; IA3 through
+    ``MultiAdapterPeftModel``).
 
     Same API as :class:`fastpeft.PeftModel` (``print_trainable_parameters``, ``save_pretrained``,
     ``from_pretrained``, ``disable_adapter``, ``generate``); one adapter per model.

@@ -3,6 +3,10 @@
 A targeted linear layer ``y = W x + b`` becomes ``y = l ⊙ (W x + b)`` (``ia3_l`` of shape (out, 1)), or, for a
 ``feedforward_modules`` target, ``y = W (l ⊙ x) + b`` (``ia3_l`` of shape (1, in)). Parameters are named
 ``<path>.ia3_l.<adapter>`` and saved as ``<path>.ia3_l``, exactly as peft.
+
+Several adapters per model (peft's ``add_adapter`` / ``set_adapter`` / ``delete_adapter`` / ``load_adapter``; one active
+at a time, saved as ``<folder>/<name>``): a layer holds one vector per adapter; whether it scales inputs or outputs
+is fixed by the first adapter that targets it (as in peft; a later config saying otherwise gets a warning).
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import warnings
 import torch
 from torch import nn
 
-from .base import AdapterLayer, MethodPeftModel, MethodTuner, is_conv1d, linear_features
+from .base import AdapterLayer, is_conv1d, linear_features
 from .configs import IA3Config
+from .multi import MultiAdapterPeftModel, MultiAdapterTuner
 
 # peft's defaults (TRANSFORMERS_MODELS_TO_IA3_*_MAPPING) for the model types fastpeft is tested on and kin.
 IA3_TARGETS = {
@@ -49,11 +54,25 @@ class IA3Linear(AdapterLayer):
         self.is_feedforward = is_feedforward
         self.fan_in_fan_out = is_conv1d(base_layer)
         self.ia3_l = nn.ParameterDict()
-        shape = (1, self.in_features) if is_feedforward else (self.out_features, 1)
-        weight = torch.ones(shape) if init_weights else torch.randn(shape)
-        dev = base_layer.weight.device
-        self.ia3_l[adapter_name] = nn.Parameter(weight.to(dev))
+        self.update_layer(adapter_name, init_weights)
         self.set_adapter(adapter_name)
+
+    def update_layer(self, adapter_name: str, init_weights: bool = True) -> None:
+        """Add adapter ``adapter_name``'s vector: ones (the identity) with ``init_weights``, else random."""
+        shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
+        weight = torch.ones(shape) if init_weights else torch.randn(shape)
+        self.ia3_l[adapter_name] = nn.Parameter(weight.to(self.base_layer.weight.device))
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove ``adapter_name``'s vector; merged, it comes out of the base first (the other merged adapters go
+        back in after)."""
+        if adapter_name in self.merged_adapters:
+            others = [n for n in self.merged_adapters if n != adapter_name]
+            self.unmerge()
+            if others:
+                self.merge(adapter_names=others)
+        if adapter_name in self.ia3_l:
+            del self.ia3_l[adapter_name]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self._base_forward(x, *args, **kwargs)
@@ -95,8 +114,9 @@ class IA3Linear(AdapterLayer):
             b.copy_(b / (self.ia3_l[adapter_name].detach().reshape(b.shape) + 1e-8))
 
 
-class IA3Tuner(MethodTuner):
-    """``base_model`` of an (IA)³ model: injects :class:`IA3Linear` into the targeted layers."""
+class IA3Tuner(MultiAdapterTuner):
+    """``base_model`` of an (IA)³ model: injects :class:`IA3Linear` into the targeted layers (a layer adapted
+    already gets the new adapter's vector beside the others)."""
 
     def _apply_method(self, config: IA3Config, adapter_name: str) -> None:
         if config.target_modules is None:
@@ -105,17 +125,32 @@ class IA3Tuner(MethodTuner):
         if config.feedforward_modules is None:
             config.feedforward_modules = self.model_type_default(IA3_FEEDFORWARD, "feedforward_modules", "IA3",
                                                                  "feedforward_modules")
-        for key, module in self.linear_targets(config, "IA3"):
+        for key, module in self.linear_targets(config, "IA3", layer_cls=IA3Linear):
+            ff = config.feedforward_modules
+            is_ff = bool(re.fullmatch(ff, key)) if isinstance(ff, str) else any(key.endswith(t) for t in ff)
+            if isinstance(module, IA3Linear):
+                if is_ff != module.is_feedforward:
+                    warnings.warn(f"{key!r} already scales its {'inputs' if module.is_feedforward else 'outputs'} "
+                                  f"for another adapter; adapter {adapter_name!r} does the same there (as in peft)",
+                                  stacklevel=4)
+                module.update_layer(adapter_name, config.init_ia3_weights)
+                continue
             if is_conv1d(module) != config.fan_in_fan_out:
                 warnings.warn(f"fan_in_fan_out={config.fan_in_fan_out} but {key!r} is {type(module).__name__}; "
                               f"using fan_in_fan_out={is_conv1d(module)}", stacklevel=4)
                 config.fan_in_fan_out = is_conv1d(module)
-            ff = config.feedforward_modules
-            is_ff = bool(re.fullmatch(ff, key)) if isinstance(ff, str) else any(key.endswith(t) for t in ff)
             self.replace_module(key, IA3Linear(module, adapter_name, is_ff, config.init_ia3_weights))
 
+    def _activate(self, layer: IA3Linear, adapter_name: str, train: bool) -> None:
+        layer.set_adapter(adapter_name)
+        if not train:
+            layer.ia3_l.requires_grad_(False)
 
-class IA3PeftModel(MethodPeftModel):
+    def _delete_from(self, layer: IA3Linear, adapter_name: str) -> None:
+        layer.delete_adapter(adapter_name)
+
+
+class IA3PeftModel(MultiAdapterPeftModel):
     """A transformers model with (IA)³ vectors, peft's ``PeftModel`` layout and saved format."""
 
     tuner_class = IA3Tuner

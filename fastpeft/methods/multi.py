@@ -1,4 +1,4 @@
-"""Several adapters in one model, for the methods that allow it here (standalone trainable tokens, LayerNorm
+"""Several adapters in one model, for the methods that allow it here ((IA)³, standalone trainable tokens, LayerNorm
 tuning): peft's ``add_adapter`` / ``set_adapter`` / ``delete_adapter`` / ``load_adapter`` and ``save_pretrained``
 writing ``"default"`` to the folder and every other adapter to ``<folder>/<name>`` (peft's layout).
 
@@ -56,8 +56,13 @@ class MultiAdapterTuner(MethodTuner):
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: list[str] | None = None) -> nn.Module:
         """Merge ``adapter_names`` (default: the active adapter) into every layer and return the plain model
-        (``progressbar``: peft's argument, accepted; the layers are few)."""
-        for key, layer in list(self.adapter_layers()):
+        (``progressbar``: a tqdm bar over the layers)."""
+        layers = list(self.adapter_layers())
+        if progressbar:
+            from tqdm.auto import tqdm
+
+            layers = tqdm(layers, desc="Unloading and merging model")
+        for key, layer in layers:
             if not layer.merged:
                 layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
             self.replace_module(key, layer.base_layer)
@@ -115,7 +120,7 @@ class MultiAdapterPeftModel(MethodPeftModel):
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: list[str] | None = None) -> nn.Module:
         """Merge ``adapter_names`` (default: the active adapter) into the base layers and return the plain
-        transformers model (peft's arguments; ``progressbar`` is accepted and ignored)."""
+        transformers model (peft's arguments)."""
         return self.base_model.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge,
                                                 adapter_names=adapter_names)
 
