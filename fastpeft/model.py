@@ -1618,9 +1618,13 @@ def _checked_adapter_names(model: nn.Module, adapter_names: list[str], repeat: i
     """``adapter_names`` checked against the whole model (peft's checks: a list of str naming adapters some layer
     holds, no DoRA adapter among them; none at all on a model with trainable tokens or ``target_parameters``), each
     repeated ``repeat`` times; ``.unexpanded`` holds them as given (an encoder's input during beam search)."""
+    if not isinstance(adapter_names, (str, list, tuple)) and hasattr(adapter_names, "__len__") \
+            and hasattr(adapter_names, "__iter__"):
+        adapter_names = list(adapter_names)  # a numpy array of names, say (peft takes one too)
     if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)) \
             or not all(isinstance(n, str) for n in adapter_names):
         raise TypeError(f"adapter_names must be a list of adapter names (str), got {adapter_names!r}")
+    adapter_names = [str(n) for n in adapter_names]  # (numpy's str_ as plain str)
     layers = [m for m in model.modules() if isinstance(m, _LORA_LAYERS)]
     if any(isinstance(m, TrainableTokensWrapper) for m in model.modules()):
         raise ValueError("fastpeft does not support mixed adapter batches (adapter_names) on a model with "
@@ -1884,9 +1888,12 @@ class PeftModel(nn.Module):
         aLoRA adapters act from their invocation in the prompt onward (offsets found in ``input_ids``, or
         ``alora_offsets=`` given), on every generated token; beam search is refused with them, as in peft."""
         model = self.base_model.model
-        expand = _generate_expand(model, kwargs)
+        settings = kwargs
+        if len(args) > 1 and "generation_config" not in kwargs:  # generate(inputs, generation_config, ...)
+            settings = {**kwargs, "generation_config": args[1]}
+        expand = _generate_expand(model, settings)
         offsets = alora_offsets_for_call(self.peft_config, self.active_adapters, args, kwargs, adapter_names)
-        if offsets is not None and _generate_setting(model, kwargs, "num_beams") > 1:  # peft's refusal
+        if offsets is not None and _generate_setting(model, settings, "num_beams") > 1:  # peft's refusal
             raise ValueError("Beam search not yet supported for aLoRA.")
         with mixed_adapter_batch(model, adapter_names, expand, alora_offsets=offsets):
             return model.generate(*args, **kwargs)

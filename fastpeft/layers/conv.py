@@ -347,7 +347,8 @@ class FastLoraConv(AdapterSwitches, MergeMath, nn.Module):
             A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
             delta = B(A(drop(x.index_select(0, rows).to(A.weight.dtype)))) * self.scaling[name]
             # each sample's sum in the wider dtype, rounded once to the base's (the samples are disjoint)
-            out = out.to(torch.promote_types(out.dtype, delta.dtype)).index_add(0, rows, delta)
+            wide = torch.promote_types(out.dtype, delta.dtype)  # (under autocast the delta may be the narrower)
+            out = out.to(wide).index_add(0, rows, delta.to(wide))
         return out.to(y.dtype)
 
     def extra_repr(self) -> str:

@@ -265,7 +265,8 @@ class FastLoraEmbedding(AdapterSwitches, nn.Module):
             rows = torch.tensor([i for i, n in enumerate(names) if n == name], dtype=torch.long, device=x.device)
             delta = self._adapter_output(x.index_select(0, rows), name, embed_scale)
             # each row's sum in the wider dtype, rounded once to the base's (the rows are disjoint)
-            out = out.to(torch.promote_types(out.dtype, delta.dtype)).index_add(0, rows, delta)
+            wide = torch.promote_types(out.dtype, delta.dtype)  # (under autocast the delta may be the narrower)
+            out = out.to(wide).index_add(0, rows, delta.to(wide))
         return out.to(y.dtype)
 
     def extra_repr(self) -> str:
