@@ -57,6 +57,7 @@ DEFAULT_MODEL = "fastpeft:default"
 ASSETS = Path(__file__).parent / "assets"
 STATE_NAME = "trainer_state.pt"
 BASE_DIR = "base_model"
+INITIAL_DIR = "initial_adapter"  # pissa_niter_K runs: the adapter as initialized (see saved_adapter_options)
 
 
 # --------------------------------------------------------------------------- arguments
@@ -451,9 +452,31 @@ def check_alora_samples(args: argparse.Namespace, samples: list, packing: bool) 
                       f"{tokens}: they train nothing", stacklevel=2)
 
 
+def randomized_init(args: argparse.Namespace) -> bool:
+    """Whether the LoRA init draws random numbers while rewriting the base (``pissa_niter_K``: a randomized SVD), so
+    that rerunning it when the adapter is loaded would give another base."""
+    init = getattr(args, "init_lora_weights", True)
+    return args.method in ("lora", "qlora") and isinstance(init, str) and init.startswith("pissa_niter")
+
+
+def saved_adapter_options(args: argparse.Namespace, out: Path) -> dict:
+    """``save_pretrained`` keywords for the run's adapter folders (the output and each checkpoint). A
+    ``pissa_niter_K`` adapter is written converted (peft's ``path_initial_model_for_weight_conversion``, from the
+    initial adapter kept in ``initial_adapter/``): a plain LoRA adapter of rank 2r on the original base, which
+    loads anywhere to the trained model. Saved as such, its config would make every load rerun the randomized SVD
+    on the original base and get another residual: not the model that was trained."""
+    if randomized_init(args) and (out / INITIAL_DIR).is_dir():
+        return {"path_initial_model_for_weight_conversion": str(out / INITIAL_DIR)}
+    return {}
+
+
 def check_method(args: argparse.Namespace, total_steps: int | None = None) -> None:
     """Build the method on the model's skeleton (meta device, nothing allocated) so that options which do not
     fit it (``--method-options`` keys, ``--target-modules`` matching nothing) fail before the model is loaded."""
+    if args.method == "prefix" and args.gradient_checkpointing:
+        raise SystemExit("fastpeft train: --method prefix cannot use --gradient-checkpointing: prefix tuning passes "
+                         "its prefixes through the KV cache, which checkpointed layers do not keep (use --method "
+                         "prompt or ptuning, or leave checkpointing off)")
     try:
         with torch.device("meta"):
             if args.model in (None, DEFAULT_MODEL):
@@ -756,9 +779,10 @@ def checkpoints(out: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(model, optimizer, out: Path, step: int, epoch: int, batch_in_epoch: int, log: dict,
-                    limit: int, tok=None, rng: dict | None = None) -> Path:
+                    limit: int, tok=None, rng: dict | None = None, save_options: dict | None = None) -> Path:
     """Adapter (peft format) + optimizer/RNG/position in ``out/checkpoint-<step>``; keeps the newest ``limit``.
-    ``rng``: the generators' state to record (default: their state now).
+    ``rng``: the generators' state to record (default: their state now); ``save_options``: the adapter's
+    ``save_pretrained`` keywords (:func:`saved_adapter_options`).
 
     The folder is written under a temporary name and renamed, so a run killed mid-save leaves no truncated
     checkpoint; it also gets the tokenizer and the log so far (``fastpeft generate`` reads them). The checkpoint
@@ -767,7 +791,7 @@ def save_checkpoint(model, optimizer, out: Path, step: int, epoch: int, batch_in
     tmp = out / f".checkpoint-{step}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, **(save_options or {}))
     if tok is not None:
         tok.save_pretrained(tmp)
     (tmp / "train_log.json").write_text(json.dumps(log, indent=2, default=str) + "\n")
@@ -818,7 +842,7 @@ def load_checkpoint(out: Path, resume: str) -> tuple[Path, dict]:
 
 
 # options that must not change across --resume: they shape the adapter, the base, or the data order
-RESUME_OPTIONS = ("model", "method", "r", "lora_alpha", "use_rslora", "use_dora", "target_modules",
+RESUME_OPTIONS = ("model", "method", "r", "lora_alpha", "use_rslora", "use_dora", "init_lora_weights", "target_modules",
                   "modules_to_save", "num_virtual_tokens", "freeze_layers", "method_options", "load_in_4bit",
                   "quantizer", "data", "eval_data", "eval_split", "prompt_field", "response_field", "text_field",
                   "messages_field", "max_length", "group_by_length", "packing", "batch_size", "grad_accum", "seed")
@@ -976,6 +1000,13 @@ def train(args: argparse.Namespace) -> TrainResult:
     n_generate = args.eval_generate if args.eval_generate is not None else (100 if default_data else 0)
     gen_rows = [r for r in eval_rows if "prompt" in r][:n_generate]
 
+    # what the loop's batches give per epoch (full batches; one short batch when the data is smaller than one):
+    # no full optimizer step at all is refused here, before anything is built or written
+    n_batches = len(train_samples) // args.batch_size if len(train_samples) >= args.batch_size else 1
+    if n_batches < world * args.grad_accum:
+        what = f"{len(train_samples)} packed rows" if packing else f"{len(train_samples)} samples"
+        raise SystemExit(f"fastpeft train: {what} give no full step of batch {args.batch_size} × grad-accum "
+                         f"{args.grad_accum} × {world} process(es)")
     micro_per_epoch = max(1, len(train_samples) // (args.batch_size * world))  # rows, when packed
     steps_per_epoch = max(1, micro_per_epoch // args.grad_accum)
     if args.max_steps is not None:
@@ -1003,6 +1034,8 @@ def train(args: argparse.Namespace) -> TrainResult:
 
     # method
     model = build_peft_model(model, args, total_steps)
+    if randomized_init(args) and main_rank and not (args.resume and (out / INITIAL_DIR).is_dir()):
+        model.save_pretrained(out / INITIAL_DIR)  # (the same draw on resume: the run is seeded)
     if args.method in ("lora", "qlora") and getattr(args, "init_lora_weights", True) == "eva":
         eva_init(model, args, train_samples, collator, device, autocast, packing, world,
                  show_progress_bar=not args.no_progress and main_rank)
@@ -1156,7 +1189,7 @@ def train(args: argparse.Namespace) -> TrainResult:
                 if step % save_every == 0 and step < total_steps:
                     if main_rank:
                         save_checkpoint(model, optimizer, out, step, epoch, index + 1, log, args.save_total_limit,
-                                        tok)
+                                        tok, save_options=saved_adapter_options(args, out))
                     saved_step = step
                 if step >= total_steps:
                     done = True
@@ -1177,7 +1210,7 @@ def train(args: argparse.Namespace) -> TrainResult:
             ckpt = out / f"checkpoint-{step}"
             if main_rank and saved_step != step:  # an earlier run's checkpoint-<step> is overwritten
                 save_checkpoint(model, optimizer, out, step, boundary[0], boundary[1], log, args.save_total_limit,
-                                tok, rng=boundary[2])
+                                tok, rng=boundary[2], save_options=saved_adapter_options(args, out))
         bar.close()
         if world > 1:
             import torch.distributed as dist
@@ -1191,7 +1224,7 @@ def train(args: argparse.Namespace) -> TrainResult:
     log["final"] = log["evals"][-1] if log["evals"] else {}
     log["train_seconds"] = round(time.perf_counter() - t_start, 2)
     if main_rank:
-        model.save_pretrained(out)
+        model.save_pretrained(out, **saved_adapter_options(args, out))
         tok.save_pretrained(out)
         (out / "train_log.json").write_text(json.dumps(log, indent=2, default=str) + "\n")
         plot_log(log, out / "loss.png")

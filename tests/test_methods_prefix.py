@@ -26,7 +26,7 @@ from test_methods_common import (
 )
 
 import fastpeft
-from fastpeft.methods import PrefixTuningConfig
+from fastpeft.methods import PrefixTuningConfig, PromptTuningConfig
 from helpers import assert_rel
 
 peft = pytest.importorskip("peft")
@@ -131,6 +131,13 @@ def test_gradient_checkpointing_is_refused():
     model.gradient_checkpointing_enable()
     with pytest.raises(ValueError, match="gradient checkpointing"):
         fastpeft.get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    # turned on afterwards through the peft model (peft fails there later, on a shape mismatch in attention)
+    peft_model = fastpeft.get_peft_model(llama(), PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        peft_model.gradient_checkpointing_enable()
+    prompt = fastpeft.get_peft_model(llama(), PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    prompt.gradient_checkpointing_enable()  # prompt tuning: fine
+    assert prompt.get_base_model().is_gradient_checkpointing
 
 
 def _bert_labels(num_labels, problem_type=None):

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+import fastpeft
 from fastpeft import cli
 from fastpeft.data import (
     IGNORE_INDEX,
@@ -198,6 +199,8 @@ def test_config_values_convert_like_flags(tmp_path):
     (["--method-options", json.dumps({"alora_invocation_tokens": [1, 2, 3]})], "no training sample contains"),
     (["--packing", "--method-options", json.dumps({"alora_invocation_tokens": [32, 61]})],
      "--packing cannot be used with an aLoRA adapter"),
+    (["--method", "prefix", "--gradient-checkpointing"], "--method prefix cannot use --gradient-checkpointing"),
+    (["--batch-size", "64", "--grad-accum", "2"], r"samples give no full step of batch 64 × grad-accum 2"),
 ])
 def test_bad_flags_fail_before_anything_is_built_or_written(tmp_path, flags, match):
     data = tmp_path / "d.jsonl"
@@ -291,6 +294,9 @@ def test_output_folder_of_an_earlier_run_and_resume_checks(tmp_path, capsys):
         run("--max-steps", "3", "--resume", "--r", "8")
     with pytest.raises(SystemExit, match="--target-modules"):
         run("--max-steps", "3", "--resume", "--target-modules", "q_proj")
+    with pytest.raises(SystemExit, match="trained with --init-lora-weights True, this run has --init-lora-weights "
+                                         "'olora'"):  # an init that rewrites the base: another model
+        run("--max-steps", "3", "--resume", "--init-lora-weights", "olora")
     assert (out / "adapter_model.safetensors").read_bytes() == adapter  # nothing was overwritten
     # a checkpoint folder is an adapter `fastpeft generate` loads (base and tokenizer from the run folder)
     assert cli.main(["generate", "--adapter", str(out / "checkpoint-2"), "--prompt", "upper: w1 =",
@@ -331,6 +337,30 @@ def test_short_default_run_lowers_the_loss_and_peft_loads_the_adapter(tmp_path):
     theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base_model"), out).eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_pissa_niter_adapter_reloads_to_the_trained_model(tmp_path):
+    """--init-lora-weights pissa_niter_K: the randomized SVD would give another residual base at every load, so the
+    run keeps its initial adapter and writes the final adapter and checkpoints converted to plain rank-2r LoRA on
+    the original base: loaded by peft (and fastpeft) over base_model/, it gives the trained model's logits."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    result = train(_args(tmp_path, "--max-steps", "3", "--save-steps", "2", "--eval-generate", "0",
+                         "--init-lora-weights", "pissa_niter_2"))
+    out = result.output
+    assert (out / "initial_adapter" / "adapter_model.safetensors").is_file()
+    ids = torch.tensor([TOK.encode("upper: abc =", add_special_tokens=True)])
+    with torch.no_grad():
+        ref = result.model.eval()(input_ids=ids).logits
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] is True and config["r"] == 2 * 16
+    for lib in (peft, fastpeft):
+        loaded = lib.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base_model"), out).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4)
+    ckpt = json.loads((out / "checkpoint-2" / "adapter_config.json").read_text())
+    assert ckpt["init_lora_weights"] is True and ckpt["r"] == 2 * 16
 
 
 def test_resume_continues_from_the_same_step(tmp_path):

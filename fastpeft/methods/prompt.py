@@ -476,6 +476,14 @@ class PromptLearningPeftModel(_LoraPeftModel):
             return nn.functional.binary_cross_entropy_with_logits(logits, labels)
         raise ValueError(f"unknown problem_type {problem!r} in the model's config")
 
+    def gradient_checkpointing_enable(self, *args, **kwargs) -> None:
+        """transformers' activation checkpointing on the base model; refused for prefix tuning (its prefixes travel
+        in the KV cache, which checkpointed layers do not keep: peft fails there on a shape mismatch)."""
+        if self._is_prefix:
+            raise ValueError("prefix tuning passes its prefixes through the KV cache, which does not work with "
+                             "gradient checkpointing; leave it off (or use prompt tuning / P-tuning)")
+        return self.base_model.gradient_checkpointing_enable(*args, **kwargs)
+
     # ----------------------------------------------------------------- generation
     def generate(self, *args, **kwargs):
         """``generate`` of the base model with the virtual tokens / prefixes (CAUSAL_LM and SEQ_2_SEQ_LM).
