@@ -122,6 +122,39 @@ def tiny_llama(vocab_size: int = 96, **overrides):
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
 
 
+def _tiny_llama_task_config(vocab_size: int):
+    import transformers
+
+    return transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                    num_labels=3, pad_token_id=0)
+
+
+def tiny_t5(vocab_size: int = 96):
+    """A tiny random T5 (one encoder and one decoder layer, dropout off)."""
+    import transformers
+
+    cfg = transformers.T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=48, num_layers=1,
+                                num_decoder_layers=1, num_heads=4, decoder_start_token_id=0, dropout_rate=0.0,
+                                pad_token_id=0)
+    return transformers.T5ForConditionalGeneration(cfg)
+
+
+def task_factories(vocab_size: int = 96) -> dict:
+    """peft task type → a builder of a tiny random model for it (Llama heads, T5 for SEQ_2_SEQ_LM)."""
+    import transformers
+
+    def llama_head(cls):
+        return lambda: cls(_tiny_llama_task_config(vocab_size))
+
+    return {"CAUSAL_LM": lambda: tiny_llama(vocab_size),
+            "SEQ_CLS": llama_head(transformers.LlamaForSequenceClassification),
+            "TOKEN_CLS": llama_head(transformers.LlamaForTokenClassification),
+            "QUESTION_ANS": llama_head(transformers.LlamaForQuestionAnswering),
+            "FEATURE_EXTRACTION": llama_head(transformers.LlamaModel),
+            "SEQ_2_SEQ_LM": lambda: tiny_t5(vocab_size)}
+
+
 def tiny_gpt2(vocab_size: int = 96):
     """A tiny random GPT-2 (Conv1D layers, biases), dropout off."""
     import transformers

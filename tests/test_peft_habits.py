@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fastpeft
-from helpers import tiny_llama
+from helpers import task_factories, tiny_llama
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -24,26 +24,7 @@ IDS = torch.tensor([[3, 7, 11, 5, 2, 9], [4, 4, 8, 1, 6, 2]])
 MASK = torch.ones_like(IDS)
 
 
-def _llama_cfg():
-    return transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                    num_labels=3, pad_token_id=0)
-
-
-def _t5():
-    cfg = transformers.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_decoder_layers=1,
-                                num_heads=4, decoder_start_token_id=0, dropout_rate=0.0, pad_token_id=0)
-    return transformers.T5ForConditionalGeneration(cfg)
-
-
-FACTORIES = {
-    "CAUSAL_LM": lambda: tiny_llama(V),
-    "SEQ_CLS": lambda: transformers.LlamaForSequenceClassification(_llama_cfg()),
-    "TOKEN_CLS": lambda: transformers.LlamaForTokenClassification(_llama_cfg()),
-    "QUESTION_ANS": lambda: transformers.LlamaForQuestionAnswering(_llama_cfg()),
-    "FEATURE_EXTRACTION": lambda: transformers.LlamaModel(_llama_cfg()),
-    "SEQ_2_SEQ_LM": _t5,
-}
+FACTORIES = task_factories(V)
 
 
 def twin(task="CAUSAL_LM"):

@@ -141,14 +141,6 @@ class IA3Tuner(MultiAdapterTuner):
                 config.fan_in_fan_out = is_conv1d(module)
             self.replace_module(key, IA3Linear(module, adapter_name, is_ff, config.init_ia3_weights))
 
-    def _activate(self, layer: IA3Linear, adapter_name: str, train: bool) -> None:
-        layer.set_adapter(adapter_name)
-        if not train:
-            layer.ia3_l.requires_grad_(False)
-
-    def _delete_from(self, layer: IA3Linear, adapter_name: str) -> None:
-        layer.delete_adapter(adapter_name)
-
 
 class IA3PeftModel(MultiAdapterPeftModel):
     """A transformers model with (IA)³ vectors, peft's ``PeftModel`` layout and saved format."""

@@ -142,13 +142,6 @@ class LNTuningTuner(MultiAdapterTuner):
             raise NoMatchingPeftModuleError(f"Target modules {config.target_modules} not found in the base model. "
                                             "Please check the target modules and try again.")
 
-    def _activate(self, layer: LNTuningLayer, adapter_name: str, train: bool) -> None:
-        layer.set_adapter(adapter_name)
-        if not train:
-            layer.ln_tuning_layers.requires_grad_(False)
-
-    def _delete_from(self, layer: LNTuningLayer, adapter_name: str) -> None:
-        layer.delete_adapter(adapter_name)
 
 
 class LNTuningPeftModel(MultiAdapterPeftModel):

@@ -30,10 +30,16 @@ class MultiAdapterTuner(MethodTuner):
     """A :class:`MethodTuner` whose layers hold one entry per adapter; one adapter is active."""
 
     def _activate(self, layer: nn.Module, adapter_name: str, train: bool) -> None:
-        raise NotImplementedError
+        """Make ``adapter_name`` the layer's active adapter (its weights train, the others' freeze), all frozen
+        unless ``train``; a layer type with other needs overrides this."""
+        layer.set_adapter(adapter_name)
+        if not train:
+            for pname in layer.adapter_param_names:
+                getattr(layer, pname).requires_grad_(False)
 
     def _delete_from(self, layer: nn.Module, adapter_name: str) -> None:
-        raise NotImplementedError
+        """Remove ``adapter_name`` from the layer (the layer's ``delete_adapter``)."""
+        layer.delete_adapter(adapter_name)
 
     _autocast_adapter_dtype = True  # what _apply_method passes on (trainable tokens: rows in fp32 on a half base)
 

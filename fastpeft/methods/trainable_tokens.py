@@ -119,9 +119,6 @@ class TrainableTokensTuner(MultiAdapterTuner):
             for name, param in layer.trainable_tokens_delta.items():
                 param.requires_grad_(train and name == adapter_name)
 
-    def _delete_from(self, layer: TokensLayer, adapter_name: str) -> None:
-        layer.delete_adapter(adapter_name)
-
 
 class TrainableTokensPeftModel(MultiAdapterPeftModel):
     """A transformers model where only some rows of the embedding train (peft's layout and saved format)."""
