@@ -320,8 +320,9 @@ def _excluded(config: LoraConfig, key: str) -> bool:
 def _targeted(config: LoraConfig, targets: list[str] | str, key: str) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, key) is not None
-    found = key in targets or any(key.endswith(f".{t}") for t in targets)
-    return found and _layer_index_ok(config, key)
+    if key in targets:  # a module named in full is adapted whatever layers_to_transform says (as peft)
+        return True
+    return any(key.endswith(f".{t}") for t in targets) and _layer_index_ok(config, key)
 
 
 def _in_modules_to_save(names: list[str], key: str) -> bool:

@@ -133,6 +133,47 @@ def test_init_matches_peft_and_keeps_the_function(name, init):
         assert (_logits(ours) - _logits(base.fresh())).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_rank_above_a_layers_size_keeps_the_directions_it_has(init, tmp_path):
+    """r = 24 on a 16 × 32 k_proj (grouped-query attention): as peft, the factors hold the 16 directions the weight
+    has (A (16, 32), B (16, 16)), r and the scale stay as configured, the function is kept; parameters equal peft's
+    (signs aligned), training gradients flow, and the saved adapter reloads (the init reruns at load, as in peft)."""
+    base = Base("llama")
+    kw = dict(r=24, lora_alpha=8, target_modules=["k_proj", "q_proj"], init_lora_weights=init)
+    torch.manual_seed(1)
+    ours = fastpeft.get_peft_model(base.fresh(), fastpeft.LoraConfig(**kw))
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(base.fresh(), peft.LoraConfig(**kw))
+    k_ours = ours.base_model.model.model.layers[0].self_attn.k_proj
+    k_theirs = theirs.base_model.model.model.layers[0].self_attn.k_proj
+    assert tuple(k_ours.lora_A["default"].weight.shape) == tuple(k_theirs.lora_A["default"].weight.shape) == (16, 32)
+    assert tuple(k_ours.lora_B["default"].weight.shape) == (16, 16) and k_ours.r["default"] == 24
+    assert k_ours.scaling["default"] == pytest.approx(k_theirs.scaling["default"])
+    A, B = _sign_align(k_ours.lora_A["default"].weight, k_ours.lora_B["default"].weight,
+                       k_theirs.lora_A["default"].weight)
+    assert_rel(A, k_theirs.lora_A["default"].weight.double(), 1e-5, "A")
+    assert_rel(B, k_theirs.lora_B["default"].weight.double(), 1e-5, "B")
+    assert_rel(_logits(ours), _logits(base.fresh()), 1e-5, "identity")
+    ours.train()
+    ours(**INPUTS, labels=INPUTS["input_ids"]).loss.backward()
+    assert k_ours.lora_A["default"].weight.grad.abs().sum() > 0
+    _train_like(ours)
+    ours.eval()
+    ours.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(1)
+        back = fastpeft.PeftModel.from_pretrained(base.fresh(), tmp_path)
+    assert_rel(_logits(back), _logits(ours), 1e-5, "reloaded")
+
+
+def test_gaussian_init_name_in_any_case():
+    """init_lora_weights="Gaussian" is peft's "gaussian" (peft compares it case-insensitively): A ~ N(0, 1/r)."""
+    base = Base("llama")
+    ours, theirs = _both(base, init_lora_weights="Gaussian")
+    _assert_same_params(ours, theirs, 1e-6, "Gaussian")
+
+
 def test_pissa_niter_is_the_randomized_svd_not_the_full_one():
     base = Base("llama")
     fast, _ = _both(base, init_lora_weights="pissa_niter_1")

@@ -411,8 +411,16 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
             A, B = olora_factors(w, r)
         else:
             q, A, B = loftq_factors(w, r, loftq_config["loftq_bits"], loftq_config["loftq_iter"])
-        self.lora_A[adapter_name].weight.copy_(A)
-        self.lora_B[adapter_name].weight.copy_(B)
+        lora_A, lora_B = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        if A.shape[0] < lora_A.weight.shape[0]:
+            # r above the weight's rank (min(out, in)): only that many directions exist; the factors keep them (as
+            # peft's, whose r — and scale — stay as configured)
+            lora_A.weight = nn.Parameter(A.to(lora_A.weight), requires_grad=lora_A.weight.requires_grad)
+            lora_B.weight = nn.Parameter(B.to(lora_B.weight), requires_grad=lora_B.weight.requires_grad)
+            lora_A.out_features = lora_B.in_features = A.shape[0]
+        else:
+            lora_A.weight.copy_(A)
+            lora_B.weight.copy_(B)
         self._init_write_base(q if kind == "loftq" else w - (scale * B) @ A)
 
     def _init_read_base(self, kind: str) -> torch.Tensor:

@@ -35,8 +35,10 @@ def init_kind(value) -> tuple[bool | str, int | None]:
     if value is True or value is False:
         return value, None
     if isinstance(value, str):
-        if value in ("gaussian", "pissa", "loftq", "eva"):
+        if value in ("pissa", "loftq", "eva"):
             return value, None
+        if value.lower() == "gaussian":  # peft compares this one case-insensitively too
+            return "gaussian", None
         if value.lower() == "olora":  # peft compares this one case-insensitively
             return "olora", None
         m = _PISSA_NITER.fullmatch(value)
