@@ -322,6 +322,39 @@ def test_norm_cache_not_fooled_by_a_new_weight_at_a_freed_address():
         assert_rel(twin.dora_weight_norm("default"), _materialized_norm64(twin), 1e-6, "copy")
 
 
+@pytest.mark.parametrize("make_optimizer", [
+    lambda params: torch.optim.AdamW(params, lr=0.05, fused=True),  # (writes without bumping version counters)
+    lambda params: torch.optim.AdamW(params, lr=0.05, foreach=False),
+], ids=["fused_adamw", "adamw"])
+def test_norm_recomputed_after_any_optimizer_step(make_optimizer):
+    """Evaluation under no_grad between training steps (a Trainer with eval_steps): the cached norm is dropped
+    after every optimizer step, also after fused AdamW (transformers' Trainer default), whose in-place updates
+    leave autograd's version counters as they were; outputs equal a layer with nothing cached, and peft's."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = nn.Linear(40, 24)
+    layer = FastLoraLinear.from_linear(copy.deepcopy(base), r=4, lora_alpha=8, init_lora_weights=False,
+                                       use_dora=True)
+    theirs = peft.tuners.lora.Linear(copy.deepcopy(base), "default", r=4, lora_alpha=8, use_dora=True,
+                                     init_lora_weights=False, config=peft.LoraConfig(r=4, use_dora=True))
+    theirs.load_state_dict(layer.state_dict())
+    theirs.base_layer.requires_grad_(False)  # (peft's model freezes it; its bare layer does not)
+    opts = [make_optimizer([p for p in m.parameters() if p.requires_grad]) for m in (layer, theirs)]
+    x = torch.randn(5, 40)
+    for _ in range(3):
+        for m, opt in zip((layer, theirs), opts):
+            m.train()
+            m(x).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            m.eval()
+        with torch.no_grad():
+            ours = layer(x)
+            torch.testing.assert_close(ours, theirs(x), rtol=1e-5, atol=1e-5)
+            layer.reset_dora_cache()
+            torch.testing.assert_close(ours, layer(x), rtol=0, atol=0)
+
+
 def test_norm_reused_without_autograd_until_w0_a_b_or_the_scale_change(monkeypatch):
     """Under torch.no_grad (generation, evaluation) the whole norm ‖W0 + sBA‖ is kept: a second forward reads
     W0 only in its GEMM. It is recomputed after an optimizer step, an in-place change of A, B or W0, a new

@@ -27,6 +27,7 @@ import weakref
 import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..alora import token_mask as alora_token_mask
 from ..errors import PeftWarning
@@ -47,6 +48,18 @@ from .switches import AdapterSwitches, MergeMath, init_lora_state
 # Rows of W0 upcast (or decoded) to fp32 at once for DoRA's weight norm: bounds that temporary at
 # ~16 MiB instead of peft's full (out, in) fp32 matrix.
 _NORM_CHUNK_ELEMS = 1 << 22
+
+# Optimizer steps taken so far (any torch.optim optimizer, counted by a global post-step hook): part of the key of
+# DoRA's cached norm, because some optimizers write the adapter weights without bumping autograd's version counter
+# (the fused AdamW that transformers' Trainer uses by default), which the tensors' stamps alone would miss.
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 class WeightStamp:
@@ -717,7 +730,7 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
             return None
         try:
             lora = WeightStamp([self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight],
-                               (float(self.scaling[adapter_name]),))
+                               (float(self.scaling[adapter_name]), _OPTIMIZER_STEPS[0]))
         except (RuntimeError, NotImplementedError):
             return None
         return base, lora
