@@ -346,6 +346,7 @@ def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: dict[str, torc
             else:  # unprepared: take the new rank exactly (same Parameter object, new storage)
                 current.data = value.clone()
                 layer.r[adapter_name] = _rank(value, kind, experts)
+        folded = set()  # storages of factors scaled already (a tied head's factors are its embeddings')
         for layer, scale in touched.values():
             if adapter_name not in getattr(layer, "_hotswap_fixed_scaling", {}):
                 layer.scaling[adapter_name] = scale
@@ -354,7 +355,12 @@ def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: dict[str, torc
                 # one; an adapter deleted and added again since the preparation has its own):
                 # fixed·(ratio·B) = scale·B
                 ratio = scale / layer.scaling[adapter_name]
-                adapter_factors(layer, adapter_name)[1].mul_(ratio)
+                factors = adapter_factors(layer, adapter_name)
+                storages = {t.untyped_storage().data_ptr() for t in factors}
+                if storages & folded:  # tied to a layer folded already (ensure_weight_tying): its product is too
+                    continue
+                factors[1].mul_(ratio)
+                folded |= storages
                 bias = None if _is_embedding(layer) else layer.lora_B[adapter_name].bias
                 if bias is not None:
                     bias.mul_(ratio)

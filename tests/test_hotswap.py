@@ -375,3 +375,34 @@ def test_a_misshaped_magnitude_or_bias_changes_nothing(tmp_path):
                                                      fastpeft.LoraConfig(r=2, lora_alpha=4, target_modules=QV,
                                                                          use_dora=True))
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_tied_embedding_pair_folds_a_new_scale_once(tmp_path):
+    """ensure_weight_tying: the tied head's factors are the embeddings' (shared memory). A swap after preparation
+    with another alpha folds the new scale into that shared pair once (it was applied twice: the pair's product
+    scaled by ratio², 75% off): the outputs equal a fresh load of the second adapter (peft cannot hot-swap a
+    tied model; its fresh load is the reference)."""
+    def tied():
+        torch.manual_seed(0)
+        return tiny_llama(V, tie_word_embeddings=True).eval()
+
+    def save(name, seed, alpha):
+        torch.manual_seed(seed)
+        model = fastpeft.get_peft_model(tied(), fastpeft.LoraConfig(
+            r=4, lora_alpha=alpha, target_modules=["q_proj", "embed_tokens"], ensure_weight_tying=True,
+            init_lora_weights=False))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad and "lora_" in n:
+                    p.add_(torch.randn_like(p) * 0.1)
+        model.save_pretrained(tmp_path / name)
+        return tmp_path / name
+
+    first, second = save("first", 1, 8), save("second", 2, 2)
+    want = _peft_logits(second, tied())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = fastpeft.PeftModel.from_pretrained(tied(), first).eval()
+    fastpeft.prepare_model_for_compiled_hotswap(model)
+    fastpeft.hotswap_adapter(model, second, adapter_name="default")
+    assert_rel(_logits(model), want, 1e-5, "swapped")
