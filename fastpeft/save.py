@@ -465,7 +465,10 @@ def load_adapter_state(peft_model: PeftModel, saved: dict[str, torch.Tensor], ad
     expected += [k for k in state if _EMBEDDING_KEY.search(k) and _EMBEDDING_KEY.search(k).group(2) == adapter_name]
     expected += [k for k in state if any(k.startswith(f"{w}.modules_to_save.{adapter_name}.") for w in wrappers)]
     expected += [k for k in state if _token_key_of(peft_model, k, adapter_name) is not None]
-    missing = [k for k in expected if k not in mapped]
+    # a tied head's factors (ensure_weight_tying) are views of its embeddings': given those, it needs no keys of its
+    # own (peft writes such files: a second adapter tied through layers that hold LoRA already)
+    loaded = {state[k].untyped_storage().data_ptr() for k in mapped if k in state}
+    missing = [k for k in expected if k not in mapped and state[k].untyped_storage().data_ptr() not in loaded]
     if missing:
         raise ValueError(f"{where} lacks {len(missing)} tensor(s) the model expects "
                          f"for adapter {adapter_name!r}, e.g. {missing[:3]}")

@@ -472,3 +472,26 @@ def test_tied_head_through_the_triton_kernels(triton_backend):
     lo, lt = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
     torch.testing.assert_close(lo, lt, rtol=1e-4, atol=1e-4)
     grads_match(ours, theirs, lo, lt, 1e-4)
+
+
+def test_peft_file_of_a_tied_pair_without_head_keys_loads(tmp_path):
+    """peft writes an adapter tied through layers that hold LoRA already (add_adapter targeting lm_head with
+    ensure_weight_tying) with the embeddings' factors only; the head's are views of those. fastpeft loads such a
+    file (it refused it as lacking the head's tensors) and gives peft's logits, the pair tied."""
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(_llama(), peft.LoraConfig(r=4, lora_alpha=8, ensure_weight_tying=True,
+                                                           target_modules=["embed_tokens"]))
+    theirs.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=4, ensure_weight_tying=True,
+                                                target_modules=["lm_head"], init_lora_weights=False))
+    theirs.save_pretrained(tmp_path, selected_adapters=["other"])
+    from safetensors.torch import load_file
+
+    assert not [k for k in load_file(tmp_path / "other" / "adapter_model.safetensors") if "lm_head" in k]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = peft.PeftModel.from_pretrained(_llama(), tmp_path / "other").eval()
+        ours = fastpeft.PeftModel.from_pretrained(_llama(), tmp_path / "other").eval()
+    ids = _ids()
+    with torch.no_grad():
+        assert_rel(ours(input_ids=ids).logits, ref(input_ids=ids).logits, 1e-6, "logits")
+    _assert_lora_tied(ours)
