@@ -167,6 +167,23 @@ def test_rank_above_a_layers_size_keeps_the_directions_it_has(init, tmp_path):
     assert_rel(_logits(back), _logits(ours), 1e-5, "reloaded")
 
 
+@pytest.mark.parametrize("name,dtype", [("llama", torch.float32), ("gpt2", torch.float32), ("llama", torch.bfloat16)])
+def test_orthogonal_init_matches_peft(name, dtype):
+    """init_lora_weights="orthogonal" (peft 0.21): the same factors as peft from the same seed (its draws, its
+    rounding through a half base), neither zero while B·A = 0 (the model's function unchanged); odd r refused with
+    peft's error."""
+    base = Base(name, dtype)
+    ours, theirs = _both(base, init_lora_weights="orthogonal")
+    _assert_same_params(ours, theirs, 1e-6, "orthogonal")
+    layer = next(m for m in ours.modules() if isinstance(m, FastLoraLinear))
+    A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    assert A.abs().sum() > 0 and B.abs().sum() > 0
+    assert (B @ A).abs().max() < 1e-2 * (B.abs().max() * A.abs().max())
+    with pytest.raises(ValueError, match="requires the LoRA rank to be even, got 3"):
+        fastpeft.get_peft_model(base.fresh(), fastpeft.LoraConfig(r=3, target_modules=base.targets,
+                                                                  init_lora_weights="orthogonal"))
+
+
 def test_gaussian_init_name_in_any_case():
     """init_lora_weights="Gaussian" is peft's "gaussian" (peft compares it case-insensitively): A ~ N(0, 1/r)."""
     base = Base("llama")

@@ -400,6 +400,9 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         if kind == "eva":  # as peft: A keeps nn.Linear's init until initialize_lora_eva_weights sets it
             nn.init.zeros_(B)
             return
+        if kind == "orthogonal":
+            self._orthogonal_init(adapter_name)
+            return
         if kind == "gaussian":
             nn.init.normal_(A, std=1.0 / self.r[adapter_name])
         else:
@@ -407,6 +410,24 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         nn.init.zeros_(B)
         if self.lora_B[adapter_name].bias is not None:
             nn.init.zeros_(self.lora_B[adapter_name].bias)
+
+    @torch.no_grad()
+    def _orthogonal_init(self, adapter_name: str) -> None:
+        """peft's ``init_lora_weights="orthogonal"``: from one random orthogonal r × r matrix Q, A's rows lie in the
+        span of Q's even-numbered rows and B's columns in that of its odd-numbered ones (each mixed by a Gaussian
+        matrix, divided by 10), so B·A = 0 at the start while neither factor is zero. r must be even. The draws
+        are peft's, in its order, on the CPU (the same seed gives peft's factors); ``lora_B``'s bias keeps
+        nn.Linear's init, as in peft."""
+        r = self.r[adapter_name]
+        if r % 2 != 0:
+            raise ValueError(f"Orthogonal initialization requires the LoRA rank to be even, got {r} instead.")
+        q, _ = torch.linalg.qr(torch.randn(r, r))
+        first, second = q[0::2, :], q[1::2, :]
+        A = torch.randn(self.in_features, r // 2).mm(first).T / 10.0
+        B = torch.randn(r // 2, self.out_features).T.mm(second) / 10.0
+        dtype = self.base_layer.weight.dtype  # (peft stores them in the base's dtype before any upcast)
+        for param, value in ((self.lora_A[adapter_name].weight, A), (self.lora_B[adapter_name].weight, B)):
+            param.copy_(value.to(dtype if dtype.is_floating_point else param.dtype))
 
     def _pissa_init(self, adapter_name: str, niter: int | None = None) -> None:
         """PiSSA on adapter ``adapter_name`` (``niter``: the fast ``svd_lowrank`` variant)."""
