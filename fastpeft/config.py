@@ -240,8 +240,9 @@ class LoraConfig(AdapterConfigFile):
             See ``fastpeft.alora``.
         init_lora_weights: ``True`` (A Kaiming-uniform, B zero), ``False`` (random B: not an identity),
             ``"gaussian"`` (A ~ N(0, 1/r)), ``"orthogonal"`` (peft 0.21's: A and B from complementary halves of a
-            random orthogonal matrix, B·A = 0; even r), ``"pissa"`` (principal singular vectors; the base keeps the
-            residual),
+            random orthogonal matrix, B·A = 0; even r), ``"mica"`` (peft 0.21's Minor Component Adaptation: B = the
+            r left singular vectors of the base with the smallest singular values, frozen; A = 0; linear layers),
+            ``"pissa"`` (principal singular vectors; the base keeps the residual),
             ``"pissa_niter_<K>"`` (the same from ``torch.svd_lowrank`` with K iterations: fast, random),
             ``"olora"`` (QR factors; the base keeps the residual), ``"loftq"`` (with ``loftq_config``: the base
             becomes its NF4 round trip, A and B the SVD of the quantization error) or ``"eva"`` (B zero; A set from

@@ -35,9 +35,10 @@ def _adopt(layer: nn.Module, path: str) -> FastLoraLinear:
     use_dora = {n: bool(v) for n, v in (getattr(layer, "use_dora", {}) or {}).items()}
     peft_variants = getattr(layer, "lora_variant", {}) or {}
     use_alora = {n: type(v).__name__ == "ALoraLinearVariant" for n, v in peft_variants.items()}
+    mica = {n for n, v in peft_variants.items() if type(v).__name__ == "MiCALinearVariant"}
     variants = {n: v for n, v in peft_variants.items()
                 if v is not None and not (use_dora.get(n) and type(v).__name__ == "DoraLinearVariant")
-                and not use_alora[n]}
+                and not use_alora[n] and n not in mica}
     if variants:
         raise ValueError(f"{path}: peft LoRA variant {variants} is not supported by fastpeft")
     base = layer.get_base_layer()
@@ -66,6 +67,9 @@ def _adopt(layer: nn.Module, path: str) -> FastLoraLinear:
     new.use_rslora = {n: bool(getattr(layer, "use_rslora", {}).get(n, False)) for n in names}
     new.use_dora = {n: use_dora.get(n, False) for n in names}
     new.use_alora = {n: use_alora.get(n, False) for n in names}
+    # MiCA's frozen lora_B (peft's frozen_peft_weight_names, kept as they are)
+    new.frozen_peft_weight_names = {n: tuple(w) for n, w in (getattr(layer, "frozen_peft_weight_names", None)
+                                                             or {}).items() if n in names}
     if any(new.use_dora.values()):
         # peft's ModuleDict of DoraLinearLayer modules, adopted as is: the same magnitude parameters under the
         # same names (fastpeft reads only their ``weight``); the norms peft kept for merged DoRA adapters too
@@ -139,6 +143,11 @@ def _to_peft_layer(layer: FastLoraLinear) -> nn.Module:
         new.lora_B[n] = layer.lora_B[n]
         new.lora_dropout[n] = layer.lora_dropout[n]
         new.scaling[n] = layer.scaling[n]
+        if "lora_B" in layer.frozen_peft_weight_names.get(n, ()):  # MiCA: peft's variant keeps B frozen
+            from peft.tuners.lora.variants import MiCALinearVariant
+
+            new.lora_variant[n] = MiCALinearVariant()
+            MiCALinearVariant.init(new, n)
         if layer.use_alora.get(n, False):  # peft's aLoRA variant (its invocation lives in the model's config)
             from peft.tuners.lora.variants import ALoraLinearVariant
 

@@ -98,7 +98,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--use-rslora", action="store_true")
     g.add_argument("--init-lora-weights", default=True, type=_init_lora_weights, metavar="INIT",
                    help="LoRA init (lora/qlora), peft's init_lora_weights: true (default), false, gaussian, "
-                        "orthogonal (even --r), pissa, "
+                        "orthogonal (even --r), mica (B frozen), pissa, "
                         "pissa_niter_K (fast SVD, K iterations), olora, loftq (NF4 LoftQ with loftq_bits=4, "
                         "loftq_iter=1; on a 4-bit base (--load-in-4bit/qlora) the adapters are fitted to the "
                         "original weights of --model instead, as peft's replace_lora_weights_loftq), eva (A from "

@@ -184,6 +184,76 @@ def test_orthogonal_init_matches_peft(name, dtype):
                                                                   init_lora_weights="orthogonal"))
 
 
+def _trainable(model):
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name,dtype", [("llama", torch.float32), ("gpt2", torch.float32), ("llama", torch.bfloat16)])
+def test_mica_init_matches_peft(name, dtype, tmp_path):
+    """init_lora_weights="mica" (peft 0.21's Minor Component Adaptation): B = the r left singular vectors with the
+    smallest singular values, frozen; A = 0 (the model unchanged): the same parameters, trainable set, counts and
+    training gradients as peft; B stays frozen through set_adapter, disable_adapter and set_requires_grad; files
+    load both ways with the same logits; from_peft / to_peft keep B frozen."""
+    base = Base(name, dtype)
+    ours, theirs = _both(base, init_lora_weights="mica")
+    _assert_same_params(ours, theirs, 1e-6, "mica")
+    assert _trainable(ours) == _trainable(theirs) and all("lora_A" in n for n in _trainable(ours))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert_rel(_logits(ours), _logits(base.fresh()), 1e-6, "identity at init")
+    for model in (ours, theirs):  # move A off zero, then one backward
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_A" in n:
+                    p.copy_(torch.linspace(-0.05, 0.05, p.numel()).reshape(p.shape))
+        model.train()
+        model(**INPUTS, labels=INPUTS["input_ids"]).loss.backward()
+    grads = {n: p.grad for n, p in theirs.named_parameters() if p.grad is not None}
+    ours_grads = {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
+    assert sorted(ours_grads) == sorted(grads)
+    for key, grad in grads.items():
+        assert_rel(ours_grads[key].float(), grad.float(), 2e-2 if dtype == torch.bfloat16 else 1e-5, key)
+    ours.set_adapter("default")
+    with ours.disable_adapter():
+        pass
+    ours.base_model.set_requires_grad("default", True)
+    assert _trainable(ours) == _trainable(theirs)
+    ours.eval()
+    theirs.eval()
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for src in ("ours", "theirs"):
+            for lib in (fastpeft, peft):
+                loaded = lib.PeftModel.from_pretrained(base.fresh(), tmp_path / src, is_trainable=True).eval()
+                assert_rel(_logits(loaded), _logits(theirs), 1e-5, f"{src} -> {lib.__name__}")
+                assert all("lora_A" in n for n in _trainable(loaded))
+        converted = fastpeft.from_peft(theirs)
+        assert _trainable(converted) == _trainable(ours)
+        converted.base_model.set_adapter("default")
+        assert all("lora_A" in n for n in _trainable(converted))
+        back = fastpeft.to_peft(converted)
+        back.base_model.set_adapter("default")
+        assert all("lora_A" in n for n in _trainable(back))
+
+
+def test_mica_refusals():
+    base = Base("llama")
+    # (any case, as peft's init; peft's variant — the frozen B — only takes the lower-case name, fastpeft both)
+    model = fastpeft.get_peft_model(base.fresh(), fastpeft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                      init_lora_weights="MiCA"))
+    assert all("lora_A" in n for n in _trainable(model))
+    with pytest.raises(ValueError, match="MiCA requires `r` <= min"):
+        fastpeft.get_peft_model(base.fresh(), fastpeft.LoraConfig(r=24, target_modules=["k_proj"],
+                                                                  init_lora_weights="mica"))
+    with pytest.raises(ValueError, match="'mica' on an embedding layer"):
+        fastpeft.get_peft_model(base.fresh(), fastpeft.LoraConfig(r=4, target_modules=["embed_tokens"],
+                                                                  init_lora_weights="mica"))
+    with pytest.raises(ValueError, match="does not combine it with DoRA"):
+        fastpeft.get_peft_model(base.fresh(), fastpeft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True,
+                                                                  init_lora_weights="mica"))
+
+
 def test_gaussian_init_name_in_any_case():
     """init_lora_weights="Gaussian" is peft's "gaussian" (peft compares it case-insensitively): A ~ N(0, 1/r)."""
     base = Base("llama")

@@ -124,6 +124,10 @@ class FastLoraEmbedding(AdapterSwitches, nn.Module):
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r!r}")
         if not 0.0 <= float(lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        if init_kind(init_lora_weights)[0] == "mica":
+            raise ValueError(f"init_lora_weights='mica' on an embedding layer ({type(self.base_layer).__name__}, "
+                             f"adapter {adapter_name!r}) is not supported by fastpeft (peft has an embedding variant "
+                             "of MiCA); leave the embeddings out of target_modules")
         if init_kind(init_lora_weights)[0] == "loftq":  # (init_kind raises on an unknown value)
             raise ValueError(f"init_lora_weights='loftq' on an embedding layer ({type(self.base_layer).__name__}, "
                              f"adapter {adapter_name!r}) is not supported by fastpeft; leave the embeddings out of "

@@ -318,6 +318,11 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         if not 0.0 <= float(lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
         kind, _ = init_kind(init_lora_weights)  # raises on an unknown value, listing the supported ones
+        if kind == "mica" and (use_dora or use_alora or tied_adapter):
+            raise ValueError("init_lora_weights='mica' (MiCA) is plain LoRA with a frozen lora_B: fastpeft does not "
+                             "combine it with DoRA, aLoRA or a tied adapter")
+        if kind == "mica":
+            self._refuse_opaque("init_lora_weights='mica'")
         if kind == "loftq":
             loftq_config = check_loftq_config(loftq_config)
         if use_dora:
@@ -361,7 +366,11 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         self.lora_alpha[adapter_name] = lora_alpha
         self.use_rslora[adapter_name] = bool(use_rslora)
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.frozen_peft_weight_names.pop(adapter_name, None)
         self.reset_lora_parameters(adapter_name, init_lora_weights, loftq_config)
+        if kind == "mica":  # lora_B stays as the init set it: only A trains (peft's MiCALinearVariant)
+            self.frozen_peft_weight_names[adapter_name] = ("lora_B",)
+            self.lora_B[adapter_name].requires_grad_(False)
         if init_dtype != dtype:
             self.lora_A[adapter_name].to(dtype)
             self.lora_B[adapter_name].to(dtype)
@@ -403,6 +412,9 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         if kind == "orthogonal":
             self._orthogonal_init(adapter_name)
             return
+        if kind == "mica":
+            self._mica_init(adapter_name)
+            return
         if kind == "gaussian":
             nn.init.normal_(A, std=1.0 / self.r[adapter_name])
         else:
@@ -428,6 +440,26 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         dtype = self.base_layer.weight.dtype  # (peft stores them in the base's dtype before any upcast)
         for param, value in ((self.lora_A[adapter_name].weight, A), (self.lora_B[adapter_name].weight, B)):
             param.copy_(value.to(dtype if dtype.is_floating_point else param.dtype))
+
+    @torch.no_grad()
+    def _mica_init(self, adapter_name: str) -> None:
+        """peft's ``init_lora_weights="mica"`` (Minor Component Adaptation): ``lora_B`` = the r left singular vectors
+        of the base weight with the smallest singular values (frozen: only A trains), ``lora_A`` = 0, so the layer
+        starts as its base, which is not rewritten. r must not exceed min(out, in). A 4-bit base is decoded (peft
+        refuses it); on the meta device nothing is computed (as peft)."""
+        B = self.lora_B[adapter_name].weight
+        if B.device.type == "meta":
+            return
+        r = self.r[adapter_name]
+        w = self._init_read_base("mica")
+        if r > min(w.shape):
+            raise ValueError(f"MiCA requires `r` <= min(in_features, out_features) but got r={r} for a layer with "
+                             f"weight shape {tuple(w.shape)} (max usable r is {min(w.shape)}).")
+        U = torch.linalg.svd(w, full_matrices=False)[0]
+        base_dtype = self.base_layer.weight.dtype  # (peft stores B in the base's dtype before any upcast)
+        minor = U[:, -r:].to(base_dtype if base_dtype.is_floating_point else torch.float32)
+        B.copy_(minor)
+        self.lora_A[adapter_name].weight.zero_()
 
     def _pissa_init(self, adapter_name: str, niter: int | None = None) -> None:
         """PiSSA on adapter ``adapter_name`` (``niter``: the fast ``svd_lowrank`` variant)."""
@@ -483,9 +515,11 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
 
     def _adapter_parameters(self, name: str) -> list[torch.Tensor]:
         """Adapter ``name``'s trainable tensors: A, B, B's bias (``lora_bias``) and (DoRA) the magnitude."""
-        params = [self.lora_A[name].weight, self.lora_B[name].weight]
-        if self.lora_B[name].bias is not None:
-            params.append(self.lora_B[name].bias)
+        params = [self.lora_A[name].weight]
+        if "lora_B" not in self.frozen_peft_weight_names.get(name, ()):  # (MiCA's B never trains)
+            params.append(self.lora_B[name].weight)
+            if self.lora_B[name].bias is not None:
+                params.append(self.lora_B[name].bias)
         if name in self.lora_magnitude_vector:
             params += list(self.lora_magnitude_vector[name].parameters())
         return params

@@ -20,7 +20,7 @@ import re
 import torch
 
 # The values of ``init_lora_weights`` fastpeft implements ("pissa_niter_<K>" stands for the pattern).
-INIT_CHOICES = (True, False, "gaussian", "orthogonal", "pissa", "pissa_niter_<K>", "olora", "loftq", "eva")
+INIT_CHOICES = (True, False, "gaussian", "orthogonal", "mica", "pissa", "pissa_niter_<K>", "olora", "loftq", "eva")
 # Inits that rewrite the base weight (the adapter then only fits the base it was initialized on).
 BASE_MUTATING = ("pissa", "olora", "loftq")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
@@ -39,6 +39,8 @@ def init_kind(value) -> tuple[bool | str, int | None]:
             return value, None
         if value.lower() == "gaussian":  # peft compares this one case-insensitively too
             return "gaussian", None
+        if value.lower() == "mica":  # (case-insensitively, as peft)
+            return "mica", None
         if value.lower() == "olora":  # peft compares this one case-insensitively
             return "olora", None
         m = _PISSA_NITER.fullmatch(value)

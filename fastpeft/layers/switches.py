@@ -288,7 +288,8 @@ class MergeMath:
             del d[adapter_name]
         if adapter_name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[adapter_name]
-        for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.use_dora, self.use_alora):
+        for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.use_dora, self.use_alora,
+                  self.frozen_peft_weight_names):
             d.pop(adapter_name, None)
         if remerge:
             self.merge(adapter_names=remerge)
@@ -308,6 +309,7 @@ def init_lora_state(layer: nn.Module) -> None:
     layer.use_rslora = {}
     layer.use_dora = {}
     layer.use_alora = {}  # aLoRA adapters (alora_invocation_tokens): linear layers only
+    layer.frozen_peft_weight_names = {}  # adapter → its factors that never train (peft's name; MiCA: ("lora_B",))
     layer._active_adapters = []
     layer.merged_adapters = []
     layer._disable_adapters = False
