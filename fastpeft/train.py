@@ -456,8 +456,10 @@ def check_alora_samples(args: argparse.Namespace, samples: list, packing: bool) 
 def randomized_init(args: argparse.Namespace) -> bool:
     """Whether the LoRA init draws random numbers while rewriting the base (``pissa_niter_K``: a randomized SVD), so
     that rerunning it when the adapter is loaded would give another base."""
-    init = getattr(args, "init_lora_weights", True)
-    return args.method in ("lora", "qlora") and isinstance(init, str) and init.startswith("pissa_niter")
+    from .layers.lora_init import init_kind
+
+    kind, niter = init_kind(getattr(args, "init_lora_weights", True))  # (checked when the flag was parsed)
+    return args.method in ("lora", "qlora") and kind == "pissa" and niter is not None
 
 
 def saved_adapter_options(args: argparse.Namespace, out: Path) -> dict:

@@ -318,10 +318,10 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         if not 0.0 <= float(lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
         kind, _ = init_kind(init_lora_weights)  # raises on an unknown value, listing the supported ones
-        if kind == "mica" and (use_dora or use_alora or tied_adapter):
-            raise ValueError("init_lora_weights='mica' (MiCA) is plain LoRA with a frozen lora_B: fastpeft does not "
-                             "combine it with DoRA, aLoRA or a tied adapter")
         if kind == "mica":
+            if use_dora or use_alora or tied_adapter:
+                raise ValueError("init_lora_weights='mica' (MiCA) is plain LoRA with a frozen lora_B: fastpeft does "
+                                 "not combine it with DoRA, aLoRA or a tied adapter")
             self._refuse_opaque("init_lora_weights='mica'")
         if kind == "loftq":
             loftq_config = check_loftq_config(loftq_config)
@@ -437,9 +437,14 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         first, second = q[0::2, :], q[1::2, :]
         A = torch.randn(self.in_features, r // 2).mm(first).T / 10.0
         B = torch.randn(r // 2, self.out_features).T.mm(second) / 10.0
-        dtype = self.base_layer.weight.dtype  # (peft stores them in the base's dtype before any upcast)
-        for param, value in ((self.lora_A[adapter_name].weight, A), (self.lora_B[adapter_name].weight, B)):
-            param.copy_(value.to(dtype if dtype.is_floating_point else param.dtype))
+        self._store_through_base_dtype(self.lora_A[adapter_name].weight, A)
+        self._store_through_base_dtype(self.lora_B[adapter_name].weight, B)
+
+    def _store_through_base_dtype(self, param: torch.Tensor, value: torch.Tensor) -> None:
+        """``param ← value`` rounded to a float base weight's dtype first, as peft stores these inits in the base's
+        dtype before any upcast (the same seed then gives peft's values on a bf16/fp16 base too)."""
+        dtype = self.base_layer.weight.dtype
+        param.copy_(value.to(dtype) if dtype.is_floating_point else value)
 
     @torch.no_grad()
     def _mica_init(self, adapter_name: str) -> None:
@@ -456,9 +461,7 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
             raise ValueError(f"MiCA requires `r` <= min(in_features, out_features) but got r={r} for a layer with "
                              f"weight shape {tuple(w.shape)} (max usable r is {min(w.shape)}).")
         U = torch.linalg.svd(w, full_matrices=False)[0]
-        base_dtype = self.base_layer.weight.dtype  # (peft stores B in the base's dtype before any upcast)
-        minor = U[:, -r:].to(base_dtype if base_dtype.is_floating_point else torch.float32)
-        B.copy_(minor)
+        self._store_through_base_dtype(B, U[:, -r:])
         self.lora_A[adapter_name].weight.zero_()
 
     def _pissa_init(self, adapter_name: str, niter: int | None = None) -> None:

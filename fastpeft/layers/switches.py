@@ -21,6 +21,21 @@ from torch import nn
 from ..ops_mixed import BASE as _BASE_NAME
 
 
+def freeze_requires_grad(params) -> list[tuple[torch.Tensor, bool]]:
+    """Freeze ``params`` (adapters switched off, as peft freezes them), returning each one's ``requires_grad`` as it
+    was, for :func:`restore_requires_grad`."""
+    saved = [(p, p.requires_grad) for p in params]
+    for p, _ in saved:
+        p.requires_grad_(False)
+    return saved
+
+
+def restore_requires_grad(saved) -> None:
+    """Give the parameters :func:`freeze_requires_grad` froze their ``requires_grad`` back."""
+    for p, flag in saved:
+        p.requires_grad_(flag)
+
+
 class AdapterSwitches:
     """Adapter activation, trainability and on/off switching for a fastpeft adapter layer (see the module)."""
 
@@ -132,13 +147,10 @@ class AdapterSwitches:
         if not enabled and self.merged:
             self.unmerge()
         if not enabled and not self._disable_adapters:
-            params = [p for name in self._adapter_names() for p in self._adapter_parameters(name)]
-            self._grad_flags_before_disable = [(p, p.requires_grad) for p in params]
-            for p in params:
-                p.requires_grad_(False)
+            self._grad_flags_before_disable = freeze_requires_grad(
+                p for name in self._adapter_names() for p in self._adapter_parameters(name))
         elif enabled and self._disable_adapters:
-            for p, flag in self.__dict__.pop("_grad_flags_before_disable", ()):
-                p.requires_grad_(flag)
+            restore_requires_grad(self.__dict__.pop("_grad_flags_before_disable", ()))
         self._disable_adapters = not enabled
 
     @contextlib.contextmanager

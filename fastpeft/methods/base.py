@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import NoMatchingPeftModuleError
+from ..layers.switches import freeze_requires_grad, restore_requires_grad
 from ..model import (
     ModulesToSaveWrapper,
     delegating_getattr,
@@ -398,17 +399,12 @@ class MethodTuner(nn.Module):
             if layer.merged:
                 layer.unmerge()
 
-    def _adapter_params(self) -> list[nn.Parameter]:
-        return [p for _, layer in self.adapter_layers() for pname in layer.adapter_param_names
-                for p in getattr(layer, pname).parameters()]
-
     def enable_adapter_layers(self) -> None:
         """Switch the method's layers back on; their weights' trainability comes back as it was before
         :meth:`disable_adapter_layers` (an adapter loaded for inference stays frozen)."""
         for _, layer in self.adapter_layers():
             layer.disable_adapters = False
-        for p, flag in self.__dict__.pop("_grad_flags_before_disable", ()):
-            p.requires_grad_(flag)
+        restore_requires_grad(self.__dict__.pop("_grad_flags_before_disable", ()))
         for _, wrapper in self.modules_to_save_wrappers():
             wrapper.enable_adapters(True)
 
@@ -417,10 +413,9 @@ class MethodTuner(nn.Module):
         if not self.supports_disable:
             raise self._in_place_error("disable_adapter()")
         if "_grad_flags_before_disable" not in self.__dict__:
-            params = self._adapter_params()
-            self._grad_flags_before_disable = [(p, p.requires_grad) for p in params]
-            for p in params:
-                p.requires_grad_(False)
+            self._grad_flags_before_disable = freeze_requires_grad(
+                p for _, layer in self.adapter_layers() for pname in layer.adapter_param_names
+                for p in getattr(layer, pname).parameters())
         for _, layer in self.adapter_layers():
             layer.disable_adapters = True
         for _, wrapper in self.modules_to_save_wrappers():
