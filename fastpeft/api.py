@@ -107,19 +107,26 @@ class PeftConfig(metaclass=_PeftConfigMeta):
                         **kwargs):
         """The config in ``pretrained_model_name_or_path`` (a folder, an ``adapter_config.json`` or a Hub repo id,
         with peft's Hub keywords ``revision``, ``token``, ``cache_dir``, ...), as the class its ``peft_type`` names.
-        Other keywords are refused: as peft's documentation says, set attributes on the returned config."""
-        from .config import read_config_dict
-        from .hub import pop_hub_kwargs, resolve_adapter_path
+        As peft's: keywords naming ``PeftConfig`` fields (``task_type``, ``inference_mode``, ...) fill those the
+        file lacks, other keywords are ignored with a warning."""
+        from .config import config_data_for
 
-        hub = pop_hub_kwargs(kwargs)
-        kwargs.pop("user_agent", None)  # peft's download label: nothing to do with the config
-        if kwargs:
-            raise TypeError(f"PeftConfig.from_pretrained got keyword(s) {sorted(kwargs)}; the saved values win in "
-                            "peft, so set attributes on the returned config instead")
-        path = resolve_adapter_path(pretrained_model_name_or_path, subfolder=subfolder, **hub)
-        data = read_config_dict(path)
+        data = config_data_for(cls, pretrained_model_name_or_path, subfolder, kwargs)
         data.setdefault("peft_type", "LORA")
         return get_peft_config(data)
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str | os.PathLike, **kwargs) -> dict[str, Any]:
+        """peft's: the JSON object in ``path_json_file`` (``runtime_config`` dropped with peft's warning)."""
+        return LoraConfig.from_json_file(path_json_file, **kwargs)
+
+    @classmethod
+    def from_peft_type(cls, **kwargs):
+        """peft's: the config ``kwargs["peft_type"]`` names, built from ``kwargs`` (``peft_type`` is required here:
+        ``PeftConfig`` itself is never built)."""
+        if "peft_type" not in kwargs:
+            raise ValueError("PeftConfig.from_peft_type needs peft_type= (fastpeft builds the method's own config)")
+        return get_peft_config(dict(kwargs))
 
 
 def _modules_named_by(state_dict: dict[str, torch.Tensor], prefix: str) -> set[str]:
@@ -195,11 +202,20 @@ def inject_adapter_in_model(peft_config, model: nn.Module, adapter_name: str = "
 
 def _inject_lora(config: LoraConfig, model: nn.Module, adapter_name: str,
                  state_dict: dict[str, torch.Tensor] | None):
-    from .model import LoraModel, _excluded, _is_inside_lora, _plan_weight_tying, _resolve_targets, _targeted
+    from .model import LoraModel
 
-    if state_dict is None:
-        return LoraModel(model, config, adapter_name)
+    return LoraModel(model, config, adapter_name, state_dict=state_dict)
+
+
+def lora_configs_for_state_dict(config: LoraConfig, model: nn.Module, state_dict: dict[str, torch.Tensor]
+                                ) -> tuple[LoraConfig, LoraConfig]:
+    """peft's injection by ``state_dict``: the config to inject with (targeting exactly the modules whose LoRA
+    keys ``state_dict`` holds, relative to ``model``) and the config to store afterwards (the user's targeting
+    fields; with ``ensure_weight_tying`` as peft rewrites them). Warns, as peft, where the config's targets and
+    the state dict's disagree; raises if the state dict names no module of the model."""
     import copy
+
+    from .model import LoraModel, _excluded, _is_inside_lora, _plan_weight_tying, _resolve_targets, _targeted
 
     named = _modules_named_by(state_dict, LoraModel.prefix)
     names = [n for n, _ in model.named_modules() if n and not _is_inside_lora(model, n)]
@@ -218,7 +234,7 @@ def _inject_lora(config: LoraConfig, model: nn.Module, adapter_name: str,
             msg += f"The PEFT config contained these additional target modules: {only_config}. "
         if only_state:
             msg += f"The state_dict contained these additional target modules: {only_state}. "
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
     # inject exactly the named modules, then give the stored config the user's targeting fields back (with
     # ensure_weight_tying: as peft rewrites them, the input embeddings' name in and the tied head's out)
     if config.ensure_weight_tying:
@@ -231,11 +247,7 @@ def _inject_lora(config: LoraConfig, model: nn.Module, adapter_name: str,
     exact.exclude_modules = None
     exact.layers_to_transform = None
     exact.layers_pattern = None
-    tuner = LoraModel(model, exact, adapter_name)
-    stored = tuner.peft_config[adapter_name]
-    for field in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"):
-        setattr(stored, field, copy.deepcopy(getattr(config, field)))
-    return tuner
+    return exact, config
 
 
 def _infer_device() -> str:

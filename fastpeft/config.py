@@ -172,9 +172,64 @@ class AdapterConfigFile:
         extra = {k: v for k, v in data.items() if k not in names}
         return cls(**known, extra=extra)
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``adapter_config.json`` into ``save_directory`` (created if needed)."""
-        write_config_json(self.to_dict(), save_directory)
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Write ``adapter_config.json`` into ``save_directory`` (created if needed; a file there is refused, as
+        peft). peft's ``auto_mapping_dict`` keyword is written as the ``auto_mapping`` field; other keywords
+        (peft passes them on to nothing) are ignored."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"Provided path ({os.fspath(save_directory)}) should be a directory, not a file")
+        data = self.to_dict()
+        auto_mapping = kwargs.pop("auto_mapping_dict", None)
+        if auto_mapping is not None:
+            data["auto_mapping"] = auto_mapping
+        write_config_json(data, save_directory)
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str | os.PathLike, **kwargs) -> dict[str, Any]:
+        """peft's: the JSON object in ``path_json_file`` (a dict, not a config), a ``runtime_config`` key dropped
+        with peft's warning."""
+        with open(path_json_file, encoding="utf-8") as f:
+            data = json.load(f)
+        if "runtime_config" in data:
+            warnings.warn("The configuration file contains a `runtime_config` key. This is ignored. Runtime "
+                          "configurations are only valid at runtime.", stacklevel=2)
+            del data["runtime_config"]
+        return data
+
+    @classmethod
+    def from_peft_type(cls, **kwargs):
+        """peft's: the config of ``kwargs["peft_type"]`` (else of this class) built from ``kwargs``; fields this
+        class does not know are kept in ``extra`` (checked as those of a loaded ``adapter_config.json``)."""
+        from .api import get_peft_config
+
+        if "peft_type" in kwargs:
+            return get_peft_config(dict(kwargs))
+        return cls.from_dict(dict(kwargs))
+
+
+def config_data_for(cls: type, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None,
+                    kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What peft's ``PeftConfig.from_pretrained`` builds a config from: the saved ``adapter_config.json`` (a
+    folder, the file, or a Hub repo id, with peft's Hub keywords ``revision``, ``token``, ``cache_dir``, ...),
+    keywords naming fields of ``cls`` filling the fields the file lacks (saved values win, as in peft, with a
+    warning where they differ), other keywords ignored with a warning (peft drops both silently)."""
+    from .hub import pop_hub_kwargs, resolve_adapter_path
+
+    hub = pop_hub_kwargs(kwargs)
+    kwargs.pop("user_agent", None)  # peft's download label
+    path = resolve_adapter_path(pretrained_model_name_or_path, subfolder=subfolder, **hub)
+    data = read_config_dict(path)
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    names |= {"peft_type", "task_type", "inference_mode", "base_model_name_or_path", "revision", "auto_mapping"}
+    unused = sorted(k for k in kwargs if k not in names)
+    if unused:
+        warnings.warn(f"{cls.__name__}.from_pretrained ignores the keyword argument(s) {unused} (neither a config "
+                      "field nor a Hub option)", stacklevel=3)
+    shadowed = sorted(k for k in kwargs if k in names and k in data and kwargs[k] != data[k])
+    if shadowed:
+        warnings.warn(f"{cls.__name__}.from_pretrained: the saved value(s) of {shadowed} win over the keyword "
+                      "argument(s), as in peft; set attributes on the returned config to change them", stacklevel=3)
+    return {**{k: v for k, v in kwargs.items() if k in names}, **data}
 
 
 @dataclass
@@ -408,13 +463,12 @@ class LoraConfig(AdapterConfigFile):
         return cls._from_known_fields(data)  # peft_type is popped: the field keeps its default "LORA"
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **hub_kwargs) -> LoraConfig:
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
+                        **kwargs) -> LoraConfig:
         """Read ``adapter_config.json`` from a folder (or the file itself) or a Hub repo id (peft's Hub keywords
-        ``subfolder``, ``revision``, ``token``, ...: see :func:`fastpeft.hub.resolve_adapter_path`)."""
-        from .hub import resolve_adapter_path
-
-        data = read_config_dict(resolve_adapter_path(path, **hub_kwargs))
-        return cls.from_dict(data)
+        ``subfolder``, ``revision``, ``token``, ...: see :func:`fastpeft.hub.resolve_adapter_path`). As peft's:
+        keywords naming config fields fill those the file lacks; other keywords are ignored (with a warning)."""
+        return cls.from_dict(config_data_for(cls, pretrained_model_name_or_path, subfolder, kwargs))
 
 
 def _accept_peft_keywords(cls):

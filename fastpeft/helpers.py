@@ -1,8 +1,8 @@
 """peft's ``peft.helpers`` for fastpeft models: ``rescale_adapter_scale`` (WiSE-FT-style scaling of every LoRA
 adapter inside a block), ``check_if_peft_model``, and ``update_forward_signature`` / ``update_generate_signature``
 / ``update_signature`` (the base model's signature and docstring on the wrapper's ``forward`` / ``generate``, for
-``help()`` and IDEs). Same names, arguments and errors as peft's; they also accept peft's own LoRA layers (a
-model converted with ``fastpeft.from_peft`` keeps some)."""
+``help()`` and IDEs), ``disable_input_dtype_casting``. Same names, arguments and errors as peft's; they also
+accept peft's own LoRA layers (a model converted with ``fastpeft.from_peft`` keeps some)."""
 
 from __future__ import annotations
 
@@ -69,6 +69,33 @@ def rescale_adapter_scale(model: nn.Module, multiplier: float | int) -> Iterator
             module.scaling = scaling
 
 
+@contextlib.contextmanager
+def disable_input_dtype_casting(model: nn.Module, active: bool = True) -> Iterator[None]:
+    """peft's helper: inside the block, adapter layers do not cast their input to the adapter weights' dtype (for
+    hooks that manage dtypes themselves, e.g. diffusers' layerwise casting); restored on exit.
+
+    fastpeft's fused layers never make that cast: the op reads ``x`` in its own dtype and accumulates in fp32
+    with the adapter weights as they are, so for them the block changes nothing. peft's own tuner layers that
+    a model holds (a partly converted model) get peft's ``cast_input_dtype_enabled`` switched off, as peft's
+    helper does. ``active=False`` makes the block do nothing."""
+    if not active:
+        yield
+        return
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # peft is optional: without it only fastpeft's layers exist
+        BaseTunerLayer = ()  # noqa: N806
+    original = {m: m.cast_input_dtype_enabled for m in model.modules()
+                if isinstance(m, BaseTunerLayer) and hasattr(m, "cast_input_dtype_enabled")}
+    for module in original:
+        module.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for module, value in original.items():
+            module.cast_input_dtype_enabled = value
+
+
 def check_if_peft_model(model_name_or_path: str) -> bool:
     """True when ``model_name_or_path`` (a local folder or a Hub repo id) holds a peft/fastpeft adapter config
     (``adapter_config.json``), False otherwise, whatever went wrong while looking (peft's helper)."""
@@ -125,5 +152,5 @@ def update_signature(model: nn.Module, method: str = "all") -> None:
         raise ValueError(f"method {method} is not supported please choose one of ['forward', 'generate', 'all']")
 
 
-__all__ = ["check_if_peft_model", "rescale_adapter_scale", "update_forward_signature", "update_generate_signature",
-           "update_signature"]
+__all__ = ["check_if_peft_model", "disable_input_dtype_casting", "rescale_adapter_scale", "update_forward_signature",
+           "update_generate_signature", "update_signature"]

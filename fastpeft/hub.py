@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from .config import CONFIG_NAME
@@ -37,6 +38,14 @@ def pop_hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
         token = kwargs.pop("use_auth_token")
         hub.setdefault("token", token)
     return hub
+
+
+def warn_unused_kwargs(where: str, kwargs: dict[str, Any]) -> None:
+    """Warn about keywords ``where`` (a loading function) was given and does not use (peft drops them silently:
+    a misspelt keyword would otherwise go unnoticed)."""
+    if kwargs:
+        warnings.warn(f"{where} ignores the keyword argument(s) {sorted(kwargs)} (not a loading or Hub option)",
+                      stacklevel=3)
 
 
 def resolve_adapter_path(model_id: str | os.PathLike, subfolder: str | None = None, revision: str | None = None,

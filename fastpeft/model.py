@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import math
 import os
 import re
@@ -415,14 +416,30 @@ class LoraModel(nn.Module):
 
     prefix = "lora_"
 
-    def __init__(self, model: nn.Module, config: LoraConfig | dict[str, LoraConfig], adapter_name: str = "default",
-                 autocast_adapter_dtype: bool = True):
+    def __init__(self, model: nn.Module, peft_config: LoraConfig | dict[str, LoraConfig],
+                 adapter_name: str = "default", low_cpu_mem_usage: bool = False,
+                 state_dict: dict[str, torch.Tensor] | None = None, *, autocast_adapter_dtype: bool = True):
+        """peft's parameters, in peft's order: ``peft_config`` (one config, or ``{name: config}``),
+        ``adapter_name``, ``low_cpu_mem_usage`` (warned about: the weights are created as usual) and
+        ``state_dict`` (peft's: an adapter state dict, relative to ``model``; the adapters go exactly where its
+        LoRA keys say, as ``inject_adapter_in_model(..., state_dict=...)``)."""
         super().__init__()
+        warn_low_cpu_mem_usage(low_cpu_mem_usage)
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapter: str | list[str] = adapter_name
         self._injected: list[str] = []  # adapted module names, in the order injections first reached them
-        configs = config if isinstance(config, dict) else {adapter_name: config}
+        if state_dict is not None:
+            if isinstance(peft_config, dict):
+                raise ValueError("state_dict= takes one config, not a dict of them")
+            from .api import lora_configs_for_state_dict
+
+            exact, stored = lora_configs_for_state_dict(peft_config, model, state_dict)
+            self.inject_adapter(exact, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+            for field in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"):
+                setattr(self.peft_config[adapter_name], field, copy.deepcopy(getattr(stored, field)))
+            return
+        configs = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
         for name, cfg in configs.items():
             self.inject_adapter(cfg, name, autocast_adapter_dtype=autocast_adapter_dtype)
 
@@ -1871,10 +1888,14 @@ class PeftModel(nn.Module):
         return super().__new__(target)
 
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
-                 autocast_adapter_dtype: bool = True):
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False):
         super().__init__()
+        warn_low_cpu_mem_usage(low_cpu_mem_usage)
         self.base_model = LoraModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         record_base_model_name(self.base_model.peft_config[adapter_name], model)
+
+    # help(PeftModel) / inspect.signature show the constructor's parameters, not __new__'s (*args, **kwargs)
+    __new__.__signature__ = inspect.signature(__init__)
 
     __getattr__ = delegating_getattr("base_model")
 
@@ -2121,8 +2142,10 @@ class PeftModel(nn.Module):
         base's dtype (peft's argument). ``key_mapping`` (peft's): ``{regex: replacement}`` applied to the saved
         keys (without their ``base_model.model.`` prefix) before loading; None takes the model's
         ``_checkpoint_conversion_mapping`` if it has one, as peft (not for prompt learning).
+        ``ignore_mismatched_sizes=True`` (peft's keyword): tensors whose shape differs from the model's (e.g. a
+        ``config`` with another ``r``) are skipped with peft's warning instead of refused.
         ``ephemeral_gpu_offload`` and ``low_cpu_mem_usage`` are accepted and change nothing here."""
-        from .hub import pop_hub_kwargs, resolve_adapter_path
+        from .hub import pop_hub_kwargs, resolve_adapter_path, warn_unused_kwargs
 
         model_id = resolve_adapter_path(model_id, **pop_hub_kwargs(kwargs))
         if config is not None and not isinstance(config, LoraConfig):
@@ -2153,7 +2176,9 @@ class PeftModel(nn.Module):
             model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         from .save import load_adapter_weights
 
-        load_adapter_weights(peft_model, model_id, adapter_name, allow_pickle=allow_pickle, key_mapping=key_mapping)
+        load_adapter_weights(peft_model, model_id, adapter_name, allow_pickle=allow_pickle, key_mapping=key_mapping,
+                             ignore_mismatched_sizes=kwargs.pop("ignore_mismatched_sizes", False))
+        warn_unused_kwargs("PeftModel.from_pretrained", kwargs)
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -2170,10 +2195,11 @@ class PeftModel(nn.Module):
         peft's order: ``autocast_adapter_dtype`` as for :meth:`add_adapter` (a new adapter); ``key_mapping``
         (peft's): ``{regex: replacement}`` applied to the saved keys (without their ``base_model.model.`` prefix);
         ``torch_device``, ``ephemeral_gpu_offload`` and ``low_cpu_mem_usage`` are accepted and change nothing
-        (the weights are copied into the adapter's own tensors, where they are)."""
+        (the weights are copied into the adapter's own tensors, where they are); ``ignore_mismatched_sizes=True``
+        (peft's keyword) skips mis-shaped tensors with peft's warning."""
         from torch.nn.modules.module import _IncompatibleKeys
 
-        from .hub import pop_hub_kwargs, resolve_adapter_path
+        from .hub import pop_hub_kwargs, resolve_adapter_path, warn_unused_kwargs
         from .save import load_adapter_weights
 
         model_id = resolve_adapter_path(model_id, **pop_hub_kwargs(kwargs))
@@ -2184,17 +2210,21 @@ class PeftModel(nn.Module):
             self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
             if is_trainable:
                 self.base_model.set_requires_grad(adapter_name, True)
-        load_adapter_weights(self, model_id, adapter_name, allow_pickle=allow_pickle, key_mapping=key_mapping)
+        load_adapter_weights(self, model_id, adapter_name, allow_pickle=allow_pickle, key_mapping=key_mapping,
+                             ignore_mismatched_sizes=kwargs.pop("ignore_mismatched_sizes", False))
+        warn_unused_kwargs("PeftModel.load_adapter", kwargs)
         if not is_trainable:
             self.eval()
         return _IncompatibleKeys([], [])
 
-    def _load_adapter_state(self, saved: dict[str, torch.Tensor], adapter_name: str, where: str) -> None:
+    def _load_adapter_state(self, saved: dict[str, torch.Tensor], adapter_name: str, where: str,
+                            ignore_mismatched_sizes: bool = False) -> None:
         """Copy tensors under peft's saved names into adapter ``adapter_name``, strictly (errors name ``where``;
-        each method's model has its own: ``fastpeft.set_peft_model_state_dict`` calls it)."""
+        mis-shaped tensors skipped with a warning under ``ignore_mismatched_sizes``; each method's model has its
+        own: ``fastpeft.set_peft_model_state_dict`` calls it)."""
         from .save import load_adapter_state
 
-        load_adapter_state(self, saved, adapter_name, where)
+        load_adapter_state(self, saved, adapter_name, where, ignore_mismatched_sizes)
 
 
 def _let_transformers_trainer_see_fastpeft() -> None:
@@ -2327,6 +2357,14 @@ def _saved_peft_type(model_id: str | os.PathLike) -> str:
     return str(read_config_dict(model_id).get("peft_type") or "LORA")
 
 
+def warn_low_cpu_mem_usage(low_cpu_mem_usage: bool) -> None:
+    """peft's ``low_cpu_mem_usage=True`` creates adapter weights empty on the meta device; fastpeft creates them
+    as usual (on the base layers' device) and says so."""
+    if low_cpu_mem_usage:
+        warnings.warn("low_cpu_mem_usage=True: fastpeft creates the adapter weights on the base layers' device "
+                      "(peft creates them empty on the meta device)", stacklevel=3)
+
+
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", mixed: bool = False,
                    autocast_adapter_dtype: bool = True, revision: str | None = None,
                    low_cpu_mem_usage: bool = False) -> PeftModel:
@@ -2347,9 +2385,7 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     if mixed:
         raise NotImplementedError("get_peft_model(mixed=True) (peft's PeftMixedModel, adapters of several methods "
                                   "in one model) is not implemented in fastpeft")
-    if low_cpu_mem_usage:
-        warnings.warn("low_cpu_mem_usage=True: fastpeft creates the adapter weights on the base layers' device "
-                      "(peft creates them empty on the meta device)", stacklevel=2)
+    warn_low_cpu_mem_usage(low_cpu_mem_usage)
     if revision is not None:
         if getattr(peft_config, "revision", None) is not None and peft_config.revision != revision:
             warnings.warn(f"peft config has already set base model revision to {peft_config.revision}, "

@@ -396,16 +396,30 @@ def read_adapter_file(path: str | os.PathLike, allow_pickle: bool = False,
 
 
 def load_adapter_weights(peft_model: PeftModel, path: str | os.PathLike, adapter_name: str,
-                         allow_pickle: bool = False, key_mapping: dict[str, str] | None = None) -> None:
+                         allow_pickle: bool = False, key_mapping: dict[str, str] | None = None,
+                         ignore_mismatched_sizes: bool = False) -> None:
     """Copy a saved adapter's tensors into ``peft_model``'s adapter ``adapter_name``, strictly, after rewriting
     their keys by ``key_mapping`` (peft's, see :func:`apply_key_mapping`).
 
-    A missing key, an unexpected key, or a shape (rank) mismatch raises ``ValueError`` naming the key.
+    A missing key, an unexpected key, or a shape (rank) mismatch raises ``ValueError`` naming the key; with
+    ``ignore_mismatched_sizes`` (peft's) mis-shaped tensors are skipped with peft's warning instead.
     """
     saved = read_adapter_file(path, allow_pickle=allow_pickle, key_mapping=key_mapping)
     if not os.path.isfile(os.path.join(os.fspath(path), CONFIG_NAME)):
         raise FileNotFoundError(f"no {CONFIG_NAME} in {os.fspath(path)!r}")
-    load_adapter_state(peft_model, saved, adapter_name, f"adapter file in {os.fspath(path)!r}")
+    load_adapter_state(peft_model, saved, adapter_name, f"adapter file in {os.fspath(path)!r}",
+                       ignore_mismatched_sizes=ignore_mismatched_sizes)
+
+
+def warn_ignored_sizes(model: nn.Module, mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]) -> None:
+    """peft's warning for the tensors ``ignore_mismatched_sizes=True`` left out: ``(model key, file shape,
+    model shape)`` each; nothing when the list is empty."""
+    if not mismatched:
+        return
+    lines = "\n".join(f"- {key}: found shape {torch.Size(saved)} in the checkpoint and {torch.Size(here)} in the "
+                      "model instantiated" for key, saved, here in mismatched)
+    warnings.warn(f"Some weights of {type(model).__name__} were not initialized from the model checkpoint and are "
+                  f"being ignored because you passed `ignore_mismatched_sizes=True`: {lines}.", stacklevel=3)
 
 
 def map_saved_keys(peft_model: PeftModel, saved: dict[str, torch.Tensor], adapter_name: str,
@@ -452,9 +466,10 @@ def map_saved_keys(peft_model: PeftModel, saved: dict[str, torch.Tensor], adapte
 
 
 def load_adapter_state(peft_model: PeftModel, saved: dict[str, torch.Tensor], adapter_name: str,
-                       where: str = "the state dict") -> None:
+                       where: str = "the state dict", ignore_mismatched_sizes: bool = False) -> None:
     """Copy tensors under peft's saved names into ``peft_model``'s adapter ``adapter_name``, strictly
-    (missing, unexpected or mis-shaped tensors raise ``ValueError`` naming them and ``where``)."""
+    (missing, unexpected or mis-shaped tensors raise ``ValueError`` naming them and ``where``; with
+    ``ignore_mismatched_sizes`` mis-shaped ones are left as they are, with peft's warning)."""
     from .moe_v5 import convert_v4_state_dict
 
     saved = convert_v4_state_dict(peft_model, saved, adapter_name)  # a transformers-4 MoE adapter on a v5 model
@@ -476,9 +491,13 @@ def load_adapter_state(peft_model: PeftModel, saved: dict[str, torch.Tensor], ad
     if unexpected:
         raise ValueError(f"{where} has {len(unexpected)} key(s) this model does not "
                          f"have, e.g. {unexpected[:3]} (was it saved for another model or other target_modules?)")
+    mismatched = []
     with torch.no_grad():
         for target, (saved_key, value) in mapped.items():
             dest = state[target]
+            if dest.shape != value.shape and ignore_mismatched_sizes:
+                mismatched.append((target, tuple(value.shape), tuple(dest.shape)))
+                continue
             if dest.shape != value.shape:
                 hint = ""
                 if any(f".{p}." in target for p in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")):
@@ -487,16 +506,21 @@ def load_adapter_state(peft_model: PeftModel, saved: dict[str, torch.Tensor], ad
                     model_r = dest.shape[0] if first else dest.shape[-1]
                     hint = f" (rank mismatch: the file has r={saved_r}, the model's config r={model_r})"
                 raise ValueError(f"shape mismatch for {saved_key!r}: file has {tuple(value.shape)}, model expects "
-                                 f"{tuple(dest.shape)}{hint}")
+                                 f"{tuple(dest.shape)}{hint} (peft's ignore_mismatched_sizes=True skips such "
+                                 "tensors)")
             dest.copy_(value.to(device=dest.device, dtype=dest.dtype))
+    warn_ignored_sizes(peft_model, mismatched)
 
 
 def get_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None,
-                              adapter_name: str = "default",
+                              adapter_name: str = "default", unwrap_compiled: bool = False,
                               save_embedding_layers: bool | str = "auto") -> dict[str, torch.Tensor]:
-    """peft's function of the same name: the tensors ``save_pretrained`` writes for ``adapter_name``, under
-    peft's saved key names (LoRA: read from ``state_dict`` when given, else from the model; embedding base
-    weights per ``save_embedding_layers``, as peft)."""
+    """peft's function of the same name (parameters in peft's order): the tensors ``save_pretrained`` writes for
+    ``adapter_name``, under peft's saved key names (LoRA: read from ``state_dict`` when given, else from the
+    model; embedding base weights per ``save_embedding_layers``, as peft). ``unwrap_compiled``: take a
+    ``torch.compile``-d model's original module (no ``_orig_mod.`` in the keys)."""
+    if unwrap_compiled:
+        model = getattr(model, "_orig_mod", model)
     if hasattr(model, "adapter_state_dict"):  # the other methods' models
         return model.adapter_state_dict(adapter_name)
     if _check_plain_model(model, adapter_name) is not None:  # a method injected into a plain model
@@ -545,12 +569,14 @@ def _check_plain_model(model: nn.Module, adapter_name: str) -> object | None:
 
 
 def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, torch.Tensor],
-                              adapter_name: str = "default", low_cpu_mem_usage: bool = False):
-    """peft's function of the same name: load tensors under peft's saved key names (as
-    :func:`get_peft_model_state_dict` returns them, or an adapter file holds them) into ``adapter_name``.
+                              adapter_name: str = "default", ignore_mismatched_sizes: bool = False,
+                              low_cpu_mem_usage: bool = False):
+    """peft's function of the same name (parameters in peft's order): load tensors under peft's saved key names
+    (as :func:`get_peft_model_state_dict` returns them, or an adapter file holds them) into ``adapter_name``.
     ``model``: a fastpeft ``PeftModel``, or a plain model with LoRA layers from ``inject_adapter_in_model``.
 
-    Strict, unlike peft's: a missing, unexpected or mis-shaped tensor raises ``ValueError`` naming it.
+    Strict, unlike peft's: a missing, unexpected or mis-shaped tensor raises ``ValueError`` naming it;
+    ``ignore_mismatched_sizes=True`` (peft's) skips mis-shaped tensors instead, with peft's warning.
     ``low_cpu_mem_usage`` (peft's: assign instead of copy into meta-device weights) changes nothing here:
     fastpeft's adapter weights are real tensors, copied into. Returns the load result (empty missing /
     unexpected keys)."""
@@ -559,12 +585,12 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     where = "the given adapter state dict"
     if not hasattr(model, "_load_adapter_state"):  # a plain model with injected adapter layers
         if _check_plain_model(model, adapter_name) is None:
-            load_adapter_state(model, peft_model_state_dict, adapter_name, where)
+            load_adapter_state(model, peft_model_state_dict, adapter_name, where, ignore_mismatched_sizes)
         else:
             from .methods.base import load_tuner_state
 
             held = {_HELD + k: v for k, v in peft_model_state_dict.items()}
-            load_tuner_state(_method_holder(model, adapter_name), held, adapter_name, where)
+            load_tuner_state(_method_holder(model, adapter_name), held, adapter_name, where, ignore_mismatched_sizes)
         return _IncompatibleKeys([], [])
-    model._load_adapter_state(peft_model_state_dict, adapter_name, where)
+    model._load_adapter_state(peft_model_state_dict, adapter_name, where, ignore_mismatched_sizes)
     return _IncompatibleKeys([], [])

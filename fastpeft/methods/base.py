@@ -461,8 +461,17 @@ class MethodPeftModel(_LoraPeftModel):
 
     tuner_class: type[MethodTuner] = MethodTuner
 
-    def __init__(self, model: nn.Module, peft_config: MethodConfig, adapter_name: str = "default"):
+    def __init__(self, model: nn.Module, peft_config: MethodConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False):
+        """peft's ``PeftModel`` parameters; ``autocast_adapter_dtype=False`` is implemented for LoRA only (raises),
+        ``low_cpu_mem_usage=True`` is warned about (the weights are created as usual)."""
+        from ..model import warn_low_cpu_mem_usage
+
         nn.Module.__init__(self)
+        if not autocast_adapter_dtype:
+            raise NotImplementedError(f"autocast_adapter_dtype=False is implemented for LoRA only, not for "
+                                      f"{type(peft_config).__name__}")
+        warn_low_cpu_mem_usage(low_cpu_mem_usage)
         self.base_model = self.tuner_class(model, peft_config, adapter_name)
         record_base_model_name(peft_config, model)
 
@@ -492,18 +501,22 @@ class MethodPeftModel(_LoraPeftModel):
                      key_mapping: dict[str, str] | None = None, allow_pickle: bool = False, **kwargs):
         """Load saved weights into the model's own adapter (how transformers' Trainer resumes from a
         checkpoint); without ``is_trainable`` the model is put in eval mode. fastpeft's non-LoRA methods
-        hold one adapter per model: another name is refused."""
-        from ..hub import pop_hub_kwargs, resolve_adapter_path
+        hold one adapter per model: another name is refused. ``ignore_mismatched_sizes=True`` (peft's keyword)
+        skips mis-shaped tensors with peft's warning."""
+        from ..hub import pop_hub_kwargs, resolve_adapter_path, warn_unused_kwargs
 
         if adapter_name != self.base_model.active_adapter:
             raise NotImplementedError(f"{type(self).__name__} holds one adapter ({self.base_model.active_adapter!r});"
                                       " load another one with from_pretrained on a fresh model")
         model_id = resolve_adapter_path(model_id, **pop_hub_kwargs(kwargs))
-        return load_into_own_adapter(self, model_id, adapter_name, is_trainable, allow_pickle, key_mapping)
+        ignore = kwargs.pop("ignore_mismatched_sizes", False)
+        warn_unused_kwargs(f"{type(self).__name__}.load_adapter", kwargs)
+        return load_into_own_adapter(self, model_id, adapter_name, is_trainable, allow_pickle, key_mapping, ignore)
 
-    def _load_adapter_state(self, saved: dict[str, torch.Tensor], adapter_name: str, where: str) -> None:
+    def _load_adapter_state(self, saved: dict[str, torch.Tensor], adapter_name: str, where: str,
+                            ignore_mismatched_sizes: bool = False) -> None:
         """Copy saved tensors into the method's weights, strictly (see :func:`load_tuner_state`)."""
-        load_tuner_state(self, saved, adapter_name, where)
+        load_tuner_state(self, saved, adapter_name, where, ignore_mismatched_sizes)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Only the model's own adapter name is accepted."""
@@ -562,8 +575,9 @@ class MethodPeftModel(_LoraPeftModel):
         """Build the method on ``model`` from a saved folder (or Hub repo id, with peft's Hub keywords) and load
         its weights strictly, their keys rewritten by peft's ``key_mapping`` (None: the model's
         ``_checkpoint_conversion_mapping``, as peft). Parameters in peft's order; ``autocast_adapter_dtype``,
-        ``ephemeral_gpu_offload`` and ``low_cpu_mem_usage`` are accepted and change nothing here."""
-        from ..hub import pop_hub_kwargs, resolve_adapter_path
+        ``ephemeral_gpu_offload`` and ``low_cpu_mem_usage`` are accepted and change nothing here;
+        ``ignore_mismatched_sizes=True`` (peft's keyword) skips mis-shaped tensors with peft's warning."""
+        from ..hub import pop_hub_kwargs, resolve_adapter_path, warn_unused_kwargs
         from .configs import MethodConfig as _Base
 
         model_id = resolve_adapter_path(model_id, **pop_hub_kwargs(kwargs))
@@ -573,7 +587,9 @@ class MethodPeftModel(_LoraPeftModel):
             key_mapping = getattr(model, "_checkpoint_conversion_mapping", None)
         peft_model = cls._for_loading(model, config, adapter_name)
         saved = read_adapter_file(model_id, allow_pickle=allow_pickle, key_mapping=key_mapping)
-        peft_model._load_adapter_state(saved, adapter_name, f"adapter file in {os.fspath(model_id)!r}")
+        peft_model._load_adapter_state(saved, adapter_name, f"adapter file in {os.fspath(model_id)!r}",
+                                       kwargs.pop("ignore_mismatched_sizes", False))
+        warn_unused_kwargs(f"{cls.__name__}.from_pretrained", kwargs)
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -643,23 +659,28 @@ def write_adapter(save_directory: str | os.PathLike, tensors: dict[str, torch.Te
 
 
 def load_into_own_adapter(peft_model: nn.Module, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool,
-                          allow_pickle: bool, key_mapping: dict[str, str] | None = None):
+                          allow_pickle: bool, key_mapping: dict[str, str] | None = None,
+                          ignore_mismatched_sizes: bool = False):
     """``load_adapter`` onto a one-adapter model's own adapter: the file's tensors (keys rewritten by peft's
     ``key_mapping``) through the model's ``_load_adapter_state``, eval mode unless ``is_trainable``; returns the
     (strict, hence empty) load result."""
     from torch.nn.modules.module import _IncompatibleKeys
 
     saved = read_adapter_file(model_id, allow_pickle=allow_pickle, key_mapping=key_mapping)
-    peft_model._load_adapter_state(saved, adapter_name, f"adapter file in {os.fspath(model_id)!r}")
+    peft_model._load_adapter_state(saved, adapter_name, f"adapter file in {os.fspath(model_id)!r}",
+                                   ignore_mismatched_sizes)
     if not is_trainable:
         peft_model.eval()
     return _IncompatibleKeys([], [])
 
 
 def load_tuner_state(peft_model: MethodPeftModel, saved: dict[str, torch.Tensor], adapter_name: str,
-                     where: str) -> None:
+                     where: str, ignore_mismatched_sizes: bool = False) -> None:
     """Copy saved tensors into the model, strictly: missing, unexpected or mis-shaped keys raise ``ValueError``
-    (its message names ``where``, e.g. "adapter file in '…'")."""
+    (its message names ``where``, e.g. "adapter file in '…'"); with ``ignore_mismatched_sizes`` (peft's)
+    mis-shaped tensors are left as they are, with peft's warning."""
+    from ..save import warn_ignored_sizes
+
     expected = tuner_state_dict(peft_model, adapter_name, for_saving=False)
     missing = [k for k in expected if k not in saved]
     unexpected = [k for k in saved if k not in expected]
@@ -669,10 +690,15 @@ def load_tuner_state(peft_model: MethodPeftModel, saved: dict[str, torch.Tensor]
     if unexpected:
         raise ValueError(f"{where} has {len(unexpected)} key(s) this model does not have, e.g. "
                          f"{unexpected[:3]} (was it saved for another model or config?)")
-    for key, value in saved.items():
-        if expected[key].shape != value.shape:
-            raise ValueError(f"shape mismatch for {key!r}: file has {tuple(value.shape)}, model expects "
-                             f"{tuple(expected[key].shape)}")
+    mismatched = [(key, tuple(value.shape), tuple(expected[key].shape)) for key, value in saved.items()
+                  if expected[key].shape != value.shape]
+    if mismatched and not ignore_mismatched_sizes:
+        key, file_shape, model_shape = mismatched[0]
+        raise ValueError(f"shape mismatch for {key!r}: file has {file_shape}, model expects {model_shape} "
+                         "(peft's ignore_mismatched_sizes=True skips such tensors)")
+    skipped = {key for key, _, _ in mismatched}
+    saved = {key: value for key, value in saved.items() if key not in skipped}
+    warn_ignored_sizes(peft_model, mismatched)
     # expected[] holds views of the live tensors (state_dict shares storage), so copy into them
     with torch.no_grad():
         for key, value in saved.items():

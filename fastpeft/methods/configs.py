@@ -79,12 +79,14 @@ class MethodConfig(AdapterConfigFile):
         return cls._from_known_fields(dict(data))
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **hub_kwargs) -> MethodConfig:
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
+                        **kwargs) -> MethodConfig:
         """Read ``adapter_config.json`` from a folder or Hub repo id (peft's Hub keywords: see
-        :func:`fastpeft.hub.resolve_adapter_path`); on the base class, the subclass is chosen by ``peft_type``."""
-        from ..hub import resolve_adapter_path
+        :func:`fastpeft.hub.resolve_adapter_path`); on the base class, the subclass is chosen by ``peft_type``.
+        As peft's: keywords naming config fields fill those the file lacks; others are ignored with a warning."""
+        from ..config import config_data_for
 
-        data = read_config_dict(resolve_adapter_path(path, **hub_kwargs))
+        data = config_data_for(cls, pretrained_model_name_or_path, subfolder, kwargs)
         if cls is MethodConfig:
             return config_from_dict(data)
         return cls.from_dict(data)

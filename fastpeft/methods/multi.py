@@ -99,8 +99,9 @@ class MultiAdapterPeftModel(MethodPeftModel):
 
     tuner_class: type[MultiAdapterTuner] = MultiAdapterTuner
 
-    def __init__(self, model: nn.Module, peft_config, adapter_name: str = "default"):
-        MethodPeftModel.__init__(self, model, peft_config, adapter_name)
+    def __init__(self, model: nn.Module, peft_config, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False):
+        MethodPeftModel.__init__(self, model, peft_config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
         self.base_model.set_adapter(adapter_name, inference_mode=bool(peft_config.inference_mode))
 
     def add_adapter(self, adapter_name: str, peft_config, low_cpu_mem_usage: bool = False,
@@ -158,17 +159,20 @@ class MultiAdapterPeftModel(MethodPeftModel):
         ``is_trainable`` the model is put in eval mode."""
         from torch.nn.modules.module import _IncompatibleKeys
 
-        from ..hub import pop_hub_kwargs, resolve_adapter_path
+        from ..hub import pop_hub_kwargs, resolve_adapter_path, warn_unused_kwargs
         from ..save import read_adapter_file
 
         model_id = resolve_adapter_path(model_id, **pop_hub_kwargs(kwargs))
+        ignore = kwargs.pop("ignore_mismatched_sizes", False)
+        config = kwargs.pop("config", None)
+        warn_unused_kwargs(f"{type(self).__name__}.load_adapter", kwargs)
         if adapter_name in self.peft_config:
-            return load_into_own_adapter(self, model_id, adapter_name, is_trainable, allow_pickle, key_mapping)
-        config = kwargs.pop("config", None) or config_from_dict(read_config_dict(model_id))
+            return load_into_own_adapter(self, model_id, adapter_name, is_trainable, allow_pickle, key_mapping, ignore)
+        config = config or config_from_dict(read_config_dict(model_id))
         config.inference_mode = not is_trainable
         self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
         self._load_adapter_state(read_adapter_file(model_id, allow_pickle=allow_pickle, key_mapping=key_mapping),
-                                 adapter_name, f"adapter file in {os.fspath(model_id)!r}")
+                                 adapter_name, f"adapter file in {os.fspath(model_id)!r}", ignore)
         if not is_trainable:
             self.eval()
         return _IncompatibleKeys([], [])

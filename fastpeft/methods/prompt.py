@@ -197,8 +197,14 @@ class PromptLearningPeftModel(_LoraPeftModel):
     """
 
     def __init__(self, model: nn.Module, peft_config: PromptLearningConfig, adapter_name: str = "default",
-                 _direct: bool = False):
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False, *, _direct: bool = False):
+        from ..model import warn_low_cpu_mem_usage
+
         nn.Module.__init__(self)
+        if not autocast_adapter_dtype:
+            raise NotImplementedError(f"autocast_adapter_dtype=False is implemented for LoRA only, not for "
+                                      f"{type(peft_config).__name__}")
+        warn_low_cpu_mem_usage(low_cpu_mem_usage)
         if not isinstance(peft_config, PromptLearningConfig):
             raise TypeError(f"expected a prompt-learning config, got {type(peft_config).__name__}")
         check_task_fit(model, peft_config, type(peft_config).__name__)
@@ -266,8 +272,9 @@ class PromptLearningPeftModel(_LoraPeftModel):
         checkpoint); without ``is_trainable`` the model is put in eval mode. peft's format keeps the computed
         prompt table only, so a model training a P-tuning MLP/LSTM or a prefix projection cannot take it
         back (RuntimeError: load it with ``from_pretrained`` for inference instead). ``model_id``: a local folder
-        or a Hub repo id, with peft's Hub keywords (see :func:`fastpeft.hub.resolve_adapter_path`)."""
-        from ..hub import pop_hub_kwargs, resolve_adapter_path
+        or a Hub repo id, with peft's Hub keywords (see :func:`fastpeft.hub.resolve_adapter_path`).
+        ``ignore_mismatched_sizes=True`` (peft's keyword) skips mis-shaped tensors with peft's warning."""
+        from ..hub import pop_hub_kwargs, resolve_adapter_path, warn_unused_kwargs
 
         if adapter_name != self._adapter:
             raise NotImplementedError(f"fastpeft's prompt-learning models hold one adapter ({self._adapter!r})")
@@ -277,7 +284,9 @@ class PromptLearningPeftModel(_LoraPeftModel):
                                "(P-tuning MLP/LSTM or prefix projection): it cannot be loaded back for training; "
                                "use from_pretrained on a fresh model for inference")
         model_id = resolve_adapter_path(model_id, **pop_hub_kwargs(kwargs))
-        return load_into_own_adapter(self, model_id, adapter_name, is_trainable, allow_pickle, key_mapping)
+        ignore = kwargs.pop("ignore_mismatched_sizes", False)
+        warn_unused_kwargs(f"{type(self).__name__}.load_adapter", kwargs)
+        return load_into_own_adapter(self, model_id, adapter_name, is_trainable, allow_pickle, key_mapping, ignore)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Only the model's own adapter name is accepted."""
@@ -601,35 +610,50 @@ class PromptLearningPeftModel(_LoraPeftModel):
         """
         import copy
 
+        from ..hub import pop_hub_kwargs, resolve_adapter_path, warn_unused_kwargs
+
+        model_id = resolve_adapter_path(model_id, **pop_hub_kwargs(kwargs))
+        ignore = kwargs.pop("ignore_mismatched_sizes", False)
+        warn_unused_kwargs(f"{cls.__name__}.from_pretrained", kwargs)
         if config is None:
             config = MethodConfig.from_pretrained(model_id)
         config = copy.copy(config)
         config.inference_mode = not is_trainable
         saved = read_adapter_file(model_id, allow_pickle=allow_pickle, key_mapping=key_mapping)
         peft_model = cls(model, config, adapter_name, _direct=True)
-        peft_model._load_adapter_state(saved, adapter_name, f"adapter file in {os.fspath(model_id)!r}")
+        peft_model._load_adapter_state(saved, adapter_name, f"adapter file in {os.fspath(model_id)!r}", ignore)
         if is_trainable:
             peft_model.prompt_encoder[adapter_name].embedding.weight.requires_grad_(True)
         else:
             peft_model.eval()
         return peft_model
 
-    def _load_adapter_state(self, saved: dict[str, torch.Tensor], adapter_name: str, where: str) -> None:
+    def _load_adapter_state(self, saved: dict[str, torch.Tensor], adapter_name: str, where: str,
+                            ignore_mismatched_sizes: bool = False) -> None:
         """Copy a saved adapter (``prompt_embeddings`` + modules_to_save copies) into the encoder's table,
-        strictly: missing, unexpected or mis-shaped tensors raise ``ValueError`` naming them and ``where``."""
+        strictly: missing, unexpected or mis-shaped tensors raise ``ValueError`` naming them and ``where``
+        (mis-shaped ones are skipped with peft's warning under ``ignore_mismatched_sizes``)."""
+        from ..save import warn_ignored_sizes
+
         state = self.adapter_state_dict(adapter_name)
         missing = [k for k in state if k not in saved]
         unexpected = [k for k in saved if k not in state]
         if missing or unexpected:
             raise ValueError(f"{where} does not fit this model: missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}")
+        mismatched = [(k, tuple(v.shape), tuple(state[k].shape)) for k, v in saved.items() if v.shape != state[k].shape]
+        if mismatched and not ignore_mismatched_sizes:
+            key, file_shape, model_shape = mismatched[0]
+            raise ValueError(f"{where}: {key} has shape {file_shape}, this model/config expects {model_shape} "
+                             "(peft's ignore_mismatched_sizes=True skips such tensors)")
+        skip = {k for k, _, _ in mismatched}
+        warn_ignored_sizes(self, mismatched)
         table = self.prompt_encoder[adapter_name].embedding.weight
-        if saved["prompt_embeddings"].shape != table.shape:
-            raise ValueError(f"{where}: prompt_embeddings has shape {tuple(saved['prompt_embeddings'].shape)}, "
-                             f"this model/config expects {tuple(table.shape)}")
         with torch.no_grad():
-            table.copy_(saved["prompt_embeddings"].to(table.dtype))
+            if "prompt_embeddings" not in skip:
+                table.copy_(saved["prompt_embeddings"].to(table.dtype))
             for name, module in self.base_model.named_modules():
                 if isinstance(module, ModulesToSaveWrapper):
                     for pname, value in module.modules_to_save[adapter_name].state_dict().items():
-                        value.copy_(saved[f"base_model.{name}.{pname}"].to(value.dtype))
+                        if f"base_model.{name}.{pname}" not in skip:
+                            value.copy_(saved[f"base_model.{name}.{pname}"].to(value.dtype))
