@@ -153,6 +153,9 @@ def inject_adapter_in_model(peft_config, model: nn.Module, adapter_name: str = "
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    from .config import from_peft_lora_config
+
+    peft_config = from_peft_lora_config(peft_config)
     if getattr(peft_config, "is_prompt_learning", False):
         raise ValueError("`create_and_replace` does not support prompt learning, adaption prompt and shadow yet "
                          f"({type(peft_config).__name__}); use get_peft_model")

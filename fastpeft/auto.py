@@ -25,6 +25,17 @@ from typing import Any
 
 from torch import nn
 
+DEFAULT_IMPORT_ALLOWLIST = ("diffusers", "lerobot", "megatron-core", "transformers")  # peft 0.21's default
+
+
+def auto_mapping_for(model: nn.Module, config: Any) -> dict[str, str] | None:
+    """peft's ``auto_mapping`` for an adapter saved from ``model`` (a ``PeftModel`` of any method): the base
+    model's class and module when the config has no task type (what ``AutoPeftModel`` imports), else None."""
+    if getattr(config, "task_type", None) is not None:
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
+
 
 class _AutoPeftModel:
     _auto_class = "AutoModel"
@@ -35,15 +46,23 @@ class _AutoPeftModel:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, config: Any = None, allow_pickle: bool = False,
+                        is_trainable: bool = False, config: Any = None, revision: str | None = None,
+                        import_allowlist: list[str] | None = None, allow_pickle: bool = False,
                         **kwargs) -> nn.Module:
-        """Load the base model named by the adapter's config, then the adapter (see the module docstring)."""
+        """Load the base model named by the adapter's config, then the adapter (see the module docstring).
+        Parameters in peft's order. An adapter saved without a task type names its base model's class in
+        ``auto_mapping`` (peft's field, which fastpeft writes too): that class is imported (its library must be
+        in ``import_allowlist``, peft's default ``DEFAULT_IMPORT_ALLOWLIST``) and used instead of the loader's."""
+        import importlib
+
         import transformers
 
         from .config import read_config_dict
         from .hub import pop_hub_kwargs, resolve_adapter_path
         from .model import PeftModel
 
+        if revision is not None:
+            kwargs["revision"] = revision
         hub = pop_hub_kwargs(kwargs)
         # subfolder and revision name the adapter; token, cache_dir, ... serve the base model's download too
         kwargs.update({k: v for k, v in hub.items() if k not in ("subfolder", "revision")})
@@ -56,7 +75,17 @@ class _AutoPeftModel:
                              "yourself and use PeftModel.from_pretrained(base, path)")
         if saved.get("revision") is not None:  # the config's revision is the base model's, as in peft
             kwargs["revision"] = saved["revision"]
-        base = getattr(transformers, cls._auto_class).from_pretrained(base_path, **kwargs)
+        base_class = getattr(transformers, cls._auto_class)
+        auto_mapping = saved.get("auto_mapping")
+        if saved.get("task_type") is None and isinstance(auto_mapping, dict) and auto_mapping.get("base_model_class"):
+            library = auto_mapping.get("parent_library") or "transformers"
+            allow = DEFAULT_IMPORT_ALLOWLIST if import_allowlist is None else import_allowlist
+            if not any(library == a or library.startswith(f"{a}.") for a in allow):
+                raise ValueError(f"The auto mapping wants to import '{library}' which is not in the import "
+                                 "allowlist. If you are sure that importing this library is safe, specify "
+                                 f"`import_allowlist=['{library}']` in `from_pretrained()`.")
+            base_class = getattr(importlib.import_module(library), auto_mapping["base_model_class"])
+        base = base_class.from_pretrained(base_path, **kwargs)
         if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
             tokenizer = transformers.AutoTokenizer.from_pretrained(path)
             embeddings = base.get_input_embeddings()

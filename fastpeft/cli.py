@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from collections.abc import Sequence
@@ -82,10 +83,12 @@ def _check_bench_args(args: argparse.Namespace) -> None:
             if v < 1:
                 raise bad(flag, "must be ≥ 1", v)
     for p in args.dropout or ():
-        if not 0 <= p < 1:
-            raise bad("dropout", "must be in [0, 1)", p)
+        if not 0 <= p <= 1:
+            raise bad("dropout", "must be in [0, 1]", p)
     if args.r < 1:
         raise bad("r", "must be ≥ 1", args.r)
+    if args.lora_alpha is not None and not math.isfinite(args.lora_alpha):
+        raise bad("lora-alpha", "must be a finite number", args.lora_alpha)
     for flag in ("warmup_ms", "rep_ms"):
         if not getattr(args, flag) > 0:
             raise bad(flag.replace("_", "-"), "must be > 0", getattr(args, flag))
@@ -98,12 +101,34 @@ def _check_bench_args(args: argparse.Namespace) -> None:
             raise bad("shapes", "sizes must be ≥ 1", shape)
 
 
+def _preset_providers(preset: str) -> tuple[str, ...] | None:
+    """The providers ``preset`` can run (None: a preset name the runners will refuse themselves)."""
+    from .bench_e2e import E2E_PROVIDERS
+
+    if preset in benchmarking.QUANT_PRESETS:
+        kind = benchmarking.QUANT_PRESETS[preset].kind
+        return benchmarking.DECODE_PROVIDERS if kind == "decode" else benchmarking.QLORA_PROVIDERS
+    if preset.startswith("e2e"):
+        return E2E_PROVIDERS
+    if preset in benchmarking.MIXED_PRESETS:
+        return benchmarking.MIXED_PROVIDERS
+    if preset in benchmarking.PRESETS:
+        return benchmarking.LAYER_PROVIDERS
+    return None
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .train import resolve_device
 
     _check_bench_args(args)
     device = resolve_device(args.device, "fastpeft bench")
     preset = args.preset or ("layer" if device.type == "cuda" else "tiny")
+    known = _preset_providers(preset)
+    if args.providers and known is not None and set(args.providers) - set(known):
+        raise SystemExit(f"fastpeft bench: --providers {sorted(set(args.providers) - set(known))} do not belong to "
+                         f"the {preset} preset; it takes {', '.join(known)}")
+    if args.plot and preset.startswith("e2e"):
+        raise SystemExit("fastpeft bench: --plot is not available for the e2e presets (their table and --json are)")
     if args.compile_only:
         benchmarking.compile_only(True)  # the check still runs: its launches (p = 0) are the timed run's too
         args.cache_before = benchmarking.triton_cache_entries()

@@ -239,7 +239,7 @@ class LoraConfig(AdapterConfigFile):
     Args:
         r: LoRA rank (≥ 1).
         lora_alpha: scaling numerator: scale = ``lora_alpha / r`` (``/ √r`` with ``use_rslora``).
-        lora_dropout: dropout probability on the LoRA branch input, in [0, 1).
+        lora_dropout: dropout probability on the LoRA branch input, in [0, 1] (1: the branch is zero in training).
         target_modules: module names to adapt: a list matched on the name's last dot-separated
             parts (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``), a regex string matched with
             ``re.fullmatch`` against the whole name, or ``"all-linear"`` (every linear layer except the
@@ -367,8 +367,8 @@ class LoraConfig(AdapterConfigFile):
             raise ValueError(f"task_type must be one of {TASK_TYPES} or None, got {self.task_type!r}")
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r!r}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0.0 <= float(self.lora_dropout) <= 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1], got {self.lora_dropout}")
         if self.bias not in BIAS_CHOICES:
             raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
         kind, _ = init_kind(self.init_lora_weights)  # raises on an unknown value, listing the supported ones
@@ -490,6 +490,17 @@ def _accept_peft_keywords(cls):
 
 
 _accept_peft_keywords(LoraConfig)
+
+
+def from_peft_lora_config(config: Any) -> Any:
+    """A peft ``LoraConfig`` object (users mixing ``from peft import LoraConfig`` with fastpeft's functions) read as
+    fastpeft's, field by field as its ``adapter_config.json`` would be; any other object is returned unchanged."""
+    if type(config).__module__.startswith("peft.") and hasattr(config, "to_dict") and \
+            str(getattr(getattr(config, "peft_type", None), "value", getattr(config, "peft_type", None))) == "LORA":
+        data = {k: getattr(v, "value", v) for k, v in config.to_dict().items()}
+        data.pop("runtime_config", None)
+        return LoraConfig.from_dict(data)
+    return config
 
 
 def read_config_dict(path: str | os.PathLike) -> dict[str, Any]:

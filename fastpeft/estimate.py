@@ -229,8 +229,8 @@ def main(args: argparse.Namespace) -> int:
     for flag in ("batch_size", "seq_len", "r"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"fastpeft estimate: --{flag.replace('_', '-')} must be ≥ 1, got {getattr(args, flag)}")
-    if not 0.0 <= args.lora_dropout < 1.0:
-        raise SystemExit(f"fastpeft estimate: --lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    if not 0.0 <= args.lora_dropout <= 1.0:
+        raise SystemExit(f"fastpeft estimate: --lora-dropout must be in [0, 1], got {args.lora_dropout}")
     if args.model is not None and not os.path.exists(args.model):
         raise SystemExit(f"fastpeft estimate: --model {args.model!r} is not a local folder or config.json "
                          "(fastpeft does not download models)")

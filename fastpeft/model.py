@@ -24,7 +24,7 @@ from torch import nn
 
 from .alora import check_offsets as check_alora_offsets
 from .alora import offsets_for_call as alora_offsets_for_call
-from .config import DEFAULT_TARGET_MODULES, LoraConfig
+from .config import DEFAULT_TARGET_MODULES, LoraConfig, from_peft_lora_config
 from .errors import NoMatchingPeftModuleError
 from .layers.conv import FastLoraConv, is_plain_conv
 from .layers.embedding import FastLoraEmbedding, refuse_embedding_dora
@@ -361,6 +361,24 @@ def _resolve_targets(model: nn.Module, config: LoraConfig) -> list[str] | str:
     return targets
 
 
+def _all_linear_names(model: nn.Module, config: LoraConfig) -> list[str]:
+    """The full names ``"all-linear"`` stands for in the saved config, as peft's ``_maybe_include_all_linear_layers``
+    lists them: every linear layer (those inside ``modules_to_save`` and those ``exclude_modules`` leaves out
+    included) but the output embeddings, or for a classification model without them its head (peft's
+    ``SEQ_CLS`` rule; fastpeft also for ``TOKEN_CLS`` and ``QUESTION_ANS``, where peft crashes)."""
+    head = None
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        with contextlib.suppress(Exception):
+            head = get_out()
+    if head is None and config.task_type in _CLASSIFIER_HEADS:
+        heads = _SEQ_CLS_HEADS if config.task_type in ("SEQ_CLS", "TOKEN_CLS") else ("qa_outputs",)
+        head = next((getattr(model, h) for h in heads if getattr(model, h, None) is not None), None)
+    return [name for name, module in model.named_modules()
+            if name and (_supported_base(module) or isinstance(module, FastLoraLinear)) and module is not head
+            and not _is_inside_lora(model, name)]
+
+
 _LORA_INTERNALS = ("base_layer", "lora_A", "lora_B", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B",
                    "original_module", "modules_to_save")
 
@@ -434,14 +452,14 @@ class LoraModel(nn.Module):
                 raise ValueError("state_dict= takes one config, not a dict of them")
             from .api import lora_configs_for_state_dict
 
-            exact, stored = lora_configs_for_state_dict(peft_config, model, state_dict)
+            exact, stored = lora_configs_for_state_dict(from_peft_lora_config(peft_config), model, state_dict)
             self.inject_adapter(exact, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
             for field in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"):
                 setattr(self.peft_config[adapter_name], field, copy.deepcopy(getattr(stored, field)))
             return
         configs = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
         for name, cfg in configs.items():
-            self.inject_adapter(cfg, name, autocast_adapter_dtype=autocast_adapter_dtype)
+            self.inject_adapter(from_peft_lora_config(cfg), name, autocast_adapter_dtype=autocast_adapter_dtype)
 
     __getattr__ = delegating_getattr("model")
 
@@ -510,8 +528,7 @@ class LoraModel(nn.Module):
         config = copy.deepcopy(config)
         model = self.model
         # transformers 5's fused MoE experts: a config naming their v4 layers targets their parameters (peft's rewrite)
-        convert_moe_config(config, model, lambda: _resolve_targets(model, dataclasses.replace(
-            config, target_modules=INCLUDE_LINEAR_LAYERS_SHORTHAND)), lambda key: _excluded(config, key))
+        convert_moe_config(config, model, lambda: _all_linear_names(model, config), lambda key: _excluded(config, key))
         if config.layer_replication:
             from .replication import replicate_layers
 
@@ -642,15 +659,7 @@ class LoraModel(nn.Module):
             config.target_modules = targets if isinstance(targets, str) else sorted(targets)
         elif isinstance(config.target_modules, str) \
                 and config.target_modules.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND:
-            # peft lists the linear layers inside modules_to_save too (roberta's classifier.dense), not the head
-            listed = {k for k in names if k not in matched and _in_modules_to_save(modules_to_save, k)
-                      and not _is_inside_lora(model, k) and _supported_base(model.get_submodule(k))}
-            # (where peft crashes, TOKEN_CLS / QUESTION_ANS, their head is left out likewise)
-            get_out = getattr(model, "get_output_embeddings", None)
-            heads = _SEQ_CLS_HEADS if config.task_type in ("SEQ_CLS", "TOKEN_CLS") else ("qa_outputs",)
-            if config.task_type in _CLASSIFIER_HEADS and (not callable(get_out) or get_out() is None):
-                listed -= {next((h for h in heads if getattr(model, h, None) is not None), None)}
-            config.target_modules = sorted({*matched, *listed})
+            config.target_modules = sorted({*matched, *_all_linear_names(model, config)})
         if isinstance(config.target_modules, (list, set)) and len(config.target_modules) >= _MIN_TARGETS_TO_CONDENSE:
             from .eva import _minimal_suffixes
 
@@ -1057,6 +1066,7 @@ class LoraModel(nn.Module):
             for key, layer in _embeddings_first(self.lora_layers()):
                 names = [n for n in (adapter_names or layer.active_adapters) if n in adapters_of(layer)]
                 self._merge_layer(key, layer, names, safe_merge, adapter_names)
+        _untie_token_rows_before_merge(self.model, adapter_names)
         for _, wrapper in self.token_wrappers():  # a tied head writes the same rows into the shared weight
             wrapper.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
@@ -1151,6 +1161,8 @@ class LoraModel(nn.Module):
             parent, child = parent_of(self.model, key)
             setattr(parent, child, wrapper._current() if merge or not wrapper._disable_adapters
                     else wrapper.original_module)
+        if merge:
+            _untie_token_rows_before_merge(self.model, adapter_names)
         for key, wrapper in list(self.token_wrappers()):  # as peft: even when disabled, merge writes the rows
             if merge:
                 wrapper.merge(safe_merge=safe_merge, adapter_names=adapter_names)
@@ -1216,12 +1228,20 @@ def _plan_weight_tying(model: nn.Module, config: LoraConfig,
     when nothing can be tied."""
     if not config.ensure_weight_tying:
         return modules_to_save, set(), set()
-    in_save = any(m.split(".")[-1] in _EMBEDDING_LAYER_NAMES for m in modules_to_save)
+    # peft's name test, and also the input embeddings' full name: the name that the saved config holds after the
+    # rewrite below, so that an adapter tied on a model whose embeddings are not called embed_tokens (GPT-2's
+    # transformer.wte) is tied again when it is loaded (peft then loads the head untied, without its factors)
+    emb_full = _unwrapped_name(_input_embeddings(model)[0] or "")
+
+    def names_embedding(m: str) -> bool:
+        return m.split(".")[-1] in _EMBEDDING_LAYER_NAMES or (bool(emb_full) and m == emb_full)
+
+    in_save = any(names_embedding(m) for m in modules_to_save)
     raw = config.target_modules
     if isinstance(raw, str):
         in_targets = any(re.fullmatch(raw, e) for e in _EMBEDDING_LAYER_NAMES)
     else:
-        in_targets = any(m.split(".")[-1] in _EMBEDDING_LAYER_NAMES for m in (raw or []))
+        in_targets = any(names_embedding(m) for m in (raw or []))
     tied = _module_names_tied_with_embedding(model)
     if not tied:
         warnings.warn("You have requested `ensure_weight_tying`, but no tied modules were found in the model",
@@ -1273,6 +1293,18 @@ def _check_weight_tying(model: nn.Module, config: LoraConfig, keys: list[str], t
             if not isinstance(base, nn.Linear) or _is_conv1d(base) or _is_linear4bit(base):
                 raise ValueError(f"ensure_weight_tying=True: {key!r} ({type(base).__name__}) shares the input "
                                  "embeddings' weight but only an nn.Linear can carry a LoRA adapter tied to theirs")
+    for key, module in model.named_modules():
+        if not modules_to_tie or not key or _is_inside_lora(model, key) \
+                or not any(key == m or key.endswith(f".{m}") for m in modules_to_tie):
+            continue
+        base = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+        if not isinstance(base, nn.Linear) or _is_conv1d(base) or _is_linear4bit(base):
+            # (its tied copy would be an nn.Linear: T5's / BART's encoder and decoder embed_tokens then fail in
+            # every forward, as in peft)
+            raise ValueError(f"ensure_weight_tying=True: {key!r} ({type(base).__name__}) shares the input "
+                             "embeddings' weight but only an nn.Linear can follow their modules_to_save copy (its copy "
+                             "would be an nn.Linear over their weight); set ensure_weight_tying=False to give each "
+                             "layer in modules_to_save its own copy")
     for key in keys:
         if any(key == m or key.endswith(f".{m}") for m in modules_to_tie):
             raise ValueError(f"ensure_weight_tying=True: {key!r} is in target_modules but also follows the input "
@@ -1560,6 +1592,37 @@ def _output_embeddings_share(model: nn.Module, layer: nn.Module) -> bool:
         return False
     weight = getattr(getattr(head, "base_layer", head), "weight", None)
     return weight is not None and weight is getattr(getattr(layer, "base_layer", layer), "weight", None)
+
+
+def _untie_token_rows_before_merge(model: nn.Module, adapter_names: list[str] | None) -> None:
+    """Before ``trainable_token_indices`` rows are merged: a token layer with rows of its own whose weight another
+    layer also computes with (a tied embeddings / head pair given different ids per half, peft's dict form, or a
+    tied head left unwrapped) gets its own copy of the weight first, and the model's config stops tying them, so
+    the merged model computes what the adapter model did (peft writes both row sets into the one shared weight,
+    giving each layer the other's rows). The head side is untied first: the input embeddings keep their weight.
+    A head tied to the embeddings' token layer (the same rows) stays tied."""
+    wrappers = [(k, w) for k, w in named_modules_of(model, TrainableTokensWrapper) if not w.is_tied]
+    embeddings = _input_embeddings(model)[1]
+    wrappers.sort(key=lambda kw: kw[1] is embeddings)
+    for key, wrapper in wrappers:
+        layer = wrapper.token_adapter
+        names = [n for n in (layer.active_adapters if adapter_names is None else adapter_names)
+                 if n in layer.trainable_tokens_delta and n not in layer.merged_adapters]
+        if not names:
+            continue
+        base, weight = layer.base_layer, layer.base_layer.weight
+        followers = {id(w.token_adapter.base_layer) for _, w in named_modules_of(model, TrainableTokensWrapper)
+                     if w.token_adapter.tied_adapter is layer}
+        sharers = sorted({_unwrapped_name(n) for n, m in model.named_modules(remove_duplicate=False)
+                          if m is not base and id(m) not in followers and m._parameters.get("weight") is weight
+                          and not {"original_module", "modules_to_save"} & set(n.split("."))})
+        if not sharers:
+            continue
+        base.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        _untie_config_if_untied(model)
+        warnings.warn(f"{key} shared its weight with {sharers} (tie_word_embeddings=True) but has trainable tokens "
+                      "of its own; it has its own copy now, so merging its tokens leaves them as they were "
+                      "(config.tie_word_embeddings is now False)", stacklevel=3)
 
 
 def _untie_config_if_untied(model: nn.Module) -> None:
@@ -1873,7 +1936,7 @@ class PeftModel(nn.Module):
 
     def __new__(cls, *args, **kwargs):
         _let_transformers_trainer_see_fastpeft()
-        config = args[1] if len(args) > 1 else kwargs.get("peft_config")
+        config = from_peft_lora_config(args[1] if len(args) > 1 else kwargs.get("peft_config"))
         target = cls
         if config is not None and not isinstance(config, LoraConfig):
             # as peft's PeftModel(model, config) / PeftModelForCausalLM(model, config): any method's config
@@ -1891,6 +1954,7 @@ class PeftModel(nn.Module):
                  autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False):
         super().__init__()
         warn_low_cpu_mem_usage(low_cpu_mem_usage)
+        peft_config = from_peft_lora_config(peft_config)
         self.base_model = LoraModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         record_base_model_name(self.base_model.peft_config[adapter_name], model)
 
@@ -1908,8 +1972,11 @@ class PeftModel(nn.Module):
         """``generate`` of the wrapped model, with the active adapters applied — or, given
         ``adapter_names`` (one per input sequence, ``"__base__"`` for none), each sequence's own adapter.
         aLoRA adapters act from their invocation in the prompt onward (offsets found in ``input_ids``, or
-        ``alora_offsets=`` given), on every generated token; beam search is refused with them, as in peft."""
+        ``alora_offsets=`` given), on every generated token; beam search is refused with them, as in peft.
+        A ``generation_config`` assigned to this model (``peft_model.generation_config = ...``) is handed to the
+        base model first, as peft's ``PeftModelForCausalLM.generate`` does."""
         model = self.base_model.model
+        use_own_generation_config(self, model)
         settings = kwargs
         if len(args) > 1 and "generation_config" not in kwargs:  # generate(inputs, generation_config, ...)
             settings = {**kwargs, "generation_config": args[1]}
@@ -2026,6 +2093,7 @@ class PeftModel(nn.Module):
         """Inject another adapter; the active adapter does not change (as in peft). ``autocast_adapter_dtype``
         (peft's): its weights in fp32 on an fp16/bf16 base (the default), else in the base's dtype;
         ``low_cpu_mem_usage`` is accepted (the weights are created as usual)."""
+        peft_config = from_peft_lora_config(peft_config)
         self.base_model.inject_adapter(peft_config, adapter_name, activate=False,
                                        autocast_adapter_dtype=autocast_adapter_dtype)
         record_base_model_name(self.peft_config[adapter_name], self.get_base_model())
@@ -2148,6 +2216,7 @@ class PeftModel(nn.Module):
         from .hub import pop_hub_kwargs, resolve_adapter_path, warn_unused_kwargs
 
         model_id = resolve_adapter_path(model_id, **pop_hub_kwargs(kwargs))
+        config = from_peft_lora_config(config)
         if config is not None and not isinstance(config, LoraConfig):
             from . import methods
 
@@ -2357,6 +2426,29 @@ def _saved_peft_type(model_id: str | os.PathLike) -> str:
     return str(read_config_dict(model_id).get("peft_type") or "LORA")
 
 
+def _rename_base_model(config: Any, model: nn.Module) -> None:
+    """peft's ``get_peft_model``: the config records the model it is applied to (its ``name_or_path``, None for a
+    model without one), replacing any other name there, with peft's warning (a config taken from another adapter
+    would otherwise send ``AutoPeftModel`` to the wrong base)."""
+    old = getattr(config, "base_model_name_or_path", None)
+    new = model.__dict__.get("name_or_path") or getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    config.base_model_name_or_path = new
+    if old is not None and old != new:
+        warnings.warn(f"The PEFT config's `base_model_name_or_path` was renamed from '{old}' to '{new}'. Please "
+                      "ensure that the correct base model is loaded when loading this checkpoint.", stacklevel=3)
+
+
+def use_own_generation_config(peft_model: nn.Module, model: nn.Module) -> None:
+    """peft's ``PeftModelForCausalLM.generate`` step: a ``generation_config`` assigned to the peft model itself (an
+    attribute of the wrapper, which attribute reads would otherwise only delegate) becomes the base model's, so
+    ``generate`` uses it. Causal LMs only, as peft (a seq2seq model keeps its own, whose decoder start it needs)."""
+    if not any(getattr(c, "task_type", None) == "CAUSAL_LM" for c in peft_model.peft_config.values()):
+        return
+    own = peft_model.__dict__.get("generation_config")
+    if own is not None and getattr(model, "generation_config", None) is not own:
+        model.generation_config = own
+
+
 def warn_low_cpu_mem_usage(low_cpu_mem_usage: bool) -> None:
     """peft's ``low_cpu_mem_usage=True`` creates adapter weights empty on the meta device; fastpeft creates them
     as usual (on the base layers' device) and says so."""
@@ -2386,6 +2478,8 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
         raise NotImplementedError("get_peft_model(mixed=True) (peft's PeftMixedModel, adapters of several methods "
                                   "in one model) is not implemented in fastpeft")
     warn_low_cpu_mem_usage(low_cpu_mem_usage)
+    peft_config = from_peft_lora_config(peft_config)
+    _rename_base_model(peft_config, model)
     if revision is not None:
         if getattr(peft_config, "revision", None) is not None and peft_config.revision != revision:
             warnings.warn(f"peft config has already set base model revision to {peft_config.revision}, "

@@ -14,7 +14,7 @@ backward and checkpoint recomputation replay the same mask.
 Chain rule (``D`` = dropout with keep-mask ``m``, ``xa = D(x) Aᵀ``,
 ``y = x W0ᵀ + b + scale · xa Bᵀ``, ``dS = scale · dy B``)::
 
-    ∂L/∂x = dy W0 + m ⊙ (dS A) / (1 − p)
+    ∂L/∂x = dy W0 + c · m ⊙ (dS A)          (c = 65536 / (65536 − t): ``reference.dropout_params``)
     ∂L/∂A = dSᵀ D(x)        ∂L/∂B = scale · dyᵀ xa        ∂L/∂b = Σ_rows dy
 
 Saved for backward: ``x`` (the caller's tensor, not a copy), ``xa`` (N×r fp32),
@@ -215,7 +215,7 @@ def _differentiable_grads(dy, x, weight, lora_A, lora_B, seed, scale, dropout_p,
     double backward). The fused backward op has no autograd formula of its own."""
     x2d = _flat(x)
     keep = reference.dropout_keep_mask(seed, x2d.shape[0], x2d.shape[1], dropout_p, device=x2d.device) \
-        if dropout_p > 0.0 else None
+        if reference.drops(dropout_p) else None
     acc = reference.acc_dtype(x2d)
     xa = reference.masked(x2d.to(acc), keep, dropout_p) @ lora_A.to(acc).t()
     dx, dA, dB, dbias = reference.lora_linear_backward(_flat(dy), x2d, weight, lora_A, lora_B, xa, seed, scale,
@@ -255,17 +255,15 @@ _philox_dropout_op.register_autograd(_philox_dropout_backward, setup_context=_ph
 
 
 def philox_dropout(x: Tensor, dropout_p: float, seed: Tensor) -> Tensor:
-    """``m ⊙ x / (1 − p)`` with the keep-mask ``m`` of ``fastpeft.ops.lora_linear``'s dropout under the same
-    ``seed`` (Philox4x32-10 keyed by ``(seed, column group, row)``; both backends agree bit for bit), as a new
+    """``c · m ⊙ x`` with the keep-mask ``m`` and keep scale ``c`` of ``fastpeft.ops.lora_linear``'s dropout under
+    the same ``seed`` (Philox4x32-10 keyed by ``(seed, column group, row)``; both backends agree bit for bit), as a new
     tensor, differentiable in ``x``. Autograd keeps only the seed: backward regenerates the mask. Runs the
     PyTorch Philox on every device (no fused kernel: DoRA's dropout path is its only user). Example::
 
         seed = draw_seed(x.device)
         xd = philox_dropout(x, 0.1, seed)   # the D(x) that lora_linear(x, ..., dropout_p=0.1, seed=seed) uses
     """
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1), got {dropout_p}")
-    return _philox_dropout_op(x, seed, float(dropout_p))
+    return _philox_dropout_op(x, seed, reference.check_dropout_p(dropout_p))
 
 
 def draw_seed(device: torch.device | str) -> Tensor:
@@ -284,8 +282,7 @@ def check_lora_inputs(x: Tensor, in_features: int, out_features: int, lora_A: Te
     if tuple(lora_A.shape) != (r, in_features) or tuple(lora_B.shape) != (out_features, r):
         raise ValueError(f"lora_A must be ({r}, {in_features}) and lora_B ({out_features}, {r}); "
                          f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1), got {dropout_p}")
+    reference.check_dropout_p(dropout_p)
 
 
 def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:

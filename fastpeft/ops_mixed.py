@@ -51,16 +51,18 @@ _META_CACHE: dict = {}
 
 
 def _meta(scales: Sequence[float], ps: Sequence[float], device) -> tuple[Tensor, Tensor, Tensor, bool]:
-    """Per-adapter (scale, 1/(1-p), 16-bit threshold) tensors on ``device``, cached (small H2D copies)."""
+    """Per-adapter (scale, keep scale, 16-bit threshold) tensors on ``device`` (``reference.dropout_params``) and
+    whether any adapter drops, cached (small H2D copies)."""
     key = (tuple(scales), tuple(ps), str(device))
     hit = _META_CACHE.get(key)
     if hit is None:
         if len(_META_CACHE) > 256:
             _META_CACHE.clear()
         scale = torch.tensor(list(scales), dtype=torch.float32, device=device)
-        inv_keep = torch.tensor([1.0 / (1.0 - p) for p in ps], dtype=torch.float32, device=device)
-        thr = torch.tensor([reference.dropout_threshold(p) for p in ps], dtype=torch.int32, device=device)
-        hit = _META_CACHE[key] = (scale, inv_keep, thr, any(p > 0.0 for p in ps))
+        params = [reference.dropout_params(p) for p in ps]
+        inv_keep = torch.tensor([c for _, c in params], dtype=torch.float32, device=device)
+        thr = torch.tensor([t for t, _ in params], dtype=torch.int32, device=device)
+        hit = _META_CACHE[key] = (scale, inv_keep, thr, any(t > 0 for t, _ in params))
     return hit
 
 
@@ -71,7 +73,7 @@ def _segments(seg: Tensor) -> list[tuple[int, int]]:
 
 
 def _keep(seed, rows: Tensor, n_cols: int, p: float) -> Optional[Tensor]:
-    return reference.dropout_keep_rows(seed, rows, n_cols, p) if p > 0.0 else None
+    return reference.dropout_keep_rows(seed, rows, n_cols, p) if reference.drops(p) else None
 
 
 def torch_mixed_forward(x2d, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed, scales, ps, fan_in_fan_out):
@@ -375,8 +377,8 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_As
             raise ValueError(f"adapter {a}: lora_A must be (r, {in_features}) and lora_B ({out_features}, r); "
                              f"got {tuple(A.shape)} and {tuple(B.shape)}")
     ps = [0.0] * n if dropout_ps is None else [float(p) for p in dropout_ps]
-    if len(ps) != n or not all(0.0 <= p < 1.0 for p in ps):
-        raise ValueError(f"need one dropout probability in [0, 1) per adapter, got {ps}")
+    if len(ps) != n or not all(0.0 <= p <= 1.0 for p in ps):
+        raise ValueError(f"need one dropout probability in [0, 1] per adapter, got {ps}")
     if rows is None:
         if index is None:
             raise ValueError("lora_linear_mixed needs index (or rows from mixed_rows)")

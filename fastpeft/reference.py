@@ -2,13 +2,25 @@
 
 The LoRA linear layer computes (``D`` = dropout, ``m`` its keep-mask)::
 
-    xa = D(x) Aᵀ                      D(x) = m ⊙ x / (1 − p)        (N, r)
+    xa = D(x) Aᵀ                      D(x) = c · m ⊙ x              (N, r)
     y  = x W0ᵀ + b + scale · xa Bᵀ                                    (N, out)
 
 and, with ``dS = scale · dy B`` (N, r)::
 
-    dx = dy W0 + m ⊙ (dS A) / (1 − p)
+    dx = dy W0 + c · m ⊙ (dS A)
     dA = dSᵀ D(x)          dB = scale · dyᵀ xa          db = Σ_rows dy
+
+Dropout is decided on 16 random bits: an element is kept when its bits are
+≥ the threshold ``t = dropout_threshold(p)``, so it is kept with probability
+exactly ``(65536 − t) / 65536`` — ``p`` quantized to a multiple of 2⁻¹⁶ — and
+kept values are scaled by ``c = 65536 / (65536 − t)``, the inverse of that
+keep probability (``dropout_params``), which makes ``E[D(x)] = x`` exactly
+for every ``p`` (scaling by ``1/(1 − p)`` instead would be biased by the
+quantization: ×1.07 at p = 0.9999). The rule: ``t = round(p · 65536)``,
+except that only ``p = 1`` gives ``t = 65536`` (everything dropped, ``c = 0``:
+the LoRA branch is exactly zero, as ``nn.Dropout(p=1)``); ``1 − 2⁻¹⁷ < p < 1``
+gives ``t = 65535`` (one element in 65536 kept, scaled by 65536), and
+``p < 2⁻¹⁷`` gives ``t = 0``: nothing dropped and ``c = 1`` (the identity).
 
 The dropout mask is never stored: it is regenerated from ``(seed, element
 index)`` with the same Philox4x32-10 stream the Triton kernels use
@@ -55,11 +67,49 @@ def philox4x32(seed: int | torch.Tensor, c0, c1, c2, c3) -> tuple[torch.Tensor, 
     return c0, c1, c2, c3
 
 
+# Random bits per dropout decision, as a count: thresholds lie in [0, DROPOUT_ONE].
+DROPOUT_ONE = 1 << 16
+
+
+def check_dropout_p(p: float, what: str = "dropout probability") -> float:
+    """``p`` as a float, or ValueError unless ``0 ≤ p ≤ 1`` (``p = 1`` drops everything, as ``nn.Dropout(p=1)``)."""
+    p = float(p)
+    if not 0.0 <= p <= 1.0:  # (NaN fails too)
+        raise ValueError(f"{what} must be in [0, 1], got {p}")
+    return p
+
+
 def dropout_threshold(p: float) -> int:
-    """16-bit threshold: an element is kept when its 16 random bits are ≥ it (p quantized to 1/65536)."""
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    return min(int(round(p * 65536.0)), 65535)
+    """The keep threshold of dropout probability ``p``, in [0, 65536]: an element is kept when its 16 random bits
+    are ≥ it. ``round(p · 65536)``, capped at 65535 for ``p < 1``, so that only ``p = 1`` drops everything (the
+    rule in this module's docstring)."""
+    p = check_dropout_p(p)
+    if p == 1.0:
+        return DROPOUT_ONE
+    return min(int(round(p * DROPOUT_ONE)), DROPOUT_ONE - 1)
+
+
+def dropout_keep_scale(threshold: int) -> float:
+    """The factor kept elements are multiplied by under ``threshold``: ``65536 / (65536 − threshold)``, the inverse
+    of the exact keep probability, so dropout is unbiased; 1.0 at threshold 0 (the identity), and 0.0 at 65536
+    (nothing is kept: no division by zero, and the LoRA branch is exactly 0)."""
+    threshold = int(threshold)
+    if not 0 <= threshold <= DROPOUT_ONE:
+        raise ValueError(f"dropout threshold must be in [0, {DROPOUT_ONE}], got {threshold}")
+    return 0.0 if threshold == DROPOUT_ONE else DROPOUT_ONE / (DROPOUT_ONE - threshold)
+
+
+def dropout_params(p: float) -> tuple[int, float]:
+    """``(threshold, keep_scale)`` of dropout probability ``p``: what every backend (this reference, the Triton
+    kernels, the mixed-adapter and 4-bit ops) drops and how it scales what it keeps."""
+    threshold = dropout_threshold(p)
+    return threshold, dropout_keep_scale(threshold)
+
+
+def drops(p: float) -> bool:
+    """Whether dropout of probability ``p`` changes anything (its threshold is not 0): ``p < 2⁻¹⁷`` is the
+    identity (nothing dropped, nothing scaled) and needs no mask."""
+    return dropout_threshold(p) > 0
 
 
 def dropout_keep_rows(seed: int | torch.Tensor, rows: torch.Tensor, n_cols: int, p: float) -> torch.Tensor:
@@ -92,15 +142,15 @@ def dropout_keep_mask(seed: int | torch.Tensor, n_rows: int, n_cols: int, p: flo
 
 
 def masked(t: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
-    """``keep ⊙ t / (1 − p)`` in t's dtype (``t`` itself when there is no mask)."""
+    """``c · keep ⊙ t`` in t's dtype, ``c = dropout_params(p)[1]`` (``t`` itself when there is no mask)."""
     if keep is None:
         return t
-    return torch.where(keep, t * (1.0 / (1.0 - p)), torch.zeros((), dtype=t.dtype, device=t.device))
+    return torch.where(keep, t * dropout_params(p)[1], torch.zeros((), dtype=t.dtype, device=t.device))
 
 
 def apply_dropout(x2d: torch.Tensor, seed, p: float) -> torch.Tensor:
-    """``m ⊙ x / (1 − p)`` in x's dtype, with the mask regenerated from ``seed``."""
-    if p == 0.0:
+    """``c · m ⊙ x`` in x's dtype, with the mask regenerated from ``seed`` (``x2d`` itself when nothing drops)."""
+    if not drops(p):
         return x2d
     return masked(x2d, dropout_keep_mask(seed, x2d.shape[0], x2d.shape[1], p, device=x2d.device), p)
 
@@ -136,7 +186,7 @@ def lora_linear_backward(dy, x2d, weight, lora_A, lora_B, xa, seed, scale: float
     dS = scale * (dyf @ lora_B.to(acc))  # (N, r)
     dx = dA = dB = dbias = None
     # The mask is regenerated once here and serves both dx and dA.
-    if keep is None and p > 0.0 and (need_dx or need_dA):
+    if keep is None and drops(p) and (need_dx or need_dA):
         keep = dropout_keep_mask(seed, x2d.shape[0], x2d.shape[1], p, device=x2d.device)
 
     if need_dx:

@@ -133,8 +133,9 @@ def _embedding_layer_tensors(peft_model: nn.Module, state: dict[str, torch.Tenso
             continue
         name = next((n for n, m in peft_model.named_modules()
                      if (not targeted and layer is not None and m is layer) or (base is not None and m is base)), None)
-        if name:
-            out.update({_drop_adapter_name(k, adapter_name): v for k, v in state.items() if k.startswith(f"{name}.")})
+        if name:  # a base layer's keys hold no adapter name (an adapter may be called "base_layer")
+            out.update({k if targeted else _drop_adapter_name(k, adapter_name): v
+                        for k, v in state.items() if k.startswith(f"{name}.")})
     return out
 
 
@@ -261,7 +262,10 @@ def save_adapter(peft_model: PeftModel, adapter_name: str, save_directory: str |
     state = adapter_state_dict(peft_model, adapter_name, state_dict, save_embedding_layers)
     if not write:
         return
-    write_adapter_files(save_directory, state, peft_model.peft_config[adapter_name], safe_serialization)
+    from .auto import auto_mapping_for
+
+    config = peft_model.peft_config[adapter_name]
+    write_adapter_files(save_directory, state, config, safe_serialization, auto_mapping_for(peft_model, config))
 
 
 def save_converted_adapter(peft_model: PeftModel, adapter_name: str, save_directory: str | os.PathLike,
@@ -288,7 +292,9 @@ def save_converted_adapter(peft_model: PeftModel, adapter_name: str, save_direct
     converted.lora_alpha = converted.lora_alpha * (math.sqrt(2) if converted.use_rslora else 2)
     converted.rank_pattern = {k: 2 * v for k, v in converted.rank_pattern.items()}
     converted.alpha_pattern = {k: 2 * v for k, v in converted.alpha_pattern.items()}
-    write_adapter_files(save_directory, tensors, converted, safe_serialization)
+    from .auto import auto_mapping_for
+
+    write_adapter_files(save_directory, tensors, converted, safe_serialization, auto_mapping_for(peft_model, config))
 
 
 def convert_to_lora_tensors(config: Any, trained: dict[str, torch.Tensor],
@@ -331,10 +337,10 @@ def convert_to_lora_tensors(config: Any, trained: dict[str, torch.Tensor],
 
 
 def write_adapter_files(save_directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: Any,
-                        safe_serialization: bool = True) -> None:
+                        safe_serialization: bool = True, auto_mapping: dict[str, str] | None = None) -> None:
     """Write ``tensors`` (as contiguous CPU copies) and ``config`` into ``save_directory`` (created if needed) in
     peft's layout: ``adapter_model.safetensors`` (``adapter_model.bin`` without ``safe_serialization``) and
-    ``adapter_config.json``."""
+    ``adapter_config.json`` (with peft's ``auto_mapping`` field when given)."""
     os.makedirs(save_directory, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     if safe_serialization:
@@ -346,7 +352,7 @@ def write_adapter_files(save_directory: str | os.PathLike, tensors: dict[str, to
     inference_mode = config.inference_mode
     config.inference_mode = True  # peft writes adapters as loaded-for-inference
     try:
-        config.save_pretrained(save_directory)
+        config.save_pretrained(save_directory, auto_mapping_dict=auto_mapping)
     finally:
         config.inference_mode = inference_mode
 
@@ -457,6 +463,11 @@ def map_saved_keys(peft_model: PeftModel, saved: dict[str, torch.Tensor], adapte
             # peft's bias="lora_only" file of a model with several adapters also holds the base biases of layers
             # only the other adapters wrapped; here such a layer is not wrapped: its own bias
             target = key[: -len(".base_layer.bias")] + ".bias"
+        elif target not in state and adapter_name == "base_layer" and \
+                f"{key.rpartition('.')[0]}.base_layer.{key.rpartition('.')[2]}" in state:
+            # peft saves an embedding's base weight under an adapter called "base_layer" with ".base_layer" taken
+            # out as if it were the adapter's name
+            target = f"{key.rpartition('.')[0]}.base_layer.{key.rpartition('.')[2]}"
         elif target not in state and ".original_module." in key and key.replace(".original_module.", ".") in state:
             # peft's bias="all" file holds a modules_to_save wrapper's original bias, also where the wrapper
             # belonged to another adapter: here the module is not wrapped

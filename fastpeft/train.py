@@ -37,6 +37,7 @@ import torch
 
 from .data import (
     DEFAULT_TASK_NAME,
+    IGNORE_INDEX,
     ByteTokenizer,
     Collator,
     DataError,
@@ -295,7 +296,7 @@ def check_args(args: argparse.Namespace) -> None:
     number("max_grad_norm", lambda v: v >= 0, "must be ≥ 0 (0: no clipping)")
     number("r", lambda v: int(v) == v and v >= 1, "must be an integer ≥ 1")
     number("lora_alpha", lambda v: True, "must be a finite number")
-    number("lora_dropout", lambda v: 0 <= v < 1, "must be in [0, 1)")
+    number("lora_dropout", lambda v: 0 <= v <= 1, "must be in [0, 1]")
     number("num_virtual_tokens", lambda v: int(v) == v and v >= 1, "must be an integer ≥ 1")
     number("freeze_layers", lambda v: int(v) == v and v >= 0, "must be an integer ≥ 0")
     number("eval_steps", lambda v: int(v) == v and v >= 1, "must be an integer ≥ 1", optional=True)
@@ -641,6 +642,22 @@ def build_peft_model(model, args: argparse.Namespace, total_steps: int | None = 
 
 
 # --------------------------------------------------------------------------- helpers
+def _targets(batch: list[Sample]) -> int:
+    """The tokens a batch's loss is the mean over: labels other than -100 after the causal shift."""
+    return sum(sum(1 for t in s.labels[1:] if t != IGNORE_INDEX) for s in batch)
+
+
+def _global_count(count: int, world: int, device: Any) -> int:
+    """``count`` summed over the processes of a distributed run."""
+    if world == 1:
+        return count
+    import torch.distributed as dist
+
+    total = torch.tensor([count], dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
 def cosine_lr(step: int, total: int, warmup: int) -> float:
     """Linear warm-up then cosine decay to 0: the multiplier of the peak learning rate at ``step``."""
     if warmup > 0 and step < warmup:
@@ -844,11 +861,13 @@ def load_checkpoint(out: Path, resume: str) -> tuple[Path, dict]:
     raise AssertionError("unreachable")
 
 
-# options that must not change across --resume: they shape the adapter, the base, or the data order
-RESUME_OPTIONS = ("model", "method", "r", "lora_alpha", "use_rslora", "use_dora", "init_lora_weights", "target_modules",
-                  "modules_to_save", "num_virtual_tokens", "freeze_layers", "method_options", "load_in_4bit",
-                  "quantizer", "data", "eval_data", "eval_split", "prompt_field", "response_field", "text_field",
-                  "messages_field", "max_length", "group_by_length", "packing", "batch_size", "grad_accum", "seed")
+# options that must not change across --resume: they shape the adapter, its training (dropout), the base (its
+# dtype), or the data order
+RESUME_OPTIONS = ("model", "method", "r", "lora_alpha", "lora_dropout", "dtype", "use_rslora", "use_dora",
+                  "init_lora_weights", "target_modules", "modules_to_save", "num_virtual_tokens", "freeze_layers",
+                  "method_options", "load_in_4bit", "quantizer", "data", "eval_data", "eval_split", "prompt_field",
+                  "response_field", "text_field", "messages_field", "max_length", "group_by_length", "packing",
+                  "batch_size", "grad_accum", "seed")
 
 
 def _resume_value(key: str, value: Any) -> Any:
@@ -973,11 +992,13 @@ def train(args: argparse.Namespace) -> TrainResult:
     tok = load_tokenizer(args)
 
     # data
+    fields = (args.prompt_field, args.response_field, args.text_field, args.messages_field)
     if default_data:
         train_rows, eval_rows = default_task()
         source = f"embedded:{DEFAULT_TASK_NAME}"
+        if args.eval_data:  # the embedded task's training rows, evaluated on the given file
+            eval_rows = read_records(args.eval_data, *fields)
     else:
-        fields = (args.prompt_field, args.response_field, args.text_field, args.messages_field)
         rows = read_records(args.data, *fields)
         source = args.data
         if args.eval_data:
@@ -987,6 +1008,10 @@ def train(args: argparse.Namespace) -> TrainResult:
             order = list(range(len(rows)))
             random.Random(args.seed).shuffle(order)
             n_eval = int(len(rows) * args.eval_split) if len(rows) >= 20 else 0
+            if args.eval_split > 0 and n_eval == 0:
+                print(f"fastpeft train: warning: {len(rows)} rows in {args.data} hold out no evaluation rows at "
+                      f"--eval-split {args.eval_split} (a split needs 20 rows or more and one held-out row); "
+                      "no eval_loss will be reported (pass --eval-data to evaluate)", file=sys.stderr)
             eval_rows = [rows[i] for i in order[:n_eval]]
             train_rows = [rows[i] for i in order[n_eval:]]
     packing = bool(getattr(args, "packing", False))
@@ -1134,15 +1159,23 @@ def train(args: argparse.Namespace) -> TrainResult:
             for index, batch in enumerate(epoch_batches):
                 if index < skip or index % world != rank:
                     continue
+                if micro % args.grad_accum == 0:  # a step's first micro-batch: the target tokens of the whole step
+                    mine = [b for j, b in enumerate(epoch_batches[index: index + world * args.grad_accum])
+                            if (index + j) % world == rank][: args.grad_accum]
+                    step_targets = _global_count(sum(_targets(b) for b in mine), world, device)
                 inputs = {n: t.to(device) for n, t in collator(batch).items()}
                 last_micro = (micro + 1) % args.grad_accum == 0
                 sync = runner.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()
+                # each micro-batch's mean loss weighted by its share of the step's target tokens (times the
+                # processes, whose gradients DDP averages): the step's gradient is that of one batch holding all
+                # of them, as transformers' Trainer does with num_items_in_batch
+                weight = _targets(batch) * world / max(step_targets, 1)
                 with sync:
                     with _autocast(device, autocast):
                         # packed rows: no KV cache, which would turn transformers' packed-sequence masks off
                         loss = (runner(**inputs, use_cache=False) if packing else runner(**inputs)).loss
-                    (loss / args.grad_accum).backward()
-                loss_acc += loss.item() / args.grad_accum
+                    (loss * weight).backward()
+                loss_acc += loss.item() * weight
                 tok_acc += sum(len(s.input_ids) for s in batch)
                 micro += 1
                 in_step += 1
@@ -1154,8 +1187,9 @@ def train(args: argparse.Namespace) -> TrainResult:
                 scale = cosine_lr(step, total_steps, warmup)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * scale
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm) if args.max_grad_norm > 0 \
-                    else torch.tensor(0.0)
+                # without clipping (max_norm inf: a factor of 1) the norm is still measured and logged
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0
+                                                           else float("inf"))
                 optimizer.step()
                 update = getattr(model, "update_and_allocate", None)
                 if callable(update) and args.method == "adalora":

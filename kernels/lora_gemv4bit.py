@@ -396,9 +396,10 @@ def _check_common(x2d, out_features, in_features, bias, xa, lora_B):
 
 
 def _run(x2d, q, code, s, z, ncode, nabs, noff, bias, xa, lora_B, scale, out_features, in_features, *,
-         quant, log_bs, log_nbs, nested, nested_offset, row_elems, scale_row_elems, row_aligned, config):
+         quant, log_bs, log_nbs, nested, nested_offset, row_elems, scale_row_elems, row_aligned, config,
+         out_dtype=None):
     n_rows = x2d.shape[0]
-    y = torch.empty(n_rows, out_features, device=x2d.device, dtype=x2d.dtype)
+    y = torch.empty(n_rows, out_features, device=x2d.device, dtype=out_dtype or x2d.dtype)
     if n_rows == 0 or out_features == 0:
         return y
     has_lora = xa is not None and xa.shape[1] > 0
@@ -438,7 +439,7 @@ def _run(x2d, q, code, s, z, ncode, nabs, noff, bias, xa, lora_B, scale, out_fea
 
 def lora_gemv_4bit(x2d, packed, absmax, code, blocksize, out_features, in_features, *, nested_code=None,
                    nested_absmax=None, nested_blocksize=256, nested_offset=0.0, bias=None, xa=None, lora_B=None,
-                   scale=1.0, config=None):
+                   scale=1.0, config=None, out_dtype=None):
     """``y = x2d Wᵀ + bias + scale · xa lora_Bᵀ`` with W (out, in) in bitsandbytes' NF4/FP4 layout.
 
     ``packed``: the quantized bytes (any shape, e.g. bnb's (n, 1); uint8 or another
@@ -449,7 +450,8 @@ def lora_gemv_4bit(x2d, packed, absmax, code, blocksize, out_features, in_featur
     ``state2.absmax``, ``state2.blocksize``, ``offset``; the offset may be a one-element tensor,
     read on the device, so no sync). ``xa`` (N, r) and ``lora_B`` (out, r): both or neither.
     Meant for N ≤ 16 (decode); larger N runs 16 rows a launch. ``config`` forces one autotune
-    config. Returns y (N, out) in x2d's dtype. Example::
+    config. Returns y (N, out) in x2d's dtype, or ``out_dtype`` (e.g. fp32 from a bf16 x: the fp32
+    accumulator stored as it is — a QLoRA layer's fp32 input after its base product's rounding). Example::
 
         q, st = bitsandbytes.functional.quantize_4bit(w, blocksize=64, quant_type="nf4")
         y = lora_gemv_4bit(x, q, st.absmax, st.code, st.blocksize, *w.shape)
@@ -483,17 +485,17 @@ def lora_gemv_4bit(x2d, packed, absmax, code, blocksize, out_features, in_featur
     return _run(x2d, q, code.reshape(-1).float(), absmax, None, ncode, nabs, nested_offset, bias, xa, lora_B,
                 scale, out_features, in_features, quant=QUANT_BNB, log_bs=log_bs, log_nbs=log_nbs, nested=nested,
                 nested_offset=nested_offset, row_elems=in_features, scale_row_elems=in_features,
-                row_aligned=in_features % blocksize == 0, config=config)
+                row_aligned=in_features % blocksize == 0, config=config, out_dtype=out_dtype)
 
 
 def lora_gemv_int4(x2d, packed, scales, zeros, group_size, out_features, in_features, *, bias=None, xa=None,
-                   lora_B=None, scale=1.0, config=None):
+                   lora_B=None, scale=1.0, config=None, out_dtype=None):
     """``y = x2d Wᵀ + bias + scale · xa lora_Bᵀ`` with W in fastpeft's group-wise int4 layout.
 
     ``packed`` uint8 (out, ⌈in/2⌉): element 2j of a row in the high nibble of byte j, 2j+1 in
     the low one; ``scales`` (fp16) and ``zeros`` (uint8, 0…15) (out, ⌈in/group_size⌉);
     ``W[o, k] = (q − zeros[o, g]) · scales[o, g]`` in fp32, g = k // group_size. Meant for
-    N ≤ 16 (decode). ``config`` forces one autotune config. Example::
+    N ≤ 16 (decode). ``config`` forces one autotune config; ``out_dtype`` as ``lora_gemv_4bit``. Example::
 
         y = lora_gemv_int4(x, packed, scales, zeros, 128, out_features, in_features, xa=xa, lora_B=B, scale=2.0)
     """
@@ -517,4 +519,4 @@ def lora_gemv_int4(x2d, packed, scales, zeros, group_size, out_features, in_feat
     return _run(x2d, packed, None, scales, zeros, None, None, 0.0, bias, xa, lora_B, scale, out_features,
                 in_features, quant=QUANT_INT4, log_bs=log_gs, log_nbs=0, nested=False, nested_offset=0.0,
                 row_elems=2 * packed.stride(0), scale_row_elems=scales.stride(0) << log_gs, row_aligned=True,
-                config=config)
+                config=config, out_dtype=out_dtype)

@@ -6,10 +6,13 @@ Math (``D`` = dropout with keep-mask ``m``, ``dS = scale · dy B``)::
               y  = x W0ᵀ + b + xa (scale·B)ᵀ      GEMM, rank-r term as one extra K step
     backward  dS = scale · dy B                   _lora_down_kernel     reads dy once
               dx = dy W0                           GEMM (cuBLAS on CUDA when p > 0)
-                 + m ⊙ (dS A)/(1−p)               added in place by the dA pass (p > 0),
+                 + c · m ⊙ (dS A)                 added in place by the dA pass (p > 0),
                                                    or folded as one K step (p = 0)
               dA = dSᵀ D(x)                       _lora_reduce_kernel   reads x once
               dB = scale · dyᵀ xa, db = Σ dy      _lora_reduce_kernel   reads dy once
+
+    D(x) = c · m ⊙ x with the keep scale c = 65536 / (65536 − threshold), the inverse of the exact
+    keep probability (``fastpeft.reference.dropout_params``; c = 0 at p = 1, where nothing is kept).
 
 The GEMM is ``lora_gemm_tma`` (persistent, TMA, Hopper) where it applies and
 ``_lora_gemm_kernel`` (pointer-based; Ampere, odd strides) elsewhere.
@@ -47,6 +50,7 @@ import triton.language as tl
 from triton.compiler.errors import CompileTimeAssertionFailure
 from triton.runtime.errors import OutOfResources, PTXASError
 
+from ..reference import dropout_keep_scale
 from .configs import (
     REDUCE_ROW_UNIT,
     autotune_mode,
@@ -562,15 +566,17 @@ def _base_view(weight, fan_in_fan_out):
 def lora_linear_forward(x2d, weight, bias, lora_A, lora_B, seed, scale, p, fan_in_fan_out, threshold):
     """Fused forward on a 2-D input. Returns ``(y, xa)`` with ``xa = D(x) Aᵀ`` in fp32.
 
-    ``threshold`` is ``fastpeft.reference.dropout_threshold(p)``; ``seed`` an int64
-    tensor of one element on x's device (unused when ``p == 0``).
+    ``threshold`` is ``fastpeft.reference.dropout_threshold(p)`` (kept values are scaled by its exact keep scale,
+    ``dropout_keep_scale(threshold)``; ``p`` itself is not read); ``seed`` an int64 tensor of one element on x's
+    device (unused when the threshold is 0: nothing drops).
     """
     w = _base_view(weight, fan_in_fan_out)
     if w.dtype != x2d.dtype:
         w = w.to(x2d.dtype)
-    dropout = p > 0.0
-    # xa = D(x) Aᵀ  (the mask never leaves registers; 1/(1-p) applied to the (N, r) result)
-    xa = lora_down(x2d, lora_A, out_scale=1.0 / (1.0 - p), seed=seed, threshold=threshold, dropout=dropout)
+    dropout = threshold > 0
+    # xa = D(x) Aᵀ  (the mask never leaves registers; the keep scale applied to the (N, r) result)
+    xa = lora_down(x2d, lora_A, out_scale=dropout_keep_scale(threshold), seed=seed, threshold=threshold,
+                   dropout=dropout)
     # y = x W0ᵀ + b + xa · (scale·B)ᵀ
     b = None if bias is None else (bias if bias.dtype == x2d.dtype else bias.to(x2d.dtype))
     y = lora_gemm(x2d, w, b, xa, lora_B.t(), lora_scale=scale)
@@ -579,9 +585,10 @@ def lora_linear_forward(x2d, weight, bias, lora_A, lora_B, seed, scale, p, fan_i
 
 def lora_linear_backward(dy, x2d, weight, lora_A, lora_B, xa, seed, scale, p, fan_in_fan_out, threshold,
                          need_dx=True, need_dA=True, need_dB=True, need_dbias=False):
-    """Fused backward. Returns ``(dx, dA, dB, dbias)``; entries not needed are ``None``."""
-    dropout = p > 0.0
-    inv_keep = 1.0 / (1.0 - p)
+    """Fused backward. Returns ``(dx, dA, dB, dbias)``; entries not needed are ``None``. ``threshold`` as in
+    ``lora_linear_forward``."""
+    dropout = threshold > 0
+    inv_keep = dropout_keep_scale(threshold)
     dx = dA = dB = dbias = None
     dS = None
     if need_dx or need_dA:
@@ -596,10 +603,10 @@ def lora_linear_backward(dy, x2d, weight, lora_A, lora_B, xa, seed, scale, p, fa
         if w.dtype != dy.dtype:
             w = w.to(dy.dtype)
         if dx_in_reduce:
-            # dx = dy W0   (+ m ⊙ (dS A)/(1-p) below)
+            # dx = dy W0   (+ c · m ⊙ (dS A) below)
             dx = lora_gemm(dy, w.t(), out_dtype=x2d.dtype)
         else:
-            # dx = dy W0 + m ⊙ (dS A)/(1-p): W0 read through a transposed view, no copy.
+            # dx = dy W0 + c · m ⊙ (dS A): W0 read through a transposed view, no copy.
             dx = lora_gemm(dy, w.t(), None, dS, lora_A, lora_scale=1.0, seed=seed, threshold=threshold,
                            inv_keep=inv_keep, mask_lora=dropout, out_dtype=x2d.dtype)
     if need_dA or dx_in_reduce:

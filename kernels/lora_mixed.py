@@ -10,8 +10,9 @@ of each sorted row, ``seg[a] .. seg[a+1]`` = the sorted rows of adapter ``a``), 
 almost always touches one adapter; a block straddling a boundary loops over its (two or three)
 adapters. Results keep the caller's row order: loads and stores go through ``perm``.
 
-Math per row ``m`` of adapter ``a`` (``s_a`` = scale, ``k_a = 1/(1-p_a)``, ``D_a`` = dropout
-keyed by ``(seed, m, col)`` exactly as ``kernels/philox.py`` keys the core)::
+Math per row ``m`` of adapter ``a`` (``s_a`` = scale, ``k_a`` = keep scale ``65536 / (65536 − thr_a)``, 0 at
+``p_a = 1``: ``fastpeft.reference.dropout_params``; ``D_a`` = the keep-mask keyed by ``(seed, m, col)``
+exactly as ``kernels/philox.py`` keys the core)::
 
     forward   xa[i] = k_a · D_a(x[m]) A_aᵀ              mixed_down     (i = sorted position of m)
               y[m] = x W0ᵀ + b  (cuBLAS / core GEMM)  + s_a · xa[i] B_aᵀ     mixed_up (in place)

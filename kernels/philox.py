@@ -6,7 +6,9 @@ H100 (~17 int32 TOPS) makes a 4096×8192 mask cost ~0.2 ms — more than the
 bytes it saves, three times per step (forward down pass, dgrad epilogue, dA).
 So each call feeds **eight** decisions: its four 32-bit words, split into
 16-bit halves, each compared with ``threshold = round(p · 2¹⁶)`` (p is thus
-quantized to 1/65536).
+quantized to 1/65536; ``fastpeft.reference.dropout_threshold`` gives the exact
+rule: 65536, i.e. drop everything, only for p = 1, and the keep scale
+``dropout_keep_scale`` that makes the quantized dropout unbiased).
 
 Element (row m, column n) of an (N, in) input uses counter
 ``(n // 8, m_lo, m_hi, 0)`` with key ``(seed_lo, seed_hi)``, and inside the

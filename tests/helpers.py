@@ -10,13 +10,21 @@ from fastpeft.reference import dropout_keep_mask
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def keep_scale64(p: float) -> float:
+    """What a kept element is multiplied by at dropout probability ``p``, written out independently of fastpeft:
+    the inverse of the exact keep probability of the 16-bit threshold ``round(p·65536)`` (capped at 65535 below
+    p = 1), so that dropout is unbiased; 0 at p = 1, where nothing is kept."""
+    threshold = 65536 if p >= 1.0 else min(round(p * 65536), 65535)
+    return 0.0 if threshold == 65536 else 65536.0 / (65536 - threshold)
+
+
 def lora_ref64(x2d, weight, bias, A, B, scale, p=0.0, seed=None, fan_in_fan_out=False):
     """Independent fp64 LoRA forward; the dropout mask (if any) is replayed from ``seed``."""
     xd = x2d.double()
     w = weight.double().t() if fan_in_fan_out else weight.double()
     if p > 0:
         keep = dropout_keep_mask(seed, x2d.shape[0], x2d.shape[1], p)
-        xdrop = xd * keep.double() / (1.0 - p)
+        xdrop = xd * keep.double() * keep_scale64(p)
     else:
         xdrop = xd
     y = xd @ w.t() + scale * (xdrop @ A.double().t()) @ B.double().t()

@@ -189,7 +189,7 @@ def test_cli_qlora_tiny_writes_json(tmp_path, torch_backend, capsys):
     (["--r", "0"], "--r must be ≥ 1"),
     (["--shapes", "foo"], "--shapes: shape 'foo' is neither"),
     (["--shapes", "0x64"], "--shapes sizes must be ≥ 1"),
-    (["--dropout", "1.5"], r"--dropout must be in \[0, 1\)"),
+    (["--dropout", "1.5"], r"--dropout must be in \[0, 1\]"),
     (["--adapters", "0"], "--adapters must be ≥ 1"),
     (["--rep-ms", "0"], "--rep-ms must be > 0"),
     (["--device", "nonsense"], "--device 'nonsense' is not a device"),

@@ -182,9 +182,9 @@ def test_autocast_follows_autocast_dtype():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="positive integer"):
         FastLoraLinear(8, 8, r=0)
-    with pytest.raises(ValueError, match=r"lora_dropout must be in \[0, 1\)"):
-        FastLoraLinear(8, 8, lora_dropout=1.0)
-    with pytest.raises(ValueError, match=r"lora_dropout must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"lora_dropout must be in \[0, 1\]"):
+        FastLoraLinear(8, 8, lora_dropout=1.5)
+    with pytest.raises(ValueError, match=r"lora_dropout must be in \[0, 1\]"):
         FastLoraLinear(8, 8, lora_dropout=-0.1)
     with pytest.raises(TypeError, match="wraps nn.Linear or transformers' Conv1D, got Conv2d"):
         FastLoraLinear.from_linear(nn.Conv2d(3, 3, 1))

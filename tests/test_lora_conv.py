@@ -318,7 +318,7 @@ def test_bad_input_and_unsupported_inits():
     with pytest.raises(ValueError, match="positive integer"):
         FastLoraConv(nn.Conv2d(3, 4, 3), r=0)
     with pytest.raises(ValueError, match="lora_dropout"):
-        FastLoraConv(nn.Conv2d(3, 4, 3), lora_dropout=1.0)
+        FastLoraConv(nn.Conv2d(3, 4, 3), lora_dropout=1.5)
     with pytest.raises(ValueError, match="True, False or 'gaussian'"):
         fastpeft.get_peft_model(TinyCNN(), fastpeft.LoraConfig(target_modules=["c2"], init_lora_weights="pissa"))
     with pytest.raises(ValueError, match="not supported by fastpeft"):  # a transposed convolution as target

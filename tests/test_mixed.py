@@ -19,7 +19,7 @@ from fastpeft.layers.lora import FastLoraLinear
 from fastpeft.ops import lora_linear
 from fastpeft.ops_mixed import _lora_mixed_op, lora_linear_mixed, sort_rows, stack_adapters
 from fastpeft.reference import dropout_keep_rows
-from helpers import assert_rel, assert_rule, lora_grads64
+from helpers import assert_rel, assert_rule, keep_scale64, lora_grads64
 
 IN, OUT = 45, 37  # odd: not multiples of any block
 
@@ -50,7 +50,7 @@ def _ref64(x2d, W, b, As, Bs, index, scales, ps, seed):
             xm = x2d[m].double()
             if ps[a] > 0:
                 keep = dropout_keep_rows(seed, torch.tensor([m]), IN, ps[a])[0].double()
-                xm = xm * keep / (1 - ps[a])
+                xm = xm * keep * keep_scale64(ps[a])
             row = row + scales[a] * (xm @ As[a].double().t()) @ Bs[a].double().t()
         out.append(row)
     return torch.stack(out)
@@ -588,7 +588,7 @@ def _mixed_grads64(x2d, W, b, As, Bs, index, scales, ps, seed, dy):
             continue
         xs = x64[rows]
         if ps[a] > 0:
-            xs = xs * dropout_keep_rows(seed.cpu(), rows, x2d.shape[1], ps[a]).double() / (1 - ps[a])
+            xs = xs * dropout_keep_rows(seed.cpu(), rows, x2d.shape[1], ps[a]).double() * keep_scale64(ps[a])
         y = y.index_add(0, rows, scales[a] * (xs @ A64[a].t()) @ B64[a].t())
     y.backward(dy.detach().cpu().double())
     return y.detach(), [x64.grad, b64.grad, *[A.grad for A in A64], *[B.grad for B in B64]]

@@ -608,7 +608,7 @@ def test_bad_configs():
     with pytest.raises(ValueError, match="bias"):
         fastpeft.LoraConfig(bias="some")
     with pytest.raises(ValueError, match="lora_dropout"):
-        fastpeft.LoraConfig(lora_dropout=1.0)
+        fastpeft.LoraConfig(lora_dropout=1.5)
     with pytest.raises(ValueError, match="peft_type"):
         fastpeft.LoraConfig.from_dict({"peft_type": "IA3"})
     with pytest.raises(ValueError, match=r"not found in the base model.*q_proj"):

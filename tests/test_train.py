@@ -190,8 +190,8 @@ def test_config_values_convert_like_flags(tmp_path):
     (["--method-options", '{"no_such": 1}'], "--method lora with --method-options .*no_such"),
     (["--method", "ia3", "--method-options", '{"no_such": 1}'], "--method ia3 with --method-options .*no_such"),
     (["--r", "0"], "--r must be an integer ≥ 1"),
-    (["--lora-dropout", "1"], r"--lora-dropout must be in \[0, 1\)"),
-    (["--lora-dropout", "-0.5"], r"--lora-dropout must be in \[0, 1\)"),
+    (["--lora-dropout", "1.5"], r"--lora-dropout must be in \[0, 1\]"),
+    (["--lora-dropout", "-0.5"], r"--lora-dropout must be in \[0, 1\]"),
     (["--target-modules", "nope"], "--target-modules 'nope': Target modules .* not found"),
     (["--data", "missing.jsonl"], None),
     (["--resume", "--overwrite-output-dir"], "contradict"),
@@ -272,6 +272,49 @@ def test_restore_refuses_other_shapes_except_adalora_ranks():
     assert holder.lora_A["default"].weight.shape == (3, 2)
 
 
+def test_grad_accum_equals_one_batch_of_all_its_tokens(tmp_path):
+    """batch 4 × grad-accum 2 takes the same steps as batch 8: micro-batches weighted by their target tokens (as
+    transformers' Trainer does with num_items_in_batch), not a mean of per-micro-batch means."""
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"p{i}", "response": "r" * (1 + i % 7)}) + "\n" for i in range(32)))
+    logs, adapters = [], []
+    for name, flags in (("b8", ["--batch-size", "8"]), ("b4x2", ["--batch-size", "4", "--grad-accum", "2"])):
+        result = train(parse_args(["--data", str(f), "--eval-split", "0", "--max-steps", "2", "--lora-dropout", "0",
+                                   "--max-grad-norm", "0", "--eval-generate", "0", "--output", str(tmp_path / name),
+                                   "--no-progress", *flags]))
+        logs.append([s["loss"] for s in result.log["steps"]])
+        from safetensors.torch import load_file
+
+        adapters.append(load_file(tmp_path / name / "adapter_model.safetensors"))
+    assert logs[0] == pytest.approx(logs[1], abs=2e-5)
+    for k in adapters[0]:
+        torch.testing.assert_close(adapters[0][k], adapters[1][k], rtol=0, atol=1e-4)
+    # without clipping the gradient norm is still measured
+    assert all(s["grad_norm"] > 0 for s in result.log["steps"])
+
+
+def test_eval_data_replaces_the_embedded_held_out_set(tmp_path):
+    f = tmp_path / "e.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"upper: w{i} =", "response": f" W{i}"}) + "\n" for i in range(3)))
+    result = train(parse_args(["--eval-data", str(f), "--max-steps", "1", "--eval-generate", "0", "--output",
+                               str(tmp_path / "o"), "--no-progress"]))
+    assert result.log["eval_samples"] == 3
+    from fastpeft.data import DataError
+
+    with pytest.raises(DataError, match="does not exist"):
+        train(parse_args(["--eval-data", str(tmp_path / "missing.jsonl"), "--max-steps", "1", "--output",
+                          str(tmp_path / "p"), "--no-progress"]))
+
+
+def test_bench_refuses_providers_of_another_preset_and_infinite_alpha(capsys):
+    with pytest.raises(SystemExit, match="do not belong to the tiny preset"):
+        cli.main(["bench", "--preset", "tiny", "--providers", "bnb_gemv_4bit"])
+    with pytest.raises(SystemExit, match="--lora-alpha must be a finite number"):
+        cli.main(["bench", "--preset", "tiny", "--lora-alpha", "inf"])
+    with pytest.raises(SystemExit, match="--plot is not available"):
+        cli.main(["bench", "--preset", "e2e-tiny", "--plot", "x.png"])
+
+
 def test_output_folder_of_an_earlier_run_and_resume_checks(tmp_path, capsys):
     """Checkpoints of an earlier run refuse a new run; --resume refuses a checkpoint at/after the last step or
     saved with other adapter options, falls back past an unreadable latest one; a checkpoint generates."""
@@ -297,6 +340,10 @@ def test_output_folder_of_an_earlier_run_and_resume_checks(tmp_path, capsys):
     with pytest.raises(SystemExit, match="trained with --init-lora-weights True, this run has --init-lora-weights "
                                          "'olora'"):  # an init that rewrites the base: another model
         run("--max-steps", "3", "--resume", "--init-lora-weights", "olora")
+    with pytest.raises(SystemExit, match="--lora-dropout"):  # another dropout: another training run
+        run("--max-steps", "3", "--resume", "--lora-dropout", "0.3")
+    with pytest.raises(SystemExit, match="--dtype"):  # the base in another dtype
+        run("--max-steps", "3", "--resume", "--dtype", "bf16")
     assert (out / "adapter_model.safetensors").read_bytes() == adapter  # nothing was overwritten
     # a checkpoint folder is an adapter `fastpeft generate` loads (base and tokenizer from the run folder)
     assert cli.main(["generate", "--adapter", str(out / "checkpoint-2"), "--prompt", "upper: w1 =",

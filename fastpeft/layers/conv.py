@@ -38,6 +38,7 @@ from torch import nn
 
 from ..errors import PeftWarning
 from .lora import DoraMagnitude
+from .parametrized import check_weight_writable, store_merged, store_unmerged
 from .switches import AdapterSwitches, MergeMath, init_lora_state
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -122,8 +123,8 @@ class FastLoraConv(AdapterSwitches, MergeMath, nn.Module):
             raise ValueError(f"Targeting a {type(base).__name__} with groups={groups} and rank {r}: the rank must "
                              "be divisible by the groups (as in peft); choose another rank for it (rank_pattern) or "
                              "do not target it")
-        if not 0.0 <= float(lora_dropout) < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        if not 0.0 <= float(lora_dropout) <= 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1], got {lora_dropout}")
         if init_lora_weights not in (True, False) and not (isinstance(init_lora_weights, str)
                                                            and init_lora_weights.lower() == "gaussian"):
             raise ValueError(f"init_lora_weights={init_lora_weights!r} on the convolution {self._where(adapter_name)} "
@@ -263,9 +264,11 @@ class FastLoraConv(AdapterSwitches, MergeMath, nn.Module):
         todo = [n for n in names if n not in self.merged_adapters]
         if todo:
             self._refuse_grouped_merge()
+            check_weight_writable(self.base_layer, "merge into it")  # (a parametrized weight, e.g. weight_norm)
         self._check_bias_mergeable(todo)
-        weight, bias = self.base_layer.weight, self.base_layer.bias
+        bias = self.base_layer.bias
         for name in todo:
+            weight = self.base_layer.weight  # (a parametrized one is recomputed: read it again after each write)
             w = weight.float()
             w0 = self._unmerged_weight(w) if self.use_dora.get(name, False) and self.merged_adapters else None
             merged = self._merge_math(w, name, w0)
@@ -276,14 +279,14 @@ class FastLoraConv(AdapterSwitches, MergeMath, nn.Module):
                 self._dora_merged_norms.pop(name, None)
                 raise ValueError(f"NaNs or infs detected in the merged weight of adapter {name!r}; "
                                  "the adapter seems to be broken")
-            weight.data.copy_(merged.to(weight.dtype))
+            store_merged(self, name, merged.to(weight.dtype))
             if new_bias is not None:
                 bias.data.copy_(new_bias.to(bias.dtype))
             self.merged_adapters.append(name)
 
     def _unmerge_one(self, name: str) -> None:
         weight, bias = self.base_layer.weight, self.base_layer.bias
-        weight.data.copy_(self._unmerge_math(weight.float(), name).to(weight.dtype))
+        store_unmerged(self, name, lambda: self._unmerge_math(weight.float(), name).to(weight.dtype))
         extra = self._scaled_bias(name)
         if extra is not None:
             bias.data.copy_((bias.float() - extra).to(bias.dtype))

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .lora_init import init_kind
+from .parametrized import check_weight_writable, store_merged, store_unmerged
 from .switches import AdapterSwitches
 
 # init_lora_weights: any value the linear layers take (fastpeft.layers.lora_init); a config that asks PiSSA or
@@ -122,8 +123,8 @@ class FastLoraEmbedding(AdapterSwitches, nn.Module):
             refuse_embedding_dora(f"({type(self.base_layer).__name__}, adapter {adapter_name!r})")
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r!r}")
-        if not 0.0 <= float(lora_dropout) < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        if not 0.0 <= float(lora_dropout) <= 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1], got {lora_dropout}")
         if init_kind(init_lora_weights)[0] == "mica":
             raise ValueError(f"init_lora_weights='mica' on an embedding layer ({type(self.base_layer).__name__}, "
                              f"adapter {adapter_name!r}) is not supported by fastpeft (peft has an embedding variant "
@@ -195,20 +196,22 @@ class FastLoraEmbedding(AdapterSwitches, nn.Module):
         already = [n for n in names if n in self.merged_adapters]
         if already:
             warnings.warn(f"Already merged adapters {already}; merging them again is skipped.", stacklevel=2)
-        weight = self.base_layer.weight
+        if any(n not in self.merged_adapters for n in names):  # (a parametrized weight: before anything is written)
+            check_weight_writable(self.base_layer, "merge into it")
         for name in names:
             if name in self.merged_adapters:
                 continue
+            weight = self.base_layer.weight  # (a parametrized one is recomputed: read it again after each write)
             merged = weight.float() + self.get_delta_weight(name)
             if safe_merge and not torch.isfinite(merged.to(weight.dtype)).all():  # (as stored: fp16 may overflow)
                 raise ValueError(f"NaNs or infs detected in the merged weight of adapter {name!r}; "
                                  "the adapter seems to be broken")
-            weight.data.copy_(merged.to(weight.dtype))
+            store_merged(self, name, merged.to(weight.dtype))
             self.merged_adapters.append(name)
 
     def _unmerge_one(self, name: str) -> None:
         weight = self.base_layer.weight
-        weight.data.copy_((weight.float() - self.get_delta_weight(name)).to(weight.dtype))
+        store_unmerged(self, name, lambda: (weight.float() - self.get_delta_weight(name)).to(weight.dtype))
         self.merged_adapters.remove(name)
 
     # ------------------------------------------------------------- forward

@@ -43,6 +43,7 @@ from .lora_init import (
     olora_factors,
     pissa_factors,
 )
+from .parametrized import check_weight_writable, store_merged, store_unmerged
 from .switches import AdapterSwitches, MergeMath, init_lora_state
 
 # Rows of W0 upcast (or decoded) to fp32 at once for DoRA's weight norm: bounds that temporary at
@@ -183,7 +184,7 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
     """LoRA on a frozen linear layer: ``y = base(x) + scale · B(A(dropout(x))))``, fused.
 
     Args mirror peft's ``LoraConfig``: ``r`` (rank, ≥ 1), ``lora_alpha``,
-    ``lora_dropout`` (probability in [0, 1)), ``use_rslora`` (scale
+    ``lora_dropout`` (probability in [0, 1]), ``use_rslora`` (scale
     ``alpha/√r`` instead of ``alpha/r``), ``fan_in_fan_out`` (base stores its
     weight as (in, out), as GPT-2's Conv1D), ``init_lora_weights`` (True:
     A kaiming-uniform(a=√5), B zeros; "gaussian": A ~ N(0, 1/r), B zeros;
@@ -315,8 +316,8 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
             raise ValueError("aLoRA (alora_invocation_tokens) cannot be combined with DoRA (use_dora=True), as in peft")
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r!r}")
-        if not 0.0 <= float(lora_dropout) < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        if not 0.0 <= float(lora_dropout) <= 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1], got {lora_dropout}")
         kind, _ = init_kind(init_lora_weights)  # raises on an unknown value, listing the supported ones
         if kind == "mica":
             if use_dora or use_alora or tied_adapter:
@@ -656,16 +657,18 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         if already:
             warnings.warn(f"Already merged adapters {already}; merging them again is skipped.", stacklevel=2)
         self._check_bias_mergeable([n for n in names if n not in self.merged_adapters])
-        weight = self.base_layer.weight
+        if any(n not in self.merged_adapters for n in names):  # (a parametrized weight: before anything is written)
+            check_weight_writable(self.base_layer, "merge into it")
         for name in names:
             if name in self.merged_adapters:
                 continue
+            weight = self.base_layer.weight  # (a parametrized one is recomputed: read it again after each write)
             w = weight.float()
             w0 = self._unmerged_weight(w) if self.use_dora.get(name, False) and self.merged_adapters else None
             merged = self._merge_math(w, name, w0)
             self._check_merged(merged, name, safe_merge, weight.dtype)
             new_bias = self._merged_bias(name, safe_merge)
-            weight.data.copy_(merged.to(weight.dtype))
+            store_merged(self, name, merged.to(weight.dtype))
             self._write_bias(new_bias)
             self.merged_adapters.append(name)
         self.reset_dora_cache()
@@ -684,7 +687,7 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
             self.merged_adapters.remove(name)
             return
         weight = self.base_layer.weight
-        weight.data.copy_(self._unmerge_math(weight.float(), name).to(weight.dtype))
+        store_unmerged(self, name, lambda: self._unmerge_math(weight.float(), name).to(weight.dtype))
         self._write_bias(self._merged_bias(name, False, sign=-1.0))
         self._dora_merged_norms.pop(name, None)
         self.merged_adapters.remove(name)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..ops import autocast_dtype, to_autocast_dtype
-from ..ops4bit import lora_linear_4bit
+from ..ops4bit import lora_linear_4bit, wide_compute_dtype
 from ..quant import (
     Linear4bit,
     QuantState4bit,
@@ -57,8 +57,13 @@ class FastLoraLinear4bit(FastLoraLinear):
     always False). Adapters are fp32. Computes as the base layer does: in its ``compute_dtype`` when set
     (bitsandbytes' ``bnb_4bit_compute_dtype``, ``quantize_model(compute_dtype=…)``; autocast's dtype
     instead under autocast) with the output and the input's gradient in the input's dtype, so a zero
-    adapter gives exactly ``base_layer(x)``; in the input's dtype (or autocast's) without one. The fused
-    4-bit op, the decode GEMV and the mixed-adapter op all run on the input cast to that dtype. Example::
+    adapter gives the base layer's output (to its final rounding); in the input's dtype (or autocast's) without
+    one. An input wider than the compute dtype (fp32 x, bf16/fp16 compute dtype: a QLoRA model after
+    ``prepare_model_for_kbit_training``, whose fp32 norms feed the projections) computes as peft's QLoRA layer:
+    the base product as bitsandbytes' (x rounded to the compute dtype, kept in fp32), the LoRA branch on the
+    exact fp32 x (``fastpeft.ops4bit.lora_linear_4bit``'s ``compute_dtype``), forward and backward. Otherwise the
+    fused 4-bit op and the decode GEMV run on the input cast to the compute dtype, and so does the mixed-adapter
+    op (``adapter_names`` batches) always, fp32 input included. Example::
 
         layer = FastLoraLinear4bit.from_linear(bnb_linear4bit, r=16, lora_alpha=32, lora_dropout=0.1)
         layer = FastLoraLinear4bit.from_linear(nn.Linear(4096, 4096), r=16, quant_type="nf4")  # quantizes
@@ -272,30 +277,44 @@ class FastLoraLinear4bit(FastLoraLinear):
                           f"to {x.dtype}", stacklevel=3)
         return dtype
 
+    def _wide_dtype(self, x: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype | None:
+        """The compute dtype when ``x`` is wider than it (fp32 x, bf16/fp16 compute dtype, autocast off): the op
+        then takes x as it is and rounds it for the base product only. None otherwise."""
+        if dtype is None or autocast_dtype(x) is not None:
+            return None
+        return wide_compute_dtype(x, dtype)
+
     def _fused_forward(self, x: torch.Tensor, name: str, with_bias: bool = True, dropout_p: float | None = None,
                        seed: torch.Tensor | None = None) -> torch.Tensor:
         """The 4-bit base plus adapter ``name`` in one fused op (``fastpeft.ops4bit.lora_linear_4bit``), on x
-        cast to the base's compute dtype; the output in x's dtype. ``with_bias``/``dropout_p``/``seed`` as in
-        ``FastLoraLinear._fused_forward``."""
+        cast to the base's compute dtype — or, for an fp32 x over a bf16/fp16 compute dtype, on x itself with the
+        base product in the compute dtype and the LoRA branch in fp32 (peft's numerics); the output in x's dtype.
+        ``with_bias``/``dropout_p``/``seed`` as in ``FastLoraLinear._fused_forward``."""
         dtype = self._op_dtype(x)
-        xc = x if dtype is None else x.to(dtype)
+        wide = self._wide_dtype(x, dtype)
+        xc = x if dtype is None or wide is not None else x.to(dtype)
         p = self._dropout_p(name) if dropout_p is None else dropout_p
         y = lora_linear_4bit(xc, self.weight4bit(), self._effective_bias(name) if with_bias else None,
                              self.lora_A[name].weight, self.lora_B[name].weight, scale=self.scaling[name],
-                             dropout_p=p, training=self.training, seed=seed)
-        return y if dtype is None else y.to(x.dtype)
+                             dropout_p=p, training=self.training, seed=seed, compute_dtype=wide)
+        return y if dtype is None or wide is not None else y.to(x.dtype)
 
     def _op_input(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` cast to the dtype the 4-bit op computes in (see ``_op_dtype``)."""
+        """``x`` as the 4-bit op takes it: cast to the dtype it computes in (see ``_op_dtype``), or as it is when
+        wider than the compute dtype (see ``_wide_dtype``)."""
         dtype = self._op_dtype(x)
-        return to_autocast_dtype(x) if dtype is None else x.to(dtype)
+        if dtype is None:
+            return to_autocast_dtype(x)
+        return x if self._wide_dtype(x, dtype) is not None else x.to(dtype)
 
     def _base_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x W0ᵀ`` without bias, on the decoded weight (the rare unfused DoRA path)."""
         return torch.nn.functional.linear(x, self.dequantized_weight(x.dtype))
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
-        """``FastLoraLinear``'s mixed-adapter forward on x cast to the base's compute dtype; output in x's dtype."""
+        """``FastLoraLinear``'s mixed-adapter forward on x cast to the base's compute dtype; output in x's dtype.
+        (An fp32 x is cast too: the mixed-adapter op has no wide-input path, so its LoRA branch sees the rounded
+        x, unlike ``_fused_forward``'s.)"""
         dtype = self._op_dtype(x)
         if dtype is None:
             return super()._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)

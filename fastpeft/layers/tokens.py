@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .parametrized import is_parametrized_weight, restore_weight, snapshot_weight, write_weight
+
 _UPCAST_DTYPES = (torch.float16, torch.bfloat16)  # held in fp32 with autocast_adapter_dtype (peft's rule)
 
 
@@ -171,13 +173,24 @@ class TrainableTokensLayer(nn.Module):
             merged = merged.index_copy(0, index, self.trainable_tokens_delta[name].detach().to(merged))
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-        self.base_layer.weight.data = merged
+        if is_parametrized_weight(self.base_layer):  # (weight_norm & co: an in-place write would be lost)
+            saved = snapshot_weight(self.base_layer) if not self.merged_adapters else None
+            write_weight(self.base_layer, merged, "merge trainable tokens into it")
+            if saved is not None:
+                self.__dict__["_parametrized_originals"] = saved
+        else:
+            self.base_layer.weight.data = merged
         self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
         """Put the original rows back."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        saved = self.__dict__.pop("_parametrized_originals", None)
+        if saved is not None and is_parametrized_weight(self.base_layer):  # (the weight before the first merge)
+            restore_weight(self.base_layer, saved)
+            self.merged_adapters.clear()
             return
         weight = self.base_layer.weight
         while self.merged_adapters:

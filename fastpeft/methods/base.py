@@ -89,6 +89,9 @@ def check_task_fit(model: nn.Module, config: MethodConfig, method: str) -> None:
     if config.is_prompt_learning and task not in SUPPORTED_TASK_TYPES:
         raise ValueError(f"{method} needs task_type, one of {SUPPORTED_TASK_TYPES} (it decides how the virtual "
                          f"tokens, attention mask and labels are built); got {task!r}")
+    if config.is_prompt_learning and task == "QUESTION_ANS" and getattr(config, "peft_type", "") == "PREFIX_TUNING":
+        raise ValueError("prefix tuning does not fit task_type='QUESTION_ANS' (peft's fails there too): use prompt "
+                         "tuning or P-tuning")
     if task == "SEQ_2_SEQ_LM" and not is_enc_dec:
         raise ValueError(f"task_type='SEQ_2_SEQ_LM' needs an encoder-decoder model; {type(model).__name__} is not "
                          "one (use task_type='CAUSAL_LM' for decoder-only models)")
@@ -150,6 +153,8 @@ class SignedForward:
     def __call__(self, *args, **kwargs):
         if self.owner is not None:
             args, kwargs = positional_as_keywords(self.owner, args, kwargs)
+        if isinstance(self.owner, MethodPeftModel):
+            refuse_adapter_names(self.owner, kwargs)
         return self.impl(*args, **kwargs)
 
     @property
@@ -157,6 +162,17 @@ class SignedForward:
         import inspect
 
         return inspect.signature(self.signature_of)
+
+
+def refuse_adapter_names(model: nn.Module, kwargs: dict) -> None:
+    """``adapter_names`` (one adapter per row) is LoRA's: a method model would pass it to the transformers model,
+    which ignores it (every row adapted, "__base__" rows too) or, in ``generate``, fails with an unrelated
+    message. Refused clearly instead (peft's AdaLoRA raises ``TypeError`` too)."""
+    if kwargs.get("adapter_names") is not None:
+        method = type(next(iter(model.peft_config.values()))).__name__
+        raise TypeError(f"adapter_names (one adapter per sequence) works with LoRA adapters only; a model with "
+                        f"{method} applies its adapter to every sequence")
+    kwargs.pop("adapter_names", None)
 
 
 # --------------------------------------------------------------------------- tuner layers
@@ -487,7 +503,12 @@ class MethodPeftModel(_LoraPeftModel):
         return SignedForward(impl, self.base_model.model.forward, self)
 
     def generate(self, *args, **kwargs):
-        """``generate`` of the wrapped model, with the method applied."""
+        """``generate`` of the wrapped model, with the method applied (a ``generation_config`` assigned to this
+        model is used, as peft's ``PeftModelForCausalLM.generate`` does; ``adapter_names`` is refused)."""
+        from ..model import use_own_generation_config
+
+        refuse_adapter_names(self, kwargs)
+        use_own_generation_config(self, self.base_model.model)
         return self.base_model.model.generate(*args, **kwargs)
 
     def add_adapter(self, adapter_name: str, peft_config, low_cpu_mem_usage: bool = False,
@@ -557,13 +578,18 @@ class MethodPeftModel(_LoraPeftModel):
                         selected_adapters: list[str] | None = None, save_embedding_layers: str | bool = "auto",
                         is_main_process: bool = True,
                         path_initial_model_for_weight_conversion: str | os.PathLike | None = None, **kwargs) -> None:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's layout) into ``save_directory``.
-        Parameters in peft's order; ``save_embedding_layers`` and ``path_initial_model_for_weight_conversion`` are
-        accepted and unused (fastpeft applies them to LoRA only)."""
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's layout) into ``save_directory``
+        (an adapter not named ``"default"`` into ``save_directory/<name>``, as peft; ``selected_adapters`` naming
+        another adapter is refused). Parameters in peft's order; ``save_embedding_layers`` and
+        ``path_initial_model_for_weight_conversion`` are accepted and unused (fastpeft applies them to LoRA only)."""
         from ..hub import write_model_card
+        from ..model import adapter_folders
 
-        save_one_adapter(self, self.base_model.active_adapter, save_directory, safe_serialization, is_main_process)
+        # peft's layout: "default" in save_directory, another name in save_directory/<name>
+        for name, out in adapter_folders(self, save_directory, selected_adapters):
+            save_one_adapter(self, name, out, safe_serialization, is_main_process)
         if is_main_process:
+            os.makedirs(save_directory, exist_ok=True)
             write_model_card(self, save_directory)
 
     @classmethod
@@ -645,17 +671,21 @@ def save_one_adapter(peft_model: nn.Module, adapter_name: str, save_directory: s
         raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
     if not is_main_process:
         return
-    write_adapter(save_directory, peft_model.adapter_state_dict(adapter_name), peft_model.peft_config[adapter_name],
-                  safe_serialization)
+    from ..auto import auto_mapping_for
+
+    config = peft_model.peft_config[adapter_name]
+    write_adapter(save_directory, peft_model.adapter_state_dict(adapter_name), config, safe_serialization,
+                  auto_mapping_for(peft_model, config))
 
 
 def write_adapter(save_directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: MethodConfig,
-                  safe_serialization: bool = True) -> None:
-    """Write tensors + config as peft does (config saved with ``inference_mode=True``)."""
+                  safe_serialization: bool = True, auto_mapping: dict[str, str] | None = None) -> None:
+    """Write tensors + config as peft does (config saved with ``inference_mode=True``, peft's ``auto_mapping``
+    when given)."""
     os.makedirs(save_directory, exist_ok=True)
     if not tensors:
         raise ValueError("nothing to save: the adapter has no tensors")
-    write_adapter_files(save_directory, tensors, config, safe_serialization)
+    write_adapter_files(save_directory, tensors, config, safe_serialization, auto_mapping)
 
 
 def load_into_own_adapter(peft_model: nn.Module, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool,

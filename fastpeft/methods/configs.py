@@ -26,7 +26,7 @@ from ..config import (  # noqa: F401  (re-exported)
 )
 
 # task types the methods here implement
-SUPPORTED_TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS")
+SUPPORTED_TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 
 def _enum_value(value: Any) -> Any:
@@ -380,8 +380,8 @@ class AdaLoraConfig(MethodConfig):
             raise ValueError(f"beta1 and beta2 must be in (0, 1), got {self.beta1}, {self.beta2}")
         if self.orth_reg_weight < 0:
             raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0.0 <= float(self.lora_dropout) <= 1.0:  # p = 1: nn.Dropout(1) zeroes the branch in training (peft)
+            raise ValueError(f"lora_dropout must be in [0, 1], got {self.lora_dropout}")
         if self.bias not in ("none", "all"):
             raise ValueError(f"bias must be 'none' or 'all' for fastpeft's AdaLoRA, got {self.bias!r}")
         if self.init_lora_weights not in (True, False):

@@ -391,7 +391,7 @@ class PromptLearningPeftModel(_LoraPeftModel):
             if self._is_prefix:
                 kwargs["position_ids"] = kwargs["position_ids"] + n
             else:
-                warnings.warn("position_ids are not supported with prompt tuning / P-tuning; ignoring them",
+                warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.",
                               stacklevel=2)
                 kwargs["position_ids"] = None
         if task == "CAUSAL_LM" and kwargs.get("token_type_ids") is not None:
@@ -410,8 +410,10 @@ class PromptLearningPeftModel(_LoraPeftModel):
                 return self._prefix_classifier_forward(input_ids, attention_mask, inputs_embeds, labels, cache,
                                                        **kwargs)
             kwargs[_cache_kwarg(self.base_model)] = cache
+            if labels is not None:
+                kwargs["labels"] = labels
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                   labels=labels, **kwargs)
+                                   **kwargs)
 
         # prompt tuning / P-tuning: prepend the virtual-token embeddings
         if inputs_embeds is None:
@@ -428,7 +430,13 @@ class PromptLearningPeftModel(_LoraPeftModel):
             if kwargs.get("token_type_ids") is not None:
                 tt = kwargs["token_type_ids"]
                 kwargs["token_type_ids"] = torch.cat([tt.new_zeros(batch_size, n), tt], dim=1)
-        return self.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+            if task == "QUESTION_ANS":  # the answer span moves with its tokens, past the virtual ones (peft: not)
+                for key in ("start_positions", "end_positions"):
+                    if kwargs.get(key) is not None:
+                        kwargs[key] = kwargs[key] + n
+        if labels is not None:  # (QA and feature-extraction models take no labels)
+            kwargs["labels"] = labels
+        return self.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
     def _prefix_classifier_forward(self, input_ids, attention_mask, inputs_embeds, labels, cache, **kwargs):
         """Classifier models whose head class takes no cache: run the backbone with it, then dropout + head."""
@@ -499,7 +507,10 @@ class PromptLearningPeftModel(_LoraPeftModel):
 
         The output holds the input ids followed by the new tokens (decoder-only) or the decoder ids (seq2seq).
         """
+        from ..model import use_own_generation_config
+
         cfg = self.active_peft_config
+        use_own_generation_config(self, self.base_model)
         if self._adapters_disabled:
             return self.base_model.generate(*args, **kwargs)
         if cfg.task_type not in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
@@ -510,7 +521,8 @@ class PromptLearningPeftModel(_LoraPeftModel):
         if kwargs.get("input_ids") is None:
             raise ValueError("pass input_ids to generate with a prompt-learning adapter")
         if kwargs.get("position_ids") is not None and not self._is_prefix:
-            warnings.warn("position_ids are not supported with prompt tuning / P-tuning; ignoring them", stacklevel=2)
+            warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.",
+                          stacklevel=2)
             kwargs.pop("position_ids")
         if cfg.task_type == "SEQ_2_SEQ_LM" and not self._is_prefix:
             input_ids = kwargs.pop("input_ids")
@@ -587,13 +599,17 @@ class PromptLearningPeftModel(_LoraPeftModel):
                         selected_adapters: list[str] | None = None, save_embedding_layers: str | bool = "auto",
                         is_main_process: bool = True,
                         path_initial_model_for_weight_conversion: str | os.PathLike | None = None, **kwargs) -> None:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` in peft's format, and peft's model card.
-        Parameters in peft's order; ``save_embedding_layers`` and ``path_initial_model_for_weight_conversion`` are
-        accepted and unused."""
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` in peft's format (an adapter not named
+        ``"default"`` into ``save_directory/<name>``, as peft), and peft's model card. Parameters in peft's order;
+        ``save_embedding_layers`` and ``path_initial_model_for_weight_conversion`` are accepted and unused."""
         from ..hub import write_model_card
+        from ..model import adapter_folders
 
-        save_one_adapter(self, self._adapter, save_directory, safe_serialization, is_main_process)
+        # peft's layout: "default" in save_directory, another name in save_directory/<name>
+        for name, out in adapter_folders(self, save_directory, selected_adapters):
+            save_one_adapter(self, name, out, safe_serialization, is_main_process)
         if is_main_process:
+            os.makedirs(save_directory, exist_ok=True)
             write_model_card(self, save_directory)
 
     @classmethod

@@ -1,0 +1,220 @@
+"""peft 0.21.2 behaviours found missing by the session-12 bug hunts, each compared against peft itself: the
+``auto_mapping`` field (written and read by ``AutoPeftModel`` for adapters without a task type), the base model's
+name recorded by ``get_peft_model``, one-adapter methods saving a non-default adapter into its own folder, peft's
+``LoraConfig`` object accepted, an adapter called ``"base_layer"`` on embeddings, ``generation_config`` assigned to a
+causal-LM peft model, ``adapter_names`` refused by non-LoRA methods, and prompt learning for question answering and
+feature extraction."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+import fastpeft
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+V = 96
+IDS = torch.tensor([[3, 7, 11, 5, 2, 9], [4, 4, 8, 1, 6, 2]])
+
+
+def llama_config():
+    return transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(llama_config()).save_pretrained(d)
+    return str(d)
+
+
+def load_base(path):
+    return transformers.LlamaForCausalLM.from_pretrained(path).eval()
+
+
+def perturb(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("saver", ["peft", "fastpeft"])
+def test_auto_peft_model_reads_and_writes_auto_mapping(base_dir, tmp_path, saver):
+    lib = peft if saver == "peft" else fastpeft
+    torch.manual_seed(0)
+    m = lib.get_peft_model(load_base(base_dir), lib.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    perturb(m)
+    m.save_pretrained(tmp_path / "a")
+    saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert saved["auto_mapping"] == {"base_model_class": "LlamaForCausalLM",
+                                     "parent_library": "transformers.models.llama.modeling_llama"}
+    ref = logits(m)
+    for loader in (peft, fastpeft):  # both libraries load either file onto the causal LM, not a bare LlamaModel
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = loader.AutoPeftModel.from_pretrained(str(tmp_path / "a"))
+        assert type(loaded.get_base_model()).__name__ == "LlamaForCausalLM"
+        torch.testing.assert_close(logits(loaded), ref, rtol=0, atol=1e-6)
+
+
+def test_auto_mapping_outside_the_allowlist_is_refused(base_dir, tmp_path):
+    m = fastpeft.get_peft_model(load_base(base_dir), fastpeft.LoraConfig(r=4, target_modules=["q_proj"]))
+    m.save_pretrained(tmp_path / "a")
+    path = tmp_path / "a" / "adapter_config.json"
+    data = json.loads(path.read_text())
+    data["auto_mapping"] = {"base_model_class": "X", "parent_library": "os"}
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="import_allowlist"):
+        fastpeft.AutoPeftModel.from_pretrained(str(tmp_path / "a"))
+
+
+def test_get_peft_model_records_the_model_it_wraps(base_dir, tmp_path):
+    other = tmp_path / "other"
+    torch.manual_seed(3)
+    transformers.LlamaForCausalLM(llama_config()).save_pretrained(other)
+    names = {}
+    for lib in (peft, fastpeft):
+        cfg = lib.LoraConfig(r=4, target_modules=["q_proj"], base_model_name_or_path=base_dir)
+        with pytest.warns(UserWarning, match="was renamed from"):
+            m = lib.get_peft_model(load_base(str(other)), cfg)
+        names[lib] = m.peft_config["default"].base_model_name_or_path
+    assert names[fastpeft] == names[peft] == str(other)
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix", "adalora"])
+def test_one_adapter_methods_save_a_named_adapter_in_its_folder(base_dir, tmp_path, kind):
+    def config(lib):
+        return {"prompt": lambda: lib.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+                "prefix": lambda: lib.PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+                "adalora": lambda: lib.AdaLoraConfig(r=4, init_r=4, target_r=2, total_step=10,
+                                                     target_modules=["q_proj"], task_type="CAUSAL_LM")}[kind]()
+
+    trees = {}
+    for lib in (peft, fastpeft):
+        torch.manual_seed(0)
+        m = lib.get_peft_model(load_base(base_dir), config(lib), adapter_name="my")
+        d = tmp_path / lib.__name__
+        m.save_pretrained(d)
+        trees[lib] = sorted(os.path.relpath(os.path.join(r, f), d) for r, _, fs in os.walk(d) for f in fs
+                            if not f.endswith(".md"))
+        with pytest.raises(ValueError):
+            m.save_pretrained(tmp_path / f"{lib.__name__}_sel", selected_adapters=["nope"])
+    assert trees[fastpeft] == trees[peft] == ["my/adapter_config.json", "my/adapter_model.safetensors"]
+    fastpeft.PeftModel.from_pretrained(load_base(base_dir), tmp_path / "peft" / "my", adapter_name="my")
+
+
+def test_peft_lora_config_objects_are_accepted(base_dir, tmp_path):
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(load_base(base_dir), peft.LoraConfig(**{k: getattr(cfg, k) for k in
+                                                                           ("r", "lora_alpha", "init_lora_weights",
+                                                                            "target_modules")}))
+    ours = fastpeft.get_peft_model(load_base(base_dir), cfg)
+    assert isinstance(ours.peft_config["default"], fastpeft.LoraConfig)
+    ours.load_state_dict({k: v for k, v in theirs.state_dict().items() if "lora_" in k}, strict=False)
+    torch.testing.assert_close(logits(ours), logits(theirs), rtol=0, atol=1e-6)
+    theirs.save_pretrained(tmp_path / "a")
+    loaded = fastpeft.PeftModel.from_pretrained(load_base(base_dir), tmp_path / "a",
+                                                config=peft.LoraConfig.from_pretrained(tmp_path / "a"))
+    torch.testing.assert_close(logits(loaded), logits(theirs), rtol=0, atol=1e-6)
+    ours.add_adapter("second", peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert "second" in ours.peft_config
+
+
+def test_adapter_called_base_layer_on_embeddings_round_trips(base_dir, tmp_path):
+    kw = dict(r=4, target_modules=["q_proj", "embed_tokens"], init_lora_weights=False)
+    for saver in (peft, fastpeft):
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = saver.get_peft_model(load_base(base_dir), saver.LoraConfig(**kw), adapter_name="base_layer")
+            m.save_pretrained(tmp_path / saver.__name__, save_embedding_layers=True)
+            ref = logits(m)
+            for loader in (peft, fastpeft):
+                lm = loader.PeftModel.from_pretrained(load_base(base_dir), tmp_path / saver.__name__ / "base_layer",
+                                                      adapter_name="base_layer")
+                torch.testing.assert_close(logits(lm), ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "prompt"])
+def test_generation_config_assigned_to_a_causal_lm_peft_model_is_used(base_dir, method):
+    config = {"lora": lambda: fastpeft.LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"),
+              "ia3": lambda: fastpeft.IA3Config(target_modules=["q_proj", "down_proj"],
+                                                feedforward_modules=["down_proj"], task_type="CAUSAL_LM"),
+              "prompt": lambda: fastpeft.PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM")}[method]()
+    m = fastpeft.get_peft_model(load_base(base_dir), config).eval()
+    m.generation_config = transformers.GenerationConfig(max_new_tokens=3, do_sample=False)
+    out = m.generate(input_ids=IDS[:1], attention_mask=torch.ones_like(IDS[:1]))
+    assert out.shape[1] == IDS.shape[1] + 3  # peft: 3 for LoRA and IA3 (its prompt-learning path drops it)
+
+
+@pytest.mark.parametrize("method", ["ia3", "adalora"])
+def test_adapter_names_refused_by_non_lora_methods(base_dir, method):
+    config = {"ia3": lambda: fastpeft.IA3Config(target_modules=["q_proj", "down_proj"],
+                                                feedforward_modules=["down_proj"], task_type="CAUSAL_LM"),
+              "adalora": lambda: fastpeft.AdaLoraConfig(r=4, init_r=4, target_r=2, total_step=10,
+                                                        target_modules=["q_proj"], task_type="CAUSAL_LM")}[method]()
+    m = fastpeft.get_peft_model(load_base(base_dir), config).eval()
+    with pytest.raises(TypeError, match="LoRA adapters only"):  # peft's AdaLoRA: TypeError; its IA3 ignores them
+        m(input_ids=IDS, adapter_names=["default", "__base__"])
+    with pytest.raises(TypeError, match="LoRA adapters only"):
+        m.generate(input_ids=IDS, adapter_names=["default", "__base__"], max_new_tokens=2)
+    m(input_ids=IDS, adapter_names=None)  # None is no request
+
+
+@pytest.mark.parametrize("task", ["QUESTION_ANS", "FEATURE_EXTRACTION"])
+@pytest.mark.parametrize("kind", ["prompt", "ptuning", "prefix"])
+def test_prompt_learning_for_qa_and_feature_extraction_matches_peft(task, kind):
+    if kind == "prefix" and task == "QUESTION_ANS":
+        with pytest.raises(ValueError, match="QUESTION_ANS"):  # peft fails here too
+            fastpeft.get_peft_model(_bert(task), fastpeft.PrefixTuningConfig(num_virtual_tokens=3, task_type=task))
+        return
+    outs = {}
+    for lib in (peft, fastpeft):
+        extra = {"encoder_hidden_size": 16} if kind == "ptuning" else {}
+        cls = {"prompt": "PromptTuningConfig", "ptuning": "PromptEncoderConfig", "prefix": "PrefixTuningConfig"}[kind]
+        cfg = getattr(lib, cls)(num_virtual_tokens=3, task_type=task, **extra)
+        torch.manual_seed(1)
+        m = lib.get_peft_model(_bert(task), cfg).eval()
+        with torch.no_grad():
+            outs[lib] = m(input_ids=IDS, attention_mask=torch.ones_like(IDS))
+    keys = ("start_logits", "end_logits") if task == "QUESTION_ANS" else ("last_hidden_state",)
+    for k in keys:
+        torch.testing.assert_close(outs[fastpeft][k], outs[peft][k], rtol=0, atol=1e-5)
+
+
+def test_prompt_tuning_qa_loss_counts_positions_past_the_virtual_tokens():
+    """The answer span of a QA batch moves with its tokens (peft leaves the positions where they were, so its loss
+    points into the virtual tokens): fastpeft's loss equals the base head's loss on the shifted logits."""
+    torch.manual_seed(1)
+    m = fastpeft.get_peft_model(_bert("QUESTION_ANS"), fastpeft.PromptTuningConfig(num_virtual_tokens=3,
+                                                                                  task_type="QUESTION_ANS")).eval()
+    start, end = torch.tensor([1, 2]), torch.tensor([3, 4])
+    with torch.no_grad():
+        out = m(input_ids=IDS, attention_mask=torch.ones_like(IDS), start_positions=start, end_positions=end)
+    ce = torch.nn.functional.cross_entropy
+    want = (ce(out.start_logits, start + 3) + ce(out.end_logits, end + 3)) / 2
+    torch.testing.assert_close(out.loss, want)
+
+
+def _bert(task):
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=64)
+    cls = transformers.BertForQuestionAnswering if task == "QUESTION_ANS" else transformers.BertModel
+    return cls(cfg).eval()

@@ -1,0 +1,282 @@
+"""QLoRA with an input wider than the compute dtype: fp32 x over a bf16/fp16 ``compute_dtype`` (what
+``prepare_model_for_kbit_training`` gives: fp32 norms feed the 4-bit projections).
+
+The rule (peft's QLoRA layer over bitsandbytes' ``Linear4bit``): the base product is bitsandbytes' — x rounded to
+the compute dtype, W0 decoded to it, fp32 accumulation (fastpeft keeps it in fp32 where bitsandbytes rounds it to
+the compute dtype) — while the LoRA branch works on the exact fp32 x with the fp32 adapters; y and dx are fp32,
+dx's base part is ``round(dy) W0``. Checked against float64 references built from bitsandbytes' own decode
+(``bitsandbytes.functional.dequantize_4bit``, taken before any bitsandbytes forward) and against peft + bnb,
+on both backends (the Triton side in the interpreter, tiny shapes).
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from fastpeft.layers import FastLoraLinear4bit
+from fastpeft.ops4bit import lora_linear_4bit
+from fastpeft.quant import Weight4bit
+from fastpeft.reference import dropout_keep_mask, dropout_params
+from helpers import assert_rel, rel_err
+
+bnb = pytest.importorskip("bitsandbytes")
+
+IN, OUT, R = 64, 40, 4
+CDTS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _bnb_linear(quant_type, cdt, seed=0, bias=True):
+    """A bitsandbytes ``Linear4bit`` (weight quantized from fp32, double quantization for NF4) computing in ``cdt``."""
+    g = torch.Generator().manual_seed(seed)
+    nested = quant_type == "nf4"
+    lin = bnb.nn.Linear4bit(IN, OUT, bias=bias, compute_dtype=cdt, compress_statistics=nested,
+                            quant_type=quant_type, device="meta")
+    w = torch.randn(OUT, IN, generator=g) * IN**-0.5
+    lin.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=quant_type, compress_statistics=nested,
+                                   blocksize=64)
+    if bias:  # fp32, as after prepare_model_for_kbit_training's upcast
+        lin.bias = nn.Parameter(torch.randn(OUT, generator=g) * 0.1, requires_grad=False)
+    return lin.to("cpu")
+
+
+def _bnb_weight(lin, cdt):
+    """W0 as bitsandbytes multiplies by it: its own decode, cast to the compute dtype, as float64."""
+    w = lin.weight
+    return bnb.functional.dequantize_4bit(w.data, w.quant_state).to(cdt).double()
+
+
+def _adapters(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(R, IN, generator=g) * 0.3, torch.randn(OUT, R, generator=g) * 0.1
+
+
+def _set_adapters(layer, A, B):
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(A)
+        layer.lora_B["default"].weight.copy_(B)
+
+
+def _ref64(x2d, w, bias, A, B, scale, cdt, keep=None, c=1.0):
+    """(y, base, delta) in float64: base = round(x) W0ᵀ + b, delta = scale · D(x) Aᵀ Bᵀ on the exact x."""
+    base = x2d.to(cdt).double() @ w.t()
+    if bias is not None:
+        base = base + bias.double()
+    xd = x2d.double() if keep is None else x2d.double() * keep.double() * c
+    delta = scale * (xd @ A.double().t()) @ B.double().t()
+    return base + delta, base, delta
+
+
+def _grads64(dy2d, x2d, w, A, B, scale, cdt, keep=None, c=1.0):
+    """(dx, dA, dB) in float64: dx = round(dy) W0 + c·m ⊙ (dS A), dS = scale · dy B on the exact dy."""
+    dyd = dy2d.double()
+    dS = scale * dyd @ B.double()
+    lora_dx = dS @ A.double()
+    xd = x2d.double()
+    if keep is not None:
+        lora_dx = lora_dx * keep.double() * c
+        xd = xd * keep.double() * c
+    dx = dy2d.to(cdt).double() @ w + lora_dx
+    return dx, dS.t() @ xd, scale * dyd.t() @ (xd @ A.double().t())
+
+
+def _data(seed=2, shape=(3, 4)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, IN, generator=g), torch.randn(*shape, OUT, generator=g)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("cdt_name", ["bf16", "fp16"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_op_fp32_input_vs_fp64(backend, quant_type, cdt_name, p):
+    """The op with ``compute_dtype``: y, dx, dA, dB, db against float64 with the op's own mask (explicit seed)."""
+    cdt = CDTS[cdt_name]
+    lin = _bnb_linear(quant_type, cdt)
+    w = _bnb_weight(lin, cdt)
+    w4 = Weight4bit.from_module(lin)
+    A, B = (t.clone().requires_grad_() for t in _adapters())
+    bias = lin.bias.detach().clone().requires_grad_()
+    x, dy = _data()
+    x.requires_grad_()
+    seed = torch.tensor([4321], dtype=torch.int64)
+    y = lora_linear_4bit(x, w4, bias, A, B, scale=1.5, dropout_p=p, seed=seed, compute_dtype=cdt)
+    y.backward(dy)
+    assert y.dtype == torch.float32 and x.grad.dtype == torch.float32
+    x2d, dy2d = x.detach().reshape(-1, IN), dy.reshape(-1, OUT)
+    keep, c = None, 1.0
+    if p > 0:
+        keep, c = dropout_keep_mask(seed, x2d.shape[0], IN, p), dropout_params(p)[1]
+        assert 0 < keep.sum() < keep.numel()
+    ref, base, delta = _ref64(x2d, w, bias.detach(), A.detach(), B.detach(), 1.5, cdt, keep, c)
+    y2d = y.detach().reshape(-1, OUT)
+    assert_rel(y2d, ref, 1e-5, "y")
+    assert_rel(y2d.double() - base, delta, 1e-5, "the LoRA term")  # on the exact fp32 x
+    dx, dA, dB = _grads64(dy2d, x2d, w, A.detach(), B.detach(), 1.5, cdt, keep, c)
+    assert_rel(x.grad.reshape(-1, IN), dx, 1e-5, "dx")
+    assert_rel(A.grad, dA, 1e-5, "dA")
+    assert_rel(B.grad, dB, 1e-5, "dB")
+    assert_rel(bias.grad, dy2d.double().sum(0), 1e-5, "db")
+
+
+def _peft_layer(base, alpha, dropout=0.0):
+    import peft
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = base
+
+        def forward(self, x):
+            return self.proj(x)
+
+    cfg = peft.LoraConfig(r=R, lora_alpha=alpha, lora_dropout=dropout, target_modules=["proj"],
+                          init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.get_peft_model(Wrap(), cfg).base_model.model.proj
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("cdt_name", ["bf16", "fp16"])
+def test_layer_fp32_input_vs_peft_and_fp64(backend, quant_type, cdt_name):
+    """The layer on fp32 x: peft's numerics (adapter gradients equal, y and dx up to bnb's rounding of its base
+    output), and float64 (the LoRA term exact to fp32 accuracy)."""
+    pytest.importorskip("peft")
+    cdt = CDTS[cdt_name]
+    lin = _bnb_linear(quant_type, cdt, seed=3)
+    w = _bnb_weight(lin, cdt)
+    theirs = _peft_layer(copy.deepcopy(lin), 8)
+    ours = FastLoraLinear4bit.from_linear(copy.deepcopy(lin), r=R, lora_alpha=8)
+    A, B = _adapters(seed=4)
+    _set_adapters(ours, A, B)
+    _set_adapters(theirs, A, B)
+    x, dy = _data(seed=5)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    ys = [m(xi) for m, xi in zip((theirs, ours), xs)]
+    for y in ys:
+        y.backward(dy)
+    yp, yo = (y.detach() for y in ys)
+    assert yo.dtype == torch.float32 and xs[1].grad.dtype == torch.float32
+    for n in ("lora_A", "lora_B"):  # the LoRA branch is peft's: fp32 on the exact x and dy
+        assert_rel(getattr(ours, n)["default"].weight.grad, getattr(theirs, n)["default"].weight.grad, 1e-5, n)
+    x2d, dy2d = x.reshape(-1, IN), dy.reshape(-1, OUT)
+    ref, base, delta = _ref64(x2d, w, lin.bias, A, B, ours.scaling["default"], cdt)
+    # bnb rounds its base output (x W0ᵀ, then + b: twice) and dx's base part to the compute dtype; fastpeft keeps
+    # them in fp32, so the two differ by those roundings only
+    eps = torch.finfo(cdt).eps
+    bound = eps * ((x2d.to(cdt).double() @ w.t()).abs() + lin.bias.double().abs()) + 1e-5
+    assert ((yo.reshape(-1, OUT) - yp.reshape(-1, OUT)).abs() <= bound).all(), "y: more than bnb's rounding"
+    assert rel_err(xs[1].grad, xs[0].grad) < eps
+    assert (base - ref).abs().max() > 1e-2  # the adapter matters
+    assert_rel(yo.reshape(-1, OUT), ref, 1e-5, "y")
+    assert_rel(yo.reshape(-1, OUT).double() - base, delta, 1e-5, "the LoRA term")
+    dx, dA, dB = _grads64(dy2d, x2d, w, A, B, ours.scaling["default"], cdt)
+    assert_rel(xs[1].grad.reshape(-1, IN), dx, 1e-5, "dx")
+    assert_rel(ours.lora_A["default"].weight.grad, dA, 1e-5, "dA")
+    assert_rel(ours.lora_B["default"].weight.grad, dB, 1e-5, "dB")
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dx_mode", ["reduce", "epilogue"])
+def test_layer_dropout_backends_agree(monkeypatch, quant_type, dx_mode):
+    """With dropout the layer's two backends draw the same mask: the Triton path (both places dx's masked LoRA
+    part can be added) against the PyTorch one, and the LoRA term on the exact x (y − the base as bnb computes
+    it is the dropped-out LoRA term, whose size is that of the no-dropout one)."""
+    monkeypatch.setenv("FASTPEFT_DX_DROPOUT", dx_mode)
+    cdt = torch.bfloat16
+    lin = _bnb_linear(quant_type, cdt, seed=6)
+    w = _bnb_weight(lin, cdt)
+    layer = FastLoraLinear4bit.from_linear(lin, r=R, lora_alpha=8, lora_dropout=0.25)
+    _set_adapters(layer, *_adapters(seed=7))
+    x, dy = _data(seed=8, shape=(2, 5))
+    outs = []
+    for be in ("torch", "triton"):
+        monkeypatch.setenv("FASTPEFT_BACKEND", be)
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(9)
+        y = layer(xi)
+        y.backward(dy)
+        outs.append((y.detach(), xi.grad, layer.lora_A["default"].weight.grad.clone(),
+                     layer.lora_B["default"].weight.grad.clone()))
+        layer.zero_grad()
+    for a, b, name in zip(*outs, ("y", "dx", "dA", "dB")):
+        assert a.dtype == torch.float32
+        assert_rel(b, a, 1e-5, name)
+    x2d = x.reshape(-1, IN)
+    ref, base, delta = _ref64(x2d, w, lin.bias, *_adapters(seed=7), layer.scaling["default"], cdt)
+    lora = outs[1][0].reshape(-1, OUT).double() - base
+    # dropout changes the LoRA term but not its scale; base + rounding noise would leave ~2⁻⁹·|base| instead
+    assert 0.2 < lora.norm() / delta.norm() < 5 and rel_err(lora, delta) > 1e-3
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_decode_gemv_fp32_input(triton_backend, quant_type):
+    """Few rows, no gradient: the fused GEMV takes x rounded to the compute dtype for the base and the exact x
+    for the LoRA term, and returns fp32. (Its base product decodes W0 in registers, with its own roundings: the
+    LoRA term is checked as the difference to the same call with B = 0.)"""
+    from fastpeft.kernels import LAUNCHES
+
+    cdt = torch.bfloat16
+    lin = _bnb_linear(quant_type, cdt, seed=10)
+    w = _bnb_weight(lin, cdt)
+    layer = FastLoraLinear4bit.from_linear(lin, r=R, lora_alpha=8).eval()
+    A, B = _adapters(seed=11)
+    _set_adapters(layer, A, B)
+    for rows in (3, 9):  # the register path (≤ 4 rows) and the tl.dot one
+        x = torch.randn(rows, IN, generator=torch.Generator().manual_seed(rows))
+        before = LAUNCHES["lora_gemv_4bit"]
+        with torch.no_grad():
+            y = layer(x)
+            _set_adapters(layer, A, torch.zeros_like(B))
+            y0 = layer(x)
+            _set_adapters(layer, A, B)
+        assert LAUNCHES["lora_gemv_4bit"] == before + 2 and y.dtype == y0.dtype == torch.float32
+        ref, base, delta = _ref64(x, w, lin.bias, A, B, layer.scaling["default"], cdt)
+        assert_rel(y0, base, 4e-3, "the base term")  # bf16 accuracy
+        assert_rel(y.double() - y0.double(), delta, 1e-5, "the LoRA term")
+
+
+def test_dora_fp32_input_vs_fp64(backend):
+    """DoRA (p = 0) on fp32 x: ``k ⊙ (round(x) W0ᵀ + s·x Aᵀ Bᵀ) + b`` with the LoRA part on the exact x."""
+    cdt = torch.bfloat16
+    lin = _bnb_linear("nf4", cdt, seed=12)
+    w = _bnb_weight(lin, cdt)
+    layer = FastLoraLinear4bit.from_linear(lin, r=R, lora_alpha=8, use_dora=True)
+    A, B = _adapters(seed=13)
+    _set_adapters(layer, A, B)
+    x, dy = _data(seed=14)
+    x.requires_grad_()
+    y = layer(x)
+    y.backward(dy)
+    k = layer._dora_scale("default").detach().double()
+    _, base, delta = _ref64(x.detach().reshape(-1, IN), w, None, A, B, layer.scaling["default"], cdt)
+    ref = k * (base + delta) + lin.bias.double()
+    assert y.dtype == torch.float32
+    assert_rel(y.detach().reshape(-1, OUT), ref, 1e-5, "y")
+    assert torch.isfinite(layer.lora_A["default"].weight.grad).all()
+
+
+def test_compute_dtype_input_unchanged_and_compiles(torch_backend):
+    """x already in the compute dtype keeps the 16-bit path (bf16 out); the fp32 path traces under
+    torch.compile (fake kernels and autograd of the ops with ``compute_dtype``) and computes the same."""
+    cdt = torch.bfloat16
+    lin = _bnb_linear("nf4", cdt, seed=15)
+    w = _bnb_weight(lin, cdt)
+    layer = FastLoraLinear4bit.from_linear(lin, r=R, lora_alpha=8)
+    A, B = _adapters(seed=16)
+    _set_adapters(layer, A, B)
+    x, _ = _data(seed=17)
+    assert layer(x.to(cdt)).dtype == cdt
+    y = layer(x)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    xi = x.clone().requires_grad_()
+    yc = compiled(xi)
+    yc.sum().backward()
+    assert yc.dtype == torch.float32 and xi.grad.dtype == torch.float32
+    assert_rel(yc.detach(), y.detach(), 1e-6)
+    _, base, delta = _ref64(x.reshape(-1, IN), w, lin.bias, A, B, layer.scaling["default"], cdt)
+    assert_rel(yc.detach().reshape(-1, OUT).double() - base, delta, 1e-5, "the LoRA term")
