@@ -42,7 +42,9 @@ def pop_hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def warn_unused_kwargs(where: str, kwargs: dict[str, Any]) -> None:
     """Warn about keywords ``where`` (a loading function) was given and does not use (peft drops them silently:
-    a misspelt keyword would otherwise go unnoticed)."""
+    a misspelt keyword would otherwise go unnoticed). ``torch_device`` (peft's ``from_pretrained`` passes it on to
+    ``load_adapter``; here the weights are copied where the adapter lives) is accepted without a word."""
+    kwargs.pop("torch_device", None)
     if kwargs:
         warnings.warn(f"{where} ignores the keyword argument(s) {sorted(kwargs)} (not a loading or Hub option)",
                       stacklevel=3)

@@ -1066,7 +1066,8 @@ class LoraModel(nn.Module):
             for key, layer in _embeddings_first(self.lora_layers()):
                 names = [n for n in (adapter_names or layer.active_adapters) if n in adapters_of(layer)]
                 self._merge_layer(key, layer, names, safe_merge, adapter_names)
-        _untie_token_rows_before_merge(self.model, adapter_names)
+        # (undone by unmerge_adapter: the layers share their weight again)
+        self.__dict__.setdefault("_token_unties", []).extend(_untie_token_rows_before_merge(self.model, adapter_names))
         for _, wrapper in self.token_wrappers():  # a tied head writes the same rows into the shared weight
             wrapper.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
@@ -1121,6 +1122,10 @@ class LoraModel(nn.Module):
                 layer.unmerge()
         for _, wrapper in self.token_wrappers():
             wrapper.unmerge()
+        for layer, shared, configs in reversed(self.__dict__.pop("_token_unties", [])):  # tie them again
+            layer.weight = shared
+            for cfg in configs:
+                cfg.tie_word_embeddings = True
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: list[str] | None = None) -> nn.Module:
@@ -1594,13 +1599,16 @@ def _output_embeddings_share(model: nn.Module, layer: nn.Module) -> bool:
     return weight is not None and weight is getattr(getattr(layer, "base_layer", layer), "weight", None)
 
 
-def _untie_token_rows_before_merge(model: nn.Module, adapter_names: list[str] | None) -> None:
+def _untie_token_rows_before_merge(model: nn.Module, adapter_names: list[str] | None
+                                   ) -> list[tuple[nn.Module, nn.Parameter, list]]:
     """Before ``trainable_token_indices`` rows are merged: a token layer with rows of its own whose weight another
     layer also computes with (a tied embeddings / head pair given different ids per half, peft's dict form, or a
     tied head left unwrapped) gets its own copy of the weight first, and the model's config stops tying them, so
     the merged model computes what the adapter model did (peft writes both row sets into the one shared weight,
     giving each layer the other's rows). The head side is untied first: the input embeddings keep their weight.
-    A head tied to the embeddings' token layer (the same rows) stays tied."""
+    A head tied to the embeddings' token layer (the same rows) stays tied. Returns what ``unmerge_adapter``
+    needs to tie them again: ``(layer, its shared weight, the configs set to untied)`` for each layer untied."""
+    undo: list[tuple[nn.Module, nn.Parameter, list]] = []
     wrappers = [(k, w) for k, w in named_modules_of(model, TrainableTokensWrapper) if not w.is_tied]
     embeddings = _input_embeddings(model)[1]
     wrappers.sort(key=lambda kw: kw[1] is embeddings)
@@ -1619,25 +1627,30 @@ def _untie_token_rows_before_merge(model: nn.Module, adapter_names: list[str] | 
         if not sharers:
             continue
         base.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
-        _untie_config_if_untied(model)
+        undo.append((base, weight, _untie_config_if_untied(model)))
         warnings.warn(f"{key} shared its weight with {sharers} (tie_word_embeddings=True) but has trainable tokens "
                       "of its own; it has its own copy now, so merging its tokens leaves them as they were "
-                      "(config.tie_word_embeddings is now False)", stacklevel=3)
+                      "(config.tie_word_embeddings is now False; unmerge_adapter ties them again)", stacklevel=3)
+    return undo
 
 
-def _untie_config_if_untied(model: nn.Module) -> None:
+def _untie_config_if_untied(model: nn.Module) -> list:
     """``tie_word_embeddings=False`` in ``model``'s config when its output embeddings no longer share the input
-    embeddings' weight (as peft's merge sets it), so that the saved config describes the weights."""
+    embeddings' weight (as peft's merge sets it), so that the saved config describes the weights. Returns the
+    configs it changed."""
     try:
         inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
     except (AttributeError, NotImplementedError):
-        return
+        return []
     if inputs is None or outputs is None or getattr(outputs, "weight", None) is getattr(inputs, "weight", None):
-        return
+        return []
     config = getattr(model, "config", None)
+    changed = []
     for cfg in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)()) if c}.values():
         if getattr(cfg, "tie_word_embeddings", False):
             cfg.tie_word_embeddings = False
+            changed.append(cfg)
+    return changed
 
 
 def _requantization_summary():

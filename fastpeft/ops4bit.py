@@ -19,13 +19,14 @@ Decode (N ≤ 16 rows, no grad needed): ``fastpeft.kernels.lora_gemv_4bit`` / ``
 LoRA term fused into a 4-bit GEMV) when present, see ``_decode_gemv``. The PyTorch path (CPU and
 ``FASTPEFT_BACKEND=torch``) decodes with ``fastpeft.quant`` and runs ``fastpeft.reference``.
 
-Wide input (``compute_dtype``, what a QLoRA model after ``prepare_model_for_kbit_training`` runs: fp32 x from
-the fp32 norms, bf16/fp16 ``bnb_4bit_compute_dtype``): the base product is bitsandbytes' — x rounded to the
-compute dtype, W0 decoded to it, fp32 accumulation (kept in fp32, not rounded to the compute dtype) — while the
-LoRA branch works on the exact fp32 x and the fp32 adapters, as peft's does; y and dx in x's dtype (fp32). Backward:
-``dx = round(dy) W0`` (bitsandbytes' backward, fp32 accumulation) plus the fp32 LoRA part; dA, dB from the fp32
-x and dy. Saved for backward as always: x (once, fp32), xa and the seed; the rounded copies of x (forward) and dy
-(backward) are transient. See ``_forward_wide`` / ``_backward_wide``.
+Wide input (``compute_dtype``, what a QLoRA model after ``prepare_model_for_kbit_training`` runs: fp32 x from the
+fp32 norms, bf16/fp16 ``bnb_4bit_compute_dtype``): the base product is bitsandbytes' — x rounded to the compute
+dtype, W0 decoded to it, fp32 accumulation (kept in fp32, not rounded to the compute dtype) — while the LoRA branch
+works on the exact fp32 x and the fp32 adapters, as peft's does; y and dx in x's dtype (fp32). Backward: ``dx =
+round(dy) W0`` (bitsandbytes' backward, fp32 accumulation; on CUDA, where a product without a LoRA term goes to
+cuBLAS, that base part is rounded to the compute dtype as bitsandbytes' own backward rounds it) plus the fp32 LoRA
+part; dA, dB from the fp32 x and dy. Saved for backward as always: x (once, fp32), xa and the seed; the rounded
+copies of x (forward) and dy (backward) are transient. See ``_forward_wide`` / ``_backward_wide``.
 
 Format arguments (flat, so the op schema is plain tensors): ``fmt`` 0 = bitsandbytes NF4/FP4
 (``absmax`` fp32, or uint8 with ``nested_code``/``nested_absmax``/``offset``; ``code`` 16 fp32),

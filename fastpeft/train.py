@@ -861,9 +861,9 @@ def load_checkpoint(out: Path, resume: str) -> tuple[Path, dict]:
     raise AssertionError("unreachable")
 
 
-# options that must not change across --resume: they shape the adapter, its training (dropout), the base (its
-# dtype), or the data order
-RESUME_OPTIONS = ("model", "method", "r", "lora_alpha", "lora_dropout", "dtype", "use_rslora", "use_dora",
+# options that must not change across --resume: they shape the adapter, its training (dropout), the base, or the
+# data order (the base's dtype is compared as resolved: see check_resume)
+RESUME_OPTIONS = ("model", "method", "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora",
                   "init_lora_weights", "target_modules", "modules_to_save", "num_virtual_tokens", "freeze_layers",
                   "method_options", "load_in_4bit", "quantizer", "data", "eval_data", "eval_split", "prompt_field",
                   "response_field", "text_field", "messages_field", "max_length", "group_by_length", "packing",
@@ -883,8 +883,11 @@ def _resume_value(key: str, value: Any) -> Any:
     return str(value) if key == "max_length" else value
 
 
-def check_resume(ckpt: Path, state: dict, args: argparse.Namespace, total_steps: int) -> None:
-    """Refuse a checkpoint this run cannot continue: at or past its last step, or saved with other options."""
+def check_resume(ckpt: Path, state: dict, args: argparse.Namespace, total_steps: int,
+                 dtype: torch.dtype | None = None) -> None:
+    """Refuse a checkpoint this run cannot continue: at or past its last step, saved with other options, or
+    trained with the base in another dtype than ``dtype`` (this run's, resolved: ``--dtype auto`` on a GPU and on
+    a CPU differ; ``auto`` and ``fp32`` on a CPU do not)."""
     if state["step"] >= total_steps:
         raise SystemExit(f"fastpeft train: cannot resume from {ckpt}: it is at step {state['step']}, and this run "
                          f"has {total_steps} steps in all (raise --max-steps/--epochs, or start afresh with "
@@ -901,6 +904,10 @@ def check_resume(ckpt: Path, state: dict, args: argparse.Namespace, total_steps:
             raise SystemExit(f"fastpeft train: cannot resume from {ckpt}: it was trained with {flag} {saved[key]!r}, "
                              f"this run has {flag} {getattr(args, key, None)!r} (resume with the same --method "
                              "and options, or start afresh with --overwrite-output-dir or another --output)")
+    trained = (state.get("log") or {}).get("dtype")
+    if dtype is not None and trained is not None and trained != str(dtype).removeprefix("torch."):
+        raise SystemExit(f"fastpeft train: cannot resume from {ckpt}: its base ran in {trained}, this run's in "
+                         f"{str(dtype).removeprefix('torch.')} (pass the --dtype it was trained with)")
 
 
 def _resume_tensors(model) -> dict[str, torch.Tensor]:
@@ -1046,7 +1053,7 @@ def train(args: argparse.Namespace) -> TrainResult:
     resume_from = None
     if args.resume:
         resume_from = load_checkpoint(out, args.resume)
-        check_resume(*resume_from, args, total_steps)
+        check_resume(*resume_from, args, total_steps, dtype)
     check_method(args, total_steps)
     check_alora_samples(args, train_samples, packing)
 
@@ -1207,6 +1214,10 @@ def train(args: argparse.Namespace) -> TrainResult:
                     stop_now = stats[2].item() > 0
                 else:
                     stop_now = stopper.signum > 0
+                # where the next step's micro-batches start, for every process: the end of this step's group
+                # of world × grad_accum batches (index + 1 is that only for the last process of the group)
+                span = world * args.grad_accum
+                step_end = (index // span + 1) * span
                 tokens_seen += tok_acc
                 elapsed = time.perf_counter() - t_start
                 entry = {"step": step, "loss": round(loss_acc, 5), "lr": lr * scale,
@@ -1225,13 +1236,13 @@ def train(args: argparse.Namespace) -> TrainResult:
                         bar.write(f"step {step}: {result}")
                 if step % save_every == 0 and step < total_steps:
                     if main_rank:
-                        save_checkpoint(model, optimizer, out, step, epoch, index + 1, log, args.save_total_limit,
+                        save_checkpoint(model, optimizer, out, step, epoch, step_end, log, args.save_total_limit,
                                         tok, save_options=saved_adapter_options(args, out))
                     saved_step = step
                 if step >= total_steps:
                     done = True
                     break
-                boundary = (epoch, index + 1, _rng_state())
+                boundary = (epoch, step_end, _rng_state())
                 if stop_now:
                     break
             if stop_now:

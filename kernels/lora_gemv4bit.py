@@ -426,7 +426,7 @@ def _run(x2d, q, code, s, z, ncode, nabs, noff, bias, xa, lora_B, scale, out_fea
                 0.0 if offset_ptr else float(nested_offset), float(scale))
         kwargs = dict(QUANT=quant, LOG_BS=log_bs, LOG_NBS=log_nbs, NESTED=nested, OFFSET_PTR=offset_ptr,
                       ROW_ALIGNED=row_aligned, EVEN_ROWS=row_elems % 2 == 0, HAS_BIAS=bias is not None,
-                      HAS_LORA=has_lora, UPCAST=_upcast(xs.dtype), F32_PRECISION=_f32_precision(xs.dtype),
+                      HAS_LORA=has_lora, UPCAST=_upcast(xs.dtype), F32_PRECISION=_f32_precision(ys.dtype),
                       BLOCK_N=block_n, BLOCK_R=16)
 
         def grid(meta):

@@ -328,9 +328,10 @@ def _launch_untuned(tuned, raw, grid, args, kwargs):
 
 
 def _f32_precision(dtype: torch.dtype) -> str:
-    """Precision of fp32-operand dots whose result lands in the activation dtype (the rank-r fold of the
-    GEMMs, the up-projection): fp32 activations follow torch's TF32 switch, as nn.Linear does;
-    half-precision activations use TF32 (its 10-bit mantissa is below the bf16/fp16 output's rounding)."""
+    """Precision of fp32-operand dots whose result lands in ``dtype``, the output's (the rank-r fold of the
+    GEMMs, the up-projection): fp32 outputs follow torch's TF32 switch, as nn.Linear does (also for a
+    half-precision x with an fp32 output, the QLoRA fp32-input path); half-precision outputs use TF32 (its
+    10-bit mantissa is below the bf16/fp16 output's rounding)."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
@@ -441,7 +442,7 @@ def lora_gemm(x, w, bias=None, l=None, r=None, *, lora_scale=1.0, seed=None, thr
             out.stride(0), out.stride(1),
             float(lora_scale), int(threshold), float(inv_keep))
     kwargs = dict(HAS_BIAS=bias is not None, HAS_LORA=has_lora and R > 0, MASK_LORA=bool(mask_lora),
-                  UPCAST=_upcast(x.dtype), F32_PRECISION=_f32_precision(x.dtype), BLOCK_R=_block_r(R, 32))
+                  UPCAST=_upcast(x.dtype), F32_PRECISION=_f32_precision(out.dtype), BLOCK_R=_block_r(R, 32))
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
@@ -462,7 +463,7 @@ def _lora_gemm_tma(x, w, bias, l_, r_, out, seed, R, has_lora, lora_scale, thres
             l_.stride(0), l_.stride(1), r_.stride(0), r_.stride(1),
             float(lora_scale), int(threshold), float(inv_keep))
     kwargs = dict(W_KN=w_kn, HAS_BIAS=bias is not None, HAS_LORA=has_lora and R > 0, MASK_LORA=bool(mask_lora),
-                  UPCAST=_upcast(x.dtype), F32_PRECISION=_f32_precision(x.dtype), BLOCK_R=_block_r(R, 32),
+                  UPCAST=_upcast(x.dtype), F32_PRECISION=_f32_precision(out.dtype), BLOCK_R=_block_r(R, 32),
                   NUM_SMS=num_sms)
 
     def grid(meta):

@@ -14,6 +14,7 @@ Every launch is bounded by a hard timeout so that a hang fails instead of blocki
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -299,3 +300,25 @@ def test_a_signal_to_one_process_stops_all_after_the_same_step(tmp_path):
     assert r1["signum"] == signal.SIGTERM
     assert (out / "checkpoint-2" / "adapter_model.safetensors").is_file()
     assert not (out / "adapter_model.safetensors").exists()  # the final adapter is not written for a stopped run
+
+
+def test_two_process_train_resumed_equals_the_uninterrupted_run(tmp_path):
+    """``fastpeft train`` under ``torchrun`` with 2 processes and grad-accum 2, resumed from a step-1 checkpoint,
+    logs the losses of the uninterrupted run: the checkpoint records where the step's group of world × grad-accum
+    micro-batches ends for every process (the last process's index + 1 would make the others replay a batch)."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"p{i} " * (1 + i % 5), "response": "r" * (1 + i % 7)}) + "\n"
+                            for i in range(40)))
+
+    def launch(out, *flags):
+        run_launcher([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={NPROC}",
+                      "-m", "fastpeft", "train", "--data", str(data), "--eval-split", "0", "--batch-size", "2",
+                      "--grad-accum", "2", "--device", "cpu", "--no-progress", "--eval-generate", "0",
+                      "--max-length", "24", "--output", str(out), *flags])
+        return [s["loss"] for s in json.loads((out / "train_log.json").read_text())["steps"]]
+
+    full = launch(tmp_path / "full", "--max-steps", "6", "--save-steps", "100")
+    launch(tmp_path / "part", "--max-steps", "2", "--save-steps", "1")
+    resumed = launch(tmp_path / "part", "--max-steps", "6", "--save-steps", "100", "--resume",
+                     str(tmp_path / "part" / "checkpoint-1"))
+    assert resumed == full

@@ -103,6 +103,9 @@ def test_unknown_loading_keyword_warns(tmp_path):
     path, _ = _saved_r8(tmp_path)
     with pytest.warns(UserWarning, match="ignore_mismatched_size"):  # a misspelt keyword is not silently dropped
         fastpeft.PeftModel.from_pretrained(base(), path, ignore_mismatched_size=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # peft's own keyword (passed on to load_adapter): no warning
+        fastpeft.PeftModel.from_pretrained(base(), path, torch_device="cpu")
 
 
 def test_get_peft_model_state_dict_unwrap_compiled_and_order():

@@ -218,3 +218,42 @@ def _bert(task):
                                   num_attention_heads=4, max_position_embeddings=64)
     cls = transformers.BertForQuestionAnswering if task == "QUESTION_ANS" else transformers.BertModel
     return cls(cfg).eval()
+
+
+def test_merge_adapter_unties_a_tied_token_pair_only_while_merged():
+    """Different trainable token ids on the halves of a tied pair: merge_adapter gives the head its own copy (so
+    the merged model computes the adapter model), unmerge_adapter ties them again (no lasting extra copy)."""
+    torch.manual_seed(0)
+    cfg = llama_config()
+    cfg.tie_word_embeddings = True
+    m = fastpeft.get_peft_model(transformers.LlamaForCausalLM(cfg), fastpeft.LoraConfig(
+        r=2, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [1, 2], "lm_head": [3, 4]}))
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "trainable_tokens_delta" in n:
+                p.normal_()
+    m.eval()
+    ref = logits(m)
+
+    def weight(module):
+        module = getattr(module, "token_adapter", module)
+        return getattr(module, "base_layer", module).weight
+
+    base = m.get_base_model()
+    assert weight(base.get_input_embeddings()) is weight(base.get_output_embeddings())
+    with pytest.warns(UserWarning, match="unmerge_adapter ties them again"):
+        m.merge_adapter()
+    torch.testing.assert_close(logits(m), ref, rtol=0, atol=1e-5)
+    m.unmerge_adapter()
+    assert weight(base.get_input_embeddings()) is weight(base.get_output_embeddings())
+    assert base.config.tie_word_embeddings
+    torch.testing.assert_close(logits(m), ref, rtol=0, atol=1e-5)
+
+
+def test_prompt_learning_refuses_adapter_names(base_dir):
+    m = fastpeft.get_peft_model(load_base(base_dir), fastpeft.PromptTuningConfig(num_virtual_tokens=2,
+                                                                                 task_type="CAUSAL_LM")).eval()
+    with pytest.raises(TypeError, match="LoRA adapters only"):
+        m(input_ids=IDS, adapter_names=["default", "__base__"])
+    with pytest.raises(TypeError, match="LoRA adapters only"):
+        m.generate(input_ids=IDS, adapter_names=["default", "__base__"], max_new_tokens=2)

@@ -165,9 +165,9 @@ class SignedForward:
 
 
 def refuse_adapter_names(model: nn.Module, kwargs: dict) -> None:
-    """``adapter_names`` (one adapter per row) is LoRA's: a method model would pass it to the transformers model,
-    which ignores it (every row adapted, "__base__" rows too) or, in ``generate``, fails with an unrelated
-    message. Refused clearly instead (peft's AdaLoRA raises ``TypeError`` too)."""
+    """``adapter_names`` (one adapter per row) is LoRA's: a method model (prompt learning included) would pass it
+    to the transformers model, which ignores it (every row adapted, "__base__" rows too) or, in ``generate``,
+    fails with an unrelated message. Refused clearly instead (peft's AdaLoRA raises ``TypeError`` too)."""
     if kwargs.get("adapter_names") is not None:
         method = type(next(iter(model.peft_config.values()))).__name__
         raise TypeError(f"adapter_names (one adapter per sequence) works with LoRA adapters only; a model with "

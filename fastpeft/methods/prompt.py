@@ -37,6 +37,7 @@ from .base import (
     load_into_own_adapter,
     modules_to_save_for,
     read_adapter_file,
+    refuse_adapter_names,
     save_one_adapter,
     wrap_modules_to_save,
 )
@@ -374,6 +375,7 @@ class PromptLearningPeftModel(_LoraPeftModel):
 
     def prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
         """Run the base model with the virtual tokens (see the module docstring for how inputs change)."""
+        refuse_adapter_names(self, kwargs)
         if self._adapters_disabled:
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                    labels=labels, **kwargs)
@@ -510,6 +512,7 @@ class PromptLearningPeftModel(_LoraPeftModel):
         from ..model import use_own_generation_config
 
         cfg = self.active_peft_config
+        refuse_adapter_names(self, kwargs)
         use_own_generation_config(self, self.base_model)
         if self._adapters_disabled:
             return self.base_model.generate(*args, **kwargs)
