@@ -768,7 +768,9 @@ class LoraModel(nn.Module):
                 warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.",
                               stacklevel=2)
                 layer.unmerge()
-            layer.set_adapter([n for n in names if n in adapters_of(layer)], inference_mode=inference_mode)
+            # every name, held or not (peft's layers keep the model-wide list; the forward skips names a layer
+            # lacks), so get_layer_status / get_model_status report what peft reports
+            layer.set_adapter(names, inference_mode=inference_mode)
         for _, wrapper in self.modules_to_save_wrappers():
             wrapper.set_adapter([n for n in names if n in wrapper.modules_to_save][:1], train=not inference_mode)
         for _, wrapper in self.token_wrappers():
@@ -924,6 +926,11 @@ class LoraModel(nn.Module):
                     new_B.zero_()
                     new_A[: A.shape[0]].copy_(A)  # a smaller rank than new_rank is padded with zeros
                     new_B[:, : B.shape[1]].copy_(B)
+                    source = adapter_factors(layer, present[0][0])[0].dtype
+                    if build != "svd" and new_A.dtype != source:
+                        # as peft: a combination of the factors themselves keeps their dtype (half-precision
+                        # adapters, autocast_adapter_dtype=False); an SVD's factors stay fp32
+                        new_A.data, new_B.data = new_A.data.to(source), new_B.data.to(source)
         except BaseException:
             self._discard_adapter(adapter_name)
             raise
@@ -1064,7 +1071,8 @@ class LoraModel(nn.Module):
         check_merge_allowed(self.model)
         with _requantization_summary():
             for key, layer in _embeddings_first(self.lora_layers()):
-                names = [n for n in (adapter_names or layer.active_adapters) if n in adapters_of(layer)]
+                wanted = layer.active_adapters if adapter_names is None else adapter_names  # [] merges nothing
+                names = [n for n in wanted if n in adapters_of(layer)]
                 self._merge_layer(key, layer, names, safe_merge, adapter_names)
         # (undone by unmerge_adapter: the layers share their weight again)
         self.__dict__.setdefault("_token_unties", []).extend(_untie_token_rows_before_merge(self.model, adapter_names))
@@ -1087,7 +1095,8 @@ class LoraModel(nn.Module):
         if isinstance(layer, FastLoraEmbedding) and names:
             head = _output_embeddings(self.model)
             tied = _tied_to_embeddings(self.model, head) if head is not None else set()
-            if tied and set(names) <= tied and set(names) <= set(adapter_names or head.active_adapters):
+            if tied and set(names) <= tied and \
+                    set(names) <= set(head.active_adapters if adapter_names is None else adapter_names):
                 layer.merge(safe_merge=safe_merge, adapter_names=names)  # into the shared weight: the head follows
                 return
         self._untie_before_merge(key, layer, names)
@@ -1153,7 +1162,8 @@ class LoraModel(nn.Module):
         with _requantization_summary():
             if merge:
                 for key, layer in _embeddings_first(layers):
-                    names = [n for n in (adapter_names or layer.active_adapters) if n in adapters_of(layer)]
+                    wanted = layer.active_adapters if adapter_names is None else adapter_names  # [] merges nothing
+                    names = [n for n in wanted if n in adapters_of(layer)]
                     self._merge_layer(key, layer, names, safe_merge, adapter_names)  # even when disabled, as peft
             for key, layer in it:
                 base = layer.base_layer

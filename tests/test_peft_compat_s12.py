@@ -257,3 +257,116 @@ def test_prompt_learning_refuses_adapter_names(base_dir):
         m(input_ids=IDS, adapter_names=["default", "__base__"])
     with pytest.raises(TypeError, match="LoRA adapters only"):
         m.generate(input_ids=IDS, adapter_names=["default", "__base__"], max_new_tokens=2)
+
+
+# ----------------------------------------------------------------------------- the non-LoRA methods (hunt I)
+ADALORA = dict(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj", "down_proj"], init_r=6, target_r=2,
+               total_step=12)
+
+
+@pytest.mark.parametrize("init", [True, False])
+def test_adalora_and_ia3_draw_peft_random_numbers(base_dir, init):
+    """A seed gives peft's AdaLoRA factors (its draws include one for ranknum) and leaves the random stream where
+    peft leaves it (IA3 too: peft draws its vectors before setting them to ones)."""
+    made = {}
+    for lib in (peft, fastpeft):
+        torch.manual_seed(0)
+        m = lib.get_peft_model(load_base(base_dir), lib.AdaLoraConfig(init_lora_weights=init, **ADALORA))
+        made[lib] = ({k: v for k, v in m.state_dict().items() if "lora_" in k}, torch.rand(1))
+        torch.manual_seed(0)
+        lib.get_peft_model(load_base(base_dir), lib.IA3Config(target_modules=["q_proj", "down_proj"],
+                                                              feedforward_modules=["down_proj"]))
+        made[lib] += (torch.rand(1),)
+    (ours, ours_next, ours_ia3), (theirs, theirs_next, theirs_ia3) = made[fastpeft], made[peft]
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=0, atol=0)
+    assert ours_next == theirs_next and ours_ia3 == theirs_ia3
+
+
+def test_adalora_config_with_a_rank_pattern_starts_at_init_r(base_dir):
+    """A config carrying a finished run's rank_pattern builds full init_r layers (peft resizes only when it loads
+    a saved adapter), so the budget schedule has something to prune and the next save loads in peft."""
+    pattern = {"model.layers.0.self_attn.q_proj.lora_E": [True, False, False, False, False, False]}
+    shapes = {}
+    for lib in (peft, fastpeft):
+        torch.manual_seed(0)
+        m = lib.get_peft_model(load_base(base_dir), lib.AdaLoraConfig(rank_pattern=pattern, **ADALORA))
+        shapes[lib] = {k: tuple(v.shape) for k, v in m.state_dict().items() if "lora_E" in k}
+    assert shapes[fastpeft] == shapes[peft] and set(shapes[peft].values()) == {(6, 1)}
+
+
+def test_adalora_on_bf16_rounds_once_as_peft(base_dir):
+    models = {}
+    for lib in (peft, fastpeft):
+        torch.manual_seed(0)
+        models[lib] = lib.get_peft_model(load_base(base_dir).to(torch.bfloat16), lib.AdaLoraConfig(**ADALORA)).eval()
+    with torch.no_grad():
+        for (_, p), (_, q) in zip(sorted(models[fastpeft].named_parameters()), sorted(models[peft].named_parameters())):
+            p.copy_(q + (0.05 * torch.randn_like(q) if p.requires_grad else 0))
+            q.copy_(p)
+    torch.testing.assert_close(logits(models[fastpeft]), logits(models[peft]), rtol=0, atol=0)
+
+
+def test_adalora_warns_that_r_is_unused():
+    with pytest.warns(UserWarning, match="`r` is not used in AdaLora"):
+        fastpeft.AdaLoraConfig(r=16, total_step=10)
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_prefix_gradient_on_a_bf16_base_is_summed_in_fp32_as_peft(base_dir, projection):
+    grads = {}
+    ids = torch.randint(0, V, (16, 6), generator=torch.Generator().manual_seed(3))
+    for lib in (peft, fastpeft):
+        torch.manual_seed(0)
+        m = lib.get_peft_model(load_base(base_dir).to(torch.bfloat16), lib.PrefixTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=projection, encoder_hidden_size=32))
+        m.train()
+        m(input_ids=ids, labels=ids).loss.backward()
+        grads[lib] = m.prompt_encoder["default"].embedding.weight.grad
+    tol = 0 if not projection else 1e-6
+    torch.testing.assert_close(grads[fastpeft], grads[peft], rtol=tol, atol=tol * float(grads[peft].abs().max()))
+
+
+# ----------------------------------------------------------------------------- several adapters (hunt H)
+def _two_adapters(lib, base_dir, dtype=torch.float32, autocast=True):
+    torch.manual_seed(0)
+    m = lib.get_peft_model(load_base(base_dir).to(dtype), lib.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                        init_lora_weights=False),
+                           autocast_adapter_dtype=autocast)
+    m.add_adapter("b", lib.LoraConfig(r=4, target_modules=["v_proj"], init_lora_weights=False),
+                  autocast_adapter_dtype=autocast)
+    return m.eval()
+
+
+def test_empty_adapter_names_merge_nothing_as_peft(base_dir):
+    plain = logits(load_base(base_dir))
+    for lib in (peft, fastpeft):
+        m = _two_adapters(lib, base_dir)
+        m.merge_adapter(adapter_names=[])
+        assert not any(getattr(layer, "merged_adapters", []) for layer in m.modules())
+        merged = m.merge_and_unload(adapter_names=[])
+        torch.testing.assert_close(logits(merged), plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("combination", ["linear", "cat"])
+def test_weighted_adapter_of_half_precision_adapters_keeps_their_dtype(base_dir, combination):
+    dtypes = {}
+    for lib in (peft, fastpeft):
+        m = _two_adapters(lib, base_dir, torch.bfloat16, autocast=False)
+        m.add_adapter("c", lib.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False),
+                      autocast_adapter_dtype=False)
+        m.add_weighted_adapter(["default", "c"], [0.5, 0.5], "mix", combination_type=combination)
+        dtypes[lib] = {p.dtype for n, p in m.named_parameters() if ".mix." in n}
+    assert dtypes[fastpeft] == dtypes[peft] == {torch.bfloat16}
+
+
+def test_model_status_with_adapters_on_different_modules(base_dir):
+    status = {}
+    for lib in (peft, fastpeft):
+        m = _two_adapters(lib, base_dir)
+        m.base_model.set_adapter(["default", "b"])  # (peft's PeftModel.set_adapter takes one name)
+        both = m.get_model_status().active_adapters
+        m.base_model.set_adapter("b")
+        status[lib] = (both, m.get_model_status().active_adapters)
+    assert status[fastpeft] == status[peft] == (["default", "b"], ["b"])

@@ -12,6 +12,8 @@ keep only the surviving ranks — peft's format, so peft loads the adapter with 
 
 from __future__ import annotations
 
+import contextvars
+
 import torch
 from torch import nn
 
@@ -48,11 +50,14 @@ class SVDLinear(AdapterLayer):
         self.in_features, self.out_features = linear_features(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
         dev = base_layer.weight.device
-        self.lora_A = nn.ParameterDict({adapter_name: nn.Parameter(torch.randn(r, self.in_features, device=dev))})
-        self.lora_E = nn.ParameterDict({adapter_name: nn.Parameter(torch.randn(r, 1, device=dev))})
-        self.lora_B = nn.ParameterDict({adapter_name: nn.Parameter(torch.randn(self.out_features, r, device=dev))})
-        self.ranknum = nn.ParameterDict({adapter_name: nn.Parameter(torch.full((1,), float(init_r), device=dev),
-                                                                    requires_grad=False)})
+        # peft's draws, in its order and on the CPU's generator (then moved): A, E, B, and one for ranknum (then
+        # set to the rank), so that a seed gives peft's factors and leaves the random stream where peft leaves it
+        A, E, B = torch.randn(r, self.in_features), torch.randn(r, 1), torch.randn(self.out_features, r)
+        ranknum = torch.randn(1).fill_(float(init_r))
+        self.lora_A = nn.ParameterDict({adapter_name: nn.Parameter(A.to(dev))})
+        self.lora_E = nn.ParameterDict({adapter_name: nn.Parameter(E.to(dev))})
+        self.lora_B = nn.ParameterDict({adapter_name: nn.Parameter(B.to(dev))})
+        self.ranknum = nn.ParameterDict({adapter_name: nn.Parameter(ranknum.to(dev), requires_grad=False)})
         self.scaling = {adapter_name: config.lora_alpha if config.lora_alpha > 0 else float(init_r)}
         self.lora_dropout = nn.ModuleDict({adapter_name: nn.Dropout(config.lora_dropout) if config.lora_dropout > 0
                                            else nn.Identity()})
@@ -84,7 +89,8 @@ class SVDLinear(AdapterLayer):
         A, B, E = self.lora_A[a], self.lora_B[a], self.lora_E[a]
         xa = self.lora_dropout[a](x.to(A.dtype))
         update = (xa @ (A * E).t() @ B.t()) * self.scaling[a] / (self.ranknum[a] + 1e-5)
-        return result + update.to(result.dtype)
+        # summed in the wider dtype and rounded once (peft adds the fp32 update into the output in place)
+        return (result + update).to(result.dtype)
 
     def _merge_one(self, adapter_name: str, safe_merge: bool) -> None:
         """Add the update into the base weight."""
@@ -190,6 +196,9 @@ class RankAllocator:
                     p.masked_fill_(~torch.tensor(keep, dtype=torch.bool, device=p.device).view(-1, 1), 0.0)
 
 
+_LOADING: contextvars.ContextVar[bool] = contextvars.ContextVar("fastpeft_adalora_loading", default=False)
+
+
 class AdaLoraTuner(MethodTuner):
     """``base_model`` of an AdaLoRA model: :class:`SVDLinear` layers, the rank allocator, the orthogonality loss."""
 
@@ -197,7 +206,10 @@ class AdaLoraTuner(MethodTuner):
         if config.target_modules is None:
             config.target_modules = self.model_type_default(ADALORA_TARGETS, "target_modules", "AdaLoRA",
                                                             "target_modules")
-        pattern = {_strip_name(k, adapter_name): v for k, v in (config.rank_pattern or {}).items()}
+        # a saved adapter's rank_pattern sizes the layers when it is loaded (peft's resize_modules_by_rank_pattern);
+        # a new adapter starts at init_r everywhere whatever its config's rank_pattern says, as in peft
+        pattern = {_strip_name(k, adapter_name): v for k, v in (config.rank_pattern or {}).items()} \
+            if _LOADING.get() else {}
 
         def in_layers(key: str) -> bool:
             return isinstance(config.target_modules, str) or layer_index_ok(key, config.layers_to_transform,
@@ -291,6 +303,15 @@ class AdaLoraPeftModel(MethodPeftModel):
 
     tuner_class = AdaLoraTuner
     needs_step_hook = True
+
+    @classmethod
+    def _for_loading(cls, model: nn.Module, config, adapter_name: str) -> AdaLoraPeftModel:
+        """Built to load a saved adapter: the layers take the saved ``rank_pattern``'s sizes."""
+        token = _LOADING.set(True)
+        try:
+            return cls(model, config, adapter_name)
+        finally:
+            _LOADING.reset(token)
 
     def update_and_allocate(self, global_step: int) -> None:
         """Per-step AdaLoRA budget update; call after ``optimizer.step()`` and before ``optimizer.zero_grad()``."""

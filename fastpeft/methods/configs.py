@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -367,6 +368,9 @@ class AdaLoraConfig(MethodConfig):
         for key, value in self.extra.items():
             if key in self._NEUTRAL and value not in self._NEUTRAL[key]:
                 raise ValueError(f"peft option {key}={value!r} is not supported by fastpeft's AdaLoRA")
+        if self.r != 8:  # peft's warning (8: LoraConfig's default)
+            warnings.warn("Note that `r` is not used in AdaLora and will be ignored.If you intended to set the "
+                          "initial rank, use `init_r` instead.", stacklevel=3)
         _positive_int("init_r", self.init_r)
         if not isinstance(self.target_r, int) or isinstance(self.target_r, bool) or self.target_r < 0:
             raise ValueError(f"target_r must be a non-negative integer, got {self.target_r!r}")

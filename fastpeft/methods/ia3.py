@@ -60,7 +60,9 @@ class IA3Linear(AdapterLayer):
     def update_layer(self, adapter_name: str, init_weights: bool = True) -> None:
         """Add adapter ``adapter_name``'s vector: ones (the identity) with ``init_weights``, else random."""
         shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
-        weight = torch.ones(shape) if init_weights else torch.randn(shape)
+        weight = torch.randn(shape)  # drawn also when set to ones: the random stream advances as in peft
+        if init_weights:
+            weight.fill_(1.0)
         self.ia3_l[adapter_name] = nn.Parameter(weight.to(self.base_layer.weight.device))
 
     def delete_adapter(self, adapter_name: str) -> None:

@@ -355,9 +355,10 @@ class PromptLearningPeftModel(_LoraPeftModel):
         n, layers, heads = cfg.num_virtual_tokens, cfg.num_layers, cfg.num_attention_heads
         x = self._encoder_output()
         dtype = getattr(self.base_model, "dtype", None)
-        if dtype is not None:
+        x = x.expand(batch_size, -1, -1)
+        if dtype is not None:  # after the expansion, as peft: the batch's gradients are summed in fp32
             x = x.to(dtype)
-        x = x.expand(batch_size, -1, -1).reshape(batch_size, n, 2 * layers, heads, cfg.token_dim // heads)
+        x = x.reshape(batch_size, n, 2 * layers, heads, cfg.token_dim // heads)
         x = x.permute(2, 0, 3, 1, 4)  # (2·layers, batch, heads, n, head_dim): rows k0, v0, k1, v1, …
         if cfg.num_transformer_submodules == 1:
             return DynamicCache([(x[2 * i], x[2 * i + 1]) for i in range(layers)])
