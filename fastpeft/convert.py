@@ -156,7 +156,11 @@ def _to_peft_layer(layer: FastLoraLinear) -> nn.Module:
             new.lora_magnitude_vector[n].weight = layer.lora_magnitude_vector[n].weight
             if n in layer._dora_merged_norms:
                 new._cache_store(f"{n}-weight_norm", layer._dora_merged_norms[n])
-    new.set_adapter(layer.active_adapters)
+    trainable = {id(p): p.requires_grad for p in layer.parameters()}
+    new.set_adapter(layer.active_adapters)  # (peft's set_adapter makes them trainable: put back as they were)
+    for p in new.parameters():
+        if id(p) in trainable:
+            p.requires_grad_(trainable[id(p)])
     new.merged_adapters = list(layer.merged_adapters)
     new._disable_adapters = layer.disable_adapters
     new.train(layer.training)
@@ -188,8 +192,18 @@ def _fastpeft_to_peft(model: PeftModel) -> nn.Module:
     import peft
     from peft.utils import set_peft_model_state_dict
 
+    from .config import LoraConfig
     from .save import adapter_state_dict
 
+    # refused before anything changes: other methods (their files load in peft), merged adapters
+    others = sorted({type(c).__name__ for c in model.peft_config.values() if not isinstance(c, LoraConfig)})
+    if others:
+        raise ValueError(f"to_peft converts LoRA models; this one holds {others}: save_pretrained it and load the "
+                         "folder with peft's PeftModel.from_pretrained (the model is unchanged)")
+    merged = sorted({n for _, layer in model.base_model.lora_layers() for n in getattr(layer, "merged_adapters", ())})
+    if merged:
+        raise ValueError(f"to_peft: adapters {merged} are merged into the base weights; unmerge_adapter() first (the "
+                         "model is unchanged)")
     # fastpeft's own 4-bit layers (quantize_model) become bitsandbytes' Linear4bit over the same bytes, which peft
     # wraps; int4 has no bitsandbytes form: refused, like a missing bitsandbytes, before anything changes
     quantized = [(n, m) for n, m in model.base_model.model.named_modules() if isinstance(m, FastQuantLinear4bit)]
@@ -204,6 +218,10 @@ def _fastpeft_to_peft(model: PeftModel) -> nn.Module:
             raise ImportError("to_peft on a model with 4-bit layers needs bitsandbytes (peft's 4-bit LoRA layers wrap "
                               "bitsandbytes.nn.Linear4bit); the model is unchanged") from err
     configs = {n: copy.deepcopy(c) for n, c in model.peft_config.items()}
+    # what the model is doing, to be the same after: trainable flags, train/eval, adapters switched off
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    training = model.training
+    disabled = any(getattr(layer, "disable_adapters", False) for _, layer in model.base_model.lora_layers())
     # (the base embedding weights stay where they are: the same model goes under peft's wrapper)
     states = {n: adapter_state_dict(model, n, save_embedding_layers=False) for n in configs}
     active = model.active_adapters
@@ -236,5 +254,14 @@ def _fastpeft_to_peft(model: PeftModel) -> nn.Module:
         bad = [k for k in getattr(result, "unexpected_keys", []) if name in k or "lora_" in k]
         if bad:
             raise RuntimeError(f"peft did not accept adapter {name!r} keys {bad[:3]}")
-    out.set_adapter(active if len(active) > 1 else active[0])
+    if len(active) > 1:  # (peft's PeftModel.set_adapter takes one name; its tuner takes a list)
+        out.base_model.set_adapter(active)
+    else:
+        out.set_adapter(active[0])
+    for n, p in out.named_parameters():
+        if n in trainable:
+            p.requires_grad_(trainable[n])
+    out.train(training)
+    if disabled:
+        out.base_model.disable_adapter_layers()
     return out

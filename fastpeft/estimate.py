@@ -83,8 +83,16 @@ def _config(model: str | None):
     if model is None:
         cfg = json.loads((ASSETS / "default_model.json").read_text())
         return LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("model_type", "architectures")})
-    if os.path.isfile(model):
-        return AutoConfig.from_pretrained(os.path.dirname(model) or ".")
+    if os.path.isfile(model):  # this file, whatever its name (not the config.json beside it)
+        try:
+            with open(model, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"fastpeft estimate: --model {model}: not a readable JSON config ({exc})") from None
+        if not isinstance(data, dict) or "model_type" not in data:
+            raise SystemExit(f"fastpeft estimate: --model {model}: a transformers config needs a 'model_type' key")
+        data = dict(data)
+        return AutoConfig.for_model(data.pop("model_type"), **data)
     return AutoConfig.from_pretrained(model)
 
 
@@ -139,7 +147,9 @@ def estimate(config, method: str = "lora", batch_size: int = 8, seq_len: int = 5
         else:
             weights += d * n
     if method == "full":
-        state = trainable * (4 + 4 + 8) if d == 4 else trainable * (2 + 4 + 8 + 4)  # + fp32 master for half
+        # gradients (in the weights' dtype) + AdamW's two fp32 moments (+ an fp32 master copy of half weights);
+        # the weights themselves are counted above
+        state = trainable * (4 + 8) if d == 4 else trainable * (2 + 8 + 4)
     else:
         state = trainable * (4 + 8)  # fp32 gradients + AdamW's two moments (the weights are counted above)
     h = config.hidden_size

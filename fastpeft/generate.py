@@ -26,10 +26,23 @@ import sys
 import torch
 
 
+def stop_ids(tok, model) -> list:
+    """The ids generation stops at: the tokenizer's end of text and the model's own (its ``generation_config``:
+    instruct and chat models list several, e.g. <|im_end|>; passing ``eos_token_id`` explicitly would otherwise
+    replace them, where transformers stops at any)."""
+    stop = [tok.eos_token_id]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    stop += [t for t in configured if t is not None and t not in stop]
+    return [t for t in stop if t is not None] or [None]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``fastpeft generate``."""
     p.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + safetensors)")
-    p.add_argument("--model", default=None, help="base model folder (default: see above)")
+    p.add_argument("--model", default=None,
+                   help="base model folder (default: the adapter folder's base_model/, a checkpoint's run folder's, "
+                        "else the adapter config's base_model_name_or_path when that is a local folder)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
     p.add_argument("--chat", action="store_true",
                    help="send each prompt as a user turn through the tokenizer's chat template (for adapters "
@@ -187,12 +200,11 @@ def main(args: argparse.Namespace) -> int:
     model, tok = load(args.adapter, args.model, device, load_in_4bit=getattr(args, "load_in_4bit", None),
                       quantizer=getattr(args, "quantizer", None), dtype=getattr(args, "dtype", None))
     if args.merge:
-        model = model.merge_and_unload()
-    stop = [tok.eos_token_id]
-    if args.chat:  # chat models end a turn with their own token (e.g. <|im_end|>), named in generation_config
-        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        configured = configured if isinstance(configured, list) else [configured]
-        stop += [t for t in configured if t is not None and t not in stop]
+        try:
+            model = model.merge_and_unload()
+        except (NotImplementedError, ValueError) as exc:  # prompt learning, aLoRA, ...: nothing to merge into
+            raise SystemExit(f"fastpeft generate: --merge: {exc}") from None
+    stop = stop_ids(tok, model)
     for prompt in args.prompt:
         if args.chat:
             turns = ([{"role": "system", "content": args.system}] if args.system is not None else []) \

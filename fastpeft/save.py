@@ -515,7 +515,10 @@ def load_adapter_state(peft_model: PeftModel, saved: dict[str, torch.Tensor], ad
                     first = ".lora_A." in target or ".lora_embedding_A." in target
                     saved_r = value.shape[0] if first else value.shape[-1]
                     model_r = dest.shape[0] if first else dest.shape[-1]
-                    hint = f" (rank mismatch: the file has r={saved_r}, the model's config r={model_r})"
+                    hint = (f" (rank mismatch: the file has r={saved_r}, the model's config r={model_r})"
+                            if saved_r != model_r else
+                            " (same rank: the adapted layer's size differs, so the adapter was saved for another "
+                            "model)")
                 raise ValueError(f"shape mismatch for {saved_key!r}: file has {tuple(value.shape)}, model expects "
                                  f"{tuple(dest.shape)}{hint} (peft's ignore_mismatched_sizes=True skips such "
                                  "tensors)")

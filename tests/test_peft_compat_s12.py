@@ -370,3 +370,39 @@ def test_model_status_with_adapters_on_different_modules(base_dir):
         m.base_model.set_adapter("b")
         status[lib] = (both, m.get_model_status().active_adapters)
     assert status[fastpeft] == status[peft] == (["default", "b"], ["b"])
+
+
+# ----------------------------------------------------------------------------- to_peft (hunt G)
+def test_to_peft_refuses_merged_and_non_lora_models_before_changing_them(base_dir):
+    m = _two_adapters(fastpeft, base_dir)
+    m.merge_adapter()
+    before = logits(m)
+    with pytest.raises(ValueError, match="merged"):
+        fastpeft.to_peft(m)
+    torch.testing.assert_close(logits(m), before, rtol=0, atol=0)
+    ia3 = fastpeft.get_peft_model(load_base(base_dir), fastpeft.IA3Config(target_modules=["q_proj", "down_proj"],
+                                                                          feedforward_modules=["down_proj"]))
+    before = logits(ia3)
+    with pytest.raises(ValueError, match="converts LoRA models"):
+        fastpeft.to_peft(ia3)
+    torch.testing.assert_close(logits(ia3), before, rtol=0, atol=0)
+
+
+def test_to_peft_keeps_active_list_trainability_mode_and_disabled_adapters(base_dir, tmp_path):
+    m = _two_adapters(fastpeft, base_dir)
+    m.base_model.set_adapter(["default", "b"])
+    want = logits(m)
+    out = fastpeft.to_peft(m)
+    assert type(out).__module__.startswith("peft") and out.active_adapters == ["default", "b"]
+    torch.testing.assert_close(logits(out), want, rtol=0, atol=1e-6)
+
+    src = _two_adapters(peft, base_dir)
+    src.save_pretrained(tmp_path / "a")
+    loaded = fastpeft.PeftModel.from_pretrained(load_base(base_dir), tmp_path / "a")  # inference: frozen, eval
+    out = fastpeft.to_peft(loaded)
+    assert not out.training and not any(p.requires_grad for n, p in out.named_parameters() if "lora_" in n)
+
+    m = _two_adapters(fastpeft, base_dir)
+    m.base_model.disable_adapter_layers()
+    out = fastpeft.to_peft(m)
+    torch.testing.assert_close(logits(out), logits(load_base(base_dir)), rtol=0, atol=1e-6)

@@ -311,8 +311,24 @@ def test_bench_refuses_providers_of_another_preset_and_infinite_alpha(capsys):
         cli.main(["bench", "--preset", "tiny", "--providers", "bnb_gemv_4bit"])
     with pytest.raises(SystemExit, match="--lora-alpha must be a finite number"):
         cli.main(["bench", "--preset", "tiny", "--lora-alpha", "inf"])
-    with pytest.raises(SystemExit, match="--plot is not available"):
-        cli.main(["bench", "--preset", "e2e-tiny", "--plot", "x.png"])
+    from fastpeft.cli import _bench
+
+    class Stop(Exception):
+        pass
+
+    import fastpeft.cli as cli_module
+
+    def stop(args, preset, device):  # the e2e run itself is not needed: only what --plot became
+        raise Stop(args.plot)
+
+    original, cli_module._bench_e2e = cli_module._bench_e2e, stop
+    try:
+        with pytest.raises(Stop) as stopped:
+            _bench(cli.build_parser().parse_args(["bench", "--preset", "e2e-tiny", "--plot", "x.png"]))
+    finally:
+        cli_module._bench_e2e = original
+    assert stopped.value.args == (None,)
+    assert "no plot for the e2e presets" in capsys.readouterr().err
 
 
 def test_output_folder_of_an_earlier_run_and_resume_checks(tmp_path, capsys):
@@ -614,6 +630,43 @@ def test_estimate_is_within_a_factor_of_two_of_the_measured_peak():
     assert 0.5 <= est.total / peak <= 2.0, (est.as_gib(), peak / 2**30)
 
 
+def test_estimate_full_fine_tuning_state_equals_a_real_adamw_step():
+    """weights + gradients + AdamW moments, counted from the tensors a real fp32 step holds (each byte once)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastpeft.estimate import estimate
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    est = estimate(cfg, "full", batch_size=1, seq_len=4, dtype=torch.float32)
+    model = LlamaForCausalLM(cfg)
+    opt = torch.optim.AdamW(model.parameters())
+    ids = torch.tensor([[1, 2, 3, 4]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    weights = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+    moments = sum(t.numel() * t.element_size() for st in opt.state.values() for k, t in st.items() if k != "step")
+    assert est.weights + est.trainable_state == sum(weights.values()) + grads + moments
+
+
+def test_estimate_reads_the_named_config_file(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastpeft.estimate import _config
+
+    small = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2)
+    big = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2)
+    small.save_pretrained(tmp_path)  # config.json beside the file asked for
+    (tmp_path / "big.json").write_text(big.to_json_string())
+    got = _config(str(tmp_path / "big.json"))
+    assert (got.hidden_size, got.num_hidden_layers) == (64, 3)
+    assert sum(p.numel() for p in LlamaForCausalLM(got).parameters()) == \
+        sum(p.numel() for p in LlamaForCausalLM(big).parameters())
+
+
 def test_estimate_command_prints_components(capsys):
     assert cli.main(["estimate", "--batch-size", "2", "--seq-len", "16"]) == 0
     out = capsys.readouterr().out
@@ -846,3 +899,30 @@ def test_alora_adapter_trains_only_after_its_invocation(tmp_path):
     assert torch.allclose(adapted[0, :start], base[0, :start], atol=1e-6)  # before the invocation: the base
     assert not torch.allclose(adapted[0, start:], base[0, start:], atol=1e-4)  # from it on: the adapter
     assert isinstance(model, fastpeft.PeftModel)
+
+
+def test_generate_stops_at_every_end_of_text_id_the_model_lists():
+    """Without --chat too: an instruct model's generation_config lists several end-of-text ids (transformers
+    stops at any); the explicit list fastpeft passes must hold them all."""
+    from types import SimpleNamespace
+
+    from fastpeft.generate import stop_ids
+
+    tok = SimpleNamespace(eos_token_id=1)
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[1, 111]))
+    assert stop_ids(tok, model) == [1, 111]
+    assert stop_ids(tok, SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=7))) == [1, 7]
+    assert stop_ids(SimpleNamespace(eos_token_id=None), SimpleNamespace()) == [None]
+
+
+def test_generate_merge_of_an_unmergeable_adapter_is_a_one_line_error(monkeypatch):
+    import fastpeft.generate as gen
+
+    class Prompted:
+        def merge_and_unload(self):
+            raise NotImplementedError("prompt-learning adapters cannot be merged into the base weights")
+
+    monkeypatch.setattr(gen, "load", lambda *a, **k: (Prompted(), None))
+    with pytest.raises(SystemExit, match="^fastpeft generate: --merge: prompt-learning") as exc:
+        cli.main(["generate", "--adapter", "x", "--prompt", "p", "--merge"])
+    assert "\n" not in str(exc.value.code)
