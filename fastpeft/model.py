@@ -1125,8 +1125,13 @@ class LoraModel(nn.Module):
         warnings.warn(message, stacklevel=3)
 
     def unmerge_adapter(self) -> None:
-        """Undo every merge: the base weights are restored and the adapters run unmerged again."""
-        for _, layer in self.lora_layers():
+        """Undo every merge: the base weights are restored and the adapters run unmerged again (with nothing
+        merged: peft's "Already unmerged" warning, once rather than once per layer)."""
+        layers = list(self.lora_layers())
+        if not any(layer.merged for _, layer in layers) and \
+                not any(wrapper.token_adapter.merged_adapters for _, wrapper in self.token_wrappers()):
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+        for _, layer in layers:
             if layer.merged:
                 layer.unmerge()
         for _, wrapper in self.token_wrappers():

@@ -101,7 +101,7 @@ def test_merge_unmerge_and_to_linear(backend):
     layer.merge()
     assert layer.merged
     assert_rel(layer(x), y, 1e-5, "merged")
-    with pytest.warns(UserWarning, match="Already merged"):
+    with pytest.warns(UserWarning, match="already merged"):
         layer.merge()
     assert_rel(layer(x), y, 1e-5, "merged twice")
     layer.unmerge()

@@ -175,7 +175,7 @@ def test_merge_unmerge_and_merge_and_unload_equal_unmerged():
         ours.base_model.merge_adapter()
         assert _emb(ours).merged
         assert_rel(_logits(ours, ids), ref, 1e-5, "merged")
-        with pytest.warns(UserWarning, match="Already merged"):
+        with pytest.warns(UserWarning, match="already merged"):
             ours.base_model.merge_adapter()
         ours.base_model.unmerge_adapter()
         assert_rel(_emb(ours).base_layer.weight, base_weight, 1e-5, "unmerged weight")

@@ -406,3 +406,13 @@ def test_to_peft_keeps_active_list_trainability_mode_and_disabled_adapters(base_
     m.base_model.disable_adapter_layers()
     out = fastpeft.to_peft(m)
     torch.testing.assert_close(logits(out), logits(load_base(base_dir)), rtol=0, atol=1e-6)
+
+
+def test_merge_warnings_use_peft_words(base_dir):
+    for lib in (peft, fastpeft):
+        m = _two_adapters(lib, base_dir)
+        with pytest.warns(UserWarning, match="Already unmerged. Nothing to do."):
+            m.unmerge_adapter()
+        m.merge_adapter()
+        with pytest.warns(UserWarning, match="All adapters are already merged, nothing to do."):
+            m.merge_adapter()

@@ -39,7 +39,7 @@ from torch import nn
 from ..errors import PeftWarning
 from .lora import DoraMagnitude
 from .parametrized import check_weight_writable, store_merged, store_unmerged
-from .switches import AdapterSwitches, MergeMath, init_lora_state
+from .switches import AdapterSwitches, MergeMath, init_lora_state, warn_already_merged
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -258,9 +258,7 @@ class FastLoraConv(AdapterSwitches, MergeMath, nn.Module):
         the base bias (a base without one raises RuntimeError, before anything is written). ``safe_merge``
         checks for NaN/inf before writing. A grouped base raises NotImplementedError, as in peft."""
         names = self._names_to_merge(adapter_names)
-        already = [n for n in names if n in self.merged_adapters]
-        if already:
-            warnings.warn(f"Already merged adapters {already}; merging them again is skipped.", stacklevel=2)
+        warn_already_merged(self, names)  # peft's warnings
         todo = [n for n in names if n not in self.merged_adapters]
         if todo:
             self._refuse_grouped_merge()

@@ -28,7 +28,7 @@ from torch import nn
 
 from .lora_init import init_kind
 from .parametrized import check_weight_writable, store_merged, store_unmerged
-from .switches import AdapterSwitches
+from .switches import AdapterSwitches, warn_already_merged
 
 # init_lora_weights: any value the linear layers take (fastpeft.layers.lora_init); a config that asks PiSSA or
 # OLoRA for its linear targets also reaches embedding targets, which peft then initializes as for True. LoftQ,
@@ -193,9 +193,7 @@ class FastLoraEmbedding(AdapterSwitches, nn.Module):
         """Add the active (or the named) adapters into the base weight (in fp32, cast once); ``safe_merge``
         checks the merged weight for NaN/inf before writing it."""
         names = self._names_to_merge(adapter_names)
-        already = [n for n in names if n in self.merged_adapters]
-        if already:
-            warnings.warn(f"Already merged adapters {already}; merging them again is skipped.", stacklevel=2)
+        warn_already_merged(self, names)  # peft's warnings
         if any(n not in self.merged_adapters for n in names):  # (a parametrized weight: before anything is written)
             check_weight_writable(self.base_layer, "merge into it")
         for name in names:

@@ -44,7 +44,7 @@ from .lora_init import (
     pissa_factors,
 )
 from .parametrized import check_weight_writable, store_merged, store_unmerged
-from .switches import AdapterSwitches, MergeMath, init_lora_state
+from .switches import AdapterSwitches, MergeMath, init_lora_state, warn_already_merged
 
 # Rows of W0 upcast (or decoded) to fp32 at once for DoRA's weight norm: bounds that temporary at
 # ~16 MiB instead of peft's full (out, in) fp32 matrix.
@@ -653,9 +653,7 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         self._refuse_opaque("merge")
         names = self._names_to_merge(adapter_names)
         self._refuse_alora_merge(names)
-        already = [n for n in names if n in self.merged_adapters]
-        if already:
-            warnings.warn(f"Already merged adapters {already}; merging them again is skipped.", stacklevel=2)
+        warn_already_merged(self, names)  # peft's warnings
         self._check_bias_mergeable([n for n in names if n not in self.merged_adapters])
         if any(n not in self.merged_adapters for n in names):  # (a parametrized weight: before anything is written)
             check_weight_writable(self.base_layer, "merge into it")

@@ -28,6 +28,7 @@ from ..quant import (
     real_absmax,
 )
 from .lora import FastLoraLinear, WeightStamp
+from .switches import warn_already_merged
 
 # Relative errors of re-quantizations collected by requantization_summary() (a stack: nested blocks).
 _REQUANT_ERRORS: list[list[float]] = []
@@ -166,9 +167,7 @@ class FastLoraLinear4bit(FastLoraLinear):
         ``b + scale·b_B``, as ``FastLoraLinear.merge`` (peft's 4-bit layer adds ``b_B`` unscaled, which
         does not match its own forward)."""
         names = self._names_to_merge(adapter_names)
-        already = [n for n in names if n in self.merged_adapters]
-        if already:
-            warnings.warn(f"Already merged adapters {already}; merging them again is skipped.", stacklevel=2)
+        warn_already_merged(self, names)  # peft's warnings
         todo = [n for n in names if n not in self.merged_adapters]
         if not todo:
             return

@@ -326,3 +326,19 @@ def init_lora_state(layer: nn.Module) -> None:
     layer.merged_adapters = []
     layer._disable_adapters = False
     layer._dora_merged_norms = {}  # ‖W0 + ΔW‖ at merge time, for unmerge
+
+
+def warn_already_merged(layer, names: list[str]) -> None:
+    """peft's warnings when ``merge`` finds adapters merged already (``check_adapters_to_merge``'s texts): all of
+    ``names`` merged, or some merged and others to add."""
+    import warnings
+
+    merged = list(layer.merged_adapters)
+    if not merged:
+        return
+    rest = [n for n in names if n not in merged]
+    if rest:
+        warnings.warn(f"Already following adapters were merged {','.join(merged)}. You are now additionally "
+                      f"merging {','.join(rest)}.", stacklevel=3)
+    else:
+        warnings.warn("All adapters are already merged, nothing to do.", stacklevel=3)
