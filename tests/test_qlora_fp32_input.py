@@ -280,3 +280,28 @@ def test_compute_dtype_input_unchanged_and_compiles(torch_backend):
     assert_rel(yc.detach(), y.detach(), 1e-6)
     _, base, delta = _ref64(x.reshape(-1, IN), w, lin.bias, A, B, layer.scaling["default"], cdt)
     assert_rel(yc.detach().reshape(-1, OUT).double() - base, delta, 1e-5, "the LoRA term")
+
+
+@pytest.mark.parametrize("x_dtype,compute", [(torch.float64, torch.bfloat16), (torch.float16, torch.bfloat16)])
+def test_float64_and_fp16_over_bf16_inputs_take_the_wide_path(x_dtype, compute):
+    """Inputs carrying more than the compute dtype other than fp32: the LoRA branch from x in fp32 (peft casts x to
+    its fp32 adapters), the base as bitsandbytes computes it, the output in x's dtype; adapter gradients equal the
+    fp32-input ones of the same x (the wide path itself)."""
+    import fastpeft
+    from fastpeft.quant import quantize_model
+
+    torch.manual_seed(0)
+    lin = torch.nn.Sequential(torch.nn.Linear(64, 48))
+    model = quantize_model(lin, quant_type="nf4", compute_dtype=compute)
+    model = fastpeft.get_peft_model(model, fastpeft.LoraConfig(r=4, target_modules=["0"], init_lora_weights=False))
+    x = (torch.randn(5, 64) * 0.5).to(x_dtype)
+    g = torch.randint(-4, 5, (5, 48)) / 4  # exact in every dtype: the same upstream gradient for each input dtype
+    grads = {}
+    for dt in (x_dtype, torch.float32):
+        model.zero_grad()
+        y = model(x.to(dt))
+        assert y.dtype == dt
+        y.backward(g.to(dt))
+        grads[dt] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for n in grads[torch.float32]:
+        torch.testing.assert_close(grads[x_dtype][n], grads[torch.float32][n], rtol=1e-5, atol=1e-6)

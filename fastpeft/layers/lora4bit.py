@@ -277,10 +277,13 @@ class FastLoraLinear4bit(FastLoraLinear):
         return dtype
 
     def _wide_dtype(self, x: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype | None:
-        """The compute dtype when ``x`` is wider than it (fp32 x, bf16/fp16 compute dtype, autocast off): the op
-        then takes x as it is and rounds it for the base product only. None otherwise."""
+        """The compute dtype when ``x`` carries more than it (autocast off): fp32 or float64 x over a bf16/fp16
+        compute dtype, or fp16 x over bf16. The op then takes x in fp32 (as peft's LoRA branch casts x to its fp32
+        adapters) and rounds it to the compute dtype for the base product only. None otherwise."""
         if dtype is None or autocast_dtype(x) is not None:
             return None
+        if x.dtype == torch.float64 or (x.dtype == torch.float16 and dtype == torch.bfloat16):
+            return wide_compute_dtype(x.float(), dtype) if dtype in (torch.bfloat16, torch.float16) else None
         return wide_compute_dtype(x, dtype)
 
     def _fused_forward(self, x: torch.Tensor, name: str, with_bias: bool = True, dropout_p: float | None = None,
@@ -291,12 +294,15 @@ class FastLoraLinear4bit(FastLoraLinear):
         ``with_bias``/``dropout_p``/``seed`` as in ``FastLoraLinear._fused_forward``."""
         dtype = self._op_dtype(x)
         wide = self._wide_dtype(x, dtype)
-        xc = x if dtype is None or wide is not None else x.to(dtype)
+        if wide is not None:  # (float64 / fp16 x: in fp32, as peft's LoRA branch; the output in x's dtype)
+            xc = x if x.dtype == torch.float32 else x.float()
+        else:
+            xc = x if dtype is None else x.to(dtype)
         p = self._dropout_p(name) if dropout_p is None else dropout_p
         y = lora_linear_4bit(xc, self.weight4bit(), self._effective_bias(name) if with_bias else None,
                              self.lora_A[name].weight, self.lora_B[name].weight, scale=self.scaling[name],
                              dropout_p=p, training=self.training, seed=seed, compute_dtype=wide)
-        return y if dtype is None or wide is not None else y.to(x.dtype)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _op_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as the 4-bit op takes it: cast to the dtype it computes in (see ``_op_dtype``), or as it is when
@@ -304,7 +310,9 @@ class FastLoraLinear4bit(FastLoraLinear):
         dtype = self._op_dtype(x)
         if dtype is None:
             return to_autocast_dtype(x)
-        return x if self._wide_dtype(x, dtype) is not None else x.to(dtype)
+        if self._wide_dtype(x, dtype) is not None:
+            return x if x.dtype == torch.float32 else x.float()
+        return x.to(dtype)
 
     def _base_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x W0ᵀ`` without bias, on the decoded weight (the rare unfused DoRA path)."""
