@@ -419,6 +419,10 @@ def wrap_matching_modules(model: nn.Module, names: list[str], adapter_name: str,
         module = model.get_submodule(key)
         if _is_lora_layer(module) and not any(key == m or key.endswith(f".{m}") for m in names):
             continue
+        if _is_lora_layer(module) and adapter_name not in adapters_of(module):
+            # another adapter's LoRA layer: its copy would hold that adapter's LoRA too (peft refuses)
+            raise TypeError(f"modules_to_save cannot be applied to modules of type {type(module)} ({key!r} holds "
+                            f"LoRA adapters {sorted(adapters_of(module))})")
         if isinstance(module, ModulesToSaveWrapper):
             module.update(adapter_name, tied_module=tied_module)
         else:
@@ -819,7 +823,12 @@ class LoraModel(nn.Module):
         if not was_active:  # as peft: an inactive adapter goes without touching activity or requires_grad
             return
         # as peft: the other active adapters stay, else the first remaining adapter in sorted order
-        remaining = [a for a in self.active_adapters if a != adapter_name] or sorted(self.peft_config)[:1]
+        others = [a for a in self.active_adapters if a != adapter_name]
+        remaining = others or sorted(self.peft_config)[:1]
+        if remaining and not others:  # peft's warning (its layers each fall back to their own first adapter;
+            # fastpeft activates this one model-wide)
+            warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
+                          f"{remaining[0]}.", stacklevel=2)
         if remaining:
             self.set_adapter(remaining)
 
@@ -2122,8 +2131,18 @@ class PeftModel(nn.Module):
         (peft's): its weights in fp32 on an fp16/bf16 base (the default), else in the base's dtype;
         ``low_cpu_mem_usage`` is accepted (the weights are created as usual)."""
         peft_config = from_peft_lora_config(peft_config)
-        self.base_model.inject_adapter(peft_config, adapter_name, activate=False,
-                                       autocast_adapter_dtype=autocast_adapter_dtype)
+        prefix = LoraModel.prefix
+        if adapter_name in prefix:  # peft's warning
+            warnings.warn(f"Adapter name '{adapter_name}' should not be contained in the prefix '{prefix}'. This may "
+                          "lead to reinitialization of the adapter weights during loading.", stacklevel=2)
+        existed = adapter_name in self.peft_config
+        try:
+            self.base_model.inject_adapter(peft_config, adapter_name, activate=False,
+                                           autocast_adapter_dtype=autocast_adapter_dtype)
+        except Exception:
+            if not existed and adapter_name in self.peft_config:  # a failed add leaves no half adapter behind
+                self.base_model._discard_adapter(adapter_name)
+            raise
         record_base_model_name(self.peft_config[adapter_name], self.get_base_model())
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
@@ -2507,6 +2526,9 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
                                   "in one model) is not implemented in fastpeft")
     warn_low_cpu_mem_usage(low_cpu_mem_usage)
     peft_config = from_peft_lora_config(peft_config)
+    if isinstance(peft_config, LoraConfig) and adapter_name in LoraModel.prefix:  # peft's warning
+        warnings.warn(f"Adapter name '{adapter_name}' should not be contained in the prefix '{LoraModel.prefix}'. "
+                      "This may lead to reinitialization of the adapter weights during loading.", stacklevel=2)
     _rename_base_model(peft_config, model)
     if revision is not None:
         if getattr(peft_config, "revision", None) is not None and peft_config.revision != revision:

@@ -131,11 +131,21 @@ def _refuse_prompt_learning(model: nn.Module, what: str) -> None:
                         "supported.")
 
 
+def _is_peft_model(model: nn.Module) -> bool:
+    """A peft ``PeftModel`` (or a module carrying peft's tuner), not a fastpeft one."""
+    return type(model).__module__.startswith("peft.") or \
+        type(getattr(model, "base_model", None)).__module__.startswith("peft.")
+
+
 def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
     """The state of every LoRA layer and modules_to_save wrapper of ``model`` (a fastpeft ``PeftModel`` or a
     module holding fastpeft layers), named as peft names them (relative to ``model.base_model``)."""
     from .model import PeftModel
 
+    if _is_peft_model(model):  # a peft model (fastpeft.from_peft keeps it one): peft's own account of it
+        import peft
+
+        return peft.get_layer_status(model)
     _refuse_prompt_learning(model, "get_layer_status")
     root = model.base_model if isinstance(model, PeftModel) else model
     out = [s for name, module in root.named_modules() if (s := _layer_status(name, module)) is not None]
@@ -149,6 +159,10 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
     """``model``'s adapter state summed over its layers (see the module docstring)."""
     from .model import PeftModel, count_parameters
 
+    if _is_peft_model(model):  # a peft model (fastpeft.from_peft keeps it one): peft's own account of it
+        import peft
+
+        return peft.get_model_status(model)
     _refuse_prompt_learning(model, "get_model_status")
     layers = get_layer_status(model)
     if isinstance(model, PeftModel):

@@ -416,3 +416,46 @@ def test_merge_warnings_use_peft_words(base_dir):
         m.merge_adapter()
         with pytest.warns(UserWarning, match="All adapters are already merged, nothing to do."):
             m.merge_adapter()
+
+
+# ----------------------------------------------------------------------------- several adapters (hunt K)
+def test_modules_to_save_on_another_adapters_lora_layer_is_refused_and_leaves_nothing(base_dir):
+    for lib in (peft, fastpeft):
+        m = lib.get_peft_model(load_base(base_dir), lib.LoraConfig(r=2, target_modules=["lm_head"]),
+                               adapter_name="first")
+        with pytest.raises(TypeError, match="modules_to_save cannot be applied to modules of type"):
+            m.add_adapter("second", lib.LoraConfig(r=2, target_modules=["v_proj"], modules_to_save=["lm_head"]))
+    assert list(m.peft_config) == ["first"]
+    assert not any(".second." in n for n, _ in m.named_parameters())
+
+
+def test_trainable_token_rows_are_frozen_inside_disable_adapter(base_dir):
+    for lib in (peft, fastpeft):
+        m = lib.get_peft_model(load_base(base_dir), lib.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                  trainable_token_indices=[1, 5]))
+        before = sorted(n for n, p in m.named_parameters() if p.requires_grad)
+        with m.disable_adapter():
+            assert not any(p.requires_grad for p in m.parameters())
+        assert sorted(n for n, p in m.named_parameters() if p.requires_grad) == before
+
+
+def test_deleting_the_active_adapter_and_prefix_names_warn_as_peft(base_dir):
+    for lib in (peft, fastpeft):
+        with pytest.warns(UserWarning, match="should not be contained in the prefix 'lora_'"):
+            m = lib.get_peft_model(load_base(base_dir), lib.LoraConfig(r=2, target_modules=["q_proj"]),
+                                   adapter_name="lo")
+        with pytest.warns(UserWarning, match="should not be contained in the prefix 'lora_'"):
+            m.add_adapter("a", lib.LoraConfig(r=2, target_modules=["q_proj"]))
+        with pytest.warns(UserWarning, match="Adapter lo was active which is now deleted. Setting active adapter to a"):
+            m.delete_adapter("lo")
+        assert m.active_adapters == ["a"]
+
+
+def test_status_of_a_from_peft_model_is_peft_own(base_dir):
+    theirs = peft.get_peft_model(load_base(base_dir), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    want = peft.get_model_status(theirs)
+    converted = fastpeft.from_peft(theirs)
+    got = fastpeft.get_model_status(converted)
+    assert (got.base_model_type, got.adapter_model_type, got.num_adapter_layers, got.active_adapters) == \
+        (want.base_model_type, want.adapter_model_type, want.num_adapter_layers, want.active_adapters)
+    assert [s.name for s in fastpeft.get_layer_status(converted)] == [s.name for s in peft.get_layer_status(theirs)]

@@ -281,6 +281,7 @@ class TrainableTokensWrapper(nn.Module):
         if self.token_adapter.merged:
             warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=3)
             self.token_adapter.unmerge()
+        self.__dict__.pop("_grad_flags_before_disable", None)  # (trainability is set anew: nothing to restore)
         if not self.is_tied:
             for name, param in self.token_adapter.trainable_tokens_delta.items():
                 param.requires_grad_(train and name in held)
@@ -293,8 +294,17 @@ class TrainableTokensWrapper(nn.Module):
                 param.requires_grad_(requires_grad)
 
     def enable_adapters(self, enabled: bool) -> None:
-        """``False``: the wrapped layer alone runs (a merged layer is unmerged on its next call, as peft)."""
-        self.token_adapter.disable_adapters = not enabled
+        """``False``: the wrapped layer alone runs (a merged layer is unmerged on its next call, as peft), and the
+        rows are frozen meanwhile, as peft freezes switched-off adapters; ``True`` gives them their
+        ``requires_grad`` back as it was."""
+        from .switches import freeze_requires_grad, restore_requires_grad
+
+        layer = self.token_adapter
+        if not enabled and not layer.disable_adapters and not self.is_tied:
+            self.__dict__["_grad_flags_before_disable"] = freeze_requires_grad(layer.trainable_tokens_delta.values())
+        elif enabled and layer.disable_adapters:
+            restore_requires_grad(self.__dict__.pop("_grad_flags_before_disable", []))
+        layer.disable_adapters = not enabled
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove ``adapter_name``'s rows."""
