@@ -220,3 +220,26 @@ def run_both(ours, theirs, quiet: bool = False) -> tuple[list, list]:
             results.append(None)
             errors.append(exc)
     return results, errors
+
+
+def peft_lora_on(base, r: int, alpha: float, dropout: float = 0.0):
+    """peft's LoRA layer (``init_lora_weights=False``) around the module ``base``, through ``get_peft_model`` on a
+    one-module model: the layer itself is returned."""
+    import warnings
+
+    import peft
+    from torch import nn
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = base
+
+        def forward(self, x):
+            return self.proj(x)
+
+    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["proj"],
+                          init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.get_peft_model(Wrap(), cfg).base_model.model.proj

@@ -11,7 +11,7 @@ from torch import nn
 from fastpeft import quant as Q
 from fastpeft.layers import FastLoraLinear4bit
 from fastpeft.ops4bit import _WORKSPACES, lora_linear_4bit
-from helpers import assert_rel, lora_grads64, lora_ref64
+from helpers import assert_rel, lora_grads64, lora_ref64, peft_lora_on
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -142,28 +142,11 @@ def test_decode_dispatch_uses_gemv(triton_backend):
     assert LAUNCHES["lora_gemv_4bit"] == before and x.grad is not None
 
 
-def _peft_layer(base, r, alpha):
-    import peft
-
-    class Wrap(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = base
-
-        def forward(self, x):
-            return self.proj(x)
-
-    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"], init_lora_weights=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.get_peft_model(Wrap(), cfg).base_model.model.proj
-
-
 @pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("fp4", False)])
 def test_matches_peft_on_bnb_linear4bit(backend, quant_type, nested):
     pytest.importorskip("peft")
     base = _bnb_linear(72, 50, quant_type, nested=nested, seed=7)
-    theirs = _peft_layer(copy.deepcopy(base), 8, 16)
+    theirs = peft_lora_on(copy.deepcopy(base), 8, 16)
     ours = FastLoraLinear4bit.from_linear(copy.deepcopy(base), r=8, lora_alpha=16)
     ours.load_state_dict(theirs.state_dict(), strict=False)
     _adapters(ours, seed=8)

@@ -10,7 +10,6 @@ on both backends (the Triton side in the interpreter, tiny shapes).
 """
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from fastpeft.layers import FastLoraLinear4bit
 from fastpeft.ops4bit import lora_linear_4bit
 from fastpeft.quant import Weight4bit
 from fastpeft.reference import dropout_keep_mask, dropout_params
-from helpers import assert_rel, rel_err
+from helpers import assert_rel, peft_lora_on, rel_err
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -120,24 +119,6 @@ def test_op_fp32_input_vs_fp64(backend, quant_type, cdt_name, p):
     assert_rel(bias.grad, dy2d.double().sum(0), 1e-5, "db")
 
 
-def _peft_layer(base, alpha, dropout=0.0):
-    import peft
-
-    class Wrap(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = base
-
-        def forward(self, x):
-            return self.proj(x)
-
-    cfg = peft.LoraConfig(r=R, lora_alpha=alpha, lora_dropout=dropout, target_modules=["proj"],
-                          init_lora_weights=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.get_peft_model(Wrap(), cfg).base_model.model.proj
-
-
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("cdt_name", ["bf16", "fp16"])
 def test_layer_fp32_input_vs_peft_and_fp64(backend, quant_type, cdt_name):
@@ -147,7 +128,7 @@ def test_layer_fp32_input_vs_peft_and_fp64(backend, quant_type, cdt_name):
     cdt = CDTS[cdt_name]
     lin = _bnb_linear(quant_type, cdt, seed=3)
     w = _bnb_weight(lin, cdt)
-    theirs = _peft_layer(copy.deepcopy(lin), 8)
+    theirs = peft_lora_on(copy.deepcopy(lin), R, 8)
     ours = FastLoraLinear4bit.from_linear(copy.deepcopy(lin), r=R, lora_alpha=8)
     A, B = _adapters(seed=4)
     _set_adapters(ours, A, B)
