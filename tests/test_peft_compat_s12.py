@@ -459,3 +459,30 @@ def test_status_of_a_from_peft_model_is_peft_own(base_dir):
     assert (got.base_model_type, got.adapter_model_type, got.num_adapter_layers, got.active_adapters) == \
         (want.base_model_type, want.adapter_model_type, want.num_adapter_layers, want.active_adapters)
     assert [s.name for s in fastpeft.get_layer_status(converted)] == [s.name for s in peft.get_layer_status(theirs)]
+
+
+def test_pruned_adalora_adapter_loads_into_a_model_built_at_init_r(base_dir, tmp_path):
+    """A finished AdaLoRA run's adapter (pruned ranks) loaded with load_adapter into get_peft_model(saved config)
+    — the resume pattern, and transformers' Trainer's — takes the saved sizes as peft's loader does, and gives the
+    trained model's outputs (and peft's load of the same folder)."""
+    torch.manual_seed(0)
+    cfg = dict(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], init_r=6, target_r=2, total_step=6,
+               tinit=1, tfinal=1, deltaT=1)
+    m = fastpeft.get_peft_model(load_base(base_dir), fastpeft.AdaLoraConfig(**cfg))
+    m.train()
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    for step in range(6):
+        m(input_ids=IDS, labels=IDS).loss.backward()
+        opt.step()
+        m.base_model.update_and_allocate(step)
+        opt.zero_grad()
+    m.save_pretrained(tmp_path / "a")
+    m.eval()
+    want = logits(m)
+    assert any(not all(v) for v in fastpeft.AdaLoraConfig.from_pretrained(tmp_path / "a").rank_pattern.values())
+    for lib in (peft, fastpeft):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fresh = lib.get_peft_model(load_base(base_dir), lib.AdaLoraConfig.from_pretrained(tmp_path / "a"))
+            fresh.load_adapter(tmp_path / "a", "default")
+        torch.testing.assert_close(logits(fresh.eval()), want, rtol=0, atol=1e-5)

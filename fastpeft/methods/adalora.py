@@ -268,6 +268,26 @@ class AdaLoraTuner(MethodTuner):
                 outputs.loss = loss + config.orth_reg_weight * (reg / count)
         return outputs
 
+    def resize_to_saved(self, saved: dict[str, torch.Tensor], adapter_name: str) -> None:
+        """Before saved tensors are loaded into adapter ``adapter_name`` (``load_adapter`` onto a model built at
+        ``init_r``): each layer whose saved ``lora_E`` holds fewer ranks (a finished run's pruned adapter) gets
+        factors of the saved size, as peft's ``resize_modules_by_rank_pattern`` does when it loads; the rank
+        allocator is then built on the new sizes (as for ``from_pretrained``)."""
+        resized = False
+        for key, layer in self.adapter_layers():
+            e = saved.get(f"base_model.model.{key}.lora_E")
+            if not isinstance(layer, SVDLinear) or e is None or adapter_name not in layer.lora_E \
+                    or e.shape[0] == layer.lora_E[adapter_name].shape[0]:
+                continue
+            r = e.shape[0]
+            for part, shape in (("lora_A", (r, layer.in_features)), ("lora_E", (r, 1)),
+                                ("lora_B", (layer.out_features, r))):
+                old = getattr(layer, part)[adapter_name]
+                getattr(layer, part)[adapter_name] = nn.Parameter(old.new_zeros(shape), requires_grad=old.requires_grad)
+            resized = True
+        if resized:
+            self.rankallocator = RankAllocator(self.model, self.peft_config[adapter_name], adapter_name)
+
     def update_and_allocate(self, global_step: int) -> None:
         """Update importance scores and apply the rank budget of ``global_step`` (peft's schedule)."""
         config = self.peft_config[self.trainable_adapter_name]
@@ -303,6 +323,12 @@ class AdaLoraPeftModel(MethodPeftModel):
 
     tuner_class = AdaLoraTuner
     needs_step_hook = True
+
+    def _load_adapter_state(self, saved: dict[str, torch.Tensor], adapter_name: str, where: str,
+                            ignore_mismatched_sizes: bool = False) -> None:
+        """A pruned adapter's layers take its saved sizes first (see ``AdaLoraTuner.resize_to_saved``)."""
+        self.base_model.resize_to_saved(saved, adapter_name)
+        super()._load_adapter_state(saved, adapter_name, where, ignore_mismatched_sizes)
 
     @classmethod
     def _for_loading(cls, model: nn.Module, config, adapter_name: str) -> AdaLoraPeftModel:
