@@ -379,8 +379,10 @@ def _all_linear_names(model: nn.Module, config: LoraConfig) -> list[str]:
             and not _is_inside_lora(model, name)]
 
 
+# module name parts that mark internals, never targets: the adapters' own, and torch's parametrizations (a
+# weight_norm layer "0" holds "0.parametrizations.weight.0", which target_modules=["0"] must not reach)
 _LORA_INTERNALS = ("base_layer", "lora_A", "lora_B", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B",
-                   "original_module", "modules_to_save")
+                   "original_module", "modules_to_save", "parametrizations")
 
 
 def _is_inside_lora(model: nn.Module, name: str) -> bool:

@@ -308,3 +308,20 @@ def test_llama_modules_to_save_tie_still_builds():
     model = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(
         r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], ensure_weight_tying=True))
     _logits(model)
+
+
+def test_target_names_do_not_reach_inside_a_parametrization():
+    """``target_modules=["0"]`` on a model whose layer "0" is weight-normalized adapts that layer only, not the
+    module "0" torch keeps inside its parametrization ("0.parametrizations.weight.0"; peft crashes there)."""
+    import fastpeft
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    nn.utils.parametrizations.weight_norm(model[0])
+    x = torch.randn(3, 8)
+    want = model(x)
+    m = fastpeft.get_peft_model(model, fastpeft.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    adapted = [n for n, mod in m.named_modules() if hasattr(mod, "lora_A") and isinstance(mod.lora_A, nn.ModuleDict)]
+    assert adapted == ["base_model.model.0"]
+    with m.disable_adapter():
+        torch.testing.assert_close(m(x), want)
