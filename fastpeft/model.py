@@ -2133,10 +2133,7 @@ class PeftModel(nn.Module):
         (peft's): its weights in fp32 on an fp16/bf16 base (the default), else in the base's dtype;
         ``low_cpu_mem_usage`` is accepted (the weights are created as usual)."""
         peft_config = from_peft_lora_config(peft_config)
-        prefix = LoraModel.prefix
-        if adapter_name in prefix:  # peft's warning
-            warnings.warn(f"Adapter name '{adapter_name}' should not be contained in the prefix '{prefix}'. This may "
-                          "lead to reinitialization of the adapter weights during loading.", stacklevel=2)
+        warn_prefix_name(adapter_name)
         existed = adapter_name in self.peft_config
         try:
             self.base_model.inject_adapter(peft_config, adapter_name, activate=False,
@@ -2498,6 +2495,15 @@ def use_own_generation_config(peft_model: nn.Module, model: nn.Module) -> None:
         model.generation_config = own
 
 
+def warn_prefix_name(adapter_name: str) -> None:
+    """peft's warning for an adapter name contained in the LoRA parameter prefix ``lora_`` (``get_peft_model``,
+    ``add_adapter``)."""
+    prefix = LoraModel.prefix
+    if adapter_name in prefix:
+        warnings.warn(f"Adapter name '{adapter_name}' should not be contained in the prefix '{prefix}'. This may "
+                      "lead to reinitialization of the adapter weights during loading.", stacklevel=3)
+
+
 def warn_low_cpu_mem_usage(low_cpu_mem_usage: bool) -> None:
     """peft's ``low_cpu_mem_usage=True`` creates adapter weights empty on the meta device; fastpeft creates them
     as usual (on the base layers' device) and says so."""
@@ -2528,9 +2534,8 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
                                   "in one model) is not implemented in fastpeft")
     warn_low_cpu_mem_usage(low_cpu_mem_usage)
     peft_config = from_peft_lora_config(peft_config)
-    if isinstance(peft_config, LoraConfig) and adapter_name in LoraModel.prefix:  # peft's warning
-        warnings.warn(f"Adapter name '{adapter_name}' should not be contained in the prefix '{LoraModel.prefix}'. "
-                      "This may lead to reinitialization of the adapter weights during loading.", stacklevel=2)
+    if isinstance(peft_config, LoraConfig):
+        warn_prefix_name(adapter_name)
     _rename_base_model(peft_config, model)
     if revision is not None:
         if getattr(peft_config, "revision", None) is not None and peft_config.revision != revision:

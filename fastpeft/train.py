@@ -1152,13 +1152,13 @@ def train(args: argparse.Namespace) -> TrainResult:
     boundary = (epoch, skip, _rng_state())
     stop_now = False
     stopper = _StopOnSignal().__enter__()
+    span = world * args.grad_accum  # every optimizer step takes grad_accum micro-batches on every rank
     try:
         while not done:
             micro = 0
             loss_acc, tok_acc = 0.0, 0
             epoch_batches = list(batches(train_samples, args.batch_size, args.seed, epoch, args.group_by_length))
-            group = world * args.grad_accum  # every optimizer step takes grad_accum micro-batches on every rank
-            epoch_batches = epoch_batches[: len(epoch_batches) // group * group]
+            epoch_batches = epoch_batches[: len(epoch_batches) // span * span]
             if not epoch_batches:
                 what = f"{len(train_samples)} packed rows" if packing else f"{len(train_samples)} samples"
                 raise SystemExit(f"fastpeft train: {what} give no full step of batch "
@@ -1167,16 +1167,16 @@ def train(args: argparse.Namespace) -> TrainResult:
                 if index < skip or index % world != rank:
                     continue
                 if micro % args.grad_accum == 0:  # a step's first micro-batch: the target tokens of the whole step
-                    mine = [b for j, b in enumerate(epoch_batches[index: index + world * args.grad_accum])
-                            if (index + j) % world == rank][: args.grad_accum]
-                    step_targets = _global_count(sum(_targets(b) for b in mine), world, device)
+                    targets = [_targets(b) for j, b in enumerate(epoch_batches[index: index + span])
+                               if (index + j) % world == rank][: args.grad_accum]  # this process's micro-batches
+                    step_targets = _global_count(sum(targets), world, device)
                 inputs = {n: t.to(device) for n, t in collator(batch).items()}
                 last_micro = (micro + 1) % args.grad_accum == 0
                 sync = runner.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()
                 # each micro-batch's mean loss weighted by its share of the step's target tokens (times the
                 # processes, whose gradients DDP averages): the step's gradient is that of one batch holding all
                 # of them, as transformers' Trainer does with num_items_in_batch
-                weight = _targets(batch) * world / max(step_targets, 1)
+                weight = targets[micro % args.grad_accum] * world / max(step_targets, 1)
                 with sync:
                     with _autocast(device, autocast):
                         # packed rows: no KV cache, which would turn transformers' packed-sequence masks off
@@ -1216,7 +1216,6 @@ def train(args: argparse.Namespace) -> TrainResult:
                     stop_now = stopper.signum > 0
                 # where the next step's micro-batches start, for every process: the end of this step's group
                 # of world × grad_accum batches (index + 1 is that only for the last process of the group)
-                span = world * args.grad_accum
                 step_end = (index // span + 1) * span
                 tokens_seen += tok_acc
                 elapsed = time.perf_counter() - t_start

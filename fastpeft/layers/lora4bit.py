@@ -283,7 +283,7 @@ class FastLoraLinear4bit(FastLoraLinear):
         if dtype is None or autocast_dtype(x) is not None:
             return None
         if x.dtype == torch.float64 or (x.dtype == torch.float16 and dtype == torch.bfloat16):
-            return wide_compute_dtype(x.float(), dtype) if dtype in (torch.bfloat16, torch.float16) else None
+            return dtype if dtype in (torch.bfloat16, torch.float16) else None  # (the op's own rule, for fp32 x)
         return wide_compute_dtype(x, dtype)
 
     def _fused_forward(self, x: torch.Tensor, name: str, with_bias: bool = True, dropout_p: float | None = None,

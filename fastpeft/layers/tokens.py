@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .parametrized import is_parametrized_weight, restore_weight, snapshot_weight, write_weight
+from .switches import freeze_requires_grad, restore_requires_grad
 
 _UPCAST_DTYPES = (torch.float16, torch.bfloat16)  # held in fp32 with autocast_adapter_dtype (peft's rule)
 
@@ -297,8 +298,6 @@ class TrainableTokensWrapper(nn.Module):
         """``False``: the wrapped layer alone runs (a merged layer is unmerged on its next call, as peft), and the
         rows are frozen meanwhile, as peft freezes switched-off adapters; ``True`` gives them their
         ``requires_grad`` back as it was."""
-        from .switches import freeze_requires_grad, restore_requires_grad
-
         layer = self.token_adapter
         if not enabled and not layer.disable_adapters and not self.is_tied:
             self.__dict__["_grad_flags_before_disable"] = freeze_requires_grad(layer.trainable_tokens_delta.values())

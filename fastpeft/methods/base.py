@@ -151,9 +151,8 @@ class SignedForward:
         self.owner = owner
 
     def __call__(self, *args, **kwargs):
-        if self.owner is not None:
+        if self.owner is not None:  # (the owners are the non-LoRA models: no adapter_names)
             args, kwargs = positional_as_keywords(self.owner, args, kwargs)
-        if isinstance(self.owner, MethodPeftModel):
             refuse_adapter_names(self.owner, kwargs)
         return self.impl(*args, **kwargs)
 

@@ -376,7 +376,6 @@ class PromptLearningPeftModel(_LoraPeftModel):
 
     def prompt_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
         """Run the base model with the virtual tokens (see the module docstring for how inputs change)."""
-        refuse_adapter_names(self, kwargs)
         if self._adapters_disabled:
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                    labels=labels, **kwargs)
