@@ -76,12 +76,19 @@ def _keep(seed, rows: Tensor, n_cols: int, p: float) -> Optional[Tensor]:
     return reference.dropout_keep_rows(seed, rows, n_cols, p) if reference.drops(p) else None
 
 
-def torch_mixed_forward(x2d, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed, scales, ps, fan_in_fan_out):
+def _base_operand(t: Tensor, base_dtype: Optional[torch.dtype]) -> Tensor:
+    """``t`` rounded to ``base_dtype`` and back (the wide path's base-product operand; exact products in fp32)."""
+    return t if base_dtype is None else t.to(base_dtype).to(t.dtype)
+
+
+def torch_mixed_forward(x2d, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed, scales, ps, fan_in_fan_out,
+                        base_dtype=None):
     """Reference forward (segment loop). Returns ``(y, xa)`` with ``xa`` (N, R) in ``reference.acc_dtype`` (fp32)
-    in sorted row order."""
+    in sorted row order. ``base_dtype`` (wide input: fp32 x, a 16-bit ``weight``): the base product multiplies x
+    rounded to it, accumulated and kept in fp32; the LoRA rows use the exact x."""
     acc = reference.acc_dtype(x2d)
     w = (weight.t() if fan_in_fan_out else weight).to(x2d.dtype)
-    y = F.linear(x2d, w, None if bias is None else bias.to(x2d.dtype))
+    y = F.linear(_base_operand(x2d, base_dtype), w, None if bias is None else bias.to(x2d.dtype))
     N, R = x2d.shape[0], A_stack.shape[1]
     xa = torch.zeros(N, R, dtype=acc, device=x2d.device)
     lora = torch.zeros(N, y.shape[1], dtype=acc, device=x2d.device)
@@ -98,8 +105,9 @@ def torch_mixed_forward(x2d, weight, bias, A_stack, B_stack, idx_s, perm, seg, s
 
 
 def torch_mixed_backward(dy, x2d, weight, A_stack, B_stack, xa, idx_s, perm, seg, seed, scales, ps, fan_in_fan_out,
-                         need_dx=True, need_dA=True, need_dB=True, need_dbias=False):
-    """Reference backward (segment loop). Returns ``(dx, dA_stack, dB_stack, dbias)``."""
+                         need_dx=True, need_dA=True, need_dB=True, need_dbias=False, base_dtype=None):
+    """Reference backward (segment loop). Returns ``(dx, dA_stack, dB_stack, dbias)``. ``base_dtype`` as in
+    ``torch_mixed_forward``: dx's base part multiplies dy rounded to it (bitsandbytes' backward)."""
     acc = reference.acc_dtype(x2d)
     w = (weight.t() if fan_in_fan_out else weight).to(dy.dtype)
     dyf = dy.to(acc)
@@ -124,7 +132,7 @@ def torch_mixed_backward(dy, x2d, weight, A_stack, B_stack, xa, idx_s, perm, seg
             dB[a] = scales[a] * (dys.t() @ xa[s:e])
     if need_dx:
         lora_dx = torch.zeros_like(lora_dx).index_copy_(0, perm, lora_dx)
-        dx = (dyf @ w.to(acc) + lora_dx).to(x2d.dtype) if dy.dtype == acc else \
+        dx = (_base_operand(dyf, base_dtype) @ w.to(acc) + lora_dx).to(x2d.dtype) if dy.dtype == acc else \
             (dy @ w).to(acc).add_(lora_dx).to(x2d.dtype)
     if need_dbias:
         dbias = dyf.sum(0)
@@ -141,15 +149,16 @@ def _lora_mixed_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_stack: T
 
 
 def _forward_impl(x, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed, scales, dropout_ps, fan_in_fan_out,
-                  triton):
+                  triton, base_dtype=None):
     x2d = _flat(x)
     with torch.autocast(x.device.type, enabled=False):
         if triton:
             y, xa = _kmixed.lora_mixed_forward(x2d, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed,
-                                               _meta(scales, dropout_ps, x.device), fan_in_fan_out)
+                                               _meta(scales, dropout_ps, x.device), fan_in_fan_out,
+                                               base_dtype=base_dtype)
         else:
             y, xa = torch_mixed_forward(x2d, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed, scales,
-                                        dropout_ps, fan_in_fan_out)
+                                        dropout_ps, fan_in_fan_out, base_dtype=base_dtype)
     return op_output(y, (*x.shape[:-1], y.shape[-1])), op_output(xa, xa.shape)
 
 
@@ -168,16 +177,17 @@ def _lora_mixed_backward_op(dy: Tensor, x: Tensor, weight: Tensor, A_stack: Tens
 
 
 def _backward_impl(dy, x, weight, A_stack, B_stack, xa, idx_s, perm, seg, seed, scales, dropout_ps, fan_in_fan_out,
-                   need_dx, need_dA, need_dB, need_dbias, triton):
+                   need_dx, need_dA, need_dB, need_dbias, triton, base_dtype=None):
     x2d, dy2d = _flat(x), _flat(dy)
     with torch.autocast(x.device.type, enabled=False):
         if triton:
             grads = _kmixed.lora_mixed_backward(dy2d, x2d, weight, A_stack, B_stack, xa, idx_s, perm, seg, seed,
                                                 _meta(scales, dropout_ps, x.device), fan_in_fan_out,
-                                                need_dx, need_dA, need_dB, need_dbias)
+                                                need_dx, need_dA, need_dB, need_dbias, base_dtype=base_dtype)
         else:
             grads = torch_mixed_backward(dy2d, x2d, weight, A_stack, B_stack, xa, idx_s, perm, seg, seed, scales,
-                                         dropout_ps, fan_in_fan_out, need_dx, need_dA, need_dB, need_dbias)
+                                         dropout_ps, fan_in_fan_out, need_dx, need_dA, need_dB, need_dbias,
+                                         base_dtype=base_dtype)
     return op_grads(x, grads)
 
 
@@ -224,16 +234,18 @@ def _lora_mixed_4bit_op(x: Tensor, packed: Tensor, absmax: Tensor, code: Optiona
                         zeros: Optional[Tensor], bias: Optional[Tensor], A_stack: Tensor, B_stack: Tensor,
                         idx_s: Tensor, perm: Tensor, seg: Tensor, seed: Optional[Tensor], fmt: int, blocksize: int,
                         nested_blocksize: int, out_features: int, in_features: int, scales: list[float],
-                        dropout_ps: list[float]) -> tuple[Tensor, Tensor]:
+                        dropout_ps: list[float], compute_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
     triton = backend_for(x) == "triton"
     w = _ops4bit._decoded(_ops4bit._weight(packed, absmax, code, nested_code, nested_absmax, offset, zeros, fmt,
-                                           blocksize, nested_blocksize, out_features, in_features), x.dtype, triton)
-    return _forward_impl(x, w, bias, A_stack, B_stack, idx_s, perm, seg, seed, scales, dropout_ps, False, triton)
+                                           blocksize, nested_blocksize, out_features, in_features),
+                          compute_dtype or x.dtype, triton)
+    return _forward_impl(x, w, bias, A_stack, B_stack, idx_s, perm, seg, seed, scales, dropout_ps, False, triton,
+                         base_dtype=compute_dtype)
 
 
 @_lora_mixed_4bit_op.register_fake
 def _(x, packed, absmax, code, nested_code, nested_absmax, offset, zeros, bias, A_stack, B_stack, idx_s, perm, seg,
-      seed, fmt, blocksize, nested_blocksize, out_features, in_features, scales, dropout_ps):
+      seed, fmt, blocksize, nested_blocksize, out_features, in_features, scales, dropout_ps, compute_dtype=None):
     return fake_forward(x, in_features, out_features, A_stack.shape[1])
 
 
@@ -244,33 +256,34 @@ def _lora_mixed_4bit_backward_op(dy: Tensor, x: Tensor, packed: Tensor, absmax: 
                                  xa: Tensor, idx_s: Tensor, perm: Tensor, seg: Tensor, seed: Optional[Tensor],
                                  fmt: int, blocksize: int, nested_blocksize: int, out_features: int,
                                  in_features: int, scales: list[float], dropout_ps: list[float], need_dx: bool,
-                                 need_dA: bool, need_dB: bool,
-                                 need_dbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                                 need_dA: bool, need_dB: bool, need_dbias: bool,
+                                 compute_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     triton = backend_for(x) == "triton"
     if need_dx:  # W0 is read for dx only
         w = _ops4bit._decoded(_ops4bit._weight(packed, absmax, code, nested_code, nested_absmax, offset, zeros, fmt,
-                                               blocksize, nested_blocksize, out_features, in_features), dy.dtype,
-                              triton)
+                                               blocksize, nested_blocksize, out_features, in_features),
+                              compute_dtype or dy.dtype, triton)
     else:
         w = dy.new_empty(out_features, 0)  # never read without dx
     return _backward_impl(dy, x, w, A_stack, B_stack, xa, idx_s, perm, seg, seed, scales, dropout_ps, False,
-                          need_dx, need_dA, need_dB, need_dbias, triton)
+                          need_dx, need_dA, need_dB, need_dbias, triton, base_dtype=compute_dtype)
 
 
 @_lora_mixed_4bit_backward_op.register_fake
 def _(dy, x, packed, absmax, code, nested_code, nested_absmax, offset, zeros, A_stack, B_stack, xa, idx_s, perm,
       seg, seed, fmt, blocksize, nested_blocksize, out_features, in_features, scales, dropout_ps, need_dx, need_dA,
-      need_dB, need_dbias):
+      need_dB, need_dbias, compute_dtype=None):
     return fake_backward(x, A_stack, B_stack, out_features, need_dx, need_dA, need_dB, need_dbias)
 
 
 def _setup_context_4bit(ctx, inputs, output):
     (x, packed, absmax, code, nested_code, nested_absmax, offset, zeros, bias, A_stack, B_stack, idx_s, perm, seg,
-     seed, fmt, blocksize, nested_blocksize, out_features, in_features, scales, dropout_ps) = inputs
+     seed, fmt, blocksize, nested_blocksize, out_features, in_features, scales, dropout_ps, *compute_dtype) = inputs
     _, xa = output
     ctx.save_for_backward(x, packed, absmax, code, nested_code, nested_absmax, offset, zeros, A_stack, B_stack, xa,
                           idx_s, perm, seg, seed)
     ctx.meta = (fmt, blocksize, nested_blocksize, out_features, in_features, scales, dropout_ps)
+    ctx.compute_dtype = compute_dtype[0] if compute_dtype else None
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.mark_non_differentiable(xa)
 
@@ -279,10 +292,10 @@ def _backward_4bit(ctx, dy, _dxa):
     need = ctx.needs_input_grad
     need_dx, need_dbias, need_dA, need_dB = need[0], need[8], need[9], need[10]
     dx, dA, dB, dbias = _lora_mixed_4bit_backward_op(dy, *ctx.saved_tensors, *ctx.meta, need_dx, need_dA, need_dB,
-                                                     need_dbias)
+                                                     need_dbias, ctx.compute_dtype)
     return ((dx if need_dx else None,) + (None,) * 7
             + (dbias.to(ctx.bias_dtype) if need_dbias else None, dA if need_dA else None, dB if need_dB else None)
-            + (None,) * 11)
+            + (None,) * 12)
 
 
 _lora_mixed_4bit_op.register_autograd(_backward_4bit, setup_context=_setup_context_4bit)
@@ -340,7 +353,8 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_As
                       dropout_ps: Sequence[float] | None = None, training: bool = True,
                       fan_in_fan_out: bool = False, seed: Optional[Tensor] = None,
                       rows: Optional[tuple[Tensor, Tensor, Tensor]] = None,
-                      stacks: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+                      stacks: Optional[tuple[Tensor, Tensor]] = None,
+                      compute_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``y[m] = x[m] W0ᵀ + b + s_a · (D_a(x[m]) A_aᵀ) B_aᵀ`` with ``a = index[m]`` (``-1``: base only).
 
     ``weight`` is a dense (out, in) tensor ((in, out) with ``fan_in_fan_out``) or a 4-bit
@@ -353,13 +367,21 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_As
     ``lora_As[a]`` (r_a, in) and ``lora_Bs[a]`` (out, r_a) may differ in rank; ``scales[a]`` and
     ``dropout_ps[a]`` are per adapter. ``index`` is an integer tensor with ``x.shape[:-1]`` (one
     adapter per row/token) or ``x.shape[:1]`` (one per sequence). Differentiable in x, every A/B, b;
-    each adapter's gradient comes only from its own rows. Example::
+    each adapter's gradient comes only from its own rows.
+
+    ``compute_dtype`` (bf16/fp16; a 4-bit ``weight`` only) acts on an fp32 x as in
+    ``fastpeft.ops4bit.lora_linear_4bit``: the base product is bitsandbytes' in that dtype (x, and dy in
+    backward, rounded to it; fp32 accumulation) while every adapter's rows use the exact fp32 x; y stays fp32.
+    Example::
 
         y = lora_linear_mixed(x, lin.weight, lin.bias, [A0, A1], [B0, B1], torch.tensor([0, 1, -1]),
                               scales=[2.0, 0.5])
     """
     n = len(lora_As)
     quantized = isinstance(weight, Weight4bit)
+    if compute_dtype is not None and not quantized:
+        raise ValueError("compute_dtype applies to a 4-bit base weight (Weight4bit) only; a dense base computes in "
+                         "x's dtype")
     if quantized:
         if fan_in_fan_out:
             raise ValueError("a 4-bit base stores its weight as (out, in): fan_in_fan_out must be False")
@@ -401,7 +423,8 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_As
         y, _ = _lora_mixed_4bit_op(x, weight.packed, weight.absmax, weight.code, weight.nested_code,
                                    weight.nested_absmax, weight.offset, weight.zeros, bias, A_stack, B_stack, idx_s,
                                    perm, seg, seed, fmt, int(weight.blocksize), int(weight.nested_blocksize),
-                                   out_features, in_features, [float(s) for s in scales], ps)
+                                   out_features, in_features, [float(s) for s in scales], ps,
+                                   _ops4bit.wide_compute_dtype(x, compute_dtype))
         return y
     y, _ = _lora_mixed_op(x, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed,
                           [float(s) for s in scales], ps, bool(fan_in_fan_out))

@@ -411,7 +411,9 @@ def lora_gemm(x, w, bias=None, l=None, r=None, *, lora_scale=1.0, seed=None, thr
     has_lora = l is not None
     R = l.shape[1] if has_lora else 0
     if M > 0 and N > 0 and _use_cublas(x, impl, has_lora and R > 0):
-        LAUNCHES["cublas"] += 1
+        LAUNCHES["cublas"] += 1  # (a wider bias, e.g. an fp32 one beside 16-bit operands, is rounded to x's dtype)
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
         return torch.nn.functional.linear(x, w, bias).to(out_dtype or x.dtype)
     out = torch.empty(M, N, device=x.device, dtype=out_dtype or x.dtype)
     if M == 0 or N == 0:

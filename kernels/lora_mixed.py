@@ -304,25 +304,30 @@ def _base(weight, fan_in_fan_out, dtype):
     return w if w.dtype == dtype else w.to(dtype)
 
 
-def lora_mixed_forward(x2d, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed, meta, fan_in_fan_out):
+def lora_mixed_forward(x2d, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed, meta, fan_in_fan_out,
+                       base_dtype=None):
     """Mixed-adapter forward on a 2-D input. Returns ``(y, xa)``, ``xa`` (M, R) fp32 in sorted order.
 
     ``meta`` = ``(scale, inv_keep, thr, dropout)``: per-adapter fp32, fp32, int32 tensors on x's device
     and whether any adapter drops. The base GEMM is cuBLAS on CUDA (the core's pointer GEMM in the
-    interpreter); the rank-r term is added in place by ``mixed_up_``.
+    interpreter); the rank-r term is added in place by ``mixed_up_``. ``base_dtype`` (fp32 x over a 16-bit
+    base, the 4-bit layers' wide input): the base GEMM takes x rounded to it and writes y in x's dtype, the
+    rank-r terms read the exact x.
     """
     scale, inv_keep, thr, dropout = meta
-    w = _base(weight, fan_in_fan_out, x2d.dtype)
+    w = _base(weight, fan_in_fan_out, base_dtype or x2d.dtype)
+    xb = x2d if base_dtype is None else x2d.to(base_dtype)
     b = None if bias is None else (bias if bias.dtype == x2d.dtype else bias.to(x2d.dtype))
     xa = mixed_down(x2d, A_stack, idx_s, perm, inv_keep, thr=thr, seed=seed, dropout=dropout)
-    y = lora_gemm(x2d, w, b)
+    y = lora_gemm(xb, w, b, out_dtype=x2d.dtype)
     mixed_up_(y, xa, B_stack.transpose(1, 2), idx_s, perm, scale)
     return y, xa
 
 
 def lora_mixed_backward(dy, x2d, weight, A_stack, B_stack, xa, idx_s, perm, seg, seed, meta, fan_in_fan_out,
-                        need_dx=True, need_dA=True, need_dB=True, need_dbias=False):
-    """Mixed-adapter backward. Returns ``(dx, dA_stack, dB_stack, dbias)``; ``None`` where not needed."""
+                        need_dx=True, need_dA=True, need_dB=True, need_dbias=False, base_dtype=None):
+    """Mixed-adapter backward. Returns ``(dx, dA_stack, dB_stack, dbias)``; ``None`` where not needed.
+    ``base_dtype`` as in ``lora_mixed_forward``: dx's base GEMM takes dy rounded to it."""
     scale, inv_keep, thr, dropout = meta
     n = A_stack.shape[0]
     dx = dA = dB = dbias = None
@@ -330,7 +335,8 @@ def lora_mixed_backward(dy, x2d, weight, A_stack, B_stack, xa, idx_s, perm, seg,
     if need_dx or need_dA:
         dS = mixed_down(dy, B_stack.transpose(1, 2), idx_s, perm, scale)
     if need_dx:
-        dx = lora_gemm(dy, _base(weight, fan_in_fan_out, dy.dtype).t(), out_dtype=x2d.dtype)
+        dyb = dy if base_dtype is None else dy.to(base_dtype)
+        dx = lora_gemm(dyb, _base(weight, fan_in_fan_out, dyb.dtype).t(), out_dtype=x2d.dtype)
         mixed_up_(dx, dS, A_stack, idx_s, perm, inv_keep, thr=thr, seed=seed, dropout=dropout)
     if need_dA:
         dA = mixed_reduce(dS, x2d, perm, seg, inv_keep, n, thr=thr, seed=seed, dropout=dropout).to(A_stack.dtype)

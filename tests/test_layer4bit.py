@@ -451,8 +451,12 @@ def test_decode_gemv_runs_in_the_base_compute_dtype(triton_backend, monkeypatch)
     assert not (y.bfloat16().float() == y).all()  # … returned in fp32, not rounded (tests/test_qlora_fp32_input.py)
 
 
-def test_mixed_adapter_batch_runs_in_the_base_compute_dtype(backend):
-    layer = FastLoraLinear4bit.from_linear(_compute_dtype_base("nf4"), r=4, lora_alpha=8)
+@pytest.mark.parametrize("kind", ["nf4", "int4"])
+def test_mixed_adapter_batch_on_fp32_input_takes_the_wide_path(backend, kind):
+    """fp32 x over a bf16 compute dtype in a mixed batch: every row's base as bitsandbytes computes it (x rounded
+    to bf16, fp32 accumulation, kept fp32), the adapter rows' LoRA term on the exact x, dx in fp32 (not rounded
+    to bf16) — as the single-adapter path (``tests/test_qlora_fp32_input.py``)."""
+    layer = FastLoraLinear4bit.from_linear(_compute_dtype_base(kind), r=4, lora_alpha=8)
     _adapters(layer, seed=23)
     layer.update_layer("other", r=2, lora_alpha=2, lora_dropout=0.0, init_lora_weights=True)  # B = 0
     x = torch.randn(3, 4, 128, requires_grad=True)
@@ -460,16 +464,16 @@ def test_mixed_adapter_batch_runs_in_the_base_compute_dtype(backend):
     y = layer(x, adapter_names=names)
     assert y.dtype == torch.float32
     w, bias = _base_w(layer), layer.base_layer.bias.detach()
-    y_bf16 = nn.functional.linear(x.detach().bfloat16(), w.bfloat16(), bias.bfloat16()).float()
-    if backend == "torch":  # the rows without an adapter (or with a zero one) are the bf16 base's exactly
-        assert torch.equal(y[1:].detach(), y_bf16[1:])
-    assert_rel(y[1:].detach(), y_bf16[1:], 1e-2, "base rows")
+    base = nn.functional.linear(x.detach().bfloat16().double(), w.bfloat16().double(), bias.double())
+    if backend == "torch":  # the rows without an adapter (or with a zero one): the fp32 product of bf16 operands
+        assert torch.equal(y[1:].detach(), nn.functional.linear(x.detach()[1:].bfloat16().float(),
+                                                                w.bfloat16().float(), bias))
+    assert_rel(y[1:].detach(), base[1:], 1e-5, "base rows")
     A, B = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
-    ref = _ref_in(torch.bfloat16, x.detach()[0], w, bias, A, B, layer.scaling["default"])
-    assert_rel(y[0].detach(), ref, 8e-3, "adapter row")
-    assert (y.detach().bfloat16().float() == y.detach()).all()
+    delta = layer.scaling["default"] * (x.detach()[0].double() @ A.double().t()) @ B.double().t()
+    assert_rel(y[0].detach().double() - base[0], delta, 1e-5, "adapter row's LoRA term (exact x)")
     y.sum().backward()
-    assert x.grad.dtype == torch.float32 and (x.grad.bfloat16().float() == x.grad).all()
+    assert x.grad.dtype == torch.float32 and not (x.grad.bfloat16().float() == x.grad).all()
 
 
 # --------------------------------------------------------------------------- Linear4bit.load_state_dict

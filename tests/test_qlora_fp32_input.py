@@ -286,3 +286,144 @@ def test_float64_and_fp16_over_bf16_inputs_take_the_wide_path(x_dtype, compute):
         grads[dt] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     for n in grads[torch.float32]:
         torch.testing.assert_close(grads[x_dtype][n], grads[torch.float32][n], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- mixed-adapter batches and aLoRA
+R2 = 2  # the second adapter's rank (the stacks pad it to R)
+
+
+def _two_adapters(seed):
+    g = torch.Generator().manual_seed(seed)
+    return ([torch.randn(R, IN, generator=g) * 0.3, torch.randn(R2, IN, generator=g) * 0.3],
+            [torch.randn(OUT, R, generator=g) * 0.1, torch.randn(OUT, R2, generator=g) * 0.1])
+
+
+@pytest.mark.parametrize("cdt_name", ["bf16", "fp16"])
+@pytest.mark.parametrize("ps", [(0.0, 0.0), (0.3, 0.5)])
+def test_mixed_op_fp32_input_vs_fp64(backend, cdt_name, ps):
+    """``lora_linear_mixed`` on a 4-bit weight with ``compute_dtype``: each row's base as bitsandbytes computes it,
+    its own adapter's LoRA term (own rank, scale, dropout) on the exact fp32 x; dx, every dA/dB and db against
+    float64 with the op's masks (explicit seed; adapter a drops row m as the core does at p_a)."""
+    from fastpeft.ops_mixed import lora_linear_mixed
+
+    cdt = CDTS[cdt_name]
+    lin = _bnb_linear("nf4", cdt, seed=20)
+    w = _bnb_weight(lin, cdt)
+    As, Bs = (list(t) for t in _two_adapters(21))
+    As = [a.clone().requires_grad_() for a in As]
+    Bs = [b.clone().requires_grad_() for b in Bs]
+    bias = lin.bias.detach().clone().requires_grad_()
+    g = torch.Generator().manual_seed(22)
+    x, dy = torch.randn(4, 3, IN, generator=g), torch.randn(4, 3, OUT, generator=g)
+    x.requires_grad_()
+    index = torch.tensor([1, -1, 0, 1])  # per sequence, unsorted, one base row
+    scales, seed = [1.5, 0.75], torch.tensor([777], dtype=torch.int64)
+    y = lora_linear_mixed(x, Weight4bit.from_module(lin), bias, As, Bs, index, scales=scales, dropout_ps=list(ps),
+                          seed=seed, compute_dtype=cdt)
+    y.backward(dy)
+    assert y.dtype == torch.float32 and x.grad.dtype == torch.float32
+    x2d, dy2d = x.detach().reshape(-1, IN), dy.reshape(-1, OUT)
+    rows = index.repeat_interleave(3)
+    ref = x2d.to(cdt).double() @ w.t() + bias.detach().double()
+    dx_ref = dy2d.to(cdt).double() @ w
+    for a in range(2):
+        sel = rows == a
+        keep, c = None, 1.0
+        if ps[a] > 0:  # the full-size mask at adapter a's threshold, read on its own rows
+            keep, c = dropout_keep_mask(seed, x2d.shape[0], IN, ps[a])[sel], dropout_params(ps[a])[1]
+            assert 0 < keep.sum() < keep.numel()
+        A, B = As[a].detach(), Bs[a].detach()
+        _, _, delta = _ref64(x2d[sel], w, None, A, B, scales[a], cdt, keep, c)
+        ref[sel] += delta
+        dxa, dA, dB = _grads64(dy2d[sel], x2d[sel], w, A, B, scales[a], cdt, keep, c)
+        dx_ref[sel] = dxa
+        assert_rel(As[a].grad, dA, 1e-5, f"dA[{a}]")
+        assert_rel(Bs[a].grad, dB, 1e-5, f"dB[{a}]")
+    assert_rel(y.detach().reshape(-1, OUT), ref, 1e-5, "y")
+    assert_rel(x.grad.reshape(-1, IN), dx_ref, 1e-5, "dx")
+    assert_rel(bias.grad, dy2d.double().sum(0), 1e-5, "db")
+
+
+def test_mixed_op_compute_dtype_needs_a_4bit_weight():
+    from fastpeft.ops_mixed import lora_linear_mixed
+
+    A, B = torch.zeros(2, 8), torch.zeros(6, 2)
+    with pytest.raises(ValueError, match="4-bit base weight"):
+        lora_linear_mixed(torch.randn(3, 8), torch.randn(6, 8), None, [A], [B], torch.tensor([0, 0, 0]),
+                          scales=[1.0], compute_dtype=torch.bfloat16)
+
+
+def test_layer_mixed_batch_fp32_input_vs_peft_and_single_adapter(backend):
+    """A mixed ``adapter_names`` batch on a 4-bit layer with fp32 x: each row's LoRA term equals peft's
+    ``adapter_names`` one (on the exact fp32 x); each adapter's gradients equal those of the single-adapter wide path on its
+    own rows (exact fp32 LoRA branch, as peft's), so the two paths agree."""
+    pytest.importorskip("peft")
+    cdt = torch.bfloat16
+    lin = _bnb_linear("nf4", cdt, seed=23)
+    w = _bnb_weight(lin, cdt)
+    theirs = peft_lora_on(copy.deepcopy(lin), R, 8)
+    ours = FastLoraLinear4bit.from_linear(copy.deepcopy(lin), r=R, lora_alpha=8)
+    ours.update_layer("other", r=R, lora_alpha=4, init_lora_weights=False)
+    ours.set_adapter(["default", "other"])  # both trainable
+    from peft import LoraConfig
+
+    theirs.update_layer("other", r=R, lora_alpha=4, config=LoraConfig(r=R, lora_alpha=4),
+                        lora_dropout=0.0, init_lora_weights=False)
+    theirs.float()  # (peft's update_layer moves the new adapter to the compute dtype; get_peft_model casts back)
+    weights = {"default": _adapters(seed=24), "other": _adapters(seed=25)}
+    for m in (ours, theirs):
+        for n, (A, B) in weights.items():
+            with torch.no_grad():
+                m.lora_A[n].weight.copy_(A)
+                m.lora_B[n].weight.copy_(B)
+    names = ["other", "default", "__base__", "other"]
+    x, dy = _data(seed=26, shape=(4, 3))
+    # peft's LoRA term: its mixed output less its base output (bnb's, rounded to bf16 on CPU, fastpeft's is not)
+    yp, yp0 = (theirs(x.clone().requires_grad_(), adapter_names=n).detach() for n in (names, ["__base__"] * 4))
+    xi = x.clone().requires_grad_()
+    yo = ours(xi, adapter_names=names)
+    yo.backward(dy)
+    assert yo.dtype == torch.float32
+    base = x.reshape(-1, IN).to(cdt).double() @ w.t()
+    ref = (base + lin.bias.double()).reshape(4, 3, OUT)
+    assert_rel(yo.detach().double() - ref, (yp - yp0).double(), 1e-5, "the LoRA terms, against peft's")
+    # the LoRA term of each row on the exact x (float64)
+    for i, n in enumerate(names):
+        if n != "__base__":
+            A, B = weights[n]
+            ref[i] += ours.scaling[n] * (x[i].double() @ A.double().t()) @ B.double().t()
+    assert_rel(yo.detach(), ref, 1e-5, "y")
+    mixed = {n: (ours.lora_A[n].weight.grad.clone(), ours.lora_B[n].weight.grad.clone()) for n in weights}
+    for n in weights:  # the single-adapter wide path on the adapter's own rows
+        ours.zero_grad()
+        ours.set_adapter(n)
+        rows = [i for i, m in enumerate(names) if m == n]
+        ours(x[rows]).backward(dy[rows])
+        assert_rel(mixed[n][0], ours.lora_A[n].weight.grad, 1e-6, f"dA {n}")
+        assert_rel(mixed[n][1], ours.lora_B[n].weight.grad, 1e-6, f"dB {n}")
+
+
+def test_alora_fp32_input_takes_the_wide_path(backend):
+    """An aLoRA adapter on a 4-bit layer with fp32 x: base as bitsandbytes computes it everywhere, the LoRA term
+    on the exact x on the activated tokens only."""
+    cdt = torch.bfloat16
+    lin = _bnb_linear("nf4", cdt, seed=27)
+    w = _bnb_weight(lin, cdt)
+    layer = FastLoraLinear4bit.from_linear(lin, r=R, lora_alpha=8, use_alora=True)
+    A, B = _adapters(seed=28)
+    _set_adapters(layer, A, B)
+    x, dy = _data(seed=29, shape=(3, 5))
+    x.requires_grad_()
+    offsets = [2, None, 5]
+    y = layer(x, alora_offsets=offsets)
+    y.backward(dy)
+    keep = torch.zeros(3, 5, dtype=torch.bool)
+    keep[0, -2:] = keep[2, :] = True
+    _, base, delta = _ref64(x.detach().reshape(-1, IN), w, lin.bias, A, B, layer.scaling["default"], cdt)
+    ref = base + delta * keep.reshape(-1, 1).double()
+    assert y.dtype == torch.float32
+    assert_rel(y.detach().reshape(-1, OUT), ref, 1e-5, "y")
+    assert rel_err(y.detach().reshape(-1, OUT)[keep.reshape(-1)].double(), base[keep.reshape(-1)]) > 1e-3
+    dS = layer.scaling["default"] * dy.reshape(-1, OUT).double()[keep.reshape(-1)] @ B.double()
+    assert_rel(layer.lora_A["default"].weight.grad, dS.t() @ x.detach().reshape(-1, IN).double()[keep.reshape(-1)],
+               1e-5, "dA")

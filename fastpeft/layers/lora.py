@@ -971,13 +971,14 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str],
                              alora_offsets: list[int | None] | None = None, _only: bool = False,
-                             **kwargs) -> torch.Tensor:
+                             _compute_dtype: torch.dtype | None = None, **kwargs) -> torch.Tensor:
         """One adapter per sequence (``x.shape[0]`` names; ``"__base__"`` = no adapter), as peft's
         ``adapter_names``, in eval and in training: one fused op (``fastpeft.ops_mixed``), each adapter's
         gradient from its own rows. Names this layer does not hold raise, unless the model-level hook
         passed them (then, as in peft, they mean the base here). The rows of aLoRA adapters are adapted only on
         the tokens ``alora_offsets`` activates (the others get index -1: base only). ``_only``: the call is the
-        plain forward of one active aLoRA adapter (no other adapter joins the op)."""
+        plain forward of one active aLoRA adapter (no other adapter joins the op). ``_compute_dtype``: the 4-bit
+        layer's wide-input compute dtype (``lora_linear_mixed``'s ``compute_dtype``)."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         if x.dim() < 2 or len(names) != x.shape[0]:
             raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
@@ -1034,7 +1035,7 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         y = lora_linear_mixed(x, weight, self.base_layer.bias, As, Bs, None, rows=rows, stacks=stacks,
                               scales=[self.scaling[n] for n in present],
                               dropout_ps=[self._dropout_p(n) for n in present], training=self.training,
-                              fan_in_fan_out=self.fan_in_fan_out)
+                              fan_in_fan_out=self.fan_in_fan_out, compute_dtype=_compute_dtype)
         if lora_bias:
             y = self._add_row_lora_bias(y, index, present)
         for n in present:  # DoRA adapters are here only with zero rows (refused by name above): their magnitude

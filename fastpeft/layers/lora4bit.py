@@ -62,9 +62,10 @@ class FastLoraLinear4bit(FastLoraLinear):
     one. An input wider than the compute dtype (fp32 x, bf16/fp16 compute dtype: a QLoRA model after
     ``prepare_model_for_kbit_training``, whose fp32 norms feed the projections) computes as peft's QLoRA layer:
     the base product as bitsandbytes' (x rounded to the compute dtype, kept in fp32), the LoRA branch on the
-    exact fp32 x (``fastpeft.ops4bit.lora_linear_4bit``'s ``compute_dtype``), forward and backward. Otherwise the
-    fused 4-bit op and the decode GEMV run on the input cast to the compute dtype, and so does the mixed-adapter
-    op (``adapter_names`` batches) always, fp32 input included. Example::
+    exact fp32 x (``fastpeft.ops4bit.lora_linear_4bit``'s ``compute_dtype``), forward and backward — mixed-adapter
+    batches (``adapter_names``) and aLoRA adapters too (``fastpeft.ops_mixed.lora_linear_mixed``'s
+    ``compute_dtype``). Otherwise the fused 4-bit op, the mixed-adapter op and the decode GEMV run on the input
+    cast to the compute dtype. Example::
 
         layer = FastLoraLinear4bit.from_linear(bnb_linear4bit, r=16, lora_alpha=32, lora_dropout=0.1)
         layer = FastLoraLinear4bit.from_linear(nn.Linear(4096, 4096), r=16, quant_type="nf4")  # quantizes
@@ -319,13 +320,15 @@ class FastLoraLinear4bit(FastLoraLinear):
         return torch.nn.functional.linear(x, self.dequantized_weight(x.dtype))
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
-        """``FastLoraLinear``'s mixed-adapter forward on x cast to the base's compute dtype; output in x's dtype.
-        (An fp32 x is cast too: the mixed-adapter op has no wide-input path, so its LoRA branch sees the rounded
-        x, unlike ``_fused_forward``'s.)"""
+        """``FastLoraLinear``'s mixed-adapter forward (aLoRA adapters' too) on x as ``_fused_forward`` takes it:
+        cast to the base's compute dtype, or — wider than it (see ``_wide_dtype``) — in fp32 with the base product
+        in the compute dtype and every adapter's rows on the exact x; output in x's dtype."""
         dtype = self._op_dtype(x)
         if dtype is None:
             return super()._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        y = super()._mixed_batch_forward(x.to(dtype), *args, adapter_names=adapter_names, **kwargs)
+        wide = self._wide_dtype(x, dtype)
+        xc = (x if x.dtype == torch.float32 else x.float()) if wide is not None else x.to(dtype)
+        y = super()._mixed_batch_forward(xc, *args, adapter_names=adapter_names, _compute_dtype=wide, **kwargs)
         return y.to(x.dtype)
 
     def __repr__(self) -> str:
