@@ -355,8 +355,8 @@ def test_mixed_op_compute_dtype_needs_a_4bit_weight():
 
 def test_layer_mixed_batch_fp32_input_vs_peft_and_single_adapter(backend):
     """A mixed ``adapter_names`` batch on a 4-bit layer with fp32 x: each row's LoRA term equals peft's
-    ``adapter_names`` one (on the exact fp32 x); each adapter's gradients equal those of the single-adapter wide path on its
-    own rows (exact fp32 LoRA branch, as peft's), so the two paths agree."""
+    ``adapter_names`` one (on the exact fp32 x); each adapter's gradients equal those of the single-adapter wide
+    path on its own rows (exact fp32 LoRA branch, as peft's), so the two paths agree."""
     pytest.importorskip("peft")
     cdt = torch.bfloat16
     lin = _bnb_linear("nf4", cdt, seed=23)
