@@ -33,6 +33,9 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import re
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -176,6 +179,16 @@ def _quant_order(quant_type: str, device) -> tuple[Tensor, Tensor]:
 
 
 # --------------------------------------------------------------------------- state
+def _stat_to(t: Optional[Tensor], device) -> Optional[Tensor]:
+    """``t`` on ``device``; a meta tensor has no data to copy, so it becomes an uninitialized one there
+    (``to_empty``'s rule, which a statistic follows when its module's parameters left meta)."""
+    if t is None:
+        return None
+    if t.is_meta and torch.device(device).type != "meta":
+        return torch.empty_like(t, device=device)
+    return t.to(device)
+
+
 @dataclass(eq=False)
 class NestedState:
     """The second level of double quantization (bnb's ``quant_state.state2``): fp32 ``absmax`` per
@@ -211,11 +224,14 @@ class QuantState4bit:
         return self.state2 is not None
 
     def to(self, device) -> QuantState4bit:
-        """Move every tensor to ``device`` in place (as bnb's ``QuantState.to``); returns self."""
-        self.absmax, self.code = self.absmax.to(device), self.code.to(device)
+        """Move every tensor to ``device`` in place (as bnb's ``QuantState.to``); returns self. A statistic on the
+        meta device (a model built on meta, then ``to_empty``) is allocated uninitialized there instead, as
+        ``Module.to_empty`` does for parameters."""
+        self.absmax, self.code = _stat_to(self.absmax, device), _stat_to(self.code, device)
         if self.state2 is not None:
-            self.offset = self.offset.to(device)
-            self.state2.absmax, self.state2.code = self.state2.absmax.to(device), self.state2.code.to(device)
+            self.offset = _stat_to(self.offset, device)
+            self.state2.absmax, self.state2.code = _stat_to(self.state2.absmax, device), _stat_to(self.state2.code,
+                                                                                                   device)
         return self
 
     def to_bnb(self):
@@ -391,7 +407,8 @@ def quantize_int4(w: Tensor, group_size: int = 64) -> tuple[Tensor, Tensor, Tens
     _check_int4_shape(out_f, in_f, group_size)
     if w.numel() == 0:
         raise ValueError(f"cannot quantize an empty tensor (shape {tuple(w.shape)})")
-    if not torch.isfinite(w).all():
+    meta = w.is_meta  # a model built on the meta device: shapes only, no values to check
+    if not meta and not torch.isfinite(w).all():
         raise ValueError("quantize_int4 takes finite weights; this one holds NaN or inf")
     groups = -(-in_f // group_size)
     wf = w.detach().float()
@@ -400,7 +417,7 @@ def quantize_int4(w: Tensor, group_size: int = 64) -> tuple[Tensor, Tensor, Tens
     lo = padded.amin(dim=2).clamp(max=0)
     hi = padded.amax(dim=2).clamp(min=0)
     scale = ((hi - lo) / 15).to(torch.float16)
-    if not torch.isfinite(scale).all():
+    if not meta and not torch.isfinite(scale).all():
         raise ValueError("int4 scales overflow fp16 (weights beyond ±491,000?)")
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     s32 = scale.float()
@@ -830,6 +847,9 @@ class Linear4bit(nn.Module):
                               f"{torch.Size((self.out_features, self.in_features))}.")
             return
         dev = self.weight.device
+        packed = state_dict.get(prefix + "weight")
+        if packed is not None and local_metadata.get("assign_to_params_buffers", False):
+            dev = packed.device  # load_state_dict(assign=True): the checkpoint's tensor becomes the weight
         if kind == "int4":
             state = Int4State(state_dict[p + "scales"].to(dev), state_dict[p + "zeros"].to(dev),
                               int(meta["group_size"]), shape, getattr(torch, meta["dtype"]))
@@ -850,7 +870,6 @@ class Linear4bit(nn.Module):
         self.blocksize = state.group_size if kind == "int4" else state.blocksize
         self.compress_statistics = state.nested
         self.quant_state = state
-        packed = state_dict.get(prefix + "weight")
         if packed is not None and packed.dtype != torch.uint8 and kind != "int4":
             # bitsandbytes' quant_storage (bf16 for FSDP-QLoRA, …): the same bytes, held here as uint8, so that no
             # dtype cast (.float(), prepare_model_for_kbit_training's upcast) can turn them into other bytes
@@ -864,7 +883,7 @@ class Linear4bit(nn.Module):
                                       error_msgs)
         if len(error_msgs) > n_errors:
             self.weight, self.quant_state, self.quant_type, self.blocksize, self.compress_statistics = saved
-            self.weight.quant_state = self.quant_state
+        self.weight.quant_state = self.quant_state  # assign=True put a new Parameter in place
 
     def extra_repr(self) -> str:
         """Sizes, bias, 4-bit format and blocksize."""
@@ -898,8 +917,8 @@ class Int4State:
         return self.zeros
 
     def to(self, device) -> Int4State:
-        """Move the statistics to ``device`` in place; returns self."""
-        self.scales, self.zeros = self.scales.to(device), self.zeros.to(device)
+        """Move the statistics to ``device`` in place; returns self (meta statistics: as ``QuantState4bit.to``)."""
+        self.scales, self.zeros = _stat_to(self.scales, device), _stat_to(self.zeros, device)
         return self
 
 
@@ -933,39 +952,246 @@ def quantize_linear(linear: nn.Linear, quant_type: str = "nf4", blocksize: int =
     return lin.to(dev)  # bitsandbytes quantizes on .to()
 
 
+def _is_transformers_model(model: nn.Module) -> bool:
+    """A ``transformers.PreTrainedModel`` (without importing transformers: a model of it means it is imported)."""
+    tf = sys.modules.get("transformers")
+    return tf is not None and isinstance(model, tf.PreTrainedModel)
+
+
+def _conv1d_type():
+    """transformers' GPT-2-style ``Conv1D`` (weight stored (in, out)), or None when transformers has not loaded it."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def _pattern_matches(name: str, pattern: str) -> bool:
+    """transformers' rule for a ``modules_to_not_convert`` entry: ``pattern`` matches a module name as a regular
+    expression from its start up to a module boundary (``"layers.1"`` matches ``"layers.1.mlp"``, not
+    ``"layers.11.mlp"``), or as a plain suffix of it (``"wo"`` matches ``"block.0.layer.1.DenseReluDense.wo"``)."""
+    if name.endswith(pattern):
+        return True
+    try:
+        rx = re.compile(f"(?:{pattern})(?:(?<=\\.)|(?=\\.|$))")
+    except re.error:  # not a regular expression: the name as written
+        rx = re.compile(f"(?:{re.escape(pattern)})(?:(?<=\\.)|(?=\\.|$))")
+    return rx.match(name) is not None
+
+
+def _default_skips(model: nn.Module) -> list[str]:
+    """The modules transformers' bitsandbytes loading keeps in full precision by itself: the output embeddings,
+    both sides of every tied weight, the owner of the last parameter (e.g. ``score`` of ``*ForSequenceClassification``)
+    and ``_keep_in_fp32_modules`` (T5's ``wo``). The tied/last rules apply to transformers models only (a plain
+    ``nn.Module`` keeps its output embeddings and ``_keep_in_fp32_modules``, when it defines them)."""
+    names: set[str] = set()
+    if _is_transformers_model(model):
+        tied = getattr(model, "all_tied_weights_keys", None) or {}
+        names |= {k for pair in tied.items() for k in pair if isinstance(k, str)}
+        param_names = [n for n, _ in model.named_parameters()]
+        if param_names:
+            names.add(param_names[-1])
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        names |= {n for n, m in model.named_modules() if m is head}
+    names = {n.removesuffix(".weight") for n in names}
+    names |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    return sorted(names)
+
+
+def _as_linear(module: nn.Module) -> nn.Linear:
+    """``module`` as an ``nn.Linear``: itself, or a ``Conv1D``'s weight transposed to (out, in) (as transformers
+    quantizes it)."""
+    if type(module) is nn.Linear:
+        return module
+    in_f, out_f = module.weight.shape
+    lin = nn.Linear(in_f, out_f, bias=module.bias is not None, device="meta")
+    lin.weight = nn.Parameter(module.weight.detach().t().contiguous(), requires_grad=False)
+    if module.bias is not None:
+        lin.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+    return lin
+
+
 def quantize_model(model: nn.Module, quant_type: str = "nf4", blocksize: int = 64, compress_statistics: bool = True,
                    compute_dtype: torch.dtype | None = None, backend: str = "fastpeft",
                    skip_modules: tuple[str, ...] = ("lm_head",), progressbar: bool = True) -> nn.Module:
-    """Replace every ``nn.Linear`` of ``model`` by a 4-bit one, in place (QLoRA's base model); returns ``model``.
+    """Replace every ``nn.Linear`` (and transformers' GPT-2-style ``Conv1D``, its weight transposed to (out, in))
+    of ``model`` by a 4-bit one, in place (QLoRA's base model); returns ``model``.
 
-    The output head (``model.get_output_embeddings()`` and modules named in ``skip_modules``) stays in
-    full precision, as transformers' bitsandbytes loading does. ``progressbar`` shows a tqdm bar on a
-    terminal (a large model takes minutes on CPU). Example::
+    Kept in full precision, as transformers' bitsandbytes loading (``BitsAndBytesConfig(load_in_4bit=True)``)
+    keeps them: the output embeddings, tied-weight modules, the module owning the model's last parameter (the
+    ``score`` head of ``*ForSequenceClassification``, which peft's ``task_type="SEQ_CLS"`` then trains in full),
+    the model's ``_keep_in_fp32_modules`` (T5's ``wo``), and the modules named in ``skip_modules`` — matched
+    as transformers matches ``llm_int8_skip_modules``: a suffix of the name, or a regular expression from its
+    start up to a ``.``. Unlike ``llm_int8_skip_modules``, ``skip_modules`` adds to the automatic list rather
+    than replacing it. Nothing to quantize: a warning, and the model is not marked 4-bit.
+
+    A transformers model is marked as transformers marks one it quantized: ``is_loaded_in_4bit``, a
+    ``config.quantization_config`` (the ``BitsAndBytesConfig`` of these settings; ``blocksize`` travels in each
+    weight's saved state) and an ``hf_quantizer``, so ``save_pretrained`` writes a checkpoint
+    ``AutoModelForCausalLM.from_pretrained`` reloads with bitsandbytes, and ``model.dequantize()`` gives
+    ``nn.Linear`` layers back (:func:`dequantize_model`). ``quant_type="int4"`` (fastpeft's format, which
+    bitsandbytes and transformers cannot read) gets no ``quantization_config``, and ``save_pretrained`` refuses
+    it with a warning that says what to do instead. ``progressbar`` shows a tqdm bar on a terminal (a large model
+    takes minutes on CPU). Example::
 
         model = quantize_model(AutoModelForCausalLM.from_pretrained(path), compute_dtype=torch.bfloat16)
         model = prepare_model_for_kbit_training(model)
     """
+    if backend not in ("fastpeft", "bitsandbytes"):
+        raise ValueError(f"backend must be 'fastpeft' or 'bitsandbytes', got {backend!r}")
+    user_skips = [skip_modules] if isinstance(skip_modules, str) else list(skip_modules or ())
+    defaults = _default_skips(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    targets = []
-    for name, module in model.named_modules():
-        if type(module) is not nn.Linear or module is head:
-            continue
-        if any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip_modules):
-            continue
-        targets.append(name)
+    conv1d = _conv1d_type()
+    candidates = [(name, module) for name, module in model.named_modules()
+                  if name and module is not head
+                  and (type(module) is nn.Linear or (conv1d is not None and isinstance(module, conv1d)))]
+    targets = [name for name, _ in candidates if not any(_pattern_matches(name, p) for p in defaults + user_skips)]
     from tqdm.auto import tqdm
 
     for name in tqdm(targets, desc=f"Quantizing to {quant_type}", unit="layer", leave=False,
                      disable=None if progressbar else True):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, quantize_linear(getattr(parent, child), quant_type, blocksize, compress_statistics,
-                                               compute_dtype, backend))
+        source = getattr(parent, child)
+        new = quantize_linear(_as_linear(source), quant_type, blocksize, compress_statistics, compute_dtype, backend)
+        new.source_cls = type(source)  # as transformers' 4-bit layers record it
+        setattr(parent, child, new)
+    if not targets:
+        warnings.warn(f"quantize_model found no nn.Linear or Conv1D layer to quantize in {type(model).__name__} "
+                      f"(skipped: {sorted(name for name, _ in candidates) or 'none'}); the model is unchanged",
+                      stacklevel=2)
+        return model
     try:
         model.is_loaded_in_4bit = True  # what peft and transformers look for
     except (AttributeError, TypeError):  # pragma: no cover - a read-only property on some models
         pass
+    if _is_transformers_model(model):
+        default_targets = [name for name, _ in candidates if not any(_pattern_matches(name, p) for p in defaults)]
+        skip_list = None if default_targets == targets else sorted(set(defaults) | set(user_skips))
+        _attach_hf_quantizer(model, quant_type, compress_statistics, compute_dtype, skip_list, backend)
     return model
+
+
+def _attach_hf_quantizer(model: nn.Module, quant_type: str, compress_statistics: bool,
+                         compute_dtype: torch.dtype | None, skip_list: list[str] | None, backend: str) -> None:
+    """Give a transformers model the ``config.quantization_config`` and ``hf_quantizer`` that transformers gives a
+    model it quantized with the same ``BitsAndBytesConfig`` (not overwriting ones already there)."""
+    if getattr(model, "hf_quantizer", None) is not None or getattr(model.config, "quantization_config", None):
+        return
+    classes = _hf_quantizer_classes()
+    if quant_type == "int4":
+        model.hf_quantizer = classes["FastpeftInt4Quantizer"](classes["FastpeftInt4Config"](compute_dtype))
+        return
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                bnb_4bit_use_double_quant=compress_statistics, bnb_4bit_compute_dtype=compute_dtype,
+                                bnb_4bit_quant_storage=torch.uint8, llm_int8_skip_modules=skip_list)
+    model.config.quantization_config = config
+    model.hf_quantizer = classes["FastpeftBnb4BitQuantizer"](config, compileable=backend == "fastpeft")
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every 4-bit layer of ``model`` (fastpeft's ``Linear4bit``, NF4/FP4/int4, or bitsandbytes'
+    ``Linear4bit``) by an ``nn.Linear`` holding the decoded weight, in place; returns ``model`` (a 4-bit layer
+    passed alone: its ``nn.Linear``). ``dtype``: the weights' dtype (default: each one's original dtype). As
+    transformers' ``dequantize``: the new weight is a fresh ``Parameter`` (``requires_grad`` True), the bias
+    the old one, a ``Conv1D`` comes back as ``nn.Linear``. A transformers model quantized by
+    :func:`quantize_model` gets here through ``model.dequantize()``, which also drops its quantization config."""
+    def convert(module: nn.Module) -> nn.Linear:
+        w4 = Weight4bit.from_module(module)
+        w = dequantize_weight(w4, w4.dtype)
+        lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        lin.weight = nn.Parameter(w if dtype is None else w.to(dtype))
+        if module.bias is not None:
+            lin.bias = module.bias
+        return lin
+
+    if is_linear4bit(model):
+        return convert(model)
+    for name, module in list(model.named_modules()):
+        if name and is_linear4bit(module):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, convert(module))
+    return model
+
+
+_HF_CLASSES: dict[str, type] = {}
+
+
+def _hf_quantizer_classes() -> dict[str, type]:
+    """fastpeft's transformers quantizer classes, built on first use (importing transformers only then)."""
+    if _HF_CLASSES:
+        return _HF_CLASSES
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    class FastpeftBnb4BitQuantizer(Bnb4BitHfQuantizer):
+        """transformers' bitsandbytes 4-bit quantizer for a model :func:`quantize_model` quantized: serializable
+        (the state dict is bitsandbytes'), trainable, and ``dequantize`` decodes fastpeft's and bnb's layers."""
+
+        def __init__(self, quantization_config, compileable: bool = True):
+            super().__init__(quantization_config, pre_quantized=False)
+            self.compileable = compileable
+
+        @property
+        def is_compileable(self) -> bool:
+            """fastpeft's own 4-bit layers compile; bitsandbytes' (``backend="bitsandbytes"``) do not."""
+            return self.compileable
+
+        def _dequantize(self, model, dtype=None):
+            return dequantize_model(model, dtype)
+
+    class FastpeftInt4Config(QuantizationConfigMixin):
+        """Marks a model :func:`quantize_model` quantized to fastpeft's int4 (not a transformers format)."""
+
+        def __init__(self, compute_dtype=None):
+            self.quant_method = "fastpeft_int4"
+            self.compute_dtype = compute_dtype
+
+    class FastpeftInt4Quantizer(HfQuantizer):
+        """Trainable and dequantizable, but not serializable: transformers cannot load fastpeft's int4."""
+
+        requires_calibration = False
+
+        def __init__(self, quantization_config):
+            super().__init__(quantization_config, pre_quantized=False)
+
+        def is_serializable(self, *args, **kwargs) -> bool:
+            warnings.warn(INT4_SAVE_MESSAGE, stacklevel=3)
+            return False
+
+        @property
+        def is_trainable(self) -> bool:
+            return True
+
+        @property
+        def is_compileable(self) -> bool:
+            return True
+
+        def _dequantize(self, model, dtype=None):
+            return dequantize_model(model, dtype)
+
+    for cls in (FastpeftBnb4BitQuantizer, FastpeftInt4Config, FastpeftInt4Quantizer):
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__  # pickled by name (module __getattr__ below)
+        _HF_CLASSES[cls.__name__] = cls
+    return _HF_CLASSES
+
+
+INT4_SAVE_MESSAGE = (
+    "fastpeft's int4 format is not a bitsandbytes format: transformers cannot load a save_pretrained checkpoint of "
+    "it, so save_pretrained refuses it. Keep the weights with torch.save(model.state_dict()) (or safetensors) and "
+    "load them into a model quantize_model(quant_type='int4') built, quantize to 'nf4'/'fp4' instead, or call "
+    "model.dequantize() first to save full-precision weights.")
+
+
+def __getattr__(name: str):
+    """The transformers quantizer classes, built on first access (so unpickling a model finds them)."""
+    if name in ("FastpeftBnb4BitQuantizer", "FastpeftInt4Config", "FastpeftInt4Quantizer"):
+        return _hf_quantizer_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
