@@ -12,7 +12,6 @@ Example (adapter layers in a plain module, no ``PeftModel`` wrapper, as with pef
 
 from __future__ import annotations
 
-import enum
 import os
 import warnings
 from typing import Any
@@ -20,25 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import LoraConfig
-
-
-class PeftType(str, enum.Enum):
-    """peft's ``PeftType`` for the methods fastpeft builds (plus fastpeft's own ``BOTTLENECK``, ``BITFIT`` and
-    ``FREEZE``); each member equals its string (``config.peft_type == PeftType.LORA``). peft's other types are
-    absent on purpose: fastpeft cannot build them."""
-
-    PROMPT_TUNING = "PROMPT_TUNING"
-    P_TUNING = "P_TUNING"
-    PREFIX_TUNING = "PREFIX_TUNING"
-    LORA = "LORA"
-    ADALORA = "ADALORA"
-    IA3 = "IA3"
-    BOTTLENECK = "BOTTLENECK"
-    BITFIT = "BITFIT"
-    FREEZE = "FREEZE"
-    TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
-    LN_TUNING = "LN_TUNING"
+from .config import LoraConfig, PeftType
 
 
 def _config_classes() -> dict[PeftType, type]:

@@ -34,6 +34,28 @@ class TaskType(str, enum.Enum):
 
 TASK_TYPES = tuple(t.value for t in TaskType)
 
+
+class PeftType(str, enum.Enum):
+    """peft's ``PeftType`` for the methods fastpeft builds (plus fastpeft's own ``BOTTLENECK``, ``BITFIT`` and
+    ``FREEZE``): what every config's ``peft_type`` holds, as in peft (``config.peft_type.value`` is ``"LORA"``).
+    Each member equals its string (``config.peft_type == "LORA"``), and ``str()`` / f-strings give the value on
+    every Python version. peft's other types are absent on purpose: fastpeft cannot build them."""
+
+    PROMPT_TUNING = "PROMPT_TUNING"
+    P_TUNING = "P_TUNING"
+    PREFIX_TUNING = "PREFIX_TUNING"
+    LORA = "LORA"
+    ADALORA = "ADALORA"
+    IA3 = "IA3"
+    BOTTLENECK = "BOTTLENECK"
+    BITFIT = "BITFIT"
+    FREEZE = "FREEZE"
+    TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
+    LN_TUNING = "LN_TUNING"
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
 BIAS_CHOICES = ("none", "all", "lora_only")
 
 # peft LoraConfig fields fastpeft does not implement, with the values under which they change nothing.
@@ -361,6 +383,7 @@ class LoraConfig(AdapterConfigFile):
     def __post_init__(self) -> None:
         if self.peft_type != "LORA":
             raise ValueError(f"LoraConfig has peft_type 'LORA', got {self.peft_type!r}")
+        self.peft_type = PeftType.LORA  # (peft's enum: ``.value`` works; equal to "LORA")
         if self.task_type is not None:  # peft's TaskType (or fastpeft's) -> its string
             self.task_type = str(getattr(self.task_type, "value", self.task_type))
         if self.task_type is not None and self.task_type not in TASK_TYPES:

@@ -24,7 +24,7 @@ from torch import nn
 
 from .alora import check_offsets as check_alora_offsets
 from .alora import offsets_for_call as alora_offsets_for_call
-from .config import DEFAULT_TARGET_MODULES, LoraConfig, from_peft_lora_config
+from .config import DEFAULT_TARGET_MODULES, LoraConfig, PeftType, from_peft_lora_config
 from .errors import NoMatchingPeftModuleError
 from .layers.conv import FastLoraConv, is_plain_conv
 from .layers.embedding import FastLoraEmbedding, refuse_embedding_dora
@@ -58,6 +58,37 @@ def delegating_getattr(inner: str, *own: str):
             return getattr(getattr(self, inner), name)
 
     return __getattr__
+
+
+def deepcopy_keeping_shared_memory(self: nn.Module, memo: dict) -> nn.Module:
+    """``copy.deepcopy`` of a model whose parameters may share memory — the adapters ``ensure_weight_tying`` ties
+    (the head's ``lora_A``/``lora_B`` are views of the embeddings' ``lora_embedding_B``/``A``): ``nn.Parameter``'s
+    own deepcopy clones each parameter alone, so the copy's head and embeddings would train apart. Parameters that
+    share memory here share it in the copy too (peft's deepcopy of such a model raises instead)."""
+    new = copy._reconstruct(self, memo, *self.__reduce_ex__(4))
+    copies = dict(new.named_parameters(remove_duplicate=False))
+    first: dict[tuple, tuple[nn.Parameter, nn.Parameter]] = {}
+    for name, p in self.named_parameters(remove_duplicate=False):
+        if p.device.type == "meta" or p.numel() == 0:
+            continue
+        key = (p.device, p.untyped_storage().data_ptr())
+        if key not in first:
+            first[key] = (p, copies[name])
+            continue
+        p0, c0 = first[key]
+        if p is p0 or copies[name].untyped_storage().data_ptr() == c0.untyped_storage().data_ptr():
+            continue  # (the same Parameter, or already sharing in the copy)
+        same_layout = (c0.storage_offset() == p0.storage_offset() and c0.stride() == p0.stride()
+                       and c0.untyped_storage().nbytes() == p0.untyped_storage().nbytes())
+        if not same_layout:
+            warnings.warn(f"deepcopy: {name} shares memory with another parameter in the original but cannot be "
+                          "tied the same way in the copy", stacklevel=3)
+            continue
+        view = torch.empty(0, dtype=p.dtype, device=c0.device).set_(c0.untyped_storage(), p.storage_offset(),
+                                                                      p.size(), p.stride())
+        owner, _, attr = name.rpartition(".")
+        setattr(new.get_submodule(owner) if owner else new, attr, nn.Parameter(view, requires_grad=p.requires_grad))
+    return new
 
 
 def record_base_model_name(config: Any, model: nn.Module) -> None:
@@ -182,8 +213,8 @@ class ModulesToSaveWrapper(nn.Module):
             if unexpanded is not None and len(unexpanded) == x.shape[0]:
                 names = list(unexpanded)
             else:
-                raise ValueError(f"Length of `adapter_names` ({len(names)}) should be the same as the batch size "
-                                 f"of the input of modules_to_save ({x.shape[0]})")
+                raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
+                                 f"{len(names)} and {x.shape[0]} respectively.")
         groups: dict[str, list[int]] = {}
         for i, name in enumerate(names):
             groups.setdefault(name, []).append(i)
@@ -225,7 +256,19 @@ class ModulesToSaveWrapper(nn.Module):
         inverse[torch.tensor(order)] = torch.arange(len(order))
         return torch.cat(outs).index_select(0, inverse.to(x.device))
 
-    __getattr__ = delegating_getattr("original_module", "modules_to_save")
+    def __getattr__(self, name: str):
+        """A name the wrapper lacks is read from the module that runs now (as peft's wrapper): the active adapter's
+        copy while adapters are enabled — ``model.lm_head.weight`` is the trained weight a fused loss reads — the
+        original module otherwise."""
+        try:
+            return nn.Module.__getattr__(self, name)
+        except AttributeError:
+            if name in _MTS_OWN or "_modules" not in self.__dict__:
+                raise
+            return getattr(self._current(), name)
+
+
+_MTS_OWN = ("original_module", "modules_to_save", "_active_adapter", "_disable_adapters")
 
 
 # --------------------------------------------------------------------------- matching
@@ -468,6 +511,7 @@ class LoraModel(nn.Module):
             self.inject_adapter(from_peft_lora_config(cfg), name, autocast_adapter_dtype=autocast_adapter_dtype)
 
     __getattr__ = delegating_getattr("model")
+    __deepcopy__ = deepcopy_keeping_shared_memory
 
     def forward(self, *args, adapter_names: list[str] | None = None,
                 alora_offsets: list[int | None] | None = None, **kwargs):
@@ -2001,6 +2045,7 @@ class PeftModel(nn.Module):
     __new__.__signature__ = inspect.signature(__init__)
 
     __getattr__ = delegating_getattr("base_model")
+    __deepcopy__ = deepcopy_keeping_shared_memory
 
     # ----------------------------------------------------------------- running
     forward = _ForwardDescriptor()
@@ -2053,9 +2098,9 @@ class PeftModel(nn.Module):
         return self.peft_config[active[0]] if active else next(iter(self.peft_config.values()))
 
     @property
-    def peft_type(self) -> str:
-        """The active adapter's method, as peft's ``PeftType`` value (``"LORA"``, ``"IA3"``, …)."""
-        return str(getattr(self.active_peft_config, "peft_type", "LORA"))
+    def peft_type(self) -> PeftType:
+        """The active adapter's method, a ``PeftType`` as in peft (equal to ``"LORA"``, ``"IA3"``, …)."""
+        return PeftType(str(getattr(self.active_peft_config, "peft_type", "LORA")))
 
     @property
     def modules_to_save(self) -> set[str] | None:

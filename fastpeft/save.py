@@ -150,6 +150,13 @@ def _drop_adapter_name(key: str, adapter_name: str) -> str:
     return key
 
 
+def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with FSDP2's sharded DTensors (``fully_shard``) gathered into full tensors. ``full_tensor()`` is
+    collective, so every rank must call this (``save_pretrained`` does, whatever its ``is_main_process``) with the
+    keys in the same order (state-dict order is)."""
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in tensors.items()}
+
+
 def adapter_state_dict(peft_model: PeftModel, adapter_name: str = "default",
                        state_dict: dict[str, torch.Tensor] | None = None,
                        save_embedding_layers: bool | str = "auto") -> dict[str, torch.Tensor]:
@@ -223,10 +230,7 @@ def adapter_state_dict(peft_model: PeftModel, adapter_name: str = "default",
                           stacklevel=3)
         else:
             out.update(embeddings)
-    # FSDP2 (fully_shard) holds parameters as sharded DTensors: gather each kept one into a full tensor.
-    # full_tensor() is collective, so every rank must call this (save_pretrained does, whatever its
-    # is_main_process); the keys come in state-dict order, the same on every rank.
-    out = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in out.items()}
+    out = full_tensors(out)
     if state_dict is None:  # taken from the module itself: partitioned parameters show as empty (as peft checks)
         warn_ungathered(out, adapter_name)
     return out

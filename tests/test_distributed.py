@@ -322,3 +322,21 @@ def test_two_process_train_resumed_equals_the_uninterrupted_run(tmp_path):
     resumed = launch(tmp_path / "part", "--max-steps", "6", "--save-steps", "100", "--resume",
                      str(tmp_path / "part" / "checkpoint-1"))
     assert resumed == full
+
+
+def test_fsdp2_save_of_the_other_methods(tmp_path):
+    """IA3, AdaLoRA, LN tuning and prompt tuning saved from an FSDP2-sharded model (2 processes) write the file one
+    process writes (the gather is collective: every rank computes the state, rank 0 writes; peft 0.21 crashes on
+    all of them, and so did fastpeft: a sharded storage, or the prompt encoder run on sharded weights)."""
+    from safetensors.torch import load_file
+
+    script = Path(__file__).parent / "dist_scripts" / "methods_save_worker.py"
+    run_launcher([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={NPROC}",
+                  str(script), "--out", str(tmp_path / "multi")])
+    run_launcher([sys.executable, str(script), "--single", "--out", str(tmp_path / "one")])
+    for method in ("ia3", "adalora", "lntuning", "prompt"):
+        multi = load_file(tmp_path / "multi" / method / "adapter_model.safetensors")
+        one = load_file(tmp_path / "one" / method / "adapter_model.safetensors")
+        assert multi.keys() == one.keys() and len(one) > 0, method
+        for k in one:
+            torch.testing.assert_close(multi[k], one[k], rtol=1e-5, atol=1e-6, msg=f"{method} {k}")

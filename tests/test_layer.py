@@ -195,9 +195,13 @@ def test_bad_arguments():
         layer(torch.randn(2, 7))
     with pytest.raises(TypeError, match="floating-point input.*int64"):  # not integer-truncated weights
         layer(torch.ones(2, 8, dtype=torch.long))
-    layer.base_layer.weight.requires_grad_(True)
-    with pytest.raises(RuntimeError, match="frozen"):
-        layer(torch.randn(2, 8))
+    layer.base_layer.weight.requires_grad_(True)  # trains, unfused, as peft (tests/test_module_habits.py)
+    with pytest.warns(UserWarning, match="base weight requires grad"):
+        import fastpeft.layers.lora as L
+
+        L._TRAINABLE_BASE_WARNED.clear()
+        layer(torch.randn(2, 8)).sum().backward()
+    assert layer.base_layer.weight.grad is not None
 
 
 def test_forward_on_the_meta_device_gives_shapes_like_peft():

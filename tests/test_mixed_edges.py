@@ -101,3 +101,31 @@ def test_generation_config_passed_positionally_expands_the_names():
     for i, name in enumerate(names):
         alone = ours.generate(ids[i:i + 1], config, adapter_names=[name])
         assert torch.equal(alone, positional[i:i + 1])
+
+
+def test_idle_adapters_draw_no_dropout_seed():
+    """A trainable adapter with dropout and no row in the batch joins the op with zero rows; it must not draw a
+    dropout seed (it drops nothing): otherwise torch's generator advanced with grad on and not without, so reentrant
+    checkpointing (forward under no_grad, recomputation with grad) recomputed other masks, and a batch all of one
+    adapter dropped other elements than that adapter alone."""
+    model = fastpeft.get_peft_model(tiny_llama(), fastpeft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+    model.add_adapter("b", fastpeft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.5, target_modules=["q_proj"],
+                                               init_lora_weights=False))
+    model.train()
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    ids = torch.randint(0, 64, (4, 7), generator=torch.Generator().manual_seed(0))
+
+    def loss(**kw):
+        torch.manual_seed(123)
+        return model(ids, labels=ids, **kw).loss
+
+    names = ["b", "b", "__base__", "b"]
+    with_grad = loss(adapter_names=names)
+    with torch.no_grad():
+        without = loss(adapter_names=names)
+    assert with_grad.item() == without.item()
+    all_b = loss(adapter_names=["b"] * 4).item()
+    model.base_model.set_adapter("b")
+    assert loss().item() == all_b

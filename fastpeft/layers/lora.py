@@ -27,6 +27,7 @@ import weakref
 import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.nn.modules import module as _module_hooks
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..alora import token_mask as alora_token_mask
@@ -141,6 +142,17 @@ def _is_conv1d(module: nn.Module) -> bool:
     )
 
 
+_TRAINABLE_BASE_WARNED = []
+
+
+def _warn_trainable_base() -> None:
+    if not _TRAINABLE_BASE_WARNED and not torch.compiler.is_compiling():
+        _TRAINABLE_BASE_WARNED.append(True)
+        warnings.warn("a LoRA layer's base weight requires grad: such layers run unfused (the base layer's forward "
+                      "plus the adapters in plain PyTorch, as peft) so the base weight gets its gradient; freeze it "
+                      "(requires_grad_(False)) for the fused kernels", stacklevel=4)
+
+
 def _has_own_forward(base: nn.Module) -> bool:
     """Whether ``base``'s output is not simply ``x Wᵀ + b`` with the weight it holds now: an ``nn.Linear``
     subclass with a forward of its own (bitsandbytes' 8-bit ``Linear8bitLt``, fp8 or other quantized linears:
@@ -154,6 +166,14 @@ def _has_own_forward(base: nn.Module) -> bool:
     if type(base).__name__ in _PLAIN_LINEAR_SUBCLASSES and type(base).__module__.startswith("transformers."):
         return False
     return isinstance(base, nn.Linear) and type(base).forward is not nn.Linear.forward
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run hooks (its own forward/backward hooks, or global module hooks)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or _module_hooks._global_forward_hooks
+                or _module_hooks._global_forward_pre_hooks or _module_hooks._global_backward_hooks
+                or _module_hooks._global_backward_pre_hooks)
 
 
 # transformers' nn.Linear subclasses whose own forward computes exactly ``x Wᵀ + b`` (Falcon's: ``x @ W.T + b``):
@@ -870,10 +890,11 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         active = [n for n in self._active_adapters if n in self.lora_A]
         if not active:
             return self.base_layer(x, *args, **kwargs)
+        unfused = self._unfused(active)
         keep = None  # the activated tokens, for aLoRA adapters run unfused (on an opaque base, or after the first)
-        if (self._opaque_base or len(active) > 1) and any(self.use_alora.get(n, False) for n in active):
+        if (unfused or len(active) > 1) and any(self.use_alora.get(n, False) for n in active):
             keep = alora_token_mask(alora_offsets, tuple(x.shape[:-1]))
-        if self._opaque_base:
+        if unfused:
             y = self.base_layer(x, *args, **kwargs)
             for name in active:
                 y = self._chain_unfused(x, y, name, keep if self.use_alora.get(name, False) else None)
@@ -889,6 +910,26 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         for name in rest:  # further active adapters (rare): added unfused, as peft does
             y = self._chain_unfused(x, y, name, keep if self.use_alora.get(name, False) else None)
         return y
+
+    def _unfused(self, names) -> bool:
+        """Whether this call runs peft's path — the base layer's own forward, then each adapter through its
+        ``lora_dropout`` / ``lora_A`` / ``lora_B`` modules — instead of the fused op: on an opaque base (see
+        ``_has_own_forward``), a base put under an accelerate hook after wrapping (offloaded: its weight waits on
+        the meta device), a base weight that trains (the fused op computes no gradient for it; peft's path does),
+        and while the base layer or one of the adapters' modules carries hooks (so they fire, as in peft)."""
+        if self._opaque_base:
+            return True
+        base = self.base_layer
+        if getattr(base, "_hf_hook", None) is not None:
+            return True
+        weight = getattr(base, "weight", None)
+        if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+            _warn_trainable_base()
+            return True
+        if _hooked(base):
+            return True
+        return any(_hooked(self.lora_A[n]) or _hooked(self.lora_B[n]) or _hooked(self.lora_dropout[n])
+                   for n in names if n in self.lora_A)
 
     def _refuse_opaque(self, what: str) -> None:
         if self._opaque_base:
@@ -999,13 +1040,16 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__} expected input of shape (..., {self.in_features}), "
                              f"got {tuple(x.shape)}")
-        if self._opaque_base:
+        if self._unfused(dict.fromkeys(names)):
             return self._mixed_batch_unfused(x, *args, names=names, alora_offsets=alora_offsets, **kwargs)
         weight = self.base_weight_for_op()
         present = [n for n in dict.fromkeys(names) if n in self.lora_A]
+        with_rows = len(present)
         if self.training and torch.is_grad_enabled() and not _only:
             # Trainable adapters with no row in this batch join the op with zero rows: their gradients are
-            # zeros rather than absent, so DistributedDataParallel finds every trainable parameter used.
+            # zeros rather than absent, so DistributedDataParallel finds every trainable parameter used. They drop
+            # nothing (p = 0): whether a seed is drawn from torch's generator must not depend on grad mode
+            # (reentrant checkpointing runs the forward without grad and recomputes it with grad).
             present += [n for n in self.lora_A if n not in present and self.lora_A[n].weight.requires_grad]
         if not present:
             return self.base_layer(x, *args, **kwargs)
@@ -1034,7 +1078,8 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
                 stacks = cache[skey] = stack_adapters(As, Bs)
         y = lora_linear_mixed(x, weight, self.base_layer.bias, As, Bs, None, rows=rows, stacks=stacks,
                               scales=[self.scaling[n] for n in present],
-                              dropout_ps=[self._dropout_p(n) for n in present], training=self.training,
+                              dropout_ps=[self._dropout_p(n) if i < with_rows else 0.0 for i, n in enumerate(present)],
+                              training=self.training,
                               fan_in_fan_out=self.fan_in_fan_out, compute_dtype=_compute_dtype)
         if lora_bias:
             y = self._add_row_lora_bias(y, index, present)

@@ -29,7 +29,7 @@ from ..model import (
     wrap_matching_modules,
 )
 from ..model import PeftModel as _LoraPeftModel
-from ..save import read_adapter_file, write_adapter_files
+from ..save import full_tensors, read_adapter_file, write_adapter_files
 from .configs import SUPPORTED_TASK_TYPES, MethodConfig
 
 CLASSIFIER_HEADS = ("classifier", "score")
@@ -657,8 +657,10 @@ def tuner_state_dict(peft_model: MethodPeftModel, adapter_name: str, for_saving:
                 out[wrapper + "." + key[len(prefix):]] = value
     for key in tuner._extra_saved_names(adapter_name):
         out[key] = state[key]
-    if for_saving and hasattr(tuner, "postprocess_saved"):
-        return tuner.postprocess_saved(out, adapter_name)
+    if for_saving:
+        out = full_tensors(out)  # FSDP2: gathered (collective: every rank saves)
+        if hasattr(tuner, "postprocess_saved"):
+            return tuner.postprocess_saved(out, adapter_name)
     return out
 
 
@@ -668,13 +670,13 @@ def save_one_adapter(peft_model: nn.Module, adapter_name: str, save_directory: s
     config written by :func:`write_adapter` (on the main process only)."""
     if os.path.isfile(save_directory):
         raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+    tensors = peft_model.adapter_state_dict(adapter_name)  # on every rank: FSDP2's gather is collective
     if not is_main_process:
         return
     from ..auto import auto_mapping_for
 
     config = peft_model.peft_config[adapter_name]
-    write_adapter(save_directory, peft_model.adapter_state_dict(adapter_name), config, safe_serialization,
-                  auto_mapping_for(peft_model, config))
+    write_adapter(save_directory, tensors, config, safe_serialization, auto_mapping_for(peft_model, config))
 
 
 def write_adapter(save_directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: MethodConfig,

@@ -22,6 +22,7 @@ from ..config import (  # noqa: F401  (re-exported)
     CONFIG_NAME,
     TASK_TYPES,
     AdapterConfigFile,
+    PeftType,
     read_config_dict,
     write_config_json,
 )
@@ -48,9 +49,10 @@ class MethodConfig(AdapterConfigFile):
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        self.peft_type = str(_enum_value(self.peft_type)) if self.peft_type is not None else self.PEFT_TYPE
-        if self.peft_type != self.PEFT_TYPE:
-            raise ValueError(f"{type(self).__name__} has peft_type {self.PEFT_TYPE!r}, got {self.peft_type!r}")
+        peft_type = str(_enum_value(self.peft_type)) if self.peft_type is not None else self.PEFT_TYPE
+        if peft_type != self.PEFT_TYPE:
+            raise ValueError(f"{type(self).__name__} has peft_type {self.PEFT_TYPE!r}, got {peft_type!r}")
+        self.peft_type = PeftType(peft_type)  # (peft's enum: ``.value`` works; equal to its string)
         if self.task_type is not None:
             self.task_type = str(_enum_value(self.task_type))
             if self.task_type not in TASK_TYPES:

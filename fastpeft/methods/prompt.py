@@ -31,6 +31,7 @@ from torch import nn
 
 from ..model import ModulesToSaveWrapper, record_base_model_name
 from ..model import PeftModel as _LoraPeftModel
+from ..save import full_tensors
 from .base import (
     SignedForward,
     check_task_fit,
@@ -335,12 +336,15 @@ class PromptLearningPeftModel(_LoraPeftModel):
     def _is_prefix(self) -> bool:
         return isinstance(self.active_peft_config, PrefixTuningConfig)
 
-    def _encoder_output(self) -> torch.Tensor:
+    def _encoder_output(self, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The prompt encoder's output ``(1, n, width)`` (with ``params`` in place of its parameters, if given)."""
         cfg = self.active_peft_config
         encoder = self.prompt_encoder[self._adapter]
         n = cfg.num_virtual_tokens if self._is_prefix else cfg.num_virtual_tokens * cfg.num_transformer_submodules
         tokens = torch.arange(n, device=encoder.embedding.weight.device).unsqueeze(0)
-        return encoder(tokens)  # (1, n, width)
+        if params is not None:
+            return torch.func.functional_call(encoder, params, (tokens,))
+        return encoder(tokens)
 
     def get_prompt(self, batch_size: int) -> torch.Tensor | object:
         """The virtual-token embeddings ``(batch, tokens, dim)``, or for prefix tuning a filled ``Cache``."""
@@ -586,17 +590,22 @@ class PromptLearningPeftModel(_LoraPeftModel):
         """What ``save_pretrained`` writes as ``prompt_embeddings``: the encoder's output, ``(tokens, width)``."""
         if adapter_name != self._adapter:
             raise ValueError(f"unknown adapter {adapter_name!r}")
+        encoder = self.prompt_encoder[self._adapter]
         with torch.no_grad():
-            return self._encoder_output()[0].detach().cpu()
+            if not any(hasattr(p, "full_tensor") for p in encoder.parameters()):
+                return self._encoder_output()[0].detach().cpu()
+            # FSDP2 shards the encoder's parameters outside forward: run it on the gathered ones (collective)
+            return self._encoder_output(full_tensors(dict(encoder.named_parameters())))[0].detach().cpu()
 
     def adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-        """``prompt_embeddings`` plus the ``modules_to_save`` copies under peft's names."""
+        """``prompt_embeddings`` plus the ``modules_to_save`` copies under peft's names (FSDP2's shards gathered:
+        every rank must call it)."""
         out = {"prompt_embeddings": self.get_prompt_embedding_to_save(adapter_name)}
         for name, module in self.base_model.named_modules():
             if isinstance(module, ModulesToSaveWrapper):
                 for pname, value in module.modules_to_save[adapter_name].state_dict().items():
                     out[f"base_model.{name}.{pname}"] = value
-        return out
+        return full_tensors(out)
 
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
                         selected_adapters: list[str] | None = None, save_embedding_layers: str | bool = "auto",
