@@ -46,11 +46,13 @@ from .ops import (
     backend_for,
     check_lora_inputs,
     draw_seed,
+    eager_function,
     fake_backward,
     fake_forward,
     op_grads,
     op_output,
     to_autocast_dtype,
+    traced,
 )
 from .quant import Weight4bit, dequantize_kernel
 
@@ -169,8 +171,7 @@ def _backward_wide(dy2d: Tensor, x2d: Tensor, w4: Weight4bit, lora_A: Tensor, lo
     return dx, dA, dB, dbias
 
 
-@torch.library.custom_op("fastpeft::lora_linear_4bit", mutates_args=())
-def _lora_linear_4bit_op(x: Tensor, packed: Tensor, absmax: Tensor, code: Optional[Tensor],
+def _forward_body(x: Tensor, packed: Tensor, absmax: Tensor, code: Optional[Tensor],
                          nested_code: Optional[Tensor], nested_absmax: Optional[Tensor], offset: Optional[Tensor],
                          zeros: Optional[Tensor], bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                          seed: Optional[Tensor], fmt: int, blocksize: int, nested_blocksize: int, out_features: int,
@@ -193,14 +194,16 @@ def _lora_linear_4bit_op(x: Tensor, packed: Tensor, absmax: Tensor, code: Option
     return op_output(y, (*x.shape[:-1], out_features)), op_output(xa, xa.shape)
 
 
+_lora_linear_4bit_op = torch.library.custom_op("fastpeft::lora_linear_4bit", _forward_body, mutates_args=())
+
+
 @_lora_linear_4bit_op.register_fake
 def _(x, packed, absmax, code, nested_code, nested_absmax, offset, zeros, bias, lora_A, lora_B, seed, fmt, blocksize,
       nested_blocksize, out_features, in_features, scale, dropout_p, compute_dtype=None):
     return fake_forward(x, in_features, out_features, lora_A.shape[0])
 
 
-@torch.library.custom_op("fastpeft::lora_linear_4bit_backward", mutates_args=())
-def _lora_linear_4bit_backward_op(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, code: Optional[Tensor],
+def _backward_body(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, code: Optional[Tensor],
                                   nested_code: Optional[Tensor], nested_absmax: Optional[Tensor],
                                   offset: Optional[Tensor], zeros: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                                   xa: Tensor, seed: Optional[Tensor], fmt: int, blocksize: int, nested_blocksize: int,
@@ -230,6 +233,10 @@ def _lora_linear_4bit_backward_op(dy: Tensor, x: Tensor, packed: Tensor, absmax:
     return op_grads(x, grads)
 
 
+_lora_linear_4bit_backward_op = torch.library.custom_op("fastpeft::lora_linear_4bit_backward", _backward_body,
+                                                        mutates_args=())
+
+
 @_lora_linear_4bit_backward_op.register_fake
 def _(dy, x, packed, absmax, code, nested_code, nested_absmax, offset, zeros, lora_A, lora_B, xa, seed, fmt,
       blocksize, nested_blocksize, out_features, in_features, scale, dropout_p, need_dx, need_dA, need_dB,
@@ -249,14 +256,16 @@ def _setup_context(ctx, inputs, output):
     ctx.meta = (fmt, blocksize, nested_blocksize, out_features, in_features, scale, dropout_p)
     ctx.compute_dtype = compute_dtype[0] if compute_dtype else None
     ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.mark_non_differentiable(xa)
+    if not getattr(ctx, "eager", False):  # (the eager Function returns y alone)
+        ctx.mark_non_differentiable(xa)
 
 
 def _backward(ctx, dy, _dxa):
     x, packed, absmax, code, nested_code, nested_absmax, offset, zeros, lora_A, lora_B, xa, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_dx, need_dbias, need_dA, need_dB = need[0], need[8], need[9], need[10]
-    dx, dA, dB, dbias = _lora_linear_4bit_backward_op(
+    op = _backward_body if getattr(ctx, "eager", False) else _lora_linear_4bit_backward_op
+    dx, dA, dB, dbias = op(
         dy, x, packed, absmax, code, nested_code, nested_absmax, offset, zeros, lora_A, lora_B, xa, seed, *ctx.meta,
         need_dx, need_dA, need_dB, need_dbias, ctx.compute_dtype)
     return (dx if need_dx else None, None, None, None, None, None, None, None,
@@ -268,8 +277,7 @@ _lora_linear_4bit_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------- decode dispatch point
-@torch.library.custom_op("fastpeft::lora_linear_4bit_decode", mutates_args=())
-def _lora_linear_4bit_decode_op(x: Tensor, packed: Tensor, absmax: Tensor, code: Optional[Tensor],
+def _decode_body(x: Tensor, packed: Tensor, absmax: Tensor, code: Optional[Tensor],
                                 nested_code: Optional[Tensor], nested_absmax: Optional[Tensor],
                                 offset: Optional[Tensor], zeros: Optional[Tensor], bias: Optional[Tensor],
                                 lora_A: Tensor, lora_B: Tensor, fmt: int, blocksize: int, nested_blocksize: int,
@@ -291,6 +299,10 @@ def _lora_linear_4bit_decode_op(x: Tensor, packed: Tensor, absmax: Tensor, code:
             y = _kernels.lora_gemv_4bit(xg, packed, absmax, code, blocksize, out_features, in_features, bias=b,
                                         xa=xa, lora_B=lora_B, scale=scale, **nested, **out)
     return op_output(y, (*x.shape[:-1], out_features))
+
+
+_lora_linear_4bit_decode_op = torch.library.custom_op("fastpeft::lora_linear_4bit_decode", _decode_body,
+                                                      mutates_args=())
 
 
 @_lora_linear_4bit_decode_op.register_fake
@@ -333,11 +345,15 @@ def lora_linear_4bit(x: Tensor, weight: Weight4bit, bias: Optional[Tensor], lora
     meta = (fmt, int(weight.blocksize), int(weight.nested_blocksize), out_f, in_f)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, bias, lora_A, lora_B))
-    if _decode_gemv(x, needs_grad, p):
-        return _lora_linear_4bit_decode_op(x, *args, *meta, float(scale), cdt)
+    if _decode_gemv(x, needs_grad, p):  # (no autograd: eager calls skip the custom op's dispatch)
+        return (_lora_linear_4bit_decode_op if traced(x) else _decode_body)(x, *args, *meta, float(scale), cdt)
     if p == 0.0:
         seed = None
     elif seed is None:
         seed = draw_seed(x.device)
-    y, _ = _lora_linear_4bit_op(x, *args, seed, *meta, float(scale), p, cdt)
-    return y
+    if traced(x):
+        return _lora_linear_4bit_op(x, *args, seed, *meta, float(scale), p, cdt)[0]
+    return _LoraLinear4bitFn.apply(x, *args, seed, *meta, float(scale), p, cdt)
+
+
+_LoraLinear4bitFn = eager_function("_LoraLinear4bitFn", _forward_body, _setup_context, _backward)

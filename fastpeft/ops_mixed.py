@@ -33,11 +33,13 @@ from .ops import (
     _out_features,
     backend_for,
     draw_seed,
+    eager_function,
     fake_backward,
     fake_forward,
     op_grads,
     op_output,
     to_autocast_dtype,
+    traced,
 )
 from .quant import Weight4bit
 
@@ -140,12 +142,14 @@ def torch_mixed_backward(dy, x2d, weight, A_stack, B_stack, xa, idx_s, perm, seg
 
 
 # ----------------------------------------------------------------------------- the op
-@torch.library.custom_op("fastpeft::lora_mixed", mutates_args=())
-def _lora_mixed_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_stack: Tensor, B_stack: Tensor,
+def _mixed_body(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_stack: Tensor, B_stack: Tensor,
                    idx_s: Tensor, perm: Tensor, seg: Tensor, seed: Optional[Tensor], scales: list[float],
                    dropout_ps: list[float], fan_in_fan_out: bool) -> tuple[Tensor, Tensor]:
     return _forward_impl(x, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed, scales, dropout_ps,
                          fan_in_fan_out, backend_for(x) == "triton")
+
+
+_lora_mixed_op = torch.library.custom_op("fastpeft::lora_mixed", _mixed_body, mutates_args=())
 
 
 def _forward_impl(x, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed, scales, dropout_ps, fan_in_fan_out,
@@ -167,13 +171,16 @@ def _(x, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed, scales, dropout
     return fake_forward(x, A_stack.shape[2], _out_features(weight, fan_in_fan_out), A_stack.shape[1])
 
 
-@torch.library.custom_op("fastpeft::lora_mixed_backward", mutates_args=())
-def _lora_mixed_backward_op(dy: Tensor, x: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tensor, xa: Tensor,
+def _mixed_backward_body(dy: Tensor, x: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tensor, xa: Tensor,
                             idx_s: Tensor, perm: Tensor, seg: Tensor, seed: Optional[Tensor], scales: list[float],
                             dropout_ps: list[float], fan_in_fan_out: bool, need_dx: bool, need_dA: bool,
                             need_dB: bool, need_dbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _backward_impl(dy, x, weight, A_stack, B_stack, xa, idx_s, perm, seg, seed, scales, dropout_ps,
                           fan_in_fan_out, need_dx, need_dA, need_dB, need_dbias, backend_for(x) == "triton")
+
+
+_lora_mixed_backward_op = torch.library.custom_op("fastpeft::lora_mixed_backward", _mixed_backward_body,
+                                                  mutates_args=())
 
 
 def _backward_impl(dy, x, weight, A_stack, B_stack, xa, idx_s, perm, seg, seed, scales, dropout_ps, fan_in_fan_out,
@@ -204,7 +211,8 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, A_stack, B_stack, xa, idx_s, perm, seg, seed)
     ctx.scales, ctx.dropout_ps, ctx.fan_in_fan_out = scales, dropout_ps, fan_in_fan_out
     ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.mark_non_differentiable(xa)
+    if not getattr(ctx, "eager", False):  # (the eager Function returns y alone)
+        ctx.mark_non_differentiable(xa)
 
 
 def _backward(ctx, dy, _dxa):
@@ -214,7 +222,8 @@ def _backward(ctx, dy, _dxa):
         raise RuntimeError("fastpeft's LoRA op keeps the base weight frozen: it computes no gradient for it. "
                            "Call base_layer.weight.requires_grad_(False), or train it without fastpeft.")
     need_dx, need_dbias, need_dA, need_dB = need[0], need[2], need[3], need[4]
-    dx, dA, dB, dbias = _lora_mixed_backward_op(
+    op = _mixed_backward_body if getattr(ctx, "eager", False) else _lora_mixed_backward_op
+    dx, dA, dB, dbias = op(
         dy, x, weight, A_stack, B_stack, xa, idx_s, perm, seg, seed, ctx.scales, ctx.dropout_ps,
         ctx.fan_in_fan_out, need_dx, need_dA, need_dB, need_dbias)
     return (dx if need_dx else None, None, dbias.to(ctx.bias_dtype) if need_dbias else None,
@@ -228,8 +237,7 @@ _lora_mixed_op.register_autograd(_backward, setup_context=_setup_context)
 # Same math with W0 = dequant(W4): decoded into the shared workspace (``fastpeft.ops4bit``) for the
 # call and decoded again in backward for dx — no dense copy of the base is kept between the two
 # (QLoRA's memory saving holds for mixed batches too). Format arguments as ``fastpeft::lora_linear_4bit``.
-@torch.library.custom_op("fastpeft::lora_mixed_4bit", mutates_args=())
-def _lora_mixed_4bit_op(x: Tensor, packed: Tensor, absmax: Tensor, code: Optional[Tensor],
+def _mixed_4bit_body(x: Tensor, packed: Tensor, absmax: Tensor, code: Optional[Tensor],
                         nested_code: Optional[Tensor], nested_absmax: Optional[Tensor], offset: Optional[Tensor],
                         zeros: Optional[Tensor], bias: Optional[Tensor], A_stack: Tensor, B_stack: Tensor,
                         idx_s: Tensor, perm: Tensor, seg: Tensor, seed: Optional[Tensor], fmt: int, blocksize: int,
@@ -243,14 +251,16 @@ def _lora_mixed_4bit_op(x: Tensor, packed: Tensor, absmax: Tensor, code: Optiona
                          base_dtype=compute_dtype)
 
 
+_lora_mixed_4bit_op = torch.library.custom_op("fastpeft::lora_mixed_4bit", _mixed_4bit_body, mutates_args=())
+
+
 @_lora_mixed_4bit_op.register_fake
 def _(x, packed, absmax, code, nested_code, nested_absmax, offset, zeros, bias, A_stack, B_stack, idx_s, perm, seg,
       seed, fmt, blocksize, nested_blocksize, out_features, in_features, scales, dropout_ps, compute_dtype=None):
     return fake_forward(x, in_features, out_features, A_stack.shape[1])
 
 
-@torch.library.custom_op("fastpeft::lora_mixed_4bit_backward", mutates_args=())
-def _lora_mixed_4bit_backward_op(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, code: Optional[Tensor],
+def _mixed_4bit_backward_body(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, code: Optional[Tensor],
                                  nested_code: Optional[Tensor], nested_absmax: Optional[Tensor],
                                  offset: Optional[Tensor], zeros: Optional[Tensor], A_stack: Tensor, B_stack: Tensor,
                                  xa: Tensor, idx_s: Tensor, perm: Tensor, seg: Tensor, seed: Optional[Tensor],
@@ -269,6 +279,10 @@ def _lora_mixed_4bit_backward_op(dy: Tensor, x: Tensor, packed: Tensor, absmax: 
                           need_dx, need_dA, need_dB, need_dbias, triton, base_dtype=compute_dtype)
 
 
+_lora_mixed_4bit_backward_op = torch.library.custom_op("fastpeft::lora_mixed_4bit_backward",
+                                                       _mixed_4bit_backward_body, mutates_args=())
+
+
 @_lora_mixed_4bit_backward_op.register_fake
 def _(dy, x, packed, absmax, code, nested_code, nested_absmax, offset, zeros, A_stack, B_stack, xa, idx_s, perm,
       seg, seed, fmt, blocksize, nested_blocksize, out_features, in_features, scales, dropout_ps, need_dx, need_dA,
@@ -285,13 +299,15 @@ def _setup_context_4bit(ctx, inputs, output):
     ctx.meta = (fmt, blocksize, nested_blocksize, out_features, in_features, scales, dropout_ps)
     ctx.compute_dtype = compute_dtype[0] if compute_dtype else None
     ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.mark_non_differentiable(xa)
+    if not getattr(ctx, "eager", False):  # (the eager Function returns y alone)
+        ctx.mark_non_differentiable(xa)
 
 
 def _backward_4bit(ctx, dy, _dxa):
     need = ctx.needs_input_grad
     need_dx, need_dbias, need_dA, need_dB = need[0], need[8], need[9], need[10]
-    dx, dA, dB, dbias = _lora_mixed_4bit_backward_op(dy, *ctx.saved_tensors, *ctx.meta, need_dx, need_dA, need_dB,
+    op = _mixed_4bit_backward_body if getattr(ctx, "eager", False) else _lora_mixed_4bit_backward_op
+    dx, dA, dB, dbias = op(dy, *ctx.saved_tensors, *ctx.meta, need_dx, need_dA, need_dB,
                                                      need_dbias, ctx.compute_dtype)
     return ((dx if need_dx else None,) + (None,) * 7
             + (dbias.to(ctx.bias_dtype) if need_dbias else None, dA if need_dA else None, dB if need_dB else None)
@@ -420,16 +436,18 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_As
     idx_s, perm, seg = rows
     if quantized:
         fmt = _ops4bit.FMT_INT4 if weight.quant_type == "int4" else _ops4bit.FMT_BNB
-        y, _ = _lora_mixed_4bit_op(x, weight.packed, weight.absmax, weight.code, weight.nested_code,
-                                   weight.nested_absmax, weight.offset, weight.zeros, bias, A_stack, B_stack, idx_s,
-                                   perm, seg, seed, fmt, int(weight.blocksize), int(weight.nested_blocksize),
-                                   out_features, in_features, [float(s) for s in scales], ps,
-                                   _ops4bit.wide_compute_dtype(x, compute_dtype))
-        return y
-    y, _ = _lora_mixed_op(x, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed,
-                          [float(s) for s in scales], ps, bool(fan_in_fan_out))
-    return y
+        args = (x, weight.packed, weight.absmax, weight.code, weight.nested_code, weight.nested_absmax,
+                weight.offset, weight.zeros, bias, A_stack, B_stack, idx_s, perm, seg, seed, fmt,
+                int(weight.blocksize), int(weight.nested_blocksize), out_features, in_features,
+                [float(s) for s in scales], ps, _ops4bit.wide_compute_dtype(x, compute_dtype))
+        return _lora_mixed_4bit_op(*args)[0] if traced(x) else _LoraMixed4bitFn.apply(*args)
+    args = (x, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed, [float(s) for s in scales], ps,
+            bool(fan_in_fan_out))
+    return _lora_mixed_op(*args)[0] if traced(x) else _LoraMixedFn.apply(*args)
 
+
+_LoraMixedFn = eager_function("_LoraMixedFn", _mixed_body, _setup_context, _backward)
+_LoraMixed4bitFn = eager_function("_LoraMixed4bitFn", _mixed_4bit_body, _setup_context_4bit, _backward_4bit)
 
 __all__ = ["BASE", "lora_linear_mixed", "mixed_rows", "sort_rows", "stack_adapters", "torch_mixed_backward",
            "torch_mixed_forward"]

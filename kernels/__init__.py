@@ -11,7 +11,7 @@ if __name__ != "fastpeft.kernels":
     del globals()["__file__"]
     __all__ = []
 else:
-    from .configs import interpreting
+    from .configs import cuda_properties, interpreting
     from .dequant4bit import dequantize_4bit, dequantize_int4
     from .lora_gemv4bit import gemv4bit_configs, lora_gemv_4bit, lora_gemv_int4
     from .lora_linear import (
@@ -25,6 +25,7 @@ else:
 
     __all__ = [
         "LAUNCHES",
+        "cuda_properties",
         "dequantize_4bit",
         "dequantize_int4",
         "gemv4bit_configs",

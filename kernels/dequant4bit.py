@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import interpreting
+from .configs import cdiv, interpreting
 from .lora_linear import LAUNCHES
 
 QUANT_BNB = 0
@@ -99,7 +99,7 @@ def _bytes(packed: torch.Tensor) -> torch.Tensor:
 
 def _launch(q, code, s, z, ncode, nabs, noff, out, n, in_features, groups, quant, nested, log_bs, log_nbs, group):
     block, warps = dequant_block()
-    grid = (triton.cdiv(n, block),)
+    grid = (cdiv(n, block),)
     LAUNCHES["dequant4"] += 1
     _dequant4_kernel[grid](q, code, s, z, ncode, nabs, noff, out, n, in_features, groups,
                            QUANT=quant, NESTED=nested, LOG_BS=log_bs, LOG_NBS=log_nbs, GROUP=group, BLOCK=block,
@@ -132,8 +132,8 @@ def dequantize_4bit(packed, absmax, code, blocksize, out_features, in_features, 
     if q.numel() < (n + 1) // 2:
         raise ValueError(f"packed holds {q.numel()} bytes, W ({out_features}×{in_features}) needs {(n + 1) // 2}")
     log_bs = _log2_pow2(int(blocksize), "blocksize")
-    if absmax.numel() < triton.cdiv(n, blocksize):
-        raise ValueError(f"absmax has {absmax.numel()} entries, expected {triton.cdiv(n, blocksize)}")
+    if absmax.numel() < cdiv(n, blocksize):
+        raise ValueError(f"absmax has {absmax.numel()} entries, expected {cdiv(n, blocksize)}")
     if code.numel() < 16 or code.dtype != torch.float32:
         raise ValueError("code must be the 16-entry fp32 table")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -167,7 +167,7 @@ def dequantize_int4(packed, scales, zeros, group_size, out_features, in_features
     ``scales`` fp16 / ``zeros`` uint8 (out, ⌈in/group⌉); ``w = (q − zero) · scale`` in fp32, then cast."""
     if in_features % 2:
         raise ValueError(f"int4 needs an even in_features, got {in_features}")
-    groups = triton.cdiv(in_features, group_size)
+    groups = cdiv(in_features, group_size)
     if packed.dtype != torch.uint8 or packed.numel() != out_features * in_features // 2:
         raise ValueError(f"packed must be ({out_features}, {in_features // 2}) uint8")
     if scales.numel() != out_features * groups or zeros.numel() != out_features * groups:

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import interpreting
+from .configs import cuda_properties, interpreting
 from .philox import keep_tile
 from .tiles import rank_r_update
 
@@ -204,7 +204,7 @@ def tma_supported(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> bool:
     if TensorDescriptor is None:
         return False
     if x.device.type == "cuda":
-        if torch.cuda.get_device_capability(x.device)[0] < 9:
+        if cuda_properties(x.device).major < 9:
             return False
     elif not interpreting():
         return False

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import interpreting
+from .configs import cdiv, interpreting, next_pow2
 from .lora_linear import LAUNCHES, _f32_precision, _launch, _or, _upcast
 
 QUANT_BNB = 0  # bitsandbytes NF4/FP4: code table + absmax over the flattened index
@@ -344,7 +344,7 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
         kept = [c for c in kept if c.kwargs["BLOCK_K"] <= bs] or kept
     if _arg(named_args, kwargs, "BLOCK_N") >= 16:  # the tl.dot path spills at BLOCK_K ≥ 128
         kept = [c for c in kept if c.kwargs["BLOCK_K"] <= 64] or kept
-    kept = [c for c in kept if triton.cdiv(k, c.kwargs["BLOCK_K"]) >= c.kwargs["SPLIT_K"]] or kept[:1]
+    kept = [c for c in kept if cdiv(k, c.kwargs["BLOCK_K"]) >= c.kwargs["SPLIT_K"]] or kept[:1]
     return kept
 
 
@@ -408,12 +408,12 @@ def _run(x2d, q, code, s, z, ncode, nabs, noff, bias, xa, lora_B, scale, out_fea
         bias = bias.contiguous()  # read with unit stride
     splits = [config] if config is not None else _gemv4_tuned.configs
     max_split = max(c.kwargs["SPLIT_K"] for c in splits)
-    counters = _counters(x2d.device, triton.cdiv(out_features, 16))
+    counters = _counters(x2d.device, cdiv(out_features, 16))
     for n0 in range(0, n_rows, MAX_N_PER_LAUNCH):  # meant for N ≤ 16: one launch
         xs = x2d[n0:n0 + MAX_N_PER_LAUNCH]
         ys = y[n0:n0 + MAX_N_PER_LAUNCH]
         n = xs.shape[0]
-        block_n = triton.next_power_of_2(n) if n <= 4 else 16
+        block_n = next_pow2(n) if n <= 4 else 16
         xas = xa[n0:n0 + MAX_N_PER_LAUNCH] if has_lora else xs
         lb = lora_B if has_lora else xs
         ws = torch.empty(max_split, n, out_features, device=x2d.device, dtype=torch.float32) if max_split > 1 else y
@@ -430,7 +430,7 @@ def _run(x2d, q, code, s, z, ncode, nabs, noff, bias, xa, lora_B, scale, out_fea
                       BLOCK_N=block_n, BLOCK_R=16)
 
         def grid(meta):
-            return (triton.cdiv(out_features, meta["BLOCK_OUT"]), meta["SPLIT_K"])
+            return (cdiv(out_features, meta["BLOCK_OUT"]), meta["SPLIT_K"])
 
         LAUNCHES["lora_gemv_4bit" if quant == QUANT_BNB else "lora_gemv_int4"] += 1
         _launch(_gemv4_tuned, _gemv4_heur, grid, args, kwargs, config)
@@ -468,8 +468,8 @@ def lora_gemv_4bit(x2d, packed, absmax, code, blocksize, out_features, in_featur
     if q.numel() < (numel + 1) // 2:
         raise ValueError(f"packed holds {q.numel()} bytes, W ({out_features}×{in_features}) needs {(numel + 1) // 2}")
     absmax = absmax.reshape(-1)
-    if absmax.numel() < triton.cdiv(numel, blocksize):
-        raise ValueError(f"absmax has {absmax.numel()} entries, expected {triton.cdiv(numel, blocksize)}")
+    if absmax.numel() < cdiv(numel, blocksize):
+        raise ValueError(f"absmax has {absmax.numel()} entries, expected {cdiv(numel, blocksize)}")
     if nested and absmax.dtype != torch.uint8:
         raise TypeError(f"with double quantization absmax holds uint8 codes, got {absmax.dtype}")
     if code.numel() < 16:
@@ -501,7 +501,7 @@ def lora_gemv_int4(x2d, packed, scales, zeros, group_size, out_features, in_feat
     """
     _check_common(x2d, out_features, in_features, bias, xa, lora_B)
     log_gs = _log2_pow2(group_size, "group_size")
-    groups = triton.cdiv(in_features, group_size)
+    groups = cdiv(in_features, group_size)
     if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[0] != out_features \
             or packed.shape[1] < (in_features + 1) // 2:
         raise ValueError(f"packed must be uint8 ({out_features}, {(in_features + 1) // 2}), got "

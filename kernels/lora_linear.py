@@ -54,11 +54,14 @@ from ..reference import dropout_keep_scale
 from .configs import (
     REDUCE_ROW_UNIT,
     autotune_mode,
+    cdiv,
+    cuda_properties,
     down_configs,
     gemm_configs,
     interpreting,
     keep_for_down,
     keep_for_rows,
+    next_pow2,
     reduce_configs,
 )
 from .lora_gemm_tma import _lora_gemm_tma_kernel, make_descriptors, tma_configs, tma_supported
@@ -352,7 +355,7 @@ def _upcast(dtype: torch.dtype) -> bool:
 
 
 def _block_r(r: int, cap: int) -> int:
-    return min(max(16, triton.next_power_of_2(r)), cap)
+    return min(max(16, next_pow2(r)), cap)
 
 
 def _or(t: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
@@ -447,7 +450,7 @@ def lora_gemm(x, w, bias=None, l=None, r=None, *, lora_scale=1.0, seed=None, thr
                   UPCAST=_upcast(x.dtype), F32_PRECISION=_f32_precision(out.dtype), BLOCK_R=_block_r(R, 32))
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
 
     LAUNCHES["lora_gemm"] += 1
     _launch(_gemm_tuned, _lora_gemm_kernel, grid, args, kwargs, config)
@@ -469,7 +472,7 @@ def _lora_gemm_tma(x, w, bias, l_, r_, out, seed, R, has_lora, lora_scale, thres
                   NUM_SMS=num_sms)
 
     def grid(meta):
-        return (min(num_sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+        return (min(num_sms, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
 
     LAUNCHES["lora_gemm_tma"] += 1
     _launch(_gemm_tma_tuned, _lora_gemm_tma_kernel, grid, args, kwargs, config)
@@ -489,7 +492,7 @@ def lora_down(x, w, *, out_scale=1.0, seed=None, threshold=0, dropout=False, con
     kwargs = dict(DROPOUT=bool(dropout), F32_PRECISION=_f32_exact_precision(x.dtype), BLOCK_R=block_r)
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))
+        return (cdiv(M, meta["BLOCK_M"]), cdiv(R, block_r))
 
     LAUNCHES["lora_down"] += 1
     _launch(_down_tuned, _lora_down_kernel, grid, args, kwargs, config)
@@ -498,7 +501,7 @@ def lora_down(x, w, *, out_scale=1.0, seed=None, threshold=0, dropout=False, con
 
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return cuda_properties(device).multi_processor_count
     return 2
 
 
@@ -525,11 +528,11 @@ def lora_reduce(g, x, *, out_scale=1.0, seed=None, threshold=0, dropout=False, d
         zeros = torch.zeros(out_shape, device=x.device, dtype=torch.float32)
         return zeros, (torch.zeros(K, device=x.device, dtype=torch.float32) if dbias else None)
     block_r = _block_r(R, 64)
-    tiles = triton.cdiv(K, 64) * triton.cdiv(R, block_r)
-    row_blocks = triton.cdiv(M, REDUCE_ROW_UNIT)
+    tiles = cdiv(K, 64) * cdiv(R, block_r)
+    row_blocks = cdiv(M, REDUCE_ROW_UNIT)
     splits = max(1, min(row_blocks, (4 * _num_sms(x.device)) // max(tiles, 1)))
-    rows_per_split = triton.cdiv(row_blocks, splits) * REDUCE_ROW_UNIT
-    splits = triton.cdiv(M, rows_per_split)
+    rows_per_split = cdiv(row_blocks, splits) * REDUCE_ROW_UNIT
+    splits = cdiv(M, rows_per_split)
     part = torch.empty((splits, *out_shape), device=x.device, dtype=torch.float32)
     stride_pr, stride_pk = (part.stride(2), part.stride(1)) if transpose_out else (part.stride(1), part.stride(2))
     bias_part = torch.empty(splits, K, device=x.device, dtype=torch.float32) if dbias else part
@@ -544,7 +547,7 @@ def lora_reduce(g, x, *, out_scale=1.0, seed=None, threshold=0, dropout=False, d
                   F32_PRECISION=_f32_exact_precision(x.dtype), BLOCK_R=block_r)
 
     def grid(meta):
-        return (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(R, block_r), splits)
+        return (cdiv(K, meta["BLOCK_K"]), cdiv(R, block_r), splits)
 
     LAUNCHES["lora_reduce"] += 1
     tuned = _reduce_dx_tuned if add_dx is not None else _reduce_tuned

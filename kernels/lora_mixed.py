@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import down_configs, interpreting, keep_for_down, keep_for_rows, reduce_configs
+from .configs import cdiv, down_configs, interpreting, keep_for_down, keep_for_rows, reduce_configs
 from .lora_linear import (
     LAUNCHES,
     _block_r,
@@ -241,7 +241,7 @@ def mixed_down(x, w, idx_s, perm, scale, *, thr=None, seed=None, dropout=False, 
     kwargs = dict(DROPOUT=bool(dropout), F32_PRECISION=_f32_exact_precision(x.dtype), BLOCK_R=block_r)
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))
+        return (cdiv(M, meta["BLOCK_M"]), cdiv(R, block_r))
 
     LAUNCHES["mixed_down"] += 1
     _launch(_down_tuned, _mixed_down_kernel, grid, args, kwargs, config)
@@ -263,7 +263,7 @@ def mixed_up_(out, l, r, idx_s, perm, scale, *, thr=None, seed=None, dropout=Fal
     kwargs = dict(DROPOUT=bool(dropout), F32_PRECISION=_f32_precision(out.dtype), BLOCK_R=_block_r(R, 32))
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
+        return (cdiv(M, meta["BLOCK_M"]), cdiv(N, meta["BLOCK_N"]))
 
     LAUNCHES["mixed_up"] += 1
     _launch(_up_tuned, _mixed_up_kernel, grid, args, kwargs, config)
@@ -282,8 +282,8 @@ def mixed_reduce(g, x, perm, seg, scale, n_adapters, *, thr=None, seed=None, dro
     if M == 0 or n == 0 or R == 0 or K == 0:
         return torch.zeros(out_shape, device=x.device, dtype=torch.float32)
     block_r = _block_r(R, 64)
-    tiles = triton.cdiv(K, 64) * triton.cdiv(R, block_r) * n
-    splits = max(1, min(triton.cdiv(M, 256 * n), (4 * _num_sms(x.device)) // max(tiles, 1)))
+    tiles = cdiv(K, 64) * cdiv(R, block_r) * n
+    splits = max(1, min(cdiv(M, 256 * n), (4 * _num_sms(x.device)) // max(tiles, 1)))
     part = torch.empty((splits, *out_shape), device=x.device, dtype=torch.float32)
     stride_pr, stride_pk = (part.stride(3), part.stride(2)) if transpose_out else (part.stride(2), part.stride(3))
     args = (g, x, part, perm, seg, scale, _or(thr, perm), _or(seed, perm), K, R, splits, _m_key(M),
@@ -292,7 +292,7 @@ def mixed_reduce(g, x, perm, seg, scale, n_adapters, *, thr=None, seed=None, dro
     kwargs = dict(DROPOUT=bool(dropout), F32_PRECISION=_f32_exact_precision(x.dtype), BLOCK_R=block_r)
 
     def grid(meta):
-        return (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(R, block_r), n * splits)
+        return (cdiv(K, meta["BLOCK_K"]), cdiv(R, block_r), n * splits)
 
     LAUNCHES["mixed_reduce"] += 1
     _launch(_reduce_tuned, _mixed_reduce_kernel, grid, args, kwargs, config)
