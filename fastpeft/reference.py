@@ -159,6 +159,12 @@ def _base_weight(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.t() if fan_in_fan_out else weight
 
 
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the precision merges, deltas and DoRA norms are computed in: float32, or float64 for a float64
+    tensor (``t.float()`` would round a float64 model's merge to fp32 accuracy; peft stays in float64)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def acc_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the LoRA branch is computed and ``xa`` kept in for input ``x``: float32 (the kernels' accumulator),
     or float64 for a float64 input (computed in float64 throughout, as ``nn.Linear`` and peft do: gradient checks)."""

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import PeftWarning
+from ..reference import wide
 from .lora import DoraMagnitude
 from .parametrized import check_weight_writable, store_merged, store_unmerged
 from .switches import AdapterSwitches, MergeMath, init_lora_state, warn_already_merged
@@ -223,8 +224,8 @@ class FastLoraConv(AdapterSwitches, MergeMath, nn.Module):
         """``scale · ΔW`` in fp32, shaped as the base weight: ``ΔW[o, i, κ] = Σ_r B[o, r] A[r, i, κ]``. A grouped
         base (groups > 1) raises: its LoRA delta is no grouped weight."""
         self._refuse_grouped_merge()
-        A = self.lora_A[adapter_name].weight.float()
-        B = self.lora_B[adapter_name].weight.float()
+        A = wide(self.lora_A[adapter_name].weight)
+        B = wide(self.lora_B[adapter_name].weight)
         r = A.shape[0]
         delta = B.reshape(-1, r) @ A.reshape(r, -1)
         return delta.reshape(self.base_layer.weight.shape) * self.scaling[adapter_name]
@@ -232,24 +233,24 @@ class FastLoraConv(AdapterSwitches, MergeMath, nn.Module):
     @torch.no_grad()
     def _weight_norm(self, adapter_name: str, w0: torch.Tensor) -> torch.Tensor:
         """``‖w0 + s·ΔW‖`` per output channel (fp32, shaped as a DoRA magnitude: (1, out, 1, …))."""
-        norm = self._out_norm(w0.float() + self.get_delta_weight(adapter_name))
+        norm = self._out_norm(wide(w0) + self.get_delta_weight(adapter_name))
         return norm.reshape(1, -1, *([1] * (self._kernel_dim - 2)))
 
     def dora_weight_norm(self, adapter_name: str) -> torch.Tensor:
         """``‖W0 + s·ΔW‖`` per output channel of adapter ``adapter_name`` on the unmerged base weight (fp32, shaped
         as its magnitude: (1, out, 1, …)); the magnitude that makes the adapter a plain LoRA."""
-        w = self.base_layer.weight.detach().float()
+        w = wide(self.base_layer.weight.detach())
         return self._weight_norm(adapter_name, self._unmerged_weight(w) if self.merged_adapters else w)
 
     def _dora_scale(self, adapter_name: str) -> torch.Tensor:
         """``m / ‖W0 + s·ΔW‖`` (fp32, the norm detached), per output channel, shaped (out, 1, …)."""
-        magnitude = self.lora_magnitude_vector[adapter_name].weight.float()
+        magnitude = wide(self.lora_magnitude_vector[adapter_name].weight)
         return self._channel_view(magnitude / self.dora_weight_norm(adapter_name))
 
     # ------------------------------------------------------------ merging
     def _scaled_bias(self, name: str) -> torch.Tensor | None:
         bias = self.lora_B[name].bias
-        return None if bias is None else bias.detach().float() * self.scaling[name]
+        return None if bias is None else wide(bias.detach()) * self.scaling[name]
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -267,11 +268,11 @@ class FastLoraConv(AdapterSwitches, MergeMath, nn.Module):
         bias = self.base_layer.bias
         for name in todo:
             weight = self.base_layer.weight  # (a parametrized one is recomputed: read it again after each write)
-            w = weight.float()
+            w = wide(weight)
             w0 = self._unmerged_weight(w) if self.use_dora.get(name, False) and self.merged_adapters else None
             merged = self._merge_math(w, name, w0)
             extra = self._scaled_bias(name)
-            new_bias = None if extra is None else bias.float() + extra
+            new_bias = None if extra is None else wide(bias) + extra
             if safe_merge and (not torch.isfinite(merged.to(weight.dtype)).all()  # (as stored: fp16 may overflow)
                                or (new_bias is not None and not torch.isfinite(new_bias.to(bias.dtype)).all())):
                 self._dora_merged_norms.pop(name, None)
@@ -284,10 +285,10 @@ class FastLoraConv(AdapterSwitches, MergeMath, nn.Module):
 
     def _unmerge_one(self, name: str) -> None:
         weight, bias = self.base_layer.weight, self.base_layer.bias
-        store_unmerged(self, name, lambda: self._unmerge_math(weight.float(), name).to(weight.dtype))
+        store_unmerged(self, name, lambda: self._unmerge_math(wide(weight), name).to(weight.dtype))
         extra = self._scaled_bias(name)
         if extra is not None:
-            bias.data.copy_((bias.float() - extra).to(bias.dtype))
+            bias.data.copy_((wide(bias) - extra).to(bias.dtype))
         self._dora_merged_norms.pop(name, None)
         self.merged_adapters.remove(name)
 
@@ -309,11 +310,11 @@ class FastLoraConv(AdapterSwitches, MergeMath, nn.Module):
         k = self._dora_scale(name)
         bias = self.base_layer.bias
         if not self.training or not isinstance(drop, nn.Dropout):
-            rest = y.float() if bias is None else y.float() - self._channel_view(bias.float())
-            out = k * (rest + s * B(A(xc)).float())
-            return out if bias is None else out + self._channel_view(bias.float())
+            rest = wide(y) if bias is None else wide(y) - self._channel_view(wide(bias))
+            out = k * (rest + s * wide(B(A(xc))))
+            return out if bias is None else out + self._channel_view(wide(bias))
         xd = drop(xc)
-        return y + (k - 1.0) * self._base_conv(xd).float() + k * s * B(A(xd)).float()
+        return y + (k - 1.0) * wide(self._base_conv(xd)) + k * s * wide(B(A(xd)))
 
     def forward(self, x: torch.Tensor, *args, adapter_names: list[str] | None = None, **kwargs) -> torch.Tensor:
         """The base convolution plus every active adapter; ``adapter_names`` (one name per sample of the batch,

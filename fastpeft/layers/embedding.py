@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..reference import wide
 from .lora_init import init_kind
 from .parametrized import check_weight_writable, store_merged, store_unmerged
 from .switches import AdapterSwitches, warn_already_merged
@@ -186,7 +187,7 @@ class FastLoraEmbedding(AdapterSwitches, nn.Module):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``scale · (B A)ᵀ`` in fp32, shaped as the base weight (num_embeddings, embedding_dim)."""
         A, B = self.adapter_factors(adapter_name)
-        return (B.float() @ A.float()).t() * self.scaling[adapter_name]
+        return (wide(B) @ wide(A)).t() * self.scaling[adapter_name]
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -200,7 +201,7 @@ class FastLoraEmbedding(AdapterSwitches, nn.Module):
             if name in self.merged_adapters:
                 continue
             weight = self.base_layer.weight  # (a parametrized one is recomputed: read it again after each write)
-            merged = weight.float() + self.get_delta_weight(name)
+            merged = wide(weight) + self.get_delta_weight(name)
             if safe_merge and not torch.isfinite(merged.to(weight.dtype)).all():  # (as stored: fp16 may overflow)
                 raise ValueError(f"NaNs or infs detected in the merged weight of adapter {name!r}; "
                                  "the adapter seems to be broken")
@@ -209,7 +210,7 @@ class FastLoraEmbedding(AdapterSwitches, nn.Module):
 
     def _unmerge_one(self, name: str) -> None:
         weight = self.base_layer.weight
-        store_unmerged(self, name, lambda: (weight.float() - self.get_delta_weight(name)).to(weight.dtype))
+        store_unmerged(self, name, lambda: (wide(weight) - self.get_delta_weight(name)).to(weight.dtype))
         self.merged_adapters.remove(name)
 
     # ------------------------------------------------------------- forward

@@ -35,6 +35,7 @@ from ..errors import PeftWarning
 from ..ops import draw_seed, lora_linear, philox_dropout, to_autocast_dtype
 from ..ops_mixed import BASE as _BASE_NAME
 from ..ops_mixed import lora_linear_mixed, mixed_rows, stack_adapters
+from ..reference import wide
 from .lora_init import (
     BASE_MUTATING,
     check_loftq_config,
@@ -520,7 +521,7 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
             raise TypeError(f"init_lora_weights={kind!r} needs a float32/float16/bfloat16 base weight, got "
                             f"{weight.dtype} in {type(self.base_layer).__name__}: initialize before quantizing "
                             "(or use a fastpeft/bitsandbytes 4-bit base, which is decoded)")
-        w = weight.float()
+        w = wide(weight)
         return w.t() if self.fan_in_fan_out else w
 
     def _init_write_base(self, w: torch.Tensor) -> None:
@@ -584,8 +585,8 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         extra = self._scaled_lora_bias(name)
         if extra is None:
             return base
-        extra = extra.float()
-        return extra if base is None else base.float() + extra
+        extra = wide(extra)
+        return extra if base is None else wide(base) + extra
 
     @property
     def lora_variant(self) -> dict:
@@ -607,8 +608,8 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``scale · B A`` in fp32, laid out like the base weight ((in, out) with fan_in_fan_out)."""
-        A = self.lora_A[adapter_name].weight.float()
-        B = self.lora_B[adapter_name].weight.float()
+        A = wide(self.lora_A[adapter_name].weight)
+        B = wide(self.lora_B[adapter_name].weight)
         delta = (B @ A) * self.scaling[adapter_name]
         return delta.t() if self.fan_in_fan_out else delta
 
@@ -633,7 +634,7 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         extra = self._scaled_lora_bias(name)
         if extra is None:
             return None
-        new = self.base_layer.bias.detach().float() + sign * extra.detach().float()
+        new = wide(self.base_layer.bias.detach()) + sign * wide(extra.detach())
         if safe_merge and not torch.isfinite(new.to(self.base_layer.bias.dtype)).all():  # (as it will be stored)
             raise ValueError(f"NaNs or infs detected in the merged bias of adapter {name!r}; "
                              "the adapter seems to be broken")
@@ -681,7 +682,7 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
             if name in self.merged_adapters:
                 continue
             weight = self.base_layer.weight  # (a parametrized one is recomputed: read it again after each write)
-            w = weight.float()
+            w = wide(weight)
             w0 = self._unmerged_weight(w) if self.use_dora.get(name, False) and self.merged_adapters else None
             merged = self._merge_math(w, name, w0)
             self._check_merged(merged, name, safe_merge, weight.dtype)
@@ -705,7 +706,7 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
             self.merged_adapters.remove(name)
             return
         weight = self.base_layer.weight
-        store_unmerged(self, name, lambda: self._unmerge_math(weight.float(), name).to(weight.dtype))
+        store_unmerged(self, name, lambda: self._unmerge_math(wide(weight), name).to(weight.dtype))
         self._write_bias(self._merged_bias(name, False, sign=-1.0))
         self._dora_merged_norms.pop(name, None)
         self.merged_adapters.remove(name)
@@ -726,7 +727,7 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         """A plain ``nn.Linear`` (new tensors) holding the base weight with the active adapters merged (their
         ``lora_B`` biases too: the new layer gets a bias if one of them has one, even on a base without)."""
         self._refuse_opaque("to_linear")
-        weight = self._pending_merge(self.base_layer.weight.float())
+        weight = self._pending_merge(wide(self.base_layer.weight))
         if self.fan_in_fan_out:
             weight = weight.t()
         bias = self._pending_bias()
@@ -741,14 +742,14 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         """The base bias (fp32) plus ``scale · b_B`` of the active, unmerged adapters with a ``lora_B`` bias
         (``to_linear``'s bias); None when neither exists."""
         bias = self.base_layer.bias
-        out = None if bias is None else bias.detach().float()
+        out = None if bias is None else wide(bias.detach())
         if self._disable_adapters:
             return out
         for name in self.active_adapters:
             if name in self.lora_A and name not in self.merged_adapters:
                 extra = self._scaled_lora_bias(name)
                 if extra is not None:
-                    out = extra.detach().float() if out is None else out + extra.detach().float()
+                    out = wide(extra.detach()) if out is None else out + wide(extra.detach())
         return out
 
     # ------------------------------------------------------------- DoRA norm
@@ -770,9 +771,9 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
 
         def read(start: int, stop: int) -> torch.Tensor:
             rows = weight[:, start:stop].t() if self.fan_in_fan_out else weight[start:stop]
-            return rows.float()
+            return wide(rows)
 
-        whole = weight.dtype == torch.float32 and not self.fan_in_fan_out
+        whole = weight.dtype in (torch.float32, torch.float64) and not self.fan_in_fan_out
         return (self.out_features if whole else 1), read
 
     @torch.no_grad()
@@ -836,8 +837,8 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         return norm
 
     def _dora_weight_norm(self, adapter_name: str) -> torch.Tensor:
-        A = self.lora_A[adapter_name].weight.float()
-        B = self.lora_B[adapter_name].weight.float()
+        A = wide(self.lora_A[adapter_name].weight)
+        B = wide(self.lora_B[adapter_name].weight)
         s = float(self.scaling[adapter_name])
         # torch.is_autocast_enabled (not torch.amp.is_autocast_available: Dynamo in torch 2.11 cannot trace it
         # under torch.compile); "meta" has no autocast to switch off (and is_autocast_enabled raises there)
@@ -853,7 +854,7 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         """``m / ‖W0 + scale·B·A‖_row`` (fp32, (out,)): differentiable in the magnitude only (the norm is
         detached, as in peft and the DoRA paper §4.3)."""
         magnitude = self.lora_magnitude_vector[adapter_name].weight
-        return magnitude.float() / self.dora_weight_norm(adapter_name)
+        return wide(magnitude) / self.dora_weight_norm(adapter_name)
 
     # ------------------------------------------------------------- forward
     _fastpeft_adapter_names = None  # per-sequence adapters handed over by fastpeft.model.mixed_adapter_batch
@@ -1004,11 +1005,11 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         k = self._dora_scale(name)
         bias = self.base_layer.bias
         if not self.training or not isinstance(drop, nn.Dropout):
-            rest = y.float() if bias is None else y.float() - bias.float()
-            out = k * (rest + s * B(A(xc)).float())
-            return (out if bias is None else out + bias.float()).to(y.dtype)
+            rest = wide(y) if bias is None else wide(y) - wide(bias)
+            out = k * (rest + s * wide(B(A(xc))))
+            return (out if bias is None else out + wide(bias)).to(y.dtype)
         xd = drop(xc)
-        return (y + (k - 1.0) * self._base_matmul(xd).float() + k * s * B(A(xd)).float()).to(y.dtype)
+        return (y + (k - 1.0) * wide(self._base_matmul(xd)) + k * s * wide(B(A(xd)))).to(y.dtype)
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str],
                              alora_offsets: list[int | None] | None = None, _only: bool = False,

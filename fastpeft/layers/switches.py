@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..ops_mixed import BASE as _BASE_NAME
+from ..reference import wide
 
 
 def freeze_requires_grad(params) -> list[tuple[torch.Tensor, bool]]:
@@ -263,7 +264,7 @@ class MergeMath:
         norm = self._out_norm((w if w0 is None else w0) + delta)
         if record:
             self._dora_merged_norms[name] = norm
-        factor = self.lora_magnitude_vector[name].weight.detach().float().reshape(-1) / norm
+        factor = wide(self.lora_magnitude_vector[name].weight.detach()).reshape(-1) / norm
         return self._along_out(factor) * (w + delta)
 
     def _unmerge_math(self, w: torch.Tensor, name: str) -> torch.Tensor:
@@ -273,7 +274,7 @@ class MergeMath:
             return w - delta
         # (the norm kept at merge stays where it was computed: the layer may have moved to another device since)
         norm = self._dora_merged_norms[name].to(w.device)
-        factor = self.lora_magnitude_vector[name].weight.detach().float().reshape(-1) / norm
+        factor = wide(self.lora_magnitude_vector[name].weight.detach()).reshape(-1) / norm
         return w / self._along_out(factor) - delta
 
     def _unmerged_weight(self, w: torch.Tensor) -> torch.Tensor:
