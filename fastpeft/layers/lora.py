@@ -169,12 +169,15 @@ def _has_own_forward(base: nn.Module) -> bool:
     return isinstance(base, nn.Linear) and type(base).forward is not nn.Linear.forward
 
 
+_GLOBAL_HOOKS = (_module_hooks._global_forward_hooks, _module_hooks._global_forward_pre_hooks,
+                 _module_hooks._global_backward_hooks, _module_hooks._global_backward_pre_hooks)
+
+
 def _hooked(module: nn.Module) -> bool:
-    """Whether calling ``module`` would run hooks (its own forward/backward hooks, or global module hooks)."""
+    """Whether calling ``module`` would run hooks of its own (forward/backward; global module hooks: see
+    ``_GLOBAL_HOOKS``). Instance attributes only: this runs on every forward."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or _module_hooks._global_forward_hooks
-                or _module_hooks._global_forward_pre_hooks or _module_hooks._global_backward_hooks
-                or _module_hooks._global_backward_pre_hooks)
+                or module._backward_pre_hooks)
 
 
 # transformers' nn.Linear subclasses whose own forward computes exactly ``x Wᵀ + b`` (Falcon's: ``x @ W.T + b``):
@@ -918,19 +921,19 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         ``_has_own_forward``), a base put under an accelerate hook after wrapping (offloaded: its weight waits on
         the meta device), a base weight that trains (the fused op computes no gradient for it; peft's path does),
         and while the base layer or one of the adapters' modules carries hooks (so they fire, as in peft)."""
-        if self._opaque_base:
+        # (every forward asks: plain attribute reads, no nn.Module.__getattr__ on the common path)
+        if self._opaque_base or any(_GLOBAL_HOOKS):
             return True
-        base = self.base_layer
-        if getattr(base, "_hf_hook", None) is not None:
+        modules = self._modules
+        base = modules["base_layer"]
+        if base.__dict__.get("_hf_hook") is not None or _hooked(base):
             return True
-        weight = getattr(base, "weight", None)
+        weight = base._parameters["weight"] if "weight" in base._parameters else getattr(base, "weight", None)
         if weight is not None and weight.requires_grad and torch.is_grad_enabled():
             _warn_trainable_base()
             return True
-        if _hooked(base):
-            return True
-        return any(_hooked(self.lora_A[n]) or _hooked(self.lora_B[n]) or _hooked(self.lora_dropout[n])
-                   for n in names if n in self.lora_A)
+        lora_A, lora_B, drop = (modules[k]._modules for k in ("lora_A", "lora_B", "lora_dropout"))
+        return any(_hooked(lora_A[n]) or _hooked(lora_B[n]) or _hooked(drop[n]) for n in names if n in lora_A)
 
     def _refuse_opaque(self, what: str) -> None:
         if self._opaque_base:
@@ -1000,7 +1003,7 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         if not self.use_dora.get(name, False):
             delta = B(A(drop(xc))) * s
             if keep is not None:
-                delta = delta * keep.to(delta.device).unsqueeze(-1)
+                delta = delta * keep.to(delta.device, non_blocking=True).unsqueeze(-1)
             return y + delta.to(y.dtype)
         k = self._dora_scale(name)
         bias = self.base_layer.bias
@@ -1116,7 +1119,7 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         table = [self._scaled_lora_bias(n) for n in present]
         table = [torch.zeros(out, device=ref.device) if t is None else t.float() for t in table]
         table.append(torch.zeros(out, device=ref.device))  # rows with no adapter here (index -1: the last row)
-        idx = index.to(device=y.device, dtype=torch.long)
+        idx = index.to(device=y.device, non_blocking=True).long()
         rows = torch.stack(table).to(y.device)[idx]  # (*index.shape, out)
         rows = rows.view(*idx.shape, *([1] * (y.dim() - 1 - idx.dim())), out)
         return (y.float() + rows).to(y.dtype)
