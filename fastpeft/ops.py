@@ -232,10 +232,23 @@ def _differentiable_grads(dy, x, weight, lora_A, lora_B, seed, scale, dropout_p,
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
 def traced(x: Tensor) -> bool:
-    """Whether a LoRA op call must go through its ``torch.library`` custom op (``torch.compile`` traces it; a meta
-    tensor runs its fake kernel) rather than the eager Function (``eager_function``)."""
-    return x.device.type == "meta" or torch.compiler.is_compiling()
+    """Whether a LoRA op call must go through its ``torch.library`` custom op rather than the eager Function
+    (``eager_function``): under ``torch.compile`` (traced), for a meta tensor or a tensor subclass (FakeTensor:
+    the fake kernel runs), and inside ``torch.func`` transforms (``vmap``, ``grad``: the custom op's rules)."""
+    return (x.device.type == "meta" or type(x) is not Tensor or _functorch_active()
+            or torch.compiler.is_compiling())
+
+
+def refuse_double_backward(what: str) -> None:
+    """The backward of an op without a differentiable backward, asked to build a graph (``create_graph=True``:
+    a gradient penalty, double backward): a clear error instead of gradients missing the saved ``xa``'s graph."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"double backward (create_graph=True) through fastpeft's {what} is not supported (the dense "
+                           "LoRA op supports it); compute the penalty without adapter_names / on a 16-bit base")
 
 
 def eager_function(name: str, body, setup_context, backward) -> type:

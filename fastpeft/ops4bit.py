@@ -51,6 +51,7 @@ from .ops import (
     fake_forward,
     op_grads,
     op_output,
+    refuse_double_backward,
     to_autocast_dtype,
     traced,
 )
@@ -261,6 +262,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, _dxa):
+    refuse_double_backward("4-bit LoRA op")
     x, packed, absmax, code, nested_code, nested_absmax, offset, zeros, lora_A, lora_B, xa, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_dx, need_dbias, need_dA, need_dB = need[0], need[8], need[9], need[10]

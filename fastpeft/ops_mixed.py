@@ -38,6 +38,7 @@ from .ops import (
     fake_forward,
     op_grads,
     op_output,
+    refuse_double_backward,
     to_autocast_dtype,
     traced,
 )
@@ -216,6 +217,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, _dxa):
+    refuse_double_backward("mixed-adapter LoRA op")
     x, weight, A_stack, B_stack, xa, idx_s, perm, seg, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
     if need[1]:
@@ -304,6 +306,7 @@ def _setup_context_4bit(ctx, inputs, output):
 
 
 def _backward_4bit(ctx, dy, _dxa):
+    refuse_double_backward("mixed-adapter LoRA op on a 4-bit base")
     need = ctx.needs_input_grad
     need_dx, need_dbias, need_dA, need_dB = need[0], need[8], need[9], need[10]
     op = _mixed_4bit_backward_body if getattr(ctx, "eager", False) else _lora_mixed_4bit_backward_op
