@@ -1439,8 +1439,7 @@ def _plan_trainable_tokens(model: nn.Module, config: LoraConfig, lora_keys: list
             resolved[name] = (ids, key)
     # the heads tied to the input embeddings (computed before anything is wrapped)
     weights_tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
-    emb_weight = getattr(embeddings.original_module if isinstance(embeddings, TrainableTokensWrapper) else embeddings,
-                         "weight", None) if embeddings is not None else None
+    emb_weight = _frozen_weight(embeddings)
     tied_names = []
     if weights_tied and emb_weight is not None:
         declared = _declared_tied_modules(model)
@@ -1610,6 +1609,20 @@ def _wrap_parameters(model: nn.Module, config: LoraConfig, adapter_name: str, fo
         setattr(parent, child, FastLoraParamWrapper(target, param_name, adapter_name=adapter_name, **kw))
 
 
+def _frozen_weight(module: nn.Module | None) -> torch.Tensor | None:
+    """The weight ``module`` holds underneath fastpeft's wrappers: a ``modules_to_save`` / trainable-tokens
+    wrapper's original module, a LoRA layer's base layer (what weight tying shares; reading ``.weight`` through a
+    ``ModulesToSaveWrapper`` gives the active adapter's copy, as in peft)."""
+    while module is not None:
+        if isinstance(module, (ModulesToSaveWrapper, TrainableTokensWrapper)):
+            module = module.original_module
+        elif "base_layer" in getattr(module, "_modules", {}):
+            module = module._modules["base_layer"]
+        else:
+            return getattr(module, "weight", None)
+    return None
+
+
 def _shares_input_embeddings(model: nn.Module, layer: nn.Module) -> bool:
     """Whether ``layer``'s base weight is the very parameter of ``model``'s input embeddings (a tied head; never
     the input embeddings' own LoRA layer)."""
@@ -1620,9 +1633,8 @@ def _shares_input_embeddings(model: nn.Module, layer: nn.Module) -> bool:
         embeddings = get() if callable(get) else None
     except (NotImplementedError, AttributeError):
         return False
-    shared = getattr(embeddings, "weight", None)
-    base = getattr(layer, "base_layer", layer)
-    return shared is not None and getattr(base, "weight", None) is shared
+    shared = _frozen_weight(embeddings)
+    return shared is not None and _frozen_weight(layer) is shared
 
 
 def _embeddings_first(layers) -> list:
@@ -1665,8 +1677,8 @@ def _output_embeddings_share(model: nn.Module, layer: nn.Module) -> bool:
         head = get() if callable(get) else None
     except (NotImplementedError, AttributeError):
         return False
-    weight = getattr(getattr(head, "base_layer", head), "weight", None)
-    return weight is not None and weight is getattr(getattr(layer, "base_layer", layer), "weight", None)
+    weight = _frozen_weight(head)
+    return weight is not None and weight is _frozen_weight(layer)
 
 
 def _untie_token_rows_before_merge(model: nn.Module, adapter_names: list[str] | None
@@ -1712,7 +1724,7 @@ def _untie_config_if_untied(model: nn.Module) -> list:
         inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
     except (AttributeError, NotImplementedError):
         return []
-    if inputs is None or outputs is None or getattr(outputs, "weight", None) is getattr(inputs, "weight", None):
+    if inputs is None or outputs is None or _frozen_weight(outputs) is _frozen_weight(inputs):
         return []
     config = getattr(model, "config", None)
     changed = []

@@ -237,10 +237,11 @@ _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda
 
 def traced(x: Tensor) -> bool:
     """Whether a LoRA op call must go through its ``torch.library`` custom op rather than the eager Function
-    (``eager_function``): under ``torch.compile`` (traced), for a meta tensor or a tensor subclass (FakeTensor:
-    the fake kernel runs), and inside ``torch.func`` transforms (``vmap``, ``grad``: the custom op's rules)."""
+    (``eager_function``): under ``torch.compile`` or ``torch.jit.trace`` (traced), for a meta tensor or a tensor
+    subclass (FakeTensor: the fake kernel runs), and inside ``torch.func`` transforms (``vmap``, ``grad``: the
+    custom op's rules)."""
     return (x.device.type == "meta" or type(x) is not Tensor or _functorch_active()
-            or torch.compiler.is_compiling())
+            or torch.compiler.is_compiling() or torch.jit.is_tracing())
 
 
 def refuse_double_backward(what: str) -> None:

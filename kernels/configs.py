@@ -25,7 +25,9 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(n: int) -> int:
     """The smallest power of two ≥ ``n`` (0 for 0), host side: ``triton.next_power_of_2`` without its per-call
     cost."""
-    return 1 << (int(n) - 1).bit_length() if n > 0 else 0
+    if not isinstance(n, int):  # (a traced size, e.g. under torch.jit.trace)
+        return triton.next_power_of_2(n)
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 @functools.cache

@@ -81,3 +81,16 @@ def test_eager_route_equals_the_custom_op_route(backend, dropout):
             layer.zero_grad()
         for a, b in zip(*outs):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_jit_trace_records_the_custom_op(backend):
+    """``torch.jit.trace`` takes the custom op (as before the eager route) and replays it on new inputs."""
+    import warnings
+
+    layer = FastLoraLinear(16, 8, r=2, init_lora_weights=False).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(layer, torch.randn(3, 16))
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), layer(x))

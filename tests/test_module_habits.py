@@ -205,3 +205,55 @@ def test_deepcopy_keeps_tied_adapters_tied():
     # the original is untouched by the copy's training
     assert not torch.equal(m.base_model.model.model.embed_tokens.lora_embedding_A["default"],
                            emb.lora_embedding_A["default"])
+
+
+@pytest.mark.parametrize("saved,lora", [("embed_tokens", "lm_head"), ("lm_head", "embed_tokens")])
+def test_merge_into_a_tied_pair_with_modules_to_save_unties_first(saved, lora):
+    """A tied Llama with one half of the pair in ``modules_to_save`` and LoRA on the other: merging gives the LoRA
+    side its own weight first (the shared original stays the base's; config untied), and unmerging restores the
+    weights exactly. (Reading ``.weight`` through the wrapper gives the active copy since this session; the tie
+    checks read the original underneath, else the merge wrote the delta into the shared weight: 0.32 off.)"""
+    torch.manual_seed(0)
+    base = _llama()
+    base.config.tie_word_embeddings = True
+    base.lm_head.weight = base.model.embed_tokens.weight
+    shared = base.model.embed_tokens.weight.detach().clone()
+    m = fastpeft.get_peft_model(base, fastpeft.LoraConfig(r=4, target_modules=[lora, "q_proj"],
+                                                          modules_to_save=[saved], init_lora_weights=False))
+    inner = m.base_model.model
+    wrapper = inner.lm_head if saved == "lm_head" else inner.model.embed_tokens
+    with torch.no_grad():
+        wrapper.modules_to_save["default"].weight.add_(0.1)
+        x = _ids()
+        before = m(x).logits
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m.merge_adapter()
+        torch.testing.assert_close(m(x).logits, before, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(wrapper.original_module.weight, shared, rtol=0, atol=0)
+        assert inner.config.tie_word_embeddings is False
+        m.unmerge_adapter()
+        torch.testing.assert_close(wrapper.original_module.weight, shared, rtol=0, atol=0)
+
+
+def test_device_alignment_hooks_keep_weights_mergeable():
+    """A model whose layers carry accelerate hooks that only align devices (a model split over GPUs: weights
+    resident) before wrapping: the layers still merge, as in peft (they were refused as if offloaded); the
+    hooked forward still runs."""
+    pytest.importorskip("accelerate")
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    base = _llama()
+    calls = []
+    for layer in base.model.layers:
+        add_hook_to_module(layer.self_attn.q_proj, AlignDevicesHook(execution_device=torch.device("cpu"),
+                                                                    io_same_device=True))
+        layer.self_attn.q_proj.register_forward_hook(lambda *a: calls.append(1))
+    torch.manual_seed(1)
+    fm = fastpeft.get_peft_model(base, fastpeft.LoraConfig(**CFG, init_lora_weights=False))
+    x = _ids()
+    with torch.no_grad():
+        ref = fm(x).logits.clone()
+        assert len(calls) == 2
+        merged = fm.merge_and_unload()
+        torch.testing.assert_close(merged(x).logits, ref, rtol=1e-4, atol=1e-5)

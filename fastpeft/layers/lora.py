@@ -154,13 +154,25 @@ def _warn_trainable_base() -> None:
                       "(requires_grad_(False)) for the fused kernels", stacklevel=4)
 
 
+def _offloaded(base: nn.Module) -> bool:
+    """Whether an accelerate hook offloads ``base``'s weight (CPU/disk offload: it waits on the meta device until the
+    hook loads it for the forward). A hook that only aligns devices (a model split over GPUs, weights resident)
+    leaves a dense weight that merges; the layer still runs the hooked forward (``FastLoraLinear._unfused``)."""
+    hook = base.__dict__.get("_hf_hook")
+    if hook is None:
+        return False
+    weight = base._parameters.get("weight")
+    if weight is not None and weight.device.type == "meta":
+        return True
+    return any(getattr(h, "offload", False) for h in getattr(hook, "hooks", None) or [hook])
+
+
 def _has_own_forward(base: nn.Module) -> bool:
     """Whether ``base``'s output is not simply ``x Wᵀ + b`` with the weight it holds now: an ``nn.Linear``
     subclass with a forward of its own (bitsandbytes' 8-bit ``Linear8bitLt``, fp8 or other quantized linears:
-    its weight holds codes), a weight that is a tensor subclass (torchao's quantized tensors), or a layer under an
-    accelerate hook (``device_map`` offloading: its weight stays on the meta device until the hook loads it for
-    the forward)."""
-    if getattr(base, "_hf_hook", None) is not None:
+    its weight holds codes), a weight that is a tensor subclass (torchao's quantized tensors), or a layer an
+    accelerate hook offloads (``_offloaded``)."""
+    if _offloaded(base):
         return True
     if _subclass_weight(getattr(base, "weight", None)):
         return True
