@@ -1124,6 +1124,7 @@ class LoraModel(nn.Module):
         from .replication import check_merge_allowed
 
         check_merge_allowed(self.model)
+        self._refuse_unmergeable(adapter_names)
         with _requantization_summary():
             for key, layer in _embeddings_first(self.lora_layers()):
                 wanted = layer.active_adapters if adapter_names is None else adapter_names  # [] merges nothing
@@ -1133,6 +1134,16 @@ class LoraModel(nn.Module):
         self.__dict__.setdefault("_token_unties", []).extend(_untie_token_rows_before_merge(self.model, adapter_names))
         for _, wrapper in self.token_wrappers():  # a tied head writes the same rows into the shared weight
             wrapper.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def _refuse_unmergeable(self, adapter_names: list[str] | None) -> None:
+        """Before any layer merges: a layer whose base is no dense matrix (8-bit, torchao, offloaded by accelerate)
+        refuses with its clear error, so that a refusal never leaves the model half merged."""
+        for _, layer in self.lora_layers():
+            refuse = getattr(layer, "_refuse_opaque", None)
+            wanted = layer.active_adapters if adapter_names is None else adapter_names
+            if refuse is not None and any(n in adapters_of(layer) and n not in getattr(layer, "merged_adapters", ())
+                                          for n in wanted):
+                refuse("merge")
 
     def _merge_layer(self, key: str, layer: nn.Module, names: list[str], safe_merge: bool,
                      adapter_names: list[str] | None) -> None:
@@ -1211,6 +1222,7 @@ class LoraModel(nn.Module):
             from .replication import check_merge_allowed
 
             check_merge_allowed(self.model)
+            self._refuse_unmergeable(adapter_names)
         layers = list(self.lora_layers())
         # nested parameter wrappers: the inner one (its name longer) first, so that each is replaced in place
         layers = [x for x in layers if not isinstance(x[1], FastLoraParamWrapper)] + \

@@ -238,10 +238,13 @@ _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda
 def traced(x: Tensor) -> bool:
     """Whether a LoRA op call must go through its ``torch.library`` custom op rather than the eager Function
     (``eager_function``): under ``torch.compile`` or ``torch.jit.trace`` (traced), for a meta tensor or a tensor
-    subclass (FakeTensor: the fake kernel runs), and inside ``torch.func`` transforms (``vmap``, ``grad``: the
-    custom op's rules)."""
+    subclass or under a dispatch mode (FakeTensor / FakeTensorMode: the fake kernel runs; FlopCounterMode and
+    selective checkpointing see the op), and inside ``torch.func`` transforms (``vmap``, ``grad``: the custom op's
+    rules)."""
+    if torch.compiler.is_compiling():  # (first: what follows is not traceable)
+        return True
     return (x.device.type == "meta" or type(x) is not Tensor or _functorch_active()
-            or torch.compiler.is_compiling() or torch.jit.is_tracing())
+            or torch._C._len_torch_dispatch_stack() > 0 or torch.jit.is_tracing())
 
 
 def refuse_double_backward(what: str) -> None:

@@ -94,3 +94,15 @@ def test_jit_trace_records_the_custom_op(backend):
     x = torch.randn(5, 16)
     with torch.no_grad():
         torch.testing.assert_close(traced(x), layer(x))
+
+
+def test_real_input_under_fake_tensor_mode(backend):
+    """A real input inside ``FakeTensorMode(allow_non_fake_inputs=True)`` (shape / memory estimates): the fake
+    kernel runs (the eager route ran the real body: seed.item() failed, and the Triton path set a storage)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    layer = FastLoraLinear(16, 4, r=2, lora_dropout=0.1).train()
+    x = torch.randn(2, 3, 16)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        y = layer(x)
+    assert isinstance(y, FakeTensor) and tuple(y.shape) == (2, 3, 4)

@@ -257,3 +257,21 @@ def test_device_alignment_hooks_keep_weights_mergeable():
         assert len(calls) == 2
         merged = fm.merge_and_unload()
         torch.testing.assert_close(merged(x).logits, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_merge_after_offloading_is_refused_before_anything_merges():
+    """accelerate offloading applied after wrapping: merging refuses with a clear error (it wrote the delta into
+    the meta placeholder and silently dropped the adapters), before any layer merged (no half-merged model)."""
+    accelerate = pytest.importorskip("accelerate")
+    _, fm = _pair()
+    layers = fm.base_model.model.model.layers
+    accelerate.cpu_offload(layers[1], execution_device=torch.device("cpu"))
+    x = _ids()
+    with torch.no_grad():
+        before = fm(x).logits.clone()
+    for call in (fm.merge_adapter, fm.merge_and_unload):
+        with pytest.raises(TypeError, match="accelerate offloads the base layer"):
+            call()
+        assert layers[0].self_attn.q_proj.merged_adapters == []
+    with torch.no_grad():
+        torch.testing.assert_close(fm(x).logits, before)

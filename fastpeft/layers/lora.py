@@ -948,6 +948,10 @@ class FastLoraLinear(AdapterSwitches, MergeMath, nn.Module):
         return any(_hooked(lora_A[n]) or _hooked(lora_B[n]) or _hooked(drop[n]) for n in names if n in lora_A)
 
     def _refuse_opaque(self, what: str) -> None:
+        if not self._opaque_base and _offloaded(self.base_layer):  # (offloaded by accelerate after wrapping)
+            raise TypeError(f"{what} needs the base weight as a dense matrix, but accelerate offloads the base layer "
+                            "(its weight waits on the meta device until the hook loads it for the forward); merge "
+                            "before offloading, or load the model without offloading for this")
         if self._opaque_base:
             raise TypeError(f"{what} needs the base weight as a dense matrix, but the base layer "
                             f"{type(self.base_layer).__name__} computes its own forward (e.g. bitsandbytes' 8-bit "
