@@ -251,8 +251,9 @@ def refuse_double_backward(what: str) -> None:
     """The backward of an op without a differentiable backward, asked to build a graph (``create_graph=True``:
     a gradient penalty, double backward): a clear error instead of gradients missing the saved ``xa``'s graph."""
     if torch.is_grad_enabled():
-        raise RuntimeError(f"double backward (create_graph=True) through fastpeft's {what} is not supported (the dense "
-                           "LoRA op supports it); compute the penalty without adapter_names / on a 16-bit base")
+        raise RuntimeError(f"double backward (create_graph=True) through fastpeft's {what} is not supported: only the "
+                           "dense single-adapter LoRA op has a differentiable backward (not 4-bit bases, adapter_names "
+                           "batches or aLoRA adapters, which run the mixed-adapter op)")
 
 
 def eager_function(name: str, body, setup_context, backward) -> type:
