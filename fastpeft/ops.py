@@ -189,8 +189,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
     ctx.scale, ctx.dropout_p, ctx.fan_in_fan_out = scale, dropout_p, fan_in_fan_out
     ctx.bias_dtype = None if bias is None else bias.dtype
-    if not getattr(ctx, "eager", False):  # (the eager Function returns y alone)
-        ctx.mark_non_differentiable(xa)
+    ctx.mark_non_differentiable(xa)
 
 
 def _backward(ctx, dy, _dxa):
@@ -237,7 +236,7 @@ _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda
 
 def traced(x: Tensor) -> bool:
     """Whether a LoRA op call must go through its ``torch.library`` custom op rather than the eager Function
-    (``eager_function``): under ``torch.compile`` or ``torch.jit.trace`` (traced), for a meta tensor or a tensor
+    (``two_routes``): under ``torch.compile`` or ``torch.jit.trace`` (traced), for a meta tensor or a tensor
     subclass or under a dispatch mode (FakeTensor / FakeTensorMode: the fake kernel runs; FlopCounterMode and
     selective checkpointing see the op), and inside ``torch.func`` transforms (``vmap``, ``grad``: the custom op's
     rules)."""
@@ -256,24 +255,27 @@ def refuse_double_backward(what: str) -> None:
                            "batches or aLoRA adapters, which run the mixed-adapter op)")
 
 
-def eager_function(name: str, body, setup_context, backward) -> type:
-    """A ``torch.autograd.Function`` running a LoRA op's ``body`` with the op's own ``setup_context`` and
-    ``backward`` (``ctx.eager`` set, so the backward calls its body directly too): the eager route, which skips
-    the dispatcher's per-call cost of a ``torch.library`` custom op (about 55 µs of host time per layer fwd+bwd on
-    a CPU core, 8 µs per forward). Under ``torch.compile`` the callers use the custom ops, which the compiler
-    traces (fake kernels, no graph break). The Function returns the op's first output (the others are
-    non-differentiable and unused by the callers)."""
+def two_routes(name: str, op, body, setup_context, backward):
+    """The one call of a LoRA op with autograd: ``call(*inputs)`` gives its first output through the
+    ``torch.library`` custom ``op`` where ``traced(inputs[0])``, else through a plain ``torch.autograd.Function``
+    running the op's own ``body`` with its ``setup_context`` and ``backward`` (``ctx.eager`` set, so the backward
+    calls its body directly too). The eager route skips the dispatcher's per-call cost of a custom op (about 55 µs
+    of host time per layer fwd+bwd on a CPU core, 8 µs per forward); the compiler traces the custom op (fake
+    kernels, no graph break)."""
 
     def forward(ctx, *inputs):
         out = body(*inputs)
         ctx.eager = True
         setup_context(ctx, inputs, out)
-        return out[0]
+        return out
 
-    def bwd(ctx, dy):
-        return backward(ctx, dy, None)
+    function = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                       "backward": staticmethod(backward)})
 
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(bwd)})
+    def call(*inputs):
+        return (op(*inputs) if traced(inputs[0]) else function.apply(*inputs))[0]
+
+    return call
 
 
 @torch.library.custom_op("fastpeft::philox_dropout", mutates_args=())
@@ -379,10 +381,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
               and seed.device == x.device):
         got = f"{seed.dtype} of shape {tuple(seed.shape)} on {seed.device}" if isinstance(seed, Tensor) else repr(seed)
         raise ValueError(f"seed must be a one-element int64 tensor on {x.device} (see draw_seed), got {got}")
-    args = (x, weight, bias, lora_A, lora_B, seed, float(scale), p, bool(fan_in_fan_out))
-    if traced(x):
-        return _lora_linear_op(*args)[0]
-    return _LoraLinearFn.apply(*args)
+    return _lora_linear_call(x, weight, bias, lora_A, lora_B, seed, float(scale), p, bool(fan_in_fan_out))
 
 
-_LoraLinearFn = eager_function("_LoraLinearFn", _forward_body, _setup_context, _backward)
+_lora_linear_call = two_routes("_LoraLinearFn", _lora_linear_op, _forward_body, _setup_context, _backward)

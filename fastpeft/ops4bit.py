@@ -46,7 +46,6 @@ from .ops import (
     backend_for,
     check_lora_inputs,
     draw_seed,
-    eager_function,
     fake_backward,
     fake_forward,
     op_grads,
@@ -54,6 +53,7 @@ from .ops import (
     refuse_double_backward,
     to_autocast_dtype,
     traced,
+    two_routes,
 )
 from .quant import Weight4bit, dequantize_kernel
 
@@ -257,8 +257,7 @@ def _setup_context(ctx, inputs, output):
     ctx.meta = (fmt, blocksize, nested_blocksize, out_features, in_features, scale, dropout_p)
     ctx.compute_dtype = compute_dtype[0] if compute_dtype else None
     ctx.bias_dtype = None if bias is None else bias.dtype
-    if not getattr(ctx, "eager", False):  # (the eager Function returns y alone)
-        ctx.mark_non_differentiable(xa)
+    ctx.mark_non_differentiable(xa)
 
 
 def _backward(ctx, dy, _dxa):
@@ -353,9 +352,8 @@ def lora_linear_4bit(x: Tensor, weight: Weight4bit, bias: Optional[Tensor], lora
         seed = None
     elif seed is None:
         seed = draw_seed(x.device)
-    if traced(x):
-        return _lora_linear_4bit_op(x, *args, seed, *meta, float(scale), p, cdt)[0]
-    return _LoraLinear4bitFn.apply(x, *args, seed, *meta, float(scale), p, cdt)
+    return _lora_linear_4bit_call(x, *args, seed, *meta, float(scale), p, cdt)
 
 
-_LoraLinear4bitFn = eager_function("_LoraLinear4bitFn", _forward_body, _setup_context, _backward)
+_lora_linear_4bit_call = two_routes("_LoraLinear4bitFn", _lora_linear_4bit_op, _forward_body, _setup_context,
+                                    _backward)

@@ -33,14 +33,13 @@ from .ops import (
     _out_features,
     backend_for,
     draw_seed,
-    eager_function,
     fake_backward,
     fake_forward,
     op_grads,
     op_output,
     refuse_double_backward,
     to_autocast_dtype,
-    traced,
+    two_routes,
 )
 from .quant import Weight4bit
 
@@ -212,8 +211,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, A_stack, B_stack, xa, idx_s, perm, seg, seed)
     ctx.scales, ctx.dropout_ps, ctx.fan_in_fan_out = scales, dropout_ps, fan_in_fan_out
     ctx.bias_dtype = None if bias is None else bias.dtype
-    if not getattr(ctx, "eager", False):  # (the eager Function returns y alone)
-        ctx.mark_non_differentiable(xa)
+    ctx.mark_non_differentiable(xa)
 
 
 def _backward(ctx, dy, _dxa):
@@ -301,8 +299,7 @@ def _setup_context_4bit(ctx, inputs, output):
     ctx.meta = (fmt, blocksize, nested_blocksize, out_features, in_features, scales, dropout_ps)
     ctx.compute_dtype = compute_dtype[0] if compute_dtype else None
     ctx.bias_dtype = None if bias is None else bias.dtype
-    if not getattr(ctx, "eager", False):  # (the eager Function returns y alone)
-        ctx.mark_non_differentiable(xa)
+    ctx.mark_non_differentiable(xa)
 
 
 def _backward_4bit(ctx, dy, _dxa):
@@ -443,14 +440,15 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_As
                 weight.offset, weight.zeros, bias, A_stack, B_stack, idx_s, perm, seg, seed, fmt,
                 int(weight.blocksize), int(weight.nested_blocksize), out_features, in_features,
                 [float(s) for s in scales], ps, _ops4bit.wide_compute_dtype(x, compute_dtype))
-        return _lora_mixed_4bit_op(*args)[0] if traced(x) else _LoraMixed4bitFn.apply(*args)
+        return _lora_mixed_4bit_call(*args)
     args = (x, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed, [float(s) for s in scales], ps,
             bool(fan_in_fan_out))
-    return _lora_mixed_op(*args)[0] if traced(x) else _LoraMixedFn.apply(*args)
+    return _lora_mixed_call(*args)
 
 
-_LoraMixedFn = eager_function("_LoraMixedFn", _mixed_body, _setup_context, _backward)
-_LoraMixed4bitFn = eager_function("_LoraMixed4bitFn", _mixed_4bit_body, _setup_context_4bit, _backward_4bit)
+_lora_mixed_call = two_routes("_LoraMixedFn", _lora_mixed_op, _mixed_body, _setup_context, _backward)
+_lora_mixed_4bit_call = two_routes("_LoraMixed4bitFn", _lora_mixed_4bit_op, _mixed_4bit_body, _setup_context_4bit,
+                                   _backward_4bit)
 
 __all__ = ["BASE", "lora_linear_mixed", "mixed_rows", "sort_rows", "stack_adapters", "torch_mixed_backward",
            "torch_mixed_forward"]

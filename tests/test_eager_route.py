@@ -1,5 +1,5 @@
 """Outside torch.compile the LoRA ops run as a plain ``torch.autograd.Function`` over the custom ops' own code
-(``fastpeft.ops.eager_function``, less host time per call); what the custom ops gave before must still hold:
+(``fastpeft.ops.two_routes``, less host time per call); what the custom ops gave before must still hold:
 ``torch.func.vmap`` over a layer, a FakeTensorMode forward in training with dropout, a clear error for double
 backward through the 4-bit and mixed-adapter ops (which have no differentiable backward), and the same numbers as
 the custom-op route (taken under ``torch.compile(backend="aot_eager")``)."""
