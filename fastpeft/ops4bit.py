@@ -173,11 +173,11 @@ def _backward_wide(dy2d: Tensor, x2d: Tensor, w4: Weight4bit, lora_A: Tensor, lo
 
 
 def _forward_body(x: Tensor, packed: Tensor, absmax: Tensor, code: Optional[Tensor],
-                         nested_code: Optional[Tensor], nested_absmax: Optional[Tensor], offset: Optional[Tensor],
-                         zeros: Optional[Tensor], bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                         seed: Optional[Tensor], fmt: int, blocksize: int, nested_blocksize: int, out_features: int,
-                         in_features: int, scale: float, dropout_p: float,
-                         compute_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+                  nested_code: Optional[Tensor], nested_absmax: Optional[Tensor], offset: Optional[Tensor],
+                  zeros: Optional[Tensor], bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                  seed: Optional[Tensor], fmt: int, blocksize: int, nested_blocksize: int, out_features: int,
+                  in_features: int, scale: float, dropout_p: float,
+                  compute_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
     w4 = _weight(packed, absmax, code, nested_code, nested_absmax, offset, zeros, fmt, blocksize, nested_blocksize,
                  out_features, in_features)
     x2d = _flat(x)
@@ -205,13 +205,13 @@ def _(x, packed, absmax, code, nested_code, nested_absmax, offset, zeros, bias, 
 
 
 def _backward_body(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, code: Optional[Tensor],
-                                  nested_code: Optional[Tensor], nested_absmax: Optional[Tensor],
-                                  offset: Optional[Tensor], zeros: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                                  xa: Tensor, seed: Optional[Tensor], fmt: int, blocksize: int, nested_blocksize: int,
-                                  out_features: int, in_features: int, scale: float, dropout_p: float, need_dx: bool,
-                                  need_dA: bool, need_dB: bool, need_dbias: bool,
-                                  compute_dtype: Optional[torch.dtype] = None
-                                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   nested_code: Optional[Tensor], nested_absmax: Optional[Tensor],
+                   offset: Optional[Tensor], zeros: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                   xa: Tensor, seed: Optional[Tensor], fmt: int, blocksize: int, nested_blocksize: int,
+                   out_features: int, in_features: int, scale: float, dropout_p: float, need_dx: bool,
+                   need_dA: bool, need_dB: bool, need_dbias: bool,
+                   compute_dtype: Optional[torch.dtype] = None
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     w4 = _weight(packed, absmax, code, nested_code, nested_absmax, offset, zeros, fmt, blocksize, nested_blocksize,
                  out_features, in_features)
     x2d, dy2d = _flat(x), _flat(dy)
@@ -279,11 +279,11 @@ _lora_linear_4bit_op.register_autograd(_backward, setup_context=_setup_context)
 
 # --------------------------------------------------------------------------- decode dispatch point
 def _decode_body(x: Tensor, packed: Tensor, absmax: Tensor, code: Optional[Tensor],
-                                nested_code: Optional[Tensor], nested_absmax: Optional[Tensor],
-                                offset: Optional[Tensor], zeros: Optional[Tensor], bias: Optional[Tensor],
-                                lora_A: Tensor, lora_B: Tensor, fmt: int, blocksize: int, nested_blocksize: int,
-                                out_features: int, in_features: int, scale: float,
-                                compute_dtype: Optional[torch.dtype] = None) -> Tensor:
+                 nested_code: Optional[Tensor], nested_absmax: Optional[Tensor],
+                 offset: Optional[Tensor], zeros: Optional[Tensor], bias: Optional[Tensor],
+                 lora_A: Tensor, lora_B: Tensor, fmt: int, blocksize: int, nested_blocksize: int,
+                 out_features: int, in_features: int, scale: float,
+                 compute_dtype: Optional[torch.dtype] = None) -> Tensor:
     x2d = _flat(x)
     with torch.autocast(x.device.type, enabled=False):
         xa = x2d.float() @ lora_A.float().t()  # (N, r): tiny at decode sizes

@@ -143,8 +143,8 @@ def torch_mixed_backward(dy, x2d, weight, A_stack, B_stack, xa, idx_s, perm, seg
 
 # ----------------------------------------------------------------------------- the op
 def _mixed_body(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_stack: Tensor, B_stack: Tensor,
-                   idx_s: Tensor, perm: Tensor, seg: Tensor, seed: Optional[Tensor], scales: list[float],
-                   dropout_ps: list[float], fan_in_fan_out: bool) -> tuple[Tensor, Tensor]:
+                idx_s: Tensor, perm: Tensor, seg: Tensor, seed: Optional[Tensor], scales: list[float],
+                dropout_ps: list[float], fan_in_fan_out: bool) -> tuple[Tensor, Tensor]:
     return _forward_impl(x, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed, scales, dropout_ps,
                          fan_in_fan_out, backend_for(x) == "triton")
 
@@ -172,9 +172,9 @@ def _(x, weight, bias, A_stack, B_stack, idx_s, perm, seg, seed, scales, dropout
 
 
 def _mixed_backward_body(dy: Tensor, x: Tensor, weight: Tensor, A_stack: Tensor, B_stack: Tensor, xa: Tensor,
-                            idx_s: Tensor, perm: Tensor, seg: Tensor, seed: Optional[Tensor], scales: list[float],
-                            dropout_ps: list[float], fan_in_fan_out: bool, need_dx: bool, need_dA: bool,
-                            need_dB: bool, need_dbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                         idx_s: Tensor, perm: Tensor, seg: Tensor, seed: Optional[Tensor], scales: list[float],
+                         dropout_ps: list[float], fan_in_fan_out: bool, need_dx: bool, need_dA: bool,
+                         need_dB: bool, need_dbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _backward_impl(dy, x, weight, A_stack, B_stack, xa, idx_s, perm, seg, seed, scales, dropout_ps,
                           fan_in_fan_out, need_dx, need_dA, need_dB, need_dbias, backend_for(x) == "triton")
 
@@ -238,11 +238,11 @@ _lora_mixed_op.register_autograd(_backward, setup_context=_setup_context)
 # call and decoded again in backward for dx — no dense copy of the base is kept between the two
 # (QLoRA's memory saving holds for mixed batches too). Format arguments as ``fastpeft::lora_linear_4bit``.
 def _mixed_4bit_body(x: Tensor, packed: Tensor, absmax: Tensor, code: Optional[Tensor],
-                        nested_code: Optional[Tensor], nested_absmax: Optional[Tensor], offset: Optional[Tensor],
-                        zeros: Optional[Tensor], bias: Optional[Tensor], A_stack: Tensor, B_stack: Tensor,
-                        idx_s: Tensor, perm: Tensor, seg: Tensor, seed: Optional[Tensor], fmt: int, blocksize: int,
-                        nested_blocksize: int, out_features: int, in_features: int, scales: list[float],
-                        dropout_ps: list[float], compute_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+                     nested_code: Optional[Tensor], nested_absmax: Optional[Tensor], offset: Optional[Tensor],
+                     zeros: Optional[Tensor], bias: Optional[Tensor], A_stack: Tensor, B_stack: Tensor,
+                     idx_s: Tensor, perm: Tensor, seg: Tensor, seed: Optional[Tensor], fmt: int, blocksize: int,
+                     nested_blocksize: int, out_features: int, in_features: int, scales: list[float],
+                     dropout_ps: list[float], compute_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
     triton = backend_for(x) == "triton"
     w = _ops4bit._decoded(_ops4bit._weight(packed, absmax, code, nested_code, nested_absmax, offset, zeros, fmt,
                                            blocksize, nested_blocksize, out_features, in_features),
@@ -261,13 +261,13 @@ def _(x, packed, absmax, code, nested_code, nested_absmax, offset, zeros, bias, 
 
 
 def _mixed_4bit_backward_body(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, code: Optional[Tensor],
-                                 nested_code: Optional[Tensor], nested_absmax: Optional[Tensor],
-                                 offset: Optional[Tensor], zeros: Optional[Tensor], A_stack: Tensor, B_stack: Tensor,
-                                 xa: Tensor, idx_s: Tensor, perm: Tensor, seg: Tensor, seed: Optional[Tensor],
-                                 fmt: int, blocksize: int, nested_blocksize: int, out_features: int,
-                                 in_features: int, scales: list[float], dropout_ps: list[float], need_dx: bool,
-                                 need_dA: bool, need_dB: bool, need_dbias: bool,
-                                 compute_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                              nested_code: Optional[Tensor], nested_absmax: Optional[Tensor],
+                              offset: Optional[Tensor], zeros: Optional[Tensor], A_stack: Tensor, B_stack: Tensor,
+                              xa: Tensor, idx_s: Tensor, perm: Tensor, seg: Tensor, seed: Optional[Tensor],
+                              fmt: int, blocksize: int, nested_blocksize: int, out_features: int,
+                              in_features: int, scales: list[float], dropout_ps: list[float], need_dx: bool,
+                              need_dA: bool, need_dB: bool, need_dbias: bool,
+                              compute_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     triton = backend_for(x) == "triton"
     if need_dx:  # W0 is read for dx only
         w = _ops4bit._decoded(_ops4bit._weight(packed, absmax, code, nested_code, nested_absmax, offset, zeros, fmt,
