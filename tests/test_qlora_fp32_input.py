@@ -58,6 +58,17 @@ def _set_adapters(layer, A, B):
         layer.lora_B["default"].weight.copy_(B)
 
 
+def _bf16_layer(seed, quant_type="nf4", **layer_kwargs):
+    """``(lin, w, layer, A, B)``: a bnb base computing in bf16 (``_bnb_linear(seed=seed)``), its float64 weight as bnb
+    multiplies by it, the fastpeft 4-bit LoRA layer around it and its adapters (``_adapters(seed + 1)``, set)."""
+    lin = _bnb_linear(quant_type, torch.bfloat16, seed=seed)
+    w = _bnb_weight(lin, torch.bfloat16)
+    layer = FastLoraLinear4bit.from_linear(lin, r=R, lora_alpha=8, **layer_kwargs)
+    A, B = _adapters(seed=seed + 1)
+    _set_adapters(layer, A, B)
+    return lin, w, layer, A, B
+
+
 def _ref64(x2d, w, bias, A, B, scale, cdt, keep=None, c=1.0):
     """(y, base, delta) in float64: base = round(x) W0ᵀ + b, delta = scale · D(x) Aᵀ Bᵀ on the exact x."""
     base = x2d.to(cdt).double() @ w.t()
@@ -202,11 +213,8 @@ def test_decode_gemv_fp32_input(triton_backend, quant_type):
     from fastpeft.kernels import LAUNCHES
 
     cdt = torch.bfloat16
-    lin = _bnb_linear(quant_type, cdt, seed=10)
-    w = _bnb_weight(lin, cdt)
-    layer = FastLoraLinear4bit.from_linear(lin, r=R, lora_alpha=8).eval()
-    A, B = _adapters(seed=11)
-    _set_adapters(layer, A, B)
+    lin, w, layer, A, B = _bf16_layer(10, quant_type)
+    layer.eval()
     for rows in (3, 9):  # the register path (≤ 4 rows) and the tl.dot one
         x = torch.randn(rows, IN, generator=torch.Generator().manual_seed(rows))
         before = LAUNCHES["lora_gemv_4bit"]
@@ -224,11 +232,7 @@ def test_decode_gemv_fp32_input(triton_backend, quant_type):
 def test_dora_fp32_input_vs_fp64(backend):
     """DoRA (p = 0) on fp32 x: ``k ⊙ (round(x) W0ᵀ + s·x Aᵀ Bᵀ) + b`` with the LoRA part on the exact x."""
     cdt = torch.bfloat16
-    lin = _bnb_linear("nf4", cdt, seed=12)
-    w = _bnb_weight(lin, cdt)
-    layer = FastLoraLinear4bit.from_linear(lin, r=R, lora_alpha=8, use_dora=True)
-    A, B = _adapters(seed=13)
-    _set_adapters(layer, A, B)
+    lin, w, layer, A, B = _bf16_layer(12, use_dora=True)
     x, dy = _data(seed=14)
     x.requires_grad_()
     y = layer(x)
@@ -245,11 +249,7 @@ def test_compute_dtype_input_unchanged_and_compiles(torch_backend):
     """x already in the compute dtype keeps the 16-bit path (bf16 out); the fp32 path traces under
     torch.compile (fake kernels and autograd of the ops with ``compute_dtype``) and computes the same."""
     cdt = torch.bfloat16
-    lin = _bnb_linear("nf4", cdt, seed=15)
-    w = _bnb_weight(lin, cdt)
-    layer = FastLoraLinear4bit.from_linear(lin, r=R, lora_alpha=8)
-    A, B = _adapters(seed=16)
-    _set_adapters(layer, A, B)
+    lin, w, layer, A, B = _bf16_layer(15)
     x, _ = _data(seed=17)
     assert layer(x.to(cdt)).dtype == cdt
     y = layer(x)
@@ -407,11 +407,7 @@ def test_alora_fp32_input_takes_the_wide_path(backend):
     """An aLoRA adapter on a 4-bit layer with fp32 x: base as bitsandbytes computes it everywhere, the LoRA term
     on the exact x on the activated tokens only."""
     cdt = torch.bfloat16
-    lin = _bnb_linear("nf4", cdt, seed=27)
-    w = _bnb_weight(lin, cdt)
-    layer = FastLoraLinear4bit.from_linear(lin, r=R, lora_alpha=8, use_alora=True)
-    A, B = _adapters(seed=28)
-    _set_adapters(layer, A, B)
+    lin, w, layer, A, B = _bf16_layer(27, use_alora=True)
     x, dy = _data(seed=29, shape=(3, 5))
     x.requires_grad_()
     offsets = [2, None, 5]
