@@ -295,10 +295,7 @@ class FastLoraLinear4bit(FastLoraLinear):
         ``with_bias``/``dropout_p``/``seed`` as in ``FastLoraLinear._fused_forward``."""
         dtype = self._op_dtype(x)
         wide = self._wide_dtype(x, dtype)
-        if wide is not None:  # (float64 / fp16 x: in fp32, as peft's LoRA branch; the output in x's dtype)
-            xc = x if x.dtype == torch.float32 else x.float()
-        else:
-            xc = x if dtype is None else x.to(dtype)
+        xc = self._cast_input(x, dtype, wide)
         p = self._dropout_p(name) if dropout_p is None else dropout_p
         y = lora_linear_4bit(xc, self.weight4bit(), self._effective_bias(name) if with_bias else None,
                              self.lora_A[name].weight, self.lora_B[name].weight, scale=self.scaling[name],
@@ -311,9 +308,16 @@ class FastLoraLinear4bit(FastLoraLinear):
         dtype = self._op_dtype(x)
         if dtype is None:
             return to_autocast_dtype(x)
-        if self._wide_dtype(x, dtype) is not None:
+        return self._cast_input(x, dtype, self._wide_dtype(x, dtype))
+
+    @staticmethod
+    def _cast_input(x: torch.Tensor, dtype: torch.dtype | None, wide: torch.dtype | None) -> torch.Tensor:
+        """``x`` for the 4-bit ops given ``_op_dtype`` (``dtype``) and ``_wide_dtype`` (``wide``): in fp32 when
+        wider than the compute dtype (float64 / fp16 x: in fp32, as peft's LoRA branch), else cast to the compute
+        dtype (as it is without one)."""
+        if wide is not None:
             return x if x.dtype == torch.float32 else x.float()
-        return x.to(dtype)
+        return x if dtype is None else x.to(dtype)
 
     def _base_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x W0ᵀ`` without bias, on the decoded weight (the rare unfused DoRA path)."""
@@ -327,8 +331,8 @@ class FastLoraLinear4bit(FastLoraLinear):
         if dtype is None:
             return super()._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         wide = self._wide_dtype(x, dtype)
-        xc = (x if x.dtype == torch.float32 else x.float()) if wide is not None else x.to(dtype)
-        y = super()._mixed_batch_forward(xc, *args, adapter_names=adapter_names, _compute_dtype=wide, **kwargs)
+        y = super()._mixed_batch_forward(self._cast_input(x, dtype, wide), *args, adapter_names=adapter_names,
+                                         _compute_dtype=wide, **kwargs)
         return y.to(x.dtype)
 
     def __repr__(self) -> str:
